@@ -1,0 +1,61 @@
+"""Grouped-query attention, NoPE or RoPE per layer, global or sliding window per layer.
+
+Shape letters: B batch, T new tokens, S keys attended, H hidden, h query heads, k kv heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SmallThinkerConfig
+from .kv_cache import LayerKVCache
+from .layers import apply_rope
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean (T, S) mask, True where query may attend key: causal, and q_pos - k_pos < window if sliding."""
+    qp, kp = q_pos[:, None], k_pos[None, :]
+    allowed = (kp <= qp) & (kp >= 0)
+    if window is not None:
+        allowed &= (qp - kp) < window
+    return allowed
+
+
+class Attention(nn.Module):
+    def __init__(self, config: SmallThinkerConfig, layer_idx: int) -> None:
+        super().__init__()
+        H, h, k, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_heads, self.n_kv, self.head_dim = h, k, D
+        self.q_proj = nn.Linear(H, h * D, bias=False)
+        self.k_proj = nn.Linear(H, k * D, bias=False)
+        self.v_proj = nn.Linear(H, k * D, bias=False)
+        self.o_proj = nn.Linear(h * D, H, bias=False)
+        self.layer_idx = layer_idx
+        self.use_rope = config.uses_rope(layer_idx)
+        self.window = config.sliding_window_size if config.is_sliding(layer_idx) else None
+
+    @property
+    def kind(self) -> str:
+        return "sliding" if self.window else "global"
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: LayerKVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, h, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, k, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, k, T, D)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v, k_pos = cache.update(k, v, positions)  # (B, k, S, D)
+        else:
+            k_pos = positions
+        if T == 1 and (self.window is None or k.shape[2] <= self.window):
+            mask = None  # one query sees every cached key
+        else:
+            mask = attention_mask(positions, k_pos, self.window)  # (T, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, H)

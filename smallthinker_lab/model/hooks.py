@@ -1,0 +1,54 @@
+"""A tiny hook registry shared by the model and the engine.
+
+Instruments subscribe to named points; the model and the engine fire them only when
+someone listens, so an unobserved forward pays one dict lookup per point.
+
+Points and their payloads (keyword arguments):
+
+============  ==================================================================
+point         payload
+============  ==================================================================
+``router``    layer, logits [N, E] (raw), topk_ids [N, k], topk_weights [N, k]
+``expert``    layer, expert, token_index [n], gate [n, F] (pre-ReLU gate output)
+``attention`` layer, kind ("global" | "sliding"), kv_bytes, positions (int)
+``step``      phase ("prefill" | "decode"), step, tokens, seconds
+``cache``     step, layer, expert, event ("hit" | "miss" | "prefetch" | "evict"), nbytes
+``timing``    step, layer, part ("attention" | "moe" | "io_wait" | ...), seconds
+============  ==================================================================
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+
+class HookHandle:
+    def __init__(self, registry: "HookRegistry", point: str, fn: Callable) -> None:
+        self._registry, self._point, self._fn = registry, point, fn
+
+    def remove(self) -> None:
+        fns = self._registry._hooks.get(self._point)
+        if fns and self._fn in fns:
+            fns.remove(self._fn)
+            if not fns:
+                del self._registry._hooks[self._point]
+
+
+class HookRegistry:
+    def __init__(self) -> None:
+        self._hooks: dict[str, list[Callable]] = defaultdict(list)
+
+    def add(self, point: str, fn: Callable) -> HookHandle:
+        self._hooks[point].append(fn)
+        return HookHandle(self, point, fn)
+
+    def active(self, point: str) -> bool:
+        return point in self._hooks
+
+    def fire(self, point: str, **payload) -> None:
+        for fn in tuple(self._hooks.get(point, ())):
+            fn(**payload)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._hooks.values())

@@ -1,0 +1,140 @@
+"""SmallThinker decoder and causal LM, with state-dict names of the released checkpoints.
+
+Per layer, with x the residual entering it:
+  logits = router(x)                      # raw residual, before input_layernorm
+  x = x + attn(input_layernorm(x))
+  x = x + moe(post_attention_layernorm(x), logits)
+Shape letters: B batch, T tokens, H hidden, V vocabulary, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .config import SmallThinkerConfig
+from .hooks import HookRegistry
+from .kv_cache import KVCache
+from .layers import RMSNorm, RotaryEmbedding
+from .moe import MoEBlock
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: SmallThinkerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.block_sparse_moe = MoEBlock(config, layer_idx)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        router_logits = self.block_sparse_moe.route(x)  # (B, T, E), before attention
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
+        x = x + self.block_sparse_moe(self.post_attention_layernorm(x), router_logits)
+        return x, router_logits
+
+
+class SmallThinkerModel(nn.Module):
+    def __init__(self, config: SmallThinkerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                output_router_logits: bool = False):
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        rope = self.rotary(positions, x.dtype) if any(self.config.rope_layout) else None
+        all_logits = []
+        for i, layer in enumerate(self.layers):
+            x, router_logits = layer(x, positions, rope, cache[i] if cache is not None else None)
+            if output_router_logits:
+                all_logits.append(router_logits)
+        return self.norm(x), all_logits
+
+
+class SmallThinkerForCausalLM(nn.Module):
+    def __init__(self, config: SmallThinkerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = SmallThinkerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.hooks = HookRegistry()
+        for layer in self.model.layers:
+            layer.block_sparse_moe.hooks = self.hooks
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                output_router_logits: bool = False):
+        """Logits (B, T, V) for input_ids (B, T); with ``cache``, continue after the cached positions.
+
+        With ``output_router_logits=True`` returns (logits, [router logits (B, T, E) per layer]).
+        """
+        T = input_ids.shape[1]
+        start = cache.seq_len if cache is not None else 0
+        if start + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence too long: {start + T} tokens ({start} cached + {T} new) exceeds "
+                f"max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device)
+        hidden, router_logits = self.model(input_ids, positions, cache, output_router_logits)
+        logits = self.lm_head(hidden)  # (B, T, V)
+        return (logits, router_logits) if output_router_logits else logits
+
+    # --------------------------------------------------------------- utilities
+    def new_cache(self, batch_size: int = 1, dtype: torch.dtype | None = None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, dtype or p.dtype, p.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def num_parameters(self, include_lm_head: bool = True) -> int:
+        """Parameter count; a tied head counts once (it is the embedding)."""
+        seen, n = set(), 0
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                continue
+            if name == "lm_head.weight" and not include_lm_head:
+                continue
+            seen.add(id(p))
+            n += p.numel()
+        return n
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> "SmallThinkerForCausalLM":
+        """Normal(0, initializer_range) for linear and embedding weights, ones for norms."""
+        gen = torch.Generator(device="cpu")
+        if seed is not None:
+            gen.manual_seed(seed)
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                w = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+                module.weight.copy_(w)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        return self
+
+    def save_pretrained(self, path, **kwargs):
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, path, **kwargs)
+
+    def generate(self, input_ids, max_new_tokens: int = 32, **kwargs):
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)

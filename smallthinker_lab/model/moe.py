@@ -1,0 +1,87 @@
+"""The pre-attention router, ReGLU experts and the MoE block.
+
+Shape letters: N tokens (batch and time flattened), H hidden, E experts, K active experts, F expert ffn size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SmallThinkerConfig
+from .hooks import HookRegistry
+
+
+class Expert(nn.Module):
+    """ReGLU expert: down(up(x) * relu(gate(x)))."""
+
+    def __init__(self, hidden: int, ffn: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(hidden, ffn, bias=False)
+        self.up = nn.Linear(hidden, ffn, bias=False)
+        self.down = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.up(x) * F.relu(self.gate(x)))
+
+
+def route_weights(logits: torch.Tensor, k: int, apply_softmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the raw router logits, then softmax over them, or sigmoid renormalised to sum 1.
+
+    logits (N, E) -> ids (N, K) long, weights (N, K) in logits' dtype. Softmax runs in fp32 (as the
+    reference); sigmoid in the logits' dtype.
+    """
+    top_logits, ids = torch.topk(logits, k, dim=-1)  # (N, K)
+    if apply_softmax:
+        weights = torch.softmax(top_logits.float(), dim=-1).to(logits.dtype)
+    else:
+        s = torch.sigmoid(top_logits)
+        weights = s / s.sum(dim=-1, keepdim=True)
+    return ids, weights
+
+
+class MoEBlock(nn.Module):
+    """Named ``block_sparse_moe`` in the checkpoints: ``primary_router`` plus ``experts.{e}``."""
+
+    def __init__(self, config: SmallThinkerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_experts, self.top_k = config.num_experts, config.top_k
+        self.apply_softmax = config.moe_primary_router_apply_softmax
+        self.primary_router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(config.hidden_size, config.moe_ffn_hidden_size)
+                                     for _ in range(config.num_experts))
+        self.hooks: HookRegistry | None = None
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits from the raw residual x (before input_layernorm): (..., H) -> (..., E)."""
+        return self.primary_router(x)
+
+    def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return route_weights(logits, self.top_k, self.apply_softmax)
+
+    def forward(self, u: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """u: normalised hidden (B, T, H); router_logits (B, T, E) computed before attention."""
+        shape = u.shape
+        u = u.reshape(-1, shape[-1])  # (N, H)
+        logits = router_logits.reshape(-1, self.num_experts)  # (N, E)
+        ids, weights = self.select(logits)  # (N, K)
+        weights = weights.to(u.dtype)
+        hooks = self.hooks
+        if hooks is not None and hooks.active("router"):
+            hooks.fire("router", layer=self.layer_idx, logits=logits, topk_ids=ids, topk_weights=weights)
+        watch_experts = hooks is not None and hooks.active("expert")
+        y = torch.zeros_like(u)
+        # loop only over experts that received tokens (as HF Mixtral), combine with index_add_
+        expert_mask = F.one_hot(ids, self.num_experts).permute(2, 1, 0)  # (E, K, N)
+        for e in torch.nonzero(expert_mask.sum(dim=(1, 2))).flatten().tolist():
+            slot, token = torch.where(expert_mask[e])
+            expert = self.experts[e]
+            x_e = u[token]  # (n, H)
+            g = expert.gate(x_e)  # (n, F)
+            if watch_experts:
+                hooks.fire("expert", layer=self.layer_idx, expert=e, token_index=token, gate=g)
+            out = expert.down(expert.up(x_e) * F.relu(g))  # (n, H)
+            y.index_add_(0, token, out * weights[token, slot, None])
+        return y.reshape(shape)

@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from smallthinker_lab import SmallThinkerConfig, SmallThinkerForCausalLM
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="no CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def random_model(name: str = "smallthinker-test", seed: int = 0, std: float = 0.2, **overrides):
+    """A small model with weights large enough that routing and attention are far from uniform."""
+    cfg = SmallThinkerConfig.from_name(name, **overrides)
+    model = SmallThinkerForCausalLM(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model.eval()
+
+
+@pytest.fixture
+def test_model():
+    return random_model()
