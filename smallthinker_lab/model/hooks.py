@@ -11,7 +11,7 @@ point         payload
 ``router``    layer, logits [N, E] (raw), topk_ids [N, k], topk_weights [N, k]
 ``expert``    layer, expert, token_index [n], gate [n, F] (pre-ReLU gate output)
 ``attention`` layer, kind ("global" | "sliding"), kv_bytes, positions (int)
-``step``      phase ("prefill" | "decode"), step, tokens, seconds
+``forward``   phase ("prefill" | "decode"), start (first position), tokens, cache (KVCache | None), seconds
 ``cache``     step, layer, expert, event ("hit" | "miss" | "prefetch" | "evict"), nbytes
 ``timing``    step, layer, part ("attention" | "moe" | "io_wait" | ...), seconds
 ============  ==================================================================

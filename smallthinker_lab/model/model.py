@@ -9,6 +9,8 @@ Shape letters: B batch, T tokens, H hidden, V vocabulary, E experts.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -85,8 +87,13 @@ class SmallThinkerForCausalLM(nn.Module):
             )
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device)
+        observed = self.hooks.active("forward")
+        t0 = time.perf_counter() if observed else 0.0
         hidden, router_logits = self.model(input_ids, positions, cache, output_router_logits)
         logits = self.lm_head(hidden)  # (B, T, V)
+        if observed:
+            self.hooks.fire("forward", phase="prefill" if start == 0 else "decode", start=start, tokens=T,
+                            cache=cache, seconds=time.perf_counter() - t0)
         return (logits, router_logits) if output_router_logits else logits
 
     # --------------------------------------------------------------- utilities
