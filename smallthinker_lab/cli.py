@@ -7,8 +7,7 @@ import importlib
 import sys
 
 # modules that add subcommands through register(subparsers)
-COMMAND_MODULES = [
-    "smallthinker_lab.model.cli",
+COMMAND_MODULES: list[str] = [
 ]
 
 
