@@ -1,0 +1,40 @@
+"""Instruments: record what the model or the engine does, as named arrays and tidy DataFrames.
+
+    with record(engine_or_model, kinds=("experts", "neurons", "kv", "cache", "timing"), layers=None) as rec:
+        ...
+    rec.to_dataframe("experts"); expert_frequency(...); hit_rate_curves(engine.trace, ...)
+"""
+
+from .curves import (
+    hit_rate_curves,
+    lru_hit_curve,
+    policy_hit_curve,
+    simulate_policy,
+    stack_distances,
+    trace_from_recording,
+)
+from .metrics import (
+    cold_expert_share,
+    expert_frequency,
+    expert_usage_divergence,
+    hit_rates,
+    hot_expert_share,
+    io_wait_share,
+    js_divergence,
+    kv_footprint,
+    neuron_sparsity_by_expert,
+    neuron_sparsity_by_layer,
+    throughput,
+    time_breakdown,
+)
+from .profile import profile
+from .record import KINDS, record
+from .recording import NAMES, Recording, names_table
+
+__all__ = [
+    "KINDS", "NAMES", "Recording", "cold_expert_share", "expert_frequency", "expert_usage_divergence",
+    "hit_rate_curves", "hit_rates", "hot_expert_share", "io_wait_share", "js_divergence", "kv_footprint",
+    "lru_hit_curve", "names_table", "neuron_sparsity_by_expert", "neuron_sparsity_by_layer", "policy_hit_curve",
+    "profile", "record", "simulate_policy", "stack_distances", "throughput", "time_breakdown",
+    "trace_from_recording",
+]

@@ -1,0 +1,208 @@
+"""Derived metrics: pure functions of the tidy DataFrames a ``Recording`` gives (``rec.to_dataframe(kind)``).
+
+The paper's numbers to compare with (../shared/reference/smallthinker.md section 7): 70-80% of experts have an
+activation frequency under 0.14, the rest 0.4-0.6; neuron sparsity within routed experts has a median above 0.6
+in every layer and 0.9-1.0 in the first layers; on the 21B model the sliding-window layers cut the KV cache from
+1.63 GiB (all global) to about 728 MiB at 16K tokens.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+
+
+def expert_frequency(experts_df: pd.DataFrame, num_experts: int | None = None) -> pd.DataFrame:
+    """Share of tokens routed to each expert, per (dataset, layer, expert), the paper's activation frequency.
+
+    One row per expert, also experts that no token reached (E from ``num_experts`` or the frame's
+    ``attrs["num_experts"]``). Columns: dataset, layer, expert, tokens (routed to it), total_tokens (the tokens
+    the layer processed), frequency = tokens / total_tokens. Summed over the experts of a layer: top_k.
+    """
+    E = num_experts or experts_df.attrs.get("num_experts")
+    if E is None:
+        E = int(experts_df["expert"].max()) + 1 if len(experts_df) else 0
+    df = experts_df[experts_df["expert"] >= 0]
+    K = experts_df.attrs.get("top_k") or (int(df["slot"].max()) + 1 if len(df) else 1)
+    totals = (df[df["slot"] == 0] if "slot" in df else df).groupby(["dataset", "layer"]).size()
+    if "slot" not in df:
+        totals = totals // K
+    routed = df.groupby(["dataset", "layer", "expert"]).size()
+    rows = []
+    for (ds, layer), total in totals.items():
+        counts = np.zeros(E, dtype=np.int64)
+        r = routed.loc[(ds, layer)]
+        counts[r.index.to_numpy()] = r.to_numpy()
+        rows.append(pd.DataFrame({"dataset": ds, "layer": layer, "expert": np.arange(E), "tokens": counts,
+                                  "total_tokens": int(total), "frequency": counts / total}))
+    cols = ["dataset", "layer", "expert", "tokens", "total_tokens", "frequency"]
+    out = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=cols)
+    out.attrs.update(experts_df.attrs)
+    return out
+
+
+def _share(freq_df: pd.DataFrame, mask: pd.Series, by, name: str) -> pd.DataFrame:
+    by = [by] if isinstance(by, str) else list(by)
+    g = freq_df.assign(_hit=mask.to_numpy()).groupby(by)["_hit"]
+    return pd.DataFrame({"experts": g.size(), name: g.sum(), "share": g.mean()}).reset_index()
+
+
+def cold_expert_share(freq_df: pd.DataFrame, threshold: float = 0.14, by=("dataset",)) -> pd.DataFrame:
+    """Share of (layer, expert) pairs with frequency < threshold, per ``by`` (the paper: 70-80% under 0.14).
+
+    Columns: *by, experts, cold, share.
+    """
+    return _share(freq_df, freq_df["frequency"] < threshold, by, "cold")
+
+
+def hot_expert_share(freq_df: pd.DataFrame, threshold: float = 0.4, by=("dataset",)) -> pd.DataFrame:
+    """Share of (layer, expert) pairs with frequency >= threshold, per ``by`` (the paper: 20-30% at 0.4-0.6).
+
+    Columns: *by, experts, hot, share.
+    """
+    return _share(freq_df, freq_df["frequency"] >= threshold, by, "hot")
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon divergence in bits (base 2, in [0, 1]) of two non-negative vectors, normalised first."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    p, q = p / p.sum(), q / q.sum()
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        nz = a > 0
+        return float(np.sum(a[nz] * np.log2(a[nz] / b[nz])))
+
+    return min(1.0, max(0.0, 0.5 * kl(p, m) + 0.5 * kl(q, m)))
+
+
+def expert_usage_divergence(freq_df: pd.DataFrame) -> pd.DataFrame:
+    """Jensen-Shannon divergence (bits, in [0, 1]) of expert usage between every pair of datasets, per layer.
+
+    Usage = the layer's frequencies normalised to sum 1. 0: same usage; 1: disjoint experts.
+    Columns: layer, dataset_a, dataset_b, js_divergence.
+    """
+    datasets = list(pd.unique(freq_df["dataset"]))
+    rows = []
+    for layer, d in freq_df.groupby("layer", sort=True):
+        vec = {ds: g.sort_values("expert")["frequency"].to_numpy() for ds, g in d.groupby("dataset")}
+        for a, b in combinations(datasets, 2):
+            if a in vec and b in vec:
+                rows.append({"layer": layer, "dataset_a": a, "dataset_b": b, "js_divergence": js_divergence(vec[a],
+                                                                                                         vec[b])})
+    return pd.DataFrame(rows, columns=["layer", "dataset_a", "dataset_b", "js_divergence"])
+
+
+def neuron_sparsity_by_layer(neurons_df: pd.DataFrame) -> pd.DataFrame:
+    """Distribution of neuron sparsity (share of a routed expert's neurons with relu(gate) <= 0) per (dataset, layer).
+
+    Columns: dataset, layer, pairs (routed token-expert pairs), mean, min, q1, median, q3, max.
+    The paper: median above 0.6 in every layer, 0.9-1.0 in the first layers.
+    """
+    g = neurons_df.groupby(["dataset", "layer"])["sparsity"]
+    out = pd.DataFrame({"pairs": g.size(), "mean": g.mean(), "min": g.min(), "q1": g.quantile(0.25),
+                        "median": g.median(), "q3": g.quantile(0.75), "max": g.max()})
+    return out.reset_index()
+
+
+def neuron_sparsity_by_expert(neurons_df: pd.DataFrame) -> pd.DataFrame:
+    """Mean sparsity per (dataset, layer, expert) over its routed tokens: dataset, layer, expert, tokens, sparsity."""
+    g = neurons_df.groupby(["dataset", "layer", "expert"])["sparsity"]
+    return pd.DataFrame({"tokens": g.size(), "sparsity": g.mean()}).reset_index()
+
+
+def _dtype_of_itemsize(itemsize: int):
+    import torch
+
+    return {1: torch.int8, 2: torch.bfloat16, 4: torch.float32, 8: torch.float64}[int(itemsize)]
+
+
+def kv_footprint(kv_df: pd.DataFrame, config, dtype=None) -> pd.DataFrame:
+    """KV-cache bytes per (dataset, sequence, step) against the all-global baseline of the same layers.
+
+    Columns: dataset, sequence, step, context, bytes, global_bytes, sliding_bytes, all_global_bytes (every recorded
+    layer global: ``kv_cache_bytes(config, context, dtype, all_global=True)`` when all layers were recorded),
+    ratio = bytes / all_global_bytes. dtype: the cache's, by default from ``attrs["kv_itemsize"]``.
+    """
+    from ..model.kv_cache import kv_cache_bytes
+
+    if dtype is None:
+        itemsize = kv_df.attrs.get("kv_itemsize")
+        if not itemsize:
+            raise ValueError("kv_footprint needs dtype= (the frame's attrs carry no kv_itemsize)")
+        dtype = _dtype_of_itemsize(itemsize)
+    keys = ["dataset", "sequence", "step"]
+    df = kv_df.assign(_g=np.where(kv_df["attention"] == "global", kv_df["bytes"], 0),
+                      _s=np.where(kv_df["attention"] == "sliding", kv_df["bytes"], 0))
+    g = df.groupby(keys, sort=False)
+    out = pd.DataFrame({"context": g["context"].first(), "bytes": g["bytes"].sum(), "global_bytes": g["_g"].sum(),
+                        "sliding_bytes": g["_s"].sum()}).reset_index()
+    layers = g["layer"].apply(lambda s: sorted(set(s)))
+    base = []
+    for (key, ctx) in zip(layers.index, out["context"]):
+        per_layer = kv_cache_bytes(config, int(ctx), dtype, all_global=True, per_layer=True)
+        base.append(sum(per_layer[i] for i in layers.loc[key]))
+    out["all_global_bytes"] = np.array(base, dtype=np.int64)
+    out["ratio"] = out["bytes"] / out["all_global_bytes"]
+    return out
+
+
+def hit_rates(cache_df: pd.DataFrame) -> pd.DataFrame:
+    """Expert-cache hit rate per layer and overall (last row, layer "all"), from the cache events.
+
+    Columns: hits, misses, prefetches, evictions, bytes_read (miss + prefetch bytes), hit_rate = hits / (hits +
+    misses); index: layer.
+    """
+    def agg(d: pd.DataFrame) -> dict:
+        ev = d["event"]
+        hits, misses = int((ev == "hit").sum()), int((ev == "miss").sum())
+        return {"hits": hits, "misses": misses, "prefetches": int((ev == "prefetch").sum()),
+                "evictions": int((ev == "evict").sum()),
+                "bytes_read": int(d.loc[ev.isin(["miss", "prefetch"]), "bytes"].sum()),
+                "hit_rate": hits / (hits + misses) if hits + misses else float("nan")}
+
+    rows = {layer: agg(d) for layer, d in cache_df.groupby("layer", sort=True)}
+    rows["all"] = agg(cache_df)
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.index.name = "layer"
+    return out
+
+
+def throughput(timing_df: pd.DataFrame) -> pd.DataFrame:
+    """Tokens/s of prefill and decode per dataset, from the per-step wall times (the "total" rows).
+
+    Columns: dataset, phase, steps, tokens, seconds, tok_s.
+    """
+    t = timing_df[timing_df["part"] == "total"]
+    g = t.groupby(["dataset", "phase"], sort=False)
+    out = pd.DataFrame({"steps": g.size(), "tokens": g["tokens"].sum(), "seconds": g["seconds"].sum()}).reset_index()
+    out["tok_s"] = out["tokens"] / out["seconds"]
+    return out
+
+
+def time_breakdown(timing_df: pd.DataFrame) -> pd.DataFrame:
+    """Seconds per (dataset, phase, part), summed over layers and steps, and their share of the steps' wall time.
+
+    Columns: dataset, phase, part, seconds, share. Engine only (a model reports only the "total" part).
+    """
+    total = timing_df[timing_df["part"] == "total"].groupby(["dataset", "phase"])["seconds"].sum()
+    out = timing_df.groupby(["dataset", "phase", "part"], sort=False)["seconds"].sum().reset_index()
+    out["share"] = out["seconds"] / total.reindex(pd.MultiIndex.from_frame(out[["dataset", "phase"]])).to_numpy()
+    return out
+
+
+def io_wait_share(timing_df: pd.DataFrame) -> pd.DataFrame:
+    """Share of the wall time spent waiting for expert I/O, per (dataset, phase) and overall (phase "all").
+
+    Columns: dataset, phase, io_wait_seconds, seconds, io_wait_share.
+    """
+    t = timing_df.assign(_io=np.where(timing_df["part"] == "io_wait", timing_df["seconds"], 0.0),
+                         _tot=np.where(timing_df["part"] == "total", timing_df["seconds"], 0.0))
+    parts = [t, t.assign(phase="all")]
+    g = pd.concat(parts).groupby(["dataset", "phase"], sort=False)
+    out = pd.DataFrame({"io_wait_seconds": g["_io"].sum(), "seconds": g["_tot"].sum()}).reset_index()
+    out["io_wait_share"] = out["io_wait_seconds"] / out["seconds"]
+    return out

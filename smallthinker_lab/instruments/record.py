@@ -1,0 +1,377 @@
+"""``record(target, kinds=...)``: a scoped recorder on the hook points of the model or the engine.
+
+    with smallthinker_lab.record(model, kinds=("experts", "kv")) as rec:
+        smallthinker_lab.generate(model, ids, max_new_tokens=8)
+    rec["layers.3.moe.topk_ids"]            # (N, K) int64
+    rec.to_dataframe("experts")
+
+The recorder subscribes to its target's ``hooks`` (see ``smallthinker_lab.model.hooks`` for the points and their
+payloads) and removes exactly its own hooks in ``finally``, also when the block raises.
+
+Steps. The ``forward`` point fires at the END of every forward, after that forward's ``router``, ``expert``,
+``cache`` and ``timing`` events. The recorder therefore buffers the events of the forward in flight and files them
+when ``forward`` arrives: a forward with phase ``prefill`` opens new sequences (one per batch row) as step 0, every
+later forward is step 1, 2, ... of those sequences. Events that arrive after the last ``forward`` (an exception in
+the middle of a forward, or an engine that prefetches after its forward returned) are dropped, and the recording's
+``notes`` say how many.
+
+Cost. Hooks only keep references and python ints; tensors are combined once per step (one ``stack`` for the
+top-k ids and weights of every layer, one ``cat`` and a few reductions for the neuron counters, on the device the
+model runs on) and copied to the host once, when the recording is read. Nothing in the hooks synchronises a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+KINDS = ("experts", "neurons", "kv", "cache", "timing")
+FORMAT_VERSION = 1
+
+
+def _layer_set(layers, num_layers: int) -> list[int]:
+    """None | int | "layers.3" | list / tuple / range / set of those | callable(layer) -> bool  ->  sorted layer ids."""
+    every = range(num_layers)
+    if layers is None:
+        return list(every)
+    if callable(layers):
+        return [i for i in every if layers(i)]
+    if isinstance(layers, (int, str)):
+        layers = [layers]
+    out = set()
+    for item in layers:
+        if isinstance(item, str):
+            name = item.removeprefix("layers.")
+            if not name.isdigit():
+                raise ValueError(f"layer filter {item!r}: expected an int or 'layers.N'")
+            item = int(name)
+        if not 0 <= int(item) < num_layers:
+            raise ValueError(f"layer {item} is out of range: the model has {num_layers} layers")
+        out.add(int(item))
+    return sorted(out)
+
+
+def _full_set(full, kinds: Sequence[str]) -> set[str]:
+    """full=True keeps raw tensors of every kind that has them; full=("experts",) only router logits."""
+    if full is True:
+        return {k for k in kinds if k in ("experts", "neurons")}
+    if not full:
+        return set()
+    full = {full} if isinstance(full, str) else set(full)
+    unknown = full - {"experts", "neurons"}
+    if unknown:
+        raise ValueError(f"full= takes 'experts' (router logits) and/or 'neurons' (gate tensors), "
+                         f"got {sorted(unknown)}")
+    return full & set(kinds)
+
+
+@dataclass
+class _Step:
+    sequence: int
+    step: int
+    phase: str
+    start: int
+    tokens: int
+    batch: int
+    seconds: float
+
+
+@dataclass
+class Recorder:
+    """Hook callbacks and the state they fill; ``Recording`` reads it through ``build()``."""
+
+    config: Any
+    kinds: tuple[str, ...]
+    layers: list[int]
+    full: set[str]
+    dataset: str
+    target: str
+    # filed, per step
+    steps: list[_Step] = field(default_factory=list)
+    token_rows: int = 0
+    sequences: int = 0
+    topk: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per step: (L', N, K) twice
+    logits: list[torch.Tensor] = field(default_factory=list)  # per step: (L', N, E)
+    routed: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    gates: list[torch.Tensor] = field(default_factory=list)  # per step (R, F), full only
+    neuron_counts: torch.Tensor | None = None  # (L', E, F) active counts
+    kv: list[list[int]] = field(default_factory=list)  # per step: bytes per recorded layer
+    kv_itemsize: int | None = None
+    cache_events: list[tuple] = field(default_factory=list)  # (step_row, engine_step, layer, expert, event, nbytes)
+    timing_events: list[tuple] = field(default_factory=list)  # (step_row, engine_step, layer, part, seconds)
+    notes: list[str] = field(default_factory=list)
+    dropped: int = 0
+    # in flight: events of the forward not yet filed
+    _router: list = field(default_factory=list)
+    _experts: list = field(default_factory=list)
+    _cache: list = field(default_factory=list)
+    _timing: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.layer_pos = {layer: i for i, layer in enumerate(self.layers)}
+        self.want = set(self.kinds)
+        self.keep_logits = "experts" in self.full
+        self.keep_gates = "neurons" in self.full
+
+    # ------------------------------------------------------------------ hooks
+    def on_router(self, layer: int, logits: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                  **_: Any) -> None:
+        if layer in self.layer_pos:
+            self._router.append((layer, topk_ids, topk_weights, logits if self.keep_logits else None))
+
+    def on_expert(self, layer: int, expert: int, token_index: torch.Tensor, gate: torch.Tensor, **_: Any) -> None:
+        if layer in self.layer_pos:
+            self._experts.append((layer, expert, token_index, gate))
+
+    def on_cache(self, step: int, layer: int, expert: int, event: str, nbytes: int = 0, **_: Any) -> None:
+        if layer in self.layer_pos:
+            self._cache.append((step, layer, expert, event, nbytes))
+
+    def on_timing(self, step: int, layer: int | None, part: str, seconds: float, **_: Any) -> None:
+        if layer is None or layer < 0 or layer in self.layer_pos:
+            self._timing.append((step, -1 if layer is None else layer, part, seconds))
+
+    def on_forward(self, phase: str, start: int, tokens: int, cache=None, seconds: float = 0.0, **_: Any) -> None:
+        batch = 1
+        if cache is not None and len(cache):
+            batch = cache[0].batch
+        elif self._router:
+            batch = max(1, self._router[0][1].shape[0] // max(tokens, 1))
+        if phase == "prefill" or not self.steps:
+            seq, step = self.sequences, 0
+            self.sequences += batch
+        else:
+            seq, step = self.steps[-1].sequence, self.steps[-1].step + 1
+        row = len(self.steps)
+        self.steps.append(_Step(seq, step, phase, start, tokens, batch, seconds))
+        n = tokens * batch
+        if "experts" in self.want:
+            self._file_router(n)
+        if "neurons" in self.want:
+            self._file_experts(row)
+        if "kv" in self.want and cache is not None:
+            per_layer = cache.bytes_per_layer()
+            self.kv.append([per_layer[i] for i in self.layers])
+            if self.kv_itemsize is None and len(cache):
+                self.kv_itemsize = cache[0].k.element_size()
+        if "cache" in self.want:
+            self.cache_events.extend((row, *ev) for ev in self._cache)
+        if "timing" in self.want:
+            self.timing_events.extend((row, *ev) for ev in self._timing)
+        self._router.clear()
+        self._experts.clear()
+        self._cache.clear()
+        self._timing.clear()
+        self.token_rows += n
+
+    def _file_router(self, n: int) -> None:
+        pending = self._router
+        if [p[0] for p in pending] != self.layers or any(p[1].shape[0] != n for p in pending):
+            got = sorted({p[0] for p in pending})
+            self.notes.append(f"step {len(self.steps) - 1}: router events for layers {got}, expected one per recorded "
+                              f"layer with {n} tokens; the experts of this step are padded with -1")
+            self.topk.append(self._padded(pending, n))
+            if self.keep_logits:
+                E = self.config.num_experts
+                self.logits.append(torch.full((len(self.layers), n, E), float("nan")))
+            return
+        self.topk.append((torch.stack([p[1] for p in pending]), torch.stack([p[2] for p in pending])))  # (L', N, K)
+        if self.keep_logits:
+            self.logits.append(torch.stack([p[3] for p in pending]))  # (L', N, E)
+
+    def _padded(self, pending, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        K = self.config.top_k
+        ids = torch.full((len(self.layers), n, K), -1, dtype=torch.long)
+        w = torch.full((len(self.layers), n, K), float("nan"))
+        for layer, i, wt, _ in pending:
+            if i.shape[0] == n:
+                ids[self.layer_pos[layer]] = i.cpu()
+                w[self.layer_pos[layer]] = wt.float().cpu()
+        return ids, w
+
+    def _file_experts(self, row: int) -> None:
+        pending = self._experts
+        if not pending:
+            return
+        E, F = self.config.num_experts, self.config.moe_ffn_hidden_size
+        gates = torch.cat([p[3] for p in pending])  # (R, F)
+        device = gates.device
+        active = gates > 0  # relu(gate) > 0
+        inactive = F - active.sum(-1, dtype=torch.int32)  # (R,)
+        lengths = torch.tensor([p[3].shape[0] for p in pending], device=device)
+        keys = torch.tensor([self.layer_pos[p[0]] * E + p[1] for p in pending], device=device)
+        key_rows = torch.repeat_interleave(keys, lengths)  # (R,) = layer_slot * E + expert
+        if self.neuron_counts is None:
+            self.neuron_counts = torch.zeros(len(self.layers) * E, F, dtype=torch.int64, device=device)
+        self.neuron_counts.index_add_(0, key_rows, active.to(torch.int64))
+        token = torch.cat([p[2] for p in pending])  # (R,) index within the step
+        self.routed.append((row, key_rows, token, inactive))
+        if self.keep_gates:
+            self.gates.append(gates)
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(meta, arrays) for a Recording; does not change the recorder."""
+        cfg = self.config
+        E, K, F = cfg.num_experts, cfg.top_k, cfg.moe_ffn_hidden_size
+        S = len(self.steps)
+        a: dict[str, np.ndarray] = {}
+        a["steps.sequence"] = np.array([s.sequence for s in self.steps], dtype=np.int64)
+        a["steps.step"] = np.array([s.step for s in self.steps], dtype=np.int64)
+        a["steps.phase"] = np.array([s.phase for s in self.steps], dtype="<U16")
+        a["steps.start"] = np.array([s.start for s in self.steps], dtype=np.int64)
+        a["steps.tokens"] = np.array([s.tokens for s in self.steps], dtype=np.int64)
+        a["steps.batch"] = np.array([s.batch for s in self.steps], dtype=np.int64)
+        a["steps.seconds"] = np.array([s.seconds for s in self.steps], dtype=np.float64)
+        a["sequences.dataset"] = np.array([self.dataset] * self.sequences, dtype="<U64")
+        notes = list(self.notes)
+        if "experts" in self.want:
+            ids = _cat_host([t[0] for t in self.topk], (len(self.layers), 0, K), torch.int64, dim=1)
+            w = _cat_host([t[1] for t in self.topk], (len(self.layers), 0, K), torch.float32, dim=1)
+            lg = _cat_host(self.logits, (len(self.layers), 0, E), torch.float32, dim=1) if self.keep_logits else None
+            for j, layer in enumerate(self.layers):
+                a[f"layers.{layer}.moe.topk_ids"] = ids[j]
+                a[f"layers.{layer}.moe.topk_weights"] = w[j]
+                if lg is not None:
+                    a[f"layers.{layer}.moe.router_logits"] = lg[j]
+        if "neurons" in self.want:
+            offsets = np.cumsum([0] + [s.tokens * s.batch for s in self.steps])
+            key = _cat_host([r[1] for r in self.routed], (0,), torch.int64)
+            tok = _cat_host([r[2] for r in self.routed], (0,), torch.int64)
+            starts = offsets[[r[0] for r in self.routed]]
+            tok = tok + np.repeat(starts, [len(r[2]) for r in self.routed]).astype(np.int64)
+            inactive = _cat_host([r[3] for r in self.routed], (0,), torch.int32)
+            gates = _cat_host(self.gates, (0, F), torch.float32) if self.keep_gates else None
+            counts = (self.neuron_counts.cpu().numpy().reshape(len(self.layers), E, F) if self.neuron_counts is not None
+                      else np.zeros((len(self.layers), E, F), dtype=np.int64))
+            for j, layer in enumerate(self.layers):
+                sel = (key // E) == j
+                a[f"layers.{layer}.moe.routed_token"] = tok[sel]
+                a[f"layers.{layer}.moe.routed_expert"] = key[sel] % E
+                a[f"layers.{layer}.moe.inactive_neurons"] = inactive[sel]
+                if gates is not None:
+                    a[f"layers.{layer}.moe.expert_gate"] = gates[sel]
+                a[f"layers.{layer}.moe.neuron_counts"] = counts[j][None]  # (D=1, E, F), one dataset
+        if "kv" in self.want and self.kv:
+            kv = np.array(self.kv, dtype=np.int64).reshape(len(self.kv), len(self.layers))
+            if len(self.kv) != S:
+                notes.append("kv: some forwards passed no KV cache; kv bytes are missing")
+            else:
+                for j, layer in enumerate(self.layers):
+                    a[f"layers.{layer}.attn.kv_bytes"] = kv[:, j]
+        if "cache" in self.want:
+            ev = self.cache_events
+            a["cache.step_row"] = np.array([e[0] for e in ev], dtype=np.int64)
+            a["cache.engine_step"] = np.array([-1 if e[1] is None else e[1] for e in ev], dtype=np.int64)
+            a["cache.layer"] = np.array([e[2] for e in ev], dtype=np.int64)
+            a["cache.expert"] = np.array([e[3] for e in ev], dtype=np.int64)
+            a["cache.event"] = np.array([e[4] for e in ev], dtype="<U16")
+            a["cache.bytes"] = np.array([e[5] or 0 for e in ev], dtype=np.int64)
+        if "timing" in self.want:
+            ev = self.timing_events
+            a["timing.step_row"] = np.array([e[0] for e in ev], dtype=np.int64)
+            a["timing.engine_step"] = np.array([-1 if e[1] is None else e[1] for e in ev], dtype=np.int64)
+            a["timing.layer"] = np.array([e[2] for e in ev], dtype=np.int64)
+            a["timing.part"] = np.array([e[3] for e in ev], dtype="<U32")
+            a["timing.seconds"] = np.array([e[4] for e in ev], dtype=np.float64)
+        if self.dropped:
+            notes.append(f"dropped {self.dropped} events that arrived after the last forward")
+        if "cache" in self.want and self.target == "model":
+            notes.append("cache: the model has no expert cache; the cache kind records only on an Engine")
+        if "timing" in self.want and self.target == "model":
+            notes.append("timing: the model reports whole-step times only (no attention / MoE / I/O split)")
+        meta = {
+            "version": FORMAT_VERSION, "kinds": list(self.kinds), "layers": list(self.layers),
+            "full": sorted(self.full), "datasets": [self.dataset], "target": self.target,
+            "config": cfg.to_dict(), "kv_itemsize": self.kv_itemsize, "notes": notes,
+        }
+        return meta, a
+
+    def finish(self) -> None:
+        """Drop the events of a forward that never completed."""
+        self.dropped += len(self._router) + len(self._experts) + len(self._cache) + len(self._timing)
+        self._router.clear()
+        self._experts.clear()
+        self._cache.clear()
+        self._timing.clear()
+
+
+def _cat_host(tensors: list[torch.Tensor], empty_shape: tuple, dtype: torch.dtype, dim: int = 0) -> np.ndarray:
+    """One concatenation on the device, one copy to the host."""
+    if not tensors:
+        return np.zeros(empty_shape, dtype=torch.empty((), dtype=dtype).numpy().dtype)
+    return torch.cat(tensors, dim=dim).to(dtype).cpu().numpy()
+
+
+class record:  # noqa: N801  (a function-like context manager, as torch.no_grad)
+    """Record what ``target`` does inside a ``with`` block; ``as`` gives the ``Recording``.
+
+    target: a SmallThinkerForCausalLM or an Engine (anything with ``.hooks`` and ``.config``).
+    kinds: any of "experts", "neurons", "kv", "cache", "timing" (all by default).
+    layers: None (all), an int, a list / range / set, "layers.N", or a callable(layer) -> bool.
+    full: False keeps counters and small per-token arrays; True (or a subset of {"experts", "neurons"}) also keeps
+      the raw router logits (N, E) and the pre-ReLU gate tensors (R, F).
+    dataset: the label every row gets in ``to_dataframe``.
+    """
+
+    def __init__(self, target, kinds: Iterable[str] = KINDS, layers=None, full: bool | Iterable[str] = False,
+                 dataset: str = "default") -> None:
+        from .recording import Recording
+
+        if not hasattr(target, "hooks") or not hasattr(target, "config"):
+            raise TypeError(f"record() needs a model or an engine with .hooks and .config, got {type(target).__name__}")
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(dict.fromkeys(kinds))
+        unknown = set(kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown kinds {sorted(unknown)}; known kinds: {', '.join(KINDS)}")
+        from ..model import SmallThinkerForCausalLM
+
+        self.target = target
+        cfg = target.config
+        self.recorder = Recorder(
+            config=cfg, kinds=kinds, layers=_layer_set(layers, cfg.num_hidden_layers), full=_full_set(full, kinds),
+            dataset=str(dataset), target="model" if isinstance(target, SmallThinkerForCausalLM) else "engine",
+        )
+        self.recording = Recording._live(self.recorder)
+        self._handles: list = []
+
+    def _points(self) -> list[tuple[str, Callable]]:
+        r, want = self.recorder, self.recorder.want
+        points = [("forward", r.on_forward)]
+        if "experts" in want:
+            points.append(("router", r.on_router))
+        if "neurons" in want:
+            points.append(("expert", r.on_expert))
+        if "cache" in want and r.target == "engine":
+            points.append(("cache", r.on_cache))
+        if "timing" in want and r.target == "engine":
+            points.append(("timing", r.on_timing))
+        return points
+
+    def __enter__(self):
+        if self._handles:
+            raise RuntimeError("this record() block is already active")
+        hooks = self.target.hooks
+        try:
+            for point, fn in self._points():
+                self._handles.append(hooks.add(point, fn))
+        except BaseException:
+            self._remove()
+            raise
+        return self.recording
+
+    def _remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __exit__(self, *exc) -> bool:
+        try:
+            self._remove()
+        finally:
+            self.recorder.finish()
+            self.recording._freeze()
+        return False

@@ -1,0 +1,552 @@
+"""``Recording``: what ``record()`` kept, as named numpy arrays and tidy DataFrames.
+
+Names are dotted and stable. Letters: S steps (forwards), Q sequences, N token rows (sum of B*T over the steps, in
+step order: the row order of every [N, ...] array), R routed (token, expert) pairs of one layer, C cache events,
+M timing events, E experts, K experts per token, F neurons per expert. ``{i}`` is a layer, ``{part}`` a timing part.
+"derived" names are computed from the stored ones when read (and are not saved).
+
+{table}
+
+DataFrames (``to_dataframe(kind)``), one row per:
+  experts        (token, layer, slot): dataset, sequence, step, position, layer, slot, expert, weight
+  router_logits  (token, layer, expert), full only: dataset, sequence, step, position, layer, expert, logit
+  neurons        routed (token, layer, expert): dataset, sequence, step, position, layer, expert, inactive, ffn,
+                 sparsity (= inactive / ffn)
+  neuron_counts  (dataset, layer, expert, neuron): active (tokens with gate > 0), tokens (tokens routed to the expert)
+  kv             (step, layer): dataset, sequence, step, phase, layer, attention ("global" | "sliding"), context, bytes
+  cache          event: dataset, sequence, step, phase, layer, expert, event, bytes, engine_step
+  timing         dataset, sequence, phase, step, layer, part, seconds, tokens: one "total" row per step (layer -1, the
+                 forward's wall time, ``tokens`` = B*T) and, on an engine, one row per "timing" event
+  steps          forward: dataset, sequence, step, phase, start, tokens, batch, seconds
+Each frame's ``attrs`` holds num_experts, top_k, moe_ffn_hidden_size, num_hidden_layers, layers, kv_itemsize.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .record import FORMAT_VERSION, KINDS
+
+# (name pattern, kind, shape, dtype, meaning): the one table of recorded names
+NAMES: list[tuple[str, str, str, str, str]] = [
+    ("steps.sequence", "always", "[S]", "int64", "sequence of the step (its first batch row)"),
+    ("steps.step", "always", "[S]", "int64", "0 = prefill (first recorded forward), then 1, 2, ... per sequence"),
+    ("steps.phase", "always", "[S]", "str", "'prefill' or 'decode'"),
+    ("steps.start", "always", "[S]", "int64", "position of the step's first token"),
+    ("steps.tokens", "always", "[S]", "int64", "new tokens per sequence (T)"),
+    ("steps.batch", "always", "[S]", "int64", "sequences in the batch (B)"),
+    ("steps.seconds", "always", "[S]", "float64", "wall time of the forward, hooks included"),
+    ("sequences.dataset", "always", "[Q]", "str", "dataset label of each sequence"),
+    ("tokens.sequence", "always, derived", "[N]", "int64", "sequence of each token row"),
+    ("tokens.step", "always, derived", "[N]", "int64", "step of each token row"),
+    ("tokens.position", "always, derived", "[N]", "int64", "position of each token row"),
+    ("tokens.dataset", "always, derived", "[N]", "str", "dataset of each token row"),
+    ("layers.{i}.moe.topk_ids", "experts", "[N, K]", "int64", "experts chosen per token, in top-k order"),
+    ("layers.{i}.moe.topk_weights", "experts", "[N, K]", "float32", "their routing weights (sum 1 per token)"),
+    ("layers.{i}.moe.router_logits", "experts, full", "[N, E]", "float32", "raw router logits"),
+    ("layers.{i}.moe.routed_token", "neurons", "[R]", "int64", "token row of each routed (token, expert) pair"),
+    ("layers.{i}.moe.routed_expert", "neurons", "[R]", "int64", "expert of each routed pair"),
+    ("layers.{i}.moe.inactive_neurons", "neurons", "[R]", "int32", "neurons of the pair with relu(gate) <= 0"),
+    ("layers.{i}.moe.expert_gate", "neurons, full", "[R, F]", "float32", "pre-ReLU gate output of each pair"),
+    ("layers.{i}.moe.neuron_counts", "neurons", "[E, F]", "int64",
+     "tokens for which neuron f of expert e was active (gate > 0), summed over datasets"),
+    ("layers.{i}.moe.expert_tokens", "neurons, derived", "[E]", "int64", "tokens routed to each expert"),
+    ("layers.{i}.attn.kv_bytes", "kv", "[S]", "int64", "KV-cache bytes the layer holds after the step"),
+    ("kv.global_bytes", "kv, derived", "[S]", "int64", "kv_bytes summed over the recorded global layers"),
+    ("kv.sliding_bytes", "kv, derived", "[S]", "int64", "kv_bytes summed over the recorded sliding layers"),
+    ("cache.step_row", "cache", "[C]", "int64", "index into steps.* of each cache event"),
+    ("cache.engine_step", "cache", "[C]", "int64", "the engine's own step number of the event"),
+    ("cache.layer", "cache", "[C]", "int64", "layer of the expert"),
+    ("cache.expert", "cache", "[C]", "int64", "expert"),
+    ("cache.event", "cache", "[C]", "str", "'hit', 'miss', 'prefetch' or 'evict'"),
+    ("cache.bytes", "cache", "[C]", "int64", "bytes the event moved (read on miss / prefetch, freed on evict)"),
+    ("layers.{i}.cache.hits", "cache, derived", "[S]", "int64", "hit events per step"),
+    ("layers.{i}.cache.misses", "cache, derived", "[S]", "int64", "miss events per step"),
+    ("layers.{i}.cache.prefetches", "cache, derived", "[S]", "int64", "prefetch events per step"),
+    ("layers.{i}.cache.evictions", "cache, derived", "[S]", "int64", "evict events per step"),
+    ("layers.{i}.cache.bytes_read", "cache, derived", "[S]", "int64", "bytes of miss and prefetch events per step"),
+    ("timing.step_row", "timing", "[M]", "int64", "index into steps.* of each timing event"),
+    ("timing.engine_step", "timing", "[M]", "int64", "the engine's own step number of the event"),
+    ("timing.layer", "timing", "[M]", "int64", "layer (-1: not a layer's, e.g. lm_head)"),
+    ("timing.part", "timing", "[M]", "str", "'attention', 'moe', 'io_wait', 'router', 'lm_head', ..."),
+    ("timing.seconds", "timing", "[M]", "float64", "seconds of the event"),
+    ("layers.{i}.timing.{part}", "timing, derived", "[S]", "float64", "seconds per step spent in the part"),
+]
+
+
+def names_table() -> pd.DataFrame:
+    """The names table as a DataFrame (name pattern, kind, shape, dtype, meaning)."""
+    return pd.DataFrame(NAMES, columns=["name", "kind", "shape", "dtype", "meaning"])
+
+
+def _format_table() -> str:
+    widths = [max(len(r[i]) for r in NAMES) for i in range(4)]
+    rule = "  ".join("=" * w for w in widths) + "  " + "=" * 20
+    head = "  ".join(h.ljust(w) for h, w in zip(("name", "kind", "shape", "dtype"), widths)) + "  meaning"
+    lines = [rule, head, rule]
+    lines += ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in NAMES]
+    return "\n".join(lines + [rule])
+
+
+__doc__ = __doc__.replace("{table}", _format_table())
+
+_PATTERNS = [(re.compile("^" + re.escape(p).replace(r"\{i\}", r"(\d+)").replace(r"\{part\}", r"(\w+)") + "$"), row)
+             for p, *row in NAMES]
+_PER_DATASET = ".moe.neuron_counts"  # stored (D, E, F), one slab per dataset in meta["datasets"]
+_CACHE_DERIVED = {"hits": ("hit",), "misses": ("miss",), "prefetches": ("prefetch",), "evictions": ("evict",)}
+_FRAME_KINDS = ("experts", "router_logits", "neurons", "neuron_counts", "kv", "cache", "timing", "steps")
+
+
+def _lookup(name: str):
+    for pat, row in _PATTERNS:
+        if pat.match(name):
+            return row
+    return None
+
+
+class Recording:
+    """Recorded data: ``rec[name]`` (numpy), ``names()``, ``describe()``, ``to_dataframe(kind)``, ``summary()``,
+    ``save(path)`` / ``Recording.load(path)``, ``Recording.concat([...])`` or ``rec1 + rec2``."""
+
+    def __init__(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self._meta, self._arrays = meta, arrays
+        self._recorder = None
+        self._built_at = None
+
+    # ------------------------------------------------------------- live state
+    @classmethod
+    def _live(cls, recorder) -> Recording:
+        rec = cls({}, {})
+        rec._recorder = recorder
+        return rec
+
+    def _sync(self) -> None:
+        r = self._recorder
+        if r is None:
+            return
+        mark = (len(r.steps), len(r.cache_events), len(r.timing_events), r.dropped)
+        if mark != self._built_at:
+            self._meta, self._arrays = r.build()
+            self._built_at = mark
+
+    def _freeze(self) -> None:
+        if self._recorder is not None:
+            self._meta, self._arrays = self._recorder.build()
+        self._recorder = None
+
+    # ------------------------------------------------------------------- meta
+    @property
+    def meta(self) -> dict[str, Any]:
+        self._sync()
+        return self._meta
+
+    @property
+    def kinds(self) -> list[str]:
+        return list(self.meta["kinds"])
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.meta["layers"])
+
+    @property
+    def datasets(self) -> list[str]:
+        return list(self.meta["datasets"])
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self.meta["notes"])
+
+    @property
+    def config(self):
+        from ..model import SmallThinkerConfig
+
+        return SmallThinkerConfig.from_dict(self.meta["config"])
+
+    def _attrs(self) -> dict[str, Any]:
+        c = self.meta["config"]
+        return {"num_experts": c["moe_num_primary_experts"], "top_k": c["moe_num_active_primary_experts"],
+                "moe_ffn_hidden_size": c["moe_ffn_hidden_size"], "num_hidden_layers": c["num_hidden_layers"],
+                "layers": self.layers, "kv_itemsize": self.meta.get("kv_itemsize")}
+
+    # -------------------------------------------------------------- dict-like
+    def names(self) -> list[str]:
+        """Every name ``rec[name]`` answers, stored and derived."""
+        self._sync()
+        out = list(self._arrays)
+        out += ["tokens.sequence", "tokens.step", "tokens.position", "tokens.dataset"]
+        a = self._arrays
+        for i in self.layers:
+            if f"layers.{i}.moe.routed_expert" in a:
+                out.append(f"layers.{i}.moe.expert_tokens")
+            if "cache.layer" in a:
+                out += [f"layers.{i}.cache.{k}" for k in (*_CACHE_DERIVED, "bytes_read")]
+            if "timing.part" in a:
+                out += [f"layers.{i}.timing.{p}" for p in sorted(set(a["timing.part"][a["timing.layer"] == i]))]
+        if any(n.endswith(".attn.kv_bytes") for n in a):
+            out += ["kv.global_bytes", "kv.sliding_bytes"]
+        return out
+
+    def keys(self) -> list[str]:
+        return self.names()
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.names()
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self else default
+
+    def items(self):
+        return [(n, self[n]) for n in self.names()]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        self._sync()
+        a = self._arrays
+        if name in a:
+            return a[name].sum(axis=0) if name.endswith(_PER_DATASET) else a[name]
+        if name.startswith("tokens."):
+            t = self._tokens()
+            if name[7:] in t:
+                return t[name[7:]]
+        m = re.fullmatch(r"layers\.(\d+)\.(moe|cache|timing)\.(\w+)", name)
+        if m:
+            layer, group, what = int(m[1]), m[2], m[3]
+            if group == "moe" and what == "expert_tokens" and f"layers.{layer}.moe.routed_expert" in a:
+                return np.bincount(a[f"layers.{layer}.moe.routed_expert"], minlength=self._attrs()["num_experts"])
+            if group == "cache" and "cache.layer" in a and layer in self.layers and (
+                    what in _CACHE_DERIVED or what == "bytes_read"):
+                sel = a["cache.layer"] == layer
+                if what == "bytes_read":
+                    sel &= np.isin(a["cache.event"], ("miss", "prefetch"))
+                    w = a["cache.bytes"][sel]
+                else:
+                    sel &= np.isin(a["cache.event"], _CACHE_DERIVED[what])
+                    w = None
+                return np.bincount(a["cache.step_row"][sel], weights=w, minlength=self.num_steps).astype(np.int64)
+            if group == "timing" and "timing.part" in a:
+                sel = (a["timing.layer"] == layer) & (a["timing.part"] == what)
+                if sel.any():
+                    return np.bincount(a["timing.step_row"][sel], weights=a["timing.seconds"][sel],
+                                       minlength=self.num_steps)
+        if name in ("kv.global_bytes", "kv.sliding_bytes"):
+            cfg, want = self.config, name == "kv.sliding_bytes"
+            total = np.zeros(self.num_steps, dtype=np.int64)
+            found = False
+            for i in self.layers:
+                key = f"layers.{i}.attn.kv_bytes"
+                if key in a:
+                    found = True
+                    if cfg.is_sliding(i) == want:
+                        total += a[key]
+            if found:
+                return total
+        raise KeyError(f"{name!r} is not recorded here; rec.names() lists what is (kinds recorded: {self.kinds})")
+
+    @property
+    def num_steps(self) -> int:
+        return len(self["steps.step"])
+
+    def _tokens(self) -> dict[str, np.ndarray]:
+        a = self._arrays
+        T, B = a["steps.tokens"], a["steps.batch"]
+        n = T * B
+        row = np.repeat(np.arange(len(T)), n)  # step row of each token row
+        within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        seq = a["steps.sequence"][row] + within // np.maximum(T[row], 1)
+        return {"sequence": seq.astype(np.int64), "step": a["steps.step"][row], "step_row": row,
+                "position": (a["steps.start"][row] + within % np.maximum(T[row], 1)).astype(np.int64),
+                "dataset": a["sequences.dataset"][seq] if len(seq) else np.array([], dtype="<U1")}
+
+    def describe(self) -> pd.DataFrame:
+        """One row per name recorded here: name, kind, shape (actual), dtype, meaning."""
+        rows = []
+        for n in self.names():
+            v = self[n]
+            kind, _, _, meaning = _lookup(n) or ("", "", "", "")
+            rows.append({"name": n, "kind": kind, "shape": tuple(v.shape), "dtype": str(v.dtype), "meaning": meaning})
+        return pd.DataFrame(rows)
+
+    # ------------------------------------------------------------- DataFrames
+    def to_dataframe(self, kind: str) -> pd.DataFrame:
+        """A tidy (long) DataFrame of one kind; see the module docstring for the columns."""
+        if kind not in _FRAME_KINDS:
+            raise ValueError(f"unknown frame {kind!r}; frames: {', '.join(_FRAME_KINDS)}")
+        self._sync()
+        base = kind if kind in KINDS else {"router_logits": "experts", "neuron_counts": "neurons"}.get(kind)
+        if base is not None and base not in self.kinds:
+            raise KeyError(f"kind {base!r} was not recorded (kinds recorded: {self.kinds})")
+        df = getattr(self, f"_frame_{kind}")()
+        df.attrs.update(self._attrs())
+        return df
+
+    def _token_cols(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        t = self._tokens()
+        return {"dataset": t["dataset"][rows], "sequence": t["sequence"][rows], "step": t["step"][rows],
+                "position": t["position"][rows]}
+
+    def _per_layer(self, build) -> pd.DataFrame:
+        parts = [build(i) for i in self.layers]
+        parts = [p for p in parts if p is not None]
+        return pd.concat(parts, ignore_index=True) if parts else build(None)
+
+    def _frame_experts(self) -> pd.DataFrame:
+        K = self._attrs()["top_k"]
+
+        def build(i):
+            ids = self._arrays[f"layers.{i}.moe.topk_ids"] if i is not None else np.zeros((0, K), np.int64)
+            w = self._arrays[f"layers.{i}.moe.topk_weights"] if i is not None else np.zeros((0, K), np.float32)
+            rows = np.repeat(np.arange(len(ids)), K)
+            return pd.DataFrame({**self._token_cols(rows), "layer": np.full(len(rows), i if i is not None else 0),
+                                 "slot": np.tile(np.arange(K), len(ids)), "expert": ids.reshape(-1),
+                                 "weight": w.reshape(-1)})
+
+        return self._per_layer(build)
+
+    def _frame_router_logits(self) -> pd.DataFrame:
+        E = self._attrs()["num_experts"]
+        if not self.layers or f"layers.{self.layers[0]}.moe.router_logits" not in self._arrays:
+            raise KeyError("router logits were not kept: record with full=True (or full=('experts',))")
+
+        def build(i):
+            lg = self._arrays[f"layers.{i}.moe.router_logits"] if i is not None else np.zeros((0, E), np.float32)
+            rows = np.repeat(np.arange(len(lg)), E)
+            return pd.DataFrame({**self._token_cols(rows), "layer": np.full(len(rows), i if i is not None else 0),
+                                 "expert": np.tile(np.arange(E), len(lg)), "logit": lg.reshape(-1)})
+
+        return self._per_layer(build)
+
+    def _frame_neurons(self) -> pd.DataFrame:
+        F = self._attrs()["moe_ffn_hidden_size"]
+
+        def build(i):
+            a = self._arrays
+            if i is None:
+                tok, ex, ina = (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.int32),)
+            else:
+                tok, ex = a[f"layers.{i}.moe.routed_token"], a[f"layers.{i}.moe.routed_expert"]
+                ina = a[f"layers.{i}.moe.inactive_neurons"]
+            return pd.DataFrame({**self._token_cols(tok), "layer": np.full(len(tok), i if i is not None else 0),
+                                 "expert": ex, "inactive": ina, "ffn": np.full(len(tok), F),
+                                 "sparsity": ina / F})
+
+        return self._per_layer(build)
+
+    def _frame_neuron_counts(self) -> pd.DataFrame:
+        a, ds = self._arrays, self.datasets
+        E, F = self._attrs()["num_experts"], self._attrs()["moe_ffn_hidden_size"]
+        t_ds = self._tokens()["dataset"]
+        parts = []
+        for i in self.layers:
+            counts = a[f"layers.{i}.moe.neuron_counts"]  # (D, E, F)
+            tok, ex = a[f"layers.{i}.moe.routed_token"], a[f"layers.{i}.moe.routed_expert"]
+            for d, name in enumerate(ds):
+                routed = np.bincount(ex[t_ds[tok] == name], minlength=E)  # (E,)
+                parts.append(pd.DataFrame({
+                    "dataset": name, "layer": i, "expert": np.repeat(np.arange(E), F),
+                    "neuron": np.tile(np.arange(F), E), "active": counts[d].reshape(-1),
+                    "tokens": np.repeat(routed, F)}))
+        cols = ["dataset", "layer", "expert", "neuron", "active", "tokens"]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
+
+    def _step_cols(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        a = self._arrays
+        seq = a["steps.sequence"][rows]
+        return {"dataset": a["sequences.dataset"][seq] if len(seq) else np.array([], dtype=str), "sequence": seq,
+                "step": a["steps.step"][rows], "phase": a["steps.phase"][rows]}
+
+    def _frame_kv(self) -> pd.DataFrame:
+        a, cfg = self._arrays, self.config
+        S = self.num_steps
+        context = a["steps.start"] + a["steps.tokens"]
+        parts = []
+        for i in self.layers:
+            key = f"layers.{i}.attn.kv_bytes"
+            if key in a:
+                parts.append(pd.DataFrame({**self._step_cols(np.arange(S)), "layer": i,
+                                           "attention": "sliding" if cfg.is_sliding(i) else "global",
+                                           "context": context, "bytes": a[key]}))
+        cols = ["dataset", "sequence", "step", "phase", "layer", "attention", "context", "bytes"]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
+
+    def _frame_cache(self) -> pd.DataFrame:
+        a = self._arrays
+        return pd.DataFrame({**self._step_cols(a["cache.step_row"]), "layer": a["cache.layer"],
+                             "expert": a["cache.expert"], "event": a["cache.event"], "bytes": a["cache.bytes"],
+                             "engine_step": a["cache.engine_step"]})
+
+    def _frame_timing(self) -> pd.DataFrame:
+        a = self._arrays
+        S = self.num_steps
+        n_tok = a["steps.tokens"] * a["steps.batch"]
+        total = pd.DataFrame({**self._step_cols(np.arange(S)), "layer": -1, "part": "total",
+                              "seconds": a["steps.seconds"], "tokens": n_tok, "_order": np.arange(S) * 2})
+        r = a["timing.step_row"]
+        parts = pd.DataFrame({**self._step_cols(r), "layer": a["timing.layer"], "part": a["timing.part"],
+                              "seconds": a["timing.seconds"], "tokens": n_tok[r], "_order": r * 2 + 1})
+        df = pd.concat([total, parts], ignore_index=True) if len(parts) else total
+        df = df.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+        return df[["dataset", "sequence", "phase", "step", "layer", "part", "seconds", "tokens"]]
+
+    def _frame_steps(self) -> pd.DataFrame:
+        a = self._arrays
+        S = self.num_steps
+        return pd.DataFrame({**self._step_cols(np.arange(S)), "start": a["steps.start"], "tokens": a["steps.tokens"],
+                             "batch": a["steps.batch"], "seconds": a["steps.seconds"]})
+
+    # ---------------------------------------------------------------- summary
+    def summary(self) -> dict[str, Any]:
+        """A short dict: what was recorded, tokens, steps, per-kind counts, hit rate, tokens/s, notes."""
+        self._sync()
+        a = self._arrays
+        phase, n_tok, sec = a["steps.phase"], a["steps.tokens"] * a["steps.batch"], a["steps.seconds"]
+        pre, dec = phase == "prefill", phase != "prefill"
+        out: dict[str, Any] = {
+            "target": self.meta["target"], "datasets": self.datasets, "kinds": self.kinds, "layers": self.layers,
+            "sequences": len(a["sequences.dataset"]), "steps": int(len(phase)), "tokens": int(n_tok.sum()),
+            "prefill_tokens": int(n_tok[pre].sum()), "decode_steps": int(dec.sum()),
+            "prefill_tok_s": _rate(n_tok[pre].sum(), sec[pre].sum()),
+            "decode_tok_s": _rate(n_tok[dec].sum(), sec[dec].sum()),
+        }
+        if "experts" in self.kinds:
+            out["routed_slots"] = int(sum(a[f"layers.{i}.moe.topk_ids"].size for i in self.layers))
+        if "neurons" in self.kinds:
+            ina = [a[f"layers.{i}.moe.inactive_neurons"] for i in self.layers]
+            n = sum(len(x) for x in ina)
+            out["routed_pairs"] = int(n)
+            F = self._attrs()["moe_ffn_hidden_size"]
+            out["mean_sparsity"] = float(np.concatenate(ina).sum() / (n * F)) if n else float("nan")
+        if "kv" in self.kinds and any(f"layers.{i}.attn.kv_bytes" in a for i in self.layers):
+            out["kv_bytes_last_step"] = int(self["kv.global_bytes"][-1] + self["kv.sliding_bytes"][-1]) if len(
+                phase) else 0
+        if "cache" in self.kinds:
+            ev = a["cache.event"]
+            counts = {e: int((ev == e).sum()) for e in ("hit", "miss", "prefetch", "evict")}
+            out.update({"cache_" + k: v for k, v in counts.items()})
+            out["cache_hit_rate"] = _rate(counts["hit"], counts["hit"] + counts["miss"])
+            out["cache_bytes_read"] = int(a["cache.bytes"][np.isin(ev, ("miss", "prefetch"))].sum())
+        if "timing" in self.kinds and len(a["timing.part"]):
+            io = a["timing.seconds"][a["timing.part"] == "io_wait"].sum()
+            out["io_wait_share"] = _rate(io, sec.sum())
+        out["notes"] = self.notes
+        return out
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        live = " (recording)" if self._recorder is not None else ""
+        return (f"Recording{live}({s['target']}, datasets={s['datasets']}, kinds={s['kinds']}, "
+                f"layers={s['layers']}, sequences={s['sequences']}, steps={s['steps']}, tokens={s['tokens']})")
+
+    # ------------------------------------------------------------- save, load
+    def save(self, path) -> Path:
+        """A folder: meta.json (the JSON sidecar), arrays.npz (every stored array, exact) and one tidy table per
+        recorded frame (``{frame}.parquet``, or ``{frame}.csv`` without pyarrow) for other tools."""
+        self._sync()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            import pyarrow  # noqa: F401
+
+            fmt = "parquet"
+        except ImportError:
+            fmt = "csv"
+        frames = []
+        for kind in _FRAME_KINDS:
+            try:
+                df = self.to_dataframe(kind)
+            except KeyError:
+                continue
+            df.attrs = {}
+            if fmt == "parquet":
+                df.to_parquet(path / f"{kind}.parquet", index=False)
+            else:
+                df.to_csv(path / f"{kind}.csv", index=False)
+            frames.append(f"{kind}.{fmt}")
+        np.savez(path / "arrays.npz", **self._arrays)
+        meta = {**self._meta, "tables": frames, "version": FORMAT_VERSION}
+        (path / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path) -> Recording:
+        path = Path(path)
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: recording format {meta.get('version')}, this version reads {FORMAT_VERSION}")
+        meta.pop("tables", None)
+        with np.load(path / "arrays.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        return cls(meta, arrays)
+
+    # ----------------------------------------------------------------- concat
+    @classmethod
+    def concat(cls, recordings) -> Recording:
+        """One Recording of several (same config, kinds, layers and full options); dataset labels are kept."""
+        recs = list(recordings)
+        if not recs:
+            raise ValueError("concat needs at least one recording")
+        for r in recs:
+            r._sync()
+        first = recs[0]._meta
+        for r in recs[1:]:
+            for key in ("config", "kinds", "layers", "full"):
+                if r._meta[key] != first[key]:
+                    raise ValueError(f"cannot concatenate recordings whose {key} differ")
+            if set(r._arrays) != set(recs[0]._arrays):
+                raise ValueError("cannot concatenate recordings that hold different names "
+                                 f"({sorted(set(r._arrays) ^ set(recs[0]._arrays))})")
+        datasets = list(dict.fromkeys(d for r in recs for d in r._meta["datasets"]))
+        out: dict[str, np.ndarray] = {}
+        for name in recs[0]._arrays:
+            if name.endswith(_PER_DATASET):
+                acc = np.zeros((len(datasets), *recs[0]._arrays[name].shape[1:]), dtype=np.int64)
+                for r in recs:
+                    for d, ds in enumerate(r._meta["datasets"]):
+                        acc[datasets.index(ds)] += r._arrays[name][d]
+                out[name] = acc
+                continue
+            pieces, q = [], np.zeros(3, dtype=np.int64)  # offsets: sequences, steps, token rows
+            for r in recs:
+                x = r._arrays[name]
+                if name == "steps.sequence":
+                    x = x + q[0]
+                elif name in ("cache.step_row", "timing.step_row"):
+                    x = x + q[1]
+                elif name.endswith(".moe.routed_token"):
+                    x = x + q[2]
+                pieces.append(x)
+                ra = r._arrays
+                q += (len(ra["sequences.dataset"]), len(ra["steps.step"]),
+                      int((ra["steps.tokens"] * ra["steps.batch"]).sum()))
+            out[name] = np.concatenate(pieces)
+        notes = list(dict.fromkeys(n for r in recs for n in r._meta["notes"]))
+        targets = {r._meta["target"] for r in recs}
+        itemsizes = [r._meta.get("kv_itemsize") for r in recs if r._meta.get("kv_itemsize")]
+        meta = {**first, "datasets": datasets, "notes": notes,
+                "target": targets.pop() if len(targets) == 1 else "mixed",
+                "kv_itemsize": itemsizes[0] if itemsizes else None}
+        return cls(meta, out)
+
+    def __add__(self, other: Recording) -> Recording:
+        if not isinstance(other, Recording):
+            return NotImplemented
+        return Recording.concat([self, other])
+
+    def __radd__(self, other):
+        if other == 0:  # sum([...])
+            return self
+        return NotImplemented
+
+
+def _rate(num, den) -> float:
+    return float(num) / float(den) if den else float("nan")
