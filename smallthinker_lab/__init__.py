@@ -1,5 +1,25 @@
 """smallthinker_lab: a workbench for understanding SmallThinker, an on-device Mixture-of-Experts LM."""
 
+from .instruments import (
+    Recording,
+    cold_expert_share,
+    expert_frequency,
+    expert_usage_divergence,
+    hit_rate_curves,
+    hit_rates,
+    hot_expert_share,
+    io_wait_share,
+    kv_footprint,
+    lru_hit_curve,
+    neuron_sparsity_by_expert,
+    neuron_sparsity_by_layer,
+    policy_hit_curve,
+    profile,
+    record,
+    throughput,
+    time_breakdown,
+    trace_from_recording,
+)
 from .model import (
     ConfigError,
     GenerationStats,
@@ -17,4 +37,10 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "GenerationStats", "KVCache", "SamplingConfig", "SmallThinkerConfig", "SmallThinkerForCausalLM",
     "generate", "kv_cache_bytes", "stream_generate",
+]
+__all__ += [
+    "Recording", "cold_expert_share", "expert_frequency", "expert_usage_divergence", "hit_rate_curves", "hit_rates",
+    "hot_expert_share", "io_wait_share", "kv_footprint", "lru_hit_curve", "neuron_sparsity_by_expert",
+    "neuron_sparsity_by_layer", "policy_hit_curve", "profile", "record", "throughput", "time_breakdown",
+    "trace_from_recording",
 ]
