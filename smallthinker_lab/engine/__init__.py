@@ -1,0 +1,24 @@
+"""The offloading engine: an expert bundle on storage, one shared expert cache under a memory limit, prefetch.
+
+Imports are lazy so that ``smallthinker_lab.engine.quant`` and friends load without the engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Engine": ".engine", "GenerationResult": ".engine",
+    "MemoryLimitError": ".memory", "MemoryPlan": ".memory", "parse_memory_limit": ".memory",
+    "convert": ".bundle", "open_bundle": ".bundle", "Bundle": ".bundle", "BundleError": ".bundle",
+    "ExpertReadError": ".bundle",
+    "ExpertCache": ".cache", "SimResult": ".cache", "simulate": ".cache",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,377 @@
+"""The expert bundle: every expert of a checkpoint in one file, plus a small JSON index.
+
+Layout of ``experts.bin`` (all offsets absolute, in bytes):
+
+* ``[0, 4096)``: header: magic ``STLXBND1``, a little-endian u32 format version, the 16-byte bundle id, a u32
+  length, then that many bytes of JSON (format, shapes); zero padding.
+* then one record per (layer, expert), layer-major: record ``(l, e)`` starts at ``4096 + (l * E + e) * stride``.
+  A record holds ``gate [F, H]``, ``up [F, H]`` and ``down`` **transposed** ``[F, H]`` (so a sparse ReGLU gathers
+  rows of all three), each encoded in the bundle's weight format (:mod:`.quant`) and starting at a 64-byte
+  aligned offset inside the record; the record is zero padded to ``stride``, a multiple of 4096, so every record
+  is page aligned and a whole record is one aligned read (O_DIRECT friendly).
+
+``experts.json`` (the index, written last) repeats the header, the per-matrix layout, and per layer, per expert
+the absolute offsets of gate/up/down, the record's payload size and its crc32 (zlib) checksum.
+Non-expert weights stay in the checkpoint folder.
+
+Conversion streams tensor by tensor (``safe_open``), writes ``.experts.bin.tmp-PID`` and
+``.experts.json.tmp-PID``, removes any previous index, then renames data and index into place, so an
+interrupted conversion leaves no index, and a bundle without an index is not a bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, read_header, resolve_path
+from ..model.config import SmallThinkerConfig
+from .quant import get_format
+
+BUNDLE_VERSION = 1
+MAGIC = b"STLXBND1"
+PAGE = 4096  # record alignment (and the header size)
+MATRIX_ALIGN = 64  # alignment of each matrix inside a record
+DATA_NAME = "experts.bin"
+INDEX_NAME = "experts.json"
+MATRICES = ("gate", "up", "down")  # order inside a record; down is stored transposed [F, H]
+QUANTIZATIONS = (None, "bf16", "fp16", "fp32", "int8", "q4_0")
+_DTYPE_FORMAT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_ST_FORMAT = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+FORMAT_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class BundleError(RuntimeError):
+    """An expert bundle that is missing, incomplete, corrupt or does not match its checkpoint."""
+
+
+class ExpertReadError(BundleError):
+    """Reading one expert failed (I/O error, short read or checksum mismatch); names the layer and expert."""
+
+    def __init__(self, message: str, layer: int | None = None, expert: int | None = None) -> None:
+        super().__init__(message)
+        self.layer, self.expert = layer, expert
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    """One matrix inside an expert record: offset relative to the record start, encoded size, logical shape."""
+
+    name: str
+    offset: int
+    nbytes: int
+    shape: tuple[int, int]
+
+
+def record_layout(hidden: int, ffn: int, fmt: str) -> tuple[dict[str, MatrixSpec], int, int]:
+    """The matrices of one record, the payload size (end of the last matrix) and the stride (4 KiB aligned)."""
+    f = get_format(fmt)
+    specs, off = {}, 0
+    for name in MATRICES:
+        shape = (ffn, hidden)  # down is stored transposed: [F, H]
+        nbytes = f.nbytes(shape)
+        specs[name] = MatrixSpec(name, off, nbytes, shape)
+        off = _align(off + nbytes, MATRIX_ALIGN)
+    payload = specs[MATRICES[-1]].offset + specs[MATRICES[-1]].nbytes
+    return specs, payload, _align(payload, PAGE)
+
+
+@dataclass
+class Bundle:
+    """An opened, validated bundle: where each expert lives and how to decode it."""
+
+    directory: Path
+    data_path: Path
+    bundle_id: str
+    format: str
+    num_layers: int
+    num_experts: int
+    hidden_size: int
+    ffn_size: int
+    stride: int  # bytes per record (4 KiB multiple): what one read moves and one cache slot holds
+    payload_nbytes: int  # bytes of the three matrices (checksummed)
+    matrices: dict[str, MatrixSpec]
+    offsets: np.ndarray  # (L, E) int64 absolute record offsets
+    crc32: np.ndarray  # (L, E) uint32
+    file_size: int
+    source: dict = field(default_factory=dict)
+
+    @property
+    def expert_nbytes(self) -> int:
+        return self.stride
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return self.stride * self.num_layers * self.num_experts
+
+    def offset(self, layer: int, expert: int) -> int:
+        return int(self.offsets[layer, expert])
+
+    def describe(self) -> str:
+        return (f"{self.data_path}: {self.num_layers} layers x {self.num_experts} experts, format {self.format}, "
+                f"{self.stride} bytes per expert, {self.file_size / 2**20:.1f} MiB")
+
+
+# ------------------------------------------------------------------ source checkpoint
+def _expert_name(layer: int, expert: int, matrix: str) -> str:
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{matrix}.weight"
+
+
+def is_expert_tensor(name: str) -> bool:
+    return ".block_sparse_moe.experts." in name
+
+
+def checkpoint_tensor_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Name -> (file, safetensors dtype) of every stored tensor (single file or index + shards)."""
+    folder = Path(folder)
+    single, index = folder / SINGLE_FILE, folder / INDEX_FILE
+    if single.exists():
+        files = [single]
+    elif index.exists():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = [folder / s for s in sorted(set(weight_map.values()))]
+    else:
+        raise FileNotFoundError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE}")
+    out = {}
+    for file in files:
+        for name, info in read_header(file).items():
+            out[name] = (file, info.dtype)
+    return out
+
+
+def source_fingerprint(folder: Path) -> dict:
+    """Names, sizes and mtimes of the checkpoint's weight and config files: a changed checkpoint is reconverted."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name in (CONFIG_FILE, INDEX_FILE))
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+
+
+def default_bundle_dir(checkpoint_dir: str | os.PathLike, quantization: str | None = None) -> Path:
+    """``<checkpoint>/expert_bundle[-FMT]`` when the folder is writable, else a per-checkpoint cache folder."""
+    folder = Path(checkpoint_dir).resolve()
+    name = "expert_bundle" + (f"-{quantization}" if quantization else "")
+    if os.access(folder, os.W_OK):
+        return folder / name
+    key = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smallthinker_lab" / "bundles"
+    return base / f"{folder.name}-{key}" / name
+
+
+# ------------------------------------------------------------------ convert
+def convert(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+            quantization: str | None = None, progress: bool = True) -> Path:
+    """Write the expert bundle of a checkpoint folder; returns the bundle folder.
+
+    ``quantization``: None keeps the stored precision (bf16/fp16/fp32); "bf16"/"fp16"/"fp32" convert,
+    "int8" (per-row absmax) and "q4_0" (ggml) quantise weight-only. One expert's three matrices are in memory
+    at a time.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    ckpt = resolve_path(checkpoint_dir)
+    config = SmallThinkerConfig.from_json(ckpt / CONFIG_FILE)
+    tensors = checkpoint_tensor_files(ckpt)
+    L, E, H, F = config.num_hidden_layers, config.num_experts, config.hidden_size, config.moe_ffn_hidden_size
+    missing = [_expert_name(layer, e, m) for layer in range(L) for e in range(E) for m in MATRICES
+               if _expert_name(layer, e, m) not in tensors]
+    if missing:
+        raise BundleError(f"{ckpt}: {len(missing)} expert tensor(s) missing, e.g. {missing[0]}")
+    if quantization is None:
+        kinds = {tensors[_expert_name(0, 0, m)][1] for m in MATRICES}
+        if len(kinds) != 1 or next(iter(kinds)) not in _ST_FORMAT:
+            raise BundleError(f"{ckpt}: expert tensors have dtype(s) {sorted(kinds)}; pass quantization=...")
+        fmt = _ST_FORMAT[kinds.pop()]
+    else:
+        fmt = quantization
+    codec = get_format(fmt)
+    specs, payload, stride = record_layout(H, F, fmt)
+    out = Path(out_dir) if out_dir is not None else default_bundle_dir(ckpt, quantization)
+    out.mkdir(parents=True, exist_ok=True)
+    bundle_id = uuid.uuid4().hex
+    header = {"format": fmt, "num_layers": L, "num_experts": E, "hidden_size": H, "ffn_size": F,
+              "stride": stride, "payload_nbytes": payload, "down_transposed": True}
+    tag = f".tmp-{os.getpid()}"
+    tmp_data, tmp_index = out / f".{DATA_NAME}{tag}", out / f".{INDEX_NAME}{tag}"
+    offsets = np.zeros((L, E), dtype=np.int64)
+    crcs = np.zeros((L, E), dtype=np.uint32)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=L * E, desc=f"converting experts ({fmt})", unit="expert", leave=False)
+    from safetensors import safe_open
+
+    try:
+        record = bytearray(stride)
+        with open(tmp_data, "wb") as f:
+            f.write(_header_bytes(bundle_id, header))
+            pos = PAGE
+            for layer in range(L):
+                handles: dict[Path, object] = {}  # reopened per layer: mapped pages of earlier layers are dropped
+                try:
+                    for e in range(E):
+                        view = memoryview(record)  # gaps between matrices stay zero: never written
+                        for m in MATRICES:
+                            name = _expert_name(layer, e, m)
+                            file = tensors[name][0]
+                            if file not in handles:
+                                handles[file] = safe_open(str(file), framework="pt", device="cpu")
+                            w = handles[file].get_tensor(name)
+                            if m == "down":
+                                w = w.t()  # [H, F] -> [F, H]
+                            if tuple(w.shape) != (F, H):
+                                raise BundleError(f"{file}: {name} has shape {list(w.shape)}, expected "
+                                                  f"{[F, H] if m != 'down' else [H, F]}")
+                            enc = codec.encode(w.contiguous()).numpy()
+                            s = specs[m]
+                            if enc.nbytes != s.nbytes:
+                                raise BundleError(f"{name}: encoded to {enc.nbytes} bytes, expected {s.nbytes}")
+                            view[s.offset:s.offset + s.nbytes] = enc.tobytes()
+                        crcs[layer, e] = zlib.crc32(view[:payload])
+                        offsets[layer, e] = pos
+                        f.write(view)
+                        pos += stride
+                        if bar is not None:
+                            bar.update(1)
+                finally:
+                    handles.clear()
+            f.flush()
+            os.fsync(f.fileno())
+        index = _index_dict(bundle_id, header, specs, offsets, crcs, pos, source_fingerprint(ckpt))
+        tmp_index.write_text(json.dumps(index, separators=(",", ":")) + "\n", encoding="utf-8")
+        (out / INDEX_NAME).unlink(missing_ok=True)  # from here until the last rename there is no valid bundle
+        os.replace(tmp_data, out / DATA_NAME)
+        os.replace(tmp_index, out / INDEX_NAME)
+    finally:
+        if bar is not None:
+            bar.close()
+        tmp_data.unlink(missing_ok=True)
+        tmp_index.unlink(missing_ok=True)
+    return out
+
+
+def _header_bytes(bundle_id: str, header: dict) -> bytes:
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    raw = MAGIC + struct.pack("<I", BUNDLE_VERSION) + uuid.UUID(bundle_id).bytes + struct.pack("<I", len(blob)) + blob
+    if len(raw) > PAGE:
+        raise BundleError("bundle header does not fit in one page")
+    return raw + bytes(PAGE - len(raw))
+
+
+def _index_dict(bundle_id, header, specs, offsets, crcs, file_size, source) -> dict:
+    experts = []
+    for layer in range(offsets.shape[0]):
+        row = []
+        for e in range(offsets.shape[1]):
+            base = int(offsets[layer, e])
+            row.append({"offset": base, "nbytes": header["payload_nbytes"], "crc32": int(crcs[layer, e]),
+                        **{m: base + specs[m].offset for m in MATRICES}})
+        experts.append(row)
+    return {
+        "magic": MAGIC.decode(), "version": BUNDLE_VERSION, "bundle_id": bundle_id, "data_file": DATA_NAME,
+        "file_size": file_size, "alignment": PAGE, "checksum": "crc32", **header,
+        "matrices": {m: {"offset": s.offset, "nbytes": s.nbytes, "shape": list(s.shape), "format": header["format"],
+                         "transposed": m == "down"} for m, s in specs.items()},
+        "source": source, "experts": experts,
+    }
+
+
+# ------------------------------------------------------------------ open
+def open_bundle(directory: str | os.PathLike, config: SmallThinkerConfig | None = None) -> Bundle:
+    """Read and validate a bundle folder: index present and well formed, version, data size, header id,
+    and (with ``config``) the shapes a model of that config needs. Raises :class:`BundleError`."""
+    directory = Path(directory)
+    index_path, data_path = directory / INDEX_NAME, directory / DATA_NAME
+    if not index_path.exists():
+        hint = " (an interrupted conversion leaves no index: convert again)" if data_path.exists() else ""
+        raise BundleError(f"no expert bundle in {directory}: {INDEX_NAME} is missing{hint}")
+    try:
+        idx = json.loads(index_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{index_path} is not valid JSON: {e}") from None
+    if idx.get("magic") != MAGIC.decode():
+        raise BundleError(f"{index_path} is not an expert bundle index")
+    if idx.get("version") != BUNDLE_VERSION:
+        raise BundleError(f"{index_path} has bundle version {idx.get('version')}, this engine reads version "
+                          f"{BUNDLE_VERSION}: convert the checkpoint again")
+    try:
+        L, E, H, F = (int(idx[k]) for k in ("num_layers", "num_experts", "hidden_size", "ffn_size"))
+        fmt, stride, payload = idx["format"], int(idx["stride"]), int(idx["payload_nbytes"])
+        size = int(idx["file_size"])
+        experts = idx["experts"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{index_path} is malformed ({type(e).__name__}: {e})") from None
+    specs, want_payload, want_stride = record_layout(H, F, fmt)
+    if (stride, payload) != (want_stride, want_payload):
+        raise BundleError(f"{index_path}: stride/payload {stride}/{payload} do not match format {fmt} "
+                          f"({want_stride}/{want_payload})")
+    for m, s in specs.items():
+        got = idx.get("matrices", {}).get(m, {})
+        if got.get("offset") != s.offset or got.get("nbytes") != s.nbytes or got.get("transposed") != (m == "down"):
+            raise BundleError(f"{index_path}: matrix {m} layout {got} does not match format {fmt}")
+    if len(experts) != L or any(len(row) != E for row in experts):
+        raise BundleError(f"{index_path}: expert table is not {L} layers x {E} experts")
+    offsets = np.array([[r["offset"] for r in row] for row in experts], dtype=np.int64)
+    crcs = np.array([[r["crc32"] for r in row] for row in experts], dtype=np.uint32)
+    for layer, row in enumerate(experts):
+        for e, r in enumerate(row):
+            base = r["offset"]
+            if any(r[m] != base + specs[m].offset for m in MATRICES) or r["nbytes"] != payload:
+                raise BundleError(f"{index_path}: layer {layer} expert {e}: matrix offsets inconsistent")
+    if size != PAGE + L * E * stride or offsets.min() < PAGE or offsets.max() + stride > size \
+            or np.any(offsets % PAGE):
+        raise BundleError(f"{index_path}: record offsets do not fit a file of {size} bytes")
+    if not data_path.exists():
+        raise BundleError(f"expert bundle data file {data_path} is missing")
+    actual = data_path.stat().st_size
+    if actual != size:
+        raise BundleError(f"expert bundle {data_path} is {'truncated' if actual < size else 'too long'}: "
+                          f"{actual} bytes, the index says {size}")
+    with open(data_path, "rb") as f:
+        head = f.read(PAGE)
+    if head[:8] != MAGIC or struct.unpack("<I", head[8:12])[0] != BUNDLE_VERSION \
+            or uuid.UUID(bytes=head[12:28]).hex != idx.get("bundle_id"):
+        raise BundleError(f"{data_path} does not belong to {index_path} (header mismatch): convert again")
+    if config is not None:
+        want = (config.num_hidden_layers, config.num_experts, config.hidden_size, config.moe_ffn_hidden_size)
+        if want != (L, E, H, F):
+            raise BundleError(f"bundle {directory} holds {L} layers x {E} experts of [{F}, {H}], but the config "
+                              f"needs {want[0]} x {want[1]} of [{want[3]}, {want[2]}]")
+    return Bundle(directory, data_path, idx["bundle_id"], fmt, L, E, H, F, stride, payload, specs, offsets, crcs,
+                  size, idx.get("source", {}))
+
+
+def _index_summary(directory: Path) -> dict | None:
+    try:
+        return json.loads((Path(directory) / INDEX_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_bundle(checkpoint_dir: Path, bundle_dir: Path | None, quantization: str | None,
+                  progress: bool = True) -> Path:
+    """The bundle folder for a checkpoint, converting first when it has no index (never converted, or an
+    interrupted conversion), when the index is of another version or format, or when the checkpoint changed since
+    (sizes or mtimes of its files). A bundle that claims to be current but fails validation (truncated data,
+    missing data file) is an error, not silently rebuilt: storage problems must be seen."""
+    out = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir(checkpoint_dir, quantization)
+    idx = _index_summary(out)
+    stale = (idx is None or idx.get("magic") != MAGIC.decode() or idx.get("version") != BUNDLE_VERSION
+             or (quantization is not None and idx.get("format") != quantization)
+             or idx.get("source") != source_fingerprint(checkpoint_dir))
+    if stale:
+        convert(checkpoint_dir, out, quantization, progress=progress)
+    return out

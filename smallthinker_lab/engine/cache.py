@@ -1,0 +1,494 @@
+"""The expert cache: one cache for all layers, sized in bytes, slots preallocated once and reused.
+
+Hit semantics (exact, so a recorded trace replays to the same counts):
+
+* A *demand request* is the engine asking for expert (layer, e) because the router of the layer being computed
+  selected it. With prefetch on it is issued right after the router, before attention; with prefetch off after
+  attention; the sequence of requests is the same either way, so the hit count is too.
+* A demand request is a **hit** if the expert has an entry in the cache at that moment, whether its bytes have
+  landed or its read is still in flight (an earlier request of the same or another step started it). Otherwise it
+  is a **miss**: a slot is taken (a free one, else the policy's victim among unpinned entries) and one read of the
+  whole record is issued. Every demand request is appended to the trace, hit or miss.
+* Cache state changes only on the engine's thread, in request order (I/O threads only fill buffers), so the
+  hits are a deterministic function of the request sequence, independent of I/O timing. :func:`simulate` replays
+  a trace through the same policy objects; with no look-ahead it gives exactly the engine's hits, misses and
+  evictions: pinned entries are always the most recently requested ones, so the policy's victim is never pinned
+  while capacity >= the experts pinned at once (the engine plans requests so that holds).
+* Look-ahead (speculative) reads insert entries that are not demand requests and are skipped when no settled
+  victim exists (that depends on I/O timing), so with look-ahead on the equality does not hold.
+
+Policies: ``lru`` (OrderedDict), ``lfu`` (demand counts kept across evictions, ties broken by least recent use),
+``belady`` (evicts the entry whose next demand is farthest in a known future trace; the optimal hit count).
+"""
+
+from __future__ import annotations
+
+import heapq
+import mmap
+import time
+from collections import OrderedDict, defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+
+import torch
+
+Key = tuple[int, int]  # (layer, expert)
+POLICIES = ("lru", "lfu", "belady")
+
+
+# ------------------------------------------------------------------ policies
+class LRUPolicy:
+    """Least recently used: an OrderedDict from oldest to newest."""
+
+    def __init__(self) -> None:
+        self.order: OrderedDict[Key, None] = OrderedDict()
+
+    def on_request(self, key: Key, hit: bool) -> None:
+        if hit:
+            self.order.move_to_end(key)
+
+    def on_insert(self, key: Key) -> None:
+        self.order[key] = None
+
+    def on_remove(self, key: Key) -> None:
+        self.order.pop(key, None)
+
+    def victim(self, evictable: Callable[[Key], bool]) -> Key | None:
+        for key in self.order:
+            if evictable(key):
+                return key
+        return None
+
+
+class LFUPolicy:
+    """Least frequently demanded (counts survive eviction), ties broken by least recent use."""
+
+    def __init__(self) -> None:
+        self.count: dict[Key, int] = defaultdict(int)
+        self.last: dict[Key, int] = {}
+        self.tick = 0
+        self.heap: list[tuple[int, int, Key]] = []  # (count, last use, key), stale items skipped lazily
+
+    def _push(self, key: Key) -> None:
+        self.tick += 1
+        self.last[key] = self.tick
+        heapq.heappush(self.heap, (self.count[key], self.tick, key))
+
+    def on_request(self, key: Key, hit: bool) -> None:
+        self.count[key] += 1
+        if hit:
+            self._push(key)
+
+    def on_insert(self, key: Key) -> None:
+        self._push(key)
+
+    def on_remove(self, key: Key) -> None:
+        self.last.pop(key, None)
+
+    def victim(self, evictable: Callable[[Key], bool]) -> Key | None:
+        skipped, found = [], None
+        while self.heap:
+            item = heapq.heappop(self.heap)
+            count, tick, key = item
+            if self.last.get(key) != tick or self.count[key] != count:
+                continue  # stale
+            skipped.append(item)
+            if evictable(key):
+                found = key
+                break
+        for item in skipped:
+            heapq.heappush(self.heap, item)
+        if len(self.heap) > 4 * max(64, len(self.last)):  # compact stale items
+            self.heap = [(self.count[k], t, k) for k, t in self.last.items()]
+            heapq.heapify(self.heap)
+        return found
+
+
+class BeladyPolicy:
+    """Optimal offline policy: evict the resident expert whose next demand request is farthest away."""
+
+    def __init__(self, future: Iterable) -> None:
+        self.next_uses: dict[Key, deque[int]] = defaultdict(deque)
+        for i, item in enumerate(future):
+            self.next_uses[_key(item)].append(i)
+        self.position = 0
+        self.resident: set[Key] = set()
+
+    def on_request(self, key: Key, hit: bool) -> None:
+        uses = self.next_uses.get(key)
+        if not uses or uses[0] != self.position:
+            raise ValueError(f"request {self.position} for expert {key} is not the one in the trace given to the "
+                             f"belady policy: it needs the exact future request sequence")
+        uses.popleft()
+        self.position += 1
+
+    def on_insert(self, key: Key) -> None:
+        self.resident.add(key)
+
+    def on_remove(self, key: Key) -> None:
+        self.resident.discard(key)
+
+    def victim(self, evictable: Callable[[Key], bool]) -> Key | None:
+        best, best_next = None, -1
+        for key in sorted(self.resident):
+            if not evictable(key):
+                continue
+            uses = self.next_uses.get(key)
+            nxt = uses[0] if uses else float("inf")
+            if nxt > best_next:
+                best, best_next = key, nxt
+        return best
+
+
+def make_policy(name: str, future: Iterable | None = None):
+    if name == "lru":
+        return LRUPolicy()
+    if name == "lfu":
+        return LFUPolicy()
+    if name == "belady":
+        if future is None:
+            raise ValueError("policy 'belady' needs the future request trace (e.g. a recorded engine.trace)")
+        return BeladyPolicy(future)
+    raise ValueError(f"unknown cache policy {name!r}; known: {', '.join(POLICIES)}")
+
+
+def _key(item) -> Key:
+    """(layer, expert) from a (layer, expert) or (step, layer, expert) trace item."""
+    return (int(item[-2]), int(item[-1]))
+
+
+# ------------------------------------------------------------------ simulator
+@dataclass
+class SimResult:
+    policy: str
+    capacity_experts: int
+    requests: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else float("nan")
+
+
+def simulate(trace: Sequence, capacity_experts: int, policy: str = "lru") -> SimResult:
+    """Replay demand requests ((layer, expert) or (step, layer, expert) items) through a cache of
+    ``capacity_experts`` entries, starting empty; the engine's hit semantics (see the module docstring)."""
+    if capacity_experts < 1:
+        raise ValueError(f"capacity_experts must be >= 1, got {capacity_experts}")
+    keys = [_key(t) for t in trace]
+    pol = make_policy(policy, keys if policy == "belady" else None)
+    resident: set[Key] = set()
+    res = SimResult(policy, capacity_experts)
+    always = lambda k: True
+    for key in keys:
+        res.requests += 1
+        hit = key in resident
+        pol.on_request(key, hit)
+        if hit:
+            res.hits += 1
+            continue
+        res.misses += 1
+        if len(resident) >= capacity_experts:
+            victim = pol.victim(always)
+            resident.discard(victim)
+            pol.on_remove(victim)
+            res.evictions += 1
+        resident.add(key)
+        pol.on_insert(key)
+    return res
+
+
+# ------------------------------------------------------------------ slots
+class SlotArena:
+    """``n_slots`` buffers of ``slot_nbytes`` (a multiple of 4096) in one page-aligned allocation, made once.
+
+    CPU: an anonymous mmap (page aligned, pages committed on first write, so an unused slot costs nothing);
+    CUDA: one device tensor. ``tensor(i)`` is a uint8 view of slot i; ``buffer(i)`` a writable memoryview (CPU).
+    """
+
+    def __init__(self, n_slots: int, slot_nbytes: int, device: torch.device | str = "cpu") -> None:
+        self.n_slots, self.slot_nbytes, self.device = n_slots, slot_nbytes, torch.device(device)
+        size = max(1, n_slots * slot_nbytes)
+        self._mm = None
+        if self.device.type == "cpu":
+            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20) | getattr(mmap, "MAP_NORESERVE", 0)
+            self._mm = mmap.mmap(-1, size, flags=flags)
+            self._view = memoryview(self._mm)
+            self._tensor = torch.frombuffer(self._mm, dtype=torch.uint8)
+        else:
+            self._view = None
+            self._tensor = torch.empty(size, dtype=torch.uint8, device=self.device)
+
+    def tensor(self, slot: int) -> torch.Tensor:
+        n = self.slot_nbytes
+        return self._tensor[slot * n:(slot + 1) * n]
+
+    def buffer(self, slot: int) -> memoryview:
+        n = self.slot_nbytes
+        return self._view[slot * n:(slot + 1) * n]
+
+    def close(self) -> None:
+        # views handed out keep the mapping alive until they die; then the memory is returned
+        self._tensor = self._view = self._mm = None
+
+
+# ------------------------------------------------------------------ cache
+@dataclass
+class CacheStats:
+    requests: int = 0
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    evictions: int = 0
+    prefetch_issued: int = 0  # reads started before the data was needed (pre-attention and look-ahead)
+    prefetch_used: int = 0  # ... consumed by the MoE that needed them
+    prefetch_wasted: int = 0  # ... evicted (or dropped after a failed read) without being used
+    wasted_bytes: int = 0
+    speculative_reads: int = 0  # look-ahead reads issued
+    io_wait_seconds: float = 0.0
+    per_layer: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0.0]))  # layer -> hits, misses, wait
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else float("nan")
+
+
+@dataclass(eq=False)
+class Entry:
+    """One expert in the cache: its slot, the read filling it (None once waited for), pins."""
+
+    key: Key
+    slot: int
+    future: Future | None = None
+    pins: int = 0
+    ahead: bool = False  # read issued ahead of need and not consumed yet (prefetch accounting)
+    speculative: bool = False  # inserted by look-ahead, not demanded yet
+    result: object = None  # what the read's future returned (CUDA: the event the compute stream waits on)
+
+    @property
+    def ready(self) -> bool:
+        return self.future is None or self.future.done()
+
+
+Loader = Callable[[Key, int], Future]  # (key, slot) -> future completing when the slot holds the record
+
+
+class ExpertCache:
+    """Entries keyed (layer, expert); a slot pool; a replacement policy; counters kept where events happen.
+
+    ``loader(key, slot)`` starts filling a slot and returns a future (its exception is the read error).
+    ``on_evict(entry)`` lets the device layer fence a slot before it is reused. ``hook(event, key, nbytes)``
+    is called for "hit", "miss", "prefetch" and "evict" when set.
+    """
+
+    def __init__(self, capacity_bytes: int, expert_nbytes: int, policy: str = "lru", loader: Loader | None = None,
+                 future_trace: Iterable | None = None, arena: SlotArena | None = None,
+                 on_evict: Callable[[Entry], None] | None = None) -> None:
+        if expert_nbytes <= 0:
+            raise ValueError("expert_nbytes must be positive")
+        self.capacity_bytes = int(capacity_bytes)
+        self.expert_nbytes = int(expert_nbytes)
+        self.capacity_experts = self.capacity_bytes // self.expert_nbytes
+        if self.capacity_experts < 1:
+            raise ValueError(f"a cache of {capacity_bytes} bytes holds no expert of {expert_nbytes} bytes")
+        self.policy_name = policy
+        self._future_trace = list(future_trace) if future_trace is not None else None
+        self.policy = make_policy(policy, self._future_trace)
+        self.loader = loader
+        self.arena = arena
+        self.on_evict = on_evict
+        self.hook: Callable[[str, Key, int], None] | None = None
+        self.entries: dict[Key, Entry] = {}
+        self.free: list[int] = list(range(self.capacity_experts - 1, -1, -1))
+        self.stats = CacheStats()
+        self.step = 0  # set by the engine: the forward step the next requests belong to
+        self.trace: list[tuple[int, int, int]] = []  # (step, layer, expert) of every demand request
+
+    # ------------------------------------------------------------ queries
+    def __contains__(self, key: Key) -> bool:
+        return key in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of slots holding an expert (loaded or in flight)."""
+        return len(self.entries) * self.expert_nbytes
+
+    def pinned(self) -> list[Key]:
+        return [k for k, e in self.entries.items() if e.pins]
+
+    # ------------------------------------------------------------ requests
+    def request(self, key: Key, ahead: bool = False) -> Entry:
+        """A demand request: pins the entry (release it after use); starts its read on a miss."""
+        st = self.stats
+        st.requests += 1
+        self.trace.append((self.step, key[0], key[1]))
+        entry = self.entries.get(key)
+        hit = entry is not None
+        self.policy.on_request(key, hit)
+        layer_stats = st.per_layer[key[0]]
+        if hit:
+            st.hits += 1
+            layer_stats[0] += 1
+            entry.speculative = False
+            if self.hook:
+                self.hook("hit", key, self.expert_nbytes)
+        else:
+            st.misses += 1
+            layer_stats[1] += 1
+            if self.hook:
+                self.hook("miss", key, self.expert_nbytes)
+            entry = self._insert(key, self._take_slot(wait=True), ahead)
+        entry.pins += 1
+        return entry
+
+    def speculate(self, key: Key) -> bool:
+        """A look-ahead read: inserts ``key`` if a slot is free or a settled unpinned victim exists; never waits.
+        Returns True if a read was issued."""
+        if key in self.entries:
+            return False
+        slot = self._take_slot(wait=False)
+        if slot is None:
+            return False
+        entry = self._insert(key, slot, ahead=True)
+        entry.speculative = True
+        self.stats.speculative_reads += 1
+        if self.hook:
+            self.hook("prefetch", key, self.expert_nbytes)
+        return True
+
+    def _insert(self, key: Key, slot: int, ahead: bool) -> Entry:
+        entry = Entry(key, slot, ahead=ahead)
+        self.entries[key] = entry
+        self.policy.on_insert(key)
+        self.stats.bytes_read += self.expert_nbytes
+        if ahead:
+            self.stats.prefetch_issued += 1
+        try:
+            entry.future = self.loader(key, slot)
+        except BaseException:
+            self._drop(entry)
+            raise
+        return entry
+
+    def _take_slot(self, wait: bool) -> int | None:
+        if self.free:
+            return self.free.pop()
+        if wait:
+            victim = self.policy.victim(lambda k: self.entries[k].pins == 0)
+        else:
+            victim = self.policy.victim(lambda k: self.entries[k].pins == 0 and self.entries[k].ready)
+        if victim is None:
+            if not wait:
+                return None
+            raise RuntimeError(f"expert cache full: all {self.capacity_experts} slots are pinned "
+                               f"(the engine requested more experts at once than the cache holds)")
+        entry = self.entries[victim]
+        if entry.future is not None:
+            self._wait_future(entry, swallow=True)  # the slot's buffer may still be being written
+            if victim not in self.entries:  # its read failed: the entry was dropped and its slot freed
+                return self.free.pop()
+        self.stats.evictions += 1
+        if entry.ahead:
+            self.stats.prefetch_wasted += 1
+            self.stats.wasted_bytes += self.expert_nbytes
+        if self.hook:
+            self.hook("evict", victim, self.expert_nbytes)
+        if self.on_evict is not None:
+            self.on_evict(entry)
+        del self.entries[victim]
+        self.policy.on_remove(victim)
+        return entry.slot
+
+    def _drop(self, entry: Entry) -> None:
+        """Forget an entry whose read failed or was abandoned; its slot becomes free."""
+        if self.entries.get(entry.key) is entry:
+            del self.entries[entry.key]
+            self.policy.on_remove(entry.key)
+            self.free.append(entry.slot)
+            if entry.ahead:
+                self.stats.prefetch_wasted += 1
+                self.stats.wasted_bytes += self.expert_nbytes
+
+    # ------------------------------------------------------------ waiting
+    def _wait_future(self, entry: Entry, swallow: bool = False) -> None:
+        fut = entry.future
+        if fut is None:
+            return
+        if not fut.done():
+            t0 = time.perf_counter()
+            wait_futures([fut])
+            dt = time.perf_counter() - t0
+            self.stats.io_wait_seconds += dt
+            self.stats.per_layer[entry.key[0]][2] += dt
+        exc = fut.exception()
+        if exc is not None:
+            entry.pins = 0
+            self._drop(entry)
+            if swallow:
+                return
+            raise exc
+        entry.result = fut.result()
+        entry.future = None
+
+    def wait(self, entry: Entry) -> Entry:
+        """Block until the entry's bytes are in its slot; raise its read error (and drop the entry)."""
+        self._wait_future(entry)
+        if entry.ahead:
+            entry.ahead = False
+            self.stats.prefetch_used += 1
+        return entry
+
+    def as_completed(self, entries: Sequence[Entry]) -> Iterator[Entry]:
+        """Yield entries ready to use: those already resident first (in the given order), then in the order
+        their reads complete. Time blocked here counts as I/O wait."""
+        pending = []
+        for entry in entries:
+            if entry.ready:
+                yield self.wait(entry)
+            else:
+                pending.append(entry)
+        while pending:
+            by_future = {e.future: e for e in pending}
+            t0 = time.perf_counter()
+            done, _ = wait_futures(list(by_future), return_when=FIRST_COMPLETED)
+            dt = time.perf_counter() - t0
+            self.stats.io_wait_seconds += dt
+            self.stats.per_layer[pending[0].key[0]][2] += dt
+            done_entries = [by_future[f] for f in done]
+            pending = [e for e in pending if e.future not in done]
+            for entry in sorted(done_entries, key=lambda e: e.key):
+                yield self.wait(entry)
+
+    def release(self, entry: Entry) -> None:
+        if entry.pins > 0:
+            entry.pins -= 1
+
+    def drain(self) -> None:
+        """After an interruption: wait for every read in flight (dropping failed ones) and unpin everything."""
+        for entry in list(self.entries.values()):
+            entry.pins = 0
+            if entry.future is not None:
+                fut = entry.future
+                wait_futures([fut])
+                if fut.exception() is not None:
+                    self._drop(entry)
+                else:
+                    entry.future = None
+
+    def clear(self) -> None:
+        """Empty the cache (after draining) and start a fresh policy; counters and trace are kept."""
+        self.drain()
+        self.entries.clear()
+        self.free = list(range(self.capacity_experts - 1, -1, -1))
+        self.policy = make_policy(self.policy_name, self._future_trace)
+
+    def reset_stats(self) -> None:
+        self.stats = CacheStats()
+        self.trace = []

@@ -1,0 +1,149 @@
+"""How the engine splits one memory limit: non-expert weights, KV cache, workspace, staging, expert cache.
+
+Everything the engine keeps resident is counted against ``memory_limit``; the expert cache gets what is left,
+in whole expert slots. The minimum working set is the fixed parts plus ``top_k`` slots (one layer's experts at
+a time; prefill streams its experts through the cache in chunks). Not counted: the Python interpreter and the
+torch runtime themselves (a process baseline measured before the engine opens), and on CUDA host memory
+(the limit is the device's: weights, KV cache, workspace and cache slots on the GPU; pinned staging buffers or the
+host copy of the bundle are host memory, reported as ``host_bytes``).
+
+Shape letters: T tokens per forward chunk, S max context, H hidden, h query heads, k kv heads, D head_dim,
+F expert ffn size, K active experts, E experts, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..model.config import SmallThinkerConfig
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "ki": 2**10, "mi": 2**20,
+          "gi": 2**30, "ti": 2**40}
+
+
+class MemoryLimitError(ValueError):
+    """A memory limit below the engine's minimum working set; the message names the minimum."""
+
+    def __init__(self, message: str, minimum_bytes: int) -> None:
+        super().__init__(message)
+        self.minimum_bytes = minimum_bytes
+
+
+def parse_memory_limit(limit: int | float | str | None) -> int | None:
+    """Bytes from 536870912, "512MiB", "1.5GiB", "800MB" (10^6); None or "unlimited" means no limit."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool):
+        raise ValueError(f"memory_limit must be a size, got {limit!r}")
+    if isinstance(limit, (int, float)):
+        value = int(limit)
+    else:
+        text = str(limit).strip().lower()
+        if text in ("unlimited", "none", "inf", ""):
+            return None
+        m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", text)
+        if not m or m.group(2) not in _UNITS:
+            raise ValueError(f"memory_limit {limit!r} is not a size like 536870912, '512MiB', '1.5GiB' or "
+                             f"'unlimited'")
+        value = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if value <= 0:
+        raise ValueError(f"memory_limit must be positive, got {limit!r}")
+    return value
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def workspace_bytes(config: SmallThinkerConfig, dtype: torch.dtype, tokens: int, max_context: int,
+                    dequant_bytes: int = 0) -> int:
+    """Peak temporaries of one forward chunk of ``tokens`` tokens (an upper estimate).
+
+    Activations (residual, norms, attention in/out, q/k/v, router logits, expert gate/up/product, per-expert
+    outputs kept for the ordered combine), attention scores and mask over the whole context in fp32, the
+    sliding-window concat, one token's logits in fp32, and one expert decoded from a quantised format.
+    """
+    a = max(itemsize(dtype), 4)  # some temporaries are fp32 whatever the dtype (norms, softmax)
+    T, S, H, D = tokens, max_context, config.hidden_size, config.head_dim
+    h, k, F, K, E = (config.num_attention_heads, config.num_key_value_heads, config.moe_ffn_hidden_size,
+                     config.top_k, config.num_experts)
+    act = a * T * (10 * H + (h + 2 * k) * D * 2 + 2 * E + 4 * F + 2 * K * H)
+    attn = 4 * h * T * S * 2 + T * S  # scores + softmax in fp32, bool mask
+    swa = 2 * a * k * D * (min(S, config.sliding_window_size) + T) if any(config.sliding_window_layout) else 0
+    logits = 4 * config.vocab_size * 3
+    return int(act + attn + swa + logits + dequant_bytes)
+
+
+@dataclass
+class MemoryPlan:
+    """The split of ``limit`` (bytes). ``capacity_experts`` slots of ``expert_slot_bytes`` make the cache."""
+
+    limit: int | None
+    device: str
+    non_expert_bytes: int
+    kv_cache_bytes: int
+    workspace_bytes: int
+    staging_bytes: int
+    expert_slot_bytes: int
+    capacity_experts: int
+    expert_cache_bytes: int
+    total_expert_bytes: int
+    minimum_bytes: int
+    top_k: int
+    max_context: int
+    host_bytes: int = 0
+
+    @property
+    def fixed_bytes(self) -> int:
+        return self.non_expert_bytes + self.kv_cache_bytes + self.workspace_bytes + self.staging_bytes
+
+    @property
+    def planned_bytes(self) -> int:
+        return self.fixed_bytes + self.expert_cache_bytes
+
+    @property
+    def cached_fraction(self) -> float:
+        return self.expert_cache_bytes / self.total_expert_bytes if self.total_expert_bytes else 1.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(fixed_bytes=self.fixed_bytes, planned_bytes=self.planned_bytes, cached_fraction=self.cached_fraction)
+        return d
+
+    def to_frame(self):
+        """One row per component: bytes, MiB and share of the limit (a pandas DataFrame)."""
+        import pandas as pd
+
+        parts = [("non-expert weights", self.non_expert_bytes), ("KV cache", self.kv_cache_bytes),
+                 ("workspace", self.workspace_bytes), ("staging", self.staging_bytes),
+                 (f"expert cache ({self.capacity_experts} experts)", self.expert_cache_bytes)]
+        rows = [{"component": n, "bytes": b, "MiB": b / 2**20,
+                 "share": (b / self.limit) if self.limit else float("nan")} for n, b in parts]
+        rows.append({"component": "total", "bytes": self.planned_bytes, "MiB": self.planned_bytes / 2**20,
+                     "share": self.planned_bytes / self.limit if self.limit else float("nan")})
+        return pd.DataFrame(rows).set_index("component")
+
+
+def plan_memory(limit: int | None, *, device: str, non_expert: int, kv_cache: int, workspace: int, staging: int,
+                slot_bytes: int, num_experts_total: int, top_k: int, max_context: int, host_bytes: int = 0
+                ) -> MemoryPlan:
+    """Split ``limit``; raise :class:`MemoryLimitError` naming the minimum when it cannot hold top_k experts."""
+    fixed = non_expert + kv_cache + workspace + staging
+    minimum = fixed + top_k * slot_bytes
+    if limit is None:
+        capacity = num_experts_total
+    else:
+        if limit < minimum:
+            raise MemoryLimitError(
+                f"memory_limit {limit} bytes ({limit / 2**20:.1f} MiB) is below the minimum working set of "
+                f"{minimum} bytes ({minimum / 2**20:.1f} MiB): non-expert weights {non_expert / 2**20:.1f} MiB + "
+                f"KV cache for {max_context} tokens {kv_cache / 2**20:.1f} MiB + workspace "
+                f"{workspace / 2**20:.1f} MiB + staging {staging / 2**20:.1f} MiB + {top_k} experts of "
+                f"{slot_bytes / 2**20:.2f} MiB", minimum)
+        capacity = min(num_experts_total, (limit - fixed) // slot_bytes)
+    return MemoryPlan(limit, device, non_expert, kv_cache, workspace, staging, slot_bytes, capacity,
+                      capacity * slot_bytes, num_experts_total * slot_bytes, minimum, top_k, max_context, host_bytes)
