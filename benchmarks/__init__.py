@@ -1,0 +1,1 @@
+"""Benchmarks of smallthinker_lab: ceilings of the machine, the engine against its bound and against baselines."""
