@@ -1,0 +1,127 @@
+"""``smallthinker-lab convert`` and ``smallthinker-lab generate``.
+
+``generate`` runs the in-memory model (load_model) unless an engine option is given (``--memory-limit``,
+``--quantization``, ``--policy``, ``--no-prefetch``, ``--lookahead``, ``--bypass-page-cache``): then the offloading
+engine (``--memory-limit unlimited`` for the engine without a limit). Text streams to stdout; one line of
+statistics goes to stderr at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+ENGINE_FLAGS = ("memory_limit", "quantization", "policy", "no_prefetch", "lookahead", "bypass_page_cache")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="write the expert bundle (experts.bin + experts.json) of a checkpoint",
+                              description="Write every expert of a checkpoint into one 4 KiB-aligned file plus an "
+                                          "index; non-expert weights stay in the checkpoint folder.")
+    p.add_argument("checkpoint", help="checkpoint folder (config.json + safetensors) or 'default'")
+    p.add_argument("--out", default=None, help="bundle folder (default: <checkpoint>/expert_bundle[-FORMAT])")
+    p.add_argument("--quantization", choices=["bf16", "fp16", "fp32", "int8", "q4_0"], default=None,
+                   help="weight format of the experts (default: as stored)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_convert)
+
+    g = subparsers.add_parser("generate", help="generate text, in memory or with the offloading engine",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--model", default="default", help="checkpoint folder or 'default'")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--dtype", default=None, help="compute dtype (default: as stored)")
+    g.add_argument("--memory-limit", default=None, help="e.g. 512MiB, 1.5GiB or unlimited: use the engine")
+    g.add_argument("--policy", default=None, choices=["lru", "lfu"], help="expert cache policy (default lru)")
+    g.add_argument("--no-prefetch", action="store_true", help="load experts after attention (post-attention router)")
+    g.add_argument("--lookahead", action="store_true", help="speculatively read the next layer's experts")
+    g.add_argument("--quantization", default=None, choices=["int8", "q4_0"], help="expert weight format")
+    g.add_argument("--bypass-page-cache", action="store_true", help="O_DIRECT / fadvise reads")
+    g.add_argument("--io-threads", type=int, default=4)
+    g.set_defaults(func=run_generate)
+
+
+def run_convert(args) -> int:
+    from .bundle import convert, open_bundle
+
+    out = convert(args.checkpoint, args.out, args.quantization, progress=not args.no_progress)
+    print(open_bundle(out).describe())
+    return 0
+
+
+def _uses_engine(args) -> bool:
+    return any(getattr(args, f) not in (None, False) for f in ENGINE_FLAGS)
+
+
+def _prompt_ids(tokenizer, args) -> list[int]:
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer (tokenizer.json or vocab.json + merges.txt)")
+    if args.chat:
+        from ..model.tokenizer import apply_chat_template
+
+        return apply_chat_template(tokenizer, [{"role": "user", "content": args.prompt}])
+    return tokenizer(args.prompt)["input_ids"]
+
+
+def _print_stream(tokenizer, tokens) -> list[int]:
+    """Decode incrementally: print the new part of the decoded text after every token."""
+    out, shown = [], ""
+    for tok in tokens:
+        out.append(tok)
+        text = tokenizer.decode(out)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            continue
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+    text = tokenizer.decode(out)
+    sys.stdout.write(text[len(shown):] + "\n")
+    sys.stdout.flush()
+    return out
+
+
+def run_generate(args) -> int:
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed)
+    if _uses_engine(args):
+        from .engine import Engine
+
+        with Engine.from_pretrained(args.model, memory_limit=args.memory_limit, device=args.device,
+                                    policy=args.policy or "lru", prefetch=not args.no_prefetch,
+                                    lookahead=args.lookahead, quantization=args.quantization,
+                                    bypass_page_cache=args.bypass_page_cache, io_threads=args.io_threads,
+                                    dtype=args.dtype) as engine:
+            ids = _prompt_ids(engine.tokenizer, args)
+            _print_stream(engine.tokenizer, engine.stream(ids, **sampling))
+            s = engine.stats()
+            wait = s["io_wait_seconds"] / (s["prefill_seconds"] + s["decode_seconds"] or 1.0)
+            limit = "unlimited" if s["memory_limit"] is None else f"{s['memory_limit'] / 2**20:.0f} MiB"
+            print(f"engine ({engine.device.type}, {s['format']}, limit {limit}, "
+                  f"{s['capacity_experts']} experts cached): prefill {s['prefill_tok_s']:.1f} tok/s, decode "
+                  f"{s['decode_tok_s']:.2f} tok/s, hit rate {100 * s['hit_rate']:.1f}%, read "
+                  f"{s['decode_bytes_read_per_token'] / 2**20:.2f} MiB/token, I/O wait {100 * wait:.1f}%",
+                  file=sys.stderr)
+        return 0
+    from ..model.checkpoint import load_model
+    from ..model.generate import GenerationStats, stream_generate
+    from ..model.tokenizer import load_tokenizer
+
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except FileNotFoundError:
+        tokenizer = None
+    ids = _prompt_ids(tokenizer, args)
+    stats = GenerationStats()
+    t0 = time.perf_counter()
+    _print_stream(tokenizer, stream_generate(model, ids, stats=stats, **sampling))
+    print(f"in memory ({args.device}): prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.2f} "
+          f"tok/s, {stats.new_tokens} tokens in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return 0

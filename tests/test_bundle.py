@@ -1,0 +1,171 @@
+"""The expert bundle: layout and contents, conversion that never leaves a half-written bundle, validation errors."""
+
+import json
+import os
+import shutil
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_model
+
+from smallthinker_lab.cli import main as cli_main
+from smallthinker_lab.engine import bundle as bundle_mod
+from smallthinker_lab.engine.bundle import (
+    DATA_NAME,
+    INDEX_NAME,
+    PAGE,
+    BundleError,
+    convert,
+    ensure_bundle,
+    open_bundle,
+)
+from smallthinker_lab.engine.quant import get_format
+from smallthinker_lab.model.checkpoint import save_pretrained
+from smallthinker_lab.model.config import SmallThinkerConfig
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bundle") / "model"
+    model = random_model()
+    save_pretrained(model, folder)
+    return folder, model
+
+
+def _expert_weights(model, layer, expert):
+    ex = model.model.layers[layer].block_sparse_moe.experts[expert]
+    return {"gate": ex.gate.weight, "up": ex.up.weight, "down": ex.down.weight.t()}
+
+
+def _read_matrix(b, layer, expert, name):
+    spec = b.matrices[name]
+    with open(b.data_path, "rb") as f:
+        f.seek(b.offset(layer, expert) + spec.offset)
+        return f.read(spec.nbytes)
+
+
+def test_convert_layout_and_contents(ckpt, tmp_path):
+    folder, model = ckpt
+    out = convert(folder, tmp_path / "b", progress=False)
+    b = open_bundle(out, model.config)
+    cfg = model.config
+    assert (b.num_layers, b.num_experts, b.format) == (cfg.num_hidden_layers, cfg.num_experts, "fp32")
+    assert b.stride % PAGE == 0 and b.offsets.min() == PAGE and np.all(b.offsets % PAGE == 0)
+    assert b.file_size == os.path.getsize(b.data_path) == PAGE + cfg.num_hidden_layers * cfg.num_experts * b.stride
+    assert b.matrices["down"].shape == (cfg.moe_ffn_hidden_size, cfg.hidden_size)  # stored transposed
+    idx = json.loads((out / INDEX_NAME).read_text())
+    assert idx["matrices"]["down"]["transposed"] is True and idx["checksum"] == "crc32"
+    fmt = get_format("fp32")
+    for layer, expert in [(0, 0), (1, 5), (cfg.num_hidden_layers - 1, cfg.num_experts - 1)]:
+        rec = idx["experts"][layer][expert]
+        for name, w in _expert_weights(model, layer, expert).items():
+            raw = _read_matrix(b, layer, expert, name)
+            assert torch.equal(fmt.decode(raw, w.shape, torch.float32), w.detach())
+            assert rec[name] == b.offset(layer, expert) + b.matrices[name].offset
+        with open(b.data_path, "rb") as f:
+            f.seek(b.offset(layer, expert))
+            assert zlib.crc32(f.read(b.payload_nbytes)) == rec["crc32"] == int(b.crc32[layer, expert])
+    assert sorted(p.name for p in out.iterdir()) == [DATA_NAME, INDEX_NAME]  # no temporary files left
+
+
+@pytest.mark.parametrize("quantization", ["int8", "q4_0"])
+def test_convert_quantised_matches_the_format(ckpt, tmp_path, quantization):
+    folder, model = ckpt
+    b = open_bundle(convert(folder, tmp_path / quantization, quantization, progress=False))
+    fmt = get_format(quantization)
+    assert b.format == quantization
+    for name, w in _expert_weights(model, 2, 3).items():
+        raw = _read_matrix(b, 2, 3, name)
+        assert raw == bytes(fmt.encode(w.contiguous()).numpy())
+    F, H = b.matrices["gate"].shape
+    assert b.matrices["gate"].nbytes == (F * H * 18 // 32 if quantization == "q4_0" else F * 4 + F * H)
+
+
+def test_interrupted_conversion_leaves_nothing_valid(ckpt, tmp_path, monkeypatch):
+    folder, _ = ckpt
+    out = tmp_path / "b"
+    real = bundle_mod.get_format("fp32")
+    calls = {"n": 0}
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def encode(self, w):
+            calls["n"] += 1
+            if calls["n"] == 20:
+                raise KeyboardInterrupt  # as if the user pressed Ctrl-C half way
+            return real.encode(w)
+
+    monkeypatch.setattr(bundle_mod, "get_format", lambda name: Failing() if name == "fp32" else real)
+    with pytest.raises(KeyboardInterrupt):
+        convert(folder, out, progress=False)
+    assert list(out.iterdir()) == []  # no index, no data, no temporary file
+    with pytest.raises(BundleError, match="experts.json is missing"):
+        open_bundle(out)
+
+    # over an existing bundle: the old one stays whole and valid
+    monkeypatch.undo()
+    old = open_bundle(convert(folder, out, progress=False))
+    monkeypatch.setattr(bundle_mod, "get_format", lambda name: Failing() if name == "fp32" else real)
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        convert(folder, out, progress=False)
+    assert open_bundle(out).bundle_id == old.bundle_id
+    assert sorted(p.name for p in out.iterdir()) == [DATA_NAME, INDEX_NAME]
+
+
+def test_open_rejects_bad_bundles(ckpt, tmp_path):
+    folder, model = ckpt
+    out = convert(folder, tmp_path / "b", progress=False)
+    other = convert(folder, tmp_path / "c", progress=False)
+    data = out / DATA_NAME
+    # a config with another shape
+    with pytest.raises(BundleError, match="the config needs"):
+        open_bundle(out, model.config.replace(moe_num_primary_experts=16))
+    # the data file of another conversion under this index
+    swap = tmp_path / "swap"
+    swap.mkdir()
+    shutil.copyfile(out / INDEX_NAME, swap / INDEX_NAME)
+    shutil.copyfile(other / DATA_NAME, swap / DATA_NAME)
+    with pytest.raises(BundleError, match="does not belong"):
+        open_bundle(swap)
+    # another version
+    idx = json.loads((out / INDEX_NAME).read_text())
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / INDEX_NAME).write_text(json.dumps({**idx, "version": 99}))
+    with pytest.raises(BundleError, match="version 99"):
+        open_bundle(tmp_path / "v")
+    # truncated, then missing data
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.truncate(size - 1000)
+    with pytest.raises(BundleError, match=rf"truncated: {size - 1000} bytes, the index says {size}"):
+        open_bundle(out)
+    data.unlink()
+    with pytest.raises(BundleError, match="data file .* is missing"):
+        open_bundle(out)
+
+
+def test_ensure_bundle_converts_when_missing_or_stale(ckpt, tmp_path):
+    folder, _ = ckpt
+    out = tmp_path / "b"
+    first = open_bundle(ensure_bundle(folder, out, None, progress=False)).bundle_id
+    assert open_bundle(ensure_bundle(folder, out, None, progress=False)).bundle_id == first  # current: kept
+    cfg_file = folder / "config.json"
+    st = cfg_file.stat()
+    os.utime(cfg_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the checkpoint changed
+    try:
+        assert open_bundle(ensure_bundle(folder, out, None, progress=False)).bundle_id != first
+    finally:
+        os.utime(cfg_file, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_cli_convert(ckpt, tmp_path, capsys):
+    folder, _ = ckpt
+    assert cli_main(["convert", str(folder), "--out", str(tmp_path / "q"), "--quantization", "q4_0",
+                     "--no-progress"]) == 0
+    assert "format q4_0" in capsys.readouterr().out
+    assert open_bundle(tmp_path / "q", SmallThinkerConfig.from_json(folder)).format == "q4_0"
