@@ -1,0 +1,357 @@
+"""Instruments on the model: what record() keeps must equal what the model computed."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import random_model
+
+import smallthinker_lab as sl
+from smallthinker_lab.instruments import KINDS, Recording, names_table
+from smallthinker_lab.model import generate
+
+
+def _prompt(n=12, seed=0, vocab=128):
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _run(model, n_new=6, seed=0, **kw):
+    with sl.record(model, **kw) as rec:
+        out = generate(model, _prompt(seed=seed), n_new, stop_tokens=[])
+    return rec, out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one intra-op thread is much faster than two on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model()
+
+
+@pytest.fixture(scope="module")
+def full_rec(model):
+    rec, _ = _run(model, full=True)
+    return rec
+
+
+@pytest.mark.parametrize("preset", ["smallthinker-test", "smallthinker-test-tied"])  # sigmoid and softmax routers
+def test_topk_weights_sum_to_one_and_ids_distinct(preset):
+    m = random_model(preset)
+    rec, _ = _run(m, kinds=("experts",))
+    K, E = m.config.top_k, m.config.num_experts
+    for i in range(m.config.num_hidden_layers):
+        ids, w = rec[f"layers.{i}.moe.topk_ids"], rec[f"layers.{i}.moe.topk_weights"]
+        assert ids.shape == w.shape == (rec.summary()["tokens"], K)
+        np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+        assert all(len(set(row)) == K for row in ids.tolist())
+        assert ids.min() >= 0 and ids.max() < E
+
+
+def test_frequencies_sum_to_k_and_include_cold_experts(full_rec, model):
+    freq = sl.expert_frequency(full_rec.to_dataframe("experts"))
+    E, K = model.config.num_experts, model.config.top_k
+    assert len(freq) == model.config.num_hidden_layers * E  # experts no token reached are rows too
+    np.testing.assert_allclose(freq.groupby(["dataset", "layer"])["frequency"].sum(), K)
+    # the derived per-expert token count agrees with the experts frame
+    for i in full_rec.layers:
+        np.testing.assert_array_equal(freq[freq.layer == i]["tokens"], full_rec[f"layers.{i}.moe.expert_tokens"])
+
+
+def test_steps_positions_and_router_logits(full_rec, model):
+    rec = full_rec
+    assert rec["steps.phase"].tolist() == ["prefill"] + ["decode"] * 5
+    assert rec["steps.step"].tolist() == list(range(6))
+    assert rec["tokens.position"].tolist() == list(range(17))
+    # raw logits are kept with full=True and their top-k is the recorded choice
+    for i in rec.layers:
+        lg = torch.from_numpy(rec[f"layers.{i}.moe.router_logits"])
+        ids, _ = model.model.layers[i].block_sparse_moe.select(lg)
+        np.testing.assert_array_equal(ids.numpy(), rec[f"layers.{i}.moe.topk_ids"])
+
+
+def test_sparsity_equals_direct_recomputation(model):
+    """Inactive-neuron counts recorded == relu(gate(u)) <= 0 recomputed from the MoE inputs u captured separately."""
+    inputs = {i: [] for i in range(model.config.num_hidden_layers)}
+    handles = [layer.post_attention_layernorm.register_forward_hook(
+        lambda mod, args, out, i=i: inputs[i].append(out.detach().reshape(-1, out.shape[-1])))
+        for i, layer in enumerate(model.model.layers)]
+    try:
+        rec, _ = _run(model, kinds=("experts", "neurons"), full=("neurons",))
+    finally:
+        for h in handles:
+            h.remove()
+    F = model.config.moe_ffn_hidden_size
+    neurons = rec.to_dataframe("neurons")
+    for i, layer in enumerate(model.model.layers):
+        u = torch.cat(inputs[i])  # (N, H)
+        ids = rec[f"layers.{i}.moe.topk_ids"]
+        tok, ex = rec[f"layers.{i}.moe.routed_token"], rec[f"layers.{i}.moe.routed_expert"]
+        # every routed (token, expert) pair appears once, and only those
+        assert sorted(zip(tok.tolist(), ex.tolist())) == sorted((n, int(e)) for n, row in enumerate(ids) for e in row)
+        counts = np.zeros((model.config.num_experts, F), dtype=np.int64)
+        for n, e in zip(tok.tolist(), ex.tolist()):
+            with torch.no_grad():
+                g = layer.block_sparse_moe.experts[e].gate(u[n])
+            counts[e] += (torch.relu(g) > 0).numpy()
+        with torch.no_grad():
+            expect = np.array([int((torch.relu(layer.block_sparse_moe.experts[e].gate(u[n])) <= 0).sum())
+                               for n, e in zip(tok.tolist(), ex.tolist())])
+        np.testing.assert_array_equal(rec[f"layers.{i}.moe.inactive_neurons"], expect)
+        np.testing.assert_array_equal(rec[f"layers.{i}.moe.neuron_counts"], counts)
+        np.testing.assert_array_equal((rec[f"layers.{i}.moe.expert_gate"] <= 0).sum(-1), expect)
+        d = neurons[neurons.layer == i]
+        np.testing.assert_allclose(d["sparsity"], expect / F)
+    nc = rec.to_dataframe("neuron_counts")
+    assert set(nc.columns) == {"dataset", "layer", "expert", "neuron", "active", "tokens"}
+    assert (nc["active"] <= nc["tokens"]).all()
+
+
+def test_kv_bytes_equal_analytic_size_at_every_step(model):
+    rec, _ = _run(model, n_new=12, kinds=("kv",))  # 12 + 11 positions: beyond the 8-token window
+    cfg = model.config
+    context = rec["steps.start"] + rec["steps.tokens"]
+    for s, T in enumerate(context):
+        expect = sl.kv_cache_bytes(cfg, int(T), torch.float32, per_layer=True)
+        assert [int(rec[f"layers.{i}.attn.kv_bytes"][s]) for i in range(cfg.num_hidden_layers)] == expect
+    kv = rec.to_dataframe("kv")
+    assert set(kv["attention"]) == {"global", "sliding"}
+    fp = sl.kv_footprint(kv, cfg)
+    np.testing.assert_array_equal(fp["bytes"], [sl.kv_cache_bytes(cfg, int(T), torch.float32) for T in context])
+    np.testing.assert_array_equal(fp["all_global_bytes"],
+                                  [sl.kv_cache_bytes(cfg, int(T), torch.float32, all_global=True) for T in context])
+    assert (fp["global_bytes"] + fp["sliding_bytes"] == fp["bytes"]).all()
+    np.testing.assert_array_equal(rec["kv.global_bytes"] + rec["kv.sliding_bytes"], fp["bytes"])
+
+
+def test_recording_leaves_tokens_unchanged_and_removes_its_hooks(model):
+    ids = _prompt(seed=3)
+    plain = generate(model, ids, 8, stop_tokens=[])
+    foreign = model.hooks.add("router", lambda **kw: None)  # someone else's hook stays
+    try:
+        with sl.record(model, full=True) as rec:
+            assert len(model.hooks) > 1
+            recorded = generate(model, ids, 8, stop_tokens=[])
+        assert recorded == plain
+        assert len(model.hooks) == 1 and model.hooks.active("router")
+    finally:
+        foreign.remove()
+    assert len(model.hooks) == 0
+    assert rec.summary()["steps"] == 8
+
+
+def test_hooks_removed_after_an_exception(model):
+    with pytest.raises(RuntimeError, match="boom"):
+        with sl.record(model) as rec:
+            generate(model, _prompt(), 3, stop_tokens=[])
+            raise RuntimeError("boom")
+    assert len(model.hooks) == 0
+    assert rec.summary()["steps"] == 3  # what was recorded before the exception is kept
+
+
+def test_exception_inside_a_forward_drops_the_unfinished_step(model):
+    def fail(layer, **kw):
+        if layer == 2:
+            raise ValueError("inside the forward")
+
+    with pytest.raises(ValueError):
+        with sl.record(model, kinds=("experts",)) as rec:
+            generate(model, _prompt(), 2, stop_tokens=[])
+            h = model.hooks.add("router", fail)
+            try:
+                generate(model, _prompt(), 2, stop_tokens=[])
+            finally:
+                h.remove()
+    assert len(model.hooks) == 0
+    assert rec.summary()["steps"] == 2
+    assert any("dropped 3 events" in n for n in rec.notes)  # layers 0-2 of the failed forward
+
+
+@pytest.mark.parametrize("layers, expect", [
+    ([0, 2], [0, 2]), (range(1, 3), [1, 2]), (lambda i: i % 2 == 1, [1, 3]), (3, [3]), ("layers.1", [1]),
+])
+def test_layer_filters(model, layers, expect):
+    rec, _ = _run(model, n_new=3, layers=layers)
+    assert rec.layers == expect
+    assert sorted(rec.to_dataframe("experts")["layer"].unique()) == expect
+    assert sorted(rec.to_dataframe("neurons")["layer"].unique()) == expect
+    assert sorted(rec.to_dataframe("kv")["layer"].unique()) == expect
+    assert not any(n.startswith(f"layers.{i}.") for n in rec.names() for i in set(range(4)) - set(expect))
+
+
+def test_bad_arguments(model):
+    with pytest.raises(ValueError, match="unknown kinds"):
+        sl.record(model, kinds=("experts", "heat"))
+    with pytest.raises(ValueError, match="out of range"):
+        sl.record(model, layers=[7])
+    with pytest.raises(TypeError):
+        sl.record(object())
+    rec, _ = _run(model, n_new=2, kinds=("kv",))
+    with pytest.raises(KeyError, match="not recorded"):
+        rec.to_dataframe("experts")
+    with pytest.raises(KeyError):
+        rec["layers.0.moe.topk_ids"]
+
+
+def test_defaults_keep_counters_not_tensors(model):
+    rec, _ = _run(model, n_new=2)
+    assert rec.kinds == list(KINDS)
+    assert not any(n.endswith(("router_logits", "expert_gate")) for n in rec.names())
+    s = rec.summary()
+    assert any("no expert cache" in n for n in s["notes"])  # the cache kind on a model says it records nothing
+    assert s["cache_hit"] == s["cache_miss"] == 0
+    with pytest.raises(KeyError, match="full=True"):
+        rec.to_dataframe("router_logits")
+
+
+def test_names_table_documents_every_name(full_rec):
+    d = full_rec.describe()
+    assert (d["kind"] != "").all() and (d["meaning"] != "").all()
+    assert set(d["name"]) == set(full_rec.names())
+    for _, row in d.iterrows():
+        assert full_rec[row["name"]].shape == row["shape"]
+    assert "layers.{i}.moe.topk_ids" in names_table()["name"].tolist()
+    assert "layers.{i}.moe.topk_ids" in sl.instruments.recording.__doc__
+
+
+def test_frames_are_tidy(full_rec, model):
+    K = model.config.top_k
+    ex = full_rec.to_dataframe("experts")
+    assert list(ex.columns[:6]) == ["dataset", "sequence", "step", "position", "layer", "slot"]
+    assert len(ex) == 17 * 4 * K and ex.attrs["num_experts"] == model.config.num_experts
+    timing = full_rec.to_dataframe("timing")
+    assert set(timing["part"]) == {"total"} and len(timing) == 6
+    tp = sl.throughput(timing)
+    assert tp.set_index("phase").loc["prefill", "tokens"] == 12 and tp.set_index("phase").loc["decode", "steps"] == 5
+    assert (tp["tok_s"] > 0).all()
+    assert len(full_rec.to_dataframe("cache")) == 0
+
+
+def test_live_access_inside_the_block(model):
+    with sl.record(model, kinds=("experts",)) as rec:
+        generate(model, _prompt(), 2, stop_tokens=[])
+        assert rec.summary()["steps"] == 2
+        generate(model, _prompt(), 2, stop_tokens=[])
+    assert rec.summary()["steps"] == 4 and rec.summary()["sequences"] == 2
+    assert rec["steps.sequence"].tolist() == [0, 0, 1, 1]
+
+
+def test_batched_forward(model):
+    cache = model.new_cache(batch_size=2)
+    ids = torch.stack([_prompt(5, 1), _prompt(5, 2)])
+    with sl.record(model, kinds=("experts", "neurons", "kv")) as rec, torch.no_grad():
+        model(ids, cache=cache)
+        model(ids[:, :1], cache=cache)
+    assert rec["tokens.sequence"].tolist() == [0] * 5 + [1] * 5 + [0, 1]
+    assert rec["tokens.position"].tolist() == list(range(5)) * 2 + [5, 5]
+    assert rec["layers.0.moe.topk_ids"].shape == (12, model.config.top_k)
+    assert rec.summary()["sequences"] == 2
+
+
+def test_save_load_round_trip(full_rec, tmp_path):
+    path = full_rec.save(tmp_path / "rec")
+    assert (path / "meta.json").exists() and (path / "arrays.npz").exists()
+    assert (path / "experts.parquet").exists()
+    back = Recording.load(path)
+    assert back.meta == full_rec.meta
+    assert back.names() == full_rec.names()
+    for n in full_rec.names():
+        a, b = full_rec[n], back[n]
+        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), n
+    for kind in ("experts", "router_logits", "neurons", "neuron_counts", "kv", "timing", "steps", "cache"):
+        pd.testing.assert_frame_equal(back.to_dataframe(kind), full_rec.to_dataframe(kind))
+    pd.testing.assert_frame_equal(pd.read_parquet(path / "experts.parquet"), full_rec.to_dataframe("experts"),
+                                  check_dtype=False)
+
+
+def test_concat_keeps_dataset_labels(model):
+    a, _ = _run(model, n_new=3, dataset="gsm8k", seed=1)
+    b, _ = _run(model, n_new=4, dataset="wiki", seed=2)
+    c = Recording.concat([a, b])
+    assert c.datasets == ["gsm8k", "wiki"]
+    assert c.summary()["steps"] == 7 and c.summary()["sequences"] == 2
+    assert c["steps.sequence"].tolist() == [0] * 3 + [1] * 4
+    for i in c.layers:
+        np.testing.assert_array_equal(c[f"layers.{i}.moe.topk_ids"],
+                                      np.concatenate([a[f"layers.{i}.moe.topk_ids"], b[f"layers.{i}.moe.topk_ids"]]))
+        np.testing.assert_array_equal(c[f"layers.{i}.moe.neuron_counts"],
+                                      a[f"layers.{i}.moe.neuron_counts"] + b[f"layers.{i}.moe.neuron_counts"])
+    nc = c.to_dataframe("neuron_counts")
+    for rec, ds in ((a, "gsm8k"), (b, "wiki")):
+        pd.testing.assert_frame_equal(nc[nc.dataset == ds].reset_index(drop=True), rec.to_dataframe("neuron_counts")
+                                      .assign(dataset=ds), check_dtype=False)
+        pd.testing.assert_frame_equal(c.to_dataframe("neurons").query("dataset == @ds").reset_index(drop=True),
+                                      rec.to_dataframe("neurons").assign(dataset=ds, sequence=int(ds == "wiki")))
+    freq = sl.expert_frequency(c.to_dataframe("experts"))
+    np.testing.assert_allclose(freq.groupby(["dataset", "layer"])["frequency"].sum(), model.config.top_k)
+    assert set(freq["dataset"]) == {"gsm8k", "wiki"}
+    # + and sum() are concat
+    for other in (a + b, sum([a, b])):
+        assert other.names() == c.names()
+        pd.testing.assert_frame_equal(other.to_dataframe("experts"), c.to_dataframe("experts"))
+    k, _ = _run(model, n_new=2, kinds=("kv",))
+    with pytest.raises(ValueError, match="differ"):
+        a + k
+
+
+def test_profile_over_prompts(model):
+    def tok(text):  # a toy tokenizer: bytes mod vocab
+        return [3 + b % 100 for b in text.encode()]
+
+    rec = sl.profile(model, ["hello", "a longer prompt", [5, 6, 7]], dataset="toy", max_new_tokens=4, tokenizer=tok,
+                     progress=False, stop_tokens=[])
+    s = rec.summary()
+    assert s["sequences"] == 3 and s["steps"] == 3 * 4 and s["datasets"] == ["toy"]
+    assert s["prefill_tokens"] == 5 + 15 + 3
+    assert set(rec.to_dataframe("experts")["dataset"]) == {"toy"}
+    assert len(model.hooks) == 0
+    with pytest.raises(ValueError, match="tokenizer"):
+        sl.profile(model, ["text"], progress=False)
+
+
+def test_metrics_on_two_datasets(model):
+    a, _ = _run(model, n_new=3, dataset="x", seed=1)
+    b, _ = _run(model, n_new=3, dataset="y", seed=1)  # same prompt: same routing
+    freq = sl.expert_frequency((a + b).to_dataframe("experts"))
+    div = sl.expert_usage_divergence(freq)
+    assert len(div) == model.config.num_hidden_layers
+    np.testing.assert_allclose(div["js_divergence"], 0.0, atol=1e-12)
+    cold, hot = sl.cold_expert_share(freq, 0.14), sl.hot_expert_share(freq, 0.4)
+    assert ((cold["share"] >= 0) & (cold["share"] <= 1)).all() and list(hot["dataset"]) == ["x", "y"]
+    np.testing.assert_allclose(cold["share"], (freq.groupby("dataset")["frequency"]
+                                               .apply(lambda f: (f < 0.14).mean())).to_numpy())
+    sp = sl.neuron_sparsity_by_layer((a + b).to_dataframe("neurons"))
+    assert ((sp["min"] <= sp["q1"]) & (sp["q1"] <= sp["median"]) & (sp["median"] <= sp["q3"])
+            & (sp["q3"] <= sp["max"])).all()
+    by_e = sl.neuron_sparsity_by_expert(a.to_dataframe("neurons"))
+    assert by_e.groupby("layer")["tokens"].sum().eq(a.summary()["tokens"] * model.config.top_k).all()
+
+
+def test_js_divergence_bounds():
+    from smallthinker_lab.instruments import js_divergence
+
+    assert js_divergence([1, 0], [0, 1]) == pytest.approx(1.0)
+    assert js_divergence([1, 2, 3], [2, 4, 6]) == pytest.approx(0.0)
+    assert 0 < js_divergence([1, 1, 0], [0, 1, 1]) < 1
+
+
+def test_cache_and_timing_metrics_on_synthetic_events():
+    cache = pd.DataFrame({"dataset": "d", "layer": [0, 0, 0, 1, 1], "expert": [1, 1, 2, 3, 3],
+                          "event": ["miss", "hit", "prefetch", "miss", "evict"], "bytes": [10, 10, 10, 10, 10]})
+    hr = sl.hit_rates(cache)
+    assert hr.loc[0, "hit_rate"] == 0.5 and hr.loc[1, "hit_rate"] == 0.0
+    assert hr.loc["all", "hits"] == 1 and hr.loc["all", "misses"] == 2 and hr.loc["all", "bytes_read"] == 30
+    timing = pd.DataFrame({"dataset": "d", "phase": ["prefill", "prefill", "decode", "decode"],
+                           "step": [0, 0, 1, 1], "layer": [-1, 0, -1, 0], "part": ["total", "io_wait"] * 2,
+                           "seconds": [2.0, 0.5, 1.0, 0.5], "tokens": [10, 10, 1, 1]})
+    io = sl.io_wait_share(timing).set_index("phase")
+    assert io.loc["prefill", "io_wait_share"] == 0.25 and io.loc["all", "io_wait_share"] == pytest.approx(1 / 3)
+    tb = sl.time_breakdown(timing).set_index(["phase", "part"])
+    assert tb.loc[("decode", "io_wait"), "share"] == 0.5
+    assert sl.throughput(timing).set_index("phase").loc["prefill", "tok_s"] == 5.0
