@@ -21,22 +21,28 @@ from .instruments import (
     trace_from_recording,
 )
 from .model import (
+    CheckpointError,
     ConfigError,
     GenerationStats,
     KVCache,
     SamplingConfig,
     SmallThinkerConfig,
     SmallThinkerForCausalLM,
+    expected_tensors,
     generate,
     kv_cache_bytes,
+    load_model,
+    save_pretrained,
     stream_generate,
+    write_synthetic_checkpoint,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "GenerationStats", "KVCache", "SamplingConfig", "SmallThinkerConfig", "SmallThinkerForCausalLM",
-    "generate", "kv_cache_bytes", "stream_generate",
+    "CheckpointError", "ConfigError", "GenerationStats", "KVCache", "SamplingConfig", "SmallThinkerConfig",
+    "SmallThinkerForCausalLM", "expected_tensors", "generate", "kv_cache_bytes", "load_model", "save_pretrained",
+    "stream_generate", "write_synthetic_checkpoint",
 ]
 __all__ += [
     "Recording", "cold_expert_share", "expert_frequency", "expert_usage_divergence", "hit_rate_curves", "hit_rates",

@@ -1,0 +1,529 @@
+"""Checkpoints in the Hugging Face layout: load, save, and synthetic weights of the released shapes.
+
+A checkpoint is a folder holding ``config.json`` and either ``model.safetensors`` or shards
+``model-0000N-of-0000M.safetensors`` listed in ``model.safetensors.index.json``; tensor names and
+shapes are those of the released files (:func:`expected_tensors`). Loading memory-maps the files and
+hands the mapped tensors to a model built on the meta device, so a checkpoint is never held twice.
+Writing is streamed tensor by tensor into temporary files that are renamed at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import SmallThinkerConfig
+from .layers import RotaryEmbedding
+from .model import SmallThinkerForCausalLM
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "models" / "smallthinker-tiny"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json")
+
+# safetensors dtype names: the floating-point ones a model can load, and the byte sizes of all of them
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_ST_NAME = {v: k for k, v in FLOAT_DTYPES.items()}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+             "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8}
+_CHUNK = 1 << 22  # elements generated at a time for synthetic tensors (16 MB of fp32)
+# data starts on a 64-byte boundary, so mapped tensors are as aligned as fresh ones and matmul kernels take the
+# same path for a file as for a fresh tensor (an 8-byte aligned start changed fp32 logits by 1 ulp)
+_ALIGN = 64
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder whose files do not hold a SmallThinker model; the message names file and tensor."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a safetensors header describes it."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def expected_tensors(config: SmallThinkerConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the HF layout, in file order; no ``lm_head.weight`` when tied."""
+    H, D, E, F = config.hidden_size, config.head_dim, config.num_experts, config.moe_ffn_hidden_size
+    q, kv = config.num_attention_heads * D, config.num_key_value_heads * D
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, H)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (H,)
+        out[p + "self_attn.q_proj.weight"] = (q, H)
+        out[p + "self_attn.k_proj.weight"] = (kv, H)
+        out[p + "self_attn.v_proj.weight"] = (kv, H)
+        out[p + "self_attn.o_proj.weight"] = (H, q)
+        out[p + "post_attention_layernorm.weight"] = (H,)
+        out[p + "block_sparse_moe.primary_router.weight"] = (E, H)
+        for e in range(E):
+            x = f"{p}block_sparse_moe.experts.{e}."
+            out[x + "gate.weight"] = (F, H)
+            out[x + "up.weight"] = (F, H)
+            out[x + "down.weight"] = (H, F)
+    out["model.norm.weight"] = (H,)
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = (config.vocab_size, H)
+    return out
+
+
+# ---------------------------------------------------------------- reading
+def _names(names: Iterable[str], limit: int = 8) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header without trusting it: sizes, offsets and file length."""
+    file = Path(file)
+    size = file.stat().st_size
+    bad = f"{file} is truncated or not a safetensors file"
+    if size < 8:
+        raise CheckpointError(f"{bad}: {size} bytes, shorter than the 8-byte header length")
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            raise CheckpointError(f"{bad}: the header claims {n} bytes but only {size - 8} follow the length field")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{bad}: cannot parse its JSON header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad}: its header is a {type(header).__name__}, not a JSON object")
+    header.pop("__metadata__", None)
+    data_start, infos, spans = 8 + n, {}, []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            ok = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)) and begin <= end
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{file}: tensor {name} has a malformed header entry {entry!r}")
+        if dtype not in _ITEMSIZE:
+            raise CheckpointError(f"{file}: tensor {name} has unknown dtype {dtype!r}")
+        need = math.prod(shape) * _ITEMSIZE[dtype]
+        if end - begin != need:
+            raise CheckpointError(f"{file}: tensor {name} is corrupt: its data_offsets span {end - begin} bytes "
+                                  f"but shape {list(shape)} of {dtype} needs {need}")
+        if data_start + end > size:
+            raise CheckpointError(f"{bad}: tensor {name} ends at byte {data_start + end} but the file has "
+                                  f"{size} bytes")
+        infos[name] = TensorInfo(name, file, dtype, shape)
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise CheckpointError(f"{file} is corrupt: the data of tensors {a} and {b} overlap")
+    return infos
+
+
+def _stored_tensors(folder: Path) -> tuple[dict[str, TensorInfo], Path]:
+    """Every stored tensor with the file holding it, and the file that lists them (index or single file)."""
+    index, single = folder / INDEX_FILE, folder / SINGLE_FILE
+    if index.exists() and single.exists():
+        raise CheckpointError(f"{folder} holds both {SINGLE_FILE} and {INDEX_FILE}: remove the stale one")
+    if single.exists():
+        return read_header(single), single
+    if not index.exists():
+        others = sorted(p.name for p in folder.glob("*.safetensors"))
+        hint = f" (it has {_names(others)}, but no index listing them)" if others else ""
+        raise FileNotFoundError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE}{hint}")
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(name)
+    headers: dict[str, dict[str, TensorInfo]] = {}
+    for shard, names in sorted(by_shard.items()):
+        path = folder / shard
+        if Path(shard).name != shard or not path.is_file():
+            raise CheckpointError(f"{index} names shard {shard} (for {_names(names, 3)}) but {path} does not exist")
+        headers[shard] = read_header(path)
+        absent = [n for n in names if n not in headers[shard]]
+        if absent:
+            raise CheckpointError(f"{index} maps tensor {_names(absent, 3)} to {shard}, but {path} has no such tensor")
+    infos: dict[str, TensorInfo] = {}
+    for shard, held in headers.items():
+        unlisted = sorted(set(held) - set(by_shard[shard]))
+        if unlisted:
+            raise CheckpointError(f"{folder / shard} holds tensor(s) the index {index.name} does not map to it: "
+                                  f"{_names(unlisted)}")
+        infos.update(held)
+    return infos, index
+
+
+def _torch_dtype(dtype: torch.dtype | str | None, where: str) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise CheckpointError(f"{where}: {dtype!r} is not a floating-point torch dtype")
+    return value
+
+
+def _config_hint(config: SmallThinkerConfig, unexpected: list[str]) -> str:
+    """Explain unexpected tensors that come from more layers or experts than config.json declares."""
+    layers = {int(m.group(1)) for n in unexpected if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    experts = {int(m.group(1)) for n in unexpected if (m := re.search(r"\.experts\.(\d+)\.", n))}
+    hints = []
+    if layers and max(layers) >= config.num_hidden_layers:
+        hints.append(f"the weights have tensors for {max(layers) + 1} layers but config.json says "
+                     f"num_hidden_layers={config.num_hidden_layers}")
+    if experts and max(experts) >= config.num_experts:
+        hints.append(f"the weights have {max(experts) + 1} experts per layer but config.json says "
+                     f"moe_num_primary_experts={config.num_experts}")
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """``"default"`` is the shipped tiny model ``data/models/smallthinker-tiny``; anything else a folder."""
+    if str(path) == "default":
+        folder = DEFAULT_MODEL_DIR
+        if not (folder / SINGLE_FILE).exists() and not (folder / INDEX_FILE).exists():
+            raise FileNotFoundError(
+                f"the default model {folder} has no weights yet; create it, or pass a checkpoint folder "
+                f"(write_synthetic_checkpoint(path, SmallThinkerConfig.from_name('smallthinker-tiny')) gives "
+                f"random weights of that shape)")
+        return folder
+    folder = Path(path).expanduser()
+    if folder.is_file() and folder.suffix == ".safetensors":
+        folder = folder.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no checkpoint folder at {folder}")
+    return folder
+
+
+def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | None = None,
+               device: torch.device | str = "cpu", strict: bool = True) -> SmallThinkerForCausalLM:
+    """A SmallThinkerForCausalLM in eval mode from a local folder in the Hugging Face layout.
+
+    The weights are memory-mapped (tensors from ``safe_open`` are views of the file's pages, which the
+    model then owns; nothing is copied unless ``dtype`` or ``device`` asks for a conversion).
+    ``dtype=None`` keeps the stored dtype (config.json's ``torch_dtype`` when the files mix dtypes).
+
+    Every stored tensor must be one the config describes, with the expected shape and a floating-point
+    dtype; anything else raises :class:`CheckpointError` naming the file and tensor. One documented
+    exception: a checkpoint with ``tie_word_embeddings`` may also store ``lm_head.weight`` (the released
+    4B does); it is ignored (logged at debug level) and the head is the embedding.
+    With ``strict=False`` missing tensors are initialised as :meth:`init_weights` does and unexpected
+    ones are skipped, both with a warning; shape, dtype and file errors still raise.
+    """
+    folder = resolve_path(path)
+    config_file = folder / CONFIG_FILE
+    if not config_file.exists():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in checkpoint folder {folder}")
+    config = SmallThinkerConfig.from_json(config_file)
+    stored, listing = _stored_tensors(folder)
+    expected = expected_tensors(config)
+
+    if config.tie_word_embeddings and "lm_head.weight" in stored:
+        log.debug("%s: ignoring the stored lm_head.weight of a tied checkpoint (the head is the embedding)",
+                  stored.pop("lm_head.weight").file)
+    missing = [n for n in expected if n not in stored]
+    unexpected = [n for n in stored if n not in expected]
+    if unexpected:
+        msg = (f"{listing}: {len(unexpected)} unexpected tensor(s) that a SmallThinker model of this "
+               f"config.json does not have{_config_hint(config, unexpected)}: {_names(unexpected)}")
+        if strict:
+            raise CheckpointError(msg)
+        log.warning("%s; skipping them", msg)
+    if missing:
+        msg = f"{listing}: {len(missing)} tensor(s) missing that {config_file} requires: {_names(missing)}"
+        if strict:
+            raise CheckpointError(msg)
+        log.warning("%s; initialising them", msg)
+    for name, shape in expected.items():
+        info = stored.get(name)
+        if info is None:
+            continue
+        if info.shape != shape:
+            raise CheckpointError(f"{info.file}: tensor {name} has shape {list(info.shape)} but {config_file} "
+                                  f"expects {list(shape)}")
+        if info.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}; weights must be one of "
+                                  f"{', '.join(FLOAT_DTYPES)}")
+
+    target = _torch_dtype(dtype, "load_model(dtype=...)")
+    if target is None:
+        kinds = {stored[n].dtype for n in expected if n in stored}
+        target = (FLOAT_DTYPES[kinds.pop()] if len(kinds) == 1
+                  else _torch_dtype(config.torch_dtype, f"{config_file} torch_dtype"))
+    device = torch.device(device)
+
+    with torch.device("meta"):
+        model = SmallThinkerForCausalLM(config)
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        if name in stored:
+            by_file.setdefault(stored[name].file, []).append(name)
+    from safetensors import safe_open
+
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in names:
+                t = f.get_tensor(name)  # a view of the mapped file
+                if t.dtype != target or t.device != device:
+                    t = t.to(device=device, dtype=target)
+                state[name] = t
+    if missing:
+        state.update(_initialised(config, missing, expected, target, device))
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    if config.tie_word_embeddings:  # assign=True gives each name its own Parameter: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta).to(device)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"load_model left tensors unmaterialised on the meta device: {_names(left)}")
+    return model.eval()
+
+
+def _initialised(config: SmallThinkerConfig, names: list[str], shapes: dict[str, tuple[int, ...]],
+                 dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for n in names:
+        shape = shapes[n]
+        t = (torch.ones(shape) if len(shape) == 1
+             else torch.empty(shape).normal_(0.0, config.initializer_range, generator=gen))
+        out[n] = t.to(device=device, dtype=dtype)
+    return out
+
+
+# ---------------------------------------------------------------- writing
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "5GB" (10^9), "500MiB" (2^20) or "1024"."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
+        if not m:
+            raise ValueError(f"max_shard_size {size!r} is not a size like 5000000, '500MB' or '5GB'")
+        base = 1024 if m.group(3) else 1000
+        value = int(float(m.group(1)) * base ** "BKMGT".index(m.group(2).upper() or "B"))
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def _plan_shards(items: list[tuple[str, str, tuple[int, ...]]], max_bytes: int | None) -> list[list[int]]:
+    """Indices of items per shard, greedily filled in order; a tensor larger than max_bytes gets its own."""
+    if max_bytes is None:
+        return [list(range(len(items)))]
+    shards, cur, cur_bytes = [], [], 0
+    for i, (_, dtype, shape) in enumerate(items):
+        n = math.prod(shape) * _ITEMSIZE[dtype]
+        if cur and cur_bytes + n > max_bytes:
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(i)
+        cur_bytes += n
+    return shards + [cur] if cur else shards
+
+
+def _write_safetensors(path: Path, items: list[tuple[str, str, tuple[int, ...]]],
+                       produce: Callable[[str], Iterator[torch.Tensor]], progress=None) -> int:
+    """Write a safetensors file tensor by tensor; ``produce(name)`` yields its data in row-major chunks."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in items:
+        n = math.prod(shape) * _ITEMSIZE[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-(8 + len(blob)) % _ALIGN)  # pad with spaces (as safetensors does) so the data starts aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name, dtype, shape in items:
+            want, written = math.prod(shape) * _ITEMSIZE[dtype], 0
+            for chunk in produce(name):
+                if chunk.dtype != FLOAT_DTYPES[dtype]:
+                    raise TypeError(f"{name}: produced {chunk.dtype}, expected {dtype}")
+                data = chunk.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+                f.write(memoryview(data))
+                written += data.nbytes
+            if written != want:
+                raise RuntimeError(f"{name}: wrote {written} bytes, expected {want}")
+            if progress is not None:
+                progress.update(want)
+        f.flush()
+        os.fsync(f.fileno())
+    return offset
+
+
+def _write_checkpoint(folder: Path, config: SmallThinkerConfig, items: list[tuple[str, str, tuple[int, ...]]],
+                      produce: Callable[[str], Iterator[torch.Tensor]], max_shard_size: int | str | None) -> Path:
+    """Write config.json and the weights to temporary names, then rename them into place."""
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors data is little-endian; writing on a big-endian machine is not supported")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    max_bytes = None if max_shard_size is None else parse_size(max_shard_size)
+    plan = _plan_shards(items, max_bytes)
+    names = ([SINGLE_FILE] if len(plan) == 1
+             else [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+    total = sum(math.prod(s) * _ITEMSIZE[d] for _, d, s in items)
+    tag = f".tmp-{os.getpid()}"
+    temps: list[tuple[Path, Path]] = []  # (temporary, final)
+    progress = None
+    if total > 1 << 30:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {folder.name}")
+    try:
+        for file, idx in zip(names, plan):
+            tmp = folder / f".{file}{tag}"
+            temps.append((tmp, folder / file))
+            _write_safetensors(tmp, [items[i] for i in idx], produce, progress)
+        if len(plan) > 1:
+            weight_map = {items[i][0]: file for file, idx in zip(names, plan) for i in idx}
+            tmp = folder / f".{INDEX_FILE}{tag}"
+            tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+                           + "\n", encoding="utf-8")
+            temps.append((tmp, folder / INDEX_FILE))
+        tmp = folder / f".config{tag}.json"
+        config.save(tmp)
+        temps.append((tmp, folder / CONFIG_FILE))
+        # drop weights of an earlier save that the new layout would contradict, then rename into place
+        new = {final.name for _, final in temps}
+        for old in [folder / SINGLE_FILE, folder / INDEX_FILE, *folder.glob("model-*-of-*.safetensors")]:
+            if old.name not in new and (old.name in (SINGLE_FILE, INDEX_FILE) or SHARD_RE.fullmatch(old.name)):
+                old.unlink(missing_ok=True)
+        for tmp, final in temps:
+            os.replace(tmp, final)  # a new inode: models memory-mapping the old file keep their pages
+    finally:
+        if progress is not None:
+            progress.close()
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+    _verify(folder, names, plan, items)
+    return folder
+
+
+def _verify(folder: Path, names: list[str], plan: list[list[int]], items) -> None:
+    from safetensors import safe_open
+
+    for file, idx in zip(names, plan):
+        with safe_open(str(folder / file), framework="pt") as f:
+            want = {items[i][0]: list(items[i][2]) for i in idx}
+            got = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+            if got != want:
+                raise RuntimeError(f"{folder / file}: written tensors do not read back as written")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_pretrained(model: SmallThinkerForCausalLM, path: str | os.PathLike, max_shard_size: int | str | None = None,
+                    dtype: torch.dtype | str | None = None) -> Path:
+    """Write config.json and the weights in the HF layout; shards and an index when ``max_shard_size`` is given.
+
+    ``dtype`` converts tensor by tensor as they are written (None: as they are); config.json's
+    ``torch_dtype`` says what was written. A tied model writes no ``lm_head.weight``. Files are written
+    under temporary names and renamed at the end; weight files of an earlier save that the new layout
+    would contradict are removed. Nothing else (tokenizer files) is copied.
+    """
+    config = model.config
+    target = _torch_dtype(dtype, "save_pretrained(dtype=...)")
+    state = model.state_dict()
+    expected = expected_tensors(config)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    if set(state) != set(expected):
+        raise CheckpointError(f"model state does not match the SmallThinker layout: missing "
+                              f"{_names(set(expected) - set(state))}, extra {_names(set(state) - set(expected))}")
+    for name, t in state.items():
+        if tuple(t.shape) != expected[name]:
+            raise CheckpointError(f"tensor {name} has shape {list(t.shape)}, the config expects {list(expected[name])}")
+    items = [(n, _ST_NAME[target or state[n].dtype], expected[n]) for n in expected]
+    kinds = {d for _, d, _ in items}
+    torch_dtype = _dtype_name(FLOAT_DTYPES[kinds.pop()]) if len(kinds) == 1 else config.torch_dtype
+    produce = lambda name: iter((state[name] if target is None else state[name].to(target),))
+    return _write_checkpoint(Path(path), config.replace(torch_dtype=torch_dtype), items, produce, max_shard_size)
+
+
+# ------------------------------------------------------------ synthetic
+def _tensor_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def synthetic_tensor_chunks(name: str, shape: tuple[int, ...], seed: int, std: float,
+                            dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """The data of one synthetic tensor in row-major chunks: ones for norms (1-D), else N(0, std)."""
+    n = math.prod(shape)
+    if len(shape) == 1:
+        yield torch.ones(n, dtype=dtype)
+        return
+    gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
+    for start in range(0, n, _CHUNK):
+        m = min(_CHUNK, n - start)
+        yield (torch.randn(m, generator=gen) * std).to(dtype)
+
+
+def write_synthetic_checkpoint(path: str | os.PathLike, config: SmallThinkerConfig, seed: int = 0,
+                               dtype: torch.dtype | str = torch.bfloat16, max_shard_size: int | str | None = None,
+                               tokenizer=None, store_tied_lm_head: bool = False) -> Path:
+    """Random weights in the exact released layout, streamed tensor by tensor (the 21B fits in no RAM).
+
+    Matrices are N(0, initializer_range), norms 1; each tensor comes from its own generator seeded by
+    ``seed`` and its name, so the content does not depend on sharding or order. ``store_tied_lm_head``
+    also writes ``lm_head.weight`` (equal to the embedding) in a tied checkpoint, as the released 4B does.
+    ``tokenizer``: an object with ``save_pretrained`` or a folder whose tokenizer files are copied.
+    Returns the folder.
+    """
+    target = _torch_dtype(dtype, "write_synthetic_checkpoint(dtype=...)")
+    shapes = expected_tensors(config)
+    if config.tie_word_embeddings and store_tied_lm_head:
+        shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+    items = [(n, _ST_NAME[target], s) for n, s in shapes.items()]
+    std = config.initializer_range
+
+    def produce(name: str) -> Iterator[torch.Tensor]:
+        source = "model.embed_tokens.weight" if config.tie_word_embeddings and name == "lm_head.weight" else name
+        return synthetic_tensor_chunks(source, shapes[name], seed, std, target)
+
+    folder = _write_checkpoint(Path(path), config.replace(torch_dtype=_dtype_name(target)), items, produce,
+                               max_shard_size)
+    if tokenizer is not None:
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(folder))
+        else:
+            src = Path(tokenizer)
+            files = [src] if src.is_file() else [src / f for f in TOKENIZER_FILES if (src / f).exists()]
+            if not files:
+                raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {src}")
+            for f in files:
+                shutil.copyfile(f, folder / f.name)
+    return folder
