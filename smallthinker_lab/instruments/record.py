@@ -90,6 +90,7 @@ class Recorder:
     full: set[str]
     dataset: str
     target: str
+    io_wait: Callable[[], dict[int, float]] | None = None  # engine: cumulative I/O wait seconds per layer
     # filed, per step
     steps: list[_Step] = field(default_factory=list)
     token_rows: int = 0
@@ -110,6 +111,9 @@ class Recorder:
     _experts: list = field(default_factory=list)
     _cache: list = field(default_factory=list)
     _timing: list = field(default_factory=list)
+    _rows_routed: dict = field(default_factory=dict)  # layer -> rows routed so far in this forward
+    _chunk_start: dict = field(default_factory=dict)  # layer -> first row of its current chunk
+    _io_wait_seen: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layer_pos = {layer: i for i, layer in enumerate(self.layers)}
@@ -121,11 +125,14 @@ class Recorder:
     def on_router(self, layer: int, logits: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                   **_: Any) -> None:
         if layer in self.layer_pos:
+            # a forward may route its tokens in chunks (the engine's prefill): rows of this chunk start here
+            self._chunk_start[layer] = self._rows_routed.get(layer, 0)
+            self._rows_routed[layer] = self._chunk_start[layer] + topk_ids.shape[0]
             self._router.append((layer, topk_ids, topk_weights, logits if self.keep_logits else None))
 
     def on_expert(self, layer: int, expert: int, token_index: torch.Tensor, gate: torch.Tensor, **_: Any) -> None:
-        if layer in self.layer_pos:
-            self._experts.append((layer, expert, token_index, gate))
+        if layer in self.layer_pos:  # token_index counts rows of the current chunk
+            self._experts.append((layer, expert, token_index, gate, self._chunk_start.get(layer, 0)))
 
     def on_cache(self, step: int, layer: int, expert: int, event: str, nbytes: int = 0, **_: Any) -> None:
         if layer in self.layer_pos:
@@ -139,9 +146,9 @@ class Recorder:
         batch = 1
         if cache is not None and len(cache):
             batch = cache[0].batch
-        elif self._router:
-            batch = max(1, self._router[0][1].shape[0] // max(tokens, 1))
-        if phase == "prefill" or not self.steps:
+        elif self._rows_routed:
+            batch = max(1, next(iter(self._rows_routed.values())) // max(tokens, 1))
+        if start == 0 or not self.steps:  # position 0: new sequences
             seq, step = self.sequences, 0
             self.sequences += batch
         else:
@@ -162,14 +169,34 @@ class Recorder:
             self.cache_events.extend((row, *ev) for ev in self._cache)
         if "timing" in self.want:
             self.timing_events.extend((row, *ev) for ev in self._timing)
-        self._router.clear()
-        self._experts.clear()
-        self._cache.clear()
-        self._timing.clear()
+            if self.io_wait is not None and not any(ev[2] == "io_wait" for ev in self._timing):
+                self._file_io_wait(row)
+        self._clear()
         self.token_rows += n
+
+    def _clear(self) -> None:
+        for pending in (self._router, self._experts, self._cache, self._timing, self._rows_routed, self._chunk_start):
+            pending.clear()
+
+    def _file_io_wait(self, row: int) -> None:
+        """I/O wait per layer from the engine's cumulative counters, when it fires no "io_wait" timing events."""
+        now = self.io_wait()
+        for layer in self.layers:
+            cur, prev = now.get(layer, 0.0), self._io_wait_seen.get(layer, 0.0)
+            dt = cur - prev if cur >= prev else cur  # a smaller total: the engine's counters were reset
+            if dt > 0:
+                self.timing_events.append((row, None, layer, "io_wait", dt))
+        self._io_wait_seen = now
 
     def _file_router(self, n: int) -> None:
         pending = self._router
+        if len(pending) > len(self.layers):  # chunked: one event per chunk and layer, concatenate the chunks
+            by_layer: dict[int, list] = {}
+            for p in pending:
+                by_layer.setdefault(p[0], []).append(p)
+            pending = [(layer, torch.cat([c[1] for c in ps]), torch.cat([c[2] for c in ps]),
+                        torch.cat([c[3] for c in ps]) if self.keep_logits else None)
+                       for layer, ps in sorted(by_layer.items())]
         if [p[0] for p in pending] != self.layers or any(p[1].shape[0] != n for p in pending):
             got = sorted({p[0] for p in pending})
             self.notes.append(f"step {len(self.steps) - 1}: router events for layers {got}, expected one per recorded "
@@ -208,7 +235,9 @@ class Recorder:
         if self.neuron_counts is None:
             self.neuron_counts = torch.zeros(len(self.layers) * E, F, dtype=torch.int64, device=device)
         self.neuron_counts.index_add_(0, key_rows, active.to(torch.int64))
-        token = torch.cat([p[2] for p in pending])  # (R,) index within the step
+        token = torch.cat([p[2] for p in pending])  # (R,) row within the step's chunk
+        if any(p[4] for p in pending):  # chunked forward: rows within the step
+            token = token + torch.repeat_interleave(torch.tensor([p[4] for p in pending], device=device), lengths)
         self.routed.append((row, key_rows, token, inactive))
         if self.keep_gates:
             self.gates.append(gates)
@@ -294,10 +323,7 @@ class Recorder:
     def finish(self) -> None:
         """Drop the events of a forward that never completed."""
         self.dropped += len(self._router) + len(self._experts) + len(self._cache) + len(self._timing)
-        self._router.clear()
-        self._experts.clear()
-        self._cache.clear()
-        self._timing.clear()
+        self._clear()
 
 
 def _cat_host(tensors: list[torch.Tensor], empty_shape: tuple, dtype: torch.dtype, dim: int = 0) -> np.ndarray:
@@ -305,6 +331,20 @@ def _cat_host(tensors: list[torch.Tensor], empty_shape: tuple, dtype: torch.dtyp
     if not tensors:
         return np.zeros(empty_shape, dtype=torch.empty((), dtype=dtype).numpy().dtype)
     return torch.cat(tensors, dim=dim).to(dtype).cpu().numpy()
+
+
+def _io_wait_probe(engine) -> Callable[[], dict[int, float]] | None:
+    """Cumulative I/O wait per layer from ``engine.cache.stats.per_layer`` (layer -> [hits, misses, wait]), read
+    at each forward's end; None when the engine keeps no such counters."""
+    def probe() -> dict[int, float]:
+        per_layer = engine.cache.stats.per_layer
+        return {int(layer): float(v[2]) for layer, v in list(per_layer.items())}
+
+    try:
+        probe()
+    except (AttributeError, IndexError, TypeError):
+        return None
+    return probe
 
 
 class record:  # noqa: N801  (a function-like context manager, as torch.no_grad)
@@ -336,13 +376,15 @@ class record:  # noqa: N801  (a function-like context manager, as torch.no_grad)
             config=cfg, kinds=kinds, layers=_layer_set(layers, cfg.num_hidden_layers), full=_full_set(full, kinds),
             dataset=str(dataset), target="model" if isinstance(target, SmallThinkerForCausalLM) else "engine",
         )
+        if self.recorder.target == "engine" and "timing" in kinds:
+            self.recorder.io_wait = _io_wait_probe(target)
         self.recording = Recording._live(self.recorder)
         self._handles: list = []
 
     def _points(self) -> list[tuple[str, Callable]]:
         r, want = self.recorder, self.recorder.want
         points = [("forward", r.on_forward)]
-        if "experts" in want:
+        if "experts" in want or "neurons" in want:  # neurons: the router marks where a chunk's rows start
             points.append(("router", r.on_router))
         if "neurons" in want:
             points.append(("expert", r.on_expert))
@@ -356,6 +398,8 @@ class record:  # noqa: N801  (a function-like context manager, as torch.no_grad)
         if self._handles:
             raise RuntimeError("this record() block is already active")
         hooks = self.target.hooks
+        if self.recorder.io_wait is not None:
+            self.recorder._io_wait_seen = self.recorder.io_wait()  # waits before the block are not ours
         try:
             for point, fn in self._points():
                 self._handles.append(hooks.add(point, fn))
