@@ -1,0 +1,271 @@
+"""The trainer: balance losses, the window sampler, the schedule, the fast training forwards, determinism, resume."""
+
+import argparse
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from smallthinker_lab import SmallThinkerForCausalLM
+from smallthinker_lab.train import (
+    WindowSampler,
+    balance_statistic,
+    global_balance_loss,
+    load_entropy,
+    lr_at,
+    microbatch_balance_loss,
+    train,
+    training_forwards,
+    validation_windows,
+)
+from tests.conftest import random_model
+
+DOMAINS = ["code", "en", "math", "zh"]
+TIMING = {"tokens_per_s", "elapsed_s"}
+
+
+def write_corpus(folder, vocab=128, n=20000, n_val=3000, seed=0):
+    """Four domains in disjoint token ranges, each a repeated 17-token pattern with 10% noise, docs split by 0."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, dom in enumerate(DOMAINS):
+        lo, hi = 3 + i * (vocab - 3) // 4, 3 + (i + 1) * (vocab - 3) // 4
+        pattern = rng.integers(lo, hi, size=17)
+        for name, size in ((f"{dom}.bin", n), (f"{dom}.val.bin", n_val)):
+            a = np.tile(pattern, size // 17 + 1)[:size].astype(np.uint16)
+            noise = rng.random(size) < 0.1
+            a[noise] = rng.integers(lo, hi, size=int(noise.sum()))
+            a[::200] = 0
+            a.tofile(folder / name)
+    return folder
+
+
+RUN = dict(steps=30, batch_size=8, seq_len=32, lr=3e-3, warmup=5, log_every=5, eval_windows=4, progress=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and OpenMP threads crawl on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("tokens"))
+
+
+@pytest.fixture(scope="module")
+def straight(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    summary = train("smallthinker-test", corpus, out, **RUN)
+    return out, summary
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def without_timing(rs):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
+
+
+# ------------------------------------------------------------------ balance losses
+def cyclic_logits(B, T, E, k, scale=3.0):
+    """Token t of each sequence puts its top-k on experts (t*k .. t*k+k-1) mod E, all with the same logit profile:
+    f and P are both exactly uniform when T*k is a multiple of E."""
+    base = torch.linspace(scale, -scale, E)  # descending: top-k are the first k
+    rows_ = [torch.roll(base, t * k) for t in range(T)]
+    return torch.stack(rows_).expand(B, T, E).clone()
+
+
+def test_uniform_routing_gives_one():
+    E, k = 8, 2
+    lg = cyclic_logits(B=4, T=8, E=E, k=k)
+    for fn in (global_balance_loss, microbatch_balance_loss):
+        assert fn([lg, lg], k).item() == pytest.approx(1.0, abs=1e-6)
+    assert load_entropy([lg], k).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_collapsed_routing_gives_e_over_k():
+    E, k = 8, 2
+    lg = torch.full((4, 16, E), -30.0)
+    lg[..., :k] = 30.0  # every token to experts 0 and 1, all probability there
+    val = global_balance_loss([lg], k).item()
+    assert val == pytest.approx(E / k, rel=1e-4)
+    assert val > 1.5
+    assert load_entropy([lg], k).item() == pytest.approx(math.log(k) / math.log(E), abs=1e-6)
+
+
+def test_global_over_a_group_equals_microbatch_loss_of_that_group():
+    torch.manual_seed(0)
+    lg = [torch.randn(8, 16, 8) * 2 for _ in range(3)]
+    g = global_balance_loss(lg, 2, group_size=4)
+    per_group = [microbatch_balance_loss([x[i:i + 4] for x in lg], 2, microbatch_size=4) for i in (0, 4)]
+    assert g.item() == pytest.approx(torch.stack(per_group).mean().item(), rel=1e-6)
+    # and a micro-batch of the whole batch pools exactly what the default global group (the batch) pools
+    assert global_balance_loss(lg, 2).item() == pytest.approx(microbatch_balance_loss(lg, 2, None).item(), rel=1e-6)
+
+
+def test_global_loss_lets_sequences_specialise():
+    E, k, B = 8, 2, 4
+    lg = torch.full((B, 16, E), -4.0)
+    for b in range(B):
+        lg[b, :, 2 * b: 2 * b + k] = 4.0  # sequence b uses only its own two experts
+    per_sequence = microbatch_balance_loss([lg], k, microbatch_size=1).item()
+    group = global_balance_loss([lg], k, group_size=B).item()
+    assert group <= per_sequence
+    assert group == pytest.approx(1.0, abs=1e-5)  # the group as a whole is balanced
+    assert per_sequence > 2.0  # each sequence alone is collapsed
+
+
+def test_balance_gradient_lowers_overused_experts():
+    torch.manual_seed(1)
+    lg = torch.randn(2, 16, 8)
+    lg[..., 0] += 3.0  # expert 0 overused
+    lg.requires_grad_(True)
+    global_balance_loss([lg], 2).backward()
+    assert lg.grad[..., 0].mean() > 0  # descent lowers expert 0's logits
+    assert lg.grad[..., 1:].mean() < 0
+
+
+def test_balance_statistic_rejects_ragged_groups():
+    with pytest.raises(ValueError, match="chunks of 3"):
+        balance_statistic(torch.randn(4, 8, 8), 2, 3)
+
+
+# ------------------------------------------------------------------ schedule and data
+def test_schedule_warmup_then_cosine_to_ten_percent():
+    peak, warmup, total = 1e-3, 10, 111
+    lrs = [lr_at(s, peak, warmup, total) for s in range(total)]
+    assert lrs[0] == pytest.approx(peak / warmup)
+    assert np.allclose(np.diff(lrs[:warmup]), peak / warmup)
+    assert lrs[warmup - 1] == pytest.approx(peak) and lrs[warmup] == pytest.approx(peak)
+    assert lrs[-1] == pytest.approx(0.1 * peak)
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
+    assert lrs[warmup + (total - 1 - warmup) // 2] == pytest.approx(0.55 * peak)
+    # warmup does not depend on the run length (so a run can be planned after a few steps)
+    assert lr_at(3, peak, warmup, 50) == lr_at(3, peak, warmup, 5000)
+
+
+def test_sampler_is_seeded_balanced_and_reads_the_files(corpus):
+    s = WindowSampler(corpus, seq_len=16, batch_size=8, seed=3)
+    assert s.domains == DOMAINS
+    a, b, c = s.batch(5), s.batch(5), s.batch(6)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+    assert not torch.equal(a.tokens, WindowSampler(corpus, 16, 8, seed=4).batch(5).tokens)
+    assert a.tokens.shape == (8, 17) and a.tokens.dtype == torch.int64
+    assert np.bincount(a.domains.numpy(), minlength=4).tolist() == [2, 2, 2, 2]
+    for row, d in zip(a.tokens.numpy(), a.domains.tolist()):
+        flat = np.fromfile(corpus / f"{DOMAINS[d]}.bin", dtype=np.uint16).astype(np.int64)
+        hits = np.flatnonzero(np.lib.stride_tricks.sliding_window_view(flat, 17).__eq__(row).all(axis=1))
+        assert hits.size >= 1
+    w = WindowSampler(corpus, 16, 8, weights={"code": 3, "en": 1})
+    assert np.bincount(w.batch(0).domains.numpy(), minlength=4).tolist() == [6, 2, 0, 0]
+
+
+def test_validation_windows_cover_the_file_once(corpus):
+    v = validation_windows(corpus / "en.val.bin", seq_len=32)
+    flat = np.fromfile(corpus / "en.val.bin", dtype=np.uint16)
+    assert v.shape == ((len(flat) - 1) // 32, 33)
+    assert torch.equal(v[:, 1:].flatten(), torch.from_numpy(flat[1: 1 + v.shape[0] * 32].astype(np.int64)))
+
+
+# ------------------------------------------------------------------ fast training forwards
+@pytest.mark.parametrize("name", ["smallthinker-test", "smallthinker-test-tied"])
+def test_training_forwards_equal_the_model(name):
+    model = random_model(name, seed=2, std=0.1).train()
+    x = torch.randint(0, model.config.vocab_size, (3, 20))  # longer than the window of 8
+
+    def run():
+        model.zero_grad()
+        logits, rl = model(x, output_router_logits=True)
+        (logits.square().mean() + sum(r.square().mean() for r in rl)).backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_logits, ref_grads = run()
+    with training_forwards(model):
+        fast_logits, fast_grads = run()
+    assert torch.allclose(fast_logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert set(ref_grads) <= set(fast_grads)
+    for n, g in fast_grads.items():  # an expert that got no token has no grad in the loop, zeros in the dense path
+        assert torch.allclose(g, ref_grads.get(n, torch.zeros_like(g)), rtol=1e-4, atol=1e-6), n
+    # the swap is undone: the instance forwards are gone
+    assert "forward" not in vars(model.model.layers[0].block_sparse_moe)
+
+
+# ------------------------------------------------------------------ the trainer
+def test_training_lowers_the_loss_and_logs_every_step(straight):
+    out, summary = straight
+    log = rows(out / "train_log.csv")
+    assert [int(r["step"]) for r in log] == list(range(30))
+    assert list(log[0]) == ["step", "tokens", "lr", "loss", "ce", "balance", "bal_microbatch", "bal_global",
+                            "z_loss", "load_entropy", "grad_norm", "tokens_per_s", "elapsed_s",
+                            *[f"ce_{d}" for d in DOMAINS]]
+    first = np.mean([float(r["ce"]) for r in log[:3]])
+    last = np.mean([float(r["ce"]) for r in log[-3:]])
+    assert last < first - 1.0, (first, last)  # from ~log(128)=4.85 towards the patterns' entropy
+    assert float(log[-1]["lr"]) == pytest.approx(0.1 * RUN["lr"])
+    assert all(0 < float(r["load_entropy"]) <= 1 for r in log)
+    assert all(float(r["balance"]) == float(r["bal_global"]) for r in log)
+    ev = rows(out / "eval_log.csv")
+    assert sorted(r["domain"] for r in ev) == DOMAINS and all(int(r["step"]) == 30 for r in ev)
+    assert summary["tokens_seen"] == 30 * 8 * 32 and summary["steps_done"] == 30
+    assert max(summary["val_ce"].values()) < math.log(128) - 1.0
+
+
+def test_export_is_a_loadable_bf16_checkpoint(straight):
+    from smallthinker_lab.model.checkpoint import load_model
+
+    out, summary = straight
+    assert summary["export_dir"] == str(out / "model")
+    model = load_model(out / "model")
+    assert model.dtype == torch.bfloat16
+    state = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    ref = SmallThinkerForCausalLM(model.config)
+    ref.load_state_dict(state)
+    x = torch.randint(0, 128, (1, 12))
+    assert torch.allclose(model.float()(x), ref(x), atol=0.1)
+
+
+def test_resume_continues_bit_identically(corpus, straight, tmp_path):
+    out, _ = straight
+    half = train("smallthinker-test", corpus, tmp_path, stop_at=15, **RUN)
+    assert half["steps_done"] == 15 and half["export_dir"] is None
+    # deterministic: an independent run of the same seed reproduces the first half exactly
+    assert without_timing(rows(tmp_path / "train_log.csv")) == without_timing(rows(out / "train_log.csv"))[:15]
+    train("smallthinker-test", corpus, tmp_path, **RUN)  # resumes from step 15
+    assert without_timing(rows(tmp_path / "train_log.csv")) == without_timing(rows(out / "train_log.csv"))
+    with pytest.raises(ValueError, match="batch_size"):
+        train("smallthinker-test", corpus, tmp_path, **{**RUN, "batch_size": 4})
+
+
+def test_another_seed_and_the_microbatch_loss_change_the_run(corpus, straight, tmp_path):
+    out, _ = straight
+    ref = rows(out / "train_log.csv")
+    other = train("smallthinker-test", corpus, tmp_path / "seed", stop_at=3, **{**RUN, "seed": 1})
+    assert other["steps_done"] == 3
+    assert rows(tmp_path / "seed" / "train_log.csv")[0]["loss"] != ref[0]["loss"]
+    train("smallthinker-test", corpus, tmp_path / "mb", stop_at=3, **{**RUN, "balance": "microbatch"})
+    mb = rows(tmp_path / "mb" / "train_log.csv")
+    assert mb[0]["ce"] == ref[0]["ce"]  # same init and data
+    assert all(r["balance"] == r["bal_microbatch"] for r in mb)
+    assert mb[2]["ce"] != ref[2]["ce"]  # a different loss trains differently
+
+
+def test_cli_trains(corpus, tmp_path):
+    from smallthinker_lab.train import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--config", "smallthinker-test", "--data", str(corpus), "--out",
+                              str(tmp_path), "--steps", "2", "--batch-size", "4", "--seq-len", "16", "--device",
+                              "cpu", "--balance", "microbatch", "--microbatch-size", "2", "--no-progress"])
+    assert args.func(args) == 0
+    assert len(rows(tmp_path / "train_log.csv")) == 2
+    assert (tmp_path / "model" / "model.safetensors").exists()
