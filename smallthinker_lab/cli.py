@@ -9,6 +9,7 @@ import sys
 # modules that add subcommands through register(subparsers)
 COMMAND_MODULES: list[str] = [
     "smallthinker_lab.engine.cli",
+    "smallthinker_lab.train.cli",
 ]
 
 
