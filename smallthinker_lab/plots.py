@@ -1,0 +1,424 @@
+"""Plots of what SmallThinker does inside, as pure functions over the instruments' tidy DataFrames.
+
+Each function draws on the ``ax=`` (or ``axes=``) it is given, or on a new figure, and returns the Axes (or the
+Figure for multi-panel plots). matplotlib and seaborn are imported inside the functions; nothing but the figure
+is changed (no rcParams, no global style), so the picture is the same in JupyterLab, a script or a saved PNG.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .tables import DEFAULT_CONTEXTS, MiB, _torch_dtype, format_bytes, format_context, is_in_memory
+
+OPTIMAL_POLICIES = ("belady", "optimal", "opt", "min")
+
+
+def _new_ax(ax: Any, figsize: tuple[float, float]):
+    if ax is not None:
+        return ax
+    import matplotlib.pyplot as plt
+
+    _, ax = plt.subplots(figsize=figsize, layout="constrained")
+    return ax
+
+
+def _tick_step(n: int, max_labels: int) -> int:
+    """The smallest of 1, 2, 4, 8, ... that shows at most ``max_labels`` of ``n`` tick labels."""
+    return 2 ** max(0, math.ceil(math.log2(max(1.0, n / max_labels))))
+
+
+# ---------------------------------------------------------------------------------------------- experts
+def _frequency_matrices(freq_df: pd.DataFrame, datasets: Sequence[str], sort_experts: bool, n_experts: int | None,
+                        dataset: str, layer: str, expert: str, frequency: str) -> dict[str, pd.DataFrame]:
+    layers = sorted(freq_df[layer].unique())
+    experts = list(range(n_experts)) if n_experts else sorted(freq_df[expert].unique())
+    mats = {ds: (freq_df[freq_df[dataset] == ds].pivot_table(index=layer, columns=expert, values=frequency,
+                                                              aggfunc="mean")
+                 .reindex(index=layers, columns=experts).fillna(0.0)) for ds in datasets}
+    if sort_experts:  # per layer, experts by frequency summed over the datasets shown, hottest first
+        total = sum(m.to_numpy() for m in mats.values())
+        order = np.argsort(-total, axis=1, kind="stable")
+        mats = {ds: pd.DataFrame(np.take_along_axis(m.to_numpy(), order, axis=1), index=m.index,
+                                 columns=pd.RangeIndex(len(experts), name="rank")) for ds, m in mats.items()}
+    return mats
+
+
+def plot_expert_heatmaps(freq_df: pd.DataFrame, datasets: Sequence[str] | None = None, axes: Any = None,
+                         vmax: float | None = None, cmap: str = "rocket_r", sort_experts: bool = False,
+                         n_experts: int | None = None, ncols: int | None = None, cbar: bool = True,
+                         dataset: str = "dataset",
+                         layer: str = "layer", expert: str = "expert", frequency: str = "frequency"):
+    """Expert activation frequency, layer x expert, one panel per dataset (the paper's Figures 4-5).
+
+    All panels share one colour scale (0 to ``vmax``, by default the largest frequency shown) and one colour bar.
+    ``sort_experts=True`` orders the experts of each layer by their frequency summed over the datasets shown
+    (the same order in every panel), so the x axis becomes the expert's rank. ``n_experts`` adds experts that
+    no token reached. ``ncols``: panels per row of a new figure (all in one row by default). ``axes``: a sequence
+    of Axes, one per dataset, to draw on instead. Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    datasets = list(datasets) if datasets is not None else list(pd.unique(freq_df[dataset]))
+    mats = _frequency_matrices(freq_df, datasets, sort_experts, n_experts, dataset, layer, expert, frequency)
+    if vmax is None:
+        vmax = max(float(m.to_numpy().max()) for m in mats.values()) or 1.0
+    n_layers, n_exp = next(iter(mats.values())).shape
+    if axes is None:
+        ncols = min(ncols or len(datasets), len(datasets))
+        nrows = math.ceil(len(datasets) / ncols)
+        width = min(5.0, 1.5 + 0.06 * n_exp)
+        height = min(7.0, max(2.6, 1.3 + 0.12 * n_layers))
+        fig, grid = plt.subplots(nrows, ncols, figsize=(width * ncols + 1.2, height * nrows), sharey=True,
+                                 squeeze=False, layout="constrained")
+        for extra in grid.ravel()[len(datasets):]:
+            extra.remove()
+        axes = list(grid.ravel()[:len(datasets)])
+        first_col = [i % ncols == 0 for i in range(len(datasets))]
+        aspect = 25 * nrows  # a thin bar, however many rows it spans
+    else:
+        axes = list(np.ravel(axes))
+        if len(axes) != len(datasets):
+            raise ValueError(f"{len(datasets)} datasets but {len(axes)} axes")
+        fig = axes[0].figure
+        first_col = [i == 0 for i in range(len(datasets))]
+        aspect = 25
+    xstep, ystep = _tick_step(n_exp, 8), _tick_step(n_layers, 13)
+    for i, (ax, ds) in enumerate(zip(axes, datasets)):
+        sns.heatmap(mats[ds], ax=ax, vmin=0.0, vmax=vmax, cmap=cmap, cbar=False, square=False,
+                    xticklabels=xstep, yticklabels=ystep)
+        ax.set_title(str(ds))
+        ax.set_xlabel("expert (by overall frequency)" if sort_experts else "expert")
+        ax.set_ylabel(layer if first_col[i] else "")
+        ax.tick_params(axis="x", labelrotation=0)
+        ax.tick_params(axis="y", labelrotation=0)
+    if cbar:
+        fig.colorbar(axes[0].collections[0], ax=list(axes), label="activation frequency", shrink=0.9, pad=0.02,
+                     aspect=aspect)
+    return fig
+
+
+def plot_expert_frequency_distribution(freq_df: pd.DataFrame, threshold: float = 0.14, ax: Any = None,
+                                       datasets: Sequence[str] | None = None, dataset: str = "dataset",
+                                       frequency: str = "frequency"):
+    """ECDF of expert activation frequency per dataset over every (layer, expert), with the ``threshold`` line;
+    each dataset's share under the threshold (the paper: 70-80% under 0.14) is marked and written in the legend."""
+    import seaborn as sns
+
+    ax = _new_ax(ax, (6, 4))
+    datasets = list(datasets) if datasets is not None else list(pd.unique(freq_df[dataset]))
+    colors = sns.color_palette("colorblind", len(datasets))
+    for ds, color in zip(datasets, colors):
+        f = freq_df.loc[freq_df[dataset] == ds, frequency].astype(float)
+        share = float((f < threshold).mean())
+        sns.ecdfplot(x=f.to_numpy(), ax=ax, color=color, label=f"{ds}: {share:.0%} under {threshold:g}")
+        ax.plot([threshold], [share], "o", color=color, markersize=5)
+    ax.axvline(threshold, color="0.3", linestyle="--", linewidth=1)
+    ax.text(threshold, 0.02, f" {threshold:g}", color="0.3", ha="left", va="bottom")
+    ax.set_xlim(0, max(1.0, float(freq_df[frequency].max())))
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("activation frequency (share of tokens routed to the expert)")
+    ax.set_ylabel("share of experts")
+    ax.legend(loc="lower right", frameon=False, fontsize="small")
+    return ax
+
+
+# ---------------------------------------------------------------------------------------------- neurons
+def plot_sparsity_boxplots(neurons_df: pd.DataFrame, ax: Any = None, value: str = "sparsity", by: str = "layer",
+                           reference: float | None = 0.6, palette: str = "viridis"):
+    """Neuron sparsity (share of a routed expert's neurons with relu(gate) <= 0) per layer, as the paper's
+    Figure 6: one box per layer, median line, whiskers to the minimum and maximum, early-to-late colours,
+    y from 0 to 1, and a dashed line at ``reference`` (the paper's median, 0.6)."""
+    import seaborn as sns
+
+    layers = sorted(neurons_df[by].unique())
+    ax = _new_ax(ax, (max(5.0, 1.5 + 0.22 * len(layers)), 3.8))
+    df = neurons_df[[by, value]].assign(**{by: neurons_df[by].astype(int).astype(str)})
+    order = [str(int(x)) for x in layers]
+    with warnings.catch_warnings():  # seaborn 0.13 passes bxp(vert=...), deprecated in matplotlib 3.11
+        warnings.filterwarnings("ignore", message=".*vert: bool", category=DeprecationWarning)
+        sns.boxplot(data=df, x=by, y=value, hue=by, order=order, hue_order=order, palette=palette, whis=(0, 100),
+                    showfliers=False, linewidth=0.8, medianprops={"color": "black", "linewidth": 1.2}, legend=False,
+                    ax=ax)
+    if reference is not None:
+        ax.axhline(reference, color="0.3", linestyle="--", linewidth=1, zorder=0.5,
+                   label=f"paper's median ({reference:g})")
+        ax.legend(loc="lower left", frameon=False, fontsize="small")
+    step = _tick_step(len(order), 26)
+    for i, lab in enumerate(ax.get_xticklabels()):
+        lab.set_visible(i % step == 0)
+    ax.set_ylim(0, 1.02)  # a little room so boxes and whiskers at 1.0 stay visible
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_xlabel(by)
+    ax.set_ylabel("neuron sparsity")
+    return ax
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+def _auto_unit(n: float) -> str:
+    return next((u for u in ("GiB", "MiB", "KiB") if n >= 2 * _UNITS[u]), "B")
+
+
+def _kv_per_layer(kv: Any, config: Any, step: int | None, layer: str, attention: str, value: str
+                  ) -> tuple[pd.DataFrame, int | None]:
+    """(layer, attention, bytes) rows and the context length they hold (None when unknown)."""
+    if isinstance(kv, pd.DataFrame):
+        df = kv if attention in kv else kv.assign(**{attention: "unknown"})
+        if step is not None:  # that step of every sequence, averaged
+            df = df[df["step"] == step]
+        else:  # the step of the sequence that held the most bytes
+            keys = [c for c in ("dataset", "sequence", "step") if c in df]
+            if keys:
+                biggest = df.groupby(keys, sort=False)[value].sum().idxmax()
+                mask = np.ones(len(df), dtype=bool)
+                for c, v in zip(keys, biggest if len(keys) > 1 else (biggest,)):
+                    mask &= (df[c] == v).to_numpy()
+                df = df[mask]
+        context = int(df["context"].max()) if "context" in df and len(df) else None
+        out = (df.groupby([layer, attention], as_index=False)[value].mean()
+               .rename(columns={layer: "layer", attention: "attention", value: "bytes"}))
+        return out, context
+    sizes = list(kv.values() if isinstance(kv, Mapping) else kv)
+    kinds = (["sliding" if config.is_sliding(i) else "global" for i in range(len(sizes))] if config is not None
+             else ["unknown"] * len(sizes))
+    return pd.DataFrame({"layer": range(len(sizes)), "attention": kinds, "bytes": sizes}), None
+
+
+def plot_kv_per_layer(kv: Any, config: Any = None, step: int | None = None, unit: str = "auto", ax: Any = None,
+                      layer: str = "layer", attention: str = "attention", value: str = "bytes"):
+    """KV-cache bytes held by each layer, bars coloured by attention kind (global / sliding).
+
+    ``kv``: the instruments' kv frame (dataset, sequence, step, layer, attention, context, bytes: by default the
+    step of the sequence that held the most bytes; with ``step=``, that step averaged over sequences), or
+    per-layer bytes (a sequence, e.g. ``kv_cache_bytes(cfg, T, per_layer=True)``) with the ``config`` that names
+    each layer's kind. The title gives the total (and the context length when the frame has it).
+    """
+    import seaborn as sns
+
+    df, context = _kv_per_layer(kv, config, step, layer, attention, value)
+    unit = _auto_unit(float(df["bytes"].max())) if unit == "auto" else unit
+    df = df.assign(size=df["bytes"] / _UNITS[unit])
+    ax = _new_ax(ax, (max(5.0, 1.5 + 0.16 * df["layer"].nunique()), 3.5))
+    kinds = [k for k in ("global", "sliding") if k in set(df["attention"])]
+    kinds += sorted(set(df["attention"]) - set(kinds))
+    colors = dict(zip(("global", "sliding"), sns.color_palette("colorblind", 2)))
+    for kind in kinds:
+        d = df[df["attention"] == kind]
+        ax.bar(d["layer"], d["size"], width=0.8, color=colors.get(kind, "0.6"), label=kind)
+    n = int(df["layer"].max()) + 1
+    step_ = _tick_step(n, 26)
+    ax.set_xticks(range(0, n, step_))
+    ax.set_xlim(-0.7, n - 0.3)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"KV cache ({unit})")
+    ax.legend(frameon=False, fontsize="small", loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=len(kinds),
+              borderaxespad=0.2)
+    title = f"total {format_bytes(float(df['bytes'].sum()))}" + (f" at {context} tokens" if context else "")
+    ax.set_title(title, loc="left", fontsize="medium")
+    return ax
+
+
+def plot_kv_vs_context(configs: Any, contexts: Sequence[int] = DEFAULT_CONTEXTS, dtype: Any = "bf16",
+                       ax: Any = None, annotate: bool = True):
+    """Analytic KV-cache size of one sequence against context length, per config: the config's own layout
+    (hybrid, solid) and every layer global (dashed). MiB on the y axis, a log2 x axis with 1K..32K ticks;
+    the saving at the longest context is written in the hybrid curve's label. A config with no sliding layer
+    (the released 4B) gets a single curve."""
+    import seaborn as sns
+
+    from .model.kv_cache import kv_cache_bytes
+    from .tables import _configs
+
+    ax = _new_ax(ax, (6, 4))
+    tdtype = _torch_dtype(dtype)
+    contexts = [int(t) for t in contexts]
+    cfgs = _configs(configs)
+    for (name, cfg), color in zip(cfgs.items(), sns.color_palette("colorblind", len(cfgs))):
+        hybrid = [kv_cache_bytes(cfg, t, dtype=tdtype) / MiB for t in contexts]
+        full = [kv_cache_bytes(cfg, t, dtype=tdtype, all_global=True) / MiB for t in contexts]
+        if np.allclose(hybrid, full):  # no sliding layers: one curve
+            ax.plot(contexts, full, "-o", color=color, markersize=4, label=f"{name} (every layer global)")
+            continue
+        ax.plot(contexts, full, "--", color=color, alpha=0.8, label=f"{name}, all global")
+        saving = f" ({full[-1] / hybrid[-1]:.2f}x smaller at {format_context(contexts[-1])})" if annotate else ""
+        ax.plot(contexts, hybrid, "-o", color=color, markersize=4, label=f"{name}, hybrid{saving}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(contexts, [format_context(t) for t in contexts])
+    ax.minorticks_off()
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("KV cache (MiB)")
+    ax.set_ylim(bottom=0)
+    ax.legend(frameon=False, fontsize="small")
+    ax.grid(True, axis="y", alpha=0.3)
+    return ax
+
+
+# ---------------------------------------------------------------------------------------------- expert cache
+def _is_optimal(policy: Any) -> bool:
+    return str(policy).lower() in OPTIMAL_POLICIES
+
+
+def plot_hit_rate_curves(curves_df: pd.DataFrame, measured: pd.DataFrame | None = None, ax: Any = None,
+                         x: str | None = None, measured_x: str | None = None, limit: float | None = None,
+                         total_bytes: float | None = None, logx: bool = False, unit: str = "MiB",
+                         policy: str = "policy", hit_rate: str = "hit_rate"):
+    """Expert-cache hit rate against cache capacity, one curve per policy; the optimal policy (Belady) as the
+    ceiling (black, dashed, "optimal (Belady)").
+
+    x: ``capacity_bytes`` in ``unit`` (MiB; 'auto' picks KiB/MiB/GiB) when the column exists, else
+    ``capacity_experts``. ``measured``: engine runs
+    (policy, hit_rate and the x column, or ``measured_x``, e.g. memory_limit in bytes) drawn as markers in
+    their policy's colour. ``limit``: a vertical line at this x (bytes when x is in bytes), e.g. the explorer's
+    slider. ``total_bytes``: all expert bytes; adds a top axis with the capacity as a share of them.
+    """
+    import seaborn as sns
+
+    ax = _new_ax(ax, (6, 4))
+    if x is None:
+        x = "capacity_bytes" if "capacity_bytes" in curves_df and curves_df["capacity_bytes"].notna().any() \
+            else "capacity_experts"
+    in_bytes = "bytes" in x
+    if in_bytes and unit == "auto":
+        unit = _auto_unit(float(curves_df[x].max()))
+    scale = _UNITS[unit] if in_bytes else 1.0
+    policies = list(pd.unique(curves_df[policy]))
+    others = [p for p in policies if not _is_optimal(p)]
+    colors = dict(zip(others, sns.color_palette("colorblind", max(1, len(others)))))
+    for p in [q for q in policies if _is_optimal(q)] + others:
+        d = curves_df[curves_df[policy] == p].sort_values(x)
+        if _is_optimal(p):
+            ax.plot(d[x] / scale, d[hit_rate], "--", color="black", linewidth=1.6, label="optimal (Belady)",
+                    zorder=3)
+        else:
+            ax.plot(d[x] / scale, d[hit_rate], "-", color=colors[p], linewidth=1.6, label=str(p).upper(), zorder=2)
+    if measured is not None and len(measured):
+        mx = measured_x or (x if x in measured else "memory_limit")
+        mscale = scale if ("bytes" in mx or "limit" in mx) and in_bytes else 1.0
+        groups = measured.groupby(policy, sort=False) if policy in measured else [(None, measured)]
+        for p, d in groups:
+            color = "black" if _is_optimal(p) else colors.get(p, "0.4")
+            ax.scatter(d[mx] / mscale, d[hit_rate], s=40, marker="o", facecolor=color, edgecolor="white",
+                       linewidth=1.0, zorder=4, label=f"measured ({str(p).upper()})" if p is not None else "measured")
+    if limit is not None:
+        ax.axvline(limit / scale, color="0.4", linestyle=":", linewidth=1.2, label="limit")
+    if logx:
+        ax.set_xscale("log", base=2)
+    else:
+        ax.set_xlim(left=0)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(f"expert cache capacity ({unit})" if in_bytes else "expert cache capacity (experts)")
+    ax.set_ylabel("hit rate")
+    ax.grid(True, alpha=0.3)
+    ax.legend(frameon=False, fontsize="small", loc="lower right")
+    if total_bytes:
+        t = float(total_bytes) / scale
+        top = ax.secondary_xaxis("top", functions=(lambda v: v / t, lambda s: s * t))
+        top.set_xlabel("share of all expert bytes")
+    return ax
+
+
+# ---------------------------------------------------------------------------------------------- throughput
+def bench_labels(bench_df: pd.DataFrame) -> list[str]:
+    """A short label per benchmark row from the columns that differ between rows (mode, device, limit, ...)."""
+    cols = [c for c in ("device", "mode", "memory_limit", "policy", "prefetch")
+            if c in bench_df and bench_df[c].astype(str).nunique() > 1]
+    mem = is_in_memory(bench_df)
+    labels = []
+    for (_, row), in_mem in zip(bench_df.iterrows(), mem):
+        parts = []
+        for c in cols:
+            v = row[c]
+            if c == "memory_limit":
+                parts.append(format_bytes(v))
+            elif c == "prefetch":
+                if not in_mem:
+                    parts.append("prefetch" if v is True or v == "on" or v == 1 else "no prefetch")
+            elif c == "policy":
+                if not in_mem:
+                    parts.append("no cache" if str(v).lower() in ("none", "off", "nan", "") else str(v))
+            elif c == "mode" and in_mem and "memory_limit" in cols:
+                continue
+            elif not (isinstance(v, float) and math.isnan(v)) and v is not None:
+                parts.append(str(v))
+        labels.append(", ".join(parts) or str(row.get("mode", "")))
+    return labels
+
+
+def plot_throughput(bench_df: pd.DataFrame, ax: Any = None, value: str = "decode_tok_s",
+                    bound_share: str = "bound_share", mode: str = "mode"):
+    """Decode tokens/s per benchmark run, horizontal bars coloured by mode, each annotated with its tok/s and the
+    share of the bound reached (bound time / measured time)."""
+    import seaborn as sns
+
+    df = bench_df.reset_index(drop=True)
+    labels = bench_labels(df)
+    ax = _new_ax(ax, (7, 0.9 + 0.42 * len(df)))
+    modes = list(pd.unique(df[mode].astype(str))) if mode in df else [""]
+    colors = dict(zip(modes, sns.color_palette("colorblind", len(modes))))
+    ypos = np.arange(len(df))
+    bar_colors = [colors[str(m)] for m in (df[mode] if mode in df else [""] * len(df))]
+    ax.barh(ypos, df[value], color=bar_colors, height=0.7)
+    vmax = float(df[value].max())
+    for y, (_, row) in zip(ypos, df.iterrows()):
+        text = f"{row[value]:.1f} tok/s"
+        if bound_share in df and pd.notna(row[bound_share]):
+            text += f" · {row[bound_share]:.0%} of bound"
+        ax.text(row[value] + 0.01 * vmax, y, text, va="center", ha="left", fontsize="small")
+    ax.set_yticks(ypos, labels)
+    ax.invert_yaxis()
+    ax.set_xlim(0, vmax * 1.75)  # room for the annotations
+    ax.set_xlabel("decode tokens/s" if value == "decode_tok_s" else value)
+    if len(modes) > 1:
+        from matplotlib.patches import Patch
+
+        ax.legend(handles=[Patch(color=colors[m], label=m) for m in modes], title=mode, frameon=False,
+                  fontsize="small", loc="lower right")
+    return ax
+
+
+# ---------------------------------------------------------------------------------------------- training
+def plot_loss_curve(log_df: pd.DataFrame, ax: Any = None, smooth: int | None = None, step: str = "step",
+                    columns: Sequence[str] = ("loss", "ce"), secondary: Sequence[str] = ("balance",)):
+    """Training loss against step: ``columns`` on the left axis, ``secondary`` (the balance loss, much smaller)
+    on a right axis, dashed. ``smooth``: a rolling-mean window in steps; the raw left-axis curves are then drawn
+    faint behind."""
+    import seaborn as sns
+
+    ax = _new_ax(ax, (6, 3.8))
+    cols = [c for c in columns if c in log_df]
+    sec = [c for c in secondary if c in log_df]
+    palette = sns.color_palette("colorblind", len(cols) + len(sec))
+    df = log_df.sort_values(step)
+    handles = []
+
+    def draw(axis, col, color, dashed=False):
+        y = df[col].astype(float)
+        if smooth and smooth > 1:
+            if not dashed:  # the raw curve, faint; not for the secondary axis, where it would hide the rest
+                axis.plot(df[step], y, color=color, alpha=0.25, linewidth=0.8)
+            y = y.rolling(int(smooth), min_periods=1).mean()
+        (h,) = axis.plot(df[step], y, color=color, linewidth=1.5, linestyle="--" if dashed else "-", label=col)
+        handles.append(h)
+
+    for col, color in zip(cols, palette):
+        draw(ax, col, color)
+    ax.set_xlabel(step)
+    ax.set_ylabel("loss" if cols else "")
+    if sec:
+        ax2 = ax.twinx()
+        for col, color in zip(sec, palette[len(cols):]):
+            draw(ax2, col, color, dashed=True)
+        ax2.set_ylabel(", ".join(sec) + " (right)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(handles=handles, frameon=False, fontsize="small", loc="upper right")
+    return ax
