@@ -355,3 +355,106 @@ def test_cache_and_timing_metrics_on_synthetic_events():
     tb = sl.time_breakdown(timing).set_index(["phase", "part"])
     assert tb.loc[("decode", "io_wait"), "share"] == 0.5
     assert sl.throughput(timing).set_index("phase").loc["prefill", "tok_s"] == 5.0
+
+
+# ----------------------------------------------------------------------------------------------------- engine
+@pytest.fixture(scope="module")
+def engine(model, tmp_path_factory):
+    """The offloading engine over the test model's weights, with a cache of 10 of its 32 experts."""
+    from smallthinker_lab.engine import Engine
+    from smallthinker_lab.model.checkpoint import save_pretrained
+
+    folder = save_pretrained(model, tmp_path_factory.mktemp("engine") / "model")
+    probe = Engine.from_pretrained(folder, memory_limit="unlimited", progress=False)
+    plan = probe.memory_plan()
+    probe.close()
+    eng = Engine.from_pretrained(folder, memory_limit=plan["minimum_bytes"] + 8 * plan["expert_slot_bytes"],
+                                 progress=False)
+    assert eng.cache.capacity_experts == 10  # top_k (2) + 8
+    yield eng
+    eng.close()
+
+
+def _engine_run(engine, n_new=6, seed=0, **kw):
+    engine.reset_stats(clear_cache=True)
+    with sl.record(engine, **kw) as rec:
+        out = engine.generate(_prompt(seed=seed), n_new, stop_tokens=[]).tokens
+    return rec, out
+
+
+def test_engine_cache_events_match_engine_counters(engine):
+    rec, _ = _engine_run(engine, n_new=8)
+    st = engine.stats()
+    s = rec.summary()
+    assert (s["cache_hit"], s["cache_miss"], s["cache_evict"]) == (st["hits"], st["misses"], st["evictions"])
+    assert s["cache_bytes_read"] == st["bytes_read"]
+    assert s["cache_hit_rate"] == st["hit_rate"]
+    per_layer = sl.hit_rates(rec.to_dataframe("cache"))
+    frame = engine.stats_frame()
+    for i in range(engine.config.num_hidden_layers):
+        assert per_layer.loc[i, "hits"] == frame.loc[i, "hits"] and per_layer.loc[i, "misses"] == frame.loc[i, "misses"]
+        assert rec[f"layers.{i}.cache.hits"].sum() == frame.loc[i, "hits"]
+    assert len(engine.hooks) == 0
+
+
+def test_lru_curve_at_the_engine_cache_size_equals_its_hit_rate(engine):
+    rec, _ = _engine_run(engine, n_new=10, seed=4)
+    cap = engine.cache.capacity_experts
+    st = engine.stats()
+    assert 0 < st["hits"] < st["requests"]  # the cache is small enough to evict, large enough to hit
+    assert sl.lru_hit_curve(engine.trace, [cap]).iloc[0] == st["hit_rate"]
+    curves = sl.hit_rate_curves(engine, capacities=range(0, 33))
+    row = curves[(curves.policy == "lru") & (curves.capacity_experts == cap)].iloc[0]
+    assert (row["hits"], row["misses"]) == (st["hits"], st["misses"])
+    assert row["capacity_bytes"] == cap * engine.cache.expert_nbytes
+    # the trace derived from the recording is the engine's request sequence
+    assert [t[1:] for t in sl.trace_from_recording(rec)] == [tuple(t[-2:]) for t in engine.trace]
+
+
+def _routed(rec, i):
+    """Sorted (token row, expert, inactive neurons) of layer i."""
+    names = ("routed_token", "routed_expert", "inactive_neurons")
+    return sorted(zip(*(rec[f"layers.{i}.moe.{n}"].tolist() for n in names)))
+
+
+def test_engine_recording_equals_model_recording(engine, model):
+    """Same weights, same prompt: the engine routes and sparsifies exactly as the model does, also with the
+    prompt prefilled in chunks (rows of each chunk are renumbered within the step)."""
+    ref, ref_tokens = _run(model, n_new=5, kinds=("experts", "neurons", "kv"))
+    for chunk in (256, 5):
+        engine.prefill_chunk = chunk
+        try:
+            rec, tokens = _engine_run(engine, n_new=5, kinds=("experts", "neurons", "kv"))
+        finally:
+            engine.prefill_chunk = 256
+        assert tokens == ref_tokens
+        assert rec["steps.tokens"].tolist() == ref["steps.tokens"].tolist() and not rec.notes
+        for i in range(model.config.num_hidden_layers):
+            np.testing.assert_array_equal(rec[f"layers.{i}.moe.topk_ids"], ref[f"layers.{i}.moe.topk_ids"])
+            np.testing.assert_allclose(rec[f"layers.{i}.moe.topk_weights"], ref[f"layers.{i}.moe.topk_weights"],
+                                       atol=1e-5)
+            assert _routed(rec, i) == _routed(ref, i)
+            np.testing.assert_array_equal(rec[f"layers.{i}.moe.neuron_counts"], ref[f"layers.{i}.moe.neuron_counts"])
+            np.testing.assert_array_equal(rec[f"layers.{i}.attn.kv_bytes"], ref[f"layers.{i}.attn.kv_bytes"])
+
+
+def test_engine_timing_split(engine):
+    rec, _ = _engine_run(engine, n_new=4, kinds=("timing",))
+    t = rec.to_dataframe("timing")
+    assert {"total", "router", "attention", "moe", "lm_head"} <= set(t["part"])
+    tb = sl.time_breakdown(t)
+    parts = tb[tb.part.isin(["router", "attention", "moe", "lm_head"])].groupby("phase")["share"].sum()
+    assert ((parts > 0) & (parts <= 1.0 + 1e-9)).all()  # the parts happen inside the step's wall time
+    io = sl.io_wait_share(t)
+    assert ((io["io_wait_share"] >= 0) & (io["io_wait_share"] <= 1)).all()
+    assert sl.throughput(t).set_index("phase").loc["decode", "steps"] == 3
+    assert not any("whole-step" in n for n in rec.notes)
+
+
+def test_profile_on_the_engine(engine):
+    engine.reset_stats(clear_cache=True)
+    rec = sl.profile(engine, [[5, 6, 7, 8], [9, 10]], dataset="toy", max_new_tokens=3, progress=False,
+                     stop_tokens=[])
+    assert rec.summary()["sequences"] == 2 and rec.summary()["steps"] == 6
+    assert rec.summary()["cache_hit"] + rec.summary()["cache_miss"] == engine.stats()["requests"]
+    assert len(engine.hooks) == 0
