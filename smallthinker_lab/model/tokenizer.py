@@ -1,0 +1,75 @@
+"""Load the model's tokenizer: the project's tiny BPE (``"default"``) or any folder in Hugging Face format.
+
+>>> tok = load_tokenizer("default")                      # data/models/smallthinker-tiny, vocab 8192
+>>> ids = apply_chat_template(tok, [{"role": "user", "content": "Hi"}])
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CHATML_TEMPLATE", "DEFAULT_TOKENIZER_DIR", "apply_chat_template", "load_tokenizer", "resolve_tokenizer_dir"]
+
+# ChatML, as Qwen2 uses it, without an implicit default system message.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "data" / "models" / "smallthinker-tiny"
+
+
+def resolve_tokenizer_dir(path: str | Path) -> Path:
+    """``"default"`` -> the repository's ``data/models/smallthinker-tiny`` (or a copy installed as package data
+    under ``smallthinker_lab/_data/models/smallthinker-tiny``); anything else is taken as a folder path."""
+    if str(path) != "default":
+        return Path(path).expanduser()
+    if DEFAULT_TOKENIZER_DIR.is_dir():
+        return DEFAULT_TOKENIZER_DIR
+    installed = Path(__file__).resolve().parents[1] / "_data" / "models" / "smallthinker-tiny"
+    return installed if installed.is_dir() else DEFAULT_TOKENIZER_DIR
+
+
+def load_tokenizer(path: str | Path = "default", chat_template: str | None = None) -> Any:
+    """A ``transformers`` tokenizer from a folder holding ``tokenizer.json`` (loaded as PreTrainedTokenizerFast)
+    or ``vocab.json`` + ``merges.txt`` (loaded as Qwen2Tokenizer). If the folder has no chat template, the
+    ChatML one is set (``chat_template`` overrides either)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = resolve_tokenizer_dir(path)
+    has_json = (folder / "tokenizer.json").is_file()
+    has_bpe = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    if not (has_json or has_bpe):
+        raise FileNotFoundError(
+            f"no tokenizer in {folder}: expected tokenizer.json, or vocab.json + merges.txt"
+            + ("" if folder.is_dir() else " (the folder does not exist)")
+        )
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    if has_json and not cfg.get("tokenizer_class"):
+        tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    elif has_bpe and not has_json and not cfg.get("tokenizer_class"):
+        from transformers import Qwen2Tokenizer
+
+        tok = Qwen2Tokenizer.from_pretrained(str(folder))
+    else:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    elif not getattr(tok, "chat_template", None):
+        tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def apply_chat_template(
+    tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True, tokenize: bool = True
+) -> list[int] | str:
+    """Render ``messages`` with the tokenizer's chat template: token ids (``tokenize=True``) or the string."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    if not tokenize:
+        return text
+    return tokenizer.encode(text, add_special_tokens=False)
