@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES: list[str] = [
     "smallthinker_lab.engine.cli",
     "smallthinker_lab.train.cli",
+    "smallthinker_lab.report",
 ]
 
 
