@@ -1,0 +1,385 @@
+"""``smallthinker-lab report``: run the prompt sets through the engine with the instruments on and write report/.
+
+What it does, in order (one progress bar per stage):
+
+1. profile: every prompt set (``--max-prompts`` each, ``--max-new-tokens`` each) through the offloading engine
+   under ``--memory-limit`` (LRU, prefetch on) with every instrument on: expert routing, neuron sparsity, KV
+   bytes, cache events, timing;
+2. bench: the first ``--bench-prompts`` prompts of each set, instruments off, timed: in memory (the model with
+   every weight resident), the engine with a cache that holds every expert, under the limit (LRU and LFU,
+   prefetch on and off), at 25% and 75% of the expert bytes, and at the minimum (no cache; with prefetch off
+   that is naive on-demand offload). The hit-rate curves come from the expert trace of the every-expert run,
+   so each limited run's measured LRU hit rate is a point on its curve;
+3. write PNGs, CSVs and an ``index.html`` that shows them together (static: images referenced relatively, no
+   JavaScript).
+
+``--memory-limit`` is a size ("24MiB", "1.5GiB", bytes) or a share of the expert bytes ("50%": the engine's
+fixed working set plus half of all experts). The defaults (8 prompts per set, 16 new tokens, 2 bench prompts per
+set) take one to three minutes on a laptop CPU with the default model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .widgets import PROMPT_SETS, load_prompt_sets
+
+MiB = 2**20
+KINDS = ("experts", "neurons", "kv", "cache", "timing")
+
+
+# ------------------------------------------------------------------ limits
+def resolve_limit(limit: str | int | float | None, plan: dict[str, Any]) -> int | None:
+    """Bytes of a memory limit: a size, or "NN%" of all expert bytes on top of the fixed working set (never
+    below the engine's minimum). ``plan`` is an engine's ``memory_plan()``."""
+    from .engine.memory import parse_memory_limit
+
+    if isinstance(limit, str) and limit.strip().endswith("%"):
+        share = float(limit.strip()[:-1]) / 100.0
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"a memory limit given in percent must be 0%..100% of the expert bytes, got {limit}")
+        return limit_for_share(plan, share)
+    return parse_memory_limit(limit)
+
+
+def limit_for_share(plan: dict[str, Any], share: float) -> int:
+    """The limit whose expert cache holds ``share`` of all experts (at least the minimum working set)."""
+    slot, total = int(plan["expert_slot_bytes"]), int(plan["total_expert_bytes"])
+    n = int(math.floor(share * (total // slot) + 1e-9))
+    return max(int(plan["fixed_bytes"]) + n * slot, int(plan["minimum_bytes"]))
+
+
+# ------------------------------------------------------------------ runs
+def _timed_run(generate_one, prompts: Sequence[Sequence[int]], max_new_tokens: int, bar) -> dict[str, float]:
+    """Prefill/decode seconds and tokens over the prompts, with ``generate_one(ids, n, stats)``."""
+    from .model.generate import GenerationStats
+
+    out = {"prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0}
+    for ids in prompts:
+        st = GenerationStats()
+        generate_one(ids, max_new_tokens, st)
+        out["prefill_tokens"] += st.prompt_tokens
+        out["prefill_seconds"] += st.prefill_seconds
+        out["decode_tokens"] += len(st.decode_token_seconds)
+        out["decode_seconds"] += st.decode_seconds
+        bar.update(1)
+    return out
+
+
+def _bench(model_path, device: str, prompts: list[list[int]], max_new_tokens: int, plan: dict[str, Any],
+           main_limit: int, progress: bool) -> tuple[pd.DataFrame, list, pd.DataFrame]:
+    """Timed runs (instruments off): benchmark rows, the every-expert run's trace, per-layer frame of the main run."""
+    from tqdm.auto import tqdm
+
+    from .engine import Engine
+    from .model import load_model
+    from .model.generate import stream_generate
+
+    total = int(plan["total_expert_bytes"])
+    full = limit_for_share(plan, 1.0)
+    minimum = int(plan["minimum_bytes"])
+    runs = [  # (variant, memory_limit, policy, prefetch)
+        ("all experts cached", full, "lru", True),
+        ("full", main_limit, "lru", True),
+        ("no prefetch", main_limit, "lru", False),
+        ("full", main_limit, "lfu", True),
+        ("full", limit_for_share(plan, 0.25), "lru", True),
+        ("full", limit_for_share(plan, 0.75), "lru", True),
+        ("no cache", minimum, "lru", True),
+        ("naive offload", minimum, "lru", False),
+    ]
+    seen, unique = set(), []
+    for r in runs:
+        if r[1:] not in seen:
+            seen.add(r[1:])
+            unique.append(r)
+    rows, trace, main_layers = [], [], None
+    bar = tqdm(total=len(prompts) * (len(unique) + 1), desc="bench", unit="gen", disable=not progress)
+    try:
+        model = load_model(model_path, device=device)
+
+        def gen_model(ids, n, st):
+            for _ in stream_generate(model, ids, n, stats=st):
+                pass
+
+        t = _timed_run(gen_model, prompts, max_new_tokens, bar)
+        rows.append({"mode": "in_memory", "variant": "in memory", "device": device, "memory_limit": np.nan,
+                     "limit_share_of_expert_bytes": 1.0, "policy": None, "prefetch": None, **_rates(t),
+                     "hit_rate": np.nan, "bytes_read_per_token": 0.0, "io_wait_share": 0.0,
+                     "capacity_experts": np.nan})
+        model = None  # free it before the engine runs
+        for variant, limit, policy, prefetch in unique:
+            engine = Engine.from_pretrained(model_path, memory_limit=limit, device=device, policy=policy,
+                                            prefetch=prefetch, progress=False)
+            try:
+                engine.reset_stats(clear_cache=True)
+
+                def gen_engine(ids, n, st, engine=engine):
+                    for _ in engine.stream(ids, n, stats=st):
+                        pass
+
+                t = _timed_run(gen_engine, prompts, max_new_tokens, bar)
+                s = engine.stats()
+                if variant == "all experts cached":
+                    trace = list(engine.trace)
+                if (limit, policy, prefetch) == (main_limit, "lru", True):
+                    main_layers = engine.stats_frame()
+            finally:
+                engine.close()
+            busy = t["prefill_seconds"] + t["decode_seconds"]
+            rows.append({"mode": "offload", "variant": variant, "device": device, "memory_limit": limit,
+                         "limit_share_of_expert_bytes": s["capacity_experts"] * s["expert_nbytes"] / total,
+                         "policy": policy, "prefetch": prefetch, **_rates(t), "hit_rate": s["hit_rate"],
+                         "bytes_read_per_token": s["bytes_read_per_token"],
+                         "io_wait_share": s["io_wait_seconds"] / busy if busy else np.nan,
+                         "capacity_experts": s["capacity_experts"]})
+    finally:
+        bar.close()
+    return pd.DataFrame(rows), trace, main_layers
+
+
+def _rates(t: dict[str, float]) -> dict[str, float]:
+    return {"prefill_tok_s": t["prefill_tokens"] / t["prefill_seconds"] if t["prefill_seconds"] else np.nan,
+            "decode_tok_s": t["decode_tokens"] / t["decode_seconds"] if t["decode_seconds"] else np.nan,
+            "prefill_tokens": t["prefill_tokens"], "decode_tokens": t["decode_tokens"]}
+
+
+# ------------------------------------------------------------------ the report
+def write_report(model: str | Path = "default", out: str | Path = "report", memory_limit: str | int | None = "50%",
+                 max_prompts: int = 8, max_new_tokens: int = 16, bench_prompts: int = 2, device: str = "cpu",
+                 prompt_sets: Sequence[str] | None = None, max_prompt_tokens: int = 256, threads: int | None = None,
+                 progress: bool = True) -> list[Path]:
+    """Run the prompt sets with the instruments on and write PNGs, CSVs and index.html to ``out``.
+
+    Returns the files written (index.html last). See the module docstring for what runs.
+    """
+    import matplotlib.pyplot as plt
+    import torch
+
+    from . import plots, tables
+    from .engine import Engine
+    from .instruments import Recording, profile
+    from .instruments.curves import hit_rate_curves
+    from .instruments.metrics import (
+        expert_frequency,
+        expert_usage_divergence,
+        hit_rates,
+        io_wait_share,
+        kv_footprint,
+        neuron_sparsity_by_layer,
+        throughput,
+    )
+    from .model.config import SmallThinkerConfig
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(prompt_sets or PROMPT_SETS)
+    texts = load_prompt_sets(names, max_prompts)
+    written: list[Path] = []
+
+    # 1. profile under the limit, instruments on
+    probe = Engine.from_pretrained(model, memory_limit=None, device=device, progress=progress)
+    try:
+        plan = dict(probe.memory_plan())
+        config = probe.config
+        ids = {n: [probe.encode(p)[0, :max_prompt_tokens].tolist() for p in ps] for n, ps in texts.items()}
+    finally:
+        probe.close()
+    limit = resolve_limit(memory_limit, plan)
+    if limit is None:
+        limit = limit_for_share(plan, 1.0)
+    engine = Engine.from_pretrained(model, memory_limit=limit, device=device, policy="lru", prefetch=True,
+                                    progress=False)
+    try:
+        engine.reset_stats(clear_cache=True)
+        recs = [profile(engine, ids[n], dataset=n, max_new_tokens=max_new_tokens, kinds=KINDS, progress=progress)
+                for n in names]
+        main_plan = engine.memory_plan(as_frame=True)
+        profile_stats = engine.stats()
+    finally:
+        engine.close()
+    rec = Recording.concat(recs)
+
+    # 2. timed runs
+    bench_ids = [p for n in names for p in ids[n][:bench_prompts]]
+    bench, trace, main_layers = _bench(model, device, bench_ids, max_new_tokens, plan, limit, progress)
+
+    # 3. frames and tables
+    experts = rec.to_dataframe("experts")
+    freq = expert_frequency(experts, config.num_experts)
+    neurons = rec.to_dataframe("neurons")
+    kv = rec.to_dataframe("kv")
+    cache = rec.to_dataframe("cache")
+    timing = rec.to_dataframe("timing")
+    n_total = int(plan["total_expert_bytes"] // plan["expert_slot_bytes"])
+    caps = sorted(set(np.linspace(0, n_total, min(n_total + 1, 129)).round().astype(int).tolist())
+                  | {int(c) for c in bench["capacity_experts"].dropna()})
+    curves = hit_rate_curves(trace, capacities=caps, policies=("lru", "lfu", "belady"),
+                             expert_nbytes=int(plan["expert_slot_bytes"]))
+    kv_configs = {"SmallThinker-4B-A0.6B": SmallThinkerConfig.from_name("smallthinker-4b-a0.6b"),
+                  "SmallThinker-21B-A3B": SmallThinkerConfig.from_name("smallthinker-21b-a3b"),
+                  f"{Path(str(model)).name if str(model) != 'default' else 'smallthinker-tiny'} (this model)": config}
+    kv_contexts = (1024, 2048, 4096, 8192, 16384, 32768)
+
+    csvs: dict[str, tuple[pd.DataFrame, str]] = {
+        "throughput_table.csv": (tables.throughput_table(bench), "Throughput: in memory vs under the limit"),
+        "ablation_table.csv": (tables.ablation_table(bench), "Ablation: prefetch and cache"),
+        "bench_runs.csv": (bench, "Benchmark runs (raw)"),
+        "expert_usage_table.csv": (tables.expert_usage_table(freq), "Expert usage per prompt set"),
+        "expert_frequency.csv": (freq, None),
+        "expert_usage_divergence.csv": (expert_usage_divergence(freq), None),
+        "sparsity_table.csv": (tables.sparsity_table(neurons), "Neuron sparsity per layer"),
+        "sparsity_by_layer.csv": (neuron_sparsity_by_layer(neurons), None),
+        "kv_table.csv": (tables.kv_table(kv_configs, kv_contexts), "KV cache: hybrid vs all-global"),
+        "kv_footprint.csv": (kv_footprint(kv, config), None),
+        "hit_rates_per_layer.csv": (hit_rates(cache), "Hit rate per layer (profile run)"),
+        "hit_rate_curves.csv": (curves, None),
+        "instrumented_throughput.csv": (throughput(timing), None),
+        "io_wait_share.csv": (io_wait_share(timing), None),
+        "memory_plan.csv": (main_plan.reset_index(), "Memory plan under the limit"),
+    }
+    if main_layers is not None:
+        csvs["engine_stats_per_layer.csv"] = (main_layers.reset_index(), None)
+    for fname, (df, _) in csvs.items():
+        df.to_csv(out / fname, index=False)
+        written.append(out / fname)
+
+    # 4. figures
+    measured = bench[bench["mode"] == "offload"].assign(
+        capacity_bytes=lambda d: d["capacity_experts"] * plan["expert_slot_bytes"])
+    measured = measured[measured["variant"] != "all experts cached"]
+    figures = {
+        "expert_heatmaps.png": ("Expert activation frequency (Figures 4-5)",
+                                lambda: plots.plot_expert_heatmaps(freq, datasets=names, n_experts=config.num_experts,
+                                                                   ncols=2)),
+        "expert_frequency_distribution.png": ("Expert frequency distribution",
+                                              lambda: plots.plot_expert_frequency_distribution(freq)),
+        "sparsity_boxplots.png": ("Neuron sparsity per layer (Figure 6)",
+                                  lambda: plots.plot_sparsity_boxplots(neurons)),
+        "kv_per_layer.png": ("KV-cache bytes per layer (measured)", lambda: plots.plot_kv_per_layer(kv)),
+        "kv_vs_context.png": ("KV cache against context: hybrid vs all-global (released shapes; this model)",
+                              lambda: _kv_vs_context(plots, kv_configs, kv_contexts)),
+        "hit_rate_curves.png": ("Hit rate against cache capacity, measured points",
+                                lambda: plots.plot_hit_rate_curves(
+                                    curves, measured[["policy", "hit_rate", "capacity_bytes"]],
+                                    limit=(limit - plan["fixed_bytes"]), total_bytes=plan["total_expert_bytes"])),
+        "throughput.png": ("Decode throughput", lambda: plots.plot_throughput(bench)),
+    }
+    captions = {}
+    for fname, (caption, draw) in figures.items():
+        obj = draw()
+        fig = obj if hasattr(obj, "savefig") else obj.figure
+        fig.savefig(out / fname, dpi=110, bbox_inches="tight", facecolor="white")
+        plt.close(fig)
+        written.append(out / fname)
+        captions[fname] = caption
+
+    # 5. index.html
+    summary = {
+        "model": str(model), "device": device, "memory limit": f"{limit / MiB:.2f} MiB",
+        "expert cache": f"{profile_stats['capacity_experts']} of {n_total} experts "
+                        f"({profile_stats['capacity_experts'] / n_total:.0%} of the expert bytes)",
+        "prompt sets": ", ".join(f"{n} ({len(ids[n])})" for n in names),
+        "new tokens per prompt": max_new_tokens, "bench prompts per set": bench_prompts,
+        "profile hit rate": f"{profile_stats['hit_rate']:.1%}",
+        "wall time": f"{time.perf_counter() - t_start:.0f} s",
+    }
+    index = out / "index.html"
+    index.write_text(_html(summary, figures=captions, tables={k: v for k, v in csvs.items() if v[1]},
+                           files=[p.name for p in written]), encoding="utf-8")
+    written.append(index)
+    return written
+
+
+def _kv_vs_context(plots, configs: dict, contexts: Sequence[int]):
+    """Two panels: the released shapes (4B, 21B), and this model (too small to read on the same axis)."""
+    import matplotlib.pyplot as plt
+
+    names = list(configs)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
+    plots.plot_kv_vs_context({n: configs[n] for n in names[:-1]}, contexts, ax=a)
+    plots.plot_kv_vs_context({names[-1]: configs[names[-1]]}, contexts, ax=b)
+    a.set_title("released shapes (bf16)")
+    b.set_title("this model (bf16)")
+    return fig
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float | np.floating):
+        if math.isnan(v):
+            return ""
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return html.escape(str(v))
+
+
+def _html(summary: dict[str, Any], figures: dict[str, str], tables: dict[str, tuple[pd.DataFrame, str]],
+          files: list[str]) -> str:
+    css = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+           "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 8px;"
+           "font-size:13px;text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}"
+           "figure{margin:1em 0 2em}img{max-width:100%;border:1px solid #eee}figcaption{color:#555}")
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>SmallThinker report</title>",
+             f"<style>{css}</style></head><body><h1>SmallThinker report</h1><table>"]
+    parts += [f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items()]
+    parts.append("</table><h2>Figures</h2>")
+    for fname, caption in figures.items():
+        parts.append(f"<figure><img src='{fname}' alt='{html.escape(caption)}'>"
+                     f"<figcaption>{html.escape(caption)} ({fname})</figcaption></figure>")
+    parts.append("<h2>Tables</h2>")
+    for fname, (df, title) in tables.items():
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+        body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>"
+                       for row in df.itertuples(index=False))
+        parts.append(f"<h3>{html.escape(title)} (<a href='{fname}'>{fname}</a>)</h3>"
+                     f"<table><tr>{head}</tr>{body}</table>")
+    parts.append("<h2>Files</h2><ul>")
+    parts += [f"<li><a href='{f}'>{f}</a></li>" for f in files]
+    parts.append("</ul></body></html>")
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------ CLI
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report", help="run the prompt sets with the instruments on and write report/ (PNG, CSV, index.html)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="checkpoint folder, or 'default' (the shipped tiny model)")
+    p.add_argument("--memory-limit", default="50%",
+                   help="the engine's memory limit: a size (24MiB, 1.5GiB) or a share of the expert bytes on top "
+                        "of the fixed working set (50%%); default 50%%")
+    p.add_argument("--out", default="report", help="output folder (default report/)")
+    p.add_argument("--max-prompts", type=int, default=8, help="prompts per set for the profile (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per prompt (default 16)")
+    p.add_argument("--bench-prompts", type=int, default=2,
+                   help="prompts per set for each timed run (default 2)")
+    p.add_argument("--max-prompt-tokens", type=int, default=256, help="prompts are cut to this many tokens")
+    p.add_argument("--prompt-sets", nargs="+", default=list(PROMPT_SETS),
+                   help=f"names in data/prompts or .jsonl paths (default: {' '.join(PROMPT_SETS)})")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> int:
+    files = write_report(model=args.model, out=args.out, memory_limit=args.memory_limit,
+                         max_prompts=args.max_prompts, max_new_tokens=args.max_new_tokens,
+                         bench_prompts=args.bench_prompts, device=args.device, prompt_sets=args.prompt_sets,
+                         max_prompt_tokens=args.max_prompt_tokens, threads=args.threads,
+                         progress=not args.no_progress)
+    for f in files:
+        print(f)
+    print(f"report: open {files[-1]}")
+    return 0
