@@ -46,6 +46,7 @@ _CHUNK = 1 << 22  # elements generated at a time for synthetic tensors (16 MB of
 # data starts on a 64-byte boundary, so mapped tensors are as aligned as fresh ones and matmul kernels take the
 # same path for a file as for a fresh tensor (an 8-byte aligned start changed fp32 logits by 1 ulp)
 _ALIGN = 64
+_MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers too
 
 
 class CheckpointError(ValueError):
@@ -103,8 +104,9 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{bad}: {size} bytes, shorter than the 8-byte header length")
     with open(file, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        if n > size - 8:
-            raise CheckpointError(f"{bad}: the header claims {n} bytes but only {size - 8} follow the length field")
+        if n > min(size - 8, _MAX_HEADER):
+            raise CheckpointError(f"{bad}: the header claims {n} bytes; {size - 8} follow the length field "
+                                  f"and headers are at most {_MAX_HEADER} bytes")
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -225,7 +227,9 @@ def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | N
     """A SmallThinkerForCausalLM in eval mode from a local folder in the Hugging Face layout.
 
     The weights are memory-mapped (tensors from ``safe_open`` are views of the file's pages, which the
-    model then owns; nothing is copied unless ``dtype`` or ``device`` asks for a conversion).
+    model then owns; nothing is copied unless ``dtype`` or ``device`` asks for a conversion). The mapping is
+    private (copy-on-write), and :func:`save_pretrained` replaces files rather than rewriting them, so saving
+    over the folder a model was loaded from is safe; rewriting those files in place by other means is not.
     ``dtype=None`` keeps the stored dtype (config.json's ``torch_dtype`` when the files mix dtypes).
 
     Every stored tensor must be one the config describes, with the expected shape and a floating-point
