@@ -36,7 +36,7 @@ class RotaryEmbedding(nn.Module):
         # follow device moves but not dtype casts: model.to(bfloat16) must not round the frequencies
         inv_freq = self.inv_freq
         super()._apply(fn, recurse)
-        if inv_freq.dtype == torch.float32 and not self.inv_freq.is_meta:
+        if inv_freq.dtype == torch.float32 and not inv_freq.is_meta and not self.inv_freq.is_meta:
             self.inv_freq = inv_freq.to(self.inv_freq.device)
         return self
 
