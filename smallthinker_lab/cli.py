@@ -8,6 +8,7 @@ import sys
 
 # modules that add subcommands through register(subparsers)
 COMMAND_MODULES: list[str] = [
+    "smallthinker_lab.data.cli",
     "smallthinker_lab.engine.cli",
     "smallthinker_lab.train.cli",
     "smallthinker_lab.report",
