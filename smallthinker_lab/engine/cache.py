@@ -175,31 +175,70 @@ class SimResult:
 
 
 def simulate(trace: Sequence, capacity_experts: int, policy: str = "lru") -> SimResult:
-    """Replay demand requests ((layer, expert) or (step, layer, expert) items) through a cache of
-    ``capacity_experts`` entries, starting empty; the engine's hit semantics (see the module docstring)."""
+    """Replay demand requests through a cache of ``capacity_experts`` entries, starting empty, with the engine's
+    hit semantics (see the module docstring).
+
+    Items are (layer, expert) or (step, layer, expert). With steps, the requests of one (step, layer) are one
+    layer's demand and are pinned as the engine pins them (:func:`layer_chunks`): all of them while the layer
+    computes when they fit the cache, else chunk by chunk. Pins never change an LRU victim (pinned entries are
+    the most recent), but they can change an LFU or Belady one, so a trace with steps replays every policy
+    exactly; (layer, expert) items are replayed without pins.
+    """
     if capacity_experts < 1:
         raise ValueError(f"capacity_experts must be >= 1, got {capacity_experts}")
-    keys = [_key(t) for t in trace]
+    items = list(trace)
+    keys = [_key(t) for t in items]
     pol = make_policy(policy, keys if policy == "belady" else None)
     resident: set[Key] = set()
     res = SimResult(policy, capacity_experts)
-    always = lambda k: True
-    for key in keys:
-        res.requests += 1
-        hit = key in resident
-        pol.on_request(key, hit)
-        if hit:
-            res.hits += 1
-            continue
-        res.misses += 1
-        if len(resident) >= capacity_experts:
-            victim = pol.victim(always)
-            resident.discard(victim)
-            pol.on_remove(victim)
-            res.evictions += 1
-        resident.add(key)
-        pol.on_insert(key)
+    pinned: set[Key] = set()
+    evictable = lambda k: k not in pinned
+    for group in _groups(items, keys):
+        chunks, double = layer_chunks(group, capacity_experts)
+        for c, chunk in enumerate(chunks):
+            pinned = set(chunks[c - 1]) if double and c > 0 else set()
+            for key in chunk:
+                res.requests += 1
+                hit = key in resident
+                pol.on_request(key, hit)
+                if hit:
+                    res.hits += 1
+                else:
+                    res.misses += 1
+                    if len(resident) >= capacity_experts:
+                        victim = pol.victim(evictable)
+                        resident.discard(victim)
+                        pol.on_remove(victim)
+                        res.evictions += 1
+                    resident.add(key)
+                    pol.on_insert(key)
+                pinned.add(key)
     return res
+
+
+def layer_chunks(experts: Sequence, capacity: int) -> tuple[list[list], bool]:
+    """How the engine streams one layer's experts through a cache of ``capacity`` entries: one chunk when they fit;
+    else chunks of capacity // 2 (at least 1), double buffered (chunk c + 1 requested while chunk c computes)
+    when two chunks fit. Returns (chunks, double_buffered)."""
+    experts = list(experts)
+    if len(experts) <= capacity:
+        return [experts], False
+    size = max(1, capacity // 2)
+    return [experts[j:j + size] for j in range(0, len(experts), size)], 2 * size <= capacity
+
+
+def _groups(items: list, keys: list[Key]) -> Iterator[list[Key]]:
+    """Consecutive requests of one (step, layer); single requests for (layer, expert) items."""
+    group, gid = [], None
+    for item, key in zip(items, keys):
+        g = (item[0], item[1]) if len(item) >= 3 else object()
+        if group and g != gid:
+            yield group
+            group = []
+        gid = g
+        group.append(key)
+    if group:
+        yield group
 
 
 # ------------------------------------------------------------------ slots

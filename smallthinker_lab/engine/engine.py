@@ -47,7 +47,7 @@ from ..model.layers import RotaryEmbedding
 from ..model.model import SmallThinkerForCausalLM
 from . import sparse
 from .bundle import FORMAT_DTYPE, checkpoint_tensor_files, ensure_bundle, is_expert_tensor, open_bundle
-from .cache import Entry, ExpertCache, SlotArena
+from .cache import Entry, ExpertCache, SlotArena, layer_chunks
 from .io import CudaTransfer, ExpertReader
 from .memory import MemoryPlan, itemsize, parse_memory_limit, plan_memory, workspace_bytes
 from .quant import get_format
@@ -68,6 +68,7 @@ class _Work:
     layer: int
     chunks: list[list[int]]
     rows: dict[int, tuple[torch.Tensor | None, torch.Tensor | int]]  # expert -> (token rows or None, k slot)
+    double: bool = False  # chunk c + 1 is requested while chunk c computes
     requested: list[list[Entry] | None] = field(default_factory=list)
 
 
@@ -390,14 +391,11 @@ class Engine:
                 slot, token = torch.where(mask[e])
                 rows[e] = (token, slot)
         cap = self.cache.capacity_experts
-        if len(order) <= cap:
-            chunks = [order]
-        else:  # stream through the cache: resident experts first, half the cache per chunk (double buffered)
+        if len(order) > cap:  # streamed through the cache in chunks: resident experts first
             resident = [e for e in order if (layer, e) in self.cache]
             order = resident + [e for e in order if (layer, e) not in self.cache]
-            size = max(1, cap // 2)
-            chunks = [order[j:j + size] for j in range(0, len(order), size)]
-        return _Work(layer, chunks, rows)
+        chunks, double = layer_chunks(order, cap)
+        return _Work(layer, chunks, rows, double)
 
     def _request_next(self, work: _Work) -> None:
         """Request the next chunk of the layer's experts (pins them; misses start reading)."""
@@ -408,8 +406,7 @@ class Engine:
     def _moe(self, work: _Work, u: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         H = self.config.hidden_size
         u = u.reshape(-1, H)  # (N, H)
-        cap = self.cache.capacity_experts
-        double = len(work.chunks) > 1 and 2 * max(len(c) for c in work.chunks) <= cap
+        double = work.double
         outs: dict[int, torch.Tensor] = {}
         cache = self.cache
         for c in range(len(work.chunks)):
@@ -631,11 +628,10 @@ class Engine:
                          "router_seconds": self._t_router[i], "attention_seconds": self._t_attn[i],
                          "moe_seconds": self._t_moe[i], "lookahead_predicted": self._la_predicted[i],
                          "lookahead_correct": self._la_correct[i]})
+        total = {k: sum(r[k] for r in rows) for k in rows[0] if k != "layer"}
+        n = total["hits"] + total["misses"]
+        rows.append({"layer": "all", **total, "hit_rate": total["hits"] / n if n else float("nan")})
         df = pd.DataFrame(rows)
-        total = df.drop(columns="layer").sum(numeric_only=True)
-        total["hit_rate"] = total["hits"] / (total["hits"] + total["misses"]) if total["hits"] + total["misses"] \
-            else float("nan")
-        df.loc[len(df)] = {"layer": "all", **total.to_dict()}
         df["lookahead_accuracy"] = df["lookahead_correct"] / df["lookahead_predicted"].where(
             df["lookahead_predicted"] > 0)
         return df.set_index("layer")
