@@ -173,7 +173,7 @@ def test_resident_memory_never_exceeds_the_limit(ckpt, sizes):
     for limit in ("min", "mid"):
         with open_engine(ckpt, sizes, limit, lookahead=True, prefill_chunk=4) as e:
             seen = []
-            check = lambda **kw: seen.append(e.resident_bytes())
+            check = lambda seen=seen, e=e, **kw: seen.append(e.resident_bytes())
             e.hooks.add("cache", check)
             e.hooks.add("forward", check)
             e.generate(PROMPT, NEW, stop_tokens=[])
