@@ -25,6 +25,7 @@ import html
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,37 +59,36 @@ def limit_for_share(plan: dict[str, Any], share: float) -> int:
     return max(int(plan["fixed_bytes"]) + n * slot, int(plan["minimum_bytes"]))
 
 
-# ------------------------------------------------------------------ runs
-def _timed_run(generate_one, prompts: Sequence[Sequence[int]], max_new_tokens: int, bar) -> dict[str, float]:
-    """Prefill/decode seconds and tokens over the prompts, with ``generate_one(ids, n, stats)``."""
-    from .model.generate import GenerationStats
-
-    out = {"prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0}
-    for ids in prompts:
-        st = GenerationStats()
-        generate_one(ids, max_new_tokens, st)
-        out["prefill_tokens"] += st.prompt_tokens
-        out["prefill_seconds"] += st.prefill_seconds
-        out["decode_tokens"] += len(st.decode_token_seconds)
-        out["decode_seconds"] += st.decode_seconds
-        bar.update(1)
-    return out
-
-
-def _bench(model_path, device: str, prompts: list[list[int]], max_new_tokens: int, plan: dict[str, Any],
-           main_limit: int, progress: bool) -> tuple[pd.DataFrame, list, pd.DataFrame]:
-    """Timed runs (instruments off): benchmark rows, the every-expert run's trace, per-layer frame of the main run."""
-    from tqdm.auto import tqdm
-
+def prepare(model: str | Path, prompt_sets: dict[str, Sequence[str]], max_prompt_tokens: int | None = 256,
+            device: str = "cpu", progress: bool = False) -> tuple[dict[str, Any], Any, dict[str, list[list[int]]]]:
+    """Open the engine once (converting the expert bundle on first use): its memory plan with no limit (the
+    fixed working set and expert sizes), the config, and every prompt as token ids cut to ``max_prompt_tokens``."""
     from .engine import Engine
-    from .model import load_model
-    from .model.generate import stream_generate
 
-    total = int(plan["total_expert_bytes"])
-    full = limit_for_share(plan, 1.0)
+    engine = Engine.from_pretrained(model, memory_limit=None, device=device, progress=progress)
+    try:
+        ids = {n: [engine.encode(p)[0, :max_prompt_tokens].tolist() for p in ps] for n, ps in prompt_sets.items()}
+        return dict(engine.memory_plan()), engine.config, ids
+    finally:
+        engine.close()
+
+
+# ------------------------------------------------------------------ runs
+@dataclass
+class Bench:
+    """Timed runs: one row per run (``rows``), the expert trace of the every-expert run (``trace``: the hit-rate
+    curves' input; each limited run replays the same requests), the per-layer stats of the main run."""
+
+    rows: pd.DataFrame
+    trace: list
+    main_layers: pd.DataFrame | None
+
+
+def default_runs(plan: dict[str, Any], main_limit: int) -> list[tuple[str, int, str, bool]]:
+    """(variant, memory_limit, policy, prefetch) of the report's timed engine runs, duplicates removed."""
     minimum = int(plan["minimum_bytes"])
-    runs = [  # (variant, memory_limit, policy, prefetch)
-        ("all experts cached", full, "lru", True),
+    runs = [
+        ("all experts cached", limit_for_share(plan, 1.0), "lru", True),
         ("full", main_limit, "lru", True),
         ("no prefetch", main_limit, "lru", False),
         ("full", main_limit, "lfu", True),
@@ -102,23 +102,66 @@ def _bench(model_path, device: str, prompts: list[list[int]], max_new_tokens: in
         if r[1:] not in seen:
             seen.add(r[1:])
             unique.append(r)
+    return unique
+
+
+def _timed(generate_one, prompts: Sequence[Sequence[int]], max_new_tokens: int, bar) -> dict[str, float]:
+    """Prefill/decode seconds and tokens over the prompts, with ``generate_one(ids, n, stats)``."""
+    from .model.generate import GenerationStats
+
+    out = {"prompts": 0, "prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0}
+    for ids in prompts:
+        st = GenerationStats()
+        generate_one(ids, max_new_tokens, st)
+        out["prompts"] += 1
+        out["prefill_tokens"] += st.prompt_tokens
+        out["prefill_seconds"] += st.prefill_seconds
+        out["decode_tokens"] += len(st.decode_token_seconds)
+        out["decode_seconds"] += st.decode_seconds
+        bar.update(1)
+    return out
+
+
+def _rates(t: dict[str, float]) -> dict[str, float]:
+    return {"prefill_tok_s": t["prefill_tokens"] / t["prefill_seconds"] if t["prefill_seconds"] else np.nan,
+            "decode_tok_s": t["decode_tokens"] / t["decode_seconds"] if t["decode_seconds"] else np.nan,
+            "prefill_tokens": t["prefill_tokens"], "decode_tokens": t["decode_tokens"]}
+
+
+def bench_runs(model: str | Path, prompts: Sequence[Sequence[int]], max_new_tokens: int, plan: dict[str, Any],
+               main_limit: int, device: str = "cpu", runs: Sequence[tuple[str, int, str, bool]] | None = None,
+               memory_bandwidth: float | None = None, progress: bool = True) -> Bench:
+    """Time the in-memory model and the engine's ``runs`` (default :func:`default_runs`) over the same prompts,
+    instruments off, each engine from an empty cache. Rows: mode, variant, device, memory_limit,
+    limit_share_of_expert_bytes, policy, prefetch, prefill/decode tok/s and tokens, hit_rate,
+    bytes_read_per_token (decode), io_wait_share, capacity_experts, bound_share (see :func:`decode_bound`)."""
+    from tqdm.auto import tqdm
+
+    from .engine import Engine
+    from .model import load_model
+    from .model.generate import stream_generate
+
+    runs = list(runs) if runs is not None else default_runs(plan, main_limit)
+    total = int(plan["total_expert_bytes"])
+    bw = memory_bandwidth or measure_memory_bandwidth()
     rows, trace, main_layers = [], [], None
-    bar = tqdm(total=len(prompts) * (len(unique) + 1), desc="bench", unit="gen", disable=not progress)
+    bar = tqdm(total=len(prompts) * (len(runs) + 1), desc="bench", unit="gen", disable=not progress)
     try:
-        model = load_model(model_path, device=device)
+        lm = load_model(model, device=device)
+        config = lm.config
 
         def gen_model(ids, n, st):
-            for _ in stream_generate(model, ids, n, stats=st):
+            for _ in stream_generate(lm, ids, n, stats=st):
                 pass
 
-        t = _timed_run(gen_model, prompts, max_new_tokens, bar)
+        t = _timed(gen_model, prompts, max_new_tokens, bar)
         rows.append({"mode": "in_memory", "variant": "in memory", "device": device, "memory_limit": np.nan,
                      "limit_share_of_expert_bytes": 1.0, "policy": None, "prefetch": None, **_rates(t),
                      "hit_rate": np.nan, "bytes_read_per_token": 0.0, "io_wait_share": 0.0,
                      "capacity_experts": np.nan})
-        model = None  # free it before the engine runs
-        for variant, limit, policy, prefetch in unique:
-            engine = Engine.from_pretrained(model_path, memory_limit=limit, device=device, policy=policy,
+        lm = None  # free it before the engines run
+        for variant, limit, policy, prefetch in runs:
+            engine = Engine.from_pretrained(model, memory_limit=limit, device=device, policy=policy,
                                             prefetch=prefetch, progress=False)
             try:
                 engine.reset_stats(clear_cache=True)
@@ -127,7 +170,7 @@ def _bench(model_path, device: str, prompts: list[list[int]], max_new_tokens: in
                     for _ in engine.stream(ids, n, stats=st):
                         pass
 
-                t = _timed_run(gen_engine, prompts, max_new_tokens, bar)
+                t = _timed(gen_engine, prompts, max_new_tokens, bar)
                 s = engine.stats()
                 if variant == "all experts cached":
                     trace = list(engine.trace)
@@ -139,18 +182,45 @@ def _bench(model_path, device: str, prompts: list[list[int]], max_new_tokens: in
             rows.append({"mode": "offload", "variant": variant, "device": device, "memory_limit": limit,
                          "limit_share_of_expert_bytes": s["capacity_experts"] * s["expert_nbytes"] / total,
                          "policy": policy, "prefetch": prefetch, **_rates(t), "hit_rate": s["hit_rate"],
-                         "bytes_read_per_token": s["bytes_read_per_token"],
+                         "bytes_read_per_token": s["decode_bytes_read_per_token"],
                          "io_wait_share": s["io_wait_seconds"] / busy if busy else np.nan,
                          "capacity_experts": s["capacity_experts"]})
     finally:
         bar.close()
-    return pd.DataFrame(rows), trace, main_layers
+    df = pd.DataFrame(rows)
+    mean_context = float(np.mean([len(p) for p in prompts])) + max_new_tokens / 2
+    df["bound_share"] = [decode_bound(plan, config, r, bw, mean_context) * r["decode_tok_s"]
+                         for r in df.to_dict("records")]
+    df.attrs["memory_bandwidth"] = bw
+    return Bench(df, trace, main_layers)
 
 
-def _rates(t: dict[str, float]) -> dict[str, float]:
-    return {"prefill_tok_s": t["prefill_tokens"] / t["prefill_seconds"] if t["prefill_seconds"] else np.nan,
-            "decode_tok_s": t["decode_tokens"] / t["decode_seconds"] if t["decode_seconds"] else np.nan,
-            "prefill_tokens": t["prefill_tokens"], "decode_tokens": t["decode_tokens"]}
+def measure_memory_bandwidth(nbytes: int = 64 * MiB, repeats: int = 5) -> float:
+    """Bytes/s of a large in-memory copy (read + written bytes counted; the best of ``repeats``)."""
+    import torch
+
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def decode_bound(plan: dict[str, Any], config, row: dict[str, Any], bandwidth: float, context: float) -> float:
+    """Seconds per decode token no engine can beat on this machine (../shared/reference/performance.md):
+    max(T_mem, T_io), T_mem = (non-expert + KV + the routed experts' bytes) / memory bandwidth, T_io = expert
+    bytes read per token / the same bandwidth (reads served from the page cache are memory copies)."""
+    from .model.kv_cache import kv_cache_bytes
+
+    kv = kv_cache_bytes(config, int(context))
+    experts = config.num_hidden_layers * config.top_k * int(plan["expert_slot_bytes"])
+    t_mem = (int(plan["non_expert_bytes"]) + kv + experts) / bandwidth
+    read = row.get("bytes_read_per_token") or 0.0
+    t_io = (0.0 if read != read else float(read)) / bandwidth
+    return max(t_mem, t_io)
 
 
 # ------------------------------------------------------------------ the report
@@ -190,13 +260,7 @@ def write_report(model: str | Path = "default", out: str | Path = "report", memo
     written: list[Path] = []
 
     # 1. profile under the limit, instruments on
-    probe = Engine.from_pretrained(model, memory_limit=None, device=device, progress=progress)
-    try:
-        plan = dict(probe.memory_plan())
-        config = probe.config
-        ids = {n: [probe.encode(p)[0, :max_prompt_tokens].tolist() for p in ps] for n, ps in texts.items()}
-    finally:
-        probe.close()
+    plan, config, ids = prepare(model, texts, max_prompt_tokens, device, progress)
     limit = resolve_limit(memory_limit, plan)
     if limit is None:
         limit = limit_for_share(plan, 1.0)
@@ -214,7 +278,8 @@ def write_report(model: str | Path = "default", out: str | Path = "report", memo
 
     # 2. timed runs
     bench_ids = [p for n in names for p in ids[n][:bench_prompts]]
-    bench, trace, main_layers = _bench(model, device, bench_ids, max_new_tokens, plan, limit, progress)
+    bench_result = bench_runs(model, bench_ids, max_new_tokens, plan, limit, device=device, progress=progress)
+    bench, trace, main_layers = bench_result.rows, bench_result.trace, bench_result.main_layers
 
     # 3. frames and tables
     experts = rec.to_dataframe("experts")
