@@ -9,9 +9,9 @@ from .curves import (
     hit_rate_curves,
     lru_hit_curve,
     policy_hit_curve,
-    simulate_policy,
     stack_distances,
     trace_from_recording,
+    trace_items,
 )
 from .metrics import (
     cold_expert_share,
@@ -35,6 +35,6 @@ __all__ = [
     "KINDS", "NAMES", "Recording", "cold_expert_share", "expert_frequency", "expert_usage_divergence",
     "hit_rate_curves", "hit_rates", "hot_expert_share", "io_wait_share", "js_divergence", "kv_footprint",
     "lru_hit_curve", "names_table", "neuron_sparsity_by_expert", "neuron_sparsity_by_layer", "policy_hit_curve",
-    "profile", "record", "simulate_policy", "stack_distances", "throughput", "time_breakdown",
-    "trace_from_recording",
+    "profile", "record", "stack_distances", "throughput", "time_breakdown",
+    "trace_from_recording", "trace_items",
 ]

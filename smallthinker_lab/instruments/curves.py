@@ -1,43 +1,54 @@
 """Expert-cache hit-rate curves from one recorded expert trace: "what if the memory limit were X".
 
-A trace is the ordered list of expert requests: items ``(layer, expert)`` or ``(step, layer, expert)`` (only the
-last two count: the cache key is (layer, expert)). Take it from the engine (``engine.trace``: every demand request
-in the order the engine issued it) or from a recording (``trace_from_recording``: per step, per layer in
-ascending order, the distinct experts the layer's tokens were routed to in ascending expert id, which is the order
-the model's MoE block visits them).
+A trace is the ordered list of demand requests: items ``(step, layer, expert)`` or ``(layer, expert)``; the cache
+key is (layer, expert). Take it from the engine (``engine.trace``: every demand request in the order the engine
+issued it, since its last ``reset_stats``) or from a recording (``trace_from_recording``: per step, per layer in
+ascending order, the distinct experts the layer's tokens were routed to, in ascending expert id; that is the
+engine's request order whenever a layer's experts fit its cache, and the order the model's MoE block visits them).
 
 * ``lru_hit_curve``: the LRU hit rate at every capacity in ONE pass. LRU has the inclusion property, so a request
   hits in a cache of c experts iff its stack (reuse) distance, the number of distinct other keys requested since
   the same key's previous request, is < c. Distances come from a Fenwick tree over request times that holds a 1
   at each key's latest request: O(n log n) time and O(n + distinct) memory for n requests, then one histogram.
-* ``policy_hit_curve``: LFU or Belady (optimal, evict the key needed furthest in the future) by replay, one pass
-  per capacity, O(n log n) each (heaps with lazy deletion). The engine's ``simulate`` is used when it exists
-  (``use_engine=True``); ``simulate_policy`` is this module's replay, which the tests check against it.
+  The engine pins a layer's experts while it computes; pinned entries are always the most recently requested,
+  so pins never change an LRU victim and the one-pass curve is the engine's LRU hit rate, exactly.
+* ``policy_hit_curve``: LFU or Belady (evict the entry needed furthest in the future) by replay through the
+  engine's ``smallthinker_lab.engine.cache.simulate``, one replay per capacity (with (step, layer, expert) items
+  it pins as the engine does, which can change LFU and Belady victims). A Belady sweep costs
+  O(n * capacity log capacity) per capacity: pass a grid of capacities for long traces.
 * ``hit_rate_curves``: a tidy DataFrame (policy, capacity_experts, capacity_bytes, hits, misses, hit_rate) for
   ``plots.plot_hit_rate_curves``.
 
-Every policy here admits every missed key (no bypass), starts cold and counts a request as a hit only if the key
-is already cached, so Belady is an upper bound of the others at every capacity.
+All policies start cold and admit every missed key; capacity 0 never hits.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
-POLICIES = ("lru", "lfu", "belady")
+from ..engine.cache import POLICIES, simulate
 
 
-def trace_keys(trace) -> list[tuple[int, int]]:
-    """(layer, expert) per request, from an engine (``.trace``), a DataFrame (layer, expert) or a list of tuples."""
+def trace_items(trace) -> list[tuple]:
+    """Requests as tuples: from an engine (its ``.trace``), a DataFrame (step?, layer, expert) or a list."""
     if hasattr(trace, "trace") and not isinstance(trace, pd.DataFrame):
         trace = trace.trace
     if isinstance(trace, pd.DataFrame):
-        return list(zip(trace["layer"].astype(int), trace["expert"].astype(int)))
-    return [(int(t[-2]), int(t[-1])) for t in trace]
+        cols = [c for c in ("step", "layer", "expert") if c in trace]
+        return list(zip(*(trace[c].astype(int) for c in cols)))
+    return [tuple(t) for t in trace]
+
+
+def _k(item) -> tuple[int, int]:
+    return int(item[-2]), int(item[-1])
+
+
+def trace_keys(trace) -> list[tuple[int, int]]:
+    """(layer, expert) per request."""
+    return [_k(t) for t in trace_items(trace)]
 
 
 def stack_distances(trace) -> np.ndarray:
@@ -99,126 +110,44 @@ def lru_hit_curve(trace, capacities=None) -> pd.Series:
     return pd.Series(rate, index=pd.Index(caps, name="capacity_experts"), name="hit_rate")
 
 
-def simulate_policy(trace, capacity: int, policy: str) -> tuple[int, int]:
-    """(hits, misses) of a cold cache of ``capacity`` experts replaying the trace under lru, lfu or belady.
-
-    lfu: evict the cached key with the fewest requests so far (counts survive eviction), ties to the least
-    recently used (the engine's LFUPolicy). belady: evict the cached key whose next request is furthest away
-    (never = infinitely far).
-    """
-    keys = trace_keys(trace)
-    policy = policy.lower()
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}")
-    if capacity <= 0:
-        return 0, len(keys)
-    hits = 0
-    if policy == "lru":
-        from collections import OrderedDict
-
-        od: OrderedDict = OrderedDict()
-        for key in keys:
-            if key in od:
-                hits += 1
-                od.move_to_end(key)
-            else:
-                if len(od) >= capacity:
-                    od.popitem(last=False)
-                od[key] = None
-        return hits, len(keys) - hits
-    heap: list = []
-    state: dict = {}  # cached key -> its current heap entry's priority
-    if policy == "belady":
-        nxt = _next_use(keys)
-        for t, key in enumerate(keys):
-            prio = (-nxt[t],)
-            if key in state:
-                hits += 1
-            elif len(state) >= capacity:
-                _pop_valid(heap, state)
-            state[key] = prio
-            heapq.heappush(heap, (prio, key))
-        return hits, len(keys) - hits
-    count: dict = {}
-    for t, key in enumerate(keys):
-        count[key] = count.get(key, 0) + 1
-        if key in state:
-            hits += 1
-        elif len(state) >= capacity:
-            _pop_valid(heap, state)
-        prio = (count[key], t)
-        state[key] = prio
-        heapq.heappush(heap, (prio, key))
-    return hits, len(keys) - hits
-
-
-def _pop_valid(heap: list, state: dict):
-    """Pop entries until one is the current entry of a cached key; evict that key."""
-    while True:
-        prio, key = heapq.heappop(heap)
-        if state.get(key) == prio:
-            del state[key]
-            return key
-
-
-def _next_use(keys: Sequence) -> np.ndarray:
-    n = len(keys)
-    out = np.empty(n, dtype=np.int64)
-    seen: dict = {}
-    for t in range(n - 1, -1, -1):
-        out[t] = seen.get(keys[t], n + t)  # never again: beyond the end, later ones further
-        seen[keys[t]] = t
-    return out
-
-
-def _engine_simulate():
-    try:
-        from ..engine.cache import simulate
-    except ImportError:
-        return None
-    return simulate
-
-
-def _replay(sim, keys: list, capacity: int, policy: str) -> tuple[int, int]:
-    if sim is None or capacity < 1:  # an empty cache never hits; the engine's simulate wants >= 1
-        return simulate_policy(keys, capacity, policy)
-    res = sim(keys, capacity, policy.lower())
+def _replay(items: list, capacity: int, policy: str) -> tuple[int, int]:
+    """(hits, misses) of the engine's simulator; an empty cache never hits."""
+    if capacity < 1:
+        return 0, len(items)
+    res = simulate(items, int(capacity), policy.lower())
     return int(res.hits), int(res.misses)
 
 
-def policy_hit_curve(trace, capacities: Iterable[int], policy: str = "lfu", use_engine: bool = True) -> pd.Series:
-    """Hit rate of ``policy`` ("lru", "lfu", "belady") at each capacity, by replay (the engine's ``simulate`` when
-    it exists and ``use_engine``, else ``simulate_policy``)."""
-    keys = trace_keys(trace)
-    caps = _capacities(len(set(keys)), capacities)
-    sim = _engine_simulate() if use_engine else None
-    rates = []
-    for c in caps:
-        hits, misses = _replay(sim, keys, int(c), policy)
-        rates.append(hits / (hits + misses) if hits + misses else float("nan"))
+def policy_hit_curve(trace, capacities: Iterable[int], policy: str = "lfu") -> pd.Series:
+    """Hit rate of ``policy`` ("lru", "lfu", "belady") at each capacity, by replay through the engine's
+    ``simulate`` (its hit semantics and pins, exactly)."""
+    items = trace_items(trace)
+    caps = _capacities(len({_k(t) for t in items}), capacities)
+    n = len(items)
+    rates = [_replay(items, int(c), policy)[0] / n if n else float("nan") for c in caps]
     return pd.Series(rates, index=pd.Index(caps, name="capacity_experts"), name="hit_rate")
 
 
-def hit_rate_curves(trace, capacities=None, policies: Sequence[str] = POLICIES, expert_nbytes: int | None = None,
-                    use_engine: bool = True) -> pd.DataFrame:
+def hit_rate_curves(trace, capacities=None, policies: Sequence[str] = POLICIES,
+                    expert_nbytes: int | None = None) -> pd.DataFrame:
     """Tidy hit-rate curves: policy, capacity_experts, capacity_bytes, hits, misses, hit_rate.
 
     ``trace``: an engine, its ``.trace`` or a list of (layer, expert) / (step, layer, expert). capacities: experts
-    (default 0 .. distinct keys). capacity_bytes = capacity_experts * expert_nbytes (from the engine's cache when
-    an engine is given), else NaN. LRU comes from one stack-distance pass, the others by replay.
+    (default 0 .. distinct keys; pass a grid to bound the replays' cost). capacity_bytes = capacity_experts *
+    expert_nbytes (from the engine's cache when an engine is given), else NaN. LRU comes from one stack-distance
+    pass, the other policies from one replay per capacity.
     """
     if expert_nbytes is None and hasattr(trace, "cache"):
         expert_nbytes = getattr(trace.cache, "expert_nbytes", None)
-    keys = trace_keys(trace)
-    n = len(keys)
-    caps = _capacities(len(set(keys)), capacities)
-    sim = _engine_simulate() if use_engine else None
+    items = trace_items(trace)
+    n = len(items)
+    caps = _capacities(len({_k(t) for t in items}), capacities)
     frames = []
     for policy in policies:
         if policy.lower() == "lru":
-            _, hits, _ = lru_hits(keys, caps)
+            _, hits, _ = lru_hits(items, caps)
         else:
-            hits = np.array([_replay(sim, keys, int(c), policy)[0] for c in caps], dtype=np.int64)
+            hits = np.array([_replay(items, int(c), policy)[0] for c in caps], dtype=np.int64)
         frames.append(pd.DataFrame({
             "policy": policy, "capacity_experts": caps,
             "capacity_bytes": caps * expert_nbytes if expert_nbytes else np.full(len(caps), np.nan),

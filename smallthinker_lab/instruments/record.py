@@ -90,22 +90,24 @@ class Recorder:
     full: set[str]
     dataset: str
     target: str
-    io_wait: Callable[[], dict[int, float]] | None = None  # engine: cumulative I/O wait seconds per layer
     # filed, per step
     steps: list[_Step] = field(default_factory=list)
     token_rows: int = 0
     sequences: int = 0
-    topk: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per step: (L', N, K) twice
-    logits: list[torch.Tensor] = field(default_factory=list)  # per step: (L', N, E)
-    routed: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    gates: list[torch.Tensor] = field(default_factory=list)  # per step (R, F), full only
-    neuron_counts: torch.Tensor | None = None  # (L', E, F) active counts
+    # per step, the forward's router events as they came: [(layer, topk_ids, topk_weights, logits | None)]
+    router_steps: list[list] = field(default_factory=list)
+    # expert events not yet reduced: (first token row of the step, [(layer, expert, token_index, gate, chunk row)])
+    neuron_batch: list[tuple[int, list]] = field(default_factory=list)
+    neuron_batch_events: int = 0
+    routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # key, token, inactive
+    gates: list[torch.Tensor] = field(default_factory=list)  # (R, F) per reduced batch, full only
+    neuron_counts: torch.Tensor | None = None  # (L' * E, F) active counts
     kv: list[list[int]] = field(default_factory=list)  # per step: bytes per recorded layer
     kv_itemsize: int | None = None
     cache_events: list[tuple] = field(default_factory=list)  # (step_row, engine_step, layer, expert, event, nbytes)
     timing_events: list[tuple] = field(default_factory=list)  # (step_row, engine_step, layer, part, seconds)
-    notes: list[str] = field(default_factory=list)
     dropped: int = 0
+    io_wait: Callable[[], dict[int, float]] | None = None  # engine: cumulative I/O wait seconds per layer
     # in flight: events of the forward not yet filed
     _router: list = field(default_factory=list)
     _experts: list = field(default_factory=list)
@@ -114,6 +116,11 @@ class Recorder:
     _rows_routed: dict = field(default_factory=dict)  # layer -> rows routed so far in this forward
     _chunk_start: dict = field(default_factory=dict)  # layer -> first row of its current chunk
     _io_wait_seen: dict = field(default_factory=dict)
+
+    # expert events are reduced (one cat, a few reductions, one index_add_) once this many are pending, or at a
+    # forward of more than BATCH_TOKENS tokens (a prefill), or when the recording is read
+    BATCH_EVENTS = 2048
+    BATCH_TOKENS = 64
 
     def __post_init__(self) -> None:
         self.layer_pos = {layer: i for i, layer in enumerate(self.layers)}
@@ -126,8 +133,8 @@ class Recorder:
                   **_: Any) -> None:
         if layer in self.layer_pos:
             # a forward may route its tokens in chunks (the engine's prefill): rows of this chunk start here
-            self._chunk_start[layer] = self._rows_routed.get(layer, 0)
-            self._rows_routed[layer] = self._chunk_start[layer] + topk_ids.shape[0]
+            start = self._chunk_start[layer] = self._rows_routed.get(layer, 0)
+            self._rows_routed[layer] = start + topk_ids.shape[0]
             self._router.append((layer, topk_ids, topk_weights, logits if self.keep_logits else None))
 
     def on_expert(self, layer: int, expert: int, token_index: torch.Tensor, gate: torch.Tensor, **_: Any) -> None:
@@ -155,24 +162,29 @@ class Recorder:
             seq, step = self.steps[-1].sequence, self.steps[-1].step + 1
         row = len(self.steps)
         self.steps.append(_Step(seq, step, phase, start, tokens, batch, seconds))
-        n = tokens * batch
-        if "experts" in self.want:
-            self._file_router(n)
-        if "neurons" in self.want:
-            self._file_experts(row)
-        if "kv" in self.want and cache is not None:
+        want = self.want
+        if "experts" in want:
+            self.router_steps.append(self._router)
+            self._router = []
+        if "neurons" in want and self._experts:
+            self.neuron_batch.append((self.token_rows, self._experts))
+            self.neuron_batch_events += len(self._experts)
+            self._experts = []
+            if self.neuron_batch_events >= self.BATCH_EVENTS or tokens * batch > self.BATCH_TOKENS:
+                self._reduce_neurons()
+        if "kv" in want and cache is not None:
             per_layer = cache.bytes_per_layer()
             self.kv.append([per_layer[i] for i in self.layers])
             if self.kv_itemsize is None and len(cache):
                 self.kv_itemsize = cache[0].k.element_size()
-        if "cache" in self.want:
+        if self._cache:
             self.cache_events.extend((row, *ev) for ev in self._cache)
-        if "timing" in self.want:
+        if "timing" in want:
             self.timing_events.extend((row, *ev) for ev in self._timing)
             if self.io_wait is not None and not any(ev[2] == "io_wait" for ev in self._timing):
                 self._file_io_wait(row)
         self._clear()
-        self.token_rows += n
+        self.token_rows += tokens * batch
 
     def _clear(self) -> None:
         for pending in (self._router, self._experts, self._cache, self._timing, self._rows_routed, self._chunk_start):
@@ -188,65 +200,64 @@ class Recorder:
                 self.timing_events.append((row, None, layer, "io_wait", dt))
         self._io_wait_seen = now
 
-    def _file_router(self, n: int) -> None:
-        pending = self._router
-        if len(pending) > len(self.layers):  # chunked: one event per chunk and layer, concatenate the chunks
-            by_layer: dict[int, list] = {}
-            for p in pending:
-                by_layer.setdefault(p[0], []).append(p)
-            pending = [(layer, torch.cat([c[1] for c in ps]), torch.cat([c[2] for c in ps]),
-                        torch.cat([c[3] for c in ps]) if self.keep_logits else None)
-                       for layer, ps in sorted(by_layer.items())]
-        if [p[0] for p in pending] != self.layers or any(p[1].shape[0] != n for p in pending):
-            got = sorted({p[0] for p in pending})
-            self.notes.append(f"step {len(self.steps) - 1}: router events for layers {got}, expected one per recorded "
-                              f"layer with {n} tokens; the experts of this step are padded with -1")
-            self.topk.append(self._padded(pending, n))
-            if self.keep_logits:
-                E = self.config.num_experts
-                self.logits.append(torch.full((len(self.layers), n, E), float("nan")))
-            return
-        self.topk.append((torch.stack([p[1] for p in pending]), torch.stack([p[2] for p in pending])))  # (L', N, K)
-        if self.keep_logits:
-            self.logits.append(torch.stack([p[3] for p in pending]))  # (L', N, E)
-
-    def _padded(self, pending, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        K = self.config.top_k
-        ids = torch.full((len(self.layers), n, K), -1, dtype=torch.long)
-        w = torch.full((len(self.layers), n, K), float("nan"))
-        for layer, i, wt, _ in pending:
-            if i.shape[0] == n:
-                ids[self.layer_pos[layer]] = i.cpu()
-                w[self.layer_pos[layer]] = wt.float().cpu()
-        return ids, w
-
-    def _file_experts(self, row: int) -> None:
-        pending = self._experts
-        if not pending:
+    def _reduce_neurons(self) -> None:
+        """Inactive-neuron counts per routed pair and per-neuron active counts of the pending expert events, with
+        a handful of tensor ops on the device the gates are on (no host sync)."""
+        events = [(base + chunk, layer, e, tok, g)
+                  for base, evs in self.neuron_batch for layer, e, tok, g, chunk in evs]
+        self.neuron_batch, self.neuron_batch_events = [], 0
+        if not events:
             return
         E, F = self.config.num_experts, self.config.moe_ffn_hidden_size
-        gates = torch.cat([p[3] for p in pending])  # (R, F)
+        gates = torch.cat([ev[4] for ev in events])  # (R, F)
         device = gates.device
         active = gates > 0  # relu(gate) > 0
         inactive = F - active.sum(-1, dtype=torch.int32)  # (R,)
-        lengths = torch.tensor([p[3].shape[0] for p in pending], device=device)
-        keys = torch.tensor([self.layer_pos[p[0]] * E + p[1] for p in pending], device=device)
-        key_rows = torch.repeat_interleave(keys, lengths)  # (R,) = layer_slot * E + expert
+        lengths = torch.tensor([ev[4].shape[0] for ev in events], device=device)
+        keys = torch.tensor([self.layer_pos[ev[1]] * E + ev[2] for ev in events], device=device)
+        key_rows = torch.repeat_interleave(keys, lengths)  # (R,) = layer slot * E + expert
         if self.neuron_counts is None:
             self.neuron_counts = torch.zeros(len(self.layers) * E, F, dtype=torch.int64, device=device)
         self.neuron_counts.index_add_(0, key_rows, active.to(torch.int64))
-        token = torch.cat([p[2] for p in pending])  # (R,) row within the step's chunk
-        if any(p[4] for p in pending):  # chunked forward: rows within the step
-            token = token + torch.repeat_interleave(torch.tensor([p[4] for p in pending], device=device), lengths)
-        self.routed.append((row, key_rows, token, inactive))
+        first_row = torch.repeat_interleave(torch.tensor([ev[0] for ev in events], device=device), lengths)
+        token = torch.cat([ev[3] for ev in events]).to(device) + first_row  # (R,) global token row
+        self.routed.append((key_rows, token, inactive))
         if self.keep_gates:
             self.gates.append(gates)
 
+    def _router_arrays(self, notes: list[str]) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray] | None]:
+        """Per recorded layer: top-k ids (N, K), weights (N, K) and, with full, logits (N, E), all steps."""
+        L, K, E = len(self.layers), self.config.top_k, self.config.num_experts
+        ids, w, lg = [[] for _ in range(L)], [[] for _ in range(L)], [[] for _ in range(L)]
+        for row, events in enumerate(self.router_steps):
+            n = self.steps[row].tokens * self.steps[row].batch
+            per_layer: list[list] = [[] for _ in range(L)]
+            for ev in events:
+                per_layer[self.layer_pos[ev[0]]].append(ev)
+            bad = []
+            for j, evs in enumerate(per_layer):
+                # one event per layer, or one per chunk of a chunked forward, in row order
+                if sum(ev[1].shape[0] for ev in evs) == n and evs:
+                    ids[j] += [ev[1] for ev in evs]
+                    w[j] += [ev[2] for ev in evs]
+                    lg[j] += [ev[3] for ev in evs] if self.keep_logits else []
+                else:
+                    bad.append(self.layers[j])
+                    ids[j].append(torch.full((n, K), -1, dtype=torch.long))
+                    w[j].append(torch.full((n, K), float("nan")))
+                    lg[j] += [torch.full((n, E), float("nan"))] if self.keep_logits else []
+            if bad:
+                notes.append(f"step row {row}: router events of layers {bad} do not cover the step's {n} tokens; "
+                             f"their experts are -1 (weights NaN) there")
+        host = lambda xs, shape, dtype: [_cat_host(x, shape, dtype) for x in xs]  # noqa: E731
+        return (host(ids, (0, K), torch.int64), host(w, (0, K), torch.float32),
+                host(lg, (0, E), torch.float32) if self.keep_logits else None)
+
     # ------------------------------------------------------------------ build
     def build(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """(meta, arrays) for a Recording; does not change the recorder."""
+        """(meta, arrays) for a Recording (pending expert events are reduced first)."""
         cfg = self.config
-        E, K, F = cfg.num_experts, cfg.top_k, cfg.moe_ffn_hidden_size
+        E, F = cfg.num_experts, cfg.moe_ffn_hidden_size
         S = len(self.steps)
         a: dict[str, np.ndarray] = {}
         a["steps.sequence"] = np.array([s.sequence for s in self.steps], dtype=np.int64)
@@ -257,23 +268,19 @@ class Recorder:
         a["steps.batch"] = np.array([s.batch for s in self.steps], dtype=np.int64)
         a["steps.seconds"] = np.array([s.seconds for s in self.steps], dtype=np.float64)
         a["sequences.dataset"] = np.array([self.dataset] * self.sequences, dtype="<U64")
-        notes = list(self.notes)
+        notes: list[str] = []
         if "experts" in self.want:
-            ids = _cat_host([t[0] for t in self.topk], (len(self.layers), 0, K), torch.int64, dim=1)
-            w = _cat_host([t[1] for t in self.topk], (len(self.layers), 0, K), torch.float32, dim=1)
-            lg = _cat_host(self.logits, (len(self.layers), 0, E), torch.float32, dim=1) if self.keep_logits else None
+            ids, w, lg = self._router_arrays(notes)
             for j, layer in enumerate(self.layers):
                 a[f"layers.{layer}.moe.topk_ids"] = ids[j]
                 a[f"layers.{layer}.moe.topk_weights"] = w[j]
                 if lg is not None:
                     a[f"layers.{layer}.moe.router_logits"] = lg[j]
         if "neurons" in self.want:
-            offsets = np.cumsum([0] + [s.tokens * s.batch for s in self.steps])
-            key = _cat_host([r[1] for r in self.routed], (0,), torch.int64)
-            tok = _cat_host([r[2] for r in self.routed], (0,), torch.int64)
-            starts = offsets[[r[0] for r in self.routed]]
-            tok = tok + np.repeat(starts, [len(r[2]) for r in self.routed]).astype(np.int64)
-            inactive = _cat_host([r[3] for r in self.routed], (0,), torch.int32)
+            self._reduce_neurons()
+            key = _cat_host([r[0] for r in self.routed], (0,), torch.int64)
+            tok = _cat_host([r[1] for r in self.routed], (0,), torch.int64)
+            inactive = _cat_host([r[2] for r in self.routed], (0,), torch.int32)
             gates = _cat_host(self.gates, (0, F), torch.float32) if self.keep_gates else None
             counts = (self.neuron_counts.cpu().numpy().reshape(len(self.layers), E, F) if self.neuron_counts is not None
                       else np.zeros((len(self.layers), E, F), dtype=np.int64))
