@@ -46,7 +46,7 @@ from ..model.kv_cache import KVCache, kv_cache_bytes
 from ..model.layers import RotaryEmbedding
 from ..model.model import SmallThinkerForCausalLM
 from . import sparse
-from .bundle import FORMAT_DTYPE, checkpoint_tensor_files, ensure_bundle, is_expert_tensor, open_bundle
+from .bundle import FORMAT_DTYPE, BundleError, checkpoint_tensor_files, ensure_bundle, is_expert_tensor, open_bundle
 from .cache import Entry, ExpertCache, SlotArena, layer_chunks
 from .io import CudaTransfer, ExpertReader
 from .memory import MemoryPlan, itemsize, parse_memory_limit, plan_memory, workspace_bytes
@@ -249,6 +249,10 @@ class Engine:
         """Open the I/O side again after close() (an empty expert cache; counters kept)."""
         if not self._closed:
             return self
+        bundle = open_bundle(self.bundle_dir, self.config)  # validated again: it may have changed meanwhile
+        if (bundle.stride, bundle.format) != (self.bundle.stride, self.bundle.format):
+            raise BundleError(f"{self.bundle_dir} changed format since the engine was opened: open a new engine")
+        self.bundle = bundle
         self._open_io()
         return self
 
