@@ -1,5 +1,6 @@
 """smallthinker_lab: a workbench for understanding SmallThinker, an on-device Mixture-of-Experts LM."""
 
+from .engine import Engine, MemoryLimitError, convert
 from .instruments import (
     Recording,
     cold_expert_share,
@@ -50,3 +51,4 @@ __all__ += [
     "neuron_sparsity_by_layer", "policy_hit_curve", "profile", "record", "throughput", "time_breakdown",
     "trace_from_recording",
 ]
+__all__ += ["Engine", "MemoryLimitError", "convert"]
