@@ -1,0 +1,100 @@
+"""Every notebook runs top to bottom in a fresh kernel with small parameters; the committed files carry no outputs."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+# the model the notebooks run on; another checkpoint folder can be given for a local run
+MODEL = os.environ.get("SMALLTHINKER_NOTEBOOK_MODEL", "default")
+
+# small parameters per notebook (THREADS=1: the tiny model gains nothing from more, and a busy machine loses a lot)
+SMALL = {
+    "01_tour": dict(MAX_NEW_TOKENS=8),
+    "02_expert_specialization": dict(MAX_PROMPTS=2, MAX_NEW_TOKENS=4),
+    "03_neuron_sparsity": dict(MAX_PROMPTS=2, MAX_NEW_TOKENS=4),
+    "04_kv_cache": dict(MAX_PROMPTS=1, MAX_NEW_TOKENS=8),
+    "05_offloading_throughput": dict(PROMPT_SETS=["gsm8k", "zh-news"], BENCH_PROMPTS=1, MAX_NEW_TOKENS=4),
+    "06_memory_limit_explorer": dict(PROMPT_SETS=["gsm8k", "humaneval"], MAX_PROMPTS=1, MAX_NEW_TOKENS=4),
+}
+# text a notebook must print when it runs: the properties it shows a user
+EXPECT = {
+    "01_tour": ["same tokens as in memory: True"],
+    "03_neuron_sparsity": ["same tokens dense and sparse: True"],
+    "04_kv_cache": ["recorded bytes equal the analytic formula at every step: True"],
+}
+
+
+def notebook_paths() -> list[Path]:
+    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def parameters_cell(nb) -> nbformat.NotebookNode:
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and "parameters" in code[0].metadata.get("tags", []), "the first code cell must be tagged parameters"
+    return code[0]
+
+
+def with_parameters(nb, **values) -> nbformat.NotebookNode:
+    """Replace the parameters cell's source: its defaults, then the given values (names must exist there)."""
+    cell = parameters_cell(nb)
+    names = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets}
+    unknown = set(values) - names
+    assert not unknown, f"not parameters of this notebook: {sorted(unknown)}"
+    cell.source = cell.source + "\n# injected by the tests\n" + "\n".join(f"{k} = {v!r}" for k, v in values.items())
+    return nb
+
+
+def outputs_text(nb) -> str:
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            parts.append(out.get("text", ""))
+            parts.append(str(out.get("data", {}).get("text/plain", "")))
+    return "\n".join(parts)
+
+
+def test_every_notebook_has_small_parameters():
+    names = [p.stem for p in notebook_paths()]
+    assert names == sorted(SMALL), f"notebooks {names} vs test parameters {sorted(SMALL)}"
+
+
+@pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.stem)
+def test_committed_notebook_is_stripped(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    parameters_cell(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{path.name} has outputs committed"
+
+
+def test_notebooks_match_their_generator():
+    r = subprocess.run([sys.executable, str(NOTEBOOKS / "_build.py"), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.stem)
+def test_notebook_runs(path, monkeypatch):
+    from nbclient import NotebookClient
+
+    # the kernel imports the checkout, installed or not
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    nb = with_parameters(nbformat.read(path, as_version=4), MODEL=MODEL, THREADS=1, **SMALL[path.stem])
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}})
+    t0 = time.perf_counter()
+    client.execute()  # raises CellExecutionError naming the cell on any error
+    print(f"{path.name}: {time.perf_counter() - t0:.1f} s")
+    text = outputs_text(nb)
+    for expected in EXPECT.get(path.stem, []):
+        assert expected in text, f"{path.name} did not print {expected!r}"
