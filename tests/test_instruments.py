@@ -458,3 +458,21 @@ def test_profile_on_the_engine(engine):
     assert rec.summary()["sequences"] == 2 and rec.summary()["steps"] == 6
     assert rec.summary()["cache_hit"] + rec.summary()["cache_miss"] == engine.stats()["requests"]
     assert len(engine.hooks) == 0
+
+
+def test_counters_reduced_during_and_after_generation(model, monkeypatch):
+    """Expert events are reduced in batches inside the forward (inference mode) and at the end (outside it),
+    also for forwards with autograd on; both give the same counters as one reduction at the end."""
+    from smallthinker_lab.instruments.record import Recorder
+
+    ref, _ = _run(model, n_new=8, kinds=("neurons",))
+    monkeypatch.setattr(Recorder, "BATCH_EVENTS", 5)
+    rec, _ = _run(model, n_new=8, kinds=("neurons",))
+    for i in rec.layers:
+        for name in ("neuron_counts", "inactive_neurons", "routed_token", "routed_expert"):
+            np.testing.assert_array_equal(rec[f"layers.{i}.moe.{name}"], ref[f"layers.{i}.moe.{name}"])
+    with sl.record(model, full=True) as grad_rec:
+        model(_prompt()[None])  # autograd on
+        model(_prompt(seed=1)[None])
+    assert grad_rec.summary()["sequences"] == 2
+    assert grad_rec["layers.0.moe.router_logits"].shape == (24, model.config.num_experts)

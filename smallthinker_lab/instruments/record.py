@@ -135,6 +135,8 @@ class Recorder:
             # a forward may route its tokens in chunks (the engine's prefill): rows of this chunk start here
             start = self._chunk_start[layer] = self._rows_routed.get(layer, 0)
             self._rows_routed[layer] = start + topk_ids.shape[0]
+            if topk_weights.requires_grad:  # a forward with autograd on: keep values, not the graph
+                topk_weights, logits = topk_weights.detach(), logits.detach()
             self._router.append((layer, topk_ids, topk_weights, logits if self.keep_logits else None))
 
     def on_expert(self, layer: int, expert: int, token_index: torch.Tensor, gate: torch.Tensor, **_: Any) -> None:
@@ -200,6 +202,7 @@ class Recorder:
                 self.timing_events.append((row, None, layer, "io_wait", dt))
         self._io_wait_seen = now
 
+    @torch.inference_mode()  # also when the forward ran with autograd on; counters stay inference tensors
     def _reduce_neurons(self) -> None:
         """Inactive-neuron counts per routed pair and per-neuron active counts of the pending expert events, with
         a handful of tensor ops on the device the gates are on (no host sync)."""
@@ -337,7 +340,8 @@ def _cat_host(tensors: list[torch.Tensor], empty_shape: tuple, dtype: torch.dtyp
     """One concatenation on the device, one copy to the host."""
     if not tensors:
         return np.zeros(empty_shape, dtype=torch.empty((), dtype=dtype).numpy().dtype)
-    return torch.cat(tensors, dim=dim).to(dtype).cpu().numpy()
+    with torch.inference_mode():
+        return torch.cat(tensors, dim=dim).to(dtype).cpu().numpy()
 
 
 def _io_wait_probe(engine) -> Callable[[], dict[int, float]] | None:
