@@ -14,16 +14,18 @@ import nbformat
 
 HERE = Path(__file__).resolve().parent
 
-SETUP = """\
-import pandas as pd
-import torch
 
-import smallthinker_lab as sl
-from smallthinker_lab import plots, tables
+
+def setup(imports: str, body: str) -> str:
+    """The first code cell after the parameters: its imports, the torch threads, then ``body``."""
+    return f"""{imports}
 
 if THREADS:
     torch.set_num_threads(THREADS)
-pd.set_option("display.precision", 3)"""
+pd.set_option("display.precision", 3)
+
+{body}"""
+
 
 NOTEBOOKS: dict[str, list[tuple[str, str]]] = {}
 
@@ -42,16 +44,19 @@ CHAT = "What is 12 plus 30?"
 MAX_NEW_TOKENS = 32
 MEMORY_LIMIT = "50%"  # a size ("24MiB") or the share of expert bytes the cache holds
 THREADS = None  # torch CPU threads (None: torch's default)"""),
-    ("code", SETUP + """
+    ("code", setup("""\
+import pandas as pd
+import torch
+
+import smallthinker_lab as sl
 from smallthinker_lab.engine import Engine
 from smallthinker_lab.model.tokenizer import apply_chat_template, load_tokenizer
-from smallthinker_lab.report import resolve_limit
-
+from smallthinker_lab.report import resolve_limit""", """\
 model = sl.load_model(MODEL)
 tok = load_tokenizer(MODEL)
 cfg = model.config
 print(f"{model.num_parameters() / 1e6:.2f} M parameters, {cfg.num_hidden_layers} layers, "
-      f"{cfg.num_experts} experts per layer ({cfg.top_k} active), vocabulary {cfg.vocab_size}")"""),
+      f"{cfg.num_experts} experts per layer ({cfg.top_k} active), vocabulary {cfg.vocab_size}")""")),
     ("md", """\
 ## Architecture
 
@@ -120,12 +125,17 @@ MAX_PROMPTS = 16
 MAX_NEW_TOKENS = 16
 THRESHOLD = 0.14
 THREADS = None"""),
-    ("code", SETUP + """
+    ("code", setup("""\
 from pathlib import Path
 
-from smallthinker_lab.model.tokenizer import load_tokenizer
-from smallthinker_lab.widgets import load_prompt_sets
+import pandas as pd
+import seaborn as sns
+import torch
 
+import smallthinker_lab as sl
+from smallthinker_lab import plots, tables
+from smallthinker_lab.model.tokenizer import load_tokenizer
+from smallthinker_lab.widgets import load_prompt_sets""", """\
 prompts = load_prompt_sets(PROMPT_SETS, MAX_PROMPTS)
 
 
@@ -139,7 +149,7 @@ def expert_usage(path):
 
 
 freq = expert_usage(MODEL)
-freq.head()"""),
+freq.head()""")),
     ("md", "## Activation frequency, layer x expert, per domain (one colour scale)"),
     ("code", "plots.plot_expert_heatmaps(freq, ncols=2);"),
     ("md", "## Cold and hot experts"),
@@ -153,8 +163,6 @@ tables.expert_usage_table(freq, threshold=THRESHOLD, js=div)"""),
 Jensen-Shannon divergence of expert usage between every pair of domains (bits: 0 same usage, 1 disjoint experts),
 averaged over layers, and per layer."""),
     ("code", """\
-import seaborn as sns
-
 mean_js = div.groupby(["dataset_a", "dataset_b"])["js_divergence"].mean().unstack()
 ax = sns.heatmap(mean_js, annot=True, fmt=".2f", cmap="mako_r", vmin=0)
 ax.set(title="mean JS divergence of expert usage", xlabel="", ylabel="");"""),
@@ -198,11 +206,15 @@ PROMPT_SETS = ["gsm8k", "humaneval", "wiki-en", "zh-news"]
 MAX_PROMPTS = 8
 MAX_NEW_TOKENS = 16
 THREADS = None"""),
-    ("code", SETUP + """
+    ("code", setup("""\
+import pandas as pd
+import torch
+
+import smallthinker_lab as sl
+from smallthinker_lab import plots, tables
 from smallthinker_lab.engine import Engine
 from smallthinker_lab.model.tokenizer import load_tokenizer
-from smallthinker_lab.widgets import load_prompt_sets
-
+from smallthinker_lab.widgets import load_prompt_sets""", """\
 model = sl.load_model(MODEL)
 cfg = model.config
 prompts = load_prompt_sets(PROMPT_SETS, MAX_PROMPTS)
@@ -210,7 +222,7 @@ tok = load_tokenizer(MODEL)
 rec = sl.Recording.concat([sl.profile(model, ps, dataset=name, kinds=("neurons",), max_new_tokens=MAX_NEW_TOKENS,
                                       tokenizer=tok) for name, ps in prompts.items()])
 neurons = rec.to_dataframe("neurons")
-neurons.head()"""),
+neurons.head()""")),
     ("md", "## Sparsity per layer (Figure 6)"),
     ("code", "plots.plot_sparsity_boxplots(neurons);"),
     ("code", "tables.sparsity_table(neurons)"),
@@ -260,17 +272,21 @@ MAX_PROMPTS = 2
 MAX_NEW_TOKENS = 64
 CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768]
 THREADS = None"""),
-    ("code", SETUP + """
-from smallthinker_lab.model.tokenizer import load_tokenizer
-from smallthinker_lab.widgets import load_prompt_set
+    ("code", setup("""\
+import pandas as pd
+import torch
 
+import smallthinker_lab as sl
+from smallthinker_lab import plots, tables
+from smallthinker_lab.model.tokenizer import load_tokenizer
+from smallthinker_lab.widgets import load_prompt_set""", """\
 model = sl.load_model(MODEL)
 cfg = model.config
 tok = load_tokenizer(MODEL)
 rec = sl.profile(model, load_prompt_set(PROMPT_SET, MAX_PROMPTS), dataset=PROMPT_SET, kinds=("kv",),
                  max_new_tokens=MAX_NEW_TOKENS, tokenizer=tok)
 kv = rec.to_dataframe("kv")
-kv.tail()"""),
+kv.tail()""")),
     ("md", "## Measured bytes per layer (last step of the last prompt)"),
     ("code", """\
 last = kv[(kv.sequence == kv.sequence.max())]
@@ -310,18 +326,20 @@ BENCH_PROMPTS = 2  # per set
 MAX_NEW_TOKENS = 16
 MEMORY_LIMIT = "50%"
 THREADS = None"""),
-    ("code", SETUP + """
+    ("code", setup("""\
 import numpy as np
+import pandas as pd
+import torch
 
-from smallthinker_lab import report
-from smallthinker_lab.widgets import load_prompt_sets
-
+import smallthinker_lab as sl
+from smallthinker_lab import plots, report, tables
+from smallthinker_lab.widgets import load_prompt_sets""", """\
 plan, cfg, ids = report.prepare(MODEL, load_prompt_sets(PROMPT_SETS, BENCH_PROMPTS))
 limit = report.resolve_limit(MEMORY_LIMIT, plan)
 prompts = [p for ps in ids.values() for p in ps]
 bench = report.bench_runs(MODEL, prompts, MAX_NEW_TOKENS, plan, limit)
 print(f"memory bandwidth (copy): {bench.rows.attrs['memory_bandwidth'] / 1e9:.1f} GB/s; "
-      f"limit {limit / 2**20:.2f} MiB")"""),
+      f"limit {limit / 2**20:.2f} MiB")""")),
     ("md", "## Throughput (as the paper's Tables 4-7)"),
     ("code", "tables.throughput_table(bench.rows)"),
     ("code", "plots.plot_throughput(bench.rows);"),
@@ -362,18 +380,21 @@ MAX_NEW_TOKENS = 16
 LIMIT_MIB = None  # the slider's start (None: half way)
 RUN_AT_START = True
 THREADS = None"""),
-    ("code", SETUP + """
-from smallthinker_lab.widgets import MemoryLimitExplorer
+    ("code", setup("""\
+import numpy as np
+import pandas as pd
+import torch
 
+import smallthinker_lab as sl
+from smallthinker_lab import plots
+from smallthinker_lab.widgets import MemoryLimitExplorer""", """\
 explorer = MemoryLimitExplorer(MODEL, PROMPT_SETS, max_prompts=MAX_PROMPTS, max_new_tokens=MAX_NEW_TOKENS,
                                limit_mib=LIMIT_MIB)
 if RUN_AT_START:
     explorer.run()
-explorer.widget"""),
+explorer.widget""")),
     ("md", "The curves behind the prediction, for the selected prompt set (rerun this cell after changing it):"),
     ("code", """\
-import numpy as np
-
 trace = explorer.trace()
 curves = sl.hit_rate_curves(trace, capacities=np.arange(explorer.num_experts_total + 1),
                             policies=("lru", "lfu", "belady"), expert_nbytes=explorer.expert_nbytes)
