@@ -349,6 +349,7 @@ PEAK_RSS = textwrap.dedent("""
                 return int(line.split()[1]) * 1024
     import torch
     from smallthinker_lab import SmallThinkerConfig, SmallThinkerForCausalLM, load_model, write_synthetic_checkpoint
+    torch.set_num_threads(1)
     with torch.device("meta"):  # warm up: the first meta-device model imports ~70 MB of torch internals
         SmallThinkerForCausalLM(SmallThinkerConfig.from_name("smallthinker-test"))
     try:

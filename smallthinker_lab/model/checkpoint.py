@@ -493,7 +493,7 @@ def synthetic_tensor_chunks(name: str, shape: tuple[int, ...], seed: int, std: f
     gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
     for start in range(0, n, _CHUNK):
         m = min(_CHUNK, n - start)
-        yield (torch.randn(m, generator=gen) * std).to(dtype)
+        yield torch.randn(m, generator=gen).mul_(std).to(dtype)
 
 
 def write_synthetic_checkpoint(path: str | os.PathLike, config: SmallThinkerConfig, seed: int = 0,
