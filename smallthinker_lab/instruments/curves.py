@@ -158,8 +158,7 @@ def hit_rate_curves(trace, capacities=None, policies: Sequence[str] = POLICIES,
 def trace_from_recording(rec) -> list[tuple[int, int, int]]:
     """(step_row, layer, expert) requests from a Recording's experts kind: per step (rows of ``steps.*``), per
     recorded layer ascending, the distinct routed experts in ascending id, the model's MoE visit order."""
-    rec._sync()
-    row_of_token = rec._tokens()["step_row"]
+    row_of_token = rec["tokens.step_row"]
     bounds = np.searchsorted(row_of_token, np.arange(rec.num_steps + 1))
     ids = {i: rec[f"layers.{i}.moe.topk_ids"] for i in rec.layers}
     out = []

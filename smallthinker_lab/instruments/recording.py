@@ -47,6 +47,7 @@ NAMES: list[tuple[str, str, str, str, str]] = [
     ("tokens.step", "always, derived", "[N]", "int64", "step of each token row"),
     ("tokens.position", "always, derived", "[N]", "int64", "position of each token row"),
     ("tokens.dataset", "always, derived", "[N]", "str", "dataset of each token row"),
+    ("tokens.step_row", "always, derived", "[N]", "int64", "row in steps.* of each token row"),
     ("layers.{i}.moe.topk_ids", "experts", "[N, K]", "int64", "experts chosen per token, in top-k order"),
     ("layers.{i}.moe.topk_weights", "experts", "[N, K]", "float32", "their routing weights (sum 1 per token)"),
     ("layers.{i}.moe.router_logits", "experts, full", "[N, E]", "float32", "raw router logits"),
@@ -118,15 +119,19 @@ class Recording:
         self._meta, self._arrays = meta, arrays
         self._recorder = None
         self._built_at = None
+        self._live_now = False
 
     # ------------------------------------------------------------- live state
     @classmethod
     def _live(cls, recorder) -> Recording:
         rec = cls({}, {})
         rec._recorder = recorder
+        rec._live_now = True
         return rec
 
     def _sync(self) -> None:
+        """Build the arrays from the recorder when it has more since the last build (lazily: the with block's
+        exit only unhooks); a finished recorder is dropped once built."""
         r = self._recorder
         if r is None:
             return
@@ -134,11 +139,12 @@ class Recording:
         if mark != self._built_at:
             self._meta, self._arrays = r.build()
             self._built_at = mark
+        if not self._live_now:
+            self._recorder = None
 
     def _freeze(self) -> None:
-        if self._recorder is not None:
-            self._meta, self._arrays = self._recorder.build()
-        self._recorder = None
+        """The block has ended: no more events will come."""
+        self._live_now = False
 
     # ------------------------------------------------------------------- meta
     @property
@@ -179,7 +185,7 @@ class Recording:
         """Every name ``rec[name]`` answers, stored and derived."""
         self._sync()
         out = list(self._arrays)
-        out += ["tokens.sequence", "tokens.step", "tokens.position", "tokens.dataset"]
+        out += ["tokens.sequence", "tokens.step", "tokens.position", "tokens.dataset", "tokens.step_row"]
         a = self._arrays
         for i in self.layers:
             if f"layers.{i}.moe.routed_expert" in a:
@@ -443,7 +449,7 @@ class Recording:
 
     def __repr__(self) -> str:
         s = self.summary()
-        live = " (recording)" if self._recorder is not None else ""
+        live = " (recording)" if self._live_now else ""
         return (f"Recording{live}({s['target']}, datasets={s['datasets']}, kinds={s['kinds']}, "
                 f"layers={s['layers']}, sequences={s['sequences']}, steps={s['steps']}, tokens={s['tokens']})")
 
