@@ -52,6 +52,8 @@ from .io import CudaTransfer, ExpertReader
 from .memory import MemoryPlan, itemsize, parse_memory_limit, plan_memory, workspace_bytes
 from .quant import get_format
 
+CUDA_LIBRARY_WORKSPACE = 64 * 2**20  # cuBLAS / cuBLASLt workspaces the caching allocator hands out on first use
+
 
 @dataclass
 class GenerationResult:
@@ -122,10 +124,16 @@ class Engine:
         H, Fh = config.hidden_size, config.moe_ffn_hidden_size
         self._codec = get_format(self.bundle.format)
         self._zero_copy = FORMAT_DTYPE.get(self.bundle.format) == self.dtype
-        dequant = 0 if self._zero_copy else 3 * Fh * H * itemsize(self.dtype)
-        ws = workspace_bytes(config, self.dtype, min(self.prefill_chunk, self.max_context), self.max_context, dequant)
-        kv = kv_cache_bytes(config, self.max_context, self.dtype)
+        isz = itemsize(self.dtype)
+        # per expert computed: gathered up/down rows (sparse) or their products; decoded matrices plus the
+        # decoder's temporaries (about 10 bytes per weight) when the slot's bytes are not usable as they are
+        expert_ws = 2 * Fh * H * isz + (0 if self._zero_copy else Fh * H * (3 * isz + 10))
         cuda = self.device.type == "cuda"
+        if cuda:
+            expert_ws += CUDA_LIBRARY_WORKSPACE
+        ws = workspace_bytes(config, self.dtype, min(self.prefill_chunk, self.max_context), self.max_context,
+                             expert_ws)
+        kv = kv_cache_bytes(config, self.max_context, self.dtype)
         host = (self.bundle.file_size if host_cache else io_threads * self.bundle.stride) if cuda else 0
         self.plan: MemoryPlan = plan_memory(
             self.memory_limit, device=self.device.type, non_expert=non_expert, kv_cache=kv, workspace=ws,

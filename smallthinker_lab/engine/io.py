@@ -171,7 +171,10 @@ def _pin(t: torch.Tensor) -> None:
     """Page-lock an existing host buffer (cudaHostRegister) so copies from it are truly asynchronous."""
     if not torch.cuda.is_available():
         return
-    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)
+    try:
+        rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)
+    except Exception:  # no cudart binding: copies from pageable memory are correct, only slower
+        return
     if int(rc) == 0:
         with _reg_lock:
             _registered.add(t.data_ptr())

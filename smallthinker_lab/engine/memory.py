@@ -60,12 +60,13 @@ def itemsize(dtype: torch.dtype) -> int:
 
 
 def workspace_bytes(config: SmallThinkerConfig, dtype: torch.dtype, tokens: int, max_context: int,
-                    dequant_bytes: int = 0) -> int:
+                    expert_bytes: int = 0) -> int:
     """Peak temporaries of one forward chunk of ``tokens`` tokens (an upper estimate).
 
     Activations (residual, norms, attention in/out, q/k/v, router logits, expert gate/up/product, per-expert
     outputs kept for the ordered combine), attention scores and mask over the whole context in fp32, the
-    sliding-window concat, one token's logits in fp32, and one expert decoded from a quantised format.
+    sliding-window concat, one token's logits in fp32, plus ``expert_bytes`` (the engine's estimate for computing
+    one expert: gathered rows, decoded matrices).
     """
     a = max(itemsize(dtype), 4)  # some temporaries are fp32 whatever the dtype (norms, softmax)
     T, S, H, D = tokens, max_context, config.hidden_size, config.head_dim
@@ -75,7 +76,7 @@ def workspace_bytes(config: SmallThinkerConfig, dtype: torch.dtype, tokens: int,
     attn = 4 * h * T * S * 2 + T * S  # scores + softmax in fp32, bool mask
     swa = 2 * a * k * D * (min(S, config.sliding_window_size) + T) if any(config.sliding_window_layout) else 0
     logits = 4 * config.vocab_size * 3
-    return int(act + attn + swa + logits + dequant_bytes)
+    return int(act + attn + swa + logits + expert_bytes)
 
 
 @dataclass
