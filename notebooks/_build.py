@@ -103,7 +103,7 @@ print("same tokens as in memory:", result.tokens == out)"""),
 stats = engine.stats()
 pd.Series({k: stats[k] for k in ("capacity_experts", "hits", "misses", "hit_rate", "bytes_read",
                                  "bytes_read_per_token", "io_wait_seconds", "prefill_tok_s", "decode_tok_s",
-                                 "neuron_sparsity")}).to_frame("value")"""),
+                                 "neuron_sparsity")}, dtype=object).to_frame("value")"""),
     ("code", "engine.stats_frame()"),
     ("code", "engine.close()"),
 ]

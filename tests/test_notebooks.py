@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 # the model the notebooks run on; another checkpoint folder can be given for a local run
-MODEL = os.environ.get("SMALLTHINKER_NOTEBOOK_MODEL", "default")
+MODEL = os.environ.get("SMALLTHINKER_TEST_MODEL", "default")
 
 # small parameters per notebook (THREADS=1: the tiny model gains nothing from more, and a busy machine loses a lot)
 SMALL = {
