@@ -10,14 +10,16 @@ payloads) and removes exactly its own hooks in ``finally``, also when the block 
 
 Steps. The ``forward`` point fires at the END of every forward, after that forward's ``router``, ``expert``,
 ``cache`` and ``timing`` events. The recorder therefore buffers the events of the forward in flight and files them
-when ``forward`` arrives: a forward with phase ``prefill`` opens new sequences (one per batch row) as step 0, every
-later forward is step 1, 2, ... of those sequences. Events that arrive after the last ``forward`` (an exception in
-the middle of a forward, or an engine that prefetches after its forward returned) are dropped, and the recording's
-``notes`` say how many.
+when ``forward`` arrives: a forward that starts at position 0 opens new sequences (one per batch row) as step 0,
+every later forward is step 1, 2, ... of those sequences. A forward may route its tokens in chunks (the engine's
+prefill): the router events of one layer are concatenated in order and expert token indices are offset by their
+chunk's first row. Events that arrive after the last ``forward`` (an exception in the middle of a forward, or an
+engine that prefetches after its forward returned) are dropped, and the recording's ``notes`` say how many.
 
-Cost. Hooks only keep references and python ints; tensors are combined once per step (one ``stack`` for the
-top-k ids and weights of every layer, one ``cat`` and a few reductions for the neuron counters, on the device the
-model runs on) and copied to the host once, when the recording is read. Nothing in the hooks synchronises a GPU.
+Cost. Hooks append references and python ints; nothing in them synchronises a GPU. Top-k ids and weights stay as
+the tensors the router produced (concatenated and copied to the host once, when the recording is read). Expert
+gates are reduced to the neuron counters in batches (every ``Recorder.BATCH_EVENTS`` expert calls, after each
+prefill, and when read: one ``cat``, a few reductions and one ``index_add_`` on the model's device).
 """
 
 from __future__ import annotations
@@ -406,8 +408,8 @@ class record:  # noqa: N801  (a function-like context manager, as torch.no_grad)
         return points
 
     def __enter__(self):
-        if self._handles:
-            raise RuntimeError("this record() block is already active")
+        if self._handles or not self.recording._live_now:
+            raise RuntimeError("a record() block runs once: call record(...) again for a new recording")
         hooks = self.target.hooks
         if self.recorder.io_wait is not None:
             self.recorder._io_wait_seen = self.recorder.io_wait()  # waits before the block are not ours
