@@ -321,25 +321,31 @@ class MemoryLimitExplorer:
         return self._tokenizer.decode(list(ids))
 
     def _draw_bars(self, layers: pd.DataFrame, stats: dict[str, Any]) -> None:
-        import matplotlib.pyplot as plt
-        from IPython.display import display
+        """Per-layer measured hit rates (bars) and, for LRU, the curve's per-layer prediction (dots), as a PNG
+        set straight into the Output widget (works in a kernel and outside one)."""
+        import base64
+        import io
+
+        from matplotlib.figure import Figure
 
         per = layers.drop(index="all", errors="ignore")
         x = np.arange(len(per))
-        self.bars.clear_output(wait=True)
-        with self.bars:
-            fig, ax = plt.subplots(figsize=(7, 2.6), layout="constrained")
-            ax.bar(x, per["hit_rate"].astype(float).fillna(0.0), color="#4c72b0", label="measured")
-            if stats["policy"] == "lru":
-                pred = self.predicted_layer_hit_rates(int(stats["capacity_experts"]), stats["prompt_set"])
-                ax.plot(x, pred.to_numpy(), "o", color="#dd8452", label="predicted (LRU curve)")
-            ax.set_xticks(x, [str(i) for i in per.index])
-            ax.set(xlabel="layer", ylabel="hit rate", ylim=(0, 1.05),
-                   title=f"per-layer hit rate: {stats['policy']}, prefetch {'on' if stats['prefetch'] else 'off'}, "
-                         f"{(stats['memory_limit'] or 0) / MiB:.2f} MiB")
-            ax.legend(loc="lower right", fontsize=8)
-            plt.close(fig)
-            display(fig)
+        fig = Figure(figsize=(7, 2.6), layout="constrained")
+        ax = fig.subplots()
+        ax.bar(x, per["hit_rate"].astype(float).fillna(0.0), color="#4c72b0", label="measured")
+        if stats["policy"] == "lru":
+            pred = self.predicted_layer_hit_rates(int(stats["capacity_experts"]), stats["prompt_set"])
+            ax.plot(x, pred.to_numpy(), "o", color="#dd8452", label="predicted (LRU curve)")
+        ax.set_xticks(x, [str(i) for i in per.index])
+        ax.set(xlabel="layer", ylabel="hit rate", ylim=(0, 1.05),
+               title=f"per-layer hit rate: {stats['policy']}, prefetch {'on' if stats['prefetch'] else 'off'}, "
+                     f"{(stats['memory_limit'] or 0) / MiB:.2f} MiB")
+        ax.legend(loc="lower right", fontsize=8)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        png = base64.b64encode(buf.getvalue()).decode("ascii")
+        self.bars.outputs = ({"output_type": "display_data", "metadata": {},
+                              "data": {"image/png": png, "text/plain": "<per-layer hit rates>"}},)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
