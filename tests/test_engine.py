@@ -285,3 +285,25 @@ def test_close_and_reopen(ckpt, sizes, reference):
     e.reopen()
     assert e.generate(PROMPT, NEW, stop_tokens=[]).tokens == reference
     e.close()
+
+
+def test_sparse_lm_head_at_decode(ckpt, sizes, reference, tmp_path):
+    from smallthinker_lab.engine.lm_head import LMHeadPredictor, save_predictor
+
+    cfg = load_model(ckpt).config
+    everything = LMHeadPredictor(cfg.hidden_size, cfg.vocab_size, 4, mode="top_m", top_m=cfg.vocab_size)
+    with open_engine(ckpt, sizes, "unlimited", lm_head_predictor=everything) as e:
+        assert e.generate(PROMPT, NEW, stop_tokens=[]).tokens == reference  # all rows computed: same tokens
+        assert e.stats()["lm_head_rows_per_token"] == cfg.vocab_size
+    five = LMHeadPredictor(cfg.hidden_size, cfg.vocab_size, 4, mode="top_m", top_m=5)
+    with open_engine(ckpt, sizes, "unlimited", lm_head_predictor=five) as e:
+        first = e.forward(torch.tensor([PROMPT]))[0, -1]  # prefill: the full head
+        nxt = e.forward(torch.tensor([[int(first.argmax())]]))[0, -1]  # decode: 5 rows, -inf elsewhere
+        assert torch.isfinite(first).all() and int(torch.isfinite(nxt).sum()) == 5
+        assert torch.isneginf(nxt).sum() == cfg.vocab_size - 5
+    save_predictor(five, tmp_path / "pred.safetensors")  # from a file: the reference's rule, rows with z > 0
+    with open_engine(ckpt, sizes, "unlimited", lm_head_predictor=tmp_path / "pred.safetensors") as e:
+        assert e.lm_head_predictor.mode == "threshold"
+        e.forward(torch.tensor([PROMPT]))
+        nxt = e.forward(torch.tensor([[1]]))[0, -1]
+        assert 0 < int(torch.isfinite(nxt).sum()) < cfg.vocab_size and e.stats()["lm_head_rows_per_token"] > 0

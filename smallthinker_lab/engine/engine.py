@@ -131,6 +131,12 @@ class Engine:
         cuda = self.device.type == "cuda"
         if cuda:
             expert_ws += CUDA_LIBRARY_WORKSPACE
+        self.lm_head_predictor = _load_predictor(lm_head_predictor, config, self.device)
+        pred = self.lm_head_predictor
+        if pred is not None:  # its weights are resident; the rows it selects are gathered per decode step
+            non_expert += sum(p.numel() * p.element_size() for p in pred.parameters())
+            rows = pred.top_m if pred.mode == "top_m" else config.vocab_size
+            expert_ws += rows * H * isz
         ws = workspace_bytes(config, self.dtype, min(self.prefill_chunk, self.max_context), self.max_context,
                              expert_ws)
         kv = kv_cache_bytes(config, self.max_context, self.dtype)
@@ -144,10 +150,11 @@ class Engine:
         self.hooks = HookRegistry()
         self.model.hooks = self.hooks
         self.tokenizer = _load_tokenizer(self.checkpoint_dir)
-        self.lm_head_predictor = _load_predictor(lm_head_predictor, self.device)
         self._layers = list(self.model.model.layers)
-        self._non_expert_bytes = sum(t.numel() * t.element_size() for t in
-                                     {id(p): p for p in self.model.parameters()}.values())
+        params = {id(p): p for p in self.model.parameters()}
+        if pred is not None:
+            params.update({id(p): p for p in pred.parameters()})
+        self._non_expert_bytes = sum(t.numel() * t.element_size() for t in params.values())
         self._lock = threading.Lock()
         self._generation = 0
         self.reader = self.transfer = self.arena = self.cache = None
@@ -497,11 +504,14 @@ class Engine:
         t0 = time.perf_counter()
         h = self.model.model.norm(x)  # (1, 1, H)
         pred = self.lm_head_predictor
-        if decode and pred is not None:
+        if decode and pred is not None:  # rows the predictor skips get fill_value (default -inf: never sampled)
             from .lm_head import sparse_lm_head
 
-            logits = sparse_lm_head(h.reshape(1, -1), self.model.lm_head.weight, pred,
-                                    fill_value=self.fill_value).view(1, 1, -1)
+            logits, rows = sparse_lm_head(h.reshape(1, -1), self.model.lm_head.weight, pred,
+                                          fill_value=self.fill_value)
+            logits = logits.view(1, 1, -1)
+            self._lm_rows += rows
+            self._lm_calls += 1
         else:
             logits = self.model.lm_head(h)  # (1, 1, V)
         dt = time.perf_counter() - t0
@@ -594,6 +604,7 @@ class Engine:
                                       "decode_seconds", "decode_bytes")}
         self._t_router, self._t_attn, self._t_moe = [0.0] * L, [0.0] * L, [0.0] * L
         self._t_lm_head = 0.0
+        self._lm_rows = self._lm_calls = 0
         self._la_predicted, self._la_correct = [0] * L, [0] * L
         self._neurons_active = self._neurons_total = 0
         self._peak_accounted = self.resident_bytes()
@@ -614,6 +625,7 @@ class Engine:
             "io_wait_seconds": c.io_wait_seconds, "router_seconds": sum(self._t_router),
             "attention_seconds": sum(self._t_attn), "moe_seconds": sum(self._t_moe),
             "lm_head_seconds": self._t_lm_head,
+            "lm_head_rows_per_token": self._lm_rows / self._lm_calls if self._lm_calls else float("nan"),
             "prefill_tokens": s["prefill_tokens"], "prefill_seconds": s["prefill_seconds"],
             "prefill_tok_s": s["prefill_tokens"] / s["prefill_seconds"] if s["prefill_seconds"] else float("nan"),
             "decode_tokens": s["decode_tokens"], "decode_seconds": s["decode_seconds"],
@@ -683,11 +695,15 @@ def _load_tokenizer(folder: Path):
     return load_tokenizer(folder)
 
 
-def _load_predictor(predictor, device: torch.device):
+def _load_predictor(predictor, config: SmallThinkerConfig, device: torch.device):
+    """An LMHeadPredictor, or one read from a file (safetensors / .pt flat tensor), on the engine's device."""
     if predictor is None:
         return None
     if isinstance(predictor, (str, os.PathLike)):
-        from .lm_head import LMHeadPredictor
+        from .lm_head import load_predictor
 
-        predictor = LMHeadPredictor.load(predictor)
-    return predictor.to(device) if hasattr(predictor, "to") else predictor
+        predictor = load_predictor(predictor, config.hidden_size, config.vocab_size)
+    if (predictor.hidden, predictor.vocab) != (config.hidden_size, config.vocab_size):
+        raise ValueError(f"the LM-head predictor is for hidden {predictor.hidden} / vocab {predictor.vocab}, the model "
+                         f"has {config.hidden_size} / {config.vocab_size}")
+    return predictor.to(device).eval()
