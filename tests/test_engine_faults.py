@@ -156,3 +156,27 @@ def test_read_error_in_an_io_thread(ckpt, source):
     with open_engine(ckpt) as again:  # a new engine on the same files
         assert again.generate(PROMPT, NEW, stop_tokens=[]).tokens == source[1]
     assert_released(ckpt)
+
+
+@pytest.mark.parametrize("direct_ok", [True, False])
+def test_page_cache_bypass_reads_the_same_bytes(ckpt, source, monkeypatch, direct_ok):
+    """O_DIRECT where the filesystem takes it, else posix_fadvise(DONTNEED) after each read; same bytes either way."""
+    from smallthinker_lab.engine import io as io_mod
+
+    advised = []
+    real_open, real_fadvise = os.open, os.posix_fadvise
+    if not direct_ok:  # a filesystem that refuses O_DIRECT (tmpfs, some network filesystems)
+        def no_direct(path, flags, *a):
+            if flags & getattr(os, "O_DIRECT", 0):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, *a)
+
+        monkeypatch.setattr(io_mod.os, "open", no_direct)
+    monkeypatch.setattr(io_mod.os, "posix_fadvise", lambda *a: advised.append(a) or real_fadvise(*a))
+    with open_engine(ckpt, bypass_page_cache=True) as e:
+        if not direct_ok:
+            assert e.reader.direct is False
+        assert e.generate(PROMPT, NEW, stop_tokens=[]).tokens == source[1]
+        n = e.stats()["misses"]
+        assert len(advised) == (0 if e.reader.direct else n)
+    assert_released(ckpt)
