@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(subparsers) -> None:
@@ -74,3 +75,15 @@ def run(args: argparse.Namespace) -> int:
     )
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m smallthinker_lab.train.cli train ...``: the train subcommand alone."""
+    parser = argparse.ArgumentParser(prog="smallthinker-lab")
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,11 +22,13 @@ Determinism: the batch of step s is a function of (seed, s), the weights are ini
 schedule is a function of the step, and nothing else draws random numbers; on CPU a run is bit-identical for a
 seed, and a run stopped (``stop_at``) and resumed reproduces the uninterrupted run's losses exactly.
 
-Speed: training swaps in two forwards that compute the same function as the model's (tested equal):
-the MoE as three dense matmuls over all experts' concatenated weights with the top-k weights scattered into an
-(N, E) matrix (non-routed experts get weight 0, so outputs and gradients equal the sparse loop's; for E*F = 2048
-this beats looping over 32 experts with gathers, index_add and host syncs), and attention with the KV heads
-repeated so that global layers run as plain causal SDPA (flash kernels on CUDA).
+Speed: training swaps in two forwards that compute the same function as the model's (tested equal).
+On CUDA the MoE runs as three dense matmuls over all experts' concatenated weights, with the top-k weights
+scattered into an (N, E) matrix: non-routed experts get weight 0, so outputs and gradients equal the sparse
+loop's, and for E*F = 2048 this beats looping over 32 experts with gathers, index_add and host syncs (on CPU the
+model's sparse loop is faster and is kept). Attention repeats the KV heads so that global layers run as plain
+causal SDPA (flash kernels on CUDA). Per-step statistics stay on the device and are fetched every ``log_every``
+steps, so the host does not wait for the GPU each step.
 Shape letters: B sequences, T tokens, N = B*T, H hidden, E experts, F expert ffn size, V vocabulary.
 """
 
@@ -67,7 +69,7 @@ TRAIN_COLUMNS = ["step", "tokens", "lr", "loss", "ce", "balance", "bal_microbatc
 EVAL_COLUMNS = ["step", "tokens", "domain", "ce", "ppl"]
 # arguments that may change between a run and its resumption; the others must match the checkpoint
 _RESUMABLE = {"stop_at", "max_time_s", "eval_every", "eval_windows", "ckpt_every", "log_every", "progress",
-              "tokenizer_dir", "export_dtype", "export", "resume", "compile", "device"}
+              "tokenizer_dir", "export_dtype", "export", "resume", "compile", "device", "fast", "dense_moe"}
 
 
 @dataclass
@@ -96,7 +98,8 @@ class TrainArgs:
     log_every: int = 10  # steps between CSV flushes / progress updates (one host sync each)
     resume: bool = True
     compile: bool = False
-    fast: bool = True  # the training-only MoE and attention forwards
+    fast: bool = True  # the training-only attention forward, and the dense MoE where ``dense_moe`` says
+    dense_moe: bool | None = None  # None: dense MoE on CUDA, the model's sparse expert loop on CPU (faster there)
     stop_at: int | None = None  # stop after this many steps (checkpointed), the schedule still spans ``steps``
     max_time_s: float | None = None  # stop, checkpoint and export when this much wall time has passed
     tokenizer_dir: str | None = None
@@ -169,11 +172,12 @@ def train_attention_forward(self: Attention, x: torch.Tensor, positions: torch.T
 
 
 @contextlib.contextmanager
-def training_forwards(model: SmallThinkerForCausalLM):
-    """Swap in the fast training forwards for the duration of the block (instance attributes, removed after)."""
+def training_forwards(model: SmallThinkerForCausalLM, dense_moe: bool = True):
+    """Swap in the fast training forwards for the duration of the block (instance attributes, removed after):
+    attention always, the MoE if ``dense_moe``."""
     patched = []
     for module in model.modules():
-        if isinstance(module, MoEBlock):
+        if isinstance(module, MoEBlock) and dense_moe:
             module.forward = types.MethodType(dense_moe_forward, module)
             patched.append(module)
         elif isinstance(module, Attention):
@@ -291,6 +295,8 @@ def train(config: SmallThinkerConfig | str | os.PathLike, data_dir: str | os.Pat
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' asked for but torch sees no CUDA device")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
     if args.seq_len > cfg.max_position_embeddings:
         raise ValueError(f"seq_len {args.seq_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
 
@@ -318,11 +324,13 @@ def train(config: SmallThinkerConfig | str | os.PathLike, data_dir: str | os.Pat
     stop = min(args.steps, args.stop_at) if args.stop_at is not None else args.steps
     k, columns = cfg.top_k, _train_columns(sampler)
     tokens_per_step = args.batch_size * args.seq_len
-    with training_forwards(model) if args.fast else contextlib.nullcontext():
+    dense = args.dense_moe if args.dense_moe is not None else device.type == "cuda"
+    with training_forwards(model, dense) if args.fast else contextlib.nullcontext():
         fwd = torch.compile(model) if args.compile else model
         step, t_start, last_eval = start, time.perf_counter(), None
         pbar = _progress(args, start, stop)
         pending: list[torch.Tensor] = []
+        pending_lr: list[float] = []
         t_flush, steps_since = time.perf_counter(), 0
         stopped_by_time = False
         for step in range(start, stop):
@@ -330,8 +338,11 @@ def train(config: SmallThinkerConfig | str | os.PathLike, data_dir: str | os.Pat
             for g in opt.param_groups:
                 g["lr"] = lr
             batch = sampler.batch(step)
-            x = batch.tokens.to(device, non_blocking=True)  # (B, T + 1)
-            dom = batch.domains.to(device, non_blocking=True)  # (B,)
+            x, dom = batch.tokens, batch.domains
+            if device.type == "cuda":
+                x, dom = x.pin_memory(), dom.pin_memory()
+            x = x.to(device, non_blocking=True)  # (B, T + 1)
+            dom = dom.to(device, non_blocking=True)  # (B,)
             with _autocast(device):
                 logits, router_logits = fwd(x[:, :-1], output_router_logits=True)  # (B, T, V), L x (B, T, E)
             ce_seq = cross_entropy_per_sequence(logits, x[:, 1:])  # (B,)
@@ -362,8 +373,8 @@ def train(config: SmallThinkerConfig | str | os.PathLike, data_dir: str | os.Pat
                     torch.stack([loss.detach(), ce.detach(), bal.detach(), bal_mb, bal_g, z.detach(),
                                  load_entropy(router_logits, k).mean(), gnorm.float()]).float(),
                     dom_sum / dom_n,  # nan where the step has no window of that domain
-                    torch.tensor([lr], device=device),
                 ]))
+                pending_lr.append(lr)
             steps_since += 1
             done = step + 1
             time_up = args.max_time_s is not None and time.perf_counter() - t_start > args.max_time_s
@@ -371,10 +382,10 @@ def train(config: SmallThinkerConfig | str | os.PathLike, data_dir: str | os.Pat
                 vals = torch.stack(pending).cpu().tolist()  # one host sync per flush
                 now = time.perf_counter()
                 tps = steps_since * tokens_per_step / (now - t_flush)
-                rows = [_row(done - len(vals) + i, v, tps, now - t_start, tokens_per_step, sampler.domains)
-                        for i, v in enumerate(vals)]
+                rows = [_row(done - len(vals) + i, v, lr_, tps, now - t_start, tokens_per_step, sampler.domains)
+                        for i, (v, lr_) in enumerate(zip(vals, pending_lr))]
                 _append_csv(log_path, columns, rows)
-                pending, t_flush, steps_since = [], now, 0
+                pending, pending_lr, t_flush, steps_since = [], [], now, 0
                 if pbar is not None:
                     pbar.update(len(rows))
                     r = rows[-1]
@@ -415,12 +426,13 @@ def _train_columns(sampler: WindowSampler) -> list[str]:
     return TRAIN_COLUMNS + [f"ce_{d}" for d in sampler.domains]
 
 
-def _row(step: int, v: list[float], tps: float, elapsed: float, tokens_per_step: int, domains: list[str]) -> dict:
+def _row(step: int, v: list[float], lr: float, tps: float, elapsed: float, tokens_per_step: int,
+         domains: list[str]) -> dict:
     loss, ce, bal, bal_mb, bal_g, z, ent, gnorm = v[:8]
-    row = {"step": step, "tokens": (step + 1) * tokens_per_step, "lr": v[-1], "loss": loss, "ce": ce,
+    row = {"step": step, "tokens": (step + 1) * tokens_per_step, "lr": lr, "loss": loss, "ce": ce,
            "balance": bal, "bal_microbatch": bal_mb, "bal_global": bal_g, "z_loss": z, "load_entropy": ent,
            "grad_norm": gnorm, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3)}
-    row.update({f"ce_{d}": c for d, c in zip(domains, v[8:-1])})
+    row.update({f"ce_{d}": c for d, c in zip(domains, v[8:])})
     return row
 
 
