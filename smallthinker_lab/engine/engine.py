@@ -231,6 +231,7 @@ class Engine:
             self.reader.close()
             raise
         self.kv = KVCache(self.config, 1, self.dtype, self.device, capacity=self.max_context)
+        self._views: list[tuple | None] = [None] * plan.capacity_experts
         self._closed = False
 
     def _load(self, key: tuple[int, int], slot: int):
@@ -257,6 +258,7 @@ class Engine:
                 self.transfer = None
             if self.reader is not None:
                 self.reader.close()
+            self._views = []
             if self.arena is not None:
                 self.arena.close()
 
@@ -455,19 +457,21 @@ class Engine:
         if self.transfer is not None and entry.result is not None:
             torch.cuda.current_stream(self.device).wait_event(entry.result)
         layer, expert = entry.key
-        buf = self.arena.tensor(entry.slot)
-        specs, codec, dtype = self.bundle.matrices, self._codec, self.dtype
-        shape = specs["gate"].shape
-        mat = {m: buf[s.offset:s.offset + s.nbytes] for m, s in specs.items()}
+        codec, dtype = self._codec, self.dtype
+        shape = self.bundle.matrices["gate"].shape
         watch = self.hooks.active("expert")
+        if self._zero_copy:
+            wg, wu, wd = self._slot_views(entry.slot)  # views of the slot's bytes, no copy
+        else:
+            mat = self._slot_bytes(entry.slot)
         if self.device.type == "cuda":  # dense, no host sync
-            wg, wu, wd = (codec.decode(mat[m], shape, dtype) for m in ("gate", "up", "down"))
+            if not self._zero_copy:
+                wg, wu, wd = (codec.decode(mat[m], shape, dtype) for m in ("gate", "up", "down"))
             g = F.linear(x, wg)  # (n, F)
             if watch:
                 self._fire_expert(layer, expert, token, g)
             return (F.linear(x, wu) * F.relu(g)) @ wd
         if self._zero_copy:
-            wg, wu, wd = (codec.decode(mat[m], shape, dtype) for m in ("gate", "up", "down"))  # views, no copy
             if watch:
                 self._fire_expert(layer, expert, token, F.linear(x, wg))
             if self.sparse_reglu is False:
@@ -493,6 +497,19 @@ class Engine:
         self._neurons_active += n_active
         self._neurons_total += shape[0]
         return y
+
+    def _slot_bytes(self, slot: int) -> dict[str, torch.Tensor]:
+        buf = self.arena.tensor(slot)
+        return {m: buf[sp.offset:sp.offset + sp.nbytes] for m, sp in self.bundle.matrices.items()}
+
+    def _slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate, up, down^T) as [F, H] views of a slot, made once per slot: they stay valid whatever it holds."""
+        views = self._views[slot]
+        if views is None:
+            mat, shape = self._slot_bytes(slot), self.bundle.matrices["gate"].shape
+            views = self._views[slot] = tuple(self._codec.decode(mat[m], shape, self.dtype)
+                                              for m in ("gate", "up", "down"))
+        return views
 
     def _fire_expert(self, layer: int, expert: int, token: torch.Tensor | None, g: torch.Tensor) -> None:
         # token_index: rows of this forward chunk that the expert received
