@@ -21,6 +21,7 @@ interrupted conversion leaves no index, and a bundle without an index is not a b
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -368,10 +369,17 @@ def ensure_bundle(checkpoint_dir: Path, bundle_dir: Path | None, quantization: s
     (sizes or mtimes of its files). A bundle that claims to be current but fails validation (truncated data,
     missing data file) is an error, not silently rebuilt: storage problems must be seen."""
     out = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir(checkpoint_dir, quantization)
-    idx = _index_summary(out)
-    stale = (idx is None or idx.get("magic") != MAGIC.decode() or idx.get("version") != BUNDLE_VERSION
-             or (quantization is not None and idx.get("format") != quantization)
-             or idx.get("source") != source_fingerprint(checkpoint_dir))
-    if stale:
-        convert(checkpoint_dir, out, quantization, progress=progress)
+
+    def stale() -> bool:
+        idx = _index_summary(out)
+        return (idx is None or idx.get("magic") != MAGIC.decode() or idx.get("version") != BUNDLE_VERSION
+                or (quantization is not None and idx.get("format") != quantization)
+                or idx.get("source") != source_fingerprint(checkpoint_dir))
+
+    if stale():
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".convert.lock", "w") as lock:  # one conversion at a time (engines opened in parallel)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if stale():  # another process may have converted it meanwhile
+                convert(checkpoint_dir, out, quantization, progress=progress)
     return out

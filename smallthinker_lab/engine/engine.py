@@ -454,8 +454,9 @@ class Engine:
 
     def _expert(self, entry: Entry, x: torch.Tensor, token: torch.Tensor | None) -> torch.Tensor:
         """One expert's ReGLU from its slot: views of the slot's bytes for the stored dtype, decoded otherwise."""
-        if self.transfer is not None and entry.result is not None:
+        if self.transfer is not None and entry.result is not None:  # the copy's event: waited for once
             torch.cuda.current_stream(self.device).wait_event(entry.result)
+            entry.result = None
         layer, expert = entry.key
         codec, dtype = self._codec, self.dtype
         shape = self.bundle.matrices["gate"].shape
