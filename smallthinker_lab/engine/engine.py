@@ -253,11 +253,11 @@ class Engine:
             if self.cache is not None:
                 self.cache.drain()
         finally:
-            if self.transfer is not None:
-                self.transfer.close()
-                self.transfer = None
             if self.reader is not None:
-                self.reader.close()
+                self.reader.close()  # joins the I/O threads: no read or copy is started after this
+            if self.transfer is not None:
+                self.transfer.close()  # waits for copies in flight, then unpins the host buffers
+                self.transfer = None
             self._views = []
             if self.arena is not None:
                 self.arena.close()

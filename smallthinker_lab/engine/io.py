@@ -250,6 +250,7 @@ class CudaTransfer:
         return self.reader.submit_call(task)
 
     def close(self) -> None:
+        self.stream.synchronize()  # no copy may still write into a slot or read a staging buffer
         if self.staging is not None:
             self.staging.close()
             self.staging = None
