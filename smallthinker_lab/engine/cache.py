@@ -19,6 +19,11 @@ Hit semantics (exact, so a recorded trace replays to the same counts):
 
 Policies: ``lru`` (OrderedDict), ``lfu`` (demand counts kept across evictions, ties broken by least recent use),
 ``belady`` (evicts the entry whose next demand is farthest in a known future trace; the optimal hit count).
+
+Counters: ``bytes_read`` = (misses + look-ahead reads) x expert bytes. ``prefetch_issued`` counts reads started
+before the data was needed: with prefetch on every demand miss (issued before attention) plus every look-ahead
+read; ``prefetch_used`` those a layer then consumed, ``prefetch_wasted`` those evicted (or failed) unused.
+Hook events: "hit" / "miss" per demand request, "prefetch" per look-ahead read, "evict" per eviction.
 """
 
 from __future__ import annotations
