@@ -120,6 +120,7 @@ class MemoryLimitExplorer:
         lo = np.ceil(self.minimum_bytes / MiB / step) * step
         hi = np.ceil(self.full_bytes / MiB / step) * step
         value = limit_mib if limit_mib is not None else lo + 0.5 * (hi - lo)
+        value = lo + round((float(np.clip(value, lo, hi)) - lo) / step) * step  # on the slider's grid
         self.slider = w.FloatSlider(value=float(np.clip(value, lo, hi)), min=float(lo), max=float(hi), step=step,
                                     description="Memory limit (MiB)", readout_format=".2f", continuous_update=True,
                                     style={"description_width": "initial"}, layout=w.Layout(width="520px"))
@@ -138,7 +139,7 @@ class MemoryLimitExplorer:
         self.measured.add_class("st-measured")
         self.status = w.HTML()
         self.status.add_class("st-status")
-        self.bars = w.Output(layout=w.Layout(min_height="240px"))
+        self.bars = w.Output()
         self.bars.add_class("st-layer-bars")
         self.text = w.HTML()
         self.text.add_class("st-generated-text")
