@@ -301,7 +301,7 @@ def write_report(model: str | Path = "default", out: str | Path = "report", memo
     csvs: dict[str, tuple[pd.DataFrame, str]] = {
         "throughput_table.csv": (tables.throughput_table(bench), "Throughput: in memory vs under the limit"),
         "ablation_table.csv": (tables.ablation_table(bench), "Ablation: prefetch and cache"),
-        "bench_runs.csv": (bench, "Benchmark runs (raw)"),
+        "bench_runs.csv": (bench, None),
         "expert_usage_table.csv": (tables.expert_usage_table(freq), "Expert usage per prompt set"),
         "expert_frequency.csv": (freq, None),
         "expert_usage_divergence.csv": (expert_usage_divergence(freq), None),
@@ -318,6 +318,9 @@ def write_report(model: str | Path = "default", out: str | Path = "report", memo
     if main_layers is not None:
         csvs["engine_stats_per_layer.csv"] = (main_layers.reset_index(), None)
     for fname, (df, _) in csvs.items():
+        if not isinstance(df.index, pd.RangeIndex):  # e.g. per layer, indexed by layer
+            df = df.reset_index()
+            csvs[fname] = (df, csvs[fname][1])
         df.to_csv(out / fname, index=False)
         written.append(out / fname)
 
@@ -391,18 +394,21 @@ def _fmt(v: Any) -> str:
 
 def _html(summary: dict[str, Any], figures: dict[str, str], tables: dict[str, tuple[pd.DataFrame, str]],
           files: list[str]) -> str:
-    css = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+    css = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;color:#222}"
            "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 8px;"
            "font-size:13px;text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}"
-           "figure{margin:1em 0 2em}img{max-width:100%;border:1px solid #eee}figcaption{color:#555}")
+           ".figs{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}"
+           "figure{margin:0 0 1em;flex:1 1 480px;max-width:100%}"
+           "img{max-width:100%;border:1px solid #eee}figcaption{color:#555}"
+           ".summary td{text-align:left}")
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>SmallThinker report</title>",
-             f"<style>{css}</style></head><body><h1>SmallThinker report</h1><table>"]
+             f"<style>{css}</style></head><body><h1>SmallThinker report</h1><table class='summary'>"]
     parts += [f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items()]
-    parts.append("</table><h2>Figures</h2>")
+    parts.append("</table><h2>Figures</h2><div class='figs'>")
     for fname, caption in figures.items():
         parts.append(f"<figure><img src='{fname}' alt='{html.escape(caption)}'>"
                      f"<figcaption>{html.escape(caption)} ({fname})</figcaption></figure>")
-    parts.append("<h2>Tables</h2>")
+    parts.append("</div><h2>Tables</h2>")
     for fname, (df, title) in tables.items():
         head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
         body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>"
