@@ -205,6 +205,7 @@ MODEL = "default"
 PROMPT_SETS = ["gsm8k", "humaneval", "wiki-en", "zh-news"]
 MAX_PROMPTS = 8
 MAX_NEW_TOKENS = 16
+TIMING_PROMPTS = 2  # per set, for the dense vs sparse timing
 THREADS = None"""),
     ("code", setup("""\
 import pandas as pd
@@ -241,7 +242,7 @@ print(f"expert FLOPs saved by skipping inactive neurons: {1 - flops['sparse'] / 
 flops.to_frame("expert FLOPs over the recording")"""),
     ("md", "Time, in the engine with every expert resident (after a warm-up), dense against sparse expert compute:"),
     ("code", """\
-ids = [tok(p)["input_ids"][:256] for ps in prompts.values() for p in ps[:2]]
+ids = [tok(p)["input_ids"][:256] for ps in prompts.values() for p in ps[:TIMING_PROMPTS]]
 rows, outputs = [], {}
 for mode in (False, True):
     with Engine.from_pretrained(MODEL, memory_limit=None, sparse_reglu=mode) as engine:

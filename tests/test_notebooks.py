@@ -21,7 +21,7 @@ MODEL = os.environ.get("SMALLTHINKER_TEST_MODEL", "default")
 SMALL = {
     "01_tour": dict(MAX_NEW_TOKENS=8),
     "02_expert_specialization": dict(MAX_PROMPTS=2, MAX_NEW_TOKENS=4),
-    "03_neuron_sparsity": dict(MAX_PROMPTS=2, MAX_NEW_TOKENS=4),
+    "03_neuron_sparsity": dict(MAX_PROMPTS=2, MAX_NEW_TOKENS=4, TIMING_PROMPTS=1),
     "04_kv_cache": dict(MAX_PROMPTS=1, MAX_NEW_TOKENS=8),
     "05_offloading_throughput": dict(PROMPT_SETS=["gsm8k", "zh-news"], BENCH_PROMPTS=1, MAX_NEW_TOKENS=4),
     "06_memory_limit_explorer": dict(PROMPT_SETS=["gsm8k", "humaneval"], MAX_PROMPTS=1, MAX_NEW_TOKENS=4),
