@@ -307,3 +307,16 @@ def test_sparse_lm_head_at_decode(ckpt, sizes, reference, tmp_path):
         e.forward(torch.tensor([PROMPT]))
         nxt = e.forward(torch.tensor([[1]]))[0, -1]
         assert 0 < int(torch.isfinite(nxt).sum()) < cfg.vocab_size and e.stats()["lm_head_rows_per_token"] > 0
+
+
+def test_compute_threads_apply_during_forward_only(ckpt, sizes, reference):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with open_engine(ckpt, sizes, "mid", compute_threads=1) as e:
+            seen = []
+            e.hooks.add("router", lambda **kw: seen.append(torch.get_num_threads()))
+            assert e.generate(PROMPT, 3, stop_tokens=[]).tokens == reference[:3]
+            assert set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -45,6 +45,7 @@ def register(subparsers) -> None:
     g.add_argument("--quantization", default=None, choices=["int8", "q4_0"], help="expert weight format")
     g.add_argument("--bypass-page-cache", action="store_true", help="O_DIRECT / fadvise reads")
     g.add_argument("--io-threads", type=int, default=4)
+    g.add_argument("--threads", type=int, default=None, help="torch compute threads (default: torch's)")
     g.set_defaults(func=run_generate)
 
 
@@ -97,7 +98,7 @@ def run_generate(args) -> int:
                                     policy=args.policy or "lru", prefetch=not args.no_prefetch,
                                     lookahead=args.lookahead, quantization=args.quantization,
                                     bypass_page_cache=args.bypass_page_cache, io_threads=args.io_threads,
-                                    dtype=args.dtype) as engine:
+                                    dtype=args.dtype, compute_threads=args.threads) as engine:
             ids = _prompt_ids(engine.tokenizer, args)
             _print_stream(engine.tokenizer, engine.stream(ids, **sampling))
             s = engine.stats()
@@ -113,6 +114,10 @@ def run_generate(args) -> int:
     from ..model.generate import GenerationStats, stream_generate
     from ..model.tokenizer import load_tokenizer
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     try:
         tokenizer = load_tokenizer(args.model)

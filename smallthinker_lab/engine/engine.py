@@ -84,7 +84,7 @@ class Engine:
                  bundle_dir: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
                  max_context: int | None = None, prefill_chunk: int = 256, lm_head_predictor=None,
                  fill_value: float = float("-inf"), host_cache: bool = False, belady_trace: Sequence | None = None,
-                 fault: Callable | None = None, progress: bool = True) -> None:
+                 fault: Callable | None = None, progress: bool = True, compute_threads: int | None = None) -> None:
         self.checkpoint_dir = resolve_path(checkpoint_dir)
         self.config = config = SmallThinkerConfig.from_json(self.checkpoint_dir / CONFIG_FILE)
         self.device = torch.device(device)
@@ -102,6 +102,9 @@ class Engine:
             verify_checksums
         self.host_cache, self.belady_trace, self.fault = host_cache, belady_trace, fault
         self.fill_value = fill_value
+        if compute_threads is not None and compute_threads < 1:
+            raise ValueError(f"compute_threads must be >= 1, got {compute_threads}")
+        self.compute_threads = compute_threads
         self.memory_limit = parse_memory_limit(memory_limit)
 
         # the bundle (converted on first use) and the non-expert tensors of the checkpoint
@@ -177,7 +180,10 @@ class Engine:
         ``prefill_chunk`` (tokens per prefill forward), ``lm_head_predictor`` (path or LMHeadPredictor: sparse
         LM head at decode), ``fill_value`` (logit of rows it skips, default -inf), ``host_cache`` (CUDA: keep a
         pinned host copy of the bundle), ``belady_trace`` (the future trace for policy="belady"), ``fault``
-        (test hook of the reader), ``progress``.
+        (test hook of the reader), ``progress``, ``compute_threads`` (torch intra-op threads while the engine
+        computes, restored after each forward; on a small CPU, leaving a core to the I/O threads avoids OpenMP
+        stalls when reads land during compute: on the busy 2-core development machine one compute thread was
+        several times faster per expert than two).
         """
         return cls(path, memory_limit=memory_limit, device=device, policy=policy, prefetch=prefetch,
                    lookahead=lookahead, quantization=quantization, sparse_reglu=sparse_reglu,
@@ -328,6 +334,9 @@ class Engine:
         self._timing = self.hooks.active("timing")
         phase = "prefill" if T > 1 or start == 0 else "decode"
         bytes0 = self.cache.stats.bytes_read
+        threads = torch.get_num_threads()
+        if self.compute_threads is not None and self.compute_threads != threads:
+            torch.set_num_threads(self.compute_threads)
         t0 = time.perf_counter()
         try:
             for c0 in range(0, T, self.prefill_chunk):
@@ -336,6 +345,9 @@ class Engine:
         except BaseException:
             self.cache.drain()  # an error or interruption: settle reads in flight, release pins
             raise
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
         dt = time.perf_counter() - t0
         st = self._stats
         st[phase + "_tokens"] += T
