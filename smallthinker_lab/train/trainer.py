@@ -389,7 +389,8 @@ def train(config: SmallThinkerConfig | str | os.PathLike, data_dir: str | os.Pat
                 if pbar is not None:
                     pbar.update(len(rows))
                     r = rows[-1]
-                    pbar.set_postfix(loss=f"{r['loss']:.3f}", bal=f"{r['balance']:.3f}", tok_s=f"{tps:,.0f}")
+                    pbar.set_postfix(loss=f"{r['loss']:.3f}", bal=f"{r['balance']:.3f}", tok_s=f"{tps:,.0f}",
+                                     refresh=False)
             if args.eval_every and done % args.eval_every == 0 and done != stop and val:
                 last_eval = _eval_and_log(model, val, args, device, done, tokens_per_step, eval_path)
             if args.ckpt_every and done % args.ckpt_every == 0 and done != stop:
