@@ -18,8 +18,8 @@ engine that prefetches after its forward returned) are dropped, and the recordin
 
 Cost. Hooks append references and python ints; nothing in them synchronises a GPU. Top-k ids and weights stay as
 the tensors the router produced (concatenated and copied to the host once, when the recording is read). Expert
-gates are reduced to the neuron counters in batches (every ``Recorder.BATCH_EVENTS`` expert calls, after each
-prefill, and when read: one ``cat``, a few reductions and one ``index_add_`` on the model's device).
+gates are reduced to the neuron counters in batches (every ``Recorder.BATCH_EVENTS`` expert calls of decode steps,
+after each prefill, and when read: one ``cat``, a few reductions and one ``index_add_`` on the model's device).
 """
 
 from __future__ import annotations
@@ -98,10 +98,11 @@ class Recorder:
     sequences: int = 0
     # per step, the forward's router events as they came: [(layer, topk_ids, topk_weights, logits | None)]
     router_steps: list[list] = field(default_factory=list)
-    # expert events not yet reduced: (first token row of the step, [(layer, expert, token_index, gate, chunk row)])
-    neuron_batch: list[tuple[int, list]] = field(default_factory=list)
-    neuron_batch_events: int = 0
-    routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # key, token, inactive
+    # expert events of one-token forwards (decode) not yet reduced: gate (1, F), key = layer slot * E + expert, row
+    single_gates: list[torch.Tensor] = field(default_factory=list)
+    single_keys: list[int] = field(default_factory=list)
+    single_rows: list[int] = field(default_factory=list)
+    routed: list[tuple] = field(default_factory=list)  # (key, token row, inactive) per reduction, tensors or numpy
     gates: list[torch.Tensor] = field(default_factory=list)  # (R, F) per reduced batch, full only
     neuron_counts: torch.Tensor | None = None  # (L' * E, F) active counts
     kv: list[list[int]] = field(default_factory=list)  # per step: bytes per recorded layer
@@ -119,10 +120,9 @@ class Recorder:
     _chunk_start: dict = field(default_factory=dict)  # layer -> first row of its current chunk
     _io_wait_seen: dict = field(default_factory=dict)
 
-    # expert events are reduced (one cat, a few reductions, one index_add_) once this many are pending, or at a
-    # forward of more than BATCH_TOKENS tokens (a prefill), or when the recording is read
+    # expert events of one-token forwards are reduced (one cat, a few reductions, one index_add_) once this many
+    # are pending or when the recording is read; those of a longer forward (a prefill) at its end
     BATCH_EVENTS = 2048
-    BATCH_TOKENS = 64
 
     def __post_init__(self) -> None:
         self.layer_pos = {layer: i for i, layer in enumerate(self.layers)}
@@ -171,11 +171,16 @@ class Recorder:
             self.router_steps.append(self._router)
             self._router = []
         if "neurons" in want and self._experts:
-            self.neuron_batch.append((self.token_rows, self._experts))
-            self.neuron_batch_events += len(self._experts)
-            self._experts = []
-            if self.neuron_batch_events >= self.BATCH_EVENTS or tokens * batch > self.BATCH_TOKENS:
-                self._reduce_neurons()
+            if tokens * batch == 1:  # every event is row 0 of this step: keep the gate and its key only
+                pos, E, events = self.layer_pos, self.config.num_experts, self._experts
+                self.single_gates += [ev[3] for ev in events]
+                self.single_keys += [pos[ev[0]] * E + ev[1] for ev in events]
+                self.single_rows += [self.token_rows] * len(events)
+                if len(self.single_keys) >= self.BATCH_EVENTS:
+                    self._reduce_single()
+            else:
+                self._reduce_single()  # keep the routed pairs in step order
+                self._reduce_forward(self._experts, self.token_rows)
         if "kv" in want and cache is not None:
             per_layer = cache.bytes_per_layer()
             self.kv.append([per_layer[i] for i in self.layers])
@@ -204,28 +209,44 @@ class Recorder:
                 self.timing_events.append((row, None, layer, "io_wait", dt))
         self._io_wait_seen = now
 
-    @torch.inference_mode()  # also when the forward ran with autograd on; counters stay inference tensors
-    def _reduce_neurons(self) -> None:
-        """Inactive-neuron counts per routed pair and per-neuron active counts of the pending expert events, with
-        a handful of tensor ops on the device the gates are on (no host sync)."""
-        events = [(base + chunk, layer, e, tok, g)
-                  for base, evs in self.neuron_batch for layer, e, tok, g, chunk in evs]
-        self.neuron_batch, self.neuron_batch_events = [], 0
-        if not events:
-            return
+    def _count(self, gates: torch.Tensor, key_rows: torch.Tensor) -> torch.Tensor:
+        """Add the active neurons of each gate row to its (layer slot, expert) counters; inactive count per row."""
         E, F = self.config.num_experts, self.config.moe_ffn_hidden_size
-        gates = torch.cat([ev[4] for ev in events])  # (R, F)
-        device = gates.device
         active = gates > 0  # relu(gate) > 0
-        inactive = F - active.sum(-1, dtype=torch.int32)  # (R,)
-        lengths = torch.tensor([ev[4].shape[0] for ev in events], device=device)
-        keys = torch.tensor([self.layer_pos[ev[1]] * E + ev[2] for ev in events], device=device)
-        key_rows = torch.repeat_interleave(keys, lengths)  # (R,) = layer slot * E + expert
         if self.neuron_counts is None:
-            self.neuron_counts = torch.zeros(len(self.layers) * E, F, dtype=torch.int64, device=device)
-        self.neuron_counts.index_add_(0, key_rows, active.to(torch.int64))
-        first_row = torch.repeat_interleave(torch.tensor([ev[0] for ev in events], device=device), lengths)
-        token = torch.cat([ev[3] for ev in events]).to(device) + first_row  # (R,) global token row
+            self.neuron_counts = torch.zeros(len(self.layers) * E, F, dtype=torch.int64, device=gates.device)
+        for lo in range(0, gates.shape[0], 1 << 24):  # float sums are exact below 2^24 rows
+            part = torch.zeros(self.neuron_counts.shape, dtype=torch.float32, device=gates.device)
+            part.index_add_(0, key_rows[lo:lo + (1 << 24)], active[lo:lo + (1 << 24)].to(torch.float32))
+            self.neuron_counts += part.to(torch.int64)  # index_add_ is much faster on floats than on ints
+        return F - active.sum(-1, dtype=torch.int32)  # (R,)
+
+    @torch.inference_mode()  # also when the forward ran with autograd on; counters stay inference tensors
+    def _reduce_single(self) -> None:
+        """The pending expert events of one-token forwards: one cat, a few reductions, no host sync."""
+        if not self.single_keys:
+            return
+        gates = torch.cat(self.single_gates)  # (R, F)
+        keys = torch.tensor(self.single_keys, device=gates.device)  # (R,)
+        inactive = self._count(gates, keys)
+        self.routed.append((keys, np.array(self.single_rows, dtype=np.int64), inactive))
+        if self.keep_gates:
+            self.gates.append(gates)
+        self.single_gates, self.single_keys, self.single_rows = [], [], []
+
+    @torch.inference_mode()
+    def _reduce_forward(self, events: list, first_row: int) -> None:
+        """The expert events of one forward of several tokens (each event: layer, expert, token_index, gate, row of
+        its chunk's first token)."""
+        E = self.config.num_experts
+        gates = torch.cat([ev[3] for ev in events])  # (R, F)
+        device = gates.device
+        lengths = torch.tensor([ev[3].shape[0] for ev in events], device=device)
+        keys = torch.tensor([self.layer_pos[ev[0]] * E + ev[1] for ev in events], device=device)
+        key_rows = torch.repeat_interleave(keys, lengths)  # (R,) = layer slot * E + expert
+        starts = torch.tensor([first_row + ev[4] for ev in events], device=device)
+        token = torch.cat([ev[2] for ev in events]).to(device) + torch.repeat_interleave(starts, lengths)  # (R,)
+        inactive = self._count(gates, key_rows)
         self.routed.append((key_rows, token, inactive))
         if self.keep_gates:
             self.gates.append(gates)
@@ -282,9 +303,10 @@ class Recorder:
                 if lg is not None:
                     a[f"layers.{layer}.moe.router_logits"] = lg[j]
         if "neurons" in self.want:
-            self._reduce_neurons()
+            self._reduce_single()
             key = _cat_host([r[0] for r in self.routed], (0,), torch.int64)
-            tok = _cat_host([r[1] for r in self.routed], (0,), torch.int64)
+            tok = np.concatenate([np.zeros(0, np.int64)] + [r[1] if isinstance(r[1], np.ndarray) else
+                                                             r[1].cpu().numpy() for r in self.routed])
             inactive = _cat_host([r[2] for r in self.routed], (0,), torch.int32)
             gates = _cat_host(self.gates, (0, F), torch.float32) if self.keep_gates else None
             counts = (self.neuron_counts.cpu().numpy().reshape(len(self.layers), E, F) if self.neuron_counts is not None
