@@ -40,7 +40,7 @@ import pandas as pd
 __all__ = [
     "DOMAINS", "PROMPT_SETS", "CONTINUATION_PROMPTS", "ModelQuality", "QualityResult", "window_plan",
     "unigram_counts", "unigram_perplexity", "perplexity", "domain_perplexity", "read_prompts", "prompt_prefix",
-    "profile_prompt_sets", "phenomena", "continuations", "read_training_facts", "measure", "plot_figures",
+    "profile_prompt_sets", "phenomena", "continuations", "read_training", "measure", "plot_figures",
     "write_card", "main",
 ]
 
@@ -324,26 +324,83 @@ def continuations(model, tokenizer, prompts_dir: str | Path, which: Sequence[tup
     return out
 
 
+# ============================================================================================ prompt overlap
+SET_DOMAIN = {"gsm8k": "math", "humaneval": "code", "wiki-en": "en", "zh-news": "zh"}
+OVERLAP_N = {"words": 8, "chars": 12}
+
+
+def _grams(text: str, chars: bool) -> set[str]:
+    """Word 8-grams (or, for Chinese, 12-grams of non-space characters) with every digit run masked as 0."""
+    t = re.sub(r"\d+", "0", text)
+    if chars:
+        u = "".join(t.split())
+        n = OVERLAP_N["chars"]
+        return {u[i: i + n] for i in range(len(u) - n + 1)}
+    w = t.split()
+    n = OVERLAP_N["words"]
+    return {" ".join(w[i: i + n]) for i in range(len(w) - n + 1)}
+
+
+def prompt_overlap(prompts_dir: str | Path, corpus_dir: str | Path, sets: Sequence[str] = PROMPT_SETS,
+                   limit: int | None = None) -> pd.DataFrame:
+    """How held out the prompt sets are: per set, the share of each prompt's n-grams (digits masked, so a copy
+    with other numbers counts) that occur anywhere in its domain's training text ``{corpus_dir}/{domain}.jsonl``.
+
+    Columns: set, domain, prompts, ngram, mean_overlap (mean over prompts), over_half (share of prompts with more
+    than half of their n-grams in the corpus). Sets whose corpus file is missing are left out.
+    """
+    rows = []
+    for s in sets:
+        domain = SET_DOMAIN.get(s)
+        path = Path(corpus_dir) / f"{domain}.jsonl"
+        if domain is None or not path.exists():
+            continue
+        chars = domain == "zh"
+        grams = [_grams(r["text"], chars) for r in read_prompts(Path(prompts_dir) / f"{s}.jsonl", limit)]
+        wanted = set().union(*grams)
+        found: set[str] = set()
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    found |= _grams(json.loads(line)["text"], chars) & wanted
+        shares = np.array([len(g & found) / len(g) if g else 0.0 for g in grams])
+        unit = f"{OVERLAP_N['chars']}-character grams" if chars else f"word {OVERLAP_N['words']}-grams"
+        rows.append({"set": s, "domain": domain, "prompts": len(grams), "ngram": unit,
+                     "mean_overlap": float(shares.mean()), "over_half": float((shares > 0.5).mean())})
+    return pd.DataFrame(rows, columns=["set", "domain", "prompts", "ngram", "mean_overlap", "over_half"])
+
+
 # ============================================================================================ training facts
 def _clean_md(s: str) -> str:
     s = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", s)
     return s.replace("**", "").replace("`", "").strip()
 
 
-def read_training_facts(model_dir: str | Path) -> dict[str, str]:
-    """Key -> value facts of ``TRAINING.md``: two-column markdown table rows and ``- key: value`` bullets
-    (markup stripped; tables with more columns give key -> the other cells joined by " | ")."""
+def read_training(model_dir: str | Path) -> dict[str, Any]:
+    """What the trainer's ``TRAINING.md`` states: {"facts": key -> value, "sections": title -> text}.
+
+    facts: the rows of two-column markdown tables and ``- key: value`` bullets (markup stripped, first
+    occurrence kept); sections: the text under each ``## `` heading, verbatim. Empty when there is no file.
+    """
     path = Path(model_dir) / "TRAINING.md"
     if not path.exists():
         return {}
     facts: dict[str, str] = {}
+    sections: dict[str, list[str]] = {}
+    current = None
     for line in path.read_text(encoding="utf-8").splitlines():
         s = line.strip()
+        if line.startswith("## "):
+            current = line[3:].strip()
+            sections[current] = []
+            continue
+        if current is not None:
+            sections[current].append(line)
         if s.startswith("|") and s.endswith("|"):
             cells = [c.strip() for c in s.strip("|").split("|")]
-            if len(cells) < 2 or all(re.fullmatch(r":?-{2,}:?", c) for c in cells if c):
+            if len(cells) != 2 or all(re.fullmatch(r":?-{2,}:?", c) for c in cells if c):
                 continue
-            key, val = _clean_md(cells[0]), " | ".join(_clean_md(c) for c in cells[1:])
+            key, val = _clean_md(cells[0]), _clean_md(cells[1])
             if key and val and key.lower() not in ("key", "what", "item", "field", "fact"):
                 facts.setdefault(key, val)
             continue
@@ -352,7 +409,7 @@ def read_training_facts(model_dir: str | Path) -> dict[str, str]:
             key, val = _clean_md(m.group(1)), _clean_md(m.group(2))
             if key and val and len(key) <= 60:
                 facts.setdefault(key, val)
-    return facts
+    return {"facts": facts, "sections": {k: "\n".join(v).strip() for k, v in sections.items()}}
 
 
 def _fact(facts: dict[str, str], *patterns: str) -> str | None:
@@ -384,7 +441,8 @@ class ModelQuality:
 class QualityResult:
     settings: dict[str, Any]
     models: list[ModelQuality]
-    training: dict[str, str] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    overlap: pd.DataFrame | None = None  # prompt_overlap(), model-independent
 
     TABLES = ("perplexity", "frequency", "divergence", "split_half", "skew", "sparsity")
 
@@ -399,9 +457,13 @@ class QualityResult:
             p = out / f"quality_{t}.csv"
             df.to_csv(p, index=False, float_format="%.6g")
             paths.append(p)
-        meta = {"settings": self.settings, "training": self.training,
+        meta = {"settings": self.settings,  # training facts are not kept: the card reads TRAINING.md each time
                 "models": [{"label": m.label, "path": m.path, "info": m.info, "continuations": m.continuations}
                            for m in self.models]}
+        if self.overlap is not None:
+            p = out / "quality_prompt_overlap.csv"
+            self.overlap.to_csv(p, index=False, float_format="%.6g")
+            paths.append(p)
         p = out / "quality.json"
         p.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return [*paths, p]
@@ -416,7 +478,8 @@ class QualityResult:
             kw = {t: tables[t][tables[t]["model"] == m["label"]].drop(columns="model").reset_index(drop=True)
                   for t in cls.TABLES}
             models.append(ModelQuality(m["label"], m["path"], m["info"], continuations=m["continuations"], **kw))
-        return cls(meta["settings"], models, meta.get("training", {}))
+        ov = out / "quality_prompt_overlap.csv"
+        return cls(meta["settings"], models, {}, pd.read_csv(ov) if ov.exists() else None)
 
 
 def model_info(model, folder: str | Path) -> dict[str, Any]:
@@ -494,7 +557,7 @@ def measure(model_dir: str | Path, compare_dir: str | Path | None = None, tokens
         models.append(mq)
         neurons[lab] = nf
     settings["seconds"] = round(time.perf_counter() - t0, 1)
-    return QualityResult(settings, models, read_training_facts(model_dir)), neurons
+    return QualityResult(settings, models, read_training(model_dir)), neurons
 
 
 # ============================================================================================ figures
@@ -596,6 +659,11 @@ def _sparsity_all(m: ModelQuality) -> pd.DataFrame:
     return s[s["dataset"] == "all"].sort_values("layer").reset_index(drop=True)
 
 
+def _overlapping(result: QualityResult, threshold: float = 0.2) -> list:
+    ov = result.overlap
+    return [] if ov is None else list(ov[ov["mean_overlap"] > threshold].itertuples())
+
+
 def findings(result: QualityResult) -> list[str]:
     """Plain statements comparing the measured figures with their references, from the numbers."""
     main = result.models[0]
@@ -605,6 +673,15 @@ def findings(result: QualityResult) -> list[str]:
     ratio = ", ".join(f"{r.domain} {r.unigram_ppl / r.ppl:.1f}x" for r in p.itertuples())
     out.append(f"Perplexity: below the unigram baseline in {len(better)} of {len(p)} domains "
                f"(unigram / model: {ratio}).")
+    for r in _overlapping(result):
+        out.append(
+            f"The {r.set} prompts are NOT independent of the training data: {fmt_share(r.mean_overlap)} of their "
+            f"{r.ngram} (digits masked) occur in the {r.domain} training text, and {fmt_share(r.over_half)} of "
+            f"the prompts have more than half of theirs there"
+            + (" (the corpus's reasoning-gym GSM-Symbolic generators are templates made from these very GSM8K test "
+               "problems; the math validation text comes from the same generators). The math perplexity and the "
+               "GSM8K continuations therefore show recall of templates, not reasoning." if r.set == "gsm8k" else
+               "; figures on this set show recall as much as generalisation."))
     js, pair, _, floor = _js_summary(main)
     out.append(f"Expert usage by domain: mean Jensen-Shannon divergence between prompt sets {fmt_js(js)} bits "
                f"(pairs from {fmt_js(pair.min())} to {fmt_js(pair.max())}); between two halves of the same set "
@@ -619,8 +696,8 @@ def findings(result: QualityResult) -> list[str]:
         f"Skew: {fmt_share(cold_lo)}-{fmt_share(cold_hi)} of (layer, expert) under {COLD} and "
         f"{fmt_share(hot_lo)}-{fmt_share(hot_hi)} at {HOT} or above, per set; the paper: "
         f"{fmt_range(PAPER_COLD)} under {COLD}, {fmt_range(PAPER_HOT)} at 0.4-0.6. Uniform routing ({uni:.3f} "
-        f"each) would put 100% under {COLD} and "
-        f"0% at {HOT}, so the hot share is the telling figure: "
+        f"each) would put {fmt_share(float(uni < COLD))} under {COLD} and {fmt_share(float(uni >= HOT))} at {HOT}"
+        + (", so the hot share is the telling figure: " if uni < COLD else ": ")
         + ("the model shows the paper's skew." if shows else
            "the model's skew is weaker than the paper's." if hot_hi < PAPER_HOT[0] else
            "the model shows a skew of the paper's kind, but not of its size in every set."))
@@ -638,16 +715,24 @@ def findings(result: QualityResult) -> list[str]:
         e1, e2 = float(main.skew["entropy"].mean()), float(cmp.skew["entropy"].mean())
         m1, m2 = float(_sparsity_all(main)["median"].median()), float(_sparsity_all(cmp)["median"].median())
         dp = (main.perplexity.set_index("domain")["ppl"] / cmp.perplexity.set_index("domain")["ppl"] - 1) * 100
+        noise = max(floor, floor2)
+        if abs(js - js2) <= noise:
+            verdict = (f"The difference in between-set divergence ({fmt_js(abs(js - js2))}) is within the split-half "
+                       f"noise ({fmt_js(noise)}): on these prompt sets the DP-group loss does NOT measurably change "
+                       f"how differently the domains use the experts.")
+        elif js > js2:
+            verdict = (f"With the DP-group loss the domains use the experts more differently (divergence "
+                       f"{fmt_js(js - js2)} higher, beyond the split-half noise of {fmt_js(noise)}), the "
+                       f"specialisation the paper's global loss is meant to allow.")
+        else:
+            verdict = (f"With the DP-group loss the domains use the experts LESS differently (divergence "
+                       f"{fmt_js(js2 - js)} lower, beyond the split-half noise of {fmt_js(noise)}), the opposite "
+                       f"of what the paper's global loss is meant to allow.")
         out.append(
             f"{main.label} vs {cmp.label} balance loss: JS between sets {fmt_js(js)} vs {fmt_js(js2)}; hot share "
             f"(mean over sets) {fmt_share(h1)} vs {fmt_share(h2)}; usage entropy {e1:.3f} vs {e2:.3f} (1 = uniform); "
             f"median sparsity {fmt_sparsity(m1)} vs {fmt_sparsity(m2)}; perplexity "
-            + ", ".join(f"{d} {v:+.1f}%" for d, v in dp.items()) + f" relative to {cmp.label}. "
-            + ("The DP-group loss lets experts specialise by domain more (higher divergence, more skew)."
-               if js > js2 and h1 >= h2 else
-               "The DP-group loss does NOT give more domain specialisation here (divergence or skew not higher)."
-               if js <= js2 and h1 <= h2 else
-               "The two losses differ in mixed directions here (see the table)."))
+            + ", ".join(f"{d} {v:+.1f}%" for d, v in dp.items()) + f" relative to {cmp.label}. " + verdict)
     return out
 
 
@@ -659,7 +744,9 @@ def write_card(result: QualityResult, out_dir: str | Path, model_name: str | Non
     info, st = main.info, result.settings
     name = model_name or Path(main.path).name
     sets, uni = st["sets"], _uniform(main)
-    tf = result.training
+    tf = result.training.get("facts", {})
+    hardware = next((v for k, v in result.training.get("sections", {}).items()
+                     if re.search(r"hardware|wall|time", k, re.IGNORECASE)), None)
     rel_data = _rel_link(out, REPO / "data" / "README.md")
     L: list[str] = [f"# {name}", ""]
     L += [f"A {info['parameters'] / 1e6:.1f} M-parameter SmallThinker (Mixture-of-Experts decoder) trained from "
@@ -697,15 +784,33 @@ def write_card(result: QualityResult, out_dir: str | Path, model_name: str | Non
           f"library), English (Wikipedia passages) and Chinese (People's Daily 1998, manpages-zh, fortunes-zh, "
           f"reviews), all from pinned offline packages; sources, sizes, cleaning and the held-out prompt sets are "
           f"in [data/README.md]({rel_data})."]
-    seen = _fact(tf, r"tokens? seen", r"^tokens$", r"tokens")
+    seen = _fact(tf, r"tokens? seen", r"^tokens$")
+    m_seen = re.match(r"[\d,.]+", seen or "")
+    seen_n = f"{m_seen.group(0)} tokens" if m_seen else None
     if seen:
         L += ["", f"Tokens seen in training: **{seen}** (from TRAINING.md)."]
     L += [""]
+    if result.overlap is not None and len(result.overlap):
+        L += ["How held out the prompt sets are: share of each prompt's n-grams (word 8-grams; 12-character grams "
+              "for Chinese; every digit run masked, so a copy with other numbers counts) that occur anywhere in its "
+              "domain's training text, averaged over the prompts, and the share of prompts with more than half of "
+              "theirs there (`quality_prompt_overlap.csv`).", ""]
+        L += _table(pd.DataFrame([{"set": r.set, "training text": r.domain, "prompts": r.prompts, "n-gram": r.ngram,
+                                   "n-grams in training text": fmt_share(r.mean_overlap),
+                                   "prompts over half": fmt_share(r.over_half)}
+                                  for r in result.overlap.itertuples()])) + [""]
+        for r in _overlapping(result):
+            L += [f"**The {r.set} prompts overlap the training text** ({fmt_share(r.mean_overlap)} of their n-grams): "
+                  f"see the findings under Quality.", ""]
     # ---- training
     L += ["## Training", ""]
     if tf:
-        L += ["From the trainer's [TRAINING.md](TRAINING.md):", ""]
+        L += ["From the trainer's [TRAINING.md](TRAINING.md) (the full record: data, recipe, validation during "
+              "training, logs in `training/`):", ""]
         L += _table(pd.DataFrame(list(tf.items()), columns=["", "value"])) + [""]
+        if hardware:
+            L += ["Hardware and time (TRAINING.md, verbatim):", ""]
+            L += [("> " + ln).rstrip() for ln in hardware.splitlines()] + [""]
     else:
         L += ["No TRAINING.md was found next to the model when this card was written.", ""]
     if (out / "loss_curve.png").exists():
@@ -825,6 +930,8 @@ def write_card(result: QualityResult, out_dir: str | Path, model_name: str | Non
           f"Greedy decoding, up to {st['continuation_tokens']} new tokens, stopping at an end-of-text token; "
           f"fixed prompts (the first records of the sets, not picked by output). Prose prompts are cut after their "
           f"first sentence. Verbatim: the prompt, then what the model wrote after it.", ""]
+    L += [f"The {r.set} problems overlap the training text ({fmt_share(r.mean_overlap)} of their n-grams, see Data): "
+          f"their continuations show recall of the training templates, not reasoning.\n" for r in _overlapping(result)]
     for c in main.continuations:
         end = " (stopped at end-of-text)" if c["stopped_at_eos"] else ""
         L += [f"**{c['set']}** `{c['id']}`, prompt:", ""] + _code(c["prompt"])
@@ -833,13 +940,16 @@ def write_card(result: QualityResult, out_dir: str | Path, model_name: str | Non
     set_sizes = ", ".join(f"{s} {counts.get(s, '?')}" for s in sets)
     L += ["## Limitations", "",
           f"- A {info['parameters'] / 1e6:.0f} M-parameter model ({info['active_parameters'] / 1e6:.1f} M active per "
-          f"token) trained on about {seen or 'the tokens stated above'}: it continues text in the style of its "
+          f"token) trained on {seen_n or 'a small corpus'}: it continues text in the style of its "
           f"domain, but it does not reason, solve the problems or write correct programs; numbers it writes are "
-          f"not computed. Do not use it for anything but studying the architecture.",
+          f"not reliably correct. Do not use it for anything but studying the architecture.",
           f"- The prompt sets are small ({set_sizes} prompts), so "
-          f"frequencies of rare experts are noisy; the split-half divergence above gives the size of that noise.",
+          f"frequencies of rare experts are noisy; the split-half divergence ({fmt_js(_js_summary(main)[3])} bits) "
+          f"gives the size of that noise.",
           "- Validation text is held out by document but comes from the same sources as the training text; "
           "perplexity on other text would be higher.",
+          *[f"- The {r.set} prompts share {fmt_share(r.mean_overlap)} of their n-grams with the {r.domain} training "
+            f"text (see Data): results on them are not held-out results." for r in _overlapping(result)],
           "- The code domain is the Python standard library only; the Chinese domain mixes 1998 news, man pages, "
           "fortunes and product reviews.", ""]
     # licences
@@ -885,6 +995,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--compare-label", default="micro-batch")
     ap.add_argument("--tokens", default="data/corpus/tokens")
     ap.add_argument("--prompts", default="data/prompts")
+    ap.add_argument("--corpus", default="data/corpus",
+                    help="training text ({domain}.jsonl) to check the prompt sets against (skipped if missing)")
     ap.add_argument("--max-tokens", type=int, default=50_000, help="tokens per validation file (0: all)")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--stride", type=int, default=256)
@@ -926,7 +1038,13 @@ def main(argv: Iterable[str] | None = None) -> int:
         transformers.logging.set_verbosity(verbosity)
     # the card is always written from the saved tables, so --card-only gives the same file
     result = QualityResult.load(out)
-    result.training = read_training_facts(args.model)
+    result.training = read_training(args.model)
+    if Path(args.corpus).is_dir():  # model-independent and cheap: recomputed whenever the corpus is here
+        ov = prompt_overlap(args.prompts, args.corpus, result.settings["sets"], result.settings.get("prompt_limit"))
+        if len(ov):
+            ov.to_csv(out / "quality_prompt_overlap.csv", index=False, float_format="%.6g")
+            result = QualityResult.load(out)
+            result.training = read_training(args.model)
     path = write_card(result, out)
     log(f"wrote {path}")
     for s in findings(result):

@@ -86,14 +86,21 @@ def _tiny_setup(tmp_path):
         save_pretrained(random_model(seed=seed, std=0.1), folder)
         _char_tokenizer(folder)
     (main / "TRAINING.md").write_text(
-        "# Training\n\n| fact | value |\n|---|---|\n| steps | 1,234 |\n| tokens seen | 5,678,901 |\n"
-        "| hardware | a test GPU |\n\n- wall time: 98.7 s\n", encoding="utf-8")
+        "# Training\n\n## Recipe\n\n| | |\n|---|---|\n| steps | 1,234 |\n| tokens seen | 5,678,901 (2 passes) |\n"
+        "| hardware | a test GPU |\n\n| domain | CE | ppl |\n|---|---|---|\n| math | 0.5 | 1.6 |\n\n"
+        "- wall time: 98.7 s\n\n## Hardware and time\n\nTwo runs side by side\non one test GPU.\n", encoding="utf-8")
     toks = tmp_path / "tokens"
     toks.mkdir()
     rng = np.random.default_rng(0)
     for d in q.DOMAINS:
         (toks / f"{d}.bin").write_bytes(rng.integers(0, 100, 3000).astype(np.uint16).tobytes())
         (toks / f"{d}.val.bin").write_bytes(rng.integers(0, 100, 200).astype(np.uint16).tobytes())
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = {"math": ["Question: Tom has 17 apples and buys 5 more. How many?\nAnswer: 22"],
+            "en": ["Unrelated English text about something else entirely, long enough for n-grams."]}
+    for d, texts in docs.items():
+        (corpus / f"{d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
     prompts = tmp_path / "prompts"
     prompts.mkdir()
     texts = {"gsm8k": "Question: Tom has {i} apples and buys 3 more. How many?\nAnswer:",
@@ -104,16 +111,25 @@ def _tiny_setup(tmp_path):
         with open(prompts / f"{s}.jsonl", "w", encoding="utf-8") as f:
             for i in range(4):
                 f.write(json.dumps({"id": f"{s}-{i}", "text": texts[s].format(i=i)}, ensure_ascii=False) + "\n")
-    return main, cmp_, toks, prompts
+    return main, cmp_, toks, prompts, corpus
+
+
+def test_prompt_overlap_masks_digits(tmp_path):
+    _, _, _, prompts, corpus = _tiny_setup(tmp_path)
+    ov = q.prompt_overlap(prompts, corpus).set_index("set")
+    assert list(ov.index) == ["gsm8k", "wiki-en"]  # no code or zh corpus here
+    # "Question: Tom has {i} apples and buys 3 more. How many?\nAnswer:" vs the corpus's 17 / 5 / 22: all 8-grams match
+    assert ov.loc["gsm8k", "mean_overlap"] == 1.0 and ov.loc["gsm8k", "over_half"] == 1.0
+    assert ov.loc["wiki-en", "mean_overlap"] == 0.0 and ov.loc["wiki-en", "ngram"] == "word 8-grams"
 
 
 def test_card_holds_every_section_and_number(tmp_path):
-    main, cmp_, toks, prompts = _tiny_setup(tmp_path)
+    main, cmp_, toks, prompts, corpus = _tiny_setup(tmp_path)
     out = tmp_path / "out"
     threads = torch.get_num_threads()
     rc = q.main(["--model", str(main), "--compare", str(cmp_), "--out", str(out), "--tokens", str(toks),
-                 "--prompts", str(prompts), "--window", "64", "--stride", "32", "--max-tokens", "150",
-                 "--new-tokens", "3", "--continuation-tokens", "6", "--no-progress"])
+                 "--prompts", str(prompts), "--corpus", str(corpus), "--window", "64", "--stride", "32",
+                 "--max-tokens", "150", "--new-tokens", "3", "--continuation-tokens", "6", "--no-progress"])
     assert rc == 0 and torch.get_num_threads() == threads  # the CLI's thread setting does not leak
     card = (out / "README.md").read_text(encoding="utf-8")
     for section in q.CARD_SECTIONS:
@@ -124,8 +140,10 @@ def test_card_holds_every_section_and_number(tmp_path):
 
     res = q.QualityResult.load(out)
     assert [m.label for m in res.models] == ["global (DP-group)", "micro-batch"]
-    for value in ("1,234", "5,678,901", "a test GPU", "98.7 s"):  # TRAINING.md facts
+    for value in ("| steps | 1,234 |", "5,678,901 (2 passes)", "a test GPU", "98.7 s",  # TRAINING.md facts
+                  "> Two runs side by side\n> on one test GPU.", "trained on 5,678,901 tokens"):
         assert value in card
+    assert "| math | 0.5 | 1.6 |" not in card  # only two-column tables are facts
     model = load_model(main)
     assert q.fmt_int(model.num_parameters()) in card
     for m in res.models:
@@ -157,8 +175,10 @@ def test_card_holds_every_section_and_number(tmp_path):
     assert "````" in card  # the HumanEval-like prompt holds ``` so its fence is longer
     for s in q.findings(res):
         assert s in card
+    assert "The gsm8k prompts are NOT independent of the training data: 100.0%" in card
+    assert res.overlap is not None and list(res.overlap["set"]) == ["gsm8k", "wiki-en"]
 
     # --card-only rewrites the same card from the saved tables
     (out / "README.md").unlink()
-    assert q.main(["--model", str(main), "--out", str(out), "--card-only"]) == 0
+    assert q.main(["--model", str(main), "--out", str(out), "--card-only", "--corpus", str(tmp_path / "none")]) == 0
     assert (out / "README.md").read_text(encoding="utf-8") == card
