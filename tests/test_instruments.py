@@ -460,16 +460,21 @@ def test_profile_on_the_engine(engine):
     assert len(engine.hooks) == 0
 
 
-def test_counters_reduced_during_and_after_generation(model, monkeypatch):
-    """Expert events are reduced in batches inside the forward (inference mode) and at the end (outside it),
-    also for forwards with autograd on; both give the same counters as one reduction at the end."""
+@pytest.mark.parametrize("batch_events, flush_steps", [(5, 16), (10**6, 3)])
+def test_counters_reduced_during_and_after_generation(model, monkeypatch, batch_events, flush_steps):
+    """Pending router tensors and expert events are consolidated in batches inside the forward (inference mode)
+    and at the end (outside it), also for forwards with autograd on; the result is that of one batch at the end."""
     from smallthinker_lab.instruments.record import Recorder
 
-    ref, _ = _run(model, n_new=8, kinds=("neurons",))
-    monkeypatch.setattr(Recorder, "BATCH_EVENTS", 5)
-    rec, _ = _run(model, n_new=8, kinds=("neurons",))
+    kinds = ("experts", "neurons")
+    monkeypatch.setattr(Recorder, "FLUSH_STEPS", 10**6)
+    monkeypatch.setattr(Recorder, "BATCH_EVENTS", 10**6)
+    ref, _ = _run(model, n_new=8, kinds=kinds)
+    monkeypatch.setattr(Recorder, "BATCH_EVENTS", batch_events)
+    monkeypatch.setattr(Recorder, "FLUSH_STEPS", flush_steps)
+    rec, _ = _run(model, n_new=8, kinds=kinds)
     for i in rec.layers:
-        for name in ("neuron_counts", "inactive_neurons", "routed_token", "routed_expert"):
+        for name in ("neuron_counts", "inactive_neurons", "routed_token", "routed_expert", "topk_ids", "topk_weights"):
             np.testing.assert_array_equal(rec[f"layers.{i}.moe.{name}"], ref[f"layers.{i}.moe.{name}"])
     with sl.record(model, full=True) as grad_rec:
         model(_prompt()[None])  # autograd on

@@ -16,10 +16,11 @@ prefill): the router events of one layer are concatenated in order and expert to
 chunk's first row. Events that arrive after the last ``forward`` (an exception in the middle of a forward, or an
 engine that prefetches after its forward returned) are dropped, and the recording's ``notes`` say how many.
 
-Cost. Hooks append references and python ints; nothing in them synchronises a GPU. Top-k ids and weights stay as
-the tensors the router produced (concatenated and copied to the host once, when the recording is read). Expert
-gates are reduced to the neuron counters in batches (every ``Recorder.BATCH_EVENTS`` expert calls of decode steps,
-after each prefill, and when read: one ``cat``, a few reductions and one ``index_add_`` on the model's device).
+Cost. Hooks append references and python ints; nothing in them synchronises a GPU. Top-k ids and weights stay on
+the model's device (copied to the host once, when the recording is read). Expert
+gates are reduced to the neuron counters in batches (every ``Recorder.FLUSH_STEPS`` forwards, after each prefill,
+and when read: one ``cat``, a few reductions and one ``index_add_`` on the model's device); the router tensors of
+those forwards are concatenated into one block per layer at the same time, so few tensor objects stay alive.
 """
 
 from __future__ import annotations
@@ -96,8 +97,13 @@ class Recorder:
     steps: list[_Step] = field(default_factory=list)
     token_rows: int = 0
     sequences: int = 0
-    # per step, the forward's router events as they came: [(layer, topk_ids, topk_weights, logits | None)]
-    router_steps: list[list] = field(default_factory=list)
+    # steps not yet consolidated: (step row, the forward's router events [(layer, ids, weights, logits | None)],
+    # whether they are one per recorded layer in order with the step's rows)
+    router_steps: list[tuple[int, list, bool]] = field(default_factory=list)
+    # per recorded layer, consolidated blocks of rows: ids (n, K), weights (n, K), logits (n, E) | None
+    router_blocks: list[list[tuple]] = field(default_factory=list)
+    router_notes: list[str] = field(default_factory=list)
+    since_flush: int = 0
     # expert events of one-token forwards (decode) not yet reduced: gate (1, F), key = layer slot * E + expert, row
     single_gates: list[torch.Tensor] = field(default_factory=list)
     single_keys: list[int] = field(default_factory=list)
@@ -118,14 +124,19 @@ class Recorder:
     _timing: list = field(default_factory=list)
     _rows_routed: dict = field(default_factory=dict)  # layer -> rows routed so far in this forward
     _chunk_start: dict = field(default_factory=dict)  # layer -> first row of its current chunk
+    _rows_total: int = 0  # rows routed in this forward, all recorded layers
     _io_wait_seen: dict = field(default_factory=dict)
 
-    # expert events of one-token forwards are reduced (one cat, a few reductions, one index_add_) once this many
-    # are pending or when the recording is read; those of a longer forward (a prefill) at its end
-    BATCH_EVENTS = 2048
+    # Every FLUSH_STEPS forwards (or once BATCH_EVENTS expert events of one-token forwards are pending, or when the
+    # recording is read) the pending router tensors are concatenated into one block per layer and the pending expert
+    # gates are reduced to counters (one cat, a few reductions, one index_add_). Expert events of a longer forward
+    # (a prefill) are reduced at its end. Few live tensor objects: the garbage collector has little to walk.
+    FLUSH_STEPS = 16
+    BATCH_EVENTS = 4096
 
     def __post_init__(self) -> None:
         self.layer_pos = {layer: i for i, layer in enumerate(self.layers)}
+        self.router_blocks = [[] for _ in self.layers]
         self.want = set(self.kinds)
         self.keep_logits = "experts" in self.full
         self.keep_gates = "neurons" in self.full
@@ -135,8 +146,10 @@ class Recorder:
                   **_: Any) -> None:
         if layer in self.layer_pos:
             # a forward may route its tokens in chunks (the engine's prefill): rows of this chunk start here
+            n = topk_ids.shape[0]
             start = self._chunk_start[layer] = self._rows_routed.get(layer, 0)
-            self._rows_routed[layer] = start + topk_ids.shape[0]
+            self._rows_routed[layer] = start + n
+            self._rows_total += n
             if topk_weights.requires_grad:  # a forward with autograd on: keep values, not the graph
                 topk_weights, logits = topk_weights.detach(), logits.detach()
             self._router.append((layer, topk_ids, topk_weights, logits if self.keep_logits else None))
@@ -168,7 +181,11 @@ class Recorder:
         self.steps.append(_Step(seq, step, phase, start, tokens, batch, seconds))
         want = self.want
         if "experts" in want:
-            self.router_steps.append(self._router)
+            events = self._router
+            # the usual forward: one event per recorded layer, in order, each with the step's n rows
+            regular = len(events) == len(self.layers) and self._rows_total == len(events) * tokens * batch and [
+                ev[0] for ev in events] == self.layers
+            self.router_steps.append((row, events, regular))
             self._router = []
         if "neurons" in want and self._experts:
             if tokens * batch == 1:  # every event is row 0 of this step: keep the gate and its key only
@@ -177,7 +194,7 @@ class Recorder:
                 self.single_keys += [pos[ev[0]] * E + ev[1] for ev in events]
                 self.single_rows += [self.token_rows] * len(events)
                 if len(self.single_keys) >= self.BATCH_EVENTS:
-                    self._reduce_single()
+                    self._flush()
             else:
                 self._reduce_single()  # keep the routed pairs in step order
                 self._reduce_forward(self._experts, self.token_rows)
@@ -194,10 +211,19 @@ class Recorder:
                 self._file_io_wait(row)
         self._clear()
         self.token_rows += tokens * batch
+        self.since_flush += 1
+        if self.since_flush >= self.FLUSH_STEPS:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._consolidate_router()
+        self._reduce_single()
+        self.since_flush = 0
 
     def _clear(self) -> None:
         for pending in (self._router, self._experts, self._cache, self._timing, self._rows_routed, self._chunk_start):
             pending.clear()
+        self._rows_total = 0
 
     def _file_io_wait(self, row: int) -> None:
         """I/O wait per layer from the engine's cumulative counters, when it fires no "io_wait" timing events."""
@@ -251,33 +277,55 @@ class Recorder:
         if self.keep_gates:
             self.gates.append(gates)
 
-    def _router_arrays(self, notes: list[str]) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray] | None]:
-        """Per recorded layer: top-k ids (N, K), weights (N, K) and, with full, logits (N, E), all steps."""
+    @torch.inference_mode()
+    def _consolidate_router(self) -> None:
+        """The pending steps' router tensors, one block per recorded layer (chunks of a forward in order; a layer
+        whose events do not cover a step's tokens gets -1 ids and NaN weights there, and a note)."""
+        if not self.router_steps:
+            return
         L, K, E = len(self.layers), self.config.top_k, self.config.num_experts
         ids, w, lg = [[] for _ in range(L)], [[] for _ in range(L)], [[] for _ in range(L)]
-        for row, events in enumerate(self.router_steps):
+        for row, events, regular in self.router_steps:
+            if regular:
+                for j, ev in enumerate(events):
+                    ids[j].append(ev[1])
+                    w[j].append(ev[2])
+                    if self.keep_logits:
+                        lg[j].append(ev[3])
+                continue
             n = self.steps[row].tokens * self.steps[row].batch
             per_layer: list[list] = [[] for _ in range(L)]
             for ev in events:
                 per_layer[self.layer_pos[ev[0]]].append(ev)
             bad = []
             for j, evs in enumerate(per_layer):
-                # one event per layer, or one per chunk of a chunked forward, in row order
-                if sum(ev[1].shape[0] for ev in evs) == n and evs:
+                if evs and sum(ev[1].shape[0] for ev in evs) == n:
                     ids[j] += [ev[1] for ev in evs]
                     w[j] += [ev[2] for ev in evs]
                     lg[j] += [ev[3] for ev in evs] if self.keep_logits else []
                 else:
                     bad.append(self.layers[j])
-                    ids[j].append(torch.full((n, K), -1, dtype=torch.long))
-                    w[j].append(torch.full((n, K), float("nan")))
-                    lg[j] += [torch.full((n, E), float("nan"))] if self.keep_logits else []
+                    like = events[0][2] if events else torch.empty(0)
+                    ids[j].append(torch.full((n, K), -1, dtype=torch.long, device=like.device))
+                    w[j].append(torch.full((n, K), float("nan"), dtype=like.dtype, device=like.device))
+                    lg[j] += [torch.full((n, E), float("nan"), device=like.device)] if self.keep_logits else []
             if bad:
-                notes.append(f"step row {row}: router events of layers {bad} do not cover the step's {n} tokens; "
-                             f"their experts are -1 (weights NaN) there")
-        host = lambda xs, shape, dtype: [_cat_host(x, shape, dtype) for x in xs]  # noqa: E731
-        return (host(ids, (0, K), torch.int64), host(w, (0, K), torch.float32),
-                host(lg, (0, E), torch.float32) if self.keep_logits else None)
+                self.router_notes.append(f"step row {row}: router events of layers {bad} do not cover the step's "
+                                         f"{n} tokens; their experts are -1 (weights NaN) there")
+        for j in range(L):
+            self.router_blocks[j].append((torch.cat(ids[j]), torch.cat(w[j]),
+                                          torch.cat(lg[j]) if self.keep_logits else None))
+        self.router_steps = []
+
+    def _router_arrays(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray] | None]:
+        """Per recorded layer: top-k ids (N, K), weights (N, K) and, with full, logits (N, E), all steps."""
+        self._consolidate_router()
+        K, E = self.config.top_k, self.config.num_experts
+        ids = [_cat_host([b[0] for b in blocks], (0, K), torch.int64) for blocks in self.router_blocks]
+        w = [_cat_host([b[1] for b in blocks], (0, K), torch.float32) for blocks in self.router_blocks]
+        lg = ([_cat_host([b[2] for b in blocks], (0, E), torch.float32) for blocks in self.router_blocks]
+              if self.keep_logits else None)
+        return ids, w, lg
 
     # ------------------------------------------------------------------ build
     def build(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -296,7 +344,8 @@ class Recorder:
         a["sequences.dataset"] = np.array([self.dataset] * self.sequences, dtype="<U64")
         notes: list[str] = []
         if "experts" in self.want:
-            ids, w, lg = self._router_arrays(notes)
+            ids, w, lg = self._router_arrays()
+            notes += self.router_notes
             for j, layer in enumerate(self.layers):
                 a[f"layers.{layer}.moe.topk_ids"] = ids[j]
                 a[f"layers.{layer}.moe.topk_weights"] = w[j]
