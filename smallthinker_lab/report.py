@@ -14,8 +14,10 @@ What it does, in order (one progress bar per stage):
    JavaScript).
 
 ``--memory-limit`` is a size ("24MiB", "1.5GiB", bytes) or a share of the expert bytes ("50%": the engine's
-fixed working set plus half of all experts). The defaults (8 prompts per set, 16 new tokens, 2 bench prompts per
-set) take one to three minutes on a laptop CPU with the default model.
+fixed working set plus half of all experts). ``--threads auto`` (the default) runs a small model such as the
+default one on one CPU thread: its matrices are too small for more to pay, and on a busy machine spinning threads
+make decode many times slower. The defaults (8 prompts per set, 16 new tokens, 2 bench prompts per set) take one
+to three minutes on a laptop CPU with the default model.
 """
 
 from __future__ import annotations
@@ -224,16 +226,45 @@ def decode_bound(plan: dict[str, Any], config, row: dict[str, Any], bandwidth: f
 
 
 # ------------------------------------------------------------------ the report
+def resolve_threads(threads: int | str | None, model: str | Path) -> int | None:
+    """torch CPU threads for a run: an int; None (torch's default); "auto": 1 for a model whose hidden size is at
+    most 1024 (its matrices are too small for threads to pay, and on a busy machine spinning threads make decode
+    many times slower), else torch's default."""
+    if threads is None or isinstance(threads, int):
+        return threads
+    if str(threads) != "auto":
+        return int(threads)
+    from .model.checkpoint import resolve_path
+    from .model.config import SmallThinkerConfig
+
+    return 1 if SmallThinkerConfig.from_json(resolve_path(model)).hidden_size <= 1024 else None
+
+
 def write_report(model: str | Path = "default", out: str | Path = "report", memory_limit: str | int | None = "50%",
                  max_prompts: int = 8, max_new_tokens: int = 16, bench_prompts: int = 2, device: str = "cpu",
-                 prompt_sets: Sequence[str] | None = None, max_prompt_tokens: int = 256, threads: int | None = None,
-                 progress: bool = True) -> list[Path]:
+                 prompt_sets: Sequence[str] | None = None, max_prompt_tokens: int = 256,
+                 threads: int | str | None = "auto", progress: bool = True) -> list[Path]:
     """Run the prompt sets with the instruments on and write PNGs, CSVs and index.html to ``out``.
 
-    Returns the files written (index.html last). See the module docstring for what runs.
+    Returns the files written (index.html last). See the module docstring for what runs; ``threads``: see
+    :func:`resolve_threads` (the previous torch setting is restored afterwards).
     """
-    import matplotlib.pyplot as plt
     import torch
+
+    before = torch.get_num_threads()
+    n = resolve_threads(threads, model)
+    if n:
+        torch.set_num_threads(n)
+    try:
+        return _write_report(model, Path(out), memory_limit, max_prompts, max_new_tokens, bench_prompts, device,
+                             prompt_sets, max_prompt_tokens, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_tokens: int, bench_prompts: int,
+                  device: str, prompt_sets, max_prompt_tokens: int, progress: bool) -> list[Path]:
+    import matplotlib.pyplot as plt
 
     from . import plots, tables
     from .engine import Engine
@@ -250,10 +281,7 @@ def write_report(model: str | Path = "default", out: str | Path = "report", memo
     )
     from .model.config import SmallThinkerConfig
 
-    if threads:
-        torch.set_num_threads(int(threads))
     t_start = time.perf_counter()
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(prompt_sets or PROMPT_SETS)
     texts = load_prompt_sets(names, max_prompts)
@@ -439,7 +467,9 @@ def register(subparsers) -> None:
     p.add_argument("--prompt-sets", nargs="+", default=list(PROMPT_SETS),
                    help=f"names in data/prompts or .jsonl paths (default: {' '.join(PROMPT_SETS)})")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", default="auto",
+                   help="torch CPU threads: a number, 'default' (torch's choice) or 'auto' (the default: 1 for a "
+                        "model with hidden size <= 1024 such as the default model, else torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd)
 
@@ -448,7 +478,8 @@ def _cmd(args) -> int:
     files = write_report(model=args.model, out=args.out, memory_limit=args.memory_limit,
                          max_prompts=args.max_prompts, max_new_tokens=args.max_new_tokens,
                          bench_prompts=args.bench_prompts, device=args.device, prompt_sets=args.prompt_sets,
-                         max_prompt_tokens=args.max_prompt_tokens, threads=args.threads,
+                         max_prompt_tokens=args.max_prompt_tokens,
+                         threads=None if args.threads == "default" else args.threads,
                          progress=not args.no_progress)
     for f in files:
         print(f)

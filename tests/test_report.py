@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from smallthinker_lab import cli
-from smallthinker_lab.report import limit_for_share, resolve_limit
+from smallthinker_lab.report import limit_for_share, resolve_limit, resolve_threads
 
 MODEL = os.environ.get("SMALLTHINKER_TEST_MODEL", "default")
 
@@ -26,7 +26,7 @@ def report(tmp_path_factory):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = cli.main(["report", "--model", MODEL, "--out", str(out), "--max-prompts", "2", "--max-new-tokens", "4",
-                       "--bench-prompts", "1", "--threads", "1", "--no-progress"])
+                       "--bench-prompts", "1", "--no-progress"])
     assert rc == 0
     lines = buf.getvalue().splitlines()
     files = [Path(line) for line in lines if not line.startswith("report:")]
@@ -118,3 +118,9 @@ def test_memory_limit_forms():
     assert resolve_limit(None, plan) is None
     with pytest.raises(ValueError):
         resolve_limit("150%", plan)
+
+
+def test_threads_auto():
+    assert resolve_threads("auto", "default") == 1  # hidden size 256: one thread
+    assert resolve_threads(4, "default") == 4 and resolve_threads("3", "default") == 3
+    assert resolve_threads(None, "default") is None
