@@ -84,7 +84,8 @@ class Engine:
                  bundle_dir: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
                  max_context: int | None = None, prefill_chunk: int = 256, lm_head_predictor=None,
                  fill_value: float = float("-inf"), host_cache: bool = False, belady_trace: Sequence | None = None,
-                 fault: Callable | None = None, progress: bool = True, compute_threads: int | None = None) -> None:
+                 fault: Callable | None = None, progress: bool = True, compute_threads: int | None = None,
+                 exact: bool = False) -> None:
         self.checkpoint_dir = resolve_path(checkpoint_dir)
         self.config = config = SmallThinkerConfig.from_json(self.checkpoint_dir / CONFIG_FILE)
         self.device = torch.device(device)
@@ -94,6 +95,12 @@ class Engine:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if sparse_reglu not in ("auto", True, False):
             raise ValueError(f"sparse_reglu must be 'auto', True or False, got {sparse_reglu!r}")
+        if exact and sparse_reglu is True:
+            raise ValueError("exact=True computes experts densely with the model's kernels: it excludes "
+                             "sparse_reglu=True")
+        self.exact = bool(exact)
+        if self.exact:
+            sparse_reglu = False
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.policy, self.prefetch, self.lookahead = policy, bool(prefetch), bool(lookahead)
@@ -183,12 +190,17 @@ class Engine:
         (test hook of the reader), ``progress``, ``compute_threads`` (torch intra-op threads while the engine
         computes, restored after each forward; on a small CPU, leaving a core to the I/O threads avoids OpenMP
         stalls when reads land during compute: on the busy 2-core development machine one compute thread was
-        several times faster per expert than two).
+        several times faster per expert than two), ``exact`` (compute every expert with the model's own kernels:
+        dense ReGLU, ``F.linear`` on the down matrix in the model's [H, F] layout, transposed in its cache slot
+        once per read (CPU: in the I/O thread; CUDA: on first use), so that greedy tokens are bit-identical to
+        the in-memory model in bf16/fp16 too; the default path (sparse ReGLU, down rows gathered from the stored
+        [F, H] layout) equals the model only up to rounding, which a model with near-tied router or LM-head
+        logits turns into different tokens).
         """
         return cls(path, memory_limit=memory_limit, device=device, policy=policy, prefetch=prefetch,
                    lookahead=lookahead, quantization=quantization, sparse_reglu=sparse_reglu,
                    bypass_page_cache=bypass_page_cache, io_threads=io_threads, verify_checksums=verify_checksums,
-                   bundle_dir=bundle_dir, dtype=dtype, **kwargs)
+                   bundle_dir=bundle_dir, dtype=dtype, **kwargs)  # exact=..., compute_threads=...: see above
 
     def _load_non_experts(self, stored: dict, names: list[str]) -> SmallThinkerForCausalLM:
         from safetensors import safe_open
@@ -238,13 +250,34 @@ class Engine:
             raise
         self.kv = KVCache(self.config, 1, self.dtype, self.device, capacity=self.max_context)
         self._views: list[tuple | None] = [None] * plan.capacity_experts
+        self._layout_pending: dict[int, object] = {}  # exact on CUDA: slot -> load future, not yet transposed
         self._closed = False
 
     def _load(self, key: tuple[int, int], slot: int):
         layer, expert = key
         if self.transfer is not None:
-            return self.transfer.load(layer, expert, self.arena.tensor(slot), slot)
-        return self.reader.submit(layer, expert, self.arena.buffer(slot))
+            fut = self.transfer.load(layer, expert, self.arena.tensor(slot), slot)
+            if self.exact and self._zero_copy:  # transposed on first use, after the copy's event (kept per slot:
+                self._layout_pending[slot] = fut  # cache.drain() may settle the future before any use)
+            return fut
+        then = (lambda: self._down_to_model_layout_host(slot)) if self.exact and self._zero_copy else None
+        return self.reader.submit(layer, expert, self.arena.buffer(slot), then=then)
+
+    def _down_to_model_layout_host(self, slot: int) -> None:
+        """exact (CPU, I/O thread, after the checksum): the slot's down matrix [F, H] -> [H, F] in place. numpy,
+        not torch: a torch op in an I/O thread would start its own OpenMP team beside the compute thread."""
+        import numpy as np
+
+        sp, (Fh, H) = self.bundle.matrices["down"], self.bundle.matrices["gate"].shape
+        word = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize(self.dtype)]
+        view = np.frombuffer(self.arena.buffer(slot), dtype=np.uint8, count=sp.nbytes, offset=sp.offset).view(word)
+        view[:] = np.ascontiguousarray(view.reshape(Fh, H).T).reshape(-1)
+
+    def _down_to_model_layout_device(self, slot: int) -> None:
+        """exact (CUDA, compute stream, first use after the copy): the slot's down matrix [F, H] -> [H, F]."""
+        Fh, H = self.bundle.matrices["gate"].shape
+        flat = self._slot_bytes(slot)["down"].view(self.dtype)
+        flat.copy_(flat.view(Fh, H).t().contiguous().view(-1))
 
     def _on_evict(self, entry: Entry) -> None:
         self.transfer.fence(entry.slot)
@@ -469,6 +502,11 @@ class Engine:
         if self.transfer is not None and entry.result is not None:  # the copy's event: waited for once
             torch.cuda.current_stream(self.device).wait_event(entry.result)
             entry.result = None
+        if self._layout_pending:
+            fut = self._layout_pending.pop(entry.slot, None)
+            if fut is not None:  # done: the cache waited for it before handing the entry out
+                torch.cuda.current_stream(self.device).wait_event(fut.result())
+                self._down_to_model_layout_device(entry.slot)
         layer, expert = entry.key
         codec, dtype = self._codec, self.dtype
         shape = self.bundle.matrices["gate"].shape
@@ -477,6 +515,17 @@ class Engine:
             wg, wu, wd = self._slot_views(entry.slot)  # views of the slot's bytes, no copy
         else:
             mat = self._slot_bytes(entry.slot)
+        if self.exact:  # the model's ops on the model's layouts (wd: [H, F]), bit-identical results
+            if not self._zero_copy:
+                wg, wu, wd = (codec.decode(mat[m], shape, dtype) for m in ("gate", "up", "down"))
+                wd = wd.t().contiguous()
+            g = F.linear(x, wg)  # (n, F)
+            if watch:
+                self._fire_expert(layer, expert, token, g)
+            if self.device.type == "cpu":
+                self._neurons_active += int(sparse.active_neurons(g).numel())
+                self._neurons_total += shape[0]
+            return F.linear(F.linear(x, wu) * F.relu(g), wd)
         if self.device.type == "cuda":  # dense, no host sync
             if not self._zero_copy:
                 wg, wu, wd = (codec.decode(mat[m], shape, dtype) for m in ("gate", "up", "down"))
@@ -520,8 +569,10 @@ class Engine:
         views = self._views[slot]
         if views is None:
             mat, shape = self._slot_bytes(slot), self.bundle.matrices["gate"].shape
-            views = self._views[slot] = tuple(self._codec.decode(mat[m], shape, self.dtype)
-                                              for m in ("gate", "up", "down"))
+            views = tuple(self._codec.decode(mat[m], shape, self.dtype) for m in ("gate", "up", "down"))
+            if self.exact:  # the down matrix is kept in the model's [H, F] layout
+                views = (views[0], views[1], mat["down"].view(self.dtype).view(shape[1], shape[0]))
+            self._views[slot] = views
         return views
 
     def _fire_expert(self, layer: int, expert: int, token: torch.Tensor | None, g: torch.Tensor) -> None:
