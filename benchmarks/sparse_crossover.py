@@ -15,6 +15,7 @@ nn.Linear-minded author would write) and ``dense_linear`` (down kept untranspose
 
     python -m benchmarks.sparse_crossover [--threads 2] [--cache warm cold] [--reps 200] [--cold-reps 60]
                                           [--passes 4] [--out benchmarks/results/sparse_crossover.json]
+    python -m benchmarks.sparse_crossover --from-json FILE   # summary and tables again, from recorded timings
 """
 
 from __future__ import annotations
@@ -116,19 +117,25 @@ def time_alternating(fns: dict, reps: int, warmup: int, times: dict, before=None
 
 
 def crossover(points: list[dict]) -> dict:
-    """Smallest sparsity above which sparse stays faster (grid point and linear interpolation of the ratio)."""
+    """Smallest grid sparsity from which sparse stays faster (median ratio < 1), and the linear interpolation of
+    the ratio below it. A single slower point between two faster neighbours is taken as noise (listed in
+    ``outliers``): the shared machine throws such spikes."""
     pts = sorted(points, key=lambda p: p["sparsity"])
     ratio = [p["sparse"]["median_us"] / p["dense"]["median_us"] for p in pts]
+    below = [r < 1.0 for r in ratio]
+    outliers = [pts[i]["sparsity"] for i in range(1, len(pts) - 1) if not below[i] and below[i - 1] and below[i + 1]]
+    below = [b or p["sparsity"] in outliers for b, p in zip(below, pts)]
     first = len(pts)
-    while first > 0 and ratio[first - 1] < 1.0:
+    while first > 0 and below[first - 1]:
         first -= 1
+    out = {"outliers": outliers}
     if first == len(pts):
-        return {"grid": None, "interpolated": None, "note": "sparse never faster on the grid"}
+        return out | {"grid": None, "interpolated": None, "note": "sparse never faster on the grid"}
     if first == 0:
-        return {"grid": pts[0]["sparsity"], "interpolated": pts[0]["sparsity"], "note": "sparse always faster"}
+        return out | {"grid": pts[0]["sparsity"], "interpolated": pts[0]["sparsity"], "note": "sparse always faster"}
     s0, s1, r0, r1 = pts[first - 1]["sparsity"], pts[first]["sparsity"], ratio[first - 1], ratio[first]
     interp = s0 + (r0 - 1.0) / (r0 - r1) * (s1 - s0)
-    return {"grid": s1, "interpolated": round(interp, 3), "note": ""}
+    return out | {"grid": s1, "interpolated": round(interp, 3), "note": ""}
 
 
 def run(caches: list[str], reps: dict[str, int], warmup: int, passes: int) -> list[dict]:
@@ -209,7 +216,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=5, help="untimed calls per point and pass")
     ap.add_argument("--passes", type=int, default=4)
     ap.add_argument("--out", default="benchmarks/results/sparse_crossover.json")
+    ap.add_argument("--from-json", help="recompute the summary and tables of an earlier result file, no timing")
     args = ap.parse_args(argv)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        result["summary"] = summarise(result["points"])
+        Path(args.from_json).write_text(json.dumps(result, indent=1))
+        print(markdown(result["points"], result["summary"]))
+        return
     torch.set_num_threads(args.threads)
     info = machine_info()
     t0 = time.perf_counter()

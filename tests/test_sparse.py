@@ -101,6 +101,17 @@ def test_default_thresholds_are_sparsities():
     assert all(0.0 <= v <= 1.0 for v in MIN_SPARSITY.values())
     assert default_min_sparsity(torch.float32, 1) == MIN_SPARSITY[(torch.float32, True)]
     assert default_min_sparsity(torch.bfloat16, 4) == MIN_SPARSITY[(torch.bfloat16, False)]
+    assert default_min_sparsity(torch.float32, 1, 768 * 1536) == MIN_SPARSITY[(torch.float32, True)]
+    assert default_min_sparsity(torch.float32, 1, 64 * 256) == 1.0  # tiny experts: sparse never paid off
+
+
+def test_reglu_default_keeps_tiny_experts_dense(monkeypatch):
+    _, wg, wu, wd_t = expert_weights()
+    import smallthinker_lab.engine.sparse as sp
+    monkeypatch.setattr(sp, "_sparse_from_gate", lambda *a: pytest.fail("sparse path taken"))
+    x = torch.randn(1, 256).abs()
+    y, k = reglu(x, -wg.abs(), wu, wd_t)  # every gate negative, sparsity 1.0: still dense for a 64 x 256 expert
+    assert k == 0 and torch.all(y == 0)
 
 
 def test_sparse_on_weights_decoded_from_q4_0():

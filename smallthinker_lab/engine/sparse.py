@@ -19,20 +19,30 @@ import torch
 import torch.nn.functional as F
 
 # Sparsity (share of inactive neurons in the union over the tokens) above which the sparse kernel beats the dense
-# one, measured by benchmarks/sparse_crossover.py on the 4B expert shape (H=1536, F=768), 2 threads, weights cold
-# (read from DRAM, as in a decode that streams the experts). Provisional: the GPU machine's host CPU (Xeon, AVX512),
-# benchmarks/results/sparse_crossover_h100host.json, interpolated crossover rounded to 0.1. Keys: (dtype, 1 token?).
+# one, measured by benchmarks/sparse_crossover.py on the 4B expert shape (H=1536, F=768) with the weights cold (read
+# from DRAM, as in a decode that streams the experts), interpolated crossover rounded to 0.05:
+# benchmarks/results/sparse_crossover.json, the 2-core AMD EPYC development machine, 1 torch thread (with 2 threads
+# the other users' processes on the machine made the timings scheduler noise). The GPU machine's host CPU (Xeon,
+# AVX512, 2 threads, sparse_crossover_h100host.json) gave 0.70 / 0.38 / 0.48 / 0.38: the same but for bf16 with
+# several tokens, which is compute-bound on the AMD (no native bf16) and so pays off earlier there.
+# Keys: (dtype, a single token?).
 MIN_SPARSITY: dict[tuple[torch.dtype, bool], float] = {
-    (torch.float32, True): 0.7,
+    (torch.float32, True): 0.65,
     (torch.float32, False): 0.4,
-    (torch.bfloat16, True): 0.5,
-    (torch.bfloat16, False): 0.4,
+    (torch.bfloat16, True): 0.45,
+    (torch.bfloat16, False): 0.15,
 }
-DEFAULT_MIN_SPARSITY = 0.7  # dtypes not measured (fp16, fp64): the most conservative measured value
+DEFAULT_MIN_SPARSITY = 0.65  # dtypes not measured (fp16, fp64): the highest measured value
+# Experts this small (gate weights F * H below it) stay dense: for the tiny shape (H=256, F=64) the sparse kernel's
+# extra small ops cost more than the rows it skips at every sparsity up to 0.98, fp32 and bf16 (same file).
+SMALL_EXPERT_NUMEL = 1 << 18
 
 
-def default_min_sparsity(dtype: torch.dtype, n_tokens: int) -> float:
-    """The measured crossover for this dtype and token count (``MIN_SPARSITY``)."""
+def default_min_sparsity(dtype: torch.dtype, n_tokens: int, weight_numel: int | None = None) -> float:
+    """The measured crossover for this dtype and token count (``MIN_SPARSITY``); 1.0 (never sparse) for an expert
+    whose gate matrix has fewer than ``SMALL_EXPERT_NUMEL`` weights, when ``weight_numel`` is given."""
+    if weight_numel is not None and weight_numel < SMALL_EXPERT_NUMEL:
+        return 1.0
     return MIN_SPARSITY.get((dtype, n_tokens == 1), DEFAULT_MIN_SPARSITY)
 
 
@@ -108,14 +118,14 @@ def reglu(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd_t: torch.Tenso
     """Dense or sparse, chosen per call from the sparsity seen after the gate.
 
     The sparse kernel runs when 1 - n_active / F > ``min_sparsity`` (default: the measured crossover,
-    ``default_min_sparsity(x.dtype, N)``). ``min_sparsity=1.0`` forces dense, ``-1.0`` forces sparse.
+    ``default_min_sparsity(x.dtype, N, wg.numel())``). ``min_sparsity=1.0`` forces dense, ``-1.0`` forces sparse.
     """
     xf = _flat(x)
     g = F.linear(xf, wg)  # (N, F)
     idx = active_neurons(g)
     n_active = int(idx.numel())
     if min_sparsity is None:
-        min_sparsity = default_min_sparsity(x.dtype, xf.shape[0])
+        min_sparsity = default_min_sparsity(x.dtype, xf.shape[0], wg.numel())
     if 1.0 - n_active / wg.shape[0] > min_sparsity:
         y = _sparse_from_gate(xf, g, idx, wu, wd_t)
     else:
