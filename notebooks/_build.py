@@ -134,6 +134,7 @@ import torch
 
 import smallthinker_lab as sl
 from smallthinker_lab import plots, tables
+from smallthinker_lab.model.checkpoint import resolve_path
 from smallthinker_lab.model.tokenizer import load_tokenizer
 from smallthinker_lab.widgets import load_prompt_sets""", """\
 prompts = load_prompt_sets(PROMPT_SETS, MAX_PROMPTS)
@@ -175,8 +176,20 @@ div.assign(pair=div["dataset_a"] + " / " + div["dataset_b"]).pivot(index="layer"
 The same figures for a model trained with the conventional micro-batch balance loss (it forces every micro-batch,
 hence every domain, to spread over all experts)."""),
     ("code", """\
-if Path(COMPARE_MODEL).exists():
+# the comparison model's weights are not in git (they would push the repository past the device tool's 64 MiB
+# tree limit): run it live where its weights are present, else read the frequencies the model card's quality
+# script measured on it over the same prompt sets (data/models/smallthinker-tiny/quality_frequency.csv)
+MEASURED = resolve_path("default") / "quality_frequency.csv"
+if (Path(COMPARE_MODEL) / "model.safetensors").exists():
     freq_mb = expert_usage(COMPARE_MODEL)
+elif MEASURED.exists():
+    print(f"no weights at {COMPARE_MODEL}: using the frequencies measured on it by the quality script ({MEASURED.name})")
+    measured = pd.read_csv(MEASURED)
+    freq_mb = measured[measured["model"] == "micro-batch"].drop(columns=["model"])
+    freq_mb = freq_mb[freq_mb["dataset"].isin(PROMPT_SETS)]
+else:
+    freq_mb = None
+if freq_mb is not None:
     div_mb = sl.expert_usage_divergence(freq_mb)
     summary = pd.DataFrame({
         name: {f"share < {THRESHOLD}": float((f["frequency"] < THRESHOLD).mean()),
@@ -188,7 +201,7 @@ if Path(COMPARE_MODEL).exists():
     plots.plot_expert_heatmaps(pd.concat([freq[freq.dataset == PROMPT_SETS[0]].assign(dataset="DP-group"),
                                           freq_mb[freq_mb.dataset == PROMPT_SETS[0]].assign(dataset="micro-batch")]))
 else:
-    print(f"no comparison model at {COMPARE_MODEL}")"""),
+    print(f"no comparison model at {COMPARE_MODEL} and no measured frequencies at {MEASURED}")"""),
 ]
 
 # ---------------------------------------------------------------------------------------------------------- 03
