@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,22 @@ def resolve_tokenizer_dir(path: str | Path) -> Path:
     return installed if installed.is_dir() else DEFAULT_TOKENIZER_DIR
 
 
+@contextlib.contextmanager
+def _quiet_model_config():
+    """transformers also reads the folder's config.json, whose model_type ('smallthinker') it does not know, and
+    warns about it and about its rope keys; the tokenizer needs none of it, so those two messages are silenced."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*rope_scaling.*", category=FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_tokenizer(path: str | Path = "default", chat_template: str | None = None) -> Any:
     """A ``transformers`` tokenizer from a folder holding ``tokenizer.json`` (loaded as PreTrainedTokenizerFast)
     or ``vocab.json`` + ``merges.txt`` (loaded as Qwen2Tokenizer). If the folder has no chat template, the
@@ -50,14 +68,15 @@ def load_tokenizer(path: str | Path = "default", chat_template: str | None = Non
         )
     cfg_path = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
-    if has_json and not cfg.get("tokenizer_class"):
-        tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
-    elif has_bpe and not has_json and not cfg.get("tokenizer_class"):
-        from transformers import Qwen2Tokenizer
+    with _quiet_model_config():
+        if has_json and not cfg.get("tokenizer_class"):
+            tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
+        elif has_bpe and not has_json and not cfg.get("tokenizer_class"):
+            from transformers import Qwen2Tokenizer
 
-        tok = Qwen2Tokenizer.from_pretrained(str(folder))
-    else:
-        tok = AutoTokenizer.from_pretrained(str(folder))
+            tok = Qwen2Tokenizer.from_pretrained(str(folder))
+        else:
+            tok = AutoTokenizer.from_pretrained(str(folder))
     if chat_template is not None:
         tok.chat_template = chat_template
     elif not getattr(tok, "chat_template", None):
