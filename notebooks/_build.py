@@ -183,7 +183,7 @@ MEASURED = resolve_path("default") / "quality_frequency.csv"
 if (Path(COMPARE_MODEL) / "model.safetensors").exists():
     freq_mb = expert_usage(COMPARE_MODEL)
 elif MEASURED.exists():
-    print(f"no weights at {COMPARE_MODEL}: using the frequencies measured on it by the quality script ({MEASURED.name})")
+    print(f"no weights at {COMPARE_MODEL}: using the frequencies the quality script measured on it ({MEASURED.name})")
     measured = pd.read_csv(MEASURED)
     freq_mb = measured[measured["model"] == "micro-batch"].drop(columns=["model"])
     freq_mb = freq_mb[freq_mb["dataset"].isin(PROMPT_SETS)]

@@ -79,13 +79,15 @@ class SmallThinkerConfig:
             "sliding_window_size", "max_position_embeddings",
         ):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive integer, got {v!r}")
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                 f"{name} must be a positive integer, got {v!r}")
         L = self.num_hidden_layers
         need(len(self.rope_layout) == L,
              f"rope_layout has {len(self.rope_layout)} entries but num_hidden_layers is {L}")
         need(len(self.sliding_window_layout) == L,
              f"sliding_window_layout has {len(self.sliding_window_layout)} entries but num_hidden_layers is {L}")
-        need(set(self.rope_layout) <= {0, 1}, f"rope_layout entries must be 0 or 1, got {sorted(set(self.rope_layout))}")
+        need(set(self.rope_layout) <= {0, 1},
+             f"rope_layout entries must be 0 or 1, got {sorted(set(self.rope_layout))}")
         need(set(self.sliding_window_layout) <= {0, 1},
              f"sliding_window_layout entries must be 0 or 1, got {sorted(set(self.sliding_window_layout))}")
         need(self.num_attention_heads % self.num_key_value_heads == 0,
@@ -94,7 +96,8 @@ class SmallThinkerConfig:
         need(self.moe_num_active_primary_experts <= self.moe_num_primary_experts,
              f"moe_num_active_primary_experts ({self.moe_num_active_primary_experts}) is larger than "
              f"moe_num_primary_experts ({self.moe_num_primary_experts})")
-        need(self.head_dim % 2 == 0 or not any(self.rope_layout), f"head_dim must be even for RoPE, got {self.head_dim}")
+        need(self.head_dim % 2 == 0 or not any(self.rope_layout),
+             f"head_dim must be even for RoPE, got {self.head_dim}")
         need(self.rms_norm_eps > 0, f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
         need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         if self.rope_scaling not in (None, {}):
@@ -149,7 +152,7 @@ class SmallThinkerConfig:
         return dict(sorted(d.items()))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SmallThinkerConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SmallThinkerConfig:
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
         extra = {k: v for k, v in d.items() if k not in known}
@@ -158,7 +161,7 @@ class SmallThinkerConfig:
         return cls(**kwargs, extra=extra)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "SmallThinkerConfig":
+    def from_json(cls, path: str | os.PathLike) -> SmallThinkerConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -186,7 +189,7 @@ class SmallThinkerConfig:
 
     # ----------------------------------------------------------------- presets
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "SmallThinkerConfig":
+    def from_name(cls, name: str, **overrides: Any) -> SmallThinkerConfig:
         key = name.lower()
         if key not in PRESETS:
             raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
@@ -194,7 +197,7 @@ class SmallThinkerConfig:
         kwargs.update(overrides)
         return cls(**kwargs)
 
-    def replace(self, **changes: Any) -> "SmallThinkerConfig":
+    def replace(self, **changes: Any) -> SmallThinkerConfig:
         d = asdict(self)
         d.update(changes)
         return SmallThinkerConfig(**d)

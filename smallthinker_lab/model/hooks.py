@@ -20,11 +20,11 @@ point         payload
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 
 class HookHandle:
-    def __init__(self, registry: "HookRegistry", point: str, fn: Callable) -> None:
+    def __init__(self, registry: HookRegistry, point: str, fn: Callable) -> None:
         self._registry, self._point, self._fn = registry, point, fn
 
     def remove(self) -> None:

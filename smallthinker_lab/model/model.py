@@ -122,7 +122,7 @@ class SmallThinkerForCausalLM(nn.Module):
         return n
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> "SmallThinkerForCausalLM":
+    def init_weights(self, seed: int | None = None) -> SmallThinkerForCausalLM:
         """Normal(0, initializer_range) for linear and embedding weights, ones for norms."""
         gen = torch.Generator(device="cpu")
         if seed is not None:
