@@ -37,6 +37,7 @@ from .model import (
     stream_generate,
     write_synthetic_checkpoint,
 )
+from .model.tokenizer import apply_chat_template, load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -52,3 +53,4 @@ __all__ += [
     "trace_from_recording",
 ]
 __all__ += ["Engine", "MemoryLimitError", "convert"]
+__all__ += ["apply_chat_template", "load_tokenizer"]
