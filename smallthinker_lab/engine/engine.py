@@ -374,7 +374,9 @@ class Engine:
         try:
             for c0 in range(0, T, self.prefill_chunk):
                 x = self._run(ids[:, c0:c0 + self.prefill_chunk], start + c0)
-            logits = self._lm_head(x[:, -1:], decode=T == 1)
+            # exact: the LM head over every position of the (last) chunk, as the model's forward does, so that
+            # the last row comes from the same kernel (a GEMM over T rows may round differently than one row)
+            logits = self._lm_head(x if self.exact and x.shape[1] > 1 else x[:, -1:], decode=T == 1)[:, -1:]
         except BaseException:
             self.cache.drain()  # an error or interruption: settle reads in flight, release pins
             raise
