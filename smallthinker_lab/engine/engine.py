@@ -536,12 +536,15 @@ class Engine:
                 self._fire_expert(layer, expert, token, g)
             return (F.linear(x, wu) * F.relu(g)) @ wd
         if self._zero_copy:
-            if watch:
-                self._fire_expert(layer, expert, token, F.linear(x, wg))
+            g = None
+            if watch:  # the gate the hook sees is the one the kernel uses: computed once
+                g = F.linear(x, wg)
+                self._fire_expert(layer, expert, token, g)
             if self.sparse_reglu is False:
-                y, n_active = sparse.reglu_dense(x, wg, wu, wd)
+                y, n_active = sparse.reglu_dense(x, wg, wu, wd, gate=g)
             else:
-                y, n_active = sparse.reglu(x, wg, wu, wd, min_sparsity=-1.0 if self.sparse_reglu is True else None)
+                y, n_active = sparse.reglu(x, wg, wu, wd, min_sparsity=-1.0 if self.sparse_reglu is True else None,
+                                           gate=g)
         else:  # quantised (or another dtype): decode the gate, then only the active rows of up and down
             wg = codec.decode(mat["gate"], shape, dtype)
             g = F.linear(x, wg)  # (n, F)
@@ -549,7 +552,7 @@ class Engine:
                 self._fire_expert(layer, expert, token, g)
             idx = torch.nonzero((g > 0).any(dim=0)).flatten()
             n_active = int(idx.numel())
-            min_sp = (sparse.default_min_sparsity(dtype, x.shape[0]) if self.sparse_reglu == "auto"
+            min_sp = (sparse.default_min_sparsity(dtype, x.shape[0], shape[0] * shape[1]) if self.sparse_reglu == "auto"
                       else (-1.0 if self.sparse_reglu else 1.0))
             if 1.0 - n_active / shape[0] > min_sp:
                 wu_r = codec.decode_rows(mat["up"], shape, idx, dtype)

@@ -95,10 +95,12 @@ def _sparse_from_gate(x: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, wu: t
 
 
 def reglu_dense(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
-                wd_t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The reference: all F neurons. Returns (y, n_active) (n_active counted, not exploited)."""
+                wd_t: torch.Tensor, gate: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """The reference: all F neurons. Returns (y, n_active) (n_active counted, not exploited).
+
+    ``gate``: x @ wg^T when the caller already computed it (it is not computed again)."""
     xf = _flat(x)
-    g = F.linear(xf, wg)  # (N, F)
+    g = F.linear(xf, wg) if gate is None else gate  # (N, F)
     y = _dense_from_gate(xf, g, wu, wd_t)
     return y.reshape(x.shape), int(active_neurons(g).numel())
 
@@ -114,14 +116,15 @@ def reglu_sparse(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
 
 
 def reglu(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd_t: torch.Tensor,
-          min_sparsity: float | None = None) -> tuple[torch.Tensor, int]:
+          min_sparsity: float | None = None, gate: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Dense or sparse, chosen per call from the sparsity seen after the gate.
 
     The sparse kernel runs when 1 - n_active / F > ``min_sparsity`` (default: the measured crossover,
     ``default_min_sparsity(x.dtype, N, wg.numel())``). ``min_sparsity=1.0`` forces dense, ``-1.0`` forces sparse.
+    ``gate``: x @ wg^T when the caller already computed it (it is not computed again).
     """
     xf = _flat(x)
-    g = F.linear(xf, wg)  # (N, F)
+    g = F.linear(xf, wg) if gate is None else gate  # (N, F)
     idx = active_neurons(g)
     n_active = int(idx.numel())
     if min_sparsity is None:
