@@ -1,0 +1,605 @@
+"""The modes the benchmark runs, how each is checked against the in-memory model, timed and bounded.
+
+A *mode* is one way of running one model on one device: the model in memory (``load_model``), the offloading
+engine (every expert resident, or under a memory limit holding a share of the expert bytes, LRU or LFU, prefetch on
+or off, bf16 or Q4_0), or a naive offloading baseline built with accelerate (``benchmarks/baselines.py``).
+
+For every mode, :func:`measure_mode`
+
+1. opens it (weights loaded, bundle opened; an engine with no limit also reads every expert once, so that "in
+   memory" means resident, not read on first use);
+2. CHECKS it: greedy generation of the check prompt must give exactly the in-memory model's tokens, else the mode
+   becomes an error row and is not timed (a mode computing something else must not be reported as faster);
+3. times ``repeats`` generations, each on a different prompt (so that the expert cache meets new routing, as it
+   would in a session, rather than replaying the previous repeat) and each checked again against the reference;
+   the engine's cache stays warm from one generation to the next;
+4. reports prefill and decode tokens/s (min / median / max over the repeats), the decode hit rate, the bytes read
+   per decode token from storage (or copied host-to-GPU), the bytes read from memory per decode token, the
+   physical bound of ``performance.md`` and the share of it reached, and where the decode time went.
+
+The bound (per decode token): ``T_mem = B_mem / BW_mem`` with B_mem the resident weights, KV cache and the
+selected experts' bytes, BW_mem the measured memory (CPU) or HBM (GPU) copy bandwidth; ``T_io = link bytes per
+token / BW_link`` with BW_link the measured storage read (CPU) or pinned host-to-GPU (GPU) bandwidth;
+``bound = max(T_mem, T_io)`` and ``bound_share = bound / measured seconds per token``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import statistics
+import struct
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from smallthinker_lab.model.checkpoint import load_model, write_synthetic_checkpoint
+from smallthinker_lab.model.config import SmallThinkerConfig
+from smallthinker_lab.model.generate import GenerationStats, stream_tokens
+from smallthinker_lab.model.kv_cache import KVCache
+
+MiB = 2**20
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def scale_tensors(folder: str | os.PathLike, suffix: str, scale: float) -> int:
+    """Multiply, in place in the safetensors files of ``folder``, every tensor whose name ends with ``suffix``.
+    Returns how many tensors were scaled."""
+    n = 0
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with open(file, "r+b") as fh:
+            size = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(size))
+            base = 8 + size
+            for name, entry in header.items():
+                if name == "__metadata__" or not name.endswith(suffix):
+                    continue
+                dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[entry["dtype"]]
+                begin, end = entry["data_offsets"]
+                fh.seek(base + begin)
+                raw = bytearray(fh.read(end - begin))
+                t = torch.frombuffer(raw, dtype=dtype).float().mul_(scale).to(dtype)
+                fh.seek(base + begin)
+                fh.write(t.view(torch.uint8).numpy().tobytes())
+                n += 1
+    return n
+
+
+def make_synthetic(folder: str | os.PathLike, preset: str, dtype: str = "bfloat16", seed: int = 0,
+                   attn_out_scale: float = 0.1, reuse: bool = True, **overrides) -> tuple[Path, dict]:
+    """A synthetic checkpoint of ``preset`` (random weights streamed to disk), with the attention output
+    projections scaled by ``attn_out_scale``.
+
+    Why the scale: with every matrix N(0, 0.02), the attention outputs (near-uniform attention over the context)
+    dominate the residual stream, which then barely changes from token to token; the routers, which read the raw
+    residual, pick nearly the same experts at every step (a 60% cache hits ~97%) and greedy decoding repeats one
+    token. Scaling o_proj by 0.1 lets each token's own embedding and MoE output steer the residual: routing then
+    changes from token to token (on the 4B shape close to uniform: an LRU cache of 60% of the experts hits about
+    60% at decode), the pessimistic end of real routing. Returns (folder, description); a folder already made
+    with the same description is reused when ``reuse``.
+    """
+    folder = Path(folder)
+    spec = {"preset": preset, "dtype": dtype, "seed": seed, "attn_out_scale": attn_out_scale,
+            "overrides": overrides, "version": 1}
+    marker = folder / "bench_synthetic.json"
+    if reuse and marker.is_file() and json.loads(marker.read_text()) == spec:
+        return folder, spec | {"reused": True}
+    marker.unlink(missing_ok=True)
+    cfg = SmallThinkerConfig.from_name(preset, **overrides) if overrides else SmallThinkerConfig.from_name(preset)
+    t0 = time.perf_counter()
+    write_synthetic_checkpoint(folder, cfg, seed=seed, dtype=dtype)
+    if attn_out_scale != 1.0:
+        scale_tensors(folder, "self_attn.o_proj.weight", attn_out_scale)
+    marker.write_text(json.dumps(spec))
+    return folder, spec | {"reused": False, "write_seconds": time.perf_counter() - t0}
+
+
+def convert_bundle(ckpt: Path, bundle_dir: Path, quantization: str | None = None) -> tuple[Path, float]:
+    """The expert bundle of ``ckpt`` in ``bundle_dir`` (converted unless current); (folder, seconds)."""
+    from smallthinker_lab.engine.bundle import ensure_bundle
+
+    t0 = time.perf_counter()
+    out = ensure_bundle(Path(ckpt), Path(bundle_dir), quantization, progress=False)
+    return out, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------- bytes per token
+def decode_memory_bytes(config: SmallThinkerConfig, itemsize: int, expert_nbytes: int, context: float,
+                        lm_head_rows: int | None = None) -> dict:
+    """Bytes one decode token reads from memory (performance.md): resident weights B_res (attention, router,
+    norms, one embedding row, the LM head), the KV cache B_kv at ``context`` cached positions and the selected
+    experts B_exp (top-k x layers x ``expert_nbytes``, the stored record size: bf16 or Q4_0)."""
+    c = config
+    H, D, L = c.hidden_size, c.head_dim, c.num_hidden_layers
+    q, kv = c.num_attention_heads * D, c.num_key_value_heads * D
+    per_layer = (q * H + 2 * kv * H + H * q + c.num_experts * H + 2 * H) * itemsize
+    rows = c.vocab_size if lm_head_rows is None else lm_head_rows
+    res = L * per_layer + (H + H + rows * H) * itemsize  # + embedding row + final norm + LM head
+    kv_bytes = 0.0
+    for i in range(L):
+        keys = min(context, c.sliding_window_size) if c.is_sliding(i) else context
+        kv_bytes += 2 * c.num_key_value_heads * D * keys * itemsize
+    exp = L * c.top_k * expert_nbytes
+    return {"resident": res, "kv": kv_bytes, "experts": exp, "total": res + kv_bytes + exp}
+
+
+# ---------------------------------------------------------------------------------------------- modes
+@dataclass
+class ModeSpec:
+    """One row of the benchmark. ``share``: the expert share the memory limit holds (None: unlimited, every
+    expert resident; 0.0: the minimum, top-k slots, "no cache")."""
+
+    mode: str  # "in_memory" | "engine" | "accelerate_disk_offload" | "accelerate_cpu_offload" | ...
+    model: str  # key of the model (checkpoint) in the suite
+    variant: str  # ablation name: "in memory", "full", "no prefetch", "no cache", "naive offload"
+    share: float | None = None
+    policy: str | None = None
+    prefetch: bool | None = None
+    quantization: str | None = None
+    instruments: bool = False
+    threads: int | None = None  # torch threads while it runs (None: the suite's default)
+    required: bool = False
+    options: dict = field(default_factory=dict)  # extra Engine / baseline keywords
+
+    @property
+    def name(self) -> str:
+        parts = [self.model, self.mode]
+        if self.quantization:
+            parts.append(self.quantization)
+        if self.share is not None:
+            parts.append("min" if self.share == 0 else f"{self.share:.0%}")
+        if self.policy:
+            parts.append(self.policy)
+        if self.prefetch is not None:
+            parts.append("prefetch" if self.prefetch else "no-prefetch")
+        if self.instruments:
+            parts.append("instruments")
+        if self.threads:
+            parts.append(f"{self.threads}thr")
+        parts += [f"{k}={v}" for k, v in self.options.items()]
+        return " ".join(parts)
+
+    @property
+    def family(self) -> str:
+        return "engine" if self.mode == "engine" else "model"
+
+
+@dataclass
+class ModelInfo:
+    """A checkpoint the suite runs: its config, dtype, bundle folders, prompts."""
+
+    key: str
+    ckpt: Path
+    config: SmallThinkerConfig
+    dtype: torch.dtype
+    prompts: list[list[int]]  # [0] is the check prompt, [1:] the timed repeats
+    bundles: dict = field(default_factory=dict)  # quantization (None for as stored) -> bundle folder
+    description: str = ""
+    routing: str = ""
+
+
+@dataclass
+class Context:
+    """What every mode needs: device, settings, ceilings, references, the time budget."""
+
+    device: str
+    new_tokens: int
+    repeats: int
+    ceilings: dict
+    models: dict[str, ModelInfo]
+    scratch: Path
+    deadline: float = math.inf
+    compute_threads: int | None = None
+    model_threads: int | None = None
+    bypass_page_cache: bool = True
+    host_cache: bool = True  # CUDA: the offloaded engine loads from a pinned host copy (the link is host-to-GPU)
+    references: dict = field(default_factory=dict)  # (model, quantization) -> {prompt index: tokens}
+    log: Callable[[str], None] = print
+
+
+class TokensDiffer(AssertionError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- runners
+class _Threads:
+    def __init__(self, n: int | None) -> None:
+        self.n, self.saved = n, None
+
+    def __enter__(self):
+        if self.n is not None:
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            torch.set_num_threads(self.saved)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class ModelRunner:
+    """The model in memory (``load_model``); ``expert_source``: a bundle whose (dequantised) experts replace the
+    checkpoint's, the in-memory reference of a quantised engine."""
+
+    kind = "model"
+
+    def __init__(self, info: ModelInfo, device: str, threads: int | None = None, expert_bundle: Path | None = None,
+                 instruments: bool = False) -> None:
+        self.info, self.device, self.threads, self.instruments = info, device, threads, instruments
+        self.model = load_model(info.ckpt, device=device)
+        if expert_bundle is not None:
+            _load_dequantised_experts(self.model, expert_bundle)
+        self.resident = "every weight (load_model)"
+
+    def generate(self, ids: list[int], n: int) -> dict:
+        m = self.model
+        cache = KVCache(m.config, 1, m.dtype, self.device)
+        step = lambda x: m(x, cache=cache)  # noqa: E731
+        stats = GenerationStats()
+        x = torch.tensor([ids], device=self.device)
+        with _Threads(self.threads), torch.inference_mode(), _recording(m, self.instruments):
+            _sync(self.device)
+            tokens = list(stream_tokens(step, x, n, None, [], stats))
+            _sync(self.device)
+        return {"tokens": tokens, "stats": stats}
+
+    def close(self) -> None:
+        self.model = None
+        gc.collect()
+
+
+def _load_dequantised_experts(model, bundle_dir: Path) -> None:
+    """Replace every expert weight of ``model`` by the bundle's decoded (dequantised) record, in the model's dtype:
+    the in-memory model a quantised engine must match token for token."""
+    from smallthinker_lab.engine.bundle import open_bundle
+    from smallthinker_lab.engine.quant import get_format
+
+    b = open_bundle(bundle_dir, model.config)
+    codec = get_format(b.format)
+    dtype = model.dtype
+    shape = b.matrices["gate"].shape
+    with open(b.data_path, "rb") as f:
+        for layer, block in enumerate(model.model.layers):
+            for e, expert in enumerate(block.block_sparse_moe.experts):
+                f.seek(b.offset(layer, e))
+                rec = torch.frombuffer(bytearray(f.read(b.stride)), dtype=torch.uint8)
+                mats = {m: rec[sp.offset:sp.offset + sp.nbytes] for m, sp in b.matrices.items()}
+                for m in ("gate", "up", "down"):
+                    w = codec.decode(mats[m], shape, dtype)
+                    w = w.t() if m == "down" else w  # stored [F, H]: the model's down is [H, F]
+                    getattr(expert, m).weight = torch.nn.Parameter(
+                        w.contiguous().to(model.device), requires_grad=False)
+
+
+class _recording:
+    """``record(target)`` with the default kinds, or nothing."""
+
+    def __init__(self, target, on: bool) -> None:
+        self.target, self.on, self.ctx = target, on, None
+
+    def __enter__(self):
+        if self.on:
+            from smallthinker_lab.instruments import record
+
+            self.ctx = record(self.target)
+            return self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+
+
+class EngineRunner:
+    kind = "engine"
+
+    def __init__(self, info: ModelInfo, ctx: Context, spec: ModeSpec, memory_limit: int | None) -> None:
+        from smallthinker_lab.engine import Engine
+
+        self.info, self.device, self.spec = info, ctx.device, spec
+        cuda = torch.device(ctx.device).type == "cuda"
+        kw = dict(memory_limit=memory_limit, device=ctx.device, policy=spec.policy or "lru",
+                  prefetch=True if spec.prefetch is None else spec.prefetch, quantization=spec.quantization,
+                  bundle_dir=info.bundles[spec.quantization], bypass_page_cache=ctx.bypass_page_cache,
+                  compute_threads=None if cuda else (spec.threads or ctx.compute_threads), exact=True, progress=False)
+        if cuda:
+            kw["host_cache"] = ctx.host_cache and memory_limit is not None
+            if kw["host_cache"]:
+                kw["bypass_page_cache"] = False  # the pinned host copy is read once at open; the link is H2D
+        kw.update(spec.options)
+        self.options = {k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()}
+        self.engine = Engine.from_pretrained(info.ckpt, **kw)
+        self.preload_seconds = 0.0
+        if memory_limit is None:  # "in memory": every expert read once now, not on first use
+            t0 = time.perf_counter()
+            _preload(self.engine)
+            self.preload_seconds = time.perf_counter() - t0
+        plan = self.engine.memory_plan()
+        self.resident = (f"non-expert weights, KV cache, workspace and {plan['capacity_experts']} expert slots "
+                         f"({plan['cached_fraction']:.0%} of the expert bytes)")
+
+    def generate(self, ids: list[int], n: int) -> dict:
+        e = self.engine
+        stats = GenerationStats()
+        tokens, snaps = [], []
+        with _recording(e, self.spec.instruments):
+            _sync(self.device)
+            for i, t in enumerate(e.stream(ids, n, stop_tokens=[], stats=stats)):
+                if i == 0:
+                    _sync(self.device)
+                    snaps.append(e.stats())  # after the prefill, before the first decode step
+                tokens.append(t)
+            _sync(self.device)
+            snaps.append(e.stats())
+        a, b = snaps
+        d = {k: b[k] - a[k] for k in ("requests", "hits", "misses", "bytes_read", "io_wait_seconds",
+                                        "router_seconds", "attention_seconds", "moe_seconds", "lm_head_seconds",
+                                        "decode_seconds", "prefetch_wasted", "wasted_bytes", "speculative_reads")}
+        d["prefill_requests"], d["prefill_hits"] = a["requests"], a["hits"]
+        return {"tokens": tokens, "stats": stats, "engine": d, "neuron_sparsity": b["neuron_sparsity"]}
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        self.engine = None
+        gc.collect()
+
+
+def _preload(engine) -> None:
+    """Read every expert into the cache (an engine with no memory limit holds them all)."""
+    cache, cfg = engine.cache, engine.config
+    keys = [(layer, e) for layer in range(cfg.num_hidden_layers) for e in range(cfg.num_experts)]
+    batch = max(1, engine.io_threads * 2)
+    for i in range(0, len(keys), batch):
+        entries = [cache.request(k) for k in keys[i:i + batch]]
+        for entry in entries:
+            cache.wait(entry)
+            cache.release(entry)
+    if engine.transfer is not None:
+        torch.cuda.synchronize()
+    engine.reset_stats()
+
+
+# ---------------------------------------------------------------------------------------------- limits
+def engine_limits(info: ModelInfo, device: str, quantization: str | None) -> dict:
+    """The engine's fixed bytes (everything but the expert cache), the slot size and the number of experts, from
+    the MemoryLimitError of a 1-byte limit (nothing is loaded)."""
+    from smallthinker_lab.engine import Engine, MemoryLimitError
+
+    cuda = torch.device(device).type == "cuda"
+    kw = {"host_cache": True} if cuda else {}
+    try:
+        Engine.from_pretrained(info.ckpt, memory_limit=1, device=device, quantization=quantization,
+                               bundle_dir=info.bundles[quantization], progress=False, **kw)
+    except MemoryLimitError as e:
+        minimum = e.minimum_bytes
+    else:  # pragma: no cover
+        raise RuntimeError("a 1-byte memory limit was accepted")
+    from smallthinker_lab.engine.bundle import open_bundle
+
+    b = open_bundle(info.bundles[quantization], info.config)
+    k = info.config.top_k
+    n = info.config.num_hidden_layers * info.config.num_experts
+    return {"minimum": minimum, "fixed": minimum - k * b.stride, "stride": b.stride, "experts": n,
+            "expert_nbytes": b.payload_nbytes, "format": b.format}
+
+
+def limit_for_share(lim: dict, share: float, top_k: int) -> tuple[int, float]:
+    """(memory limit in bytes, share of the expert bytes its cache holds) for a target share (0: the minimum)."""
+    slots = max(top_k, round(share * lim["experts"]))
+    return lim["fixed"] + slots * lim["stride"], slots / lim["experts"]
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def _stat3(xs: Sequence[float]) -> dict:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return {"min": float("nan"), "median": float("nan"), "max": float("nan")}
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
+
+
+def _check(tokens: list[int], want: list[int] | None, what: str) -> None:
+    if want is None:
+        return
+    if tokens != want:
+        i = next((j for j, (a, b) in enumerate(zip(tokens, want)) if a != b), min(len(tokens), len(want)))
+        raise TokensDiffer(f"{what}: generated tokens differ from the in-memory model's at position {i}: "
+                           f"got {tokens[i:i + 4]}..., want {want[i:i + 4]}...")
+
+
+def open_runner(spec: ModeSpec, ctx: Context) -> tuple[object, dict]:
+    """The runner of a mode and the row fields that describe its configuration."""
+    info = ctx.models[spec.model]
+    fields: dict = {"memory_limit": float("nan"), "limit_share_of_expert_bytes": float("nan")}
+    if spec.mode == "in_memory":
+        bundle = info.bundles.get(spec.quantization) if spec.quantization else None
+        runner = ModelRunner(info, ctx.device, spec.threads or ctx.model_threads, bundle, spec.instruments)
+        fields["limit_share_of_expert_bytes"] = 1.0
+    elif spec.mode == "engine":
+        limit = None
+        if spec.share is not None:
+            lim = engine_limits(info, ctx.device, spec.quantization)
+            limit, share = limit_for_share(lim, spec.share, info.config.top_k)
+            fields.update(memory_limit=limit, limit_share_of_expert_bytes=share)
+        else:
+            fields["limit_share_of_expert_bytes"] = 1.0
+        runner = EngineRunner(info, ctx, spec, limit)
+        fields["engine_options"] = runner.options
+        fields["preload_seconds"] = runner.preload_seconds
+    else:
+        from . import baselines
+
+        limit = None
+        if spec.share is not None:  # the same limit as the engine row it is compared with
+            lim = engine_limits(info, ctx.device, None)
+            limit, _ = limit_for_share(lim, spec.share, info.config.top_k)
+            fields["memory_limit"] = limit
+        runner = baselines.open_baseline(spec.mode, info, ctx.device, ctx.scratch, limit,
+                                         threads=spec.threads or ctx.model_threads)
+        fields["limit_share_of_expert_bytes"] = runner.expert_share
+    fields["resident"] = runner.resident
+    return runner, fields
+
+
+def measure_mode(spec: ModeSpec, ctx: Context) -> dict:
+    """One row: open, check, time, bound. Errors (tokens that differ, exceptions) become error rows."""
+    info = ctx.models[spec.model]
+    row: dict = {"name": spec.name, "mode": spec.mode, "model": spec.model, "device": torch.device(ctx.device).type,
+                 "variant": spec.variant, "policy": spec.policy, "prefetch": spec.prefetch,
+                 "quantization": spec.quantization or "none", "instruments": spec.instruments,
+                 "threads": spec.threads or (ctx.compute_threads if spec.mode == "engine" else ctx.model_threads),
+                 "prompt_tokens": len(info.prompts[0]), "decode_tokens": ctx.new_tokens - 1, "error": None}
+    t_open = time.perf_counter()
+    runner = None
+    ref_key = (spec.model, spec.quantization)
+    refs = ctx.references.setdefault(ref_key, {})
+    is_reference = spec.mode == "in_memory" and not spec.instruments and not spec.threads
+    try:
+        runner, fields = open_runner(spec, ctx)
+        row.update(fields)
+        row["open_seconds"] = time.perf_counter() - t_open
+        # the check: greedy tokens of the check prompt, before any timing
+        t0 = time.perf_counter()
+        out = runner.generate(info.prompts[0], ctx.new_tokens)
+        check_seconds = time.perf_counter() - t0
+        if is_reference and 0 not in refs:
+            refs[0] = out["tokens"]
+        if 0 not in refs:
+            raise RuntimeError(f"no in-memory reference for {ref_key}: the in-memory mode must run first")
+        _check(out["tokens"], refs[0], spec.name)
+        row["checked"] = "the reference itself" if is_reference else "tokens equal to the in-memory model's"
+        row["check_seconds"] = check_seconds
+        # timed repeats, as many as the budget allows (at least one)
+        left = ctx.deadline - time.perf_counter()
+        n_rep = max(1, min(ctx.repeats, int(left / max(check_seconds, 1e-3)) if math.isfinite(left) else ctx.repeats))
+        n_rep = min(n_rep, len(info.prompts) - 1)
+        runs = []
+        for r in range(1, n_rep + 1):
+            out = runner.generate(info.prompts[r], ctx.new_tokens)
+            if is_reference and r not in refs:
+                refs[r] = out["tokens"]
+            _check(out["tokens"], refs.get(r), f"{spec.name} (prompt {r})")
+            runs.append(out)
+        row.update(_summarise(runs, spec, info, ctx, runner))
+    except TokensDiffer as e:
+        row["error"] = str(e)
+    except Exception as e:  # noqa: BLE001  an error row, the suite goes on
+        row["error"] = f"{type(e).__name__}: {e}"
+        row["traceback"] = traceback.format_exc(limit=6)
+    finally:
+        if runner is not None:
+            try:
+                runner.close()
+            except Exception as e:  # noqa: BLE001
+                row.setdefault("close_error", repr(e))
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    row["seconds"] = time.perf_counter() - t_open
+    return row
+
+
+def _summarise(runs: list[dict], spec: ModeSpec, info: ModelInfo, ctx: Context, runner) -> dict:
+    prefill = [r["stats"].prompt_tokens / r["stats"].prefill_seconds for r in runs]
+    decode = [len(r["stats"].decode_token_seconds) / sum(r["stats"].decode_token_seconds) for r in runs]
+    steps = sum(len(r["stats"].decode_token_seconds) for r in runs)
+    wall = sum(sum(r["stats"].decode_token_seconds) for r in runs)
+    d3, p3 = _stat3(decode), _stat3(prefill)
+    out = {"repeats": len(runs), "prefill_tok_s": p3["median"], "prefill_tok_s_min": p3["min"],
+           "prefill_tok_s_max": p3["max"], "decode_tok_s": d3["median"], "decode_tok_s_min": d3["min"],
+           "decode_tok_s_max": d3["max"],
+           "decode_ms_per_token_p50": 1e3 * statistics.median(t for r in runs for t in r["stats"].decode_token_seconds)}
+    # link bytes and hit rate at decode
+    link = "storage"
+    if runner.kind == "engine":
+        e = [r["engine"] for r in runs]
+        req, hits = sum(x["requests"] for x in e), sum(x["hits"] for x in e)
+        out["hit_rate"] = hits / req if req else float("nan")
+        pre_req, pre_hits = sum(x["prefill_requests"] for x in e), sum(x["prefill_hits"] for x in e)
+        out["prefill_hit_rate"] = pre_hits / pre_req if pre_req else float("nan")
+        out["bytes_read_per_token"] = sum(x["bytes_read"] for x in e) / steps
+        out["wasted_bytes_per_token"] = sum(x["wasted_bytes"] for x in e) / steps
+        out["neuron_sparsity"] = runs[-1]["neuron_sparsity"]
+        if torch.device(ctx.device).type == "cuda":
+            link = "h2d" if runner.options.get("host_cache") else "storage"
+        # where the decode time went, ms per token
+        fwd = sum(x["decode_seconds"] for x in e)
+        parts = {"attention": sum(x["attention_seconds"] for x in e), "router": sum(x["router_seconds"] for x in e),
+                 "io_wait": sum(x["io_wait_seconds"] for x in e),
+                 "lm_head": sum(x["lm_head_seconds"] for x in e)}
+        parts["expert_compute"] = sum(x["moe_seconds"] for x in e) - parts["io_wait"]
+        parts["sampling"] = max(0.0, wall - fwd)
+        parts["python_other"] = fwd - sum(v for k, v in parts.items() if k != "sampling")
+        out["time_split_ms"] = {k: 1e3 * v / steps for k, v in parts.items()}
+        out["io_wait_share"] = parts["io_wait"] / wall if wall else float("nan")
+    elif runner.kind == "baseline":
+        out["hit_rate"] = float("nan")
+        out["bytes_read_per_token"] = sum(r["link_bytes_decode"] for r in runs) / steps
+        link = runner.link
+    else:
+        out["hit_rate"] = float("nan")
+        out["bytes_read_per_token"] = 0.0
+        out["time_split_ms"] = {"total": 1e3 * wall / steps}
+    out["link"] = link
+    # the bound
+    cfg = info.config
+    fmt_bytes = runner_expert_nbytes(info, spec.quantization)
+    context = len(info.prompts[0]) + (ctx.new_tokens) / 2
+    mem = decode_memory_bytes(cfg, info.dtype.itemsize, fmt_bytes, context)
+    out["memory_bytes_per_token"] = mem["total"]
+    out["memory_bytes_split"] = mem
+    bw_mem, bw_link = bandwidths(ctx.ceilings, ctx.device, link)
+    t_mem = mem["total"] / bw_mem
+    t_io = out["bytes_read_per_token"] / bw_link if bw_link else float("nan")
+    measured = 1.0 / out["decode_tok_s"]
+    bound = max(t_mem, t_io if not math.isnan(t_io) else 0.0)
+    out.update(t_mem_ms=1e3 * t_mem, t_io_ms=1e3 * t_io, bound_ms=1e3 * bound, measured_ms=1e3 * measured,
+               bound_share=bound / measured, bw_mem=bw_mem, bw_link=bw_link)
+    return out
+
+
+def runner_expert_nbytes(info: ModelInfo, quantization: str | None) -> int:
+    """Bytes of one expert's three matrices as the mode reads them (stored precision or the quantised record)."""
+    from smallthinker_lab.engine.bundle import record_layout
+
+    c = info.config
+    fmt = quantization or {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[info.dtype]
+    _, payload, _ = record_layout(c.hidden_size, c.moe_ffn_hidden_size, fmt)
+    return payload
+
+
+def bandwidths(ceilings: dict, device: str, link: str) -> tuple[float, float]:
+    """(memory bandwidth, link bandwidth) in bytes/s for the bound: the medians measured in this run."""
+    cuda = torch.device(device).type == "cuda"
+    mem = ceilings["hbm_copy"]["median"] if cuda else ceilings["memory_copy"]["median"]
+    if link == "h2d":
+        bw = ceilings["host_to_gpu"]["median"]
+    elif link == "memory":  # a GPU baseline dry-run on a CPU: its "copies" are memory copies
+        bw = ceilings["memory_copy"]["median"]
+    else:
+        bw = max(ceilings["storage_read"]["median"], ceilings.get("expert_reads", {}).get("median", 0.0))
+    return mem, bw
+
+
+def as_jsonable(x):
+    """Rows and settings as JSON: NaN kept as null, paths and dtypes as strings."""
+    if isinstance(x, dict):
+        return {str(k): as_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [as_jsonable(v) for v in x]
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    if isinstance(x, (Path, torch.dtype)):
+        return str(x)
+    if hasattr(x, "__dataclass_fields__"):
+        return as_jsonable(asdict(x))
+    return x

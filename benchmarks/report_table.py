@@ -1,0 +1,232 @@
+"""Tables from the benchmark JSON: ``bench_<suite>.md`` beside each result, and the README's Performance table.
+
+    python -m benchmarks.report_table            # regenerate README.md between the bench-table markers
+
+The README section lies between ``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->`` (added under a
+"## Performance" heading at the end when missing); nothing else in README.md is touched. It is made from
+benchmarks/results/bench_cpu.json, bench_cpu_variants.json and bench_gpu.json, whichever exist.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+SUITES = ("cpu", "cpu_variants", "gpu")  # bench_<name>.json in benchmarks/results, in README order
+
+
+def _nan(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _f(x, fmt="{:.3g}", na="") -> str:
+    return na if _nan(x) else fmt.format(x)
+
+
+def label(r: dict) -> str:
+    q = "" if r.get("quantization") in (None, "none") else f" {r['quantization'].upper()}"
+    extra = " + instruments" if r.get("instruments") else ""
+    mode = r.get("mode")
+    if mode == "in_memory":
+        thr = f", {r['threads']} threads" if r.get("threads") and r.get("threads") != 1 else ""
+        deq = " (dequantised)" if q else ""
+        return f"model in memory{q}{deq}{thr}{extra}"
+    if mode == "engine":
+        if r.get("variant") == "in memory":
+            thr = f", {r['spec_threads']} compute threads" if r.get("spec_threads") else ""
+            return f"engine{q}, every expert resident{thr}{extra}"
+        share = r.get("limit_share_of_expert_bytes")
+        where = "min (top-k slots)" if r.get("variant") == "no cache" else f"{_f(share, '{:.0%}')}"
+        pf = "prefetch" if r.get("prefetch") else "no prefetch"
+        link = ""
+        if r.get("device") == "cuda":
+            link = ", from storage" if r.get("host_cache_override") is False else ", pinned host copy"
+        opts = r.get("options") or {}
+        if opts.get("lookahead"):
+            link += " + look-ahead"
+        if opts.get("verify_checksums") is False:
+            link += ", no checksums"
+        if r.get("spec_threads"):
+            link += f", {r['spec_threads']} compute threads"
+        return f"engine{q} {where} {(r.get('policy') or '').upper()} {pf}{link}{extra}"
+    return {"accelerate_disk_offload": "accelerate disk_offload", "accelerate_cpu_offload": "accelerate cpu_offload",
+            "accelerate_device_map": "accelerate device_map (same limit)"}.get(mode, str(mode)) + q + extra
+
+
+def _gib(x) -> str:
+    return "none" if _nan(x) else f"{x / 2**30:.2f} GiB"
+
+
+def rows_table(rows: list[dict], model: str) -> str:
+    sub = [r for r in rows if r.get("model") == model]
+    if not sub:
+        return ""
+    mem = [r["decode_tok_s"] for r in sub if not r.get("error") and r.get("variant") == "in memory"
+           and r.get("quantization") in (None, "none") and not r.get("instruments") and r.get("decode_tok_s")]
+    best = max(mem) if mem else float("nan")
+    head = ("| mode | memory limit | expert share | prefill tok/s | decode tok/s (min-max) | vs best in memory | "
+            "decode hit rate | MiB read/token | memory MiB/token | T_mem ms | T_io ms | measured ms | share of bound |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in sub:
+        if r.get("error"):
+            err = r["error"][:90].replace("|", "/")
+            lines.append(f"| {label(r)} | {_gib(r.get('memory_limit'))} | | | ERROR: {err} | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {label(r)} | {_gib(r.get('memory_limit'))} | {_f(r.get('limit_share_of_expert_bytes'), '{:.0%}')} | "
+            f"{_f(r.get('prefill_tok_s'))} | {_f(r.get('decode_tok_s'))} ({_f(r.get('decode_tok_s_min'))}-"
+            f"{_f(r.get('decode_tok_s_max'))}) | {_f(r['decode_tok_s'] / best if best == best else None, '{:.2f}')} | "
+            f"{_f(r.get('hit_rate'), '{:.2f}')} | {_f((r.get('bytes_read_per_token') or 0) / 2**20, '{:.0f}')} | "
+            f"{_f((r.get('memory_bytes_per_token') or 0) / 2**20, '{:.0f}')} | {_f(r.get('t_mem_ms'), '{:.1f}')} | "
+            f"{_f(r.get('t_io_ms'), '{:.1f}')} | {_f(r.get('measured_ms'), '{:.1f}')} | "
+            f"{_f(r.get('bound_share'), '{:.0%}')} |")
+    return "\n".join(lines) + "\n"
+
+
+def targets_table(targets: list[dict]) -> str:
+    if not targets:
+        return ""
+    lines = ["| target | value | threshold | met |", "|---|---|---|---|"]
+    for t in targets:
+        met = "n/a" if t.get("met") is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['target']} | {_f(t.get('value'), '{:.3g}')} | {t['threshold']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def ceilings_line(c: dict) -> str:
+    parts = [f"memory copy {c['memory_copy']['median'] / 1e9:.1f} GB/s (read+write)",
+             f"storage read {c['storage_read']['median'] / 1e9:.2f} GB/s sequential ({c['storage_read'].get('mode')})"]
+    if c.get("expert_reads"):
+        parts.append(f"{c['expert_reads']['median'] / 1e9:.2f} GB/s expert-record reads, 4 threads")
+    if c.get("hbm_copy"):
+        parts.append(f"HBM copy {c['hbm_copy']['median'] / 1e9:.0f} GB/s")
+    if c.get("host_to_gpu"):
+        parts.append(f"host-to-GPU pinned {c['host_to_gpu']['median'] / 1e9:.1f} GB/s")
+    if c.get("matmul_bf16_gpu"):
+        parts.append(f"bf16 matmul {c['matmul_bf16_gpu']['median'] / 1e12:.0f} TFLOP/s")
+    else:
+        parts.append(f"bf16 matmul {c['matmul_bf16_cpu']['median'] / 1e9:.0f} GFLOP/s")
+    return "; ".join(parts)
+
+
+def render_result(res: dict, heading_level: int = 2, compact: bool = False) -> str:
+    """The markdown report of one result JSON (``compact``: no profile, skipped list or settings paragraph)."""
+    from .profile_decode import profile_markdown
+
+    h = "#" * heading_level
+    m = res.get("machine", {})
+    s = res.get("settings", {})
+    out = [f"{h} Benchmark `{res.get('suite')}`{' (dry run)' if res.get('dry_run') else ''}: "
+           f"{m.get('gpu') or m.get('cpu')}, {res.get('created')}\n"]
+    v = res.get("versions", {})
+    out.append(f"torch {v.get('torch')}, accelerate {v.get('accelerate')}, python {v.get('python')}, commit "
+               f"{(v.get('git_commit') or '')[:10]}; {m.get('cores')} cores; wall {res.get('wall_seconds', 0):.0f} s"
+               f"{'; PARTIAL' if res.get('partial') else ''}.\n")
+    if res.get("fatal"):
+        out.append(f"**FATAL**: {res['fatal']}\n")
+    if res.get("ceilings"):
+        out.append(f"Ceilings measured in this run: {ceilings_line(res['ceilings'])}.\n")
+    if s and not compact:
+        out.append(f"Prompt {s.get('prompt_tokens')} tokens, {s.get('decode_steps')} decode steps, up to "
+                   f"{s.get('repeats')} timed repeats per mode (each on a new prompt, after a check run); trained "
+                   f"model: prompt {s.get('trained_prompt_tokens')}, {s.get('trained_new_tokens', 1) - 1} decode "
+                   f"steps. Page cache bypassed: {s.get('bypass_page_cache')}. {s.get('check')}.\n")
+    for key, info in (s.get("models") or {}).items():
+        out.append(f"{h}# {key}: {info['description']}; routing {info['routing']}\n")
+        out.append(rows_table(res.get("rows", []), key))
+    out.append(f"{h}# Targets\n")
+    out.append(targets_table(res.get("targets", [])))
+    if compact:
+        return "\n".join(out) + "\n"
+    out.append(f"{h}# Decode time per token (engine clocks; ms and share)\n")
+    out.append(profile_markdown(res.get("profile", [])))
+    if res.get("skipped"):
+        out.append(f"Skipped for the time budget: {', '.join(x['name'] for x in res['skipped'])}.\n")
+    errs = [r for r in res.get("rows", []) if r.get("error")]
+    if errs:
+        out.append(f"{h}# Errors\n")
+        out += [f"- {r.get('name')}: {r['error']}" for r in errs]
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def plot_decode(res: dict, model: str, path: str | Path) -> Path | None:
+    """Decode tokens/s of every row of ``model`` (smallthinker_lab.plots.plot_throughput), coloured by ablation
+    variant, annotated with the share of the bound; a PNG at ``path``."""
+    rows = [r for r in res.get("rows", []) if r.get("model") == model and not r.get("error") and r.get("decode_tok_s")]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from smallthinker_lab.plots import plot_throughput
+
+    df = pd.DataFrame({"mode": [label(r) for r in rows], "variant": [r.get("variant") for r in rows],
+                       "decode_tok_s": [r["decode_tok_s"] for r in rows],
+                       "bound_share": [r.get("bound_share") for r in rows]})
+    _, ax = plt.subplots(figsize=(11, 1.2 + 0.42 * len(df)), layout="constrained")
+    plot_throughput(df, ax=ax, mode="variant")
+    leg = ax.get_legend()
+    if leg is not None:  # outside the bars and their annotations
+        ax.legend(handles=leg.legend_handles, title="variant", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  frameon=False, fontsize="small")
+    m = res.get("machine", {})
+    ax.set_title(f"{model} on {res.get('device')} ({m.get('gpu') or m.get('cpu')})\ndecode tokens/s and share of "
+                 f"the bound max(T_mem, T_io)", fontsize="medium")
+    path = Path(path)
+    ax.figure.savefig(path, dpi=110)
+    plt.close(ax.figure)
+    return path
+
+
+def readme_section() -> str:
+    parts = ["Generated by `python -m benchmarks.report_table` from `benchmarks/results/bench_*.json` "
+             "(`python -m benchmarks.run --suite cpu|gpu`). The bound, as in the project's performance reference: "
+             "T_mem = bytes read from memory per token / measured memory (HBM) bandwidth, T_io = bytes read from "
+             "storage (copied host-to-GPU) per token / measured link bandwidth, share of bound = max(T_mem, T_io) / "
+             "measured time per token.\n"]
+    found = False
+    for suite in SUITES:
+        f = RESULTS / f"bench_{suite}.json"
+        if f.exists():
+            found = True
+            parts.append(render_result(json.loads(f.read_text(encoding="utf-8")), heading_level=3, compact=True))
+            parts.append(f"Full report (settings, decode-time profile, skipped modes): `benchmarks/results/"
+                         f"bench_{suite}.md`.\n")
+    if not found:
+        parts.append("No benchmark results yet.\n")
+    return "\n".join(parts)
+
+
+def update_readme(readme: Path = README) -> None:
+    text = readme.read_text(encoding="utf-8") if readme.exists() else ""
+    block = f"{START}\n{readme_section()}\n{END}"
+    if START in text and END in text:
+        a, b = text.index(START), text.index(END) + len(END)
+        text = text[:a] + block + text[b:]
+    else:
+        if "## Performance" not in text:
+            text = text.rstrip("\n") + "\n\n## Performance\n"
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    readme.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    for suite in SUITES:
+        f = RESULTS / f"bench_{suite}.json"
+        if f.exists():
+            res = json.loads(f.read_text(encoding="utf-8"))
+            (RESULTS / f"bench_{suite}.md").write_text(render_result(res), encoding="utf-8")
+            for key in (res.get("settings") or {}).get("models", {}):
+                plot_decode(res, key, RESULTS / f"bench_{suite}_{key}.png")
+    update_readme()
+    print(f"updated {README}", file=sys.stderr)

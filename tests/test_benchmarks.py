@@ -1,0 +1,174 @@
+"""The benchmark suite cannot rot: the smoke suite runs end to end (tiny shapes, seconds) and writes valid JSON with
+the required fields; the token check refuses a mode whose tokens differ; the engine's exact mode is bit-identical
+to the in-memory model in bf16; the rows feed smallthinker_lab.tables; the README table stays between its markers.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import random_model
+
+from benchmarks import bench_engine, report_table, run
+from smallthinker_lab.engine import Engine, convert
+from smallthinker_lab.model.checkpoint import load_model, save_pretrained
+
+ROW_FIELDS = ("mode", "device", "memory_limit", "limit_share_of_expert_bytes", "policy", "prefetch", "prefill_tok_s",
+              "prefill_tok_s_min", "prefill_tok_s_max", "decode_tok_s", "decode_tok_s_min", "decode_tok_s_max",
+              "hit_rate", "bytes_read_per_token", "memory_bytes_per_token", "t_mem_ms", "t_io_ms", "bound_ms",
+              "bound_share", "measured_ms", "resident", "checked", "repeats")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    base = tmp_path_factory.mktemp("smoke")
+    rc = run.main(["--suite", "smoke", "--out", str(base / "out"), "--scratch", str(base / "scratch"), "--no-readme"])
+    return rc, json.loads((base / "out" / "bench_smoke.json").read_text()), base
+
+
+@pytest.mark.slow
+def test_smoke_suite_runs_end_to_end_and_writes_valid_json(smoke):
+    rc, res, base = smoke
+    assert rc == 0, [r.get("error") for r in res["rows"] if r.get("error")]
+    assert res["partial"] is False and res["errors"] == 0 and not res.get("fatal")
+    for key in ("machine", "versions", "ceilings", "settings", "rows", "targets", "profile", "wall_seconds"):
+        assert key in res, key
+    assert res["versions"]["torch"] == torch.__version__
+    for key in ("memory_copy", "storage_read", "matmul_fp32_cpu", "expert_reads"):
+        assert res["ceilings"][key]["median"] > 0
+        assert res["ceilings"][key]["min"] <= res["ceilings"][key]["median"] <= res["ceilings"][key]["max"]
+    modes = {r["mode"] for r in res["rows"]}
+    assert {"in_memory", "engine", "accelerate_disk_offload"} <= modes
+    variants = {r["variant"] for r in res["rows"]}
+    assert {"in memory", "full", "no prefetch", "no cache", "naive offload"} <= variants
+    assert any(r.get("quantization") == "q4_0" for r in res["rows"])
+    assert any(r.get("instruments") for r in res["rows"])
+    for r in res["rows"]:
+        for f in ROW_FIELDS:
+            assert f in r, (r["name"], f)
+        assert r["decode_tok_s_min"] <= r["decode_tok_s"] <= r["decode_tok_s_max"]
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
+        assert r["bound_ms"] == pytest.approx(max(r["t_mem_ms"], r["t_io_ms"] or 0.0))
+        assert r["bound_share"] == pytest.approx(r["bound_ms"] / r["measured_ms"])
+        if r["mode"] == "engine" and r["variant"] == "in memory":
+            assert r["hit_rate"] == 1.0 and r["bytes_read_per_token"] == 0
+        if r["mode"] == "engine" and r["variant"] != "in memory":
+            assert 0 <= r["hit_rate"] <= 1 and r["memory_limit"] > 0
+            assert r["bytes_read_per_token"] > 0 or r["hit_rate"] == 1.0
+            assert set(r["time_split_ms"]) == set(bench_engine_parts())
+    assert res["profile"] and all(p["decode_ms_per_token"] > 0 for p in res["profile"])
+    assert any(t["target"].startswith("CPU 4B: offloaded decode") for t in res["targets"])
+    md = (base / "out" / "bench_smoke.md").read_text()
+    assert "| mode |" in md and "Targets" in md
+
+
+def bench_engine_parts():
+    from benchmarks.profile_decode import PARTS
+
+    return PARTS
+
+
+def test_rows_feed_the_tables_module(smoke):
+    pd = pytest.importorskip("pandas")
+    from smallthinker_lab.tables import ablation_table, throughput_table
+
+    _, res, _ = smoke
+    df = pd.DataFrame([r for r in res["rows"] if r["model"] == "test-synthetic" and not r.get("error")])
+    df["memory_limit"] = pd.to_numeric(df["memory_limit"])  # null (in memory) -> NaN
+    t = throughput_table(df)
+    assert len(t) == len(df) and "decode vs in memory" in t and "share of bound" in t
+    a = ablation_table(df)
+    assert {"in memory", "full", "no prefetch", "no cache", "naive offload"} <= set(a["variant"])
+    assert "speedup vs naive" in a
+
+
+def test_token_check_refuses_a_mode_whose_tokens_differ(tmp_path, monkeypatch):
+    """A wrong engine (its LM head shifted so greedy picks other tokens) is refused: an error row, no timings,
+    exit status 1; the in-memory model's row is reported."""
+    from smallthinker_lab.engine.engine import Engine as E
+
+    real = E._lm_head
+
+    def wrong(self, x, decode):
+        logits = real(self, x, decode)
+        return logits.roll(1, dims=-1)  # every argmax moves to the next token id
+
+    monkeypatch.setattr(E, "_lm_head", wrong)
+    rc = run.main(["--suite", "smoke", "--out", str(tmp_path / "out"), "--scratch", str(tmp_path / "s"),
+                   "--no-readme", "--no-trained", "--no-q4", "--only", "60% lru prefetch"])
+    res = json.loads((tmp_path / "out" / "bench_smoke.json").read_text())
+    assert rc == 1
+    by_mode = {}
+    for r in res["rows"]:
+        by_mode.setdefault(r["mode"], []).append(r)
+    assert all(not r.get("error") for r in by_mode["in_memory"])
+    engine_rows = by_mode["engine"]
+    assert engine_rows and all("differ from the in-memory model" in r["error"] for r in engine_rows)
+    assert all(r.get("decode_tok_s") is None for r in engine_rows)
+    assert res["errors"] == len(engine_rows)
+    assert "ERROR" in (tmp_path / "out" / "bench_smoke.md").read_text()
+
+
+def test_check_compares_every_position():
+    bench_engine._check([1, 2, 3], [1, 2, 3], "same")
+    with pytest.raises(bench_engine.TokensDiffer, match="position 2"):
+        bench_engine._check([1, 2, 4], [1, 2, 3], "last differs")
+    with pytest.raises(bench_engine.TokensDiffer, match="position 2"):
+        bench_engine._check([1, 2], [1, 2, 3], "shorter")
+
+
+@pytest.mark.parametrize("extra", [0, 3, None])
+def test_engine_exact_mode_is_token_identical_to_the_model_in_bf16(tmp_path, extra):
+    """exact=True: the model's kernels and layouts, so bf16 greedy tokens equal load_model's at any limit."""
+    folder = tmp_path / "m"
+    save_pretrained(random_model(std=0.05).to(torch.bfloat16), folder)
+    convert(folder, progress=False)
+    prompt = list(range(3, 19))
+    want = load_model(folder).generate(prompt, 10, stop_tokens=[])
+    with Engine.from_pretrained(folder, memory_limit=None, progress=False) as e:
+        minimum, stride = e.plan.minimum_bytes, e.bundle.stride
+    limit = None if extra is None else minimum + extra * stride
+    with Engine.from_pretrained(folder, memory_limit=limit, exact=True, bypass_page_cache=True, progress=False) as e:
+        assert e.generate(prompt, 10, stop_tokens=[]).tokens == want
+        assert e.generate(prompt[:1], 10, stop_tokens=[]).tokens == load_model(folder).generate(
+            prompt[:1], 10, stop_tokens=[])
+    with pytest.raises(ValueError, match="exact"):
+        Engine.from_pretrained(folder, memory_limit=None, exact=True, sparse_reglu=True, progress=False)
+
+
+def test_limits_and_bytes_per_token():
+    cfg = bench_engine.SmallThinkerConfig.from_name("smallthinker-4b-a0.6b")
+    b = bench_engine.decode_memory_bytes(cfg, 2, 3 * 768 * 1536 * 2, context=0)
+    assert b["experts"] == 4 * 32 * 3 * 768 * 1536 * 2  # 906 MB
+    assert 1.6e9 < b["total"] < 1.8e9  # + attention 352 MB (with routers, norms) + LM head 467 MB
+    lim = {"fixed": 1000, "stride": 10, "experts": 100}
+    assert bench_engine.limit_for_share(lim, 0.6, 4) == (1000 + 600, 0.6)
+    assert bench_engine.limit_for_share(lim, 0.0, 4) == (1000 + 40, 0.04)
+
+
+def test_readme_table_only_between_markers(tmp_path, monkeypatch):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n\nIntro.\n")
+    monkeypatch.setattr(report_table, "readme_section", lambda: "TABLE ONE\n")
+    report_table.update_readme(readme)
+    text = readme.read_text()
+    assert text.startswith("# Project\n\nIntro.\n") and "## Performance" in text
+    assert text.index("## Performance") < text.index(report_table.START) < text.index("TABLE ONE")
+    readme.write_text(text + "\n## Later section\nkept\n")
+    monkeypatch.setattr(report_table, "readme_section", lambda: "TABLE TWO\n")
+    report_table.update_readme(readme)
+    text = readme.read_text()
+    assert "TABLE ONE" not in text and "TABLE TWO" in text and text.endswith("## Later section\nkept\n")
+    assert text.count(report_table.START) == 1 and text.count("## Performance") == 1
+
+
+def test_render_result_handles_errors_and_missing_values():
+    res = {"suite": "cpu", "machine": {"cpu": "x", "cores": 2}, "versions": {}, "rows": [
+        {"name": "a", "mode": "engine", "model": "m", "variant": "full", "error": "tokens differ", "memory_limit": 5},
+        {"name": "b", "mode": "in_memory", "model": "m", "variant": "in memory", "decode_tok_s": 2.0,
+         "decode_tok_s_min": 1.0, "decode_tok_s_max": 3.0, "hit_rate": None, "memory_limit": None}],
+        "settings": {"models": {"m": {"description": "d", "routing": "r"}}}, "targets": [], "profile": []}
+    md = report_table.render_result(res)
+    assert "ERROR: tokens differ" in md and "model in memory" in md
+    assert not math.isnan(len(md))
