@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks import ceilings
 from smallthinker_lab.engine.sparse import reglu_dense, reglu_sparse
 
 SHAPES = {"4b": (1536, 768), "tiny": (256, 64)}
@@ -54,19 +54,11 @@ def llc_bytes() -> int:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "python": platform.python_version(), "platform": platform.platform(), "llc_bytes": llc_bytes(),
-            "loadavg_start": os.getloadavg(),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    info = ceilings.machine_info()
+    info.update({"cpu_capability": torch.backends.cpu.get_cpu_capability(), "llc_bytes": llc_bytes(),
+                 "loadavg_start": os.getloadavg(),
+                 "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
+    return info
 
 
 def expert(hidden: int, ffn: int, n: int, sparsity: float, dtype: torch.dtype, seed: int = 0):
