@@ -27,3 +27,13 @@ def random_model(name: str = "smallthinker-test", seed: int = 0, std: float = 0.
 @pytest.fixture
 def test_model():
     return random_model()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning OpenMP threads crawl on a busy 2-core machine:
+    modules of small-model tests run with one torch thread (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

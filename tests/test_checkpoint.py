@@ -31,13 +31,7 @@ IDS = torch.tensor([[3, 17, 99, 5, 64, 2, 127, 40, 8, 8, 31, 77, 0, 12, 90, 6, 5
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and spinning OpenMP threads crawl on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits(model: SmallThinkerForCausalLM) -> torch.Tensor:

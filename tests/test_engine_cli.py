@@ -3,7 +3,6 @@
 import string
 
 import pytest
-import torch
 from conftest import random_model
 
 from smallthinker_lab.cli import main
@@ -26,12 +25,7 @@ def _char_tokenizer(folder):
     tok.save(str(folder / "tokenizer.json"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import shutil
 import threading
 
 import pytest
-import torch
 from conftest import random_model
 
 from smallthinker_lab.engine import BundleError, Engine, ExpertReadError, convert
@@ -19,12 +18,7 @@ PROMPT = [5, 9, 2, 77, 31, 64, 8, 100, 42, 3]
 NEW = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

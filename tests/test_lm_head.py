@@ -17,13 +17,7 @@ from smallthinker_lab.engine.lm_head import (
 V, H = 1000, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: one thread avoids OpenMP waits on the shared 2-core machine (10x on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def low_rank_problem(seed: int = 0, rank: int = 4):

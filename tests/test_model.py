@@ -14,13 +14,7 @@ from smallthinker_lab.model.moe import route_weights
 WINDOW = 8  # sliding_window_size of "smallthinker-test"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and spinning OpenMP threads crawl on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tokens(n: int, seed: int = 0, vocab: int = 128) -> torch.Tensor:

@@ -45,13 +45,7 @@ def write_corpus(folder, vocab=128, n=20000, n_val=3000, seed=0):
 RUN = dict(steps=30, batch_size=8, seq_len=32, lr=3e-3, warmup=5, log_every=5, eval_windows=4, progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and OpenMP threads crawl on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
