@@ -40,8 +40,9 @@ class Attention(nn.Module):
     def kind(self) -> str:
         return "sliding" if self.window else "global"
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: LayerKVCache | None = None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of x (B, T, H), rotated on RoPE layers: (B, h, T, D), (B, k, T, D) x 2."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, h, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, k, T, D)
@@ -49,6 +50,12 @@ class Attention(nn.Module):
         if self.use_rope:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: LayerKVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, rope)
         if cache is not None:
             k, v, k_pos = cache.update(k, v, positions)  # (B, k, S, D)
         else:

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from ..model.attention import Attention, attention_mask
 from ..model.config import SmallThinkerConfig
-from ..model.layers import RMSNorm, apply_rope
+from ..model.layers import RMSNorm
 from ..model.model import SmallThinkerForCausalLM
 from ..model.moe import MoEBlock
 from .data import WindowSampler, validation_sets
@@ -155,12 +155,7 @@ def train_attention_forward(self: Attention, x: torch.Tensor, positions: torch.T
     if cache is not None:
         raise ValueError("the training attention forward takes no KV cache")
     B, T, _ = x.shape
-    q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, h, T, D)
-    k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, k, T, D)
-    v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, k, T, D)
-    if self.use_rope:
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = self.project(x, rope)
     rep = self.n_heads // self.n_kv
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, h, T, D)
