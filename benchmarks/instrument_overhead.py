@@ -83,7 +83,7 @@ def _run_engine(engine, ids, n_new):
 @contextmanager
 def _hooks_only(target):
     noop = lambda **kw: None  # noqa: E731
-    points = ["forward", "router", "expert"] + (["cache", "timing"] if not isinstance(target, SmallThinkerForCausalLM)
+    points = ["forward", "router", "moe"] + (["cache", "timing"] if not isinstance(target, SmallThinkerForCausalLM)
                                                 else [])
     handles = [target.hooks.add(p, noop) for p in points]
     try:

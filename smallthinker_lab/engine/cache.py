@@ -326,7 +326,8 @@ class ExpertCache:
 
     ``loader(key, slot)`` starts filling a slot and returns a future (its exception is the read error).
     ``on_evict(entry)`` lets the device layer fence a slot before it is reused. ``hook(event, key, nbytes)``
-    is called for "hit", "miss", "prefetch" and "evict" when set.
+    is called for "hit", "miss", "prefetch" and "evict" when set; ``log``, when a list, gets ``(step, key, event)``
+    for each (the instruments' cheap path: one append, no call).
     """
 
     def __init__(self, capacity_bytes: int, expert_nbytes: int, policy: str = "lru", loader: Loader | None = None,
@@ -346,6 +347,7 @@ class ExpertCache:
         self.arena = arena
         self.on_evict = on_evict
         self.hook: Callable[[str, Key, int], None] | None = None
+        self.log: list[tuple[int, Key, str]] | None = None  # when a list: (step, key, event) appended per event
         self.entries: dict[Key, Entry] = {}
         self.free: list[int] = list(range(self.capacity_experts - 1, -1, -1))
         self.stats = CacheStats()
@@ -383,11 +385,15 @@ class ExpertCache:
             entry.speculative = False
             if self.hook:
                 self.hook("hit", key, self.expert_nbytes)
+            if self.log is not None:
+                self.log.append((self.step, key, "hit"))
         else:
             st.misses += 1
             layer_stats[1] += 1
             if self.hook:
                 self.hook("miss", key, self.expert_nbytes)
+            if self.log is not None:
+                self.log.append((self.step, key, "miss"))
             entry = self._insert(key, self._take_slot(wait=True), ahead)
         entry.pins += 1
         return entry
@@ -405,6 +411,8 @@ class ExpertCache:
         self.stats.speculative_reads += 1
         if self.hook:
             self.hook("prefetch", key, self.expert_nbytes)
+        if self.log is not None:
+            self.log.append((self.step, key, "prefetch"))
         return True
 
     def _insert(self, key: Key, slot: int, ahead: bool) -> Entry:
@@ -444,6 +452,8 @@ class ExpertCache:
             self.stats.wasted_bytes += self.expert_nbytes
         if self.hook:
             self.hook("evict", victim, self.expert_nbytes)
+        if self.log is not None:
+            self.log.append((self.step, victim, "evict"))
         if self.on_evict is not None:
             self.on_evict(entry)
         del self.entries[victim]

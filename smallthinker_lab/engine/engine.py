@@ -77,6 +77,9 @@ class _Work:
 class Engine:
     """Use :meth:`from_pretrained`. Thread model: one caller thread computes; I/O threads only read."""
 
+    _watch_one = False  # set per forward: someone listens to "expert" (one event per expert)
+    _moe_seen: tuple[list, list, list] | None = None  # set per forward when someone listens to "moe"
+
     def __init__(self, checkpoint_dir: str | os.PathLike, *, memory_limit: int | str | None = "512MiB",
                  device: str | torch.device = "cpu", policy: str = "lru", prefetch: bool = True,
                  lookahead: bool = False, quantization: str | None = None, sparse_reglu: bool | str = "auto",
@@ -364,7 +367,10 @@ class Engine:
             raise ValueError(f"sequence too long: {start + T} tokens exceeds max_context={self.max_context}")
         observed = self.hooks.active("forward")
         self.cache.hook = self._cache_event if self.hooks.active("cache") else None
+        log = self.cache.log = [] if self.hooks.active("cache_events") else None  # the forward's events, one call
         self._timing = self.hooks.active("timing")
+        self._watch_one = self.hooks.active("expert")  # "expert": one event per expert; "moe": one per layer
+        self._moe_seen = ([], [], []) if self.hooks.active("moe") else None
         phase = "prefill" if T > 1 or start == 0 else "decode"
         bytes0 = self.cache.stats.bytes_read
         threads = torch.get_num_threads()
@@ -381,6 +387,7 @@ class Engine:
             self.cache.drain()  # an error or interruption: settle reads in flight, release pins
             raise
         finally:
+            self.cache.log = None  # events of a failed forward are not delivered
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
         dt = time.perf_counter() - t0
@@ -389,6 +396,8 @@ class Engine:
         st[phase + "_seconds"] += dt
         st[phase + "_bytes"] += self.cache.stats.bytes_read - bytes0
         self._peak_accounted = max(self._peak_accounted, self.resident_bytes())
+        if log:
+            self.hooks.fire("cache_events", events=log, nbytes=self.cache.expert_nbytes)
         if observed:
             self.hooks.fire("forward", phase=phase, start=start, tokens=T, cache=self.kv, seconds=dt)
         return logits
@@ -490,6 +499,10 @@ class Engine:
                 w = weights[:, slot, None] if token is None else weights[token, slot, None]
                 outs[e] = out * w
                 cache.release(entry)
+        seen = self._moe_seen
+        if seen is not None and seen[0]:
+            self.hooks.fire("moe", layer=work.layer, experts=seen[0], token_index=seen[1], gates=seen[2])
+            self._moe_seen = ([], [], [])
         y = torch.zeros_like(u)
         for e in sorted(outs):  # the model's combine order: ascending expert id
             token = work.rows[e][0]
@@ -512,7 +525,7 @@ class Engine:
         layer, expert = entry.key
         codec, dtype = self._codec, self.dtype
         shape = self.bundle.matrices["gate"].shape
-        watch = self.hooks.active("expert")
+        watch = self._watch_one or self._moe_seen is not None
         if self._zero_copy:
             wg, wu, wd = self._slot_views(entry.slot)  # views of the slot's bytes, no copy
         else:
@@ -581,10 +594,13 @@ class Engine:
         return views
 
     def _fire_expert(self, layer: int, expert: int, token: torch.Tensor | None, g: torch.Tensor) -> None:
-        # token_index: rows of this forward chunk that the expert received
-        if token is None:
-            token = torch.arange(g.shape[0], device=g.device)
-        self.hooks.fire("expert", layer=layer, expert=expert, token_index=token, gate=g)
+        # token_index: rows of this forward chunk that the expert received (None in "moe": every row)
+        seen = self._moe_seen
+        if seen is not None:
+            seen[0].append(expert), seen[1].append(token), seen[2].append(g)
+        if self._watch_one:
+            self.hooks.fire("expert", layer=layer, expert=expert, token_index=token if token is not None else
+                            torch.arange(g.shape[0], device=g.device), gate=g)
 
     def _lm_head(self, x: torch.Tensor, decode: bool) -> torch.Tensor:
         t0 = time.perf_counter()

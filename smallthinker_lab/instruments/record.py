@@ -8,7 +8,7 @@
 The recorder subscribes to its target's ``hooks`` (see ``smallthinker_lab.model.hooks`` for the points and their
 payloads) and removes exactly its own hooks in ``finally``, also when the block raises.
 
-Steps. The ``forward`` point fires at the END of every forward, after that forward's ``router``, ``expert``,
+Steps. The ``forward`` point fires at the END of every forward, after that forward's ``router``, ``moe``,
 ``cache`` and ``timing`` events. The recorder therefore buffers the events of the forward in flight and files them
 when ``forward`` arrives: a forward that starts at position 0 opens new sequences (one per batch row) as step 0,
 every later forward is step 1, 2, ... of those sequences. A forward may route its tokens in chunks (the engine's
@@ -114,18 +114,23 @@ class Recorder:
     kv: list[list[int]] = field(default_factory=list)  # per step: bytes per recorded layer
     kv_itemsize: int | None = None
     cache_events: list[tuple] = field(default_factory=list)  # (step_row, engine_step, layer, expert, event, nbytes)
+    cache_blocks: list[tuple] = field(default_factory=list)  # (step_row, [(engine_step, (layer, expert), event)], nbytes)
+    timing_snaps: list[tuple] = field(default_factory=list)  # (step_row, engine step, cumulative clocks)
     timing_events: list[tuple] = field(default_factory=list)  # (step_row, engine_step, layer, part, seconds)
     dropped: int = 0
-    io_wait: Callable[[], dict[int, float]] | None = None  # engine: cumulative I/O wait seconds per layer
+    # engine: (engine step, cumulative seconds per (layer, part)) read at each forward's end: the attention / router /
+    # MoE / LM head / I/O wait split without a hook call per layer and part
+    timing_probe: Callable[[], tuple[int, tuple]] | None = None
     # in flight: events of the forward not yet filed
     _router: list = field(default_factory=list)
     _experts: list = field(default_factory=list)
     _cache: list = field(default_factory=list)
     _timing: list = field(default_factory=list)
+    _cache_log: tuple | None = None  # the forward's ("cache_events") batch
     _rows_routed: dict = field(default_factory=dict)  # layer -> rows routed so far in this forward
     _chunk_start: dict = field(default_factory=dict)  # layer -> first row of its current chunk
     _rows_total: int = 0  # rows routed in this forward, all recorded layers
-    _io_wait_seen: dict = field(default_factory=dict)
+    _timing_seen: tuple | None = None  # the clocks when the block began (time before it is not ours)
 
     # Every FLUSH_STEPS forwards (or once BATCH_EVENTS expert events of one-token forwards are pending, or when the
     # recording is read) the pending router tensors are concatenated into one block per layer and the pending expert
@@ -154,13 +159,16 @@ class Recorder:
                 topk_weights, logits = topk_weights.detach(), logits.detach()
             self._router.append((layer, topk_ids, topk_weights, logits if self.keep_logits else None))
 
-    def on_expert(self, layer: int, expert: int, token_index: torch.Tensor, gate: torch.Tensor, **_: Any) -> None:
-        if layer in self.layer_pos:  # token_index counts rows of the current chunk
-            self._experts.append((layer, expert, token_index, gate, self._chunk_start.get(layer, 0)))
+    def on_moe(self, layer: int, experts: list[int], token_index: list, gates: list[torch.Tensor], **_: Any) -> None:
+        if layer in self.layer_pos:  # one event per layer; token indices count rows of the current chunk
+            self._experts.append((layer, experts, token_index, gates, self._chunk_start.get(layer, 0)))
 
     def on_cache(self, step: int, layer: int, expert: int, event: str, nbytes: int = 0, **_: Any) -> None:
         if layer in self.layer_pos:
             self._cache.append((step, layer, expert, event, nbytes))
+
+    def on_cache_events(self, events: list, nbytes: int = 0, **_: Any) -> None:
+        self._cache_log = (events, nbytes)  # filtered and expanded when the recording is read
 
     def on_timing(self, step: int, layer: int | None, part: str, seconds: float, **_: Any) -> None:
         if layer is None or layer < 0 or layer in self.layer_pos:
@@ -188,11 +196,14 @@ class Recorder:
             self.router_steps.append((row, events, regular))
             self._router = []
         if "neurons" in want and self._experts:
-            if tokens * batch == 1:  # every event is row 0 of this step: keep the gate and its key only
-                pos, E, events = self.layer_pos, self.config.num_experts, self._experts
-                self.single_gates += [ev[3] for ev in events]
-                self.single_keys += [pos[ev[0]] * E + ev[1] for ev in events]
-                self.single_rows += [self.token_rows] * len(events)
+            if tokens * batch == 1:  # every event is row 0 of this step: keep the gates and their keys only
+                pos, E = self.layer_pos, self.config.num_experts
+                n = len(self.single_keys)
+                for layer, experts, _, gates, _ in self._experts:
+                    base = pos[layer] * E
+                    self.single_gates += gates
+                    self.single_keys += [base + e for e in experts]
+                self.single_rows += [self.token_rows] * (len(self.single_keys) - n)
                 if len(self.single_keys) >= self.BATCH_EVENTS:
                     self._flush()
             else:
@@ -205,10 +216,12 @@ class Recorder:
                 self.kv_itemsize = cache[0].k.element_size()
         if self._cache:
             self.cache_events.extend((row, *ev) for ev in self._cache)
+        if self._cache_log is not None:
+            self.cache_blocks.append((row, *self._cache_log))
         if "timing" in want:
             self.timing_events.extend((row, *ev) for ev in self._timing)
-            if self.io_wait is not None and not any(ev[2] == "io_wait" for ev in self._timing):
-                self._file_io_wait(row)
+            if self.timing_probe is not None:
+                self._file_timing(row)
         self._clear()
         self.token_rows += tokens * batch
         self.since_flush += 1
@@ -223,17 +236,28 @@ class Recorder:
     def _clear(self) -> None:
         for pending in (self._router, self._experts, self._cache, self._timing, self._rows_routed, self._chunk_start):
             pending.clear()
+        self._cache_log = None
         self._rows_total = 0
 
-    def _file_io_wait(self, row: int) -> None:
-        """I/O wait per layer from the engine's cumulative counters, when it fires no "io_wait" timing events."""
-        now = self.io_wait()
-        for layer in self.layers:
-            cur, prev = now.get(layer, 0.0), self._io_wait_seen.get(layer, 0.0)
-            dt = cur - prev if cur >= prev else cur  # a smaller total: the engine's counters were reset
-            if dt > 0:
-                self.timing_events.append((row, None, layer, "io_wait", dt))
-        self._io_wait_seen = now
+    def _file_timing(self, row: int) -> None:
+        """A snapshot of the engine's cumulative clocks; the forward's parts are the differences (taken when read)."""
+        step, clocks = self.timing_probe()
+        self.timing_snaps.append((row, step, clocks))
+
+    def _timing_from_snaps(self) -> list[tuple]:
+        """(step_row, engine_step, layer, part, seconds) per forward from consecutive snapshots of the clocks."""
+        out, prev, pos = [], _clocks(self._timing_seen) if self._timing_seen else {}, self.layer_pos
+        for row, step, raw in self.timing_snaps:
+            now = _clocks(raw)
+            for (layer, part), cur in now.items():
+                if layer >= 0 and layer not in pos:
+                    continue
+                before = prev.get((layer, part), 0.0)
+                dt = cur - before if cur >= before else cur  # a smaller total: the engine's counters were reset
+                if dt > 0:
+                    out.append((row, step, layer, part, dt))
+            prev = now
+        return out
 
     def _count(self, gates: torch.Tensor, key_rows: torch.Tensor) -> torch.Tensor:
         """Add the active neurons of each gate row to its (layer slot, expert) counters; inactive count per row."""
@@ -261,10 +285,13 @@ class Recorder:
         self.single_gates, self.single_keys, self.single_rows = [], [], []
 
     @torch.inference_mode()
-    def _reduce_forward(self, events: list, first_row: int) -> None:
-        """The expert events of one forward of several tokens (each event: layer, expert, token_index, gate, row of
-        its chunk's first token)."""
+    def _reduce_forward(self, layer_events: list, first_row: int) -> None:
+        """The expert events of one forward of several tokens (each event, one per layer and chunk: layer, experts,
+        token indices (None: every row of the chunk), gates, row of its chunk's first token)."""
         E = self.config.num_experts
+        events = [(layer, e, t if t is not None else torch.arange(g.shape[0], device=g.device), g, start)
+                  for layer, experts, tokens, gates, start in layer_events
+                  for e, t, g in zip(experts, tokens, gates)]
         gates = torch.cat([ev[3] for ev in events])  # (R, F)
         device = gates.device
         lengths = torch.tensor([ev[3].shape[0] for ev in events], device=device)
@@ -376,7 +403,9 @@ class Recorder:
                 for j, layer in enumerate(self.layers):
                     a[f"layers.{layer}.attn.kv_bytes"] = kv[:, j]
         if "cache" in self.want:
-            ev = self.cache_events
+            pos = self.layer_pos
+            ev = self.cache_events + [(row, step, key[0], key[1], event, nb) for row, events, nb in self.cache_blocks
+                                      for step, key, event in events if key[0] in pos]
             a["cache.step_row"] = np.array([e[0] for e in ev], dtype=np.int64)
             a["cache.engine_step"] = np.array([-1 if e[1] is None else e[1] for e in ev], dtype=np.int64)
             a["cache.layer"] = np.array([e[2] for e in ev], dtype=np.int64)
@@ -384,7 +413,7 @@ class Recorder:
             a["cache.event"] = np.array([e[4] for e in ev], dtype="<U16")
             a["cache.bytes"] = np.array([e[5] or 0 for e in ev], dtype=np.int64)
         if "timing" in self.want:
-            ev = self.timing_events
+            ev = self.timing_events + self._timing_from_snaps()
             a["timing.step_row"] = np.array([e[0] for e in ev], dtype=np.int64)
             a["timing.engine_step"] = np.array([-1 if e[1] is None else e[1] for e in ev], dtype=np.int64)
             a["timing.layer"] = np.array([e[2] for e in ev], dtype=np.int64)
@@ -405,7 +434,8 @@ class Recorder:
 
     def finish(self) -> None:
         """Drop the events of a forward that never completed."""
-        self.dropped += len(self._router) + len(self._experts) + len(self._cache) + len(self._timing)
+        self.dropped += (len(self._router) + len(self._experts) + len(self._cache) + len(self._timing)
+                         + (len(self._cache_log[0]) if self._cache_log is not None else 0))
         self._clear()
 
 
@@ -417,18 +447,33 @@ def _cat_host(tensors: list[torch.Tensor], empty_shape: tuple, dtype: torch.dtyp
         return torch.cat(tensors, dim=dim).to(dtype).cpu().numpy()
 
 
-def _io_wait_probe(engine) -> Callable[[], dict[int, float]] | None:
-    """Cumulative I/O wait per layer from ``engine.cache.stats.per_layer`` (layer -> [hits, misses, wait]), read
-    at each forward's end; None when the engine keeps no such counters."""
-    def probe() -> dict[int, float]:
-        per_layer = engine.cache.stats.per_layer
-        return {int(layer): float(v[2]) for layer, v in list(per_layer.items())}
+def _timing_probe(engine) -> Callable[[], tuple[int, tuple]] | None:
+    """(engine step, a copy of the engine's cumulative clocks): router / attention / moe per layer, the LM head, and
+    I/O wait per layer (``engine.cache.stats.per_layer``: layer -> [hits, misses, wait]); read at each forward's
+    end (copies only; :func:`_clocks` names them when the recording is read). None when the engine has no clocks."""
+    def probe() -> tuple[int, tuple]:
+        io = {layer: v[2] for layer, v in engine.cache.stats.per_layer.items()}
+        return engine._step, (list(engine._t_router), list(engine._t_attn), list(engine._t_moe),
+                              engine._t_lm_head, io)
 
     try:
-        probe()
-    except (AttributeError, IndexError, TypeError):
+        _clocks(probe()[1])
+    except (AttributeError, IndexError, TypeError, ValueError):
         return None
     return probe
+
+
+def _clocks(raw: tuple) -> dict[tuple[int, str], float]:
+    """A probe's copy as seconds per (layer, part); layer -1 for the LM head."""
+    router, attn, moe, lm_head, io = raw
+    out: dict[tuple[int, str], float] = {}
+    for part, clock in (("router", router), ("attention", attn), ("moe", moe)):
+        for layer, seconds in enumerate(clock):
+            out[(layer, part)] = float(seconds)
+    out[(-1, "lm_head")] = float(lm_head)
+    for layer, seconds in io.items():
+        out[(int(layer), "io_wait")] = float(seconds)
+    return out
 
 
 class record:  # noqa: N801  (a function-like context manager, as torch.no_grad)
@@ -461,7 +506,7 @@ class record:  # noqa: N801  (a function-like context manager, as torch.no_grad)
             dataset=str(dataset), target="model" if isinstance(target, SmallThinkerForCausalLM) else "engine",
         )
         if self.recorder.target == "engine" and "timing" in kinds:
-            self.recorder.io_wait = _io_wait_probe(target)
+            self.recorder.timing_probe = _timing_probe(target)
         self.recording = Recording._live(self.recorder)
         self._handles: list = []
 
@@ -471,10 +516,10 @@ class record:  # noqa: N801  (a function-like context manager, as torch.no_grad)
         if "experts" in want or "neurons" in want:  # neurons: the router marks where a chunk's rows start
             points.append(("router", r.on_router))
         if "neurons" in want:
-            points.append(("expert", r.on_expert))
+            points.append(("moe", r.on_moe))
         if "cache" in want and r.target == "engine":
-            points.append(("cache", r.on_cache))
-        if "timing" in want and r.target == "engine":
+            points.append(("cache_events", r.on_cache_events))
+        if "timing" in want and r.target == "engine" and r.timing_probe is None:
             points.append(("timing", r.on_timing))
         return points
 
@@ -482,8 +527,8 @@ class record:  # noqa: N801  (a function-like context manager, as torch.no_grad)
         if self._handles or not self.recording._live_now:
             raise RuntimeError("a record() block runs once: call record(...) again for a new recording")
         hooks = self.target.hooks
-        if self.recorder.io_wait is not None:
-            self.recorder._io_wait_seen = self.recorder.io_wait()  # waits before the block are not ours
+        if self.recorder.timing_probe is not None:
+            self.recorder._timing_seen = self.recorder.timing_probe()[1]  # time before the block is not ours
         try:
             for point, fn in self._points():
                 self._handles.append(hooks.add(point, fn))

@@ -5,16 +5,18 @@ someone listens, so an unobserved forward pays one dict lookup per point.
 
 Points and their payloads (keyword arguments):
 
-============  ==================================================================
-point         payload
-============  ==================================================================
-``router``    layer, logits [N, E] (raw), topk_ids [N, k], topk_weights [N, k]
-``expert``    layer, expert, token_index [n], gate [n, F] (pre-ReLU gate output)
-``attention`` layer, kind ("global" | "sliding"), kv_bytes, positions (int)
-``forward``   phase ("prefill" | "decode"), start (first position), tokens, cache (KVCache | None), seconds
-``cache``     step, layer, expert, event ("hit" | "miss" | "prefetch" | "evict"), nbytes
-``timing``    step, layer, part ("attention" | "moe" | "io_wait" | ...), seconds
-============  ==================================================================
+- ``router``: layer, logits [N, E] (raw), topk_ids [N, k], topk_weights [N, k]
+- ``expert``: layer, expert, token_index [n], gate [n, F] (pre-ReLU gate output); once per routed expert
+- ``moe``: layer, experts [list of int], token_index [list of Tensor [n] | None (every row of the forward chunk)],
+  gates [list of Tensor [n, F]]: the layer's ``expert`` payloads in one call, after its experts ran
+- ``forward``: phase ("prefill" | "decode"), start (first position), tokens, cache (KVCache | None), seconds
+- ``cache`` (engine): step, layer, expert, event ("hit" | "miss" | "prefetch" | "evict"), nbytes
+- ``cache_events`` (engine): events [list of (step, (layer, expert), event)], nbytes (per event): the forward's
+  ``cache`` events in one call, at the end of the forward, before ``forward``
+- ``timing`` (engine): step, layer, part ("router" | "attention" | "moe" | "lm_head"), seconds
+
+The instruments listen to the batched points (``moe``, ``cache_events``) and read the engine's cumulative clocks at
+each ``forward`` instead of ``timing``: one call per layer or per forward instead of one per expert or event.
 """
 
 from __future__ import annotations

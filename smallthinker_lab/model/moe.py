@@ -71,7 +71,8 @@ class MoEBlock(nn.Module):
         hooks = self.hooks
         if hooks is not None and hooks.active("router"):
             hooks.fire("router", layer=self.layer_idx, logits=logits, topk_ids=ids, topk_weights=weights)
-        watch_experts = hooks is not None and hooks.active("expert")
+        watch_one = hooks is not None and hooks.active("expert")
+        seen: tuple[list, list, list] | None = ([], [], []) if hooks is not None and hooks.active("moe") else None
         y = torch.zeros_like(u)
         # loop only over experts that received tokens (as HF Mixtral), combine with index_add_
         expert_mask = F.one_hot(ids, self.num_experts).permute(2, 1, 0)  # (E, K, N)
@@ -80,8 +81,12 @@ class MoEBlock(nn.Module):
             expert = self.experts[e]
             x_e = u[token]  # (n, H)
             g = expert.gate(x_e)  # (n, F)
-            if watch_experts:
+            if watch_one:
                 hooks.fire("expert", layer=self.layer_idx, expert=e, token_index=token, gate=g)
+            if seen is not None:
+                seen[0].append(e), seen[1].append(token), seen[2].append(g)
             out = expert.down(expert.up(x_e) * F.relu(g))  # (n, H)
             y.index_add_(0, token, out * weights[token, slot, None])
+        if seen is not None:
+            hooks.fire("moe", layer=self.layer_idx, experts=seen[0], token_index=seen[1], gates=seen[2])
         return y.reshape(shape)
