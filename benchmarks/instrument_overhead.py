@@ -83,8 +83,8 @@ def _run_engine(engine, ids, n_new):
 @contextmanager
 def _hooks_only(target):
     noop = lambda **kw: None  # noqa: E731
-    points = ["forward", "router", "moe"] + (["cache", "timing"] if not isinstance(target, SmallThinkerForCausalLM)
-                                                else [])
+    # the points record() listens to with the default kinds (on an engine, timing comes from its clocks)
+    points = ["forward", "router", "moe"] + ([] if isinstance(target, SmallThinkerForCausalLM) else ["cache_events"])
     handles = [target.hooks.add(p, noop) for p in points]
     try:
         yield

@@ -445,6 +445,36 @@ def test_engine_timing_split(engine):
     assert not any("whole-step" in n for n in rec.notes)
 
 
+def test_engine_batched_events_equal_per_event_hooks(engine):
+    """record() listens to the batched points (cache_events per forward, engine clocks at each forward); what it
+    files equals what the per-event "cache" hook and the per-part "timing" hook see in the same run."""
+    cache_seen, timing_seen = [], []
+    h1 = engine.hooks.add("cache", lambda **kw: cache_seen.append((kw["layer"], kw["expert"], kw["event"])))
+    h2 = engine.hooks.add("timing", lambda **kw: timing_seen.append((kw["layer"], kw["part"], kw["seconds"])))
+    try:
+        rec, _ = _engine_run(engine, n_new=6, kinds=("cache", "timing"))
+    finally:
+        h1.remove(), h2.remove()
+    cache = rec.to_dataframe("cache")
+    assert len(cache) == len(cache_seen) > 0
+    assert list(zip(cache["layer"], cache["expert"], cache["event"])) == cache_seen
+    t = rec.to_dataframe("timing")
+    for part in ("router", "attention", "moe", "lm_head"):
+        fired = sum(s for _, p, s in timing_seen if p == part)
+        assert t.loc[t.part == part, "seconds"].sum() == pytest.approx(fired, rel=1e-9, abs=1e-12)
+    st = engine.stats()
+    assert t.loc[t.part == "attention", "seconds"].sum() == pytest.approx(st["attention_seconds"], rel=1e-9)
+    assert len(engine.hooks) == 0
+
+
+def test_engine_records_only_its_layers_with_batched_events(engine):
+    rec, _ = _engine_run(engine, n_new=4, layers=[1], kinds=("cache", "timing", "neurons"))
+    assert set(rec.to_dataframe("cache")["layer"]) == {1}
+    t = rec.to_dataframe("timing")
+    assert set(t.loc[t.layer >= 0, "layer"]) == {1}
+    assert set(rec.to_dataframe("neurons")["layer"]) == {1}
+
+
 def test_profile_on_the_engine(engine):
     engine.reset_stats(clear_cache=True)
     rec = sl.profile(engine, [[5, 6, 7, 8], [9, 10]], dataset="toy", max_new_tokens=3, progress=False,
