@@ -3,7 +3,7 @@
 import json
 import os
 import shutil
-import zlib
+import xxhash
 
 import numpy as np
 import pytest
@@ -17,6 +17,7 @@ from smallthinker_lab.engine.bundle import (
     INDEX_NAME,
     PAGE,
     BundleError,
+    ExpertReadError,
     convert,
     ensure_bundle,
     open_bundle,
@@ -56,7 +57,7 @@ def test_convert_layout_and_contents(ckpt, tmp_path):
     assert b.file_size == os.path.getsize(b.data_path) == PAGE + cfg.num_hidden_layers * cfg.num_experts * b.stride
     assert b.matrices["down"].shape == (cfg.moe_ffn_hidden_size, cfg.hidden_size)  # stored transposed
     idx = json.loads((out / INDEX_NAME).read_text())
-    assert idx["matrices"]["down"]["transposed"] is True and idx["checksum"] == "crc32"
+    assert idx["matrices"]["down"]["transposed"] is True and idx["checksum"] == "xxh3_64"  # xxhash is a dependency
     fmt = get_format("fp32")
     for layer, expert in [(0, 0), (1, 5), (cfg.num_hidden_layers - 1, cfg.num_experts - 1)]:
         rec = idx["experts"][layer][expert]
@@ -66,7 +67,8 @@ def test_convert_layout_and_contents(ckpt, tmp_path):
             assert rec[name] == b.offset(layer, expert) + b.matrices[name].offset
         with open(b.data_path, "rb") as f:
             f.seek(b.offset(layer, expert))
-            assert zlib.crc32(f.read(b.payload_nbytes)) == rec["crc32"] == int(b.crc32[layer, expert])
+            payload = f.read(b.payload_nbytes)
+            assert xxhash.xxh3_64_intdigest(payload) == rec["checksum"] == int(b.checksums[layer, expert])
     assert sorted(p.name for p in out.iterdir()) == [DATA_NAME, INDEX_NAME]  # no temporary files left
 
 
@@ -147,6 +149,38 @@ def test_open_rejects_bad_bundles(ckpt, tmp_path):
     data.unlink()
     with pytest.raises(BundleError, match="data file .* is missing"):
         open_bundle(out)
+
+
+def test_crc32_bundles_verify_and_a_missing_xxhash_is_named(ckpt, tmp_path, monkeypatch):
+    """Without xxhash a conversion falls back to crc32 checksums, which read and catch corruption as XXH3 does; a
+    bundle with XXH3 checksums opened without xxhash fails with an error that names the package."""
+    from smallthinker_lab.engine.io import ExpertReader
+
+    folder, model = ckpt
+    fast = convert(folder, tmp_path / "x", progress=False)
+
+    def no_xxhash():
+        raise ImportError("No module named 'xxhash'")
+
+    monkeypatch.setitem(bundle_mod.CHECKSUMS, "xxh3_64", no_xxhash)
+    out = convert(folder, tmp_path / "b", progress=False)
+    assert json.loads((out / INDEX_NAME).read_text())["checksum"] == "crc32"
+    with pytest.raises(BundleError, match="needs the xxhash package"):
+        open_bundle(fast)
+    b = open_bundle(out, model.config)
+    buf = bytearray(b.stride)
+    reader = ExpertReader(b, threads=1)
+    try:
+        reader.read_into(1, 2, memoryview(buf))  # verifies
+        with open(b.data_path, "r+b") as f:
+            f.seek(b.offset(1, 2) + 10)
+            byte = f.read(1)
+            f.seek(b.offset(1, 2) + 10)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        with pytest.raises(ExpertReadError, match="checksum mismatch in layer 1 expert 2 .*crc32"):
+            reader.read_into(1, 2, memoryview(buf))
+    finally:
+        reader.close()
 
 
 def test_ensure_bundle_converts_when_missing_or_stale(ckpt, tmp_path):

@@ -154,9 +154,12 @@ class Engine:
                              expert_ws)
         kv = kv_cache_bytes(config, self.max_context, self.dtype)
         host = (self.bundle.file_size if host_cache else io_threads * self.bundle.stride) if cuda else 0
+        # exact on CPU: each I/O thread transposes a read's down matrix through a scratch buffer of its own
+        staging = io_threads * self.bundle.matrices["down"].nbytes if exact and not cuda and self._zero_copy else 0
+        self._io_local = threading.local()
         self.plan: MemoryPlan = plan_memory(
             self.memory_limit, device=self.device.type, non_expert=non_expert, kv_cache=kv, workspace=ws,
-            staging=0, slot_bytes=self.bundle.stride, num_experts_total=config.num_hidden_layers * config.num_experts,
+            staging=staging, slot_bytes=self.bundle.stride, num_experts_total=config.num_hidden_layers * config.num_experts,
             top_k=config.top_k, max_context=self.max_context, host_bytes=host)
 
         self.model = self._load_non_experts(stored, names)
@@ -274,7 +277,13 @@ class Engine:
         sp, (Fh, H) = self.bundle.matrices["down"], self.bundle.matrices["gate"].shape
         word = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize(self.dtype)]
         view = np.frombuffer(self.arena.buffer(slot), dtype=np.uint8, count=sp.nbytes, offset=sp.offset).view(word)
-        view[:] = np.ascontiguousarray(view.reshape(Fh, H).T).reshape(-1)
+        scratch = getattr(self._io_local, "scratch", None)  # one per I/O thread, counted in the plan's staging
+        if scratch is None or scratch.size != view.size or scratch.dtype != view.dtype:
+            scratch = self._io_local.scratch = np.empty(view.size, dtype=view.dtype)
+        src, dst = view.reshape(Fh, H), scratch.reshape(H, Fh)
+        for f0 in range(0, Fh, 64):  # in blocks of 64 rows: about 4x faster than one strided copy here
+            dst[:, f0:f0 + 64] = src[f0:f0 + 64].T
+        view[:] = scratch
 
     def _down_to_model_layout_device(self, slot: int) -> None:
         """exact (CUDA, compute stream, first use after the copy): the slot's down matrix [F, H] -> [H, F]."""

@@ -4,9 +4,9 @@
 * ``bypass_page_cache``: the file is opened with ``O_DIRECT`` when the filesystem accepts it (records, offsets and
   buffers are 4 KiB aligned); otherwise each read is followed by ``posix_fadvise(POSIX_FADV_DONTNEED)`` so the
   next read of that record comes from storage again, not from the OS page cache.
-* Each record's crc32 is checked after the read (``verify_checksums``, on by default). A read error (OSError),
-  short read or checksum mismatch becomes :class:`ExpertReadError` naming layer and expert, raised to the caller
-  through the future.
+* Each record's checksum (the bundle's algorithm: XXH3-64, or crc32) is checked after the read
+  (``verify_checksums``, on by default). A read error (OSError), short read or checksum mismatch becomes
+  :class:`ExpertReadError` naming layer and expert, raised to the caller through the future.
 * ``fault(layer, expert, buffer)``: a test hook called in the I/O thread after each read, before the checksum;
   it may raise (an injected read error) or modify the buffer (corruption).
 * ``close()`` joins the threads and closes the file descriptor; idempotent.
@@ -18,13 +18,12 @@ import mmap
 import os
 import queue
 import threading
-import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .bundle import PAGE, Bundle, ExpertReadError
+from .bundle import CHECKSUMS, PAGE, Bundle, ExpertReadError
 
 THREAD_PREFIX = "smallthinker-io"
 Fault = Callable[[int, int, memoryview], None]
@@ -45,6 +44,7 @@ class ExpertReader:
         self.bypass_page_cache = bypass_page_cache
         self.verify_checksums = verify_checksums
         self.fault = fault
+        self._digest = CHECKSUMS[bundle.checksum]()
         self.direct = False
         self.fd: int | None = None
         self.fd = self._open()
@@ -96,11 +96,12 @@ class ExpertReader:
             raise ExpertReadError(f"short read of {where}: got {got} bytes; the bundle is truncated or changed "
                                   f"since it was opened", layer, expert)
         if self.verify_checksums:
-            crc = zlib.crc32(dest[:b.payload_nbytes])  # releases the GIL for large buffers
-            want = int(b.crc32[layer, expert])
-            if crc != want:
-                raise ExpertReadError(f"checksum mismatch in {where}: crc32 {crc:08x}, the index says {want:08x}; "
-                                      f"the bundle is corrupt: convert the checkpoint again", layer, expert)
+            got_sum = self._digest(dest[:b.payload_nbytes])  # releases the GIL for large buffers
+            want = int(b.checksums[layer, expert])
+            if got_sum != want:
+                raise ExpertReadError(f"checksum mismatch in {where}: {b.checksum} {got_sum:016x}, the index says "
+                                      f"{want:016x}; the bundle is corrupt: convert the checkpoint again", layer,
+                                      expert)
 
     def submit(self, layer: int, expert: int, dest: memoryview,
                then: Callable[[], object] | None = None) -> Future:
