@@ -40,6 +40,9 @@ def label(r: dict) -> str:
     if mode == "engine":
         if r.get("variant") == "in memory":
             thr = f", {r['spec_threads']} compute threads" if r.get("spec_threads") else ""
+            opts = r.get("options") or {}
+            if opts.get("cuda_graph"):
+                thr += ", CUDA graph" + (" (fused kernels)" if opts.get("cuda_graph") == "fused" else "")
             return f"engine{q}, every expert resident{thr}{extra}"
         share = r.get("limit_share_of_expert_bytes")
         where = "min (top-k slots)" if r.get("variant") == "no cache" else f"{_f(share, '{:.0%}')}"

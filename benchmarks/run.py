@@ -67,6 +67,8 @@ def suite_modes(suite: str, gpu: bool, with_trained: bool, q4: bool = True) -> l
         _spec("engine", S, "no prefetch", 0.6, "lru", False, required=True),
         _spec(naive, S, "naive offload", 0.6, required=True),
     ]
+    if gpu:  # decode steps replayed as CUDA graphs (engine/cuda_graph.py): the model's kernels, then fused ones
+        req.append(_spec("engine", S, "in memory", required=True, options={"cuda_graph": True}))
     trained = []
     if with_trained:
         trained = [
@@ -80,7 +82,8 @@ def suite_modes(suite: str, gpu: bool, with_trained: bool, q4: bool = True) -> l
             _spec("engine", T, "full", 0.25, "lru", True),
             _spec("engine", T, "no cache", 0.0, "lru", True),
         ]
-    opt = [
+    opt = [_spec("engine", S, "in memory", options={"cuda_graph": "fused"})] if gpu else []
+    opt += [
         # the full system with the engine's other switches: look-ahead routing (a layer more of lead), checksums off
         _spec("engine", S, "full", 0.6, "lru", True, options={"lookahead": True}),
         _spec("engine", S, "full", 0.6, "lru", True, options={"verify_checksums": False}),
@@ -232,7 +235,7 @@ def evaluate_targets(rows: list[dict], suite: str, gpu: bool) -> list[dict]:
                     and r.get("variant") == "in memory" and r.get("quantization") == "none"
                     and not r.get("instruments")] or [float("nan")])
     eng_mem = _find(rows, mode="engine", model=S, variant="in memory", quantization="none", instruments=False,
-                    spec_threads=None)
+                    spec_threads=None, options={})
     full = _find(rows, mode="engine", model=S, share_target=0.6, policy="lru", prefetch=True, quantization="none",
                  instruments=False, options={}, spec_threads=None)
     nopf = _find(rows, mode="engine", model=S, share_target=0.6, policy="lru", prefetch=False, quantization="none",
@@ -272,6 +275,12 @@ def evaluate_targets(rows: list[dict], suite: str, gpu: bool) -> list[dict]:
             add(f"CPU 4B: offloaded decode (60%, prefetch, {opts}) / best in-memory decode", _rate(v) / best_mem,
                 0.67)
     else:
+        graphs = [r for r in rows if not r.get("error") and r.get("mode") == "engine" and r.get("model") == S
+                  and r.get("variant") == "in memory" and (r.get("options") or {}).get("cuda_graph")]
+        for r in graphs:
+            fused = (r.get("options") or {}).get("cuda_graph") == "fused"
+            add(f"GPU 4B bf16: in-memory decode share of the HBM bound (engine, CUDA graph"
+                f"{', fused kernels' if fused else ''})", r.get("bound_share"), 0.40)
         for r, what in ((eng_mem, "engine"), (in_mem_model, "model (load_model)")):
             if r is not None:
                 add(f"GPU 4B bf16: in-memory decode share of the HBM bound ({what})", r.get("bound_share"), 0.40)

@@ -102,3 +102,50 @@ def test_cuda_peak_memory_within_the_limit(tmp_path, host_cache):
         st = e.stats()
     assert st["misses"] > st["capacity_experts"]  # the cache filled and evicted
     assert peak <= limit, (peak, limit)
+
+
+# ------------------------------------------------------------------ CUDA-graph decode (engine/cuda_graph.py)
+def _graph_run(folder, prompt, new, **kw):
+    kw.setdefault("cuda_graph", True)
+    with Engine.from_pretrained(folder, memory_limit=None, device="cuda", progress=False, **kw) as e:
+        tokens = e.generate(prompt, new, stop_tokens=[]).tokens
+        out = {"tokens": tokens, "stats": e.stats(), "replays": e._graph.replays, "trace": list(e.trace),
+               "capacity": e.cache.capacity_experts, "L": e.config.num_hidden_layers, "E": e.config.num_experts,
+               "K": e.config.top_k}
+        # a hook makes the step eager (instruments see every expert), and the counters go on
+        seen = []
+        handle = e.hooks.add("router", lambda **p: seen.append(p["layer"]))
+        out["hooked"] = e.generate(prompt, new, stop_tokens=[]).tokens
+        handle.remove()
+        out["hooked_replays"], out["seen"] = e._graph.replays, seen
+        out["again"] = e.generate(prompt, new, stop_tokens=[]).tokens  # graphs reused
+        out["replays_after"] = e._graph.replays
+    return out
+
+
+@pytest.mark.parametrize("mode", [True, "fused"])
+def test_cuda_graph_decode_matches_the_model(ckpt, reference, mode):
+    r = _graph_run(ckpt, PROMPT, NEW, exact=True, cuda_graph=mode)
+    st, trace, L, E, K = r["stats"], r["trace"], r["L"], r["E"], r["K"]
+    assert r["replays"] == NEW - 1  # every decode step was a graph replay
+    assert r["tokens"] == reference  # exact: the model's kernels; fused: fp32 model, rounding far below the margins
+    assert r["hooked"] == reference and r["hooked_replays"] == r["replays"] and r["seen"]  # hooked: eager path
+    assert r["again"] == reference and r["replays_after"] == 2 * (NEW - 1)
+    assert st["decode_tokens"] == NEW - 1 and st["decode_seconds"] > 0
+    assert st["hits"] + st["misses"] == st["requests"] == len(trace)
+    assert simulate(trace, r["capacity"], "lru").hits == st["hits"]
+    prefill = {(layer, x) for step, layer, x in trace if step == 1}
+    assert st["misses"] == L * E  # the first graph step read the experts the prefill had not: each once
+    decode = [t for t in trace if t[0] > 1]
+    assert len(decode) == (NEW - 1) * L * K + (L * E - len(prefill))  # every layer's K experts per step
+
+
+def test_cuda_graph_decode_bf16_bit_identical(tmp_path):
+    """bf16, where rounding differences show: exact=True graphs give the model's tokens, on hybrid layouts (NoPE and
+    global, RoPE and a sliding window of 8 that the decode passes)."""
+    folder = _big_checkpoint(tmp_path / "big")
+    prompt, new = list(range(3, 40)), 24
+    ref = load_model(folder, device="cuda").generate(prompt, new, stop_tokens=[])
+    r = _graph_run(folder, prompt, new, exact=True, max_context=64)
+    assert r["replays"] == new - 1
+    assert r["tokens"] == ref and r["again"] == ref

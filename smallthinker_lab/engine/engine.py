@@ -88,7 +88,7 @@ class Engine:
                  max_context: int | None = None, prefill_chunk: int = 256, lm_head_predictor=None,
                  fill_value: float = float("-inf"), host_cache: bool = False, belady_trace: Sequence | None = None,
                  fault: Callable | None = None, progress: bool = True, compute_threads: int | None = None,
-                 exact: bool = False) -> None:
+                 exact: bool = False, cuda_graph: bool | str = False) -> None:
         self.checkpoint_dir = resolve_path(checkpoint_dir)
         self.config = config = SmallThinkerConfig.from_json(self.checkpoint_dir / CONFIG_FILE)
         self.device = torch.device(device)
@@ -102,6 +102,10 @@ class Engine:
             raise ValueError("exact=True computes experts densely with the model's kernels: it excludes "
                              "sparse_reglu=True")
         self.exact = bool(exact)
+        if cuda_graph not in (False, True, "fused"):
+            raise ValueError(f"cuda_graph must be False, True or 'fused', got {cuda_graph!r}")
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError("cuda_graph needs device='cuda'")
         if self.exact:
             sparse_reglu = False
         if prefill_chunk < 1:
@@ -176,6 +180,11 @@ class Engine:
         self.reader = self.transfer = self.arena = self.cache = None
         self._open_io()
         self.reset_stats()
+        self._graph = None  # cuda_graph=True: the graph decode (engine/cuda_graph.py), built on first use
+        if cuda_graph:
+            from .cuda_graph import GraphDecoder
+
+            self._graph = GraphDecoder(self, fused=cuda_graph == "fused" or not self.exact)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -201,7 +210,14 @@ class Engine:
         once per read (CPU: in the I/O thread; CUDA: on first use), so that greedy tokens are bit-identical to
         the in-memory model in bf16/fp16 too; the default path (sparse ReGLU, down rows gathered from the stored
         [F, H] layout) equals the model only up to rounding, which a model with near-tied router or LM-head
-        logits turns into different tokens).
+        logits turns into different tokens), ``cuda_graph`` (CUDA: decode steps replay CUDA graphs, with no host
+        sync inside the step, when every expert of the model is resident (a cache of all of them, e.g.
+        ``memory_limit=None``: the first graph step reads any missing one), no hook is registered and neither an
+        LM-head predictor nor look-ahead is used; else the eager path runs. With ``exact=True`` the graphs run the
+        model's kernels (bit-identical tokens; attention eager between per-layer graphs); with ``exact=False``,
+        or ``cuda_graph="fused"`` whatever ``exact`` says, one graph of fused kernels (torch.compile) per step,
+        equal to the model up to rounding. Counters stay exact: every expert of a graph step is a hit. See
+        engine/cuda_graph.py).
         """
         return cls(path, memory_limit=memory_limit, device=device, policy=policy, prefetch=prefetch,
                    lookahead=lookahead, quantization=quantization, sparse_reglu=sparse_reglu,
@@ -300,6 +316,8 @@ class Engine:
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        if getattr(self, "_graph", None) is not None:
+            self._graph.reset()  # its graphs and buffers hold views of the slots
         try:
             if self.cache is not None:
                 self.cache.drain()
@@ -387,11 +405,14 @@ class Engine:
             torch.set_num_threads(self.compute_threads)
         t0 = time.perf_counter()
         try:
-            for c0 in range(0, T, self.prefill_chunk):
-                x = self._run(ids[:, c0:c0 + self.prefill_chunk], start + c0)
-            # exact: the LM head over every position of the (last) chunk, as the model's forward does, so that
-            # the last row comes from the same kernel (a GEMM over T rows may round differently than one row)
-            logits = self._lm_head(x if self.exact and x.shape[1] > 1 else x[:, -1:], decode=T == 1)[:, -1:]
+            if T == 1 and self._graph is not None and self._graph.usable():
+                logits = self._graph.decode(ids, start)  # every expert resident, no hook: one graph step
+            else:
+                for c0 in range(0, T, self.prefill_chunk):
+                    x = self._run(ids[:, c0:c0 + self.prefill_chunk], start + c0)
+                # exact: the LM head over every position of the (last) chunk, as the model's forward does, so
+                # that the last row comes from the same kernel (a GEMM over T rows may round differently)
+                logits = self._lm_head(x if self.exact and x.shape[1] > 1 else x[:, -1:], decode=T == 1)[:, -1:]
         except BaseException:
             self.cache.drain()  # an error or interruption: settle reads in flight, release pins
             raise

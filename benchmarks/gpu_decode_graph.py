@@ -1,0 +1,254 @@
+"""Eager vs CUDA-graph decode of the engine with every expert resident, against the HBM bound measured in the same run.
+
+    PYTHONPATH=. python3 benchmarks/gpu_decode_graph.py [--out benchmarks/results] [--scratch /tmp/st_graph]
+
+Builds the benchmark suite's synthetic checkpoint (smallthinker-4b-a0.6b shape, bf16, seed 0, attention output
+projections x0.1; ``--preset smallthinker-test`` for a quick run) and its expert bundle, measures the HBM copy
+bandwidth (read + write, as the suite), takes the in-memory model's greedy tokens on the suite's prompts (32 prompt
+tokens, 32 decode steps), then for each variant of the engine (``memory_limit=None``, every expert read before
+timing, as the suite's "every expert resident" row):
+
+- ``eager``: the engine's default decode (exact=True, one host sync per layer);
+- ``graph``: ``cuda_graph=True, exact=True`` (the model's kernels in per-layer graphs, attention eager in between);
+- ``graph-fused``: ``cuda_graph="fused", exact=True`` (one graph per step, torch.compile'd fused kernels; the
+  prefill keeps the model's kernels);
+
+checks its greedy tokens against the model's on every prompt (reporting the first position that differs, if any),
+times decode (per-token wall clock of generation, as the suite: median over the timed prompts), and counts the GPU
+kernels of one decode step with the profiler. Writes ``gpu_decode_graph.json`` and ``.md`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_engine as be  # noqa: E402
+from benchmarks.ceilings import machine_info, memory_copy_bandwidth  # noqa: E402
+from benchmarks.run import synthetic_prompts, versions  # noqa: E402
+from smallthinker_lab.model.generate import GenerationStats, stream_tokens  # noqa: E402
+
+VARIANTS = {
+    "eager": dict(exact=True),
+    "graph": dict(exact=True, cuda_graph=True),
+    "graph-fused": dict(exact=True, cuda_graph="fused"),
+}
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def kernels_per_step(step, n: int = 3) -> dict | None:
+    """GPU kernels (and memory copies / sets) the profiler sees in ``n`` calls of ``step()``, per call."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                step()
+            torch.cuda.synchronize()
+        kernels = copies = 0
+        for ev in prof.events():
+            if ev.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            name = ev.name.lower()
+            if name.startswith("memcpy") or name.startswith("memset"):
+                copies += 1
+            else:
+                kernels += 1
+        return {"kernels": kernels / n, "copies": copies / n, "steps": n}
+    except Exception as e:  # noqa: BLE001  the count is optional
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def reference_tokens(ckpt: Path, prompts, new_tokens: int) -> tuple[list[list[int]], list[float]]:
+    """The in-memory model's greedy tokens per prompt, and its decode seconds per token on the timed prompts."""
+    model = be.load_model(ckpt, device="cuda")
+    refs, times = [], []
+    with torch.inference_mode():
+        for i, pr in enumerate(prompts):
+            cache = be.KVCache(model.config, 1, model.dtype, "cuda")
+            stats = GenerationStats()
+            step = lambda x, cache=cache: model(x, cache=cache)  # noqa: E731
+            refs.append(list(stream_tokens(step, torch.tensor([pr], device="cuda"), new_tokens, None, [], stats)))
+            if i:
+                times.extend(stats.decode_token_seconds)
+    return refs, times
+
+
+def run_engine(name: str, opts: dict, ckpt: Path, bundle: Path, prompts, new_tokens: int, refs, log) -> dict:
+    from smallthinker_lab.engine import Engine
+
+    row: dict = {"variant": name, "options": opts}
+    t0 = time.perf_counter()
+    e = Engine.from_pretrained(ckpt, memory_limit=None, device="cuda", bundle_dir=bundle, progress=False, **opts)
+    try:
+        be._preload(e)  # every expert resident before timing (the suite's "in memory" row)
+        row["open_seconds"] = time.perf_counter() - t0
+        per_token, tokens, diffs = [], [], []
+        for i, p in enumerate(prompts):
+            stats = GenerationStats()
+            torch.cuda.synchronize()
+            out = list(e.stream(p, new_tokens, stop_tokens=[], stats=stats))
+            torch.cuda.synchronize()
+            tokens.append(out)
+            diffs.append(first_difference(out, refs[i]))
+            if i == 0:  # the check run: the graphs are built at its first decode step
+                row["first_decode_step_seconds"] = stats.decode_token_seconds[0]
+            else:
+                per_token.extend(stats.decode_token_seconds)
+        st = e.stats()
+        row.update(
+            tokens_equal=all(d is None for d in diffs), first_difference=diffs,
+            decode_ms_per_token=1e3 * statistics.median(per_token),
+            decode_ms_per_token_mean=1e3 * sum(per_token) / len(per_token),
+            decode_steps_timed=len(per_token),
+            hits=st["hits"], requests=st["requests"], misses_after_preload=st["misses"],
+            graph_replays=e._graph.replays if e._graph is not None else 0,
+            compiled=getattr(e._graph, "compiled", None), compile_error=getattr(e._graph, "compile_error", None))
+        # one decode step in isolation, for the profiler: prefill the check prompt, then steps of greedy tokens
+        e.kv.reset()
+        ids = torch.tensor([prompts[0]], device="cuda")
+        tok = [e.forward(ids)[:, -1].argmax(-1).view(1, 1)]
+
+        def step():
+            tok[0] = e.forward(tok[0])[:, -1].argmax(-1).view(1, 1)
+
+        step()
+        row["profile"] = kernels_per_step(step)
+        log(f"{name}: {row['decode_ms_per_token']:.2f} ms/token, tokens equal {row['tokens_equal']} "
+            f"{diffs}, kernels/step {row['profile']}")
+    finally:
+        e.close()
+        gc.collect()
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--scratch", default="/tmp/st_graph")
+    p.add_argument("--preset", default="smallthinker-4b-a0.6b")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=33, help="new tokens per generation (decode steps + 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed prompts (after the check prompt)")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
+
+    if not torch.cuda.is_available():
+        print("needs a CUDA device", file=sys.stderr)
+        return 2
+    scratch = Path(args.scratch)
+    ckpt, spec = be.make_synthetic(scratch / "synthetic", args.preset, dtype="bfloat16", seed=0, attn_out_scale=0.1)
+    bundle, secs = be.convert_bundle(ckpt, scratch / "bundle")
+    cfg = be.SmallThinkerConfig.from_json(ckpt / "config.json")
+    log(f"checkpoint and bundle ready ({secs:.0f} s for the bundle)")
+    hbm = memory_copy_bandwidth(2 * 2**30, 10, "cuda")
+    log(f"HBM copy {hbm['median'] / 1e9:.0f} GB/s")
+    prompts = synthetic_prompts(cfg.vocab_size, args.repeats + 1, args.prompt_tokens)
+
+    # the in-memory model: the reference tokens, and its decode time
+    refs, model_times = reference_tokens(ckpt, prompts, args.tokens)
+    gc.collect()
+    torch.cuda.empty_cache()
+    log(f"model in memory: {1e3 * statistics.median(model_times):.2f} ms/token")
+
+    expert_nbytes = be.runner_expert_nbytes(be.ModelInfo("x", ckpt, cfg, torch.bfloat16, prompts), None)
+    context = args.prompt_tokens + args.tokens / 2  # the suite's average context
+    mem = be.decode_memory_bytes(cfg, 2, expert_nbytes, context)
+    bound_ms = 1e3 * mem["total"] / hbm["median"]
+    rows = [{"variant": "model in memory", "decode_ms_per_token": 1e3 * statistics.median(model_times),
+             "tokens_equal": True, "first_difference": None}]
+    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        try:
+            rows.append(run_engine(name, VARIANTS[name], ckpt, bundle, prompts, args.tokens, refs, log))
+        except Exception as exc:  # noqa: BLE001  a row with the error, the others still run
+            import traceback
+
+            rows.append({"variant": name, "error": f"{type(exc).__name__}: {exc}",
+                         "traceback": traceback.format_exc(limit=8)})
+            log(f"{name}: ERROR {rows[-1]['error']}")
+    for r in rows:
+        if r.get("decode_ms_per_token"):
+            r["tok_s"] = 1e3 / r["decode_ms_per_token"]
+            r["bound_share"] = bound_ms / r["decode_ms_per_token"]
+    result = {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "argv": sys.argv[1:],
+              "machine": machine_info(), "versions": versions(), "checkpoint": spec | {"preset": args.preset},
+              "prompt_tokens": args.prompt_tokens, "decode_steps": args.tokens - 1, "timed_prompts": args.repeats,
+              "hbm_copy": hbm, "memory_bytes_per_token": mem, "bound_ms": bound_ms, "rows": rows,
+              "wall_seconds": time.perf_counter() - start}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_decode_graph.json").write_text(json.dumps(be.as_jsonable(result), indent=1) + "\n")
+    md = render(result)
+    (out / "gpu_decode_graph.md").write_text(md)
+    print(md)
+    return 0 if all(not r.get("error") for r in rows) else 1
+
+
+def render(res: dict) -> str:
+    m = res["machine"]
+    mem = res["memory_bytes_per_token"]
+    lines = [
+        f"## CUDA-graph decode, engine with every expert resident: {m.get('gpu', '?')}, {res['created']}",
+        "",
+        f"torch {res['versions'].get('torch')}, commit {str(res['versions'].get('git_commit'))[:10]}"
+        f"{' (dirty)' if res['versions'].get('git_dirty') else ''}. Checkpoint: synthetic "
+        f"{res['checkpoint']['preset']}, "
+        f"bf16, seed 0, o_proj x0.1 (the gpu suite's). Prompt {res['prompt_tokens']} tokens, "
+        f"{res['decode_steps']} decode steps, median over {res['timed_prompts']} timed prompts after a check prompt.",
+        "",
+        f"Bound: {mem['total'] / 2**20:.0f} MiB read per decode token (resident {mem['resident'] / 2**20:.0f}, "
+        f"KV {mem['kv'] / 2**20:.1f}, experts {mem['experts'] / 2**20:.0f}) / HBM copy "
+        f"{res['hbm_copy']['median'] / 1e9:.0f} GB/s measured in this run = **{res['bound_ms']:.3f} ms/token**.",
+        "",
+        "| variant | ms/token | tok/s | share of HBM bound | greedy tokens = model | kernels/step | copies/step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        if r.get("error"):
+            lines.append(f"| {r['variant']} | error: {r['error'][:80]} | | | | | |")
+            continue
+        prof = r.get("profile") or {}
+        diff = r.get("first_difference")
+        eq = "yes" if r.get("tokens_equal") else f"no (first difference per prompt: {diff})"
+        k = prof.get("kernels")
+        c = prof.get("copies")
+        lines.append(f"| {r['variant']} | {r['decode_ms_per_token']:.2f} | {r['tok_s']:.1f} | "
+                     f"{100 * r['bound_share']:.1f}% | {eq} | {'' if k is None else f'{k:.0f}'} | "
+                     f"{'' if c is None else f'{c:.0f}'} |")
+    extra = [r for r in res["rows"] if r.get("first_decode_step_seconds") is not None]
+    if extra:
+        lines += ["", "First decode step of the check prompt (graph build, compile and capture included): " + ", ".join(
+            f"{r['variant']} {r['first_decode_step_seconds']:.2f} s" for r in extra) + "."]
+    fused = [r for r in res["rows"] if r.get("variant") == "graph-fused" and not r.get("error")]
+    for r in fused:
+        lines.append(f"graph-fused ran {'inductor kernels' if r.get('compiled') else 'eager kernels'}"
+                     f"{'; compile error: ' + r['compile_error'] if r.get('compile_error') else ''}.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+"""CUDA-graph decode for the engine when every expert of the model is resident in its GPU expert cache.
+
+``Engine(..., device="cuda", cuda_graph=True)`` decodes (T == 1) through this module when the cache holds every
+expert of the model (capacity >= layers x experts, e.g. ``memory_limit=None``), no hook is registered, no LM-head
+predictor and no look-ahead are in use, and the bundle is stored in the engine's dtype; otherwise the eager path
+runs. Nothing in a decode step waits for the host: the router's top-k, the expert ids' sort (the model's combine
+order), the slot of each selected expert (a device table ``slot_table[layer, expert]``) and the expert weights are
+all resolved on the GPU. The only host sync is at the end of the step, to read the step's expert ids (copied to a
+pinned host buffer inside the graph) for the engine's counters: every request is a hit, counted per layer, appended
+to the trace and shown to the replacement policy as the eager path does. Generation syncs there anyway (the sampled
+token goes to the host), and the sync makes ``decode_seconds`` the step's real time.
+
+Two variants: ``cuda_graph=True`` follows the engine's ``exact``; ``cuda_graph="fused"`` takes the fused one
+whatever ``exact`` says (the prefill and any eager step keep exact's kernels):
+
+* exact (``exact=True``): the model's own kernels, bit-identical greedy tokens. Each layer's K selected experts are
+  copied (one gather kernel, on the device, by slot) into a static K-slot buffer and computed with ``F.linear`` on the
+  model's layouts, as the eager path does from the slots (same shapes, same cuBLAS kernels). Attention runs eagerly
+  between graph pieces, with the model's KV cache update and ``scaled_dot_product_attention`` over exactly the
+  cached keys (a graph would fix the key count): per token L + 1 graph replays and L eager attention calls.
+* fused (``exact=False`` or ``cuda_graph="fused"``): one graph for the whole step, with fused kernels
+  (``torch.compile`` / inductor, falling back to the same code eagerly in the graph if compilation fails): RMSNorm,
+  rotary and routing fused; attention over the static KV buffers with a position mask; each expert matrix read in
+  place from its slot by an indirect-load reduction (no copy). The model's bf16 roundings between ops are kept, but
+  reductions accumulate in a different order (and attention is a different algorithm), so logits can differ from
+  the model's in the last bits; greedy tokens then agree unless the model has near-tied router or LM-head logits
+  (benchmarks/gpu_decode_graph.py measures whether they agree on the benchmark's prompts).
+
+Memory beyond the engine's plan: the graphs' private pool (activations of one step) and, with ``exact=True``, the
+K-slot expert buffer (K x record stride).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..model.attention import attention_mask
+
+
+def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm (fp32, cast back, then the weight)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _route(logits: torch.Tensor, k: int, softmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """route_weights of the model for one token, then the ids sorted ascending (the model's combine order) with
+    their weights: (K,) long, (K,) in logits' dtype."""
+    top, ids = torch.topk(logits, k, dim=-1)  # (1, K)
+    if softmax:
+        w = torch.softmax(top.float(), dim=-1).to(logits.dtype)
+    else:
+        s = torch.sigmoid(top)
+        w = s / s.sum(dim=-1, keepdim=True)
+    sid, perm = torch.sort(ids[0])
+    return sid, w[0].gather(0, perm)
+
+
+# ------------------------------------------------------------------ fused (exact=False) layer halves
+def fused_pre(x, wr, ln1, wq, wk, wv, cos, sin, slot_row, *, k: int, softmax: bool, eps: float, n_heads: int,
+              n_kv: int, head_dim: int, use_rope: bool):
+    """Router (raw residual), routing, input norm, q/k/v, rotary. x (1, H) -> q (h, D), k/v (k, D), sorted ids,
+    their weights and slots (K,)."""
+    sid, w = _route(F.linear(x, wr), k, softmax)
+    slots = slot_row.index_select(0, sid)
+    h = _rmsnorm(x, ln1, eps)
+    q = F.linear(h, wq).view(n_heads, head_dim)
+    kk = F.linear(h, wk).view(n_kv, head_dim)
+    v = F.linear(h, wv).view(n_kv, head_dim)
+    if use_rope:
+        q, kk = _rope(q, cos, sin), _rope(kk, cos, sin)
+    return q, kk, v, sid, w, slots
+
+
+def fused_post(x, q, k_buf, v_buf, kpos, pos, wo, ln2, w, slots, wg_all, wu_all, wd_all, *, eps: float,
+               window: int | None, down_hf: bool, compiled: bool):
+    """Attention over the static KV slots (positions masked), o_proj, residual, post norm, the K experts read in
+    place from their slots, the weighted combine in ascending expert order, residual. x (1, H) -> (1, H)."""
+    dtype = x.dtype
+    n_kv, D = k_buf.shape[1], k_buf.shape[3]
+    qg = q.float().view(n_kv, -1, D) * (1.0 / math.sqrt(D))  # (k, h/k, D)
+    kf, vf = k_buf[0].float(), v_buf[0].float()  # (k, C, D)
+    valid = (kpos >= 0) & (kpos <= pos)
+    if window is not None:
+        valid = valid & (pos - kpos < window)
+    if compiled:  # reductions inductor fuses (no materialised products)
+        s = (qg[:, :, None, :] * kf[:, None, :, :]).sum(-1)  # (k, h/k, C)
+    else:
+        s = torch.matmul(qg, kf.transpose(1, 2))
+    s = s.masked_fill(~valid, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if compiled:
+        o = (p[:, :, :, None] * vf[:, None, :, :]).sum(2)  # (k, h/k, D)
+    else:
+        o = torch.matmul(p, vf)
+    x = x + F.linear(o.to(dtype).reshape(1, -1), wo)
+    u = _rmsnorm(x, ln2, eps)  # (1, H)
+    if compiled:  # each weight read once, in place, from its slot (indirect loads), fp32 accumulation
+        uf = u.float()
+        g = (wg_all[slots].float() * uf).sum(-1).to(dtype)  # (K, F)
+        up = (wu_all[slots].float() * uf).sum(-1).to(dtype)
+        a = (up * F.relu(g)).float()  # (K, F), rounded to bf16 as the model's product is
+        if down_hf:
+            d = (wd_all[slots].float() * a[:, None, :]).sum(-1)  # (K, H)
+        else:
+            d = (wd_all[slots].float() * a[:, :, None]).sum(1)
+    else:  # gather the K experts' matrices, then batched products
+        ub = u.expand(slots.shape[0], -1).unsqueeze(-1)  # (K, H, 1)
+        g = torch.bmm(wg_all.index_select(0, slots), ub).squeeze(-1)
+        up = torch.bmm(wu_all.index_select(0, slots), ub).squeeze(-1)
+        a = (up * F.relu(g)).unsqueeze(-1)  # (K, F, 1)
+        wd = wd_all.index_select(0, slots)
+        d = torch.bmm(wd, a).squeeze(-1) if down_hf else torch.bmm(wd.transpose(1, 2), a).squeeze(-1)
+    o = d.to(dtype) * w[:, None]  # (K, H): out * weight, as the engine
+    y = o[0]
+    for j in range(1, o.shape[0]):  # the model's combine: ascending expert id, bf16 adds
+        y = y + o[j]
+    return x + y
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+class _EagerGraph:
+    """A stand-in for a captured graph on a CPU (tests of this module's logic): replay runs the function."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def replay(self) -> None:
+        self.fn()
+
+
+class GraphDecoder:
+    """The engine's graph decode (see the module docstring). Built on first use, rebuilt when the engine's cache,
+    KV cache or slots change (reopen, clear)."""
+
+    def __init__(self, engine, fused: bool | None = None, compile: bool = True) -> None:
+        self.e = engine
+        self.fused = (not engine.exact) if fused is None else bool(fused)
+        self.compile = compile
+        self.compiled = False  # whether the fused variant runs inductor kernels (set when built)
+        self.compile_error: str | None = None
+        self.replays = 0
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Drop graphs and static buffers (the engine closed, or its cache / KV cache changed)."""
+        self._key = None
+        self._graphs = []
+        self._static = {}
+        self._pool = None
+
+    def usable(self) -> bool:
+        e = self.e
+        c = e.config
+        return (e.device.type == "cuda" and e._zero_copy and len(e.hooks) == 0 and e.lm_head_predictor is None
+                and not e.lookahead and e.cache.capacity_experts >= c.num_hidden_layers * c.num_experts)
+
+    def _state_key(self):
+        e = self.e
+        return (e.cache, e.cache.policy, e.kv, e.arena)
+
+    def _valid(self) -> bool:
+        key = self._key
+        if key is None:
+            return False
+        now = self._state_key()
+        c = self.e.config
+        full = len(self.e.cache.entries) == c.num_hidden_layers * c.num_experts
+        return full and all(a is b for a, b in zip(key, now))
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits (1, 1, V) of one token ids (1, 1) at position ``start``; counters updated as the eager path."""
+        e = self.e
+        e._step += 1
+        e.cache.step = e._step
+        if not self._valid():
+            self._build(ids, start)
+        s = self._static
+        s["tok"].copy_(ids.view(1, 1), non_blocking=True)
+        s["pos"].fill_(start)
+        if not self.fused:
+            self._replay_exact(start)
+        else:
+            self._graphs[0].replay()
+            for layer in e.kv.layers:
+                layer.length += 1
+        self.replays += 1
+        done = s["done"]
+        if done is not None:
+            done.record()
+            done.synchronize()  # the step's ids are in pinned host memory: the one host sync of the step
+        self._account(s["ids_host"])
+        return s["logits"].clone()
+
+    def _replay_exact(self, start: int) -> None:
+        e, s = self.e, self._static
+        graphs = self._graphs
+        positions = s["pos"]
+        for i, layer in enumerate(e._layers):
+            graphs[i].replay()
+            attn = layer.self_attn
+            k, v, k_pos = e.kv[i].update(s["k"], s["v"], positions)  # the model's cache update (host-known length)
+            mask = None
+            if attn.window is not None and k.shape[2] > attn.window:
+                mask = attention_mask(positions, k_pos, attn.window)
+            out = F.scaled_dot_product_attention(s["q"], k, v, attn_mask=mask, enable_gqa=attn.n_heads != attn.n_kv)
+            s["attn"].copy_(out.transpose(1, 2).reshape(s["attn"].shape))
+        graphs[-1].replay()
+
+    def _account(self, ids_host: torch.Tensor) -> None:
+        """Every expert of the step is a hit: requests, hits, per-layer hits, trace and policy as cache.request."""
+        cache, e = self.e.cache, self.e
+        st, pol, trace, entries = cache.stats, cache.policy, cache.trace, cache.entries
+        step = e._step
+        rows = ids_host.tolist()
+        n = 0
+        for layer, row in enumerate(rows):
+            st.per_layer[layer][0] += len(row)
+            for x in row:
+                key = (layer, x)
+                trace.append((step, layer, x))
+                pol.on_request(key, True)
+                entries[key].speculative = False
+                if cache.hook:
+                    cache.hook("hit", key, cache.expert_nbytes)
+                if getattr(cache, "log", None) is not None:
+                    cache.log.append((step, key, "hit"))
+            n += len(row)
+        st.requests += n
+        st.hits += n
+
+    # ------------------------------------------------------------------ building
+    def _resident(self) -> torch.Tensor:
+        """Read the experts not yet cached (demand requests: misses, counted), settle every copy and layout, and
+        return the device slot table [L, E]."""
+        e = self.e
+        cache, cfg = e.cache, e.config
+        L, E = cfg.num_hidden_layers, cfg.num_experts
+        missing = [(layer, x) for layer in range(L) for x in range(E) if (layer, x) not in cache]
+        for j in range(0, len(missing), 64):
+            entries = [cache.request(k) for k in missing[j:j + 64]]
+            for entry in entries:
+                cache.release(cache.wait(entry))
+        stream = torch.cuda.current_stream(e.device) if e.device.type == "cuda" else None
+        for entry in list(cache.entries.values()):
+            cache.wait(entry)
+            if entry.result is not None and e.transfer is not None:
+                stream.wait_event(entry.result)
+                entry.result = None
+            fut = e._layout_pending.pop(entry.slot, None)
+            if fut is not None:  # exact: the down matrix to the model's [H, F] layout, as the eager path on first use
+                stream.wait_event(fut.result())
+                e._down_to_model_layout_device(entry.slot)
+        table = [[cache.entries[(layer, x)].slot for x in range(E)] for layer in range(L)]
+        return torch.tensor(table, dtype=torch.long, device=e.device)
+
+    def _slot_views(self, base: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate, up, down) of ``n`` records laid out every ``stride`` bytes from ``base`` (uint8): [n, F, H] x 2 and
+        down [n, H, F] (exact: the model's layout) or [n, F, H] (stored)."""
+        e = self.e
+        m, isz = e.bundle.matrices, e.dtype.itemsize
+        Fh, H = m["gate"].shape
+        flat = base.view(e.dtype)
+        st = e.bundle.stride // isz
+
+        def view(name, shape):
+            return flat.as_strided((n, *shape), (st, shape[1], 1), m[name].offset // isz)
+
+        down = (H, Fh) if e.exact else (Fh, H)
+        return view("gate", (Fh, H)), view("up", (Fh, H)), view("down", down)
+
+    def _build(self, ids: torch.Tensor, start: int) -> None:
+        e = self.e
+        self.reset()
+        cfg, dev = e.config, e.device
+        L, K = cfg.num_hidden_layers, cfg.top_k
+        s = self._static
+        s["slot_table"] = self._resident()
+        s["tok"] = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        s["pos"] = torch.full((1,), start, dtype=torch.long, device=dev)  # the fused warm-up runs this step
+        s["tok"].copy_(ids.view(1, 1))
+        s["ids"] = torch.zeros(L, K, dtype=torch.long, device=dev)
+        cuda = dev.type == "cuda"
+        s["ids_host"] = torch.zeros(L, K, dtype=torch.long, pin_memory=cuda)
+        s["done"] = torch.cuda.Event() if cuda else None
+        s["logits"] = torch.zeros(1, 1, cfg.vocab_size, dtype=e.dtype, device=dev)
+        _sync(dev)
+        if not self.fused:
+            self._build_exact()
+        else:
+            self._build_fused()
+        self._key = self._state_key()
+
+    def _capture(self, fn):
+        if self.e.device.type != "cuda":  # tests on a CPU: the pieces run eagerly at each "replay"
+            return _EagerGraph(fn)
+        g = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+            fn()
+        return g
+
+    # exact: L + 1 graph pieces, the model's kernels, attention eager in between
+    def _build_exact(self) -> None:
+        e, s = self.e, self._static
+        cfg, dev, dtype = e.config, e.device, e.dtype
+        H, K = cfg.hidden_size, cfg.top_k
+        attn0 = e._layers[0].self_attn
+        s["xbuf"] = torch.empty(K * e.bundle.stride, dtype=torch.uint8, device=dev)
+        words = e.bundle.stride // 8  # the gather moves 8-byte words (records are 4 KiB multiples)
+        arena_rows = e.arena._tensor[:e.arena.n_slots * e.bundle.stride].view(torch.int64).view(e.arena.n_slots, words)
+        xrows = s["xbuf"].view(torch.int64).view(K, words)
+        wg, wu, wd = self._slot_views(s["xbuf"], K)
+        experts = [(wg[j], wu[j], wd[j]) for j in range(K)]
+        s["x"] = torch.zeros(1, 1, H, dtype=dtype, device=dev)
+        s["q"] = torch.zeros(1, attn0.n_heads, 1, attn0.head_dim, dtype=dtype, device=dev)
+        s["k"] = torch.zeros(1, attn0.n_kv, 1, attn0.head_dim, dtype=dtype, device=dev)
+        s["v"] = torch.zeros_like(s["k"])
+        s["attn"] = torch.zeros(1, 1, attn0.n_heads * attn0.head_dim, dtype=dtype, device=dev)
+        s["w"] = torch.zeros(K, dtype=dtype, device=dev)
+        rope_holder = {}
+        model = e.model.model
+
+        def embed():
+            x = model.embed_tokens(s["tok"])
+            if any(cfg.rope_layout):
+                rope_holder["rope"] = model.rotary(s["pos"], x.dtype)
+                s["cos"], s["sin"] = rope_holder["rope"]
+            s["x"].copy_(x)
+
+        def pre(i):
+            layer = e._layers[i]
+            x = s["x"]
+            sid, w = _route(layer.block_sparse_moe.route(x).reshape(-1, cfg.num_experts), K,
+                            layer.block_sparse_moe.apply_softmax)
+            s["ids"][i].copy_(sid)
+            s["w"].copy_(w.to(dtype))
+            torch.index_select(arena_rows, 0, s["slot_table"][i].index_select(0, sid), out=xrows)
+            rope = (s["cos"], s["sin"]) if "cos" in s else None
+            q, k, v = layer.self_attn.project(layer.input_layernorm(x), rope)
+            s["q"].copy_(q)
+            s["k"].copy_(k)
+            s["v"].copy_(v)
+
+        def post(i):
+            layer = e._layers[i]
+            x = s["x"] + layer.self_attn.o_proj(s["attn"])
+            u = layer.post_attention_layernorm(x).reshape(-1, H)
+            y = torch.zeros_like(u)
+            w = s["w"]
+            for j, (g_w, u_w, d_w) in enumerate(experts):  # ascending expert id: the model's combine order
+                out = F.linear(F.linear(u, u_w) * F.relu(F.linear(u, g_w)), d_w)
+                y.add_(out * w[j:j + 1, None])
+            s["x"].copy_(x + y.view_as(x))
+
+        def head():
+            s["logits"].copy_(e.model.lm_head(model.norm(s["x"])))
+            s["ids_host"].copy_(s["ids"], non_blocking=True)
+
+        L = cfg.num_hidden_layers
+        pieces = [lambda: (embed(), pre(0))] + [lambda i=i: (post(i - 1), pre(i)) for i in range(1, L)] + \
+                 [lambda: (post(L - 1), head())]
+        for fn in pieces:  # warm-up (library handles, lazy inits): touches static buffers only, not the KV cache
+            fn()
+        _sync(dev)
+        self._graphs = [self._capture(fn) for fn in pieces]
+
+    # fused: one graph for the whole step
+    def _build_fused(self) -> None:
+        e, s = self.e, self._static
+        cfg, dev, dtype = e.config, e.device, e.dtype
+        K = cfg.top_k
+        model = e.model.model
+        wg_all, wu_all, wd_all = self._slot_views(e.arena._tensor, e.arena.n_slots)
+        pre, post = fused_pre, fused_post
+        compiled = False
+        if self.compile:
+            try:
+                import torch._inductor.config as ic
+
+                opts = {"emulate_precision_casts": True} if hasattr(ic, "emulate_precision_casts") else {}
+                pre = torch.compile(fused_pre, fullgraph=True, dynamic=False, options=opts)
+                post = torch.compile(fused_post, fullgraph=True, dynamic=False, options=opts)
+                compiled = True
+            except Exception as exc:  # noqa: BLE001  the same code, eager kernels in the graph
+                self.compile_error = f"{type(exc).__name__}: {exc}"
+        layers = []
+        for i, layer in enumerate(e._layers):
+            a = layer.self_attn
+            layers.append(dict(
+                wr=layer.block_sparse_moe.primary_router.weight, ln1=layer.input_layernorm.weight,
+                wq=a.q_proj.weight, wk=a.k_proj.weight, wv=a.v_proj.weight, wo=a.o_proj.weight,
+                ln2=layer.post_attention_layernorm.weight, kv=e.kv[i], window=a.window, use_rope=a.use_rope,
+                softmax=bool(layer.block_sparse_moe.apply_softmax), n_heads=a.n_heads, n_kv=a.n_kv,
+                head_dim=a.head_dim))
+        eps = cfg.rms_norm_eps
+
+        def step(pre, post, compiled):
+            x = model.embed_tokens(s["tok"]).view(1, -1)
+            pos = s["pos"]
+            cos, sin = model.rotary(pos, dtype)  # (1, D)
+            ids = []
+            for i, p in enumerate(layers):
+                q, k, v, sid, w, slots = pre(
+                    x, p["wr"], p["ln1"], p["wq"], p["wk"], p["wv"], cos, sin, s["slot_table"][i], k=K,
+                    softmax=p["softmax"], eps=eps, n_heads=p["n_heads"], n_kv=p["n_kv"], head_dim=p["head_dim"],
+                    use_rope=p["use_rope"])
+                ids.append(sid)
+                kv = p["kv"]
+                slot = pos % kv.capacity
+                kv.k.index_copy_(2, slot, k.view(1, p["n_kv"], 1, -1))
+                kv.v.index_copy_(2, slot, v.view(1, p["n_kv"], 1, -1))
+                kv.pos.index_copy_(0, slot, pos)
+                x = post(x, q, kv.k, kv.v, kv.pos, pos, p["wo"], p["ln2"], w, slots, wg_all, wu_all, wd_all,
+                         eps=eps, window=p["window"], down_hf=e.exact, compiled=compiled)
+            s["logits"].copy_(e.model.lm_head(model.norm(x.view(1, 1, -1))))
+            torch.stack(ids, out=s["ids"])
+            s["ids_host"].copy_(s["ids"], non_blocking=True)
+
+        # warm-up (compiles): writes the current position's K/V, which the replay writes again with the same values
+        try:
+            for _ in range(2):
+                step(pre, post, compiled)
+        except Exception as exc:  # noqa: BLE001  inductor failed at run time: eager kernels in the graph
+            if not compiled:
+                raise
+            self.compile_error = f"{type(exc).__name__}: {exc}"
+            pre, post, compiled = fused_pre, fused_post, False
+            step(pre, post, compiled)
+        _sync(dev)
+        try:
+            self._graphs = [self._capture(lambda: step(pre, post, compiled))]
+        except Exception as exc:  # noqa: BLE001  inductor code that does not capture: eager kernels in the graph
+            if not compiled:
+                raise
+            self.compile_error = f"capture: {type(exc).__name__}: {exc}"
+            pre, post, compiled = fused_pre, fused_post, False
+            step(pre, post, compiled)
+            _sync(dev)
+            self._graphs = [self._capture(lambda: step(pre, post, compiled))]
+        self.compiled = compiled
