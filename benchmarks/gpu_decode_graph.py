@@ -9,7 +9,10 @@ tokens, 32 decode steps), then for each variant of the engine (``memory_limit=No
 timing, as the suite's "every expert resident" row):
 
 - ``eager``: the engine's default decode (exact=True, one host sync per layer);
-- ``graph``: ``cuda_graph=True, exact=True`` (the model's kernels in per-layer graphs, attention eager in between);
+- ``graph-unfused``: ``cuda_graph=True, exact=True`` with every elementwise op its own eager kernel (the model's
+  kernels in per-layer graphs, attention eager in between);
+- ``graph``: ``cuda_graph=True, exact=True`` (the same, the model's elementwise chains fused by inductor with its
+  precision-cast emulation: the same bits in fewer kernels);
 - ``graph-fused``: ``cuda_graph="fused", exact=True`` (one graph per step, torch.compile'd fused kernels; the
   prefill keeps the model's kernels);
 
@@ -40,8 +43,9 @@ from benchmarks.ceilings import machine_info, memory_copy_bandwidth  # noqa: E40
 from benchmarks.run import synthetic_prompts, versions  # noqa: E402
 from smallthinker_lab.model.generate import GenerationStats, stream_tokens  # noqa: E402
 
-VARIANTS = {
+VARIANTS = {  # Engine keywords; graph_opts: attributes of the engine's GraphDecoder
     "eager": dict(exact=True),
+    "graph-unfused": dict(exact=True, cuda_graph=True, graph_opts={"fuse_pointwise": False}),
     "graph": dict(exact=True, cuda_graph=True),
     "graph-fused": dict(exact=True, cuda_graph="fused"),
 }
@@ -65,6 +69,7 @@ def kernels_per_step(step, n: int = 3) -> dict | None:
                 step()
             torch.cuda.synchronize()
         kernels = copies = 0
+        busy_us, by_name = 0.0, {}
         for ev in prof.events():
             if ev.device_type != torch.autograd.DeviceType.CUDA:
                 continue
@@ -73,7 +78,14 @@ def kernels_per_step(step, n: int = 3) -> dict | None:
                 copies += 1
             else:
                 kernels += 1
-        return {"kernels": kernels / n, "copies": copies / n, "steps": n}
+            us = ev.time_range.end - ev.time_range.start
+            busy_us += us
+            c = by_name.setdefault(ev.name[:90], [0, 0.0])
+            c[0] += 1
+            c[1] += us
+        top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]
+        return {"kernels": kernels / n, "copies": copies / n, "steps": n, "gpu_busy_ms": busy_us / n / 1e3,
+                "top": [{"name": k, "calls": c / n, "ms": us / n / 1e3} for k, (c, us) in top]}
     except Exception as e:  # noqa: BLE001  the count is optional
         return {"error": f"{type(e).__name__}: {e}"}
 
@@ -97,8 +109,12 @@ def run_engine(name: str, opts: dict, ckpt: Path, bundle: Path, prompts, new_tok
     from smallthinker_lab.engine import Engine
 
     row: dict = {"variant": name, "options": opts}
+    opts = dict(opts)
+    graph_opts = opts.pop("graph_opts", {})
     t0 = time.perf_counter()
     e = Engine.from_pretrained(ckpt, memory_limit=None, device="cuda", bundle_dir=bundle, progress=False, **opts)
+    for k, v in graph_opts.items():
+        setattr(e._graph, k, v)
     try:
         be._preload(e)  # every expert resident before timing (the suite's "in memory" row)
         row["open_seconds"] = time.perf_counter() - t0
@@ -133,8 +149,9 @@ def run_engine(name: str, opts: dict, ckpt: Path, bundle: Path, prompts, new_tok
 
         step()
         row["profile"] = kernels_per_step(step)
+        prof = {k: v for k, v in (row["profile"] or {}).items() if k != "top"}
         log(f"{name}: {row['decode_ms_per_token']:.2f} ms/token, tokens equal {row['tokens_equal']} "
-            f"{diffs}, kernels/step {row['profile']}")
+            f"{diffs}, per step {prof}, compiled {row['compiled']} {row['compile_error'] or ''}")
     finally:
         e.close()
         gc.collect()
@@ -145,7 +162,7 @@ def run_engine(name: str, opts: dict, ckpt: Path, bundle: Path, prompts, new_tok
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--scratch", default="/tmp/st_graph")
+    p.add_argument("--scratch", default="/tmp/smallthinker_bench", help="the gpu suite's (its checkpoint is reused)")
     p.add_argument("--preset", default="smallthinker-4b-a0.6b")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--tokens", type=int, default=33, help="new tokens per generation (decode steps + 1)")
@@ -161,8 +178,9 @@ def main(argv=None) -> int:
         print("needs a CUDA device", file=sys.stderr)
         return 2
     scratch = Path(args.scratch)
-    ckpt, spec = be.make_synthetic(scratch / "synthetic", args.preset, dtype="bfloat16", seed=0, attn_out_scale=0.1)
-    bundle, secs = be.convert_bundle(ckpt, scratch / "bundle")
+    key = "4b-synthetic" if args.preset == "smallthinker-4b-a0.6b" else args.preset  # the suite's folder names
+    ckpt, spec = be.make_synthetic(scratch / key, args.preset, dtype="bfloat16", seed=0, attn_out_scale=0.1)
+    bundle, secs = be.convert_bundle(ckpt, scratch / f"{key}-bundle")
     cfg = be.SmallThinkerConfig.from_json(ckpt / "config.json")
     log(f"checkpoint and bundle ready ({secs:.0f} s for the bundle)")
     hbm = memory_copy_bandwidth(2 * 2**30, 10, "cuda")
@@ -224,29 +242,36 @@ def render(res: dict) -> str:
         f"KV {mem['kv'] / 2**20:.1f}, experts {mem['experts'] / 2**20:.0f}) / HBM copy "
         f"{res['hbm_copy']['median'] / 1e9:.0f} GB/s measured in this run = **{res['bound_ms']:.3f} ms/token**.",
         "",
-        "| variant | ms/token | tok/s | share of HBM bound | greedy tokens = model | kernels/step | copies/step |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | ms/token | tok/s | share of HBM bound | greedy tokens = model | kernels/step | copies/step | "
+        "GPU busy ms/step |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         if r.get("error"):
-            lines.append(f"| {r['variant']} | error: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['variant']} | error: {r['error'][:80]} | | | | | | |")
             continue
         prof = r.get("profile") or {}
         diff = r.get("first_difference")
         eq = "yes" if r.get("tokens_equal") else f"no (first difference per prompt: {diff})"
         k = prof.get("kernels")
-        c = prof.get("copies")
+        c, busy = prof.get("copies"), prof.get("gpu_busy_ms")
         lines.append(f"| {r['variant']} | {r['decode_ms_per_token']:.2f} | {r['tok_s']:.1f} | "
                      f"{100 * r['bound_share']:.1f}% | {eq} | {'' if k is None else f'{k:.0f}'} | "
-                     f"{'' if c is None else f'{c:.0f}'} |")
+                     f"{'' if c is None else f'{c:.0f}'} | {'' if busy is None else f'{busy:.2f}'} |")
     extra = [r for r in res["rows"] if r.get("first_decode_step_seconds") is not None]
     if extra:
         lines += ["", "First decode step of the check prompt (graph build, compile and capture included): " + ", ".join(
             f"{r['variant']} {r['first_decode_step_seconds']:.2f} s" for r in extra) + "."]
-    fused = [r for r in res["rows"] if r.get("variant") == "graph-fused" and not r.get("error")]
-    for r in fused:
-        lines.append(f"graph-fused ran {'inductor kernels' if r.get('compiled') else 'eager kernels'}"
-                     f"{'; compile error: ' + r['compile_error'] if r.get('compile_error') else ''}.")
+    for r in res["rows"]:
+        if r.get("variant", "").startswith("graph") and not r.get("error"):
+            lines.append(f"{r['variant']} ran {'inductor kernels' if r.get('compiled') else 'eager kernels only'}"
+                         f"{'; compile error: ' + r['compile_error'] if r.get('compile_error') else ''}.")
+    lines += ["", "GPU busy: the sum of the profiled kernels' and copies' durations per step (kernels, not gaps)."]
+    for r in res["rows"]:
+        top = (r.get("profile") or {}).get("top")
+        if top:
+            lines += ["", f"Top kernels of `{r['variant']}` per step: " + "; ".join(
+                f"{t['name'][:60]} x{t['calls']:.0f} {t['ms']:.3f} ms" for t in top[:6])]
     return "\n".join(lines) + "\n"
 
 

@@ -13,11 +13,14 @@ token goes to the host), and the sync makes ``decode_seconds`` the step's real t
 Two variants: ``cuda_graph=True`` follows the engine's ``exact``; ``cuda_graph="fused"`` takes the fused one
 whatever ``exact`` says (the prefill and any eager step keep exact's kernels):
 
-* exact (``exact=True``): the model's own kernels, bit-identical greedy tokens. Each layer's K selected experts are
-  copied (one gather kernel, on the device, by slot) into a static K-slot buffer and computed with ``F.linear`` on the
-  model's layouts, as the eager path does from the slots (same shapes, same cuBLAS kernels). Attention runs eagerly
-  between graph pieces, with the model's KV cache update and ``scaled_dot_product_attention`` over exactly the
-  cached keys (a graph would fix the key count): per token L + 1 graph replays and L eager attention calls.
+* exact (``exact=True``): the model's kernels, bit-identical greedy tokens. Each layer's K selected experts are copied
+  (one gather kernel, on the device, by slot) into a static K-slot buffer and computed with ``F.linear`` on the
+  model's layouts, as the eager path does from the slots (same shapes, same cuBLAS kernels); reductions (RMSNorm's
+  mean, routing) are the model's ATen kernels; the elementwise chains between them (RMSNorm's tail, rotary, the
+  residual adds, ReGLU, the weighted combine) are fused by inductor with its precision-cast emulation, which gives
+  the eager chain's bits (``fuse_pointwise=False``: the eager kernels). Attention runs eagerly between graph
+  pieces, ``scaled_dot_product_attention`` over exactly the cached keys (a graph would fix the key count; the
+  pieces write the new K/V): per token L + 1 graph replays and L attention calls.
 * fused (``exact=False`` or ``cuda_graph="fused"``): one graph for the whole step, with fused kernels
   (``torch.compile`` / inductor, falling back to the same code eagerly in the graph if compilation fails): RMSNorm,
   rotary and routing fused; attention over the static KV buffers with a position mask; each expert matrix read in
@@ -63,6 +66,51 @@ def _route(logits: torch.Tensor, k: int, softmax: bool) -> tuple[torch.Tensor, t
         w = s / s.sum(dim=-1, keepdim=True)
     sid, perm = torch.sort(ids[0])
     return sid, w[0].gather(0, perm)
+
+
+# ------------------------------------------------------------------ exact: the model's elementwise chains, fused
+# Each helper is a chain of the model's elementwise ops between its reductions and matrix products. Compiled with
+# inductor's ``emulate_precision_casts`` every intermediate is rounded to the tensors' dtype as the eager kernels
+# round it, and the ops are IEEE fp32 (no reassociation; the roundings keep products from contracting into FMAs
+# with a following add), so a fused chain gives the eager chain's bits with one kernel instead of several.
+def _pw_sq(x):
+    return x.float().pow(2)
+
+
+def _pw_norm(x, m, weight, eps: float):
+    """RMSNorm after its mean: x.float() * rsqrt(m + eps), cast back, times the weight."""
+    return weight * (x.float() * torch.rsqrt(m + eps)).to(x.dtype)
+
+
+def _pw_add_sq(x, y):
+    """The residual add, and the squares the next RMSNorm averages."""
+    z = x + y
+    return z, z.float().pow(2)
+
+
+def _pw_rope(q, k, cos, sin):
+    return _rope(q, cos, sin), _rope(k, cos, sin)
+
+
+def _pw_reglu(up, gate):
+    return up * F.relu(gate)
+
+
+def _pw_acc(y, out, w):
+    """The engine's combine step: y + out * weight, each rounded."""
+    return y + out * w
+
+
+_POINTWISE = {"sq": _pw_sq, "norm": _pw_norm, "add_sq": _pw_add_sq, "rope": _pw_rope, "reglu": _pw_reglu,
+              "acc": _pw_acc}
+
+
+def _emulates_casts() -> bool:
+    try:
+        import torch._inductor.config as ic
+    except Exception:  # noqa: BLE001
+        return False
+    return hasattr(ic, "emulate_precision_casts")
 
 
 # ------------------------------------------------------------------ fused (exact=False) layer halves
@@ -146,8 +194,9 @@ class GraphDecoder:
     """The engine's graph decode (see the module docstring). Built on first use, rebuilt when the engine's cache,
     KV cache or slots change (reopen, clear)."""
 
-    def __init__(self, engine, fused: bool | None = None, compile: bool = True) -> None:
+    def __init__(self, engine, fused: bool | None = None, compile: bool = True, fuse_pointwise: bool = True) -> None:
         self.e = engine
+        self.fuse_pointwise = fuse_pointwise  # exact: the elementwise chains compiled (bit-exact), else eager
         self.fused = (not engine.exact) if fused is None else bool(fused)
         self.compile = compile
         self.compiled = False  # whether the fused variant runs inductor kernels (set when built)
@@ -209,17 +258,20 @@ class GraphDecoder:
 
     def _replay_exact(self, start: int) -> None:
         e, s = self.e, self._static
-        graphs = self._graphs
-        positions = s["pos"]
+        graphs, positions, attn_in = self._graphs, s["pos"], s["attn"]
         for i, layer in enumerate(e._layers):
             graphs[i].replay()
-            attn = layer.self_attn
-            k, v, k_pos = e.kv[i].update(s["k"], s["v"], positions)  # the model's cache update (host-known length)
-            mask = None
-            if attn.window is not None and k.shape[2] > attn.window:
-                mask = attention_mask(positions, k_pos, attn.window)
-            out = F.scaled_dot_product_attention(s["q"], k, v, attn_mask=mask, enable_gqa=attn.n_heads != attn.n_kv)
-            s["attn"].copy_(out.transpose(1, 2).reshape(s["attn"].shape))
+            attn, kvl = layer.self_attn, e.kv[i]
+            q, gqa = s["q"][i], attn.n_heads != attn.n_kv
+            if attn.window is None:  # the graph wrote K/V at the position; attend over exactly the cached keys
+                n = kvl.length + 1
+                out = F.scaled_dot_product_attention(q, kvl.k[:, :, :n], kvl.v[:, :, :n], enable_gqa=gqa)
+                kvl.length = n
+            else:  # a sliding window: the model's ring update (ring + new key, then the mask it builds)
+                k, v, k_pos = kvl.update(s["k"][i], s["v"][i], positions)
+                mask = attention_mask(positions, k_pos, attn.window) if k.shape[2] > attn.window else None
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            attn_in.copy_(out.transpose(1, 2).reshape(attn_in.shape))
         graphs[-1].replay()
 
     def _account(self, ids_host: torch.Tensor) -> None:
@@ -298,7 +350,7 @@ class GraphDecoder:
         cuda = dev.type == "cuda"
         s["ids_host"] = torch.zeros(L, K, dtype=torch.long, pin_memory=cuda)
         s["done"] = torch.cuda.Event() if cuda else None
-        s["logits"] = torch.zeros(1, 1, cfg.vocab_size, dtype=e.dtype, device=dev)
+        s["logits"] = torch.zeros(1, 1, cfg.vocab_size, dtype=e.dtype, device=dev)  # exact: replaced by the graph's
         _sync(dev)
         if not self.fused:
             self._build_exact()
@@ -320,7 +372,7 @@ class GraphDecoder:
     def _build_exact(self) -> None:
         e, s = self.e, self._static
         cfg, dev, dtype = e.config, e.device, e.dtype
-        H, K = cfg.hidden_size, cfg.top_k
+        H, K, L, eps = cfg.hidden_size, cfg.top_k, cfg.num_hidden_layers, cfg.rms_norm_eps
         attn0 = e._layers[0].self_attn
         s["xbuf"] = torch.empty(K * e.bundle.stride, dtype=torch.uint8, device=dev)
         words = e.bundle.stride // 8  # the gather moves 8-byte words (records are 4 KiB multiples)
@@ -328,57 +380,75 @@ class GraphDecoder:
         xrows = s["xbuf"].view(torch.int64).view(K, words)
         wg, wu, wd = self._slot_views(s["xbuf"], K)
         experts = [(wg[j], wu[j], wd[j]) for j in range(K)]
-        s["x"] = torch.zeros(1, 1, H, dtype=dtype, device=dev)
-        s["q"] = torch.zeros(1, attn0.n_heads, 1, attn0.head_dim, dtype=dtype, device=dev)
-        s["k"] = torch.zeros(1, attn0.n_kv, 1, attn0.head_dim, dtype=dtype, device=dev)
-        s["v"] = torch.zeros_like(s["k"])
         s["attn"] = torch.zeros(1, 1, attn0.n_heads * attn0.head_dim, dtype=dtype, device=dev)
-        s["w"] = torch.zeros(K, dtype=dtype, device=dev)
-        rope_holder = {}
+        for name in ("q", "k", "v", "w", "sid", "x", "sq"):  # per layer: graph outputs, static between replays
+            s[name] = [None] * L
         model = e.model.model
 
         def embed():
             x = model.embed_tokens(s["tok"])
+            s["x"][0], s["sq"][0] = x, pw["sq"](x)
             if any(cfg.rope_layout):
-                rope_holder["rope"] = model.rotary(s["pos"], x.dtype)
-                s["cos"], s["sin"] = rope_holder["rope"]
-            s["x"].copy_(x)
+                s["cos"], s["sin"] = model.rotary(s["pos"], x.dtype)
 
         def pre(i):
             layer = e._layers[i]
-            x = s["x"]
-            sid, w = _route(layer.block_sparse_moe.route(x).reshape(-1, cfg.num_experts), K,
-                            layer.block_sparse_moe.apply_softmax)
-            s["ids"][i].copy_(sid)
-            s["w"].copy_(w.to(dtype))
-            torch.index_select(arena_rows, 0, s["slot_table"][i].index_select(0, sid), out=xrows)
-            rope = (s["cos"], s["sin"]) if "cos" in s else None
-            q, k, v = layer.self_attn.project(layer.input_layernorm(x), rope)
-            s["q"].copy_(q)
-            s["k"].copy_(k)
-            s["v"].copy_(v)
+            attn, kvl = layer.self_attn, e.kv[i]
+            x = s["x"][i]
+            s["sid"][i], s["w"][i] = _route(layer.block_sparse_moe.route(x).reshape(-1, cfg.num_experts), K,
+                                            layer.block_sparse_moe.apply_softmax)
+            torch.index_select(arena_rows, 0, s["slot_table"][i].index_select(0, s["sid"][i]), out=xrows)
+            h = pw["norm"](x, s["sq"][i].mean(-1, keepdim=True), layer.input_layernorm.weight, eps)
+            q = attn.q_proj(h).view(1, 1, attn.n_heads, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(1, 1, attn.n_kv, attn.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(1, 1, attn.n_kv, attn.head_dim).transpose(1, 2)
+            if attn.use_rope:
+                q, k = pw["rope"](q, k, s["cos"], s["sin"])
+            if attn.window is None:  # the model's cache update of a global layer: the new K/V at the position
+                pos = s["pos"]
+                kvl.k.index_copy_(2, pos, k)
+                kvl.v.index_copy_(2, pos, v)
+                kvl.pos.index_copy_(0, pos, pos)
+            s["q"][i], s["k"][i], s["v"][i] = q, k, v
 
         def post(i):
             layer = e._layers[i]
-            x = s["x"] + layer.self_attn.o_proj(s["attn"])
-            u = layer.post_attention_layernorm(x).reshape(-1, H)
+            x, sq = pw["add_sq"](s["x"][i], layer.self_attn.o_proj(s["attn"]))
+            u = pw["norm"](x, sq.mean(-1, keepdim=True), layer.post_attention_layernorm.weight, eps).reshape(-1, H)
             y = torch.zeros_like(u)
-            w = s["w"]
+            w = s["w"][i]
             for j, (g_w, u_w, d_w) in enumerate(experts):  # ascending expert id: the model's combine order
-                out = F.linear(F.linear(u, u_w) * F.relu(F.linear(u, g_w)), d_w)
-                y.add_(out * w[j:j + 1, None])
-            s["x"].copy_(x + y.view_as(x))
+                a = pw["reglu"](F.linear(u, u_w), F.linear(u, g_w))
+                y = pw["acc"](y, F.linear(a, d_w), w[j:j + 1, None])
+            x, sq = pw["add_sq"](x, y.view_as(x))
+            if i + 1 < L:
+                s["x"][i + 1], s["sq"][i + 1] = x, sq
+            else:
+                s["logits"] = e.model.lm_head(pw["norm"](x, sq.mean(-1, keepdim=True), model.norm.weight, eps))
+                torch.stack(s["sid"], out=s["ids"])
+                s["ids_host"].copy_(s["ids"], non_blocking=True)
 
-        def head():
-            s["logits"].copy_(e.model.lm_head(model.norm(s["x"])))
-            s["ids_host"].copy_(s["ids"], non_blocking=True)
-
-        L = cfg.num_hidden_layers
         pieces = [lambda: (embed(), pre(0))] + [lambda i=i: (post(i - 1), pre(i)) for i in range(1, L)] + \
-                 [lambda: (post(L - 1), head())]
-        for fn in pieces:  # warm-up (library handles, lazy inits): touches static buffers only, not the KV cache
-            fn()
-        _sync(dev)
+                 [lambda: post(L - 1)]
+
+        def warm():  # library handles, lazy inits, compilation; static buffers and the position's K/V slot only
+            for fn in pieces:
+                fn()
+            _sync(dev)
+
+        pw = dict(_POINTWISE)
+        self.compiled = False
+        if self.compile and self.fuse_pointwise and _emulates_casts():
+            pw = {k: torch.compile(f, fullgraph=True, dynamic=False, options={"emulate_precision_casts": True})
+                  for k, f in _POINTWISE.items()}
+            try:
+                warm()
+                self.compiled = True
+            except Exception as exc:  # noqa: BLE001  the eager kernels (as exact by construction)
+                self.compile_error = f"{type(exc).__name__}: {exc}"
+                pw = dict(_POINTWISE)
+        if not self.compiled:
+            warm()
         self._graphs = [self._capture(fn) for fn in pieces]
 
     # fused: one graph for the whole step
