@@ -105,6 +105,28 @@ def reference_tokens(ckpt: Path, prompts, new_tokens: int) -> tuple[list[list[in
     return refs, times
 
 
+def first_step_logits(e, prompt: list[int]) -> dict:
+    """The first decode step's logits of the graph against the engine's eager step (exact=True: the model's bits)
+    from the same KV state: bit-equal or not, how many differ, the largest difference, the reference's top-1/top-2
+    margin."""
+    e.kv.reset()
+    tok = e.forward(torch.tensor([prompt], device="cuda"))[:, -1].argmax(-1).view(1, 1)
+    snap = [(kv.k.clone(), kv.v.clone(), kv.pos.clone(), kv.length) for kv in e.kv.layers]
+    graph, e._graph = e._graph, None
+    try:
+        ref = e.forward(tok).float().flatten()
+    finally:
+        e._graph = graph
+    for kv, (k, v, p, n) in zip(e.kv.layers, snap):
+        kv.k.copy_(k), kv.v.copy_(v), kv.pos.copy_(p)
+        kv.length = n
+    got = e.forward(tok).float().flatten()
+    top = ref.topk(2).values
+    return {"bit_equal": bool(torch.equal(ref, got)), "differing": int((ref != got).sum()), "vocab": ref.numel(),
+            "max_abs_diff": float((ref - got).abs().max()), "ref_top2_margin": float(top[0] - top[1]),
+            "ref_logit_std": float(ref.std()), "argmax_equal": bool(ref.argmax() == got.argmax())}
+
+
 def run_engine(name: str, opts: dict, ckpt: Path, bundle: Path, prompts, new_tokens: int, refs, log) -> dict:
     from smallthinker_lab.engine import Engine
 
@@ -139,6 +161,8 @@ def run_engine(name: str, opts: dict, ckpt: Path, bundle: Path, prompts, new_tok
             hits=st["hits"], requests=st["requests"], misses_after_preload=st["misses"],
             graph_replays=e._graph.replays if e._graph is not None else 0,
             compiled=getattr(e._graph, "compiled", None), compile_error=getattr(e._graph, "compile_error", None))
+        if e._graph is not None:
+            row["first_step_logits"] = first_step_logits(e, prompts[0])
         # one decode step in isolation, for the profiler: prefill the check prompt, then steps of greedy tokens
         e.kv.reset()
         ids = torch.tensor([prompts[0]], device="cuda")
@@ -266,6 +290,13 @@ def render(res: dict) -> str:
         if r.get("variant", "").startswith("graph") and not r.get("error"):
             lines.append(f"{r['variant']} ran {'inductor kernels' if r.get('compiled') else 'eager kernels only'}"
                          f"{'; compile error: ' + r['compile_error'] if r.get('compile_error') else ''}.")
+    for r in res["rows"]:
+        d = r.get("first_step_logits")
+        if d:
+            lines.append(f"{r['variant']}, first decode step of the check prompt vs the eager (model's) logits: "
+                         f"bit-equal {d['bit_equal']}, {d['differing']} of {d['vocab']} differ, max |diff| "
+                         f"{d['max_abs_diff']:.3g} (logit std {d['ref_logit_std']:.3g}), reference top-1/top-2 margin "
+                         f"{d['ref_top2_margin']:.3g}, argmax equal {d['argmax_equal']}.")
     lines += ["", "GPU busy: the sum of the profiled kernels' and copies' durations per step (kernels, not gaps)."]
     for r in res["rows"]:
         top = (r.get("profile") or {}).get("top")

@@ -140,6 +140,16 @@ def test_cuda_graph_decode_matches_the_model(ckpt, reference, mode):
     assert len(decode) == (NEW - 1) * L * K + (L * E - len(prefill))  # every layer's K experts per step
 
 
+def test_cuda_graph_fused_length_buckets(ckpt):
+    """The fused graph attends over a power-of-two bucket of KV slots: a decode that crosses 64 positions uses two
+    graphs and keeps the model's tokens (fp32 model)."""
+    prompt = list(range(3, 63))
+    ref = load_model(ckpt, device="cuda").generate(prompt, NEW, stop_tokens=[])
+    with Engine.from_pretrained(ckpt, memory_limit=None, device="cuda", cuda_graph="fused", progress=False) as e:
+        assert e.generate(prompt, NEW, stop_tokens=[]).tokens == ref
+        assert sorted(e._graph._graphs) == [64, 128] and e._graph.replays == NEW - 1
+
+
 def test_cuda_graph_decode_bf16_bit_identical(tmp_path):
     """bf16, where rounding differences show: exact=True graphs give the model's tokens, on hybrid layouts (NoPE and
     global, RoPE and a sliding window of 8 that the decode passes)."""

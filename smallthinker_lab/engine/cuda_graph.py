@@ -245,7 +245,11 @@ class GraphDecoder:
         if not self.fused:
             self._replay_exact(start)
         else:
-            self._graphs[0].replay()
+            bucket = self._bucket(start)
+            graph = self._graphs.get(bucket)
+            if graph is None:
+                graph = self._graphs[bucket] = self._capture_fused(bucket)
+            graph.replay()
             for layer in e.kv.layers:
                 layer.length += 1
         self.replays += 1
@@ -454,7 +458,7 @@ class GraphDecoder:
     # fused: one graph for the whole step
     def _build_fused(self) -> None:
         e, s = self.e, self._static
-        cfg, dev, dtype = e.config, e.device, e.dtype
+        cfg, dtype = e.config, e.dtype
         K = cfg.top_k
         model = e.model.model
         wg_all, wu_all, wd_all = self._slot_views(e.arena._tensor, e.arena.n_slots)
@@ -481,7 +485,7 @@ class GraphDecoder:
                 head_dim=a.head_dim))
         eps = cfg.rms_norm_eps
 
-        def step(pre, post, compiled):
+        def step(pre, post, compiled, keys):
             x = model.embed_tokens(s["tok"]).view(1, -1)
             pos = s["pos"]
             cos, sin = model.rotary(pos, dtype)  # (1, D)
@@ -497,31 +501,44 @@ class GraphDecoder:
                 kv.k.index_copy_(2, slot, k.view(1, p["n_kv"], 1, -1))
                 kv.v.index_copy_(2, slot, v.view(1, p["n_kv"], 1, -1))
                 kv.pos.index_copy_(0, slot, pos)
-                x = post(x, q, kv.k, kv.v, kv.pos, pos, p["wo"], p["ln2"], w, slots, wg_all, wu_all, wd_all,
-                         eps=eps, window=p["window"], down_hf=e.exact, compiled=compiled)
+                c = min(keys, kv.capacity)  # the slots that can hold a key: positions < keys, or the whole ring
+                x = post(x, q, kv.k[:, :, :c], kv.v[:, :, :c], kv.pos[:c], pos, p["wo"], p["ln2"], w, slots, wg_all,
+                         wu_all, wd_all, eps=eps, window=p["window"], down_hf=e.exact, compiled=compiled)
             s["logits"].copy_(e.model.lm_head(model.norm(x.view(1, 1, -1))))
             torch.stack(ids, out=s["ids"])
             s["ids_host"].copy_(s["ids"], non_blocking=True)
 
-        # warm-up (compiles): writes the current position's K/V, which the replay writes again with the same values
+        self._graphs = {}
+        self._fused = {"step": step, "pre": pre, "post": post, "compiled": compiled,
+                       "max_keys": max(kv.capacity for kv in e.kv.layers)}
+        self.compiled = compiled
+
+    def _bucket(self, start: int) -> int:
+        """Keys the fused step attends over at position ``start``: the next power of two >= start + 1 (at least
+        64), at most the KV capacity. One graph per bucket, captured on first use."""
+        b = 64
+        while b < start + 1:
+            b *= 2
+        return min(b, self._fused["max_keys"])
+
+    def _capture_fused(self, keys: int):
+        """The fused step's graph for ``keys`` attended slots: warm-up (compiles; it writes the current position's
+        K/V, which the replay writes again with the same values), then capture. Inductor failures fall back to the
+        same code with eager kernels."""
+        f, dev = self._fused, self.e.device
+        step = f["step"]
         try:
             for _ in range(2):
-                step(pre, post, compiled)
-        except Exception as exc:  # noqa: BLE001  inductor failed at run time: eager kernels in the graph
-            if not compiled:
+                step(f["pre"], f["post"], f["compiled"], keys)
+            _sync(dev)
+            return self._capture(lambda: step(f["pre"], f["post"], f["compiled"], keys))
+        except Exception as exc:  # noqa: BLE001
+            if not f["compiled"]:
                 raise
             self.compile_error = f"{type(exc).__name__}: {exc}"
-            pre, post, compiled = fused_pre, fused_post, False
-            step(pre, post, compiled)
+        f.update(pre=fused_pre, post=fused_post, compiled=False)
+        self.compiled = False
+        self._graphs.clear()  # graphs of other buckets ran inductor kernels: captured again when used
+        step(fused_pre, fused_post, False, keys)
         _sync(dev)
-        try:
-            self._graphs = [self._capture(lambda: step(pre, post, compiled))]
-        except Exception as exc:  # noqa: BLE001  inductor code that does not capture: eager kernels in the graph
-            if not compiled:
-                raise
-            self.compile_error = f"capture: {type(exc).__name__}: {exc}"
-            pre, post, compiled = fused_pre, fused_post, False
-            step(pre, post, compiled)
-            _sync(dev)
-            self._graphs = [self._capture(lambda: step(pre, post, compiled))]
-        self.compiled = compiled
+        return self._capture(lambda: step(fused_pre, fused_post, False, keys))
