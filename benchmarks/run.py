@@ -67,7 +67,7 @@ def suite_modes(suite: str, gpu: bool, with_trained: bool, q4: bool = True) -> l
         _spec("engine", S, "no prefetch", 0.6, "lru", False, required=True),
         _spec(naive, S, "naive offload", 0.6, required=True),
     ]
-    if gpu:  # decode steps replayed as CUDA graphs (engine/cuda_graph.py): the model's kernels, then fused ones
+    if gpu:  # decode steps replayed as CUDA graphs (engine/cuda_graph.py), the model's kernels: the same tokens
         req.append(_spec("engine", S, "in memory", required=True, options={"cuda_graph": True}))
     trained = []
     if with_trained:
@@ -82,8 +82,9 @@ def suite_modes(suite: str, gpu: bool, with_trained: bool, q4: bool = True) -> l
             _spec("engine", T, "full", 0.25, "lru", True),
             _spec("engine", T, "no cache", 0.0, "lru", True),
         ]
-    opt = [_spec("engine", S, "in memory", options={"cuda_graph": "fused"})] if gpu else []
-    opt += [
+    # (cuda_graph="fused", one graph of inductor kernels, is faster but not bit-identical: on the synthetic 4B its
+    # greedy tokens differ from the first decode step, so it is not a row here; benchmarks/gpu_decode_graph.py times it)
+    opt = [
         # the full system with the engine's other switches: look-ahead routing (a layer more of lead), checksums off
         _spec("engine", S, "full", 0.6, "lru", True, options={"lookahead": True}),
         _spec("engine", S, "full", 0.6, "lru", True, options={"verify_checksums": False}),
