@@ -104,10 +104,9 @@ class Recorder:
     router_blocks: list[list[tuple]] = field(default_factory=list)
     router_notes: list[str] = field(default_factory=list)
     since_flush: int = 0
-    # expert events of one-token forwards (decode) not yet reduced: gate (1, F), key = layer slot * E + expert, row
-    single_gates: list[torch.Tensor] = field(default_factory=list)
-    single_keys: list[int] = field(default_factory=list)
-    single_rows: list[int] = field(default_factory=list)
+    # expert events of one-token forwards (decode) not yet reduced: (token row, that forward's "moe" events)
+    single_steps: list[tuple[int, list]] = field(default_factory=list)
+    single_events: int = 0
     routed: list[tuple] = field(default_factory=list)  # (key, token row, inactive) per reduction, tensors or numpy
     gates: list[torch.Tensor] = field(default_factory=list)  # (R, F) per reduced batch, full only
     neuron_counts: torch.Tensor | None = None  # (L' * E, F) active counts
@@ -136,7 +135,7 @@ class Recorder:
     # recording is read) the pending router tensors are concatenated into one block per layer and the pending expert
     # gates are reduced to counters (one cat, a few reductions, one index_add_). Expert events of a longer forward
     # (a prefill) are reduced at its end. Few live tensor objects: the garbage collector has little to walk.
-    FLUSH_STEPS = 16
+    FLUSH_STEPS = 64
     BATCH_EVENTS = 4096
 
     def __post_init__(self) -> None:
@@ -144,6 +143,7 @@ class Recorder:
         self.router_blocks = [[] for _ in self.layers]
         self.want = set(self.kinds)
         self.keep_logits = "experts" in self.full
+        self.keep_router = "experts" in self.want
         self.keep_gates = "neurons" in self.full
 
     # ------------------------------------------------------------------ hooks
@@ -155,6 +155,8 @@ class Recorder:
             start = self._chunk_start[layer] = self._rows_routed.get(layer, 0)
             self._rows_routed[layer] = start + n
             self._rows_total += n
+            if not self.keep_router:  # neurons alone: only where the chunk's rows start
+                return
             if topk_weights.requires_grad:  # a forward with autograd on: keep values, not the graph
                 topk_weights, logits = topk_weights.detach(), logits.detach()
             self._router.append((layer, topk_ids, topk_weights, logits if self.keep_logits else None))
@@ -196,15 +198,11 @@ class Recorder:
             self.router_steps.append((row, events, regular))
             self._router = []
         if "neurons" in want and self._experts:
-            if tokens * batch == 1:  # every event is row 0 of this step: keep the gates and their keys only
-                pos, E = self.layer_pos, self.config.num_experts
-                n = len(self.single_keys)
-                for layer, experts, _, gates, _ in self._experts:
-                    base = pos[layer] * E
-                    self.single_gates += gates
-                    self.single_keys += [base + e for e in experts]
-                self.single_rows += [self.token_rows] * (len(self.single_keys) - n)
-                if len(self.single_keys) >= self.BATCH_EVENTS:
+            if tokens * batch == 1:  # every event is row 0 of this step: the layer events, expanded when reduced
+                self.single_steps.append((self.token_rows, self._experts))
+                self._experts = []
+                self.single_events += len(self.single_steps[-1][1])
+                if self.single_events * self.config.top_k >= self.BATCH_EVENTS:  # one token: k experts a layer
                     self._flush()
             else:
                 self._reduce_single()  # keep the routed pairs in step order
@@ -263,26 +261,35 @@ class Recorder:
         """Add the active neurons of each gate row to its (layer slot, expert) counters; inactive count per row."""
         E, F = self.config.num_experts, self.config.moe_ffn_hidden_size
         active = gates > 0  # relu(gate) > 0
-        if self.neuron_counts is None:
-            self.neuron_counts = torch.zeros(len(self.layers) * E, F, dtype=torch.int64, device=gates.device)
-        for lo in range(0, gates.shape[0], 1 << 24):  # float sums are exact below 2^24 rows
-            part = torch.zeros(self.neuron_counts.shape, dtype=torch.float32, device=gates.device)
-            part.index_add_(0, key_rows[lo:lo + (1 << 24)], active[lo:lo + (1 << 24)].to(torch.float32))
-            self.neuron_counts += part.to(torch.int64)  # index_add_ is much faster on floats than on ints
+        if self.neuron_counts is None:  # float64: index_add_ is much faster on floats than on ints, and float64
+            # counts are exact integers up to 2^53 (read as int64)
+            self.neuron_counts = torch.zeros(len(self.layers) * E, F, dtype=torch.float64, device=gates.device)
+        self.neuron_counts.index_add_(0, key_rows, active.to(torch.float64))
         return F - active.sum(-1, dtype=torch.int32)  # (R,)
 
     @torch.inference_mode()  # also when the forward ran with autograd on; counters stay inference tensors
     def _reduce_single(self) -> None:
         """The pending expert events of one-token forwards: one cat, a few reductions, no host sync."""
-        if not self.single_keys:
+        if not self.single_steps:
             return
-        gates = torch.cat(self.single_gates)  # (R, F)
-        keys = torch.tensor(self.single_keys, device=gates.device)  # (R,)
-        inactive = self._count(gates, keys)
-        self.routed.append((keys, np.array(self.single_rows, dtype=np.int64), inactive))
+        pos, E = self.layer_pos, self.config.num_experts
+        all_gates, keys, rows = [], [], []
+        for row, events in self.single_steps:
+            n = len(keys)
+            for layer, experts, _, gates, _ in events:
+                base = pos[layer] * E
+                all_gates += gates
+                keys += [base + e for e in experts]
+            rows += [row] * (len(keys) - n)
+        self.single_steps, self.single_events = [], 0
+        if not keys:
+            return
+        gates = torch.cat(all_gates)  # (R, F)
+        keys_t = torch.from_numpy(np.array(keys, dtype=np.int64)).to(gates.device)  # (R,); 10x faster than tensor()
+        inactive = self._count(gates, keys_t)
+        self.routed.append((keys_t, np.array(rows, dtype=np.int64), inactive))
         if self.keep_gates:
             self.gates.append(gates)
-        self.single_gates, self.single_keys, self.single_rows = [], [], []
 
     @torch.inference_mode()
     def _reduce_forward(self, layer_events: list, first_row: int) -> None:
@@ -385,8 +392,8 @@ class Recorder:
                                                              r[1].cpu().numpy() for r in self.routed])
             inactive = _cat_host([r[2] for r in self.routed], (0,), torch.int32)
             gates = _cat_host(self.gates, (0, F), torch.float32) if self.keep_gates else None
-            counts = (self.neuron_counts.cpu().numpy().reshape(len(self.layers), E, F) if self.neuron_counts is not None
-                      else np.zeros((len(self.layers), E, F), dtype=np.int64))
+            counts = (self.neuron_counts.to(torch.int64).cpu().numpy().reshape(len(self.layers), E, F)
+                      if self.neuron_counts is not None else np.zeros((len(self.layers), E, F), dtype=np.int64))
             for j, layer in enumerate(self.layers):
                 sel = (key // E) == j
                 a[f"layers.{layer}.moe.routed_token"] = tok[sel]

@@ -49,7 +49,13 @@ class HookRegistry:
         return point in self._hooks
 
     def fire(self, point: str, **payload) -> None:
-        for fn in tuple(self._hooks.get(point, ())):
+        fns = self._hooks.get(point)
+        if not fns:
+            return
+        if len(fns) == 1:  # the usual case: one listener, no copy of the list
+            fns[0](**payload)
+            return
+        for fn in tuple(fns):  # a copy: a listener may remove itself
             fn(**payload)
 
     def __len__(self) -> int:

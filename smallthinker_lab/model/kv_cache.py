@@ -46,6 +46,7 @@ class LayerKVCache:
         self.v = torch.zeros_like(self.k)
         self.pos = torch.full((cap,), -1, dtype=torch.long, device=device)  # absolute position per slot
         self.length = 0  # tokens seen
+        self.bytes_per_position = 2 * batch * n_kv * head_dim * self.k.element_size()  # K and V
 
     @property
     def capacity(self) -> int:
@@ -58,7 +59,8 @@ class LayerKVCache:
     @property
     def nbytes(self) -> int:
         """Bytes of the positions held (what the analytic formula counts)."""
-        return 2 * self.batch * self.n_kv * self.head_dim * self.filled * self.k.element_size()
+        length, window = self.length, self.window
+        return self.bytes_per_position * (min(length, window) if window else length)
 
     @property
     def allocated_bytes(self) -> int:
