@@ -129,10 +129,20 @@ def fused_pre(x, wr, ln1, wq, wk, wv, cos, sin, slot_row, *, k: int, softmax: bo
     return q, kk, v, sid, w, slots
 
 
-def fused_post(x, q, k_buf, v_buf, kpos, pos, wo, ln2, w, slots, wg_all, wu_all, wd_all, *, eps: float,
+def _expert_weights(arena, slots, mats, compiled: bool):
+    """The K selected experts' (gate, up, down) as [K, rows, cols] views of their records. ``arena`` is every slot as
+    one [n_slots, record elements] tensor: more elements than an int32 holds on a large model, so inductor indexes
+    it with int64 (a [n_slots, F, H] view of the same bytes has fewer elements than its largest offset, and int32
+    indexing then overflows). Compiled: indirect loads, nothing copied; eager: the K records gathered."""
+    rec = arena[slots] if compiled else arena.index_select(0, slots)  # (K, record elements)
+    return [rec[:, off:off + rows * cols].reshape(-1, rows, cols) for off, rows, cols in mats]
+
+
+def fused_post(x, q, k_buf, v_buf, kpos, pos, wo, ln2, w, slots, arena, *, mats: tuple, eps: float,
                window: int | None, down_hf: bool, compiled: bool):
     """Attention over the static KV slots (positions masked), o_proj, residual, post norm, the K experts read in
-    place from their slots, the weighted combine in ascending expert order, residual. x (1, H) -> (1, H)."""
+    place from their slots (``mats``: element offset, rows, cols of gate, up, down in a record), the weighted
+    combine in ascending expert order, residual. x (1, H) -> (1, H)."""
     dtype = x.dtype
     n_kv, D = k_buf.shape[1], k_buf.shape[3]
     qg = q.float().view(n_kv, -1, D) * (1.0 / math.sqrt(D))  # (k, h/k, D)
@@ -152,21 +162,21 @@ def fused_post(x, q, k_buf, v_buf, kpos, pos, wo, ln2, w, slots, wg_all, wu_all,
         o = torch.matmul(p, vf)
     x = x + F.linear(o.to(dtype).reshape(1, -1), wo)
     u = _rmsnorm(x, ln2, eps)  # (1, H)
+    wg, wu, wd = _expert_weights(arena, slots, mats, compiled)
     if compiled:  # each weight read once, in place, from its slot (indirect loads), fp32 accumulation
         uf = u.float()
-        g = (wg_all[slots].float() * uf).sum(-1).to(dtype)  # (K, F)
-        up = (wu_all[slots].float() * uf).sum(-1).to(dtype)
+        g = (wg.float() * uf).sum(-1).to(dtype)  # (K, F)
+        up = (wu.float() * uf).sum(-1).to(dtype)
         a = (up * F.relu(g)).float()  # (K, F), rounded to bf16 as the model's product is
         if down_hf:
-            d = (wd_all[slots].float() * a[:, None, :]).sum(-1)  # (K, H)
+            d = (wd.float() * a[:, None, :]).sum(-1)  # (K, H)
         else:
-            d = (wd_all[slots].float() * a[:, :, None]).sum(1)
+            d = (wd.float() * a[:, :, None]).sum(1)
     else:  # gather the K experts' matrices, then batched products
         ub = u.expand(slots.shape[0], -1).unsqueeze(-1)  # (K, H, 1)
-        g = torch.bmm(wg_all.index_select(0, slots), ub).squeeze(-1)
-        up = torch.bmm(wu_all.index_select(0, slots), ub).squeeze(-1)
+        g = torch.bmm(wg, ub).squeeze(-1)
+        up = torch.bmm(wu, ub).squeeze(-1)
         a = (up * F.relu(g)).unsqueeze(-1)  # (K, F, 1)
-        wd = wd_all.index_select(0, slots)
         d = torch.bmm(wd, a).squeeze(-1) if down_hf else torch.bmm(wd.transpose(1, 2), a).squeeze(-1)
     o = d.to(dtype) * w[:, None]  # (K, H): out * weight, as the engine
     y = o[0]
@@ -461,7 +471,11 @@ class GraphDecoder:
         cfg, dtype = e.config, e.dtype
         K = cfg.top_k
         model = e.model.model
-        wg_all, wu_all, wd_all = self._slot_views(e.arena._tensor, e.arena.n_slots)
+        m, isz, n = e.bundle.matrices, e.dtype.itemsize, e.arena.n_slots
+        arena = e.arena._tensor[:n * e.bundle.stride].view(e.dtype).view(n, e.bundle.stride // isz)
+        Fh, H = m["gate"].shape
+        down = (H, Fh) if e.exact else (Fh, H)  # exact: the model's [H, F] layout, transposed in the slots
+        mats = ((m["gate"].offset // isz, Fh, H), (m["up"].offset // isz, Fh, H), (m["down"].offset // isz, *down))
         pre, post = fused_pre, fused_post
         compiled = False
         if self.compile:
@@ -502,8 +516,8 @@ class GraphDecoder:
                 kv.v.index_copy_(2, slot, v.view(1, p["n_kv"], 1, -1))
                 kv.pos.index_copy_(0, slot, pos)
                 c = min(keys, kv.capacity)  # the slots that can hold a key: positions < keys, or the whole ring
-                x = post(x, q, kv.k[:, :, :c], kv.v[:, :, :c], kv.pos[:c], pos, p["wo"], p["ln2"], w, slots, wg_all,
-                         wu_all, wd_all, eps=eps, window=p["window"], down_hf=e.exact, compiled=compiled)
+                x = post(x, q, kv.k[:, :, :c], kv.v[:, :, :c], kv.pos[:c], pos, p["wo"], p["ln2"], w, slots, arena,
+                         mats=mats, eps=eps, window=p["window"], down_hf=e.exact, compiled=compiled)
             s["logits"].copy_(e.model.lm_head(model.norm(x.view(1, 1, -1))))
             torch.stack(ids, out=s["ids"])
             s["ids_host"].copy_(s["ids"], non_blocking=True)
