@@ -379,7 +379,7 @@ def engine_limits(info: ModelInfo, device: str, quantization: str | None) -> dic
     kw = {"host_cache": True} if cuda else {}
     try:
         Engine.from_pretrained(info.ckpt, memory_limit=1, device=device, quantization=quantization,
-                               bundle_dir=info.bundles[quantization], progress=False, **kw)
+                               bundle_dir=info.bundles[quantization], progress=False, exact=True, **kw)  # as timed
     except MemoryLimitError as e:
         minimum = e.minimum_bytes
     else:  # pragma: no cover

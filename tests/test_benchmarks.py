@@ -126,7 +126,7 @@ def test_engine_exact_mode_is_token_identical_to_the_model_in_bf16(tmp_path, ext
     convert(folder, progress=False)
     prompt = list(range(3, 19))
     want = load_model(folder).generate(prompt, 10, stop_tokens=[])
-    with Engine.from_pretrained(folder, memory_limit=None, progress=False) as e:
+    with Engine.from_pretrained(folder, memory_limit=None, exact=True, progress=False) as e:  # exact's own minimum
         minimum, stride = e.plan.minimum_bytes, e.bundle.stride
     limit = None if extra is None else minimum + extra * stride
     with Engine.from_pretrained(folder, memory_limit=limit, exact=True, bypass_page_cache=True, progress=False) as e:

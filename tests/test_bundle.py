@@ -3,11 +3,11 @@
 import json
 import os
 import shutil
-import xxhash
 
 import numpy as np
 import pytest
 import torch
+import xxhash
 from conftest import random_model
 
 from smallthinker_lab.cli import main as cli_main

@@ -113,7 +113,8 @@ class Recorder:
     kv: list[list[int]] = field(default_factory=list)  # per step: bytes per recorded layer
     kv_itemsize: int | None = None
     cache_events: list[tuple] = field(default_factory=list)  # (step_row, engine_step, layer, expert, event, nbytes)
-    cache_blocks: list[tuple] = field(default_factory=list)  # (step_row, [(engine_step, (layer, expert), event)], nbytes)
+    # (step_row, [(engine_step, (layer, expert), event)], nbytes): the "cache_events" batches, expanded when read
+    cache_blocks: list[tuple] = field(default_factory=list)
     timing_snaps: list[tuple] = field(default_factory=list)  # (step_row, engine step, cumulative clocks)
     timing_events: list[tuple] = field(default_factory=list)  # (step_row, engine_step, layer, part, seconds)
     dropped: int = 0
