@@ -163,8 +163,9 @@ class Engine:
         self._io_local = threading.local()
         self.plan: MemoryPlan = plan_memory(
             self.memory_limit, device=self.device.type, non_expert=non_expert, kv_cache=kv, workspace=ws,
-            staging=staging, slot_bytes=self.bundle.stride, num_experts_total=config.num_hidden_layers * config.num_experts,
-            top_k=config.top_k, max_context=self.max_context, host_bytes=host)
+            staging=staging, slot_bytes=self.bundle.stride,
+            num_experts_total=config.num_hidden_layers * config.num_experts, top_k=config.top_k,
+            max_context=self.max_context, host_bytes=host)
 
         self.model = self._load_non_experts(stored, names)
         self.hooks = HookRegistry()
