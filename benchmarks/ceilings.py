@@ -232,8 +232,30 @@ def measure_ceilings(device: str = "cpu", quick: bool = False, scratch: str | No
         torch.set_num_threads(saved)
 
 
+def settle_writeback(timeout_s: float = 120.0, below: int = 64 * 2**20) -> dict:
+    """sync, then wait until the kernel's dirty and under-writeback pages fall below ``below`` bytes (or the
+    timeout): storage read bandwidth measured while gigabytes just written (a checkpoint, a bundle) are still being
+    flushed reads low. Returns what it saw."""
+    t0 = time.perf_counter()
+    os.sync()
+
+    def pending() -> int | None:
+        try:
+            fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+            return sum(int(fields[k].split()[0]) * 1024 for k in ("Dirty", "Writeback"))
+        except (OSError, KeyError, ValueError):
+            return None
+
+    left = pending()
+    while left is not None and left > below and time.perf_counter() - t0 < timeout_s:
+        time.sleep(0.5)
+        left = pending()
+    return {"seconds": time.perf_counter() - t0, "pending_bytes": left}
+
+
 def _measure(device, quick, size, expert_file, expert_offsets, expert_nbytes, io_threads) -> dict:
-    out = {"machine": machine_info(),
+    settled = settle_writeback(10.0 if quick else 120.0)
+    out = {"machine": machine_info(), "writeback_settled": settled,
            "memory_copy": memory_copy_bandwidth(size, 3 if quick else 5),
            "storage_read": storage_read_bandwidth(nbytes=size, repeats=2 if quick else 3),
            # bf16 products on a CPU without native bf16 (AVX2) run at ~1 GFLOP/s: a small size, few repeats
