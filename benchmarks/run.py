@@ -263,21 +263,6 @@ def evaluate_targets(rows: list[dict], suite: str, gpu: bool) -> list[dict]:
         if full is not None:
             add("CPU 4B: I/O wait share of decode time at 60% with prefetch", full.get("io_wait_share"), 0.10,
                 higher=False)
-        if full is not None and eng_mem is not None and eng_mem.get("time_split_ms"):
-            # what this disk allows: the next token's reads cannot start before it is sampled (its layer-0 router
-            # needs it), so the LM head and sampling never overlap them; the rest of the in-memory time can
-            t_mem = 1e3 / _rate(eng_mem)
-            split = eng_mem["time_split_ms"]
-            serial = split.get("lm_head", 0.0) + split.get("sampling", 0.0)
-            t_io = full.get("t_io_ms") or 0.0
-            best = max(t_mem, t_io + serial)
-            add("CPU 4B: the most the 60% row can reach on this disk: same engine in memory / max(its time, "
-                "missed bytes / storage bandwidth + LM head + sampling) (no target)", t_mem / best, 0.67,
-                note="a bound from this run's measurements, not a measured row")
-            add("CPU 4B: the least I/O wait share at 60% on this disk: max(0, missed bytes / storage bandwidth - "
-                "(in-memory time - LM head - sampling)) / that bound (no target)",
-                max(0.0, t_io - (t_mem - serial)) / best, 0.10, higher=False,
-                note="a bound from this run's measurements, not a measured row")
         add("CPU 4B: offloaded decode (60%, prefetch) / accelerate disk_offload decode", _rate(full) / _rate(naive),
             5.0, note="disk_offload keeps nothing resident")
         if devmap is not None:
@@ -333,10 +318,13 @@ def versions() -> dict:
         pass
     if torch.cuda.is_available():
         out["cuda"] = torch.version.cuda
+    if os.environ.get("BENCH_GIT_COMMIT"):  # a copy of the tree whose .git is absent or stale (a lent machine)
+        out["git_commit"], out["git_dirty"] = os.environ["BENCH_GIT_COMMIT"], None
+        return out
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip()
-        out["git_commit"] = commit if len(commit) == 40 else os.environ.get("BENCH_GIT_COMMIT")
+        out["git_commit"] = commit if len(commit) == 40 else None
         out["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--", "smallthinker_lab", "benchmarks"],
                                                cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip())
     except Exception:  # noqa: BLE001
