@@ -105,7 +105,9 @@ def convert_bundle(ckpt: Path, bundle_dir: Path, quantization: str | None = None
     from smallthinker_lab.engine.bundle import ensure_bundle
 
     t0 = time.perf_counter()
-    out = ensure_bundle(Path(ckpt), Path(bundle_dir), quantization, progress=False)
+    # every engine row runs exact=True: raw formats keep down in the model's layout (no transpose per read)
+    out = ensure_bundle(Path(ckpt), Path(bundle_dir), quantization, progress=False,
+                        down_transposed=quantization not in (None, "bf16", "fp16", "fp32"))
     return out, time.perf_counter() - t0
 
 

@@ -12,6 +12,7 @@ from conftest import random_model
 
 from benchmarks import bench_engine, report_table, run
 from smallthinker_lab.engine import Engine, convert
+from smallthinker_lab.engine.bundle import BundleError
 from smallthinker_lab.model.checkpoint import load_model, save_pretrained
 
 ROW_FIELDS = ("mode", "device", "memory_limit", "limit_share_of_expert_bytes", "policy", "prefetch", "prefill_tok_s",
@@ -135,6 +136,27 @@ def test_engine_exact_mode_is_token_identical_to_the_model_in_bf16(tmp_path, ext
             prompt[:1], 10, stop_tokens=[])
     with pytest.raises(ValueError, match="exact"):
         Engine.from_pretrained(folder, memory_limit=None, exact=True, sparse_reglu=True, progress=False)
+
+
+def test_exact_engine_reads_a_model_layout_bundle_without_transposes(tmp_path):
+    """exact=True converts its own bundle with down in the model's [H, F] layout (no transpose per read, no
+    staging for it) and stays bit-identical; an explicit bundle with down transposed still works (transposed per
+    read); the default engine refuses a model-layout bundle with an error that says why."""
+    folder = tmp_path / "m"
+    save_pretrained(random_model(std=0.05).to(torch.bfloat16), folder)
+    prompt = list(range(3, 19))
+    want = load_model(folder).generate(prompt, 8, stop_tokens=[])
+    with Engine.from_pretrained(folder, memory_limit=None, exact=True, progress=False) as e:
+        assert e.bundle_dir.name == "expert_bundle-down_hf" and e.bundle.down_transposed is False
+        assert not e._relayout_down and e.plan.staging_bytes == 0
+        assert e.generate(prompt, 8, stop_tokens=[]).tokens == want
+        hf_dir = e.bundle_dir
+    fh_dir = convert(folder, tmp_path / "fh", progress=False)
+    with Engine.from_pretrained(folder, memory_limit=None, exact=True, bundle_dir=fh_dir, progress=False) as e:
+        assert e.bundle.down_transposed is True and e._relayout_down and e.plan.staging_bytes > 0
+        assert e.generate(prompt, 8, stop_tokens=[]).tokens == want
+    with pytest.raises(BundleError, match=r"model's \[H, F\] layout, which only exact=True"):
+        Engine.from_pretrained(folder, memory_limit=None, bundle_dir=hf_dir, progress=False)
 
 
 def test_limits_and_bytes_per_token():

@@ -72,6 +72,26 @@ def test_convert_layout_and_contents(ckpt, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [DATA_NAME, INDEX_NAME]  # no temporary files left
 
 
+def test_convert_keeps_down_in_the_model_layout_when_asked(ckpt, tmp_path):
+    """down_transposed=False: down stored [H, F] as the model holds it (what exact=True reads without a transpose);
+    the index and the opened bundle say so; quantised formats refuse it."""
+    folder, model = ckpt
+    b = open_bundle(convert(folder, tmp_path / "hf", progress=False, down_transposed=False), model.config)
+    idx = json.loads((tmp_path / "hf" / INDEX_NAME).read_text())
+    assert b.down_transposed is False and idx["down_transposed"] is False
+    assert idx["matrices"]["down"]["transposed"] is False
+    H, F = model.config.hidden_size, model.config.moe_ffn_hidden_size
+    assert b.matrices["down"].shape == (H, F) and b.matrices["gate"].shape == (F, H)
+    fmt = get_format("fp32")
+    ex = model.model.layers[1].block_sparse_moe.experts[4]
+    for name, w in {"gate": ex.gate.weight, "up": ex.up.weight, "down": ex.down.weight}.items():  # down [H, F]
+        assert torch.equal(fmt.decode(_read_matrix(b, 1, 4, name), w.shape, torch.float32), w.detach())
+    assert open_bundle(convert(folder, tmp_path / "fh", progress=False), model.config).down_transposed is True
+    for quantization in ("int8", "q4_0"):
+        with pytest.raises(BundleError, match="model's \\[H, F\\] layout needs a raw float format"):
+            convert(folder, tmp_path / quantization, quantization, progress=False, down_transposed=False)
+
+
 @pytest.mark.parametrize("quantization", ["int8", "q4_0"])
 def test_convert_quantised_matches_the_format(ckpt, tmp_path, quantization):
     folder, model = ckpt
@@ -203,3 +223,6 @@ def test_cli_convert(ckpt, tmp_path, capsys):
                      "--no-progress"]) == 0
     assert "format q4_0" in capsys.readouterr().out
     assert open_bundle(tmp_path / "q", SmallThinkerConfig.from_json(folder)).format == "q4_0"
+    assert cli_main(["convert", str(folder), "--out", str(tmp_path / "hf"), "--down-layout", "model",
+                     "--no-progress"]) == 0
+    assert open_bundle(tmp_path / "hf").down_transposed is False

@@ -98,12 +98,21 @@ class MatrixSpec:
     shape: tuple[int, int]
 
 
-def record_layout(hidden: int, ffn: int, fmt: str) -> tuple[dict[str, MatrixSpec], int, int]:
-    """The matrices of one record, the payload size (end of the last matrix) and the stride (4 KiB aligned)."""
+RAW_FORMATS = ("bf16", "fp16", "fp32")  # formats whose down matrix may be stored in the model's [H, F] layout
+
+
+def record_layout(hidden: int, ffn: int, fmt: str, down_transposed: bool = True
+                  ) -> tuple[dict[str, MatrixSpec], int, int]:
+    """The matrices of one record, the payload size (end of the last matrix) and the stride (4 KiB aligned).
+
+    ``down_transposed`` (the default) stores down as [F, H], rows per neuron for the sparse ReGLU; False keeps the
+    model's [H, F] (raw float formats only): what ``exact=True`` computes with, so no read needs a transpose."""
     f = get_format(fmt)
+    if not down_transposed and fmt not in RAW_FORMATS:
+        raise BundleError(f"down in the model's [H, F] layout needs a raw float format {RAW_FORMATS}, not {fmt}")
     specs, off = {}, 0
     for name in MATRICES:
-        shape = (ffn, hidden)  # down is stored transposed: [F, H]
+        shape = (ffn, hidden) if name != "down" or down_transposed else (hidden, ffn)
         nbytes = f.nbytes(shape)
         specs[name] = MatrixSpec(name, off, nbytes, shape)
         off = _align(off + nbytes, MATRIX_ALIGN)
@@ -131,6 +140,7 @@ class Bundle:
     file_size: int
     source: dict = field(default_factory=dict)
     checksum: str = "xxh3_64"  # the algorithm (CHECKSUMS)
+    down_transposed: bool = True  # down stored [F, H] (else the model's [H, F]; see record_layout)
 
     def checksum_of(self, payload) -> int:
         return CHECKSUMS[self.checksum]()(payload)
@@ -147,8 +157,9 @@ class Bundle:
         return int(self.offsets[layer, expert])
 
     def describe(self) -> str:
+        down = "[F, H]" if self.down_transposed else "[H, F] (model layout)"
         return (f"{self.data_path}: {self.num_layers} layers x {self.num_experts} experts, format {self.format}, "
-                f"{self.stride} bytes per expert, {self.file_size / 2**20:.1f} MiB")
+                f"{self.stride} bytes per expert, down {down}, {self.file_size / 2**20:.1f} MiB")
 
 
 # ------------------------------------------------------------------ source checkpoint
@@ -185,10 +196,12 @@ def source_fingerprint(folder: Path) -> dict:
     return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
 
 
-def default_bundle_dir(checkpoint_dir: str | os.PathLike, quantization: str | None = None) -> Path:
-    """``<checkpoint>/expert_bundle[-FMT]`` when the folder is writable, else a per-checkpoint cache folder."""
+def default_bundle_dir(checkpoint_dir: str | os.PathLike, quantization: str | None = None,
+                       down_transposed: bool = True) -> Path:
+    """``<checkpoint>/expert_bundle[-FMT][-down_hf]`` when the folder is writable, else a per-checkpoint cache
+    folder (``-down_hf``: down in the model's layout, see :func:`record_layout`)."""
     folder = Path(checkpoint_dir).resolve()
-    name = "expert_bundle" + (f"-{quantization}" if quantization else "")
+    name = "expert_bundle" + (f"-{quantization}" if quantization else "") + ("" if down_transposed else "-down_hf")
     if os.access(folder, os.W_OK):
         return folder / name
     key = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
@@ -198,12 +211,13 @@ def default_bundle_dir(checkpoint_dir: str | os.PathLike, quantization: str | No
 
 # ------------------------------------------------------------------ convert
 def convert(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-            quantization: str | None = None, progress: bool = True) -> Path:
+            quantization: str | None = None, progress: bool = True, down_transposed: bool = True) -> Path:
     """Write the expert bundle of a checkpoint folder; returns the bundle folder.
 
     ``quantization``: None keeps the stored precision (bf16/fp16/fp32); "bf16"/"fp16"/"fp32" convert,
-    "int8" (per-row absmax) and "q4_0" (ggml) quantise weight-only. One expert's three matrices are in memory
-    at a time.
+    "int8" (per-row absmax) and "q4_0" (ggml) quantise weight-only. ``down_transposed=False`` keeps the down
+    matrix in the model's [H, F] layout (raw formats; what the engine's ``exact=True`` reads without a transpose).
+    One expert's three matrices are in memory at a time.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
@@ -223,12 +237,12 @@ def convert(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     else:
         fmt = quantization
     codec = get_format(fmt)
-    specs, payload, stride = record_layout(H, F, fmt)
-    out = Path(out_dir) if out_dir is not None else default_bundle_dir(ckpt, quantization)
+    specs, payload, stride = record_layout(H, F, fmt, down_transposed)
+    out = Path(out_dir) if out_dir is not None else default_bundle_dir(ckpt, quantization, down_transposed)
     out.mkdir(parents=True, exist_ok=True)
     bundle_id = uuid.uuid4().hex
     header = {"format": fmt, "num_layers": L, "num_experts": E, "hidden_size": H, "ffn_size": F,
-              "stride": stride, "payload_nbytes": payload, "down_transposed": True}
+              "stride": stride, "payload_nbytes": payload, "down_transposed": bool(down_transposed)}
     tag = f".tmp-{os.getpid()}"
     tmp_data, tmp_index = out / f".{DATA_NAME}{tag}", out / f".{INDEX_NAME}{tag}"
     offsets = np.zeros((L, E), dtype=np.int64)
@@ -258,9 +272,9 @@ def convert(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike | None
                             if file not in handles:
                                 handles[file] = safe_open(str(file), framework="pt", device="cpu")
                             w = handles[file].get_tensor(name)
-                            if m == "down":
+                            if m == "down" and down_transposed:
                                 w = w.t()  # [H, F] -> [F, H]
-                            if tuple(w.shape) != (F, H):
+                            if tuple(w.shape) != specs[m].shape:
                                 raise BundleError(f"{file}: {name} has shape {list(w.shape)}, expected "
                                                   f"{[F, H] if m != 'down' else [H, F]}")
                             enc = codec.encode(w.contiguous()).numpy()
@@ -312,7 +326,7 @@ def _index_dict(bundle_id, header, specs, offsets, sums, algo, file_size, source
         "magic": MAGIC.decode(), "version": BUNDLE_VERSION, "bundle_id": bundle_id, "data_file": DATA_NAME,
         "file_size": file_size, "alignment": PAGE, "checksum": algo, **header,
         "matrices": {m: {"offset": s.offset, "nbytes": s.nbytes, "shape": list(s.shape), "format": header["format"],
-                         "transposed": m == "down"} for m, s in specs.items()},
+                         "transposed": m == "down" and header["down_transposed"]} for m, s in specs.items()},
         "source": source, "experts": experts,
     }
 
@@ -341,15 +355,19 @@ def open_bundle(directory: str | os.PathLike, config: SmallThinkerConfig | None 
         size = int(idx["file_size"])
         experts = idx["experts"]
         algo = idx["checksum"]
+        down_t = idx["down_transposed"]
+        if not isinstance(down_t, bool):
+            raise TypeError(f"down_transposed is {down_t!r}, not a bool")
+        specs, want_payload, want_stride = record_layout(H, F, fmt, down_t)
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{index_path} is malformed ({type(e).__name__}: {e})") from None
-    specs, want_payload, want_stride = record_layout(H, F, fmt)
     if (stride, payload) != (want_stride, want_payload):
         raise BundleError(f"{index_path}: stride/payload {stride}/{payload} do not match format {fmt} "
                           f"({want_stride}/{want_payload})")
     for m, s in specs.items():
         got = idx.get("matrices", {}).get(m, {})
-        if got.get("offset") != s.offset or got.get("nbytes") != s.nbytes or got.get("transposed") != (m == "down"):
+        if got.get("offset") != s.offset or got.get("nbytes") != s.nbytes or \
+                got.get("transposed") != (m == "down" and down_t):
             raise BundleError(f"{index_path}: matrix {m} layout {got} does not match format {fmt}")
     if len(experts) != L or any(len(row) != E for row in experts):
         raise BundleError(f"{index_path}: expert table is not {L} layers x {E} experts")
@@ -390,7 +408,7 @@ def open_bundle(directory: str | os.PathLike, config: SmallThinkerConfig | None 
             raise BundleError(f"bundle {directory} holds {L} layers x {E} experts of [{F}, {H}], but the config "
                               f"needs {want[0]} x {want[1]} of [{want[3]}, {want[2]}]")
     return Bundle(directory, data_path, idx["bundle_id"], fmt, L, E, H, F, stride, payload, specs, offsets, sums,
-                  size, idx.get("source", {}), algo)
+                  size, idx.get("source", {}), algo, down_t)
 
 
 def _index_summary(directory: Path) -> dict | None:
@@ -401,17 +419,21 @@ def _index_summary(directory: Path) -> dict | None:
 
 
 def ensure_bundle(checkpoint_dir: Path, bundle_dir: Path | None, quantization: str | None,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, down_transposed: bool = True) -> Path:
     """The bundle folder for a checkpoint, converting first when it has no index (never converted, or an
     interrupted conversion), when the index is of another version or format, or when the checkpoint changed since
     (sizes or mtimes of its files). A bundle that claims to be current but fails validation (truncated data,
-    missing data file) is an error, not silently rebuilt: storage problems must be seen."""
-    out = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir(checkpoint_dir, quantization)
+    missing data file) is an error, not silently rebuilt: storage problems must be seen. ``down_transposed`` is the
+    layout of a new conversion; the default folder is per layout, and an explicit ``bundle_dir`` of the other
+    layout is used as it is (the engine reads both)."""
+    out = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir(checkpoint_dir, quantization,
+                                                                              down_transposed)
 
     def stale() -> bool:
         idx = _index_summary(out)
         return (idx is None or idx.get("magic") != MAGIC.decode() or idx.get("version") != BUNDLE_VERSION
                 or (quantization is not None and idx.get("format") != quantization)
+                or (bundle_dir is None and idx.get("down_transposed") != down_transposed)
                 or idx.get("source") != source_fingerprint(checkpoint_dir))
 
     if stale():
@@ -419,5 +441,5 @@ def ensure_bundle(checkpoint_dir: Path, bundle_dir: Path | None, quantization: s
         with open(out / ".convert.lock", "w") as lock:  # one conversion at a time (engines opened in parallel)
             fcntl.flock(lock, fcntl.LOCK_EX)
             if stale():  # another process may have converted it meanwhile
-                convert(checkpoint_dir, out, quantization, progress=progress)
+                convert(checkpoint_dir, out, quantization, progress=progress, down_transposed=down_transposed)
     return out

@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="bundle folder (default: <checkpoint>/expert_bundle[-FORMAT])")
     p.add_argument("--quantization", choices=["bf16", "fp16", "fp32", "int8", "q4_0"], default=None,
                    help="weight format of the experts (default: as stored)")
+    p.add_argument("--down-layout", choices=["transposed", "model"], default="transposed",
+                   help="down matrix stored [F, H] (sparse ReGLU, the default) or in the model's [H, F] layout "
+                        "(what exact=True reads without a transpose; raw formats only)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_convert)
 
@@ -52,7 +55,8 @@ def register(subparsers) -> None:
 def run_convert(args) -> int:
     from .bundle import convert, open_bundle
 
-    out = convert(args.checkpoint, args.out, args.quantization, progress=not args.no_progress)
+    out = convert(args.checkpoint, args.out, args.quantization, progress=not args.no_progress,
+                  down_transposed=args.down_layout == "transposed")
     print(open_bundle(out).describe())
     return 0
 

@@ -46,7 +46,16 @@ from ..model.kv_cache import KVCache, kv_cache_bytes
 from ..model.layers import RotaryEmbedding
 from ..model.model import SmallThinkerForCausalLM
 from . import sparse
-from .bundle import FORMAT_DTYPE, BundleError, checkpoint_tensor_files, ensure_bundle, is_expert_tensor, open_bundle
+from .bundle import (
+    _ST_FORMAT,
+    FORMAT_DTYPE,
+    RAW_FORMATS,
+    BundleError,
+    checkpoint_tensor_files,
+    ensure_bundle,
+    is_expert_tensor,
+    open_bundle,
+)
 from .cache import Entry, ExpertCache, SlotArena, layer_chunks
 from .io import CudaTransfer, ExpertReader
 from .memory import MemoryPlan, itemsize, parse_memory_limit, plan_memory, workspace_bytes
@@ -121,15 +130,21 @@ class Engine:
         self.compute_threads = compute_threads
         self.memory_limit = parse_memory_limit(memory_limit)
 
-        # the bundle (converted on first use) and the non-expert tensors of the checkpoint
-        self.bundle_dir = ensure_bundle(self.checkpoint_dir, bundle_dir, quantization, progress)
-        self.bundle = open_bundle(self.bundle_dir, config)
+        # the non-expert tensors of the checkpoint and the bundle (converted on first use)
         stored = checkpoint_tensor_files(self.checkpoint_dir)
         names = [n for n in expected_tensors(config) if not is_expert_tensor(n)]
         absent = [n for n in names if n not in stored]
         if absent:
             raise FileNotFoundError(f"{self.checkpoint_dir}: non-expert tensor(s) missing, e.g. {absent[0]}")
         self.dtype = _resolve_dtype(dtype, {stored[n][1] for n in names}, config)
+        # exact reads down in the model's [H, F] layout: a new bundle stores it so (no transpose per read) when its
+        # bytes are used as they are (a raw format of the engine's dtype)
+        expert_fmt = quantization or next((_ST_FORMAT.get(stored[n][1]) for n in expected_tensors(config)
+                                           if is_expert_tensor(n) and n in stored), None)
+        model_layout = self.exact and expert_fmt in RAW_FORMATS and FORMAT_DTYPE[expert_fmt] == self.dtype
+        self.bundle_dir = ensure_bundle(self.checkpoint_dir, bundle_dir, quantization, progress,
+                                        down_transposed=not model_layout)
+        self.bundle = open_bundle(self.bundle_dir, config)
         self.max_context = int(max_context or min(2048, config.max_position_embeddings))
         if self.max_context > config.max_position_embeddings:
             raise ValueError(f"max_context {self.max_context} exceeds max_position_embeddings "
@@ -141,6 +156,12 @@ class Engine:
         H, Fh = config.hidden_size, config.moe_ffn_hidden_size
         self._codec = get_format(self.bundle.format)
         self._zero_copy = FORMAT_DTYPE.get(self.bundle.format) == self.dtype
+        if not self.bundle.down_transposed and not (self.exact and self._zero_copy):
+            raise BundleError(f"{self.bundle_dir} stores down in the model's [H, F] layout, which only exact=True "
+                              f"with dtype {FORMAT_DTYPE[self.bundle.format]} reads; this engine needs a bundle "
+                              f"converted with down_transposed=True (the default)")
+        # exact over a bundle with down transposed: each read's down goes back to [H, F] in its slot
+        self._relayout_down = self.exact and self._zero_copy and self.bundle.down_transposed
         isz = itemsize(self.dtype)
         # per expert computed: gathered up/down rows (sparse) or their products; decoded matrices plus the
         # decoder's temporaries (about 10 bytes per weight) when the slot's bytes are not usable as they are
@@ -159,7 +180,7 @@ class Engine:
         kv = kv_cache_bytes(config, self.max_context, self.dtype)
         host = (self.bundle.file_size if host_cache else io_threads * self.bundle.stride) if cuda else 0
         # exact on CPU: each I/O thread transposes a read's down matrix through a scratch buffer of its own
-        staging = io_threads * self.bundle.matrices["down"].nbytes if exact and not cuda and self._zero_copy else 0
+        staging = io_threads * self.bundle.matrices["down"].nbytes if self._relayout_down and not cuda else 0
         self._io_local = threading.local()
         self.plan: MemoryPlan = plan_memory(
             self.memory_limit, device=self.device.type, non_expert=non_expert, kv_cache=kv, workspace=ws,
@@ -207,12 +228,13 @@ class Engine:
         computes, restored after each forward; on a small CPU, leaving a core to the I/O threads avoids OpenMP
         stalls when reads land during compute: on the busy 2-core development machine one compute thread was
         several times faster per expert than two), ``exact`` (compute every expert with the model's own kernels:
-        dense ReGLU, ``F.linear`` on the down matrix in the model's [H, F] layout, transposed in its cache slot
-        once per read (CPU: in the I/O thread; CUDA: on first use), so that greedy tokens are bit-identical to
-        the in-memory model in bf16/fp16 too; the default path (sparse ReGLU, down rows gathered from the stored
-        [F, H] layout) equals the model only up to rounding, which a model with near-tied router or LM-head
-        logits turns into different tokens), ``cuda_graph`` (CUDA: decode steps replay CUDA graphs, with no host
-        sync inside the step, when every expert of the model is resident (a cache of all of them, e.g.
+        dense ReGLU, ``F.linear`` on the down matrix in the model's [H, F] layout: a bundle converted for it
+        stores down so (``expert_bundle-down_hf``, raw formats), a bundle with down transposed has it transposed
+        in its cache slot once per read (CPU: in the I/O thread; CUDA: on first use), so that greedy tokens are
+        bit-identical to the in-memory model in bf16/fp16 too; the default path (sparse ReGLU, down rows gathered
+        from the stored [F, H] layout) equals the model only up to rounding, which a model with near-tied router
+        or LM-head logits turns into different tokens), ``cuda_graph`` (CUDA: decode steps replay CUDA graphs,
+        with no host sync inside the step, when every expert of the model is resident (a cache of all of them, e.g.
         ``memory_limit=None``: the first graph step reads any missing one), no hook is registered and neither an
         LM-head predictor nor look-ahead is used; else the eager path runs. With ``exact=True`` the graphs run the
         model's kernels (bit-identical tokens; attention eager between per-layer graphs); with ``exact=False``,
@@ -280,10 +302,10 @@ class Engine:
         layer, expert = key
         if self.transfer is not None:
             fut = self.transfer.load(layer, expert, self.arena.tensor(slot), slot)
-            if self.exact and self._zero_copy:  # transposed on first use, after the copy's event (kept per slot:
+            if self._relayout_down:  # transposed on first use, after the copy's event (kept per slot:
                 self._layout_pending[slot] = fut  # cache.drain() may settle the future before any use)
             return fut
-        then = (lambda: self._down_to_model_layout_host(slot)) if self.exact and self._zero_copy else None
+        then = (lambda: self._down_to_model_layout_host(slot)) if self._relayout_down else None
         return self.reader.submit(layer, expert, self.arena.buffer(slot), then=then)
 
     def _down_to_model_layout_host(self, slot: int) -> None:
