@@ -29,8 +29,8 @@ whatever ``exact`` says (the prefill and any eager step keep exact's kernels):
   the model's in the last bits; greedy tokens then agree unless the model has near-tied router or LM-head logits
   (benchmarks/gpu_decode_graph.py measures whether they agree on the benchmark's prompts).
 
-Memory beyond the engine's plan: the graphs' private pool (activations of one step) and, with ``exact=True``, the
-K-slot expert buffer (K x record stride).
+Memory: the K-slot expert buffer of ``exact=True`` (K x record stride) is counted in the engine's workspace; the
+graphs' private pool (the activations of one decode step) is not counted in the plan.
 """
 
 from __future__ import annotations

@@ -169,6 +169,8 @@ class Engine:
         cuda = self.device.type == "cuda"
         if cuda:
             expert_ws += CUDA_LIBRARY_WORKSPACE
+        if cuda_graph is True and self.exact:  # the exact graph's static buffer of one layer's K expert records
+            expert_ws += config.top_k * self.bundle.stride
         self.lm_head_predictor = _load_predictor(lm_head_predictor, config, self.device)
         pred = self.lm_head_predictor
         if pred is not None:  # its weights are resident; the rows it selects are gathered per decode step
