@@ -106,8 +106,12 @@ def test_corrupted_expert_fails_its_checksum(ckpt, source):
             byte = f.read(1)
             f.seek(-1, 1)
             f.write(bytes([byte[0] ^ 0xFF]))
+    got = []
     with pytest.raises(ExpertReadError, match=r"checksum mismatch in layer 1 expert \d+ .* the bundle is corrupt"):
-        e.generate(PROMPT, NEW)
+        for token in e.stream(PROMPT, NEW):  # experts are computed while their checksums run ...
+            got.append(token)
+    assert got == []  # ... but the forward that read them raises before its logits leave: no token from bad bytes
+    assert e._unverified == []
     e.close()
     assert_released(ckpt)
     # checksums off: the corruption goes unnoticed (why they are on by default)

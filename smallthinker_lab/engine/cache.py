@@ -312,6 +312,8 @@ class Entry:
     ahead: bool = False  # read issued ahead of need and not consumed yet (prefetch accounting)
     speculative: bool = False  # inserted by look-ahead, not demanded yet
     result: object = None  # what the read's future returned (CUDA: the event the compute stream waits on)
+    landed: Future | None = None  # set when the bytes are in the slot, before the read's checksum (if the loader
+    # gives one: ``future.landed``); the entry may be computed then, and ``future`` tells later whether it verified
 
     @property
     def ready(self) -> bool:
@@ -424,6 +426,7 @@ class ExpertCache:
             self.stats.prefetch_issued += 1
         try:
             entry.future = self.loader(key, slot)
+            entry.landed = getattr(entry.future, "landed", None)
         except BaseException:
             self._drop(entry)
             raise
@@ -491,9 +494,30 @@ class ExpertCache:
         entry.result = fut.result()
         entry.future = None
 
+    @staticmethod
+    def _usable_signal(entry: Entry) -> Future | None:
+        """What to wait for before computing with the entry: its bytes landing when the loader signals that (the
+        checksum may still run), else the whole read."""
+        if entry.future is None or entry.future.done() or entry.landed is None:
+            return entry.future
+        return entry.landed
+
     def wait(self, entry: Entry) -> Entry:
-        """Block until the entry's bytes are in its slot; raise its read error (and drop the entry)."""
-        self._wait_future(entry)
+        """Block until the entry's bytes are in its slot; raise its read error (and drop the entry). With a loader
+        that signals landed bytes, this returns once they landed and ``entry.future`` (not None then) completes
+        after the checksum: the caller checks it before using the results."""
+        sig = self._usable_signal(entry)
+        if sig is not None and sig is entry.landed:
+            if not sig.done():
+                t0 = time.perf_counter()
+                wait_futures([sig])
+                dt = time.perf_counter() - t0
+                self.stats.io_wait_seconds += dt
+                self.stats.per_layer[entry.key[0]][2] += dt
+            if sig.cancelled() or sig.exception() is not None:
+                self._wait_future(entry)  # the read failed: raise its error, drop the entry
+        else:
+            self._wait_future(entry)
         if entry.ahead:
             entry.ahead = False
             self.stats.prefetch_used += 1
@@ -509,14 +533,15 @@ class ExpertCache:
             else:
                 pending.append(entry)
         while pending:
-            by_future = {e.future: e for e in pending}
+            by_future = {self._usable_signal(e): e for e in pending}
             t0 = time.perf_counter()
             done, _ = wait_futures(list(by_future), return_when=FIRST_COMPLETED)
             dt = time.perf_counter() - t0
             self.stats.io_wait_seconds += dt
             self.stats.per_layer[pending[0].key[0]][2] += dt
             done_entries = [by_future[f] for f in done]
-            pending = [e for e in pending if e.future not in done]
+            done_ids = {id(e) for e in done_entries}
+            pending = [e for e in pending if id(e) not in done_ids]
             for entry in sorted(done_entries, key=lambda e: e.key):
                 yield self.wait(entry)
 

@@ -11,6 +11,10 @@ Per layer (decode and prefill), with x the residual entering the layer:
    as they become ready, resident ones first, then in the order their reads land; outputs are combined in
    ascending expert order (as the model's loop does), so results do not depend on I/O timing.
 
+Checksums (CPU): an expert is computed as soon as its bytes land in its slot; its checksum runs meanwhile in the I/O
+thread, and the forward waits for every such checksum before it returns: a mismatch raises there (naming layer and
+expert) and no logits computed from the bad bytes leave the engine; the slot is not reused before its check ends.
+
 Prefill routes all tokens of a chunk; if the union of their experts exceeds the cache, experts stream through
 it in chunks (resident ones first; half the cache per chunk so the next chunk loads while one computes).
 Only the non-expert weights are materialised from the checkpoint (a SmallThinkerForCausalLM built on the meta
@@ -30,6 +34,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +206,7 @@ class Engine:
             params.update({id(p): p for p in pred.parameters()})
         self._non_expert_bytes = sum(t.numel() * t.element_size() for t in params.values())
         self._lock = threading.Lock()
+        self._unverified: list[Future] = []  # read futures of experts computed before their checksum completed
         self._generation = 0
         self.reader = self.transfer = self.arena = self.cache = None
         self._open_io()
@@ -307,8 +314,15 @@ class Engine:
             if self._relayout_down:  # transposed on first use, after the copy's event (kept per slot:
                 self._layout_pending[slot] = fut  # cache.drain() may settle the future before any use)
             return fut
-        then = (lambda: self._down_to_model_layout_host(slot)) if self._relayout_down else None
-        return self.reader.submit(layer, expert, self.arena.buffer(slot), then=then)
+        if self._relayout_down:  # the transpose needs verified bytes: the read's future covers both
+            return self.reader.submit(layer, expert, self.arena.buffer(slot),
+                                      then=lambda: self._down_to_model_layout_host(slot))
+        # the expert may be computed as soon as its bytes land; its checksum runs meanwhile and is checked before
+        # the forward returns (a mismatch raises then, naming layer and expert, and no logits leave)
+        landed = Future() if self.reader.verify_checksums else None
+        fut = self.reader.submit(layer, expert, self.arena.buffer(slot), landed=landed)
+        fut.landed = landed
+        return fut
 
     def _down_to_model_layout_host(self, slot: int) -> None:
         """exact (CPU, I/O thread, after the checksum): the slot's down matrix [F, H] -> [H, F] in place. numpy,
@@ -438,7 +452,9 @@ class Engine:
                 # exact: the LM head over every position of the (last) chunk, as the model's forward does, so
                 # that the last row comes from the same kernel (a GEMM over T rows may round differently)
                 logits = self._lm_head(x if self.exact and x.shape[1] > 1 else x[:, -1:], decode=T == 1)[:, -1:]
+            self._check_unverified()
         except BaseException:
+            self._unverified.clear()
             self.cache.drain()  # an error or interruption: settle reads in flight, release pins
             raise
         finally:
@@ -547,6 +563,8 @@ class Engine:
             if double and len(work.requested) == c + 1:
                 self._request_next(work)  # the next chunk loads while this one computes
             for entry in cache.as_completed(work.requested[c]):
+                if entry.future is not None:  # computed before its checksum completed: checked at the forward's end
+                    self._unverified.append(entry.future)
                 e = entry.key[1]
                 token, slot = work.rows[e]
                 x_e = u if token is None else u[token]  # (n, H)
@@ -679,6 +697,17 @@ class Engine:
 
     def _cache_event(self, event: str, key: tuple[int, int], nbytes: int) -> None:
         self.hooks.fire("cache", step=self._step, layer=key[0], expert=key[1], event=event, nbytes=nbytes)
+
+    def _check_unverified(self) -> None:
+        """Wait for the checksums of the experts this forward computed before they were verified; the first failure
+        is raised (an ExpertReadError naming layer and expert)."""
+        pending, self._unverified = self._unverified, []
+        t0 = time.perf_counter()
+        wait_futures(pending)
+        self.cache.stats.io_wait_seconds += time.perf_counter() - t0
+        for fut in pending:
+            if fut.exception() is not None:
+                raise fut.exception()
 
     def _check_open(self) -> None:
         if self._closed:

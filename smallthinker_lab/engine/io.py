@@ -6,7 +6,8 @@
   next read of that record comes from storage again, not from the OS page cache.
 * Each record's checksum (the bundle's algorithm: XXH3-64, or crc32) is checked after the read
   (``verify_checksums``, on by default). A read error (OSError), short read or checksum mismatch becomes
-  :class:`ExpertReadError` naming layer and expert, raised to the caller through the future.
+  :class:`ExpertReadError` naming layer and expert, raised to the caller through the future. A ``landed`` future
+  (optional) is set when the bytes are in the buffer, before the checksum, so a caller can compute meanwhile.
 * ``fault(layer, expert, buffer)``: a test hook called in the I/O thread after each read, before the checksum;
   it may raise (an injected read error) or modify the buffer (corruption).
 * ``close()`` joins the threads and closes the file descriptor; idempotent.
@@ -71,8 +72,11 @@ class ExpertReader:
         return os.open(self.path, flags)
 
     # ------------------------------------------------------------------ reads
-    def read_into(self, layer: int, expert: int, dest: memoryview) -> None:
-        """Read record (layer, expert) into ``dest`` (>= stride bytes, page aligned); verify; raise on failure."""
+    def read_into(self, layer: int, expert: int, dest: memoryview, landed: Future | None = None) -> None:
+        """Read record (layer, expert) into ``dest`` (>= stride bytes, page aligned); verify; raise on failure.
+
+        ``landed``: a future set once the bytes are in ``dest``, before the checksum (to the read error if the read
+        itself fails), so a caller may compute while the checksum runs and check the outcome later."""
         b = self.bundle
         fd = self.fd
         if fd is None:
@@ -91,10 +95,18 @@ class ExpertReader:
             if self.fault is not None:
                 self.fault(layer, expert, dest)
         except OSError as e:
-            raise ExpertReadError(f"reading {where} failed: {e}", layer, expert) from e
+            err = ExpertReadError(f"reading {where} failed: {e}", layer, expert)
+            if landed is not None:
+                landed.set_exception(err)
+            raise err from e
         if got < n:
-            raise ExpertReadError(f"short read of {where}: got {got} bytes; the bundle is truncated or changed "
+            err = ExpertReadError(f"short read of {where}: got {got} bytes; the bundle is truncated or changed "
                                   f"since it was opened", layer, expert)
+            if landed is not None:
+                landed.set_exception(err)
+            raise err
+        if landed is not None:
+            landed.set_result(None)
         if self.verify_checksums:
             got_sum = self._digest(dest[:b.payload_nbytes])  # releases the GIL for large buffers
             want = int(b.checksums[layer, expert])
@@ -104,13 +116,22 @@ class ExpertReader:
                                       expert)
 
     def submit(self, layer: int, expert: int, dest: memoryview,
-               then: Callable[[], object] | None = None) -> Future:
-        """Read in an I/O thread; the future's result is ``then()`` (or None), its exception the read error."""
+               then: Callable[[], object] | None = None, landed: Future | None = None) -> Future:
+        """Read in an I/O thread; the future's result is ``then()`` (or None), its exception the read error.
+        ``landed``: see :meth:`read_into` (set before the checksum; the returned future completes after it)."""
         def task():
-            self.read_into(layer, expert, dest)
+            try:
+                self.read_into(layer, expert, dest, landed)
+            except BaseException as e:  # a failure before the bytes landed must still wake a waiter on ``landed``
+                if landed is not None and not landed.done():
+                    landed.set_exception(e)
+                raise
             return then() if then is not None else None
 
-        return self.pool.submit(task)
+        fut = self.pool.submit(task)
+        if landed is not None:  # cancelled before it ran (the reader closed): nothing will land
+            fut.add_done_callback(lambda f: landed.cancel() if f.cancelled() and not landed.done() else None)
+        return fut
 
     def submit_call(self, fn: Callable[[], object]) -> Future:
         return self.pool.submit(fn)
