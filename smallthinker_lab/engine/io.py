@@ -7,7 +7,8 @@
 * Each record's checksum (the bundle's algorithm: XXH3-64, or crc32) is checked after the read
   (``verify_checksums``, on by default). A read error (OSError), short read or checksum mismatch becomes
   :class:`ExpertReadError` naming layer and expert, raised to the caller through the future. A ``landed`` future
-  (optional) is set when the bytes are in the buffer, before the checksum, so a caller can compute meanwhile.
+  (optional) is set when the bytes are in the buffer; the checksum then runs in a separate verify thread (the read
+  thread goes on to its next read) and the returned future completes after it, so a caller can compute meanwhile.
 * ``fault(layer, expert, buffer)``: a test hook called in the I/O thread after each read, before the checksum;
   it may raise (an injected read error) or modify the buffer (corruption).
 * ``close()`` joins the threads and closes the file descriptor; idempotent.
@@ -50,6 +51,9 @@ class ExpertReader:
         self.fd: int | None = None
         self.fd = self._open()
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=THREAD_PREFIX)
+        # checksums of reads submitted with ``landed`` run here, so a read thread goes straight to its next read
+        self.verify_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_PREFIX + "-verify")
+        self._outstanding: dict[Future, Future] = {}  # read future -> its landed future, until the read completes
         self.threads = threads
 
     def _open(self) -> int:
@@ -72,7 +76,8 @@ class ExpertReader:
         return os.open(self.path, flags)
 
     # ------------------------------------------------------------------ reads
-    def read_into(self, layer: int, expert: int, dest: memoryview, landed: Future | None = None) -> None:
+    def read_into(self, layer: int, expert: int, dest: memoryview, landed: Future | None = None,
+                  verify: bool = True) -> None:
         """Read record (layer, expert) into ``dest`` (>= stride bytes, page aligned); verify; raise on failure.
 
         ``landed``: a future set once the bytes are in ``dest``, before the checksum (to the read error if the read
@@ -107,7 +112,15 @@ class ExpertReader:
             raise err
         if landed is not None:
             landed.set_result(None)
+        if verify:
+            self.verify(layer, expert, dest)
+
+    def verify(self, layer: int, expert: int, dest: memoryview) -> None:
+        """Check the record's checksum (when ``verify_checksums``); raise ExpertReadError on a mismatch."""
+        b = self.bundle
         if self.verify_checksums:
+            where = f"layer {layer} expert {expert} ({b.stride} bytes at offset {b.offset(layer, expert)} of " \
+                    f"{self.path})"
             got_sum = self._digest(dest[:b.payload_nbytes])  # releases the GIL for large buffers
             want = int(b.checksums[layer, expert])
             if got_sum != want:
@@ -119,19 +132,48 @@ class ExpertReader:
                then: Callable[[], object] | None = None, landed: Future | None = None) -> Future:
         """Read in an I/O thread; the future's result is ``then()`` (or None), its exception the read error.
         ``landed``: see :meth:`read_into` (set before the checksum; the returned future completes after it)."""
-        def task():
-            try:
+        if landed is None or then is not None:
+            def task():
                 self.read_into(layer, expert, dest, landed)
-            except BaseException as e:  # a failure before the bytes landed must still wake a waiter on ``landed``
-                if landed is not None and not landed.done():
-                    landed.set_exception(e)
-                raise
-            return then() if then is not None else None
+                return then() if then is not None else None
 
-        fut = self.pool.submit(task)
-        if landed is not None:  # cancelled before it ran (the reader closed): nothing will land
-            fut.add_done_callback(lambda f: landed.cancel() if f.cancelled() and not landed.done() else None)
-        return fut
+            fut = self.pool.submit(task)
+            if landed is not None:
+                self._watch(fut, landed)
+            return fut
+        out: Future = Future()  # completes after the checksum, in the verify thread
+        self._watch(out, landed)
+
+        def check():
+            try:
+                self.verify(layer, expert, dest)
+            except BaseException as e:
+                out.set_exception(e)
+            else:
+                out.set_result(None)
+
+        def read():
+            try:
+                self.read_into(layer, expert, dest, landed, verify=False)
+            except BaseException as e:  # read_into already failed ``landed`` where the bytes never landed
+                if not landed.done():
+                    landed.set_exception(e)
+                out.set_exception(e)
+                return
+            try:
+                self.verify_pool.submit(check)
+            except RuntimeError as e:  # the reader is closing
+                out.set_exception(ExpertReadError(f"layer {layer} expert {expert}: the reader closed before the "
+                                                  f"checksum ran ({e})", layer, expert))
+
+        self.pool.submit(read)
+        return out
+
+    def _watch(self, fut: Future, landed: Future) -> None:
+        """Remember a read until it completes, so that close() can fail what the pools' shutdown left unfinished
+        (a cancelled queued read or checksum would leave its futures pending for ever)."""
+        self._outstanding[fut] = landed
+        fut.add_done_callback(lambda f: self._outstanding.pop(f, None))
 
     def submit_call(self, fn: Callable[[], object]) -> Future:
         return self.pool.submit(fn)
@@ -140,6 +182,14 @@ class ExpertReader:
         pool, self.pool = getattr(self, "pool", None), None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        vpool, self.verify_pool = getattr(self, "verify_pool", None), None
+        if vpool is not None:
+            vpool.shutdown(wait=True, cancel_futures=True)
+        for fut, landed in list(getattr(self, "_outstanding", {}).items()):
+            err = ExpertReadError(f"the reader of {self.path} closed before this read completed")
+            for f in (landed, fut):
+                if not f.done():  # waiters wake with the error
+                    f.set_exception(err)
         fd, self.fd = self.fd, None
         if fd is not None:
             os.close(fd)
