@@ -126,7 +126,8 @@ def render_result(res: dict, heading_level: int = 2, compact: bool = False) -> s
     h = "#" * heading_level
     m = res.get("machine", {})
     s = res.get("settings", {})
-    out = [f"{h} Benchmark `{res.get('suite')}`{' (dry run)' if res.get('dry_run') else ''}: "
+    out = [f"{h} Benchmark `{res.get('suite')}`{' (dry run)' if res.get('dry_run') else ''}"
+           f"{' - ' + res['title_note'] if res.get('title_note') else ''}: "
            f"{m.get('gpu') or m.get('cpu')}, {res.get('created')}\n"]
     v = res.get("versions", {})
     out.append(f"torch {v.get('torch')}, accelerate {v.get('accelerate')}, python {v.get('python')}, commit "
