@@ -33,7 +33,7 @@ import mmap
 import time
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
@@ -474,16 +474,21 @@ class ExpertCache:
                 self.stats.wasted_bytes += self.expert_nbytes
 
     # ------------------------------------------------------------ waiting
+    def _block(self, futures: list[Future], layer: int, return_when: str = ALL_COMPLETED) -> set[Future]:
+        """Wait for ``futures``, the time blocked counted as I/O wait (overall and for ``layer``); the done set."""
+        t0 = time.perf_counter()
+        done, _ = wait_futures(futures, return_when=return_when)
+        dt = time.perf_counter() - t0
+        self.stats.io_wait_seconds += dt
+        self.stats.per_layer[layer][2] += dt
+        return done
+
     def _wait_future(self, entry: Entry, swallow: bool = False) -> None:
         fut = entry.future
         if fut is None:
             return
         if not fut.done():
-            t0 = time.perf_counter()
-            wait_futures([fut])
-            dt = time.perf_counter() - t0
-            self.stats.io_wait_seconds += dt
-            self.stats.per_layer[entry.key[0]][2] += dt
+            self._block([fut], entry.key[0])
         exc = fut.exception()
         if exc is not None:
             entry.pins = 0
@@ -509,11 +514,7 @@ class ExpertCache:
         sig = self._usable_signal(entry)
         if sig is not None and sig is entry.landed:
             if not sig.done():
-                t0 = time.perf_counter()
-                wait_futures([sig])
-                dt = time.perf_counter() - t0
-                self.stats.io_wait_seconds += dt
-                self.stats.per_layer[entry.key[0]][2] += dt
+                self._block([sig], entry.key[0])
             if sig.cancelled() or sig.exception() is not None:
                 self._wait_future(entry)  # the read failed: raise its error, drop the entry
         else:
@@ -534,11 +535,7 @@ class ExpertCache:
                 pending.append(entry)
         while pending:
             by_future = {self._usable_signal(e): e for e in pending}
-            t0 = time.perf_counter()
-            done, _ = wait_futures(list(by_future), return_when=FIRST_COMPLETED)
-            dt = time.perf_counter() - t0
-            self.stats.io_wait_seconds += dt
-            self.stats.per_layer[pending[0].key[0]][2] += dt
+            done = self._block(list(by_future), pending[0].key[0], FIRST_COMPLETED)
             done_entries = [by_future[f] for f in done]
             done_ids = {id(e) for e in done_entries}
             pending = [e for e in pending if id(e) not in done_ids]
