@@ -112,7 +112,6 @@ class Recorder:
     neuron_counts: torch.Tensor | None = None  # (L' * E, F) active counts
     kv: list[list[int]] = field(default_factory=list)  # per step: bytes per recorded layer
     kv_itemsize: int | None = None
-    cache_events: list[tuple] = field(default_factory=list)  # (step_row, engine_step, layer, expert, event, nbytes)
     # (step_row, [(engine_step, (layer, expert), event)], nbytes): the "cache_events" batches, expanded when read
     cache_blocks: list[tuple] = field(default_factory=list)
     timing_snaps: list[tuple] = field(default_factory=list)  # (step_row, engine step, cumulative clocks)
@@ -124,7 +123,6 @@ class Recorder:
     # in flight: events of the forward not yet filed
     _router: list = field(default_factory=list)
     _experts: list = field(default_factory=list)
-    _cache: list = field(default_factory=list)
     _timing: list = field(default_factory=list)
     _cache_log: tuple | None = None  # the forward's ("cache_events") batch
     _rows_routed: dict = field(default_factory=dict)  # layer -> rows routed so far in this forward
@@ -165,10 +163,6 @@ class Recorder:
     def on_moe(self, layer: int, experts: list[int], token_index: list, gates: list[torch.Tensor], **_: Any) -> None:
         if layer in self.layer_pos:  # one event per layer; token indices count rows of the current chunk
             self._experts.append((layer, experts, token_index, gates, self._chunk_start.get(layer, 0)))
-
-    def on_cache(self, step: int, layer: int, expert: int, event: str, nbytes: int = 0, **_: Any) -> None:
-        if layer in self.layer_pos:
-            self._cache.append((step, layer, expert, event, nbytes))
 
     def on_cache_events(self, events: list, nbytes: int = 0, **_: Any) -> None:
         self._cache_log = (events, nbytes)  # filtered and expanded when the recording is read
@@ -213,8 +207,6 @@ class Recorder:
             self.kv.append([per_layer[i] for i in self.layers])
             if self.kv_itemsize is None and len(cache):
                 self.kv_itemsize = cache[0].k.element_size()
-        if self._cache:
-            self.cache_events.extend((row, *ev) for ev in self._cache)
         if self._cache_log is not None:
             self.cache_blocks.append((row, *self._cache_log))
         if "timing" in want:
@@ -233,7 +225,7 @@ class Recorder:
         self.since_flush = 0
 
     def _clear(self) -> None:
-        for pending in (self._router, self._experts, self._cache, self._timing, self._rows_routed, self._chunk_start):
+        for pending in (self._router, self._experts, self._timing, self._rows_routed, self._chunk_start):
             pending.clear()
         self._cache_log = None
         self._rows_total = 0
@@ -412,8 +404,8 @@ class Recorder:
                     a[f"layers.{layer}.attn.kv_bytes"] = kv[:, j]
         if "cache" in self.want:
             pos = self.layer_pos
-            ev = self.cache_events + [(row, step, key[0], key[1], event, nb) for row, events, nb in self.cache_blocks
-                                      for step, key, event in events if key[0] in pos]
+            ev = [(row, step, key[0], key[1], event, nb) for row, events, nb in self.cache_blocks
+                  for step, key, event in events if key[0] in pos]
             a["cache.step_row"] = np.array([e[0] for e in ev], dtype=np.int64)
             a["cache.engine_step"] = np.array([-1 if e[1] is None else e[1] for e in ev], dtype=np.int64)
             a["cache.layer"] = np.array([e[2] for e in ev], dtype=np.int64)
@@ -442,7 +434,7 @@ class Recorder:
 
     def finish(self) -> None:
         """Drop the events of a forward that never completed."""
-        self.dropped += (len(self._router) + len(self._experts) + len(self._cache) + len(self._timing)
+        self.dropped += (len(self._router) + len(self._experts) + len(self._timing)
                          + (len(self._cache_log[0]) if self._cache_log is not None else 0))
         self._clear()
 

@@ -135,7 +135,7 @@ class Recording:
         r = self._recorder
         if r is None:
             return
-        mark = (len(r.steps), len(r.cache_events), len(r.timing_events), r.dropped)
+        mark = (len(r.steps), len(r.cache_blocks), len(r.timing_events), r.dropped)
         if mark != self._built_at:
             self._meta, self._arrays = r.build()
             self._built_at = mark
