@@ -1,0 +1,314 @@
+"""Fused decode kernels: one token of SmallThinker in six Triton kernels per layer, for the model and the engine.
+
+The eager decode step of the PyTorch model launches dozens of small kernels per layer; on a GPU their launches and
+gaps, not the bytes of weights read, set the time of a token. ``DecodeKernels`` runs a decode step as six fused
+kernels per layer (triton_decode.py says which), captured as one CUDA graph per step. It serves two callers:
+
+* the in-memory model: ``KernelRunner(model)`` (prefill eager, decode through the kernels) and ``generate``;
+* the engine, with every expert resident: ``Engine(..., device="cuda", cuda_graph="kernels")``.
+
+Both address experts as one flat tensor plus an [L, E, 3] table of element offsets (``ExpertTable``): the engine's
+slot arena, or the model's experts packed per layer (``pack_experts``, which makes the model's expert parameters
+views of the packed buffer). They run the same kernels on the same layouts and values, so the engine's greedy
+tokens equal the kernel model's, bit for bit.
+
+Numerics against the eager model: the kernels keep the model's bf16 roundings (each product's output, RMSNorm's
+cast, rotary, ReGLU, the combine in ascending expert id) but accumulate in another order than cuBLAS and flash
+attention, so logits differ in the last bits. On a trained model the greedy tokens agree; on a model with random
+weights, near-tied router logits can pick another expert and the tokens then drift (benchmarks/gpu_decode_graph.py
+measures both).
+
+Requirements: bf16 weights on a CUDA device (on a CPU only under ``TRITON_INTERPRET=1``, set before this package is
+first imported: the tests run the kernels so); q/k/v/o, router and expert matrices contiguous; down in the model's
+[H, F] layout.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..model.generate import SamplingConfig, stream_tokens
+from ..model.kv_cache import KVCache
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """Why the kernels cannot run on ``device``, or None."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "the decode kernels need the triton package (pip install triton)"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return None
+    if dev.type == "cpu" and interpreted():
+        return None
+    return f"the decode kernels run on CUDA devices (on a CPU only under TRITON_INTERPRET=1), not on {dev}"
+
+
+def _kernels():
+    from . import triton_decode
+
+    return triton_decode
+
+
+def _p2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@dataclass
+class ExpertTable:
+    """Where each expert's matrices are: ``bases[l]`` a flat tensor of the weights' dtype, ``offsets[l, e]`` the
+    element offsets in it of gate [F, H], up [F, H] and down [H, F] (row-major, multiples of 16 elements)."""
+
+    bases: list[torch.Tensor]
+    offsets: torch.Tensor  # [L, E, 3] int64, on the device
+
+    def check(self, num_layers: int, num_experts: int, ffn: int, hidden: int) -> None:
+        if len(self.bases) != num_layers or tuple(self.offsets.shape) != (num_layers, num_experts, 3):
+            raise ValueError(f"expert table: {len(self.bases)} bases and offsets {tuple(self.offsets.shape)}, "
+                             f"expected {num_layers} and ({num_layers}, {num_experts}, 3)")
+        if bool((self.offsets % 16 != 0).any()):
+            raise ValueError("expert table: every matrix offset must be a multiple of 16 elements")
+        for i, base in enumerate(self.bases):
+            end = int(self.offsets[i].max()) + ffn * hidden
+            if base.numel() < end:
+                raise ValueError(f"expert table: layer {i}'s base holds {base.numel()} elements, fewer than its "
+                                 f"offsets address ({end})")
+
+
+def pack_experts(model) -> ExpertTable:
+    """Pack each layer's experts (gate, up, down per expert) into one flat buffer and make the model's expert
+    parameters views of it (the eager model runs unchanged on them). Idempotent; memory peaks at one layer's
+    experts more than the model."""
+    packed = getattr(model, "_packed_experts", None)
+    if packed is not None:
+        return packed
+    cfg = model.config
+    L, E, Fh, H = cfg.num_hidden_layers, cfg.num_experts, cfg.moe_ffn_hidden_size, cfg.hidden_size
+    n = Fh * H
+    bases = []
+    for layer in model.model.layers:
+        experts = layer.block_sparse_moe.experts
+        ref = experts[0].gate.weight
+        flat = torch.empty(E * 3 * n, dtype=ref.dtype, device=ref.device)
+        with torch.no_grad():
+            for e, ex in enumerate(experts):
+                for m, lin in enumerate((ex.gate, ex.up, ex.down)):
+                    view = flat[(3 * e + m) * n:(3 * e + m + 1) * n].view(lin.weight.shape)
+                    view.copy_(lin.weight)
+                    lin.weight.data = view
+        bases.append(flat)
+    offs = torch.arange(E * 3, dtype=torch.int64).view(E, 3) * n
+    table = ExpertTable(bases, offs.expand(L, E, 3).contiguous().to(bases[0].device))
+    model._packed_experts = table
+    return table
+
+
+def workspace_bytes(config, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the static buffers of one decode step (the logits row included)."""
+    isz = torch.empty((), dtype=dtype).element_size()
+    H, K, Fh = config.hidden_size, config.top_k, config.moe_ffn_hidden_size
+    nq, nk = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    act = (3 * H + (nq + 2 * nk + config.num_experts) + 2 * nq + K * Fh + K + config.vocab_size) * isz
+    return act + (K * 3 + config.num_hidden_layers * K * 2 + 2) * 8
+
+
+# block sizes of the kernels' tiles (rows of a weight matrix per program, columns per step); tuned on an H100 for
+# the 4B shape by benchmarks/gpu_decode_graph.py --tune
+DEFAULT_BLOCKS = {"pre": (8, 512), "oproj": (8, 512), "gate_up": (8, 512), "down": (8, 256), "attn": 64,
+                  "num_warps": 4}
+
+
+class DecodeKernels:
+    """One decode step of ``model`` (its non-expert weights) over ``kv`` (fixed capacity) and the experts of
+    ``experts``, as six Triton kernels per layer; ``graph=True`` captures the step as one CUDA graph on first use.
+
+    ``step(token, pos)`` returns the logits (1, 1, V), writes the position's K/V and advances ``kv``; the step's
+    chosen expert ids (ascending, per layer) are in ``ids`` (device) and ``ids_host`` (pinned, valid once the
+    step's logits are read)."""
+
+    def __init__(self, model, kv: KVCache, experts: ExpertTable, graph: bool = True,
+                 blocks: dict | None = None) -> None:
+        cfg = model.config
+        dev = model.lm_head.weight.device
+        reason = unavailable_reason(dev)
+        if reason:
+            raise RuntimeError(reason)
+        if model.lm_head.weight.dtype != torch.bfloat16:
+            raise ValueError(f"the decode kernels compute bf16 models; this one is {model.lm_head.weight.dtype}")
+        self.config, self.model, self.kv, self.experts = cfg, model, kv, experts
+        self.device = dev
+        self.blocks = {**DEFAULT_BLOCKS, **(blocks or {})}
+        L, E, K = cfg.num_hidden_layers, cfg.num_experts, cfg.top_k
+        H, Fh, D = cfg.hidden_size, cfg.moe_ffn_hidden_size, cfg.head_dim
+        experts.check(L, E, Fh, H)
+        if len(kv) != L:
+            raise ValueError(f"KV cache has {len(kv)} layers, the model {L}")
+        nq, nk = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
+        self.nq, self.nk = nq, nk
+        bf = torch.bfloat16
+        z = dict(device=dev)
+        self.tok = torch.zeros(1, dtype=torch.long, **z)
+        self.pos = torch.zeros(1, dtype=torch.long, **z)
+        self.x = torch.zeros(H, dtype=bf, **z)
+        self.xm = torch.zeros(H, dtype=bf, **z)
+        self.proj = torch.zeros(nq + 2 * nk + E, dtype=bf, **z)
+        self.q = torch.zeros(nq, dtype=bf, **z)
+        self.o = torch.zeros(nq, dtype=bf, **z)
+        self.sel_off = torch.zeros(K * 3, dtype=torch.long, **z)
+        self.sel_w = torch.zeros(K, dtype=bf, **z)
+        self.a = torch.zeros(K * Fh, dtype=bf, **z)
+        self.hn = torch.zeros(1, H, dtype=bf, **z)
+        self.ids = torch.zeros(L, K, dtype=torch.long, **z)
+        self.ids_host = torch.zeros(L, K, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self.logits = torch.zeros(1, cfg.vocab_size, dtype=bf, **z)
+        inner = model.model
+        self.inv_freq = inner.rotary.inv_freq.to(dev, torch.float32)
+        self.layers = []
+        for i, layer in enumerate(inner.layers):
+            a, moe = layer.self_attn, layer.block_sparse_moe
+            w = dict(wr=moe.primary_router.weight, ln1=layer.input_layernorm.weight, wq=a.q_proj.weight,
+                     wk=a.k_proj.weight, wv=a.v_proj.weight, wo=a.o_proj.weight,
+                     ln2=layer.post_attention_layernorm.weight)
+            for name, t in w.items():
+                if not t.is_contiguous() or t.dtype != bf or t.device != dev:
+                    raise ValueError(f"layer {i} {name}: the kernels need contiguous bf16 weights on {dev}")
+            kvl = kv[i]
+            if kvl.k.dtype != bf or not kvl.k.is_contiguous():
+                raise ValueError(f"layer {i}: the KV cache must be contiguous bf16")
+            w.update(kv=kvl, window=a.window or 0, rope=bool(a.use_rope), softmax=bool(moe.apply_softmax),
+                     base=experts.bases[i], table=experts.offsets[i].contiguous(), ids=self.ids[i])
+            self.layers.append(w)
+        self.graph = graph and dev.type == "cuda"
+        self._graph = None
+        self.replays = 0
+
+    # ------------------------------------------------------------------ the step's kernels
+    def launch(self) -> None:
+        """Every kernel of one step, reading ``tok`` and ``pos`` (device) and writing ``logits``."""
+        tk, cfg, b = _kernels(), self.config, self.blocks
+        H, Fh, D, E, K = cfg.hidden_size, cfg.moe_ffn_hidden_size, cfg.head_dim, cfg.num_experts, cfg.top_k
+        nq, nk, eps = self.nq, self.nk, float(cfg.rms_norm_eps)
+        BH = _p2(H)
+        nw = b["num_warps"]
+        pr, pk = b["pre"]
+        pk = min(pk, BH)
+        nbq, nbk, nbe = -(-nq // pr), -(-nk // pr), -(-E // pr)
+        orr, ok = b["oproj"]
+        gr, gk = b["gate_up"]
+        dr, dk = b["down"]
+        x, xm = self.x, self.xm
+        inner = self.model.model
+        tk._embed_kernel[(1,)](self.tok, inner.embed_tokens.weight, x, H=H, BLOCK_H=BH)
+        for p in self.layers:
+            kvl = p["kv"]
+            C = kvl.k.shape[2]
+            tk._pre_kernel[(nbq + 2 * nbk + nbe,)](
+                x, p["ln1"], p["wq"], p["wk"], p["wv"], p["wr"], self.proj, eps, H=H, NQ=nq, NK=nk, NE=E,
+                NBQ=nbq, NBK=nbk, BLOCK_R=pr, BLOCK_K=pk, BLOCK_H=BH, num_warps=nw)
+            tk._rope_route_kernel[(1,)](
+                self.proj, self.pos, self.inv_freq, self.q, kvl.k, kvl.v, kvl.pos, p["table"], self.sel_off,
+                self.sel_w, p["ids"], C, NQH=cfg.num_attention_heads, NQH_P2=_p2(cfg.num_attention_heads),
+                NKV=cfg.num_key_value_heads, NKV_P2=_p2(cfg.num_key_value_heads), D=D, NE=E, BLOCK_E=_p2(E), K=K,
+                USE_ROPE=p["rope"], SOFTMAX=p["softmax"], num_warps=nw)
+            tk._attn_kernel[(cfg.num_attention_heads,)](
+                self.q, kvl.k, kvl.v, kvl.pos, self.pos, self.o, C, p["window"], 1.0 / D ** 0.5,
+                G=cfg.num_attention_heads // cfg.num_key_value_heads, D=D, BLOCK_N=b["attn"], num_warps=nw)
+            tk._oproj_kernel[(-(-H // orr),)](self.o, p["wo"], x, xm, H=H, HD=nq, BLOCK_R=orr,
+                                               BLOCK_K=min(ok, _p2(nq)), num_warps=nw)
+            tk._gate_up_kernel[(K, -(-Fh // gr))](xm, p["ln2"], p["base"], self.sel_off, self.a, eps, H=H, F=Fh,
+                                                  BLOCK_R=gr, BLOCK_K=min(gk, BH), BLOCK_H=BH, num_warps=nw)
+            tk._down_kernel[(-(-H // dr),)](self.a, p["base"], self.sel_off, self.sel_w, xm, x, H=H, F=Fh, K=K,
+                                            BLOCK_R=dr, BLOCK_K=min(dk, _p2(Fh)), num_warps=nw)
+        tk._norm_kernel[(1,)](x, inner.norm.weight, self.hn, eps, H=H, BLOCK_H=BH)
+        torch.matmul(self.hn, self.model.lm_head.weight.t(), out=self.logits)
+        self.ids_host.copy_(self.ids, non_blocking=True)
+
+    def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits (1, 1, V) of ``token`` at position ``pos`` (the KV cache holds positions < pos)."""
+        for kvl in self.kv.layers:
+            if pos >= kvl.k.shape[2] and kvl.window is None:
+                raise ValueError(f"position {pos} is past the KV cache's capacity {kvl.k.shape[2]}")
+        self.tok.copy_(token.reshape(1), non_blocking=True)
+        self.pos.fill_(pos)
+        if not self.graph:
+            self.launch()
+        else:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+            self.replays += 1
+        for kvl in self.kv.layers:
+            kvl.length += 1
+        return self.logits.view(1, 1, -1)
+
+    def _capture(self) -> None:
+        """Warm up (compiles the kernels; it writes this position's K/V, which the replay writes again with the
+        same values), then capture the step."""
+        self.launch()
+        torch.cuda.synchronize(self.device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, capture_error_mode="thread_local"):
+            self.launch()
+        self._graph = g
+
+    def reset(self) -> None:
+        self._graph = None
+
+
+class KernelRunner:
+    """The in-memory model with kernel decode: ``step(ids)`` prefills eagerly (the model's forward, into a KV cache
+    of ``max_context`` positions) and decodes one token through ``DecodeKernels``. Packs the model's experts."""
+
+    def __init__(self, model, max_context: int | None = None, graph: bool = True, blocks: dict | None = None):
+        cfg = model.config
+        reason = unavailable_reason(model.device)
+        if reason:
+            raise RuntimeError(reason)
+        self.model = model
+        self.max_context = int(max_context or min(2048, cfg.max_position_embeddings))
+        self.kv = KVCache(cfg, 1, model.dtype, model.device, capacity=self.max_context)
+        self.kernels = DecodeKernels(model, self.kv, pack_experts(model), graph=graph, blocks=blocks)
+
+    def reset(self) -> None:
+        self.kv.reset()
+
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(self.model.device).view(1, -1)
+        start, T = self.kv.seq_len, ids.shape[1]
+        if start + T > self.max_context:
+            raise ValueError(f"sequence too long: {start + T} tokens exceeds max_context={self.max_context}")
+        if T == 1 and start > 0:
+            return self.kernels.step(ids, start)
+        return self.model(ids, cache=self.kv)[:, -1:]
+
+    __call__ = step
+
+
+def stream_generate(model, input_ids, max_new_tokens: int = 32, runner: KernelRunner | None = None,
+                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                    seed: int | None = None, stop_tokens: Sequence[int] | None = None, stats=None):
+    """``model.generate``'s streaming form with kernel decode (a new KV cache each call)."""
+    runner = runner or KernelRunner(model)
+    runner.reset()
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=model.device)
+    stop = model.config.eos_ids() if stop_tokens is None else stop_tokens
+    yield from stream_tokens(runner.step, ids, max_new_tokens, SamplingConfig(temperature, top_k, top_p, seed),
+                             stop, stats)
+
+
+def generate(model, input_ids, max_new_tokens: int = 32, **kwargs) -> list[int]:
+    return list(stream_generate(model, input_ids, max_new_tokens, **kwargs))
+
+
+__all__ = ["DecodeKernels", "ExpertTable", "KernelRunner", "pack_experts", "generate", "stream_generate",
+           "unavailable_reason", "workspace_bytes", "DEFAULT_BLOCKS"]

@@ -1,0 +1,273 @@
+"""Triton kernels for one decode token of a SmallThinker layer: six launches per layer.
+
+A decode token (batch 1) reads every resident weight once and does little arithmetic with it, so its speed is
+set by memory traffic and by the number of kernel launches. The model's eager step runs dozens of small ATen
+kernels and cuBLAS one-row products per layer; these kernels do a layer in six, each a fused one-row product
+(GEMV) over bf16 weights with fp32 accumulation:
+
+1. ``_pre_kernel``       RMSNorm of the residual, then q/k/v of the normalised residual and the router logits of
+                         the raw residual (the pre-attention router), as one launch over all their rows.
+2. ``_rope_route_kernel`` rotary on q and k, K/V written into the KV cache at the position's slot, and routing:
+                         top-k of the router logits, their weights (sigmoid renormalised or softmax), the chosen
+                         experts sorted by id, with the element offsets of their gate/up/down matrices.
+3. ``_attn_kernel``      attention of each query head over the cached keys (online softmax, positions masked:
+                         causal, and the sliding window).
+4. ``_oproj_kernel``     the output projection plus the residual.
+5. ``_gate_up_kernel``   RMSNorm, then gate and up of the K chosen experts read in place (no copy), ReGLU.
+6. ``_down_kernel``      down of the K experts, the weighted combine in ascending expert id, plus the residual.
+
+Experts are addressed as ``base + offset``: one flat tensor (the engine's slot arena, or a layer's packed experts
+in the in-memory model) and an [L, E, 3] table of element offsets of gate [F, H], up [F, H] and down [H, F]. The
+in-memory model and the engine therefore run the same kernels over the same layouts, and give the same bits.
+
+The roundings of the model are kept where it rounds to bf16 (each product's output, RMSNorm's cast, ReGLU, the
+combine), but reductions run in another order than cuBLAS and flash attention, so logits differ from the eager
+model's in the last bits: see ``smallthinker_lab.kernels`` for what that means for tokens.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pre_kernel(x_ptr, ln_ptr, wq_ptr, wk_ptr, wv_ptr, wr_ptr, out_ptr, eps,
+                H: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NE: tl.constexpr,
+                NBQ: tl.constexpr, NBK: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    pid = tl.program_id(0)
+    hh = tl.arange(0, BLOCK_H)
+    xf = tl.load(x_ptr + hh, mask=hh < H, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    # which matrix this program's rows belong to: q, k, v (of the normalised residual) or the router (raw)
+    if pid < NBQ:
+        w_ptr = wq_ptr
+        r0 = pid * BLOCK_R
+        n = NQ
+        o = 0
+        norm = 1
+    elif pid < NBQ + NBK:
+        w_ptr = wk_ptr
+        r0 = (pid - NBQ) * BLOCK_R
+        n = NK
+        o = NQ
+        norm = 1
+    elif pid < NBQ + 2 * NBK:
+        w_ptr = wv_ptr
+        r0 = (pid - NBQ - NBK) * BLOCK_R
+        n = NK
+        o = NQ + NK
+        norm = 1
+    else:
+        w_ptr = wr_ptr
+        r0 = (pid - NBQ - 2 * NBK) * BLOCK_R
+        n = NE
+        o = NQ + 2 * NK
+        norm = 0
+    rows = r0 + tl.arange(0, BLOCK_R)
+    rmask = rows < n
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for k0 in tl.static_range(0, H, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < H
+        xk = tl.load(x_ptr + kk, mask=kmask, other=0.0)
+        lw = tl.load(ln_ptr + kk, mask=kmask, other=0.0)
+        hk = (lw.to(tl.float32) * (xk.to(tl.float32) * rstd).to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16)
+        inp = tl.where(norm != 0, hk.to(tl.float32), xk.to(tl.float32))
+        w = tl.load(w_ptr + rows[:, None] * H + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        acc += w.to(tl.float32) * inp[None, :]
+    y = tl.sum(acc, axis=1)
+    tl.store(out_ptr + o + rows, y.to(tl.bfloat16), mask=rmask)
+
+
+@triton.jit
+def _rope_route_kernel(proj_ptr, pos_ptr, inv_freq_ptr, q_out_ptr, kc_ptr, vc_ptr, kpos_ptr, table_ptr,
+                       sel_off_ptr, sel_w_ptr, ids_ptr, C,
+                       NQH: tl.constexpr, NQH_P2: tl.constexpr, NKV: tl.constexpr, NKV_P2: tl.constexpr,
+                       D: tl.constexpr, NE: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr,
+                       USE_ROPE: tl.constexpr, SOFTMAX: tl.constexpr):
+    pos = tl.load(pos_ptr)
+    slot = pos % C
+    HALF: tl.constexpr = D // 2
+    d = tl.arange(0, D)
+    partner = (d + HALF) % D
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    if USE_ROPE:
+        ang = pos.to(tl.float32) * tl.load(inv_freq_ptr + (d % HALF))
+        cos = tl.cos(ang).to(tl.bfloat16).to(tl.float32)
+        sin = tl.sin(ang).to(tl.bfloat16).to(tl.float32)
+    else:
+        cos = tl.full([D], 1.0, tl.float32)
+        sin = tl.zeros([D], tl.float32)
+    # queries, rotated: x * cos + rotate_half(x) * sin, each product and the sum rounded as the model's
+    hq = tl.arange(0, NQH_P2)
+    qm = (hq < NQH)[:, None]
+    q = tl.load(proj_ptr + hq[:, None] * D + d[None, :], mask=qm, other=0.0).to(tl.float32)
+    if USE_ROPE:
+        qp = tl.load(proj_ptr + hq[:, None] * D + partner[None, :], mask=qm, other=0.0).to(tl.float32)
+        a = (q * cos[None, :]).to(tl.bfloat16).to(tl.float32)
+        b = ((sign[None, :] * qp) * sin[None, :]).to(tl.bfloat16).to(tl.float32)
+        q = a + b
+    tl.store(q_out_ptr + hq[:, None] * D + d[None, :], q.to(tl.bfloat16), mask=qm)
+    # keys (rotated) and values into the cache slot of the position
+    hk = tl.arange(0, NKV_P2)
+    km = (hk < NKV)[:, None]
+    k_base = proj_ptr + NQH * D
+    k = tl.load(k_base + hk[:, None] * D + d[None, :], mask=km, other=0.0).to(tl.float32)
+    if USE_ROPE:
+        kp = tl.load(k_base + hk[:, None] * D + partner[None, :], mask=km, other=0.0).to(tl.float32)
+        a = (k * cos[None, :]).to(tl.bfloat16).to(tl.float32)
+        b = ((sign[None, :] * kp) * sin[None, :]).to(tl.bfloat16).to(tl.float32)
+        k = a + b
+    dst = (hk[:, None] * C + slot) * D + d[None, :]
+    tl.store(kc_ptr + dst, k.to(tl.bfloat16), mask=km)
+    v = tl.load(k_base + NKV * D + hk[:, None] * D + d[None, :], mask=km, other=0.0)
+    tl.store(vc_ptr + dst, v, mask=km)
+    tl.store(kpos_ptr + slot, pos)
+    # routing: top-k of the router logits (ties to the lower id), weights, ids ascending
+    e = tl.arange(0, BLOCK_E)
+    emask = e < NE
+    lg = tl.load(proj_ptr + NQH * D + 2 * NKV * D + e, mask=emask, other=float("-inf")).to(tl.float32)
+    sel = e < 0
+    for _ in tl.static_range(K):
+        cand = tl.where(sel | (~emask), float("-inf"), lg)
+        m = tl.max(cand, axis=0)
+        first = tl.min(tl.where(cand == m, e, BLOCK_E), axis=0)
+        sel = sel | (e == first)
+    if SOFTMAX:
+        mx = tl.max(tl.where(sel, lg, float("-inf")), axis=0)
+        p = tl.where(sel, tl.exp(lg - mx), 0.0)
+        w = (p / tl.sum(p, axis=0)).to(tl.bfloat16)
+    else:
+        s = (1.0 / (1.0 + tl.exp(-lg))).to(tl.bfloat16).to(tl.float32)
+        total = tl.sum(tl.where(sel, s, 0.0), axis=0).to(tl.bfloat16).to(tl.float32)
+        w = (s / total).to(tl.bfloat16)
+    rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(ids_ptr + rank, e.to(tl.int64), mask=sel)
+    tl.store(sel_w_ptr + rank, w, mask=sel)
+    for m3 in tl.static_range(3):
+        off = tl.load(table_ptr + e * 3 + m3, mask=sel, other=0)
+        tl.store(sel_off_ptr + rank * 3 + m3, off, mask=sel)
+
+
+@triton.jit
+def _attn_kernel(q_ptr, kc_ptr, vc_ptr, kpos_ptr, pos_ptr, o_ptr, C, window, scale,
+                 G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    h = tl.program_id(0)
+    kvh = h // G
+    pos = tl.load(pos_ptr)
+    n_scan = tl.minimum(pos + 1, C)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + h * D + d).to(tl.float32) * scale
+    m_i = tl.full([1], -1.0e30, tl.float32)
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    start = pos * 0
+    while start < n_scan:
+        n = start + tl.arange(0, BLOCK_N)
+        nm = n < n_scan
+        kp = tl.load(kpos_ptr + n, mask=nm, other=-1)
+        valid = nm & (kp >= 0) & (kp <= pos) & ((window <= 0) | (pos - kp < window))
+        base = (kvh * C + n[:, None]) * D + d[None, :]
+        kt = tl.load(kc_ptr + base, mask=nm[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(kt * q[None, :], axis=1)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new)
+        vt = tl.load(vc_ptr + base, mask=nm[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+        start += BLOCK_N
+    tl.store(o_ptr + h * D + d, (acc / l_i).to(tl.bfloat16))
+
+
+@triton.jit
+def _oproj_kernel(a_ptr, w_ptr, x_ptr, out_ptr, H: tl.constexpr, HD: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < H
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for k0 in tl.static_range(0, HD, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < HD
+        a = tl.load(a_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows[:, None] * HD + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        acc += w.to(tl.float32) * a[None, :]
+    y = tl.sum(acc, axis=1).to(tl.bfloat16).to(tl.float32)
+    x = tl.load(x_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, (x + y).to(tl.bfloat16), mask=rmask)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, ln_ptr, base_ptr, sel_off_ptr, a_ptr, eps, H: tl.constexpr, F: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    j = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < F
+    hh = tl.arange(0, BLOCK_H)
+    xf = tl.load(x_ptr + hh, mask=hh < H, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    og = tl.multiple_of(tl.load(sel_off_ptr + j * 3), 16)
+    ou = tl.multiple_of(tl.load(sel_off_ptr + j * 3 + 1), 16)
+    acc_g = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for k0 in tl.static_range(0, H, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < H
+        xk = tl.load(x_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+        lw = tl.load(ln_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+        u = (lw * (xk * rstd).to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+        m2 = rmask[:, None] & kmask[None, :]
+        idx = rows[:, None] * H + kk[None, :]
+        wg = tl.load(base_ptr + og + idx, mask=m2, other=0.0)
+        wu = tl.load(base_ptr + ou + idx, mask=m2, other=0.0)
+        acc_g += wg.to(tl.float32) * u[None, :]
+        acc_u += wu.to(tl.float32) * u[None, :]
+    g = tl.sum(acc_g, axis=1).to(tl.bfloat16).to(tl.float32)
+    up = tl.sum(acc_u, axis=1).to(tl.bfloat16).to(tl.float32)
+    a = up * tl.maximum(g, 0.0)
+    tl.store(a_ptr + j * F + rows, a.to(tl.bfloat16), mask=rmask)
+
+
+@triton.jit
+def _down_kernel(a_ptr, base_ptr, sel_off_ptr, sel_w_ptr, x_ptr, out_ptr, H: tl.constexpr, F: tl.constexpr,
+                 K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < H
+    y = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for j in tl.static_range(K):  # the experts in ascending id: the model's combine order
+        od = tl.multiple_of(tl.load(sel_off_ptr + j * 3 + 2), 16)
+        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+        for k0 in tl.static_range(0, F, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            kmask = kk < F
+            a = tl.load(a_ptr + j * F + kk, mask=kmask, other=0.0).to(tl.float32)
+            w = tl.load(base_ptr + od + rows[:, None] * F + kk[None, :], mask=rmask[:, None] & kmask[None, :],
+                        other=0.0)
+            acc += w.to(tl.float32) * a[None, :]
+        dj = tl.sum(acc, axis=1).to(tl.bfloat16).to(tl.float32)
+        wj = tl.load(sel_w_ptr + j).to(tl.float32)
+        y = (y + (dj * wj).to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+    x = tl.load(x_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, (x + y).to(tl.bfloat16), mask=rmask)
+
+
+@triton.jit
+def _embed_kernel(tok_ptr, emb_ptr, x_ptr, H: tl.constexpr, BLOCK_H: tl.constexpr):
+    tok = tl.load(tok_ptr)
+    hh = tl.arange(0, BLOCK_H)
+    m = hh < H
+    tl.store(x_ptr + hh, tl.load(emb_ptr + tok * H + hh, mask=m, other=0.0), mask=m)
+
+
+@triton.jit
+def _norm_kernel(x_ptr, ln_ptr, out_ptr, eps, H: tl.constexpr, BLOCK_H: tl.constexpr):
+    hh = tl.arange(0, BLOCK_H)
+    m = hh < H
+    x = tl.load(x_ptr + hh, mask=m, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
+    lw = tl.load(ln_ptr + hh, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + hh, (lw * (x * rstd).to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16), mask=m)
