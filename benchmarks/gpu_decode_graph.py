@@ -48,6 +48,16 @@ VARIANTS = {  # Engine keywords; graph_opts: attributes of the engine's GraphDec
     "graph-unfused": dict(exact=True, cuda_graph=True, graph_opts={"fuse_pointwise": False}),
     "graph": dict(exact=True, cuda_graph=True),
     "graph-fused": dict(exact=True, cuda_graph="fused"),
+    # the Triton decode kernels; checked against the in-memory model decoding with the same kernels
+    "graph-kernels": dict(exact=True, cuda_graph="kernels", reference="kernels"),
+}
+TUNE = {  # candidate tiles per kernel (rows, columns), tried one kernel at a time from the defaults
+    "pre": [(4, 512), (8, 512), (16, 512), (8, 256), (16, 256), (32, 256)],
+    "oproj": [(4, 512), (8, 512), (16, 512), (8, 256), (16, 256), (32, 256)],
+    "gate_up": [(4, 512), (8, 512), (16, 512), (8, 256), (16, 256)],
+    "down": [(4, 256), (8, 256), (16, 256), (8, 128), (16, 128), (32, 128)],
+    "attn": [32, 64, 128],
+    "num_warps": [2, 4, 8],
 }
 
 
@@ -105,6 +115,94 @@ def reference_tokens(ckpt: Path, prompts, new_tokens: int) -> tuple[list[list[in
     return refs, times
 
 
+def kernel_reference(ckpt: Path, prompts, new_tokens: int, eager_refs, tune: bool, log) -> dict:
+    """The in-memory model decoding through the Triton kernels (smallthinker_lab.kernels.KernelRunner, one CUDA
+    graph per step): its greedy tokens (the reference of the engine's kernel variant), its decode time, how its
+    tokens and first-step logits compare with the eager model's, and (``tune``) the tile sizes that make its step
+    fastest, tried one kernel at a time."""
+    from smallthinker_lab.kernels import DEFAULT_BLOCKS, DecodeKernels, KernelRunner
+
+    model = be.load_model(ckpt, device="cuda")
+    out: dict = {"blocks": dict(DEFAULT_BLOCKS)}
+    with torch.inference_mode():
+        runner = KernelRunner(model, max_context=256)
+        if tune:
+            ids = torch.tensor([prompts[0]], device="cuda")
+
+            def step_ms(blocks) -> float:
+                runner.reset()
+                tok = runner.step(ids)[:, -1].argmax(-1).view(1, 1)
+                dk = DecodeKernels(model, runner.kv, runner.kernels.experts, graph=True, blocks=blocks)
+                pos = runner.kv.seq_len
+                dk.step(tok, pos)  # compile and capture
+                torch.cuda.synchronize()
+                times = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    for _ in range(20):
+                        dk._graph.replay()  # the same position again: same inputs, same writes
+                    torch.cuda.synchronize()
+                    times.append((time.perf_counter() - t0) / 20)
+                return 1e3 * statistics.median(times)
+
+            best = dict(DEFAULT_BLOCKS)
+            best_ms = step_ms(best)
+            trials = [{"blocks": dict(best), "ms": best_ms}]
+            for key, cands in TUNE.items():
+                for c in cands:
+                    if c == best[key]:
+                        continue
+                    cand = {**best, key: c}
+                    try:
+                        ms = step_ms(cand)
+                    except Exception as exc:  # noqa: BLE001  a tile that does not compile is skipped
+                        trials.append({"blocks": cand, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                        continue
+                    trials.append({"blocks": cand, "ms": ms})
+                    if ms < best_ms:
+                        best, best_ms = cand, ms
+                log(f"tune {key}: best {best[key]} ({best_ms:.3f} ms/step)")
+            out.update(blocks=best, tune_trials=trials, tuned_step_ms=best_ms)
+            runner = KernelRunner(model, max_context=256, blocks=best)
+        refs, times = [], []
+        for i, pr in enumerate(prompts):
+            stats = GenerationStats()
+            runner.reset()
+            refs.append(list(stream_tokens(runner.step, torch.tensor([pr], device="cuda"), new_tokens, None, [],
+                                           stats)))
+            if i:
+                times.extend(stats.decode_token_seconds)
+        # first decode step of the check prompt: kernels vs the eager model, from the same prefill
+        cache = be.KVCache(model.config, 1, model.dtype, "cuda", capacity=256)
+        ids = torch.tensor([prompts[0]], device="cuda")
+        tok = model(ids, cache=cache)[:, -1].argmax(-1).view(1, 1)
+        ref = model(tok, cache=cache).float().flatten()
+        runner.reset()
+        runner.step(ids)
+        got = runner.step(tok).float().flatten()
+        top = ref.topk(2).values
+        out["first_step_logits"] = {
+            "bit_equal": bool(torch.equal(ref, got)), "differing": int((ref != got).sum()), "vocab": ref.numel(),
+            "max_abs_diff": float((ref - got).abs().max()), "ref_top2_margin": float(top[0] - top[1]),
+            "ref_logit_std": float(ref.std()), "argmax_equal": bool(ref.argmax() == got.argmax())}
+        diffs = [first_difference(a, b) for a, b in zip(refs, eager_refs)]
+        out.update(tokens=refs, decode_ms_per_token=1e3 * statistics.median(times), decode_steps_timed=len(times),
+                   eager_first_difference=diffs, tokens_equal_eager=all(d is None for d in diffs))
+        tok = [runner.step(ids)[:, -1].argmax(-1).view(1, 1)]
+
+        def step():
+            tok[0] = runner.step(tok[0])[:, -1].argmax(-1).view(1, 1)
+
+        step()
+        out["profile"] = kernels_per_step(step)
+    del runner, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    log(f"model in memory, kernels: {out['decode_ms_per_token']:.2f} ms/token, tokens = eager model's: "
+        f"{out['tokens_equal_eager']} {diffs}, first step {out['first_step_logits']}")
+    return out
+
+
 def first_step_logits(e, prompt: list[int]) -> dict:
     """The first decode step's logits of the graph against the engine's eager step (exact=True: the model's bits)
     from the same KV state: bit-equal or not, how many differ, the largest difference, the reference's top-1/top-2
@@ -133,6 +231,7 @@ def run_engine(name: str, opts: dict, ckpt: Path, bundle: Path, prompts, new_tok
     row: dict = {"variant": name, "options": opts}
     opts = dict(opts)
     graph_opts = opts.pop("graph_opts", {})
+    opts.pop("reference", None)
     t0 = time.perf_counter()
     e = Engine.from_pretrained(ckpt, memory_limit=None, device="cuda", bundle_dir=bundle, progress=False, **opts)
     for k, v in graph_opts.items():
@@ -192,6 +291,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=33, help="new tokens per generation (decode steps + 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed prompts (after the check prompt)")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--tune", action="store_true", help="sweep the decode kernels' tile sizes first")
     args = p.parse_args(argv)
     start = time.perf_counter()
 
@@ -223,9 +323,23 @@ def main(argv=None) -> int:
     bound_ms = 1e3 * mem["total"] / hbm["median"]
     rows = [{"variant": "model in memory", "decode_ms_per_token": 1e3 * statistics.median(model_times),
              "tokens_equal": True, "first_difference": None}]
-    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    kref = None
+    if any(VARIANTS[n].get("reference") == "kernels" for n in names):
+        kref = kernel_reference(ckpt, prompts, args.tokens, refs, args.tune, log)
+        rows.append({"variant": "model in memory, kernels", "decode_ms_per_token": kref["decode_ms_per_token"],
+                     "tokens_equal": kref["tokens_equal_eager"], "first_difference": kref["eager_first_difference"],
+                     "first_step_logits": kref["first_step_logits"], "profile": kref["profile"],
+                     "blocks": kref["blocks"], "tune_trials": kref.get("tune_trials")})
+    for name in names:
         try:
-            rows.append(run_engine(name, VARIANTS[name], ckpt, bundle, prompts, args.tokens, refs, log))
+            opts = dict(VARIANTS[name])
+            variant_refs = refs
+            if opts.get("reference") == "kernels":
+                variant_refs = kref["tokens"]
+                opts["graph_opts"] = {**opts.get("graph_opts", {}), "kernel_blocks": kref["blocks"]}
+            rows.append(run_engine(name, opts, ckpt, bundle, prompts, args.tokens, variant_refs, log))
+            rows[-1]["reference"] = opts.get("reference", "eager")
         except Exception as exc:  # noqa: BLE001  a row with the error, the others still run
             import traceback
 
@@ -266,7 +380,11 @@ def render(res: dict) -> str:
         f"KV {mem['kv'] / 2**20:.1f}, experts {mem['experts'] / 2**20:.0f}) / HBM copy "
         f"{res['hbm_copy']['median'] / 1e9:.0f} GB/s measured in this run = **{res['bound_ms']:.3f} ms/token**.",
         "",
-        "| variant | ms/token | tok/s | share of HBM bound | greedy tokens = model | kernels/step | copies/step | "
+        "Greedy tokens are compared with the eager in-memory model's, except the engine's kernel variant "
+        "(`graph-kernels`), whose reference is the in-memory model decoding with the same kernels (`model in "
+        "memory, kernels`); that row is itself compared with the eager model.",
+        "",
+        "| variant | ms/token | tok/s | share of HBM bound | greedy tokens = reference | kernels/step | copies/step | "
         "GPU busy ms/step |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -297,6 +415,10 @@ def render(res: dict) -> str:
                          f"bit-equal {d['bit_equal']}, {d['differing']} of {d['vocab']} differ, max |diff| "
                          f"{d['max_abs_diff']:.3g} (logit std {d['ref_logit_std']:.3g}), reference top-1/top-2 margin "
                          f"{d['ref_top2_margin']:.3g}, argmax equal {d['argmax_equal']}.")
+    for r in res["rows"]:
+        if r.get("blocks"):
+            lines.append(f"Kernel tiles ({'tuned in this run' if r.get('tune_trials') else 'defaults'}): "
+                         f"{r['blocks']}.")
     lines += ["", "GPU busy: the sum of the profiled kernels' and copies' durations per step (kernels, not gaps)."]
     for r in res["rows"]:
         top = (r.get("profile") or {}).get("top")

@@ -29,6 +29,11 @@ whatever ``exact`` says (the prefill and any eager step keep exact's kernels):
   the model's in the last bits; greedy tokens then agree unless the model has near-tied router or LM-head logits
   (benchmarks/gpu_decode_graph.py measures whether they agree on the benchmark's prompts).
 
+* kernels (``cuda_graph="kernels"``, exact=True implied): the Triton decode kernels of ``smallthinker_lab.kernels``,
+  six per layer, in one graph per step; each expert read in place from its slot through an [L, E, 3] table of
+  element offsets (slot x record stride + matrix offset). The in-memory model decoding with the same kernels
+  (``KernelRunner``) gives the same bits; the eager model, the same up to rounding.
+
 Memory: the K-slot expert buffer of ``exact=True`` (K x record stride) is counted in the engine's workspace; the
 graphs' private pool (the activations of one decode step) is not counted in the plan.
 """
@@ -204,8 +209,11 @@ class GraphDecoder:
     """The engine's graph decode (see the module docstring). Built on first use, rebuilt when the engine's cache,
     KV cache or slots change (reopen, clear)."""
 
-    def __init__(self, engine, fused: bool | None = None, compile: bool = True, fuse_pointwise: bool = True) -> None:
+    def __init__(self, engine, fused: bool | None = None, compile: bool = True, fuse_pointwise: bool = True,
+                 kernels: bool = False) -> None:
         self.e = engine
+        self.kernels = bool(kernels)  # the Triton decode kernels (smallthinker_lab.kernels), one graph per step
+        self.kernel_blocks: dict | None = None  # their tile sizes (None: the defaults)
         self.fuse_pointwise = fuse_pointwise  # exact: the elementwise chains compiled (bit-exact), else eager
         self.fused = (not engine.exact) if fused is None else bool(fused)
         self.compile = compile
@@ -221,12 +229,14 @@ class GraphDecoder:
         self._graphs = []
         self._static = {}
         self._pool = None
+        self._kern = None
 
     def usable(self) -> bool:
         e = self.e
         c = e.config
         return (e.device.type == "cuda" and e._zero_copy and len(e.hooks) == 0 and e.lm_head_predictor is None
-                and not e.lookahead and e.cache.capacity_experts >= c.num_hidden_layers * c.num_experts)
+                and not e.lookahead and e.cache.capacity_experts >= c.num_hidden_layers * c.num_experts
+                and (not self.kernels or (e.dtype == torch.bfloat16 and not e.bundle.down_transposed)))
 
     def _state_key(self):
         e = self.e
@@ -249,6 +259,15 @@ class GraphDecoder:
         e.cache.step = e._step
         if not self._valid():
             self._build(ids, start)
+        if self.kernels:
+            logits = self._kern.step(ids, start)
+            self.replays += 1
+            done = self._static["done"]
+            if done is not None:
+                done.record()
+                done.synchronize()  # the step's ids are in pinned host memory
+            self._account(self._kern.ids_host)
+            return logits.clone()
         s = self._static
         s["tok"].copy_(ids.view(1, 1), non_blocking=True)
         s["pos"].fill_(start)
@@ -366,7 +385,9 @@ class GraphDecoder:
         s["done"] = torch.cuda.Event() if cuda else None
         s["logits"] = torch.zeros(1, 1, cfg.vocab_size, dtype=e.dtype, device=dev)  # exact: replaced by the graph's
         _sync(dev)
-        if not self.fused:
+        if self.kernels:
+            self._build_kernels()
+        elif not self.fused:
             self._build_exact()
         else:
             self._build_fused()
@@ -381,6 +402,20 @@ class GraphDecoder:
         with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
             fn()
         return g
+
+    # kernels: the Triton decode kernels over the slots, one graph per step
+    def _build_kernels(self) -> None:
+        from ..kernels import DecodeKernels, ExpertTable
+
+        e, s = self.e, self._static
+        L = e.config.num_hidden_layers
+        isz, m = e.dtype.itemsize, e.bundle.matrices
+        n = e.arena.n_slots
+        base = e.arena._tensor[:n * e.bundle.stride].view(e.dtype)
+        mats = torch.tensor([m[k].offset // isz for k in ("gate", "up", "down")], dtype=torch.long, device=e.device)
+        offsets = s["slot_table"][:, :, None] * (e.bundle.stride // isz) + mats  # [L, E, 3] element offsets
+        self._kern = DecodeKernels(e.model, e.kv, ExpertTable([base] * L, offsets), graph=e.device.type == "cuda",
+                                   blocks=self.kernel_blocks)
 
     # exact: L + 1 graph pieces, the model's kernels, attention eager in between
     def _build_exact(self) -> None:

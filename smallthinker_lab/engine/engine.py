@@ -116,11 +116,18 @@ class Engine:
         if exact and sparse_reglu is True:
             raise ValueError("exact=True computes experts densely with the model's kernels: it excludes "
                              "sparse_reglu=True")
-        self.exact = bool(exact)
-        if cuda_graph not in (False, True, "fused"):
-            raise ValueError(f"cuda_graph must be False, True or 'fused', got {cuda_graph!r}")
+        if cuda_graph not in (False, True, "fused", "kernels"):
+            raise ValueError(f"cuda_graph must be False, True, 'fused' or 'kernels', got {cuda_graph!r}")
         if cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph needs device='cuda'")
+        if cuda_graph == "kernels":
+            from ..kernels import unavailable_reason
+
+            reason = unavailable_reason(self.device)
+            if reason:
+                raise RuntimeError(f"cuda_graph='kernels': {reason}")
+            exact = True  # the model's prefill and the model's [H, F] down layout, which the kernels read
+        self.exact = bool(exact)
         if self.exact:
             sparse_reglu = False
         if prefill_chunk < 1:
@@ -177,6 +184,10 @@ class Engine:
             expert_ws += CUDA_LIBRARY_WORKSPACE
         if cuda_graph is True and self.exact:  # the exact graph's static buffer of one layer's K expert records
             expert_ws += config.top_k * self.bundle.stride
+        if cuda_graph == "kernels":  # the decode kernels' static activations and logits row
+            from ..kernels import workspace_bytes as kernel_workspace
+
+            expert_ws += kernel_workspace(config, self.dtype)
         self.lm_head_predictor = _load_predictor(lm_head_predictor, config, self.device)
         pred = self.lm_head_predictor
         if pred is not None:  # its weights are resident; the rows it selects are gathered per decode step
@@ -215,7 +226,8 @@ class Engine:
         if cuda_graph:
             from .cuda_graph import GraphDecoder
 
-            self._graph = GraphDecoder(self, fused=cuda_graph == "fused" or not self.exact)
+            self._graph = GraphDecoder(self, fused=cuda_graph == "fused" or not self.exact,
+                                       kernels=cuda_graph == "kernels")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -248,8 +260,11 @@ class Engine:
         LM-head predictor nor look-ahead is used; else the eager path runs. With ``exact=True`` the graphs run the
         model's kernels (bit-identical tokens; attention eager between per-layer graphs); with ``exact=False``,
         or ``cuda_graph="fused"`` whatever ``exact`` says, one graph of fused kernels (torch.compile) per step,
-        equal to the model up to rounding. Counters stay exact: every expert of a graph step is a hit. See
-        engine/cuda_graph.py).
+        equal to the model up to rounding; ``cuda_graph="kernels"`` (implies ``exact=True``): one graph per step
+        of the Triton decode kernels of ``smallthinker_lab.kernels``, six per layer, reading the experts in place
+        from their slots: tokens equal to the in-memory model decoding with the same kernels
+        (``smallthinker_lab.kernels.KernelRunner``), and to the eager model up to rounding. Counters stay exact:
+        every expert of a graph step is a hit. See engine/cuda_graph.py).
         """
         return cls(path, memory_limit=memory_limit, device=device, policy=policy, prefetch=prefetch,
                    lookahead=lookahead, quantization=quantization, sparse_reglu=sparse_reglu,

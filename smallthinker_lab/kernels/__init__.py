@@ -233,7 +233,8 @@ class DecodeKernels:
         self.ids_host.copy_(self.ids, non_blocking=True)
 
     def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
-        """Logits (1, 1, V) of ``token`` at position ``pos`` (the KV cache holds positions < pos)."""
+        """Logits (1, 1, V) of ``token`` at position ``pos`` (the KV cache holds positions < pos): a view of the
+        step's static logits buffer, which the next step overwrites."""
         for kvl in self.kv.layers:
             if pos >= kvl.k.shape[2] and kvl.window is None:
                 raise ValueError(f"position {pos} is past the KV cache's capacity {kvl.k.shape[2]}")
@@ -288,7 +289,7 @@ class KernelRunner:
         if start + T > self.max_context:
             raise ValueError(f"sequence too long: {start + T} tokens exceeds max_context={self.max_context}")
         if T == 1 and start > 0:
-            return self.kernels.step(ids, start)
+            return self.kernels.step(ids, start).clone()  # the step's logits buffer is overwritten by the next
         return self.model(ids, cache=self.kv)[:, -1:]
 
     __call__ = step

@@ -44,27 +44,18 @@ def _pre_kernel(x_ptr, ln_ptr, wq_ptr, wk_ptr, wv_ptr, wr_ptr, out_ptr, eps,
     if pid < NBQ:
         w_ptr = wq_ptr
         r0 = pid * BLOCK_R
-        n = NQ
-        o = 0
-        norm = 1
     elif pid < NBQ + NBK:
         w_ptr = wk_ptr
         r0 = (pid - NBQ) * BLOCK_R
-        n = NK
-        o = NQ
-        norm = 1
     elif pid < NBQ + 2 * NBK:
         w_ptr = wv_ptr
         r0 = (pid - NBQ - NBK) * BLOCK_R
-        n = NK
-        o = NQ + NK
-        norm = 1
     else:
         w_ptr = wr_ptr
         r0 = (pid - NBQ - 2 * NBK) * BLOCK_R
-        n = NE
-        o = NQ + 2 * NK
-        norm = 0
+    n = tl.where(pid < NBQ, NQ, tl.where(pid < NBQ + 2 * NBK, NK, NE))
+    o = tl.where(pid < NBQ, 0, tl.where(pid < NBQ + NBK, NQ, tl.where(pid < NBQ + 2 * NBK, NQ + NK, NQ + 2 * NK)))
+    norm = pid < NBQ + 2 * NBK
     rows = r0 + tl.arange(0, BLOCK_R)
     rmask = rows < n
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
@@ -74,7 +65,7 @@ def _pre_kernel(x_ptr, ln_ptr, wq_ptr, wk_ptr, wv_ptr, wr_ptr, out_ptr, eps,
         xk = tl.load(x_ptr + kk, mask=kmask, other=0.0)
         lw = tl.load(ln_ptr + kk, mask=kmask, other=0.0)
         hk = (lw.to(tl.float32) * (xk.to(tl.float32) * rstd).to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16)
-        inp = tl.where(norm != 0, hk.to(tl.float32), xk.to(tl.float32))
+        inp = tl.where(norm, hk.to(tl.float32), xk.to(tl.float32))
         w = tl.load(w_ptr + rows[:, None] * H + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         acc += w.to(tl.float32) * inp[None, :]
     y = tl.sum(acc, axis=1)

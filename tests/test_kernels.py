@@ -1,0 +1,116 @@
+"""The Triton decode kernels (smallthinker_lab.kernels) against the eager model, and the engine's kernel decode
+against the in-memory model's. Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here
+before the kernels are first imported); tests/test_engine_gpu.py runs them compiled on CUDA."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from conftest import random_model  # noqa: E402
+
+from smallthinker_lab.engine import Engine, convert, simulate  # noqa: E402
+from smallthinker_lab.engine.cuda_graph import GraphDecoder  # noqa: E402
+from smallthinker_lab.kernels import (DecodeKernels, ExpertTable, KernelRunner, generate,  # noqa: E402
+                                      pack_experts, unavailable_reason)
+from smallthinker_lab.model import SmallThinkerConfig, SmallThinkerForCausalLM  # noqa: E402
+from smallthinker_lab.model.checkpoint import load_model, save_pretrained  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]  # longer than the test model's window of 8
+NEW = 6
+
+
+def _model(preset: str, seed: int = 1):
+    cfg = SmallThinkerConfig.from_name(preset)
+    return SmallThinkerForCausalLM(cfg).init_weights(seed=seed).to(torch.bfloat16).to(DEV).eval()
+
+
+@pytest.mark.parametrize("preset", ["smallthinker-test", "smallthinker-test-tied"])  # sigmoid / softmax routing
+def test_kernel_decode_matches_the_eager_model_up_to_rounding(preset):
+    m = _model(preset)
+    runner = KernelRunner(m, max_context=32, graph=False)
+    cache = m.new_cache()
+    ids = torch.tensor([PROMPT], device=DEV)
+    with torch.inference_mode():
+        assert torch.equal(runner.step(ids), m(ids, cache=cache)[:, -1:])  # prefill is the model's own
+        for t in [5, 77, 2, 120, 64, 9, 31]:  # positions 10..16: the sliding ring wraps
+            tok = torch.tensor([[t]], device=DEV)
+            ref, got = m(tok, cache=cache), runner.step(tok)
+            diff = (ref.float() - got.float()).abs().max().item()
+            assert diff < 0.1 * ref.float().std().item()  # bf16 rounding, not a wrong computation
+            assert int(ref.argmax()) == int(got.argmax())
+            layer0 = m.model.layers[0].block_sparse_moe
+            assert runner.kernels.ids[0].tolist() == sorted(runner.kernels.ids[0].tolist())
+    assert runner.kv.seq_len == len(PROMPT) + 7
+    # the packed experts are the model's parameters: the eager model reads the same tensors
+    base = pack_experts(m).bases[0]
+    assert layer0.experts[0].gate.weight.data_ptr() == base.data_ptr()
+
+
+def test_kernel_generate_greedy_equals_the_model():
+    m = _model("smallthinker-test-tied", seed=3)
+    assert generate(m, PROMPT, NEW, stop_tokens=[]) == m.generate(PROMPT, NEW, stop_tokens=[])
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kernels") / "model"
+    m = random_model().to(torch.bfloat16)
+    m.config.torch_dtype = "bfloat16"
+    save_pretrained(m, folder)
+    convert(folder, progress=False, down_transposed=False)
+    return folder
+
+
+def test_engine_kernel_decode_equals_the_kernel_model_bit_for_bit(ckpt):
+    model = load_model(ckpt, device=DEV)
+    runner = KernelRunner(model, max_context=64, graph=DEV == "cuda")
+    with torch.inference_mode():
+        runner.step(torch.tensor([PROMPT], device=DEV))
+        ref_logits = [runner.step(torch.tensor([[t]], device=DEV)) for t in (7, 8, 9)]
+    ref = generate(model, PROMPT, NEW, runner=runner, stop_tokens=[])
+    with Engine.from_pretrained(ckpt, memory_limit=None, progress=False, exact=True, device=DEV,
+                                max_context=64) as e:
+        g = GraphDecoder(e, kernels=True)
+        g.usable = lambda: True  # on a CPU (usable() needs CUDA)
+        e._graph = g
+        e.forward(torch.tensor([PROMPT]))
+        for t, r in zip((7, 8, 9), ref_logits):
+            assert torch.equal(e.forward(torch.tensor([[t]])), r)  # the same kernels on the same bytes
+        e.reset_stats(clear_cache=True)  # a replay through simulate() starts from the same empty cache
+        tokens = e.generate(PROMPT, NEW, stop_tokens=[]).tokens
+        st, L, K = e.stats(), e.config.num_hidden_layers, e.config.top_k
+        assert tokens == ref
+        assert g.replays == 3 + NEW - 1
+        steps = [t for t in e.trace if t[0] > 1]
+        prefill = {(layer, x) for step, layer, x in e.trace if step == 1}
+        # every decode expert request counted (as a hit), and the graph build's reads of the experts not yet cached
+        assert len(steps) == (NEW - 1) * L * K + L * e.config.num_experts - len(prefill)
+        assert st["hits"] + st["misses"] == st["requests"] and st["misses"] == L * e.config.num_experts
+        assert simulate(e.trace, e.cache.capacity_experts, "lru").hits == st["hits"]
+
+
+def test_kernels_refuse_what_they_cannot_compute(monkeypatch):
+    m = _model("smallthinker-test")
+    with pytest.raises(ValueError, match="bf16"):
+        KernelRunner(_model("smallthinker-test").float())
+    runner = KernelRunner(m, max_context=16, graph=False)
+    with pytest.raises(ValueError, match="max_context=16"):
+        runner.step(torch.zeros(1, 17, dtype=torch.long, device=DEV))
+    table = pack_experts(m)
+    bad = ExpertTable(table.bases, table.offsets + 8)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        DecodeKernels(m, m.new_cache(), bad)
+    short = ExpertTable([b[:100] for b in table.bases], table.offsets)
+    with pytest.raises(ValueError, match="fewer than its offsets address"):
+        DecodeKernels(m, m.new_cache(), short)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "CUDA" in unavailable_reason("cpu")
+    with pytest.raises(ValueError, match="cuda_graph needs device='cuda'"):
+        Engine.from_pretrained("default", memory_limit=None, progress=False, cuda_graph="kernels")
