@@ -51,13 +51,12 @@ VARIANTS = {  # Engine keywords; graph_opts: attributes of the engine's GraphDec
     # the Triton decode kernels; checked against the in-memory model decoding with the same kernels
     "graph-kernels": dict(exact=True, cuda_graph="kernels", reference="kernels"),
 }
-TUNE = {  # candidate tiles per kernel (rows, columns), tried one kernel at a time from the defaults
-    "pre": [(4, 512), (8, 512), (16, 512), (8, 256), (16, 256), (32, 256)],
-    "oproj": [(4, 512), (8, 512), (16, 512), (8, 256), (16, 256), (32, 256)],
-    "gate_up": [(4, 512), (8, 512), (16, 512), (8, 256), (16, 256)],
-    "down": [(4, 256), (8, 256), (16, 256), (8, 128), (16, 128), (32, 128)],
-    "attn": [32, 64, 128],
-    "num_warps": [2, 4, 8],
+TUNE = {  # candidate tiles per kernel (see smallthinker_lab.kernels.DEFAULT_BLOCKS), tried one kernel at a time
+    "pre": [(r, c, w) for r in (4, 8, 16) for c in (256, 512) for w in (2, 4, 8)],
+    "oproj": [(r, c, w) for r in (4, 8, 16) for c in (256, 512) for w in (2, 4, 8)],
+    "gate_up": [(r, c, w) for r in (4, 8, 16) for c in (256, 512) for w in (2, 4, 8)],
+    "down": [(r, c, w) for r in (2, 4, 8, 16) for c in (128, 256) for w in (2, 4, 8)],
+    "attn": [(n, w) for n in (32, 64, 128) for w in (2, 4, 8)],
 }
 
 
@@ -195,11 +194,47 @@ def kernel_reference(ckpt: Path, prompts, new_tokens: int, eager_refs, tune: boo
 
         step()
         out["profile"] = kernels_per_step(step)
-    del runner, model
+    runner = model = None  # noqa: F841  free the GPU memory
     gc.collect()
     torch.cuda.empty_cache()
     log(f"model in memory, kernels: {out['decode_ms_per_token']:.2f} ms/token, tokens = eager model's: "
         f"{out['tokens_equal_eager']} {diffs}, first step {out['first_step_logits']}")
+    return out
+
+
+def trained_agreement(new_tokens: int, n_prompts: int, log) -> dict:
+    """The trained default model (real routing): greedy tokens of the eager model and of the kernel decode on
+    gsm8k prompts, and the first decode step's logits of both from the same prefill."""
+    from benchmarks.run import TRAINED, text_prompts
+    from smallthinker_lab.kernels import KernelRunner
+
+    model = be.load_model(TRAINED, device="cuda")
+    prompts = text_prompts(TRAINED, n_prompts, 32)
+    runner = KernelRunner(model, max_context=256)
+    out = {"model": TRAINED.name, "prompts": len(prompts), "new_tokens": new_tokens, "rows": []}
+    with torch.inference_mode():
+        for pr in prompts:
+            ref = model.generate(pr, new_tokens, stop_tokens=[])
+            got = list(stream_tokens(runner.step, torch.tensor([pr], device="cuda"), new_tokens, None, []))
+            runner.reset()
+            cache = be.KVCache(model.config, 1, model.dtype, "cuda", capacity=256)
+            ids = torch.tensor([pr], device="cuda")
+            tok = model(ids, cache=cache)[:, -1].argmax(-1).view(1, 1)
+            a = model(tok, cache=cache).float().flatten()
+            runner.step(ids)
+            b = runner.step(tok).float().flatten()
+            runner.reset()
+            out["rows"].append({"first_difference": first_difference(got, ref),
+                                "first_step_max_abs_diff": float((a - b).abs().max()),
+                                "logit_std": float(a.std())})
+    diffs = [r["first_difference"] for r in out["rows"]]
+    out["tokens_equal"] = sum(d is None for d in diffs)
+    log(f"trained model, kernels vs eager: {out['tokens_equal']} of {len(diffs)} prompts equal, first "
+        f"differences {diffs}, max |diff| first step "
+        f"{max(r['first_step_max_abs_diff'] for r in out['rows']):.3g}")
+    runner = model = None  # noqa: F841  free the GPU memory
+    gc.collect()
+    torch.cuda.empty_cache()
     return out
 
 
@@ -327,6 +362,10 @@ def main(argv=None) -> int:
     kref = None
     if any(VARIANTS[n].get("reference") == "kernels" for n in names):
         kref = kernel_reference(ckpt, prompts, args.tokens, refs, args.tune, log)
+        try:
+            trained = trained_agreement(args.tokens, 8, log)
+        except Exception as exc:  # noqa: BLE001
+            trained = {"error": f"{type(exc).__name__}: {exc}"}
         rows.append({"variant": "model in memory, kernels", "decode_ms_per_token": kref["decode_ms_per_token"],
                      "tokens_equal": kref["tokens_equal_eager"], "first_difference": kref["eager_first_difference"],
                      "first_step_logits": kref["first_step_logits"], "profile": kref["profile"],
@@ -354,6 +393,7 @@ def main(argv=None) -> int:
               "machine": machine_info(), "versions": versions(), "checkpoint": spec | {"preset": args.preset},
               "prompt_tokens": args.prompt_tokens, "decode_steps": args.tokens - 1, "timed_prompts": args.repeats,
               "hbm_copy": hbm, "memory_bytes_per_token": mem, "bound_ms": bound_ms, "rows": rows,
+              "trained_kernels_vs_eager": trained if kref is not None else None,
               "wall_seconds": time.perf_counter() - start}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -415,6 +455,16 @@ def render(res: dict) -> str:
                          f"bit-equal {d['bit_equal']}, {d['differing']} of {d['vocab']} differ, max |diff| "
                          f"{d['max_abs_diff']:.3g} (logit std {d['ref_logit_std']:.3g}), reference top-1/top-2 margin "
                          f"{d['ref_top2_margin']:.3g}, argmax equal {d['argmax_equal']}.")
+    t = res.get("trained_kernels_vs_eager")
+    if t and not t.get("error"):
+        diffs = [r["first_difference"] for r in t["rows"]]
+        lines.append(f"Trained default model ({t['model']}, real routing), {t['prompts']} gsm8k prompts x "
+                     f"{t['new_tokens']} greedy tokens: the kernel decode gives the eager model's tokens on "
+                     f"{t['tokens_equal']} of {len(diffs)} prompts (first differences {diffs}); first decode step "
+                     f"max |diff| {max(r['first_step_max_abs_diff'] for r in t['rows']):.3g} (logit std "
+                     f"{t['rows'][0]['logit_std']:.3g}).")
+    elif t:
+        lines.append(f"Trained default model, kernels vs eager: error {t['error']}.")
     for r in res["rows"]:
         if r.get("blocks"):
             lines.append(f"Kernel tiles ({'tuned in this run' if r.get('tune_trials') else 'defaults'}): "

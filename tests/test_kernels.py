@@ -15,8 +15,14 @@ from conftest import random_model  # noqa: E402
 
 from smallthinker_lab.engine import Engine, convert, simulate  # noqa: E402
 from smallthinker_lab.engine.cuda_graph import GraphDecoder  # noqa: E402
-from smallthinker_lab.kernels import (DecodeKernels, ExpertTable, KernelRunner, generate,  # noqa: E402
-                                      pack_experts, unavailable_reason)
+from smallthinker_lab.kernels import (  # noqa: E402
+    DecodeKernels,
+    ExpertTable,
+    KernelRunner,
+    generate,
+    pack_experts,
+    unavailable_reason,
+)
 from smallthinker_lab.model import SmallThinkerConfig, SmallThinkerForCausalLM  # noqa: E402
 from smallthinker_lab.model.checkpoint import load_model, save_pretrained  # noqa: E402
 

@@ -30,7 +30,7 @@ whatever ``exact`` says (the prefill and any eager step keep exact's kernels):
   (benchmarks/gpu_decode_graph.py measures whether they agree on the benchmark's prompts).
 
 * kernels (``cuda_graph="kernels"``, exact=True implied): the Triton decode kernels of ``smallthinker_lab.kernels``,
-  six per layer, in one graph per step; each expert read in place from its slot through an [L, E, 3] table of
+  five per layer, in one graph per step; each expert read in place from its slot through an [L, E, 3] table of
   element offsets (slot x record stride + matrix offset). The in-memory model decoding with the same kernels
   (``KernelRunner``) gives the same bits; the eager model, the same up to rounding.
 

@@ -261,7 +261,7 @@ class Engine:
         model's kernels (bit-identical tokens; attention eager between per-layer graphs); with ``exact=False``,
         or ``cuda_graph="fused"`` whatever ``exact`` says, one graph of fused kernels (torch.compile) per step,
         equal to the model up to rounding; ``cuda_graph="kernels"`` (implies ``exact=True``): one graph per step
-        of the Triton decode kernels of ``smallthinker_lab.kernels``, six per layer, reading the experts in place
+        of the Triton decode kernels of ``smallthinker_lab.kernels``, five per layer, reading the experts in place
         from their slots: tokens equal to the in-memory model decoding with the same kernels
         (``smallthinker_lab.kernels.KernelRunner``), and to the eager model up to rounding. Counters stay exact:
         every expert of a graph step is a hit. See engine/cuda_graph.py).

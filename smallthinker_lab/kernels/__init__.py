@@ -1,7 +1,7 @@
-"""Fused decode kernels: one token of SmallThinker in six Triton kernels per layer, for the model and the engine.
+"""Fused decode kernels: one token of SmallThinker in five Triton kernels per layer, for the model and the engine.
 
 The eager decode step of the PyTorch model launches dozens of small kernels per layer; on a GPU their launches and
-gaps, not the bytes of weights read, set the time of a token. ``DecodeKernels`` runs a decode step as six fused
+gaps, not the bytes of weights read, set the time of a token. ``DecodeKernels`` runs a decode step as five fused
 kernels per layer (triton_decode.py says which), captured as one CUDA graph per step. It serves two callers:
 
 * the in-memory model: ``KernelRunner(model)`` (prefill eager, decode through the kernels) and ``generate``;
@@ -117,19 +117,19 @@ def workspace_bytes(config, dtype: torch.dtype = torch.bfloat16) -> int:
     isz = torch.empty((), dtype=dtype).element_size()
     H, K, Fh = config.hidden_size, config.top_k, config.moe_ffn_hidden_size
     nq, nk = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    act = (3 * H + (nq + 2 * nk + config.num_experts) + 2 * nq + K * Fh + K + config.vocab_size) * isz
+    act = (3 * H + (nq + 2 * nk + config.num_experts) + nq + K * Fh + K + config.vocab_size) * isz
     return act + (K * 3 + config.num_hidden_layers * K * 2 + 2) * 8
 
 
-# block sizes of the kernels' tiles (rows of a weight matrix per program, columns per step); tuned on an H100 for
-# the 4B shape by benchmarks/gpu_decode_graph.py --tune
-DEFAULT_BLOCKS = {"pre": (8, 512), "oproj": (8, 512), "gate_up": (8, 512), "down": (8, 256), "attn": 64,
-                  "num_warps": 4}
+# tiles of the kernels: (rows of a weight matrix per program, columns per step, warps) for the products,
+# (keys per step, warps) for attention; tuned on an H100 for the 4B shape by benchmarks/gpu_decode_graph.py --tune
+DEFAULT_BLOCKS = {"pre": (8, 512, 4), "oproj": (8, 512, 4), "gate_up": (8, 512, 4), "down": (4, 256, 4),
+                  "attn": (64, 4)}
 
 
 class DecodeKernels:
     """One decode step of ``model`` (its non-expert weights) over ``kv`` (fixed capacity) and the experts of
-    ``experts``, as six Triton kernels per layer; ``graph=True`` captures the step as one CUDA graph on first use.
+    ``experts``, as five Triton kernels per layer; ``graph=True`` captures the step as one CUDA graph on first use.
 
     ``step(token, pos)`` returns the logits (1, 1, V), writes the position's K/V and advances ``kv``; the step's
     chosen expert ids (ascending, per layer) are in ``ids`` (device) and ``ids_host`` (pinned, valid once the
@@ -161,7 +161,6 @@ class DecodeKernels:
         self.x = torch.zeros(H, dtype=bf, **z)
         self.xm = torch.zeros(H, dtype=bf, **z)
         self.proj = torch.zeros(nq + 2 * nk + E, dtype=bf, **z)
-        self.q = torch.zeros(nq, dtype=bf, **z)
         self.o = torch.zeros(nq, dtype=bf, **z)
         self.sel_off = torch.zeros(K * 3, dtype=torch.long, **z)
         self.sel_w = torch.zeros(K, dtype=bf, **z)
@@ -198,13 +197,13 @@ class DecodeKernels:
         H, Fh, D, E, K = cfg.hidden_size, cfg.moe_ffn_hidden_size, cfg.head_dim, cfg.num_experts, cfg.top_k
         nq, nk, eps = self.nq, self.nk, float(cfg.rms_norm_eps)
         BH = _p2(H)
-        nw = b["num_warps"]
-        pr, pk = b["pre"]
+        pr, pk, pw = b["pre"]
         pk = min(pk, BH)
         nbq, nbk, nbe = -(-nq // pr), -(-nk // pr), -(-E // pr)
-        orr, ok = b["oproj"]
-        gr, gk = b["gate_up"]
-        dr, dk = b["down"]
+        orr, ok, ow = b["oproj"]
+        gr, gk, gw = b["gate_up"]
+        dr, dk, dw = b["down"]
+        an, aw = b["attn"]
         x, xm = self.x, self.xm
         inner = self.model.model
         tk._embed_kernel[(1,)](self.tok, inner.embed_tokens.weight, x, H=H, BLOCK_H=BH)
@@ -213,21 +212,18 @@ class DecodeKernels:
             C = kvl.k.shape[2]
             tk._pre_kernel[(nbq + 2 * nbk + nbe,)](
                 x, p["ln1"], p["wq"], p["wk"], p["wv"], p["wr"], self.proj, eps, H=H, NQ=nq, NK=nk, NE=E,
-                NBQ=nbq, NBK=nbk, BLOCK_R=pr, BLOCK_K=pk, BLOCK_H=BH, num_warps=nw)
-            tk._rope_route_kernel[(1,)](
-                self.proj, self.pos, self.inv_freq, self.q, kvl.k, kvl.v, kvl.pos, p["table"], self.sel_off,
-                self.sel_w, p["ids"], C, NQH=cfg.num_attention_heads, NQH_P2=_p2(cfg.num_attention_heads),
-                NKV=cfg.num_key_value_heads, NKV_P2=_p2(cfg.num_key_value_heads), D=D, NE=E, BLOCK_E=_p2(E), K=K,
-                USE_ROPE=p["rope"], SOFTMAX=p["softmax"], num_warps=nw)
-            tk._attn_kernel[(cfg.num_attention_heads,)](
-                self.q, kvl.k, kvl.v, kvl.pos, self.pos, self.o, C, p["window"], 1.0 / D ** 0.5,
-                G=cfg.num_attention_heads // cfg.num_key_value_heads, D=D, BLOCK_N=b["attn"], num_warps=nw)
+                NBQ=nbq, NBK=nbk, BLOCK_R=pr, BLOCK_K=pk, BLOCK_H=BH, num_warps=pw)
+            tk._rope_attn_route_kernel[(cfg.num_attention_heads,)](
+                self.proj, self.pos, self.inv_freq, kvl.k, kvl.v, kvl.pos, self.o, p["table"], self.sel_off,
+                self.sel_w, p["ids"], C, p["window"], 1.0 / D ** 0.5, NQH=cfg.num_attention_heads,
+                NKV=cfg.num_key_value_heads, D=D, NE=E, BLOCK_E=_p2(E), K=K, BLOCK_N=an,
+                USE_ROPE=p["rope"], SOFTMAX=p["softmax"], num_warps=aw)
             tk._oproj_kernel[(-(-H // orr),)](self.o, p["wo"], x, xm, H=H, HD=nq, BLOCK_R=orr,
-                                               BLOCK_K=min(ok, _p2(nq)), num_warps=nw)
+                                               BLOCK_K=min(ok, _p2(nq)), num_warps=ow)
             tk._gate_up_kernel[(K, -(-Fh // gr))](xm, p["ln2"], p["base"], self.sel_off, self.a, eps, H=H, F=Fh,
-                                                  BLOCK_R=gr, BLOCK_K=min(gk, BH), BLOCK_H=BH, num_warps=nw)
+                                                  BLOCK_R=gr, BLOCK_K=min(gk, BH), BLOCK_H=BH, num_warps=gw)
             tk._down_kernel[(-(-H // dr),)](self.a, p["base"], self.sel_off, self.sel_w, xm, x, H=H, F=Fh, K=K,
-                                            BLOCK_R=dr, BLOCK_K=min(dk, _p2(Fh)), num_warps=nw)
+                                            BLOCK_R=dr, BLOCK_K=min(dk, _p2(Fh)), num_warps=dw)
         tk._norm_kernel[(1,)](x, inner.norm.weight, self.hn, eps, H=H, BLOCK_H=BH)
         torch.matmul(self.hn, self.model.lm_head.weight.t(), out=self.logits)
         self.ids_host.copy_(self.ids, non_blocking=True)
@@ -289,7 +285,10 @@ class KernelRunner:
         if start + T > self.max_context:
             raise ValueError(f"sequence too long: {start + T} tokens exceeds max_context={self.max_context}")
         if T == 1 and start > 0:
-            return self.kernels.step(ids, start).clone()  # the step's logits buffer is overwritten by the next
+            logits = self.kernels.step(ids, start).clone()  # the step's buffer is overwritten by the next
+            if logits.is_cuda:
+                torch.cuda.synchronize(logits.device)  # the step's real time (generation syncs here anyway)
+            return logits
         return self.model(ids, cache=self.kv)[:, -1:]
 
     __call__ = step

@@ -1,20 +1,20 @@
-"""Triton kernels for one decode token of a SmallThinker layer: six launches per layer.
+"""Triton kernels for one decode token of a SmallThinker layer: five launches per layer.
 
 A decode token (batch 1) reads every resident weight once and does little arithmetic with it, so its speed is
 set by memory traffic and by the number of kernel launches. The model's eager step runs dozens of small ATen
-kernels and cuBLAS one-row products per layer; these kernels do a layer in six, each a fused one-row product
+kernels and cuBLAS one-row products per layer; these kernels do a layer in five, each a fused one-row product
 (GEMV) over bf16 weights with fp32 accumulation:
 
 1. ``_pre_kernel``       RMSNorm of the residual, then q/k/v of the normalised residual and the router logits of
                          the raw residual (the pre-attention router), as one launch over all their rows.
-2. ``_rope_route_kernel`` rotary on q and k, K/V written into the KV cache at the position's slot, and routing:
-                         top-k of the router logits, their weights (sigmoid renormalised or softmax), the chosen
-                         experts sorted by id, with the element offsets of their gate/up/down matrices.
-3. ``_attn_kernel``      attention of each query head over the cached keys (online softmax, positions masked:
-                         causal, and the sliding window).
-4. ``_oproj_kernel``     the output projection plus the residual.
-5. ``_gate_up_kernel``   RMSNorm, then gate and up of the K chosen experts read in place (no copy), ReGLU.
-6. ``_down_kernel``      down of the K experts, the weighted combine in ascending expert id, plus the residual.
+2. ``_rope_attn_route_kernel`` per query head: rotary on q and k, the new K/V written into the KV cache at the
+                         position's slot, attention over the cached keys and the new one (online softmax,
+                         positions masked: causal, and the sliding window); and routing: top-k of the router
+                         logits, their weights (sigmoid renormalised or softmax), the chosen experts sorted by id,
+                         with the element offsets of their gate/up/down matrices.
+3. ``_oproj_kernel``     the output projection plus the residual.
+4. ``_gate_up_kernel``   RMSNorm, then gate and up of the K chosen experts read in place (no copy), ReGLU.
+5. ``_down_kernel``      down of the K experts, the weighted combine in ascending expert id, plus the residual.
 
 Experts are addressed as ``base + offset``: one flat tensor (the engine's slot arena, or a layer's packed experts
 in the in-memory model) and an [L, E, 3] table of element offsets of gate [F, H], up [F, H] and down [H, F]. The
@@ -73,106 +73,93 @@ def _pre_kernel(x_ptr, ln_ptr, wq_ptr, wk_ptr, wv_ptr, wr_ptr, out_ptr, eps,
 
 
 @triton.jit
-def _rope_route_kernel(proj_ptr, pos_ptr, inv_freq_ptr, q_out_ptr, kc_ptr, vc_ptr, kpos_ptr, table_ptr,
-                       sel_off_ptr, sel_w_ptr, ids_ptr, C,
-                       NQH: tl.constexpr, NQH_P2: tl.constexpr, NKV: tl.constexpr, NKV_P2: tl.constexpr,
-                       D: tl.constexpr, NE: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr,
-                       USE_ROPE: tl.constexpr, SOFTMAX: tl.constexpr):
+def _rope_attn_route_kernel(proj_ptr, pos_ptr, inv_freq_ptr, kc_ptr, vc_ptr, kpos_ptr, o_ptr, table_ptr,
+                            sel_off_ptr, sel_w_ptr, ids_ptr, C, window, scale,
+                            NQH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, NE: tl.constexpr,
+                            BLOCK_E: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                            USE_ROPE: tl.constexpr, SOFTMAX: tl.constexpr):
+    """One program per query head: rotary on its query and on its kv head's new key; the first program of each kv
+    head writes the new K/V into the cache slot of the position; attention over the cached keys (positions below
+    the current one, masked: causal and the sliding window) plus the new key, online softmax. Program 0 also
+    routes: top-k of the router logits (ties to the lower id), their weights, the experts sorted by id with the
+    offsets of their matrices."""
+    h = tl.program_id(0)
+    G: tl.constexpr = NQH // NKV
+    kvh = h // G
     pos = tl.load(pos_ptr)
     slot = pos % C
     HALF: tl.constexpr = D // 2
     d = tl.arange(0, D)
-    partner = (d + HALF) % D
-    sign = tl.where(d < HALF, -1.0, 1.0)
-    if USE_ROPE:
+    q = tl.load(proj_ptr + h * D + d).to(tl.float32)
+    k_off = NQH * D + kvh * D
+    k = tl.load(proj_ptr + k_off + d).to(tl.float32)
+    v = tl.load(proj_ptr + k_off + NKV * D + d)
+    if USE_ROPE:  # x * cos + rotate_half(x) * sin, each product and the sum rounded as the model's
+        partner = (d + HALF) % D
+        sign = tl.where(d < HALF, -1.0, 1.0)
         ang = pos.to(tl.float32) * tl.load(inv_freq_ptr + (d % HALF))
         cos = tl.cos(ang).to(tl.bfloat16).to(tl.float32)
         sin = tl.sin(ang).to(tl.bfloat16).to(tl.float32)
-    else:
-        cos = tl.full([D], 1.0, tl.float32)
-        sin = tl.zeros([D], tl.float32)
-    # queries, rotated: x * cos + rotate_half(x) * sin, each product and the sum rounded as the model's
-    hq = tl.arange(0, NQH_P2)
-    qm = (hq < NQH)[:, None]
-    q = tl.load(proj_ptr + hq[:, None] * D + d[None, :], mask=qm, other=0.0).to(tl.float32)
-    if USE_ROPE:
-        qp = tl.load(proj_ptr + hq[:, None] * D + partner[None, :], mask=qm, other=0.0).to(tl.float32)
-        a = (q * cos[None, :]).to(tl.bfloat16).to(tl.float32)
-        b = ((sign[None, :] * qp) * sin[None, :]).to(tl.bfloat16).to(tl.float32)
-        q = a + b
-    tl.store(q_out_ptr + hq[:, None] * D + d[None, :], q.to(tl.bfloat16), mask=qm)
-    # keys (rotated) and values into the cache slot of the position
-    hk = tl.arange(0, NKV_P2)
-    km = (hk < NKV)[:, None]
-    k_base = proj_ptr + NQH * D
-    k = tl.load(k_base + hk[:, None] * D + d[None, :], mask=km, other=0.0).to(tl.float32)
-    if USE_ROPE:
-        kp = tl.load(k_base + hk[:, None] * D + partner[None, :], mask=km, other=0.0).to(tl.float32)
-        a = (k * cos[None, :]).to(tl.bfloat16).to(tl.float32)
-        b = ((sign[None, :] * kp) * sin[None, :]).to(tl.bfloat16).to(tl.float32)
-        k = a + b
-    dst = (hk[:, None] * C + slot) * D + d[None, :]
-    tl.store(kc_ptr + dst, k.to(tl.bfloat16), mask=km)
-    v = tl.load(k_base + NKV * D + hk[:, None] * D + d[None, :], mask=km, other=0.0)
-    tl.store(vc_ptr + dst, v, mask=km)
-    tl.store(kpos_ptr + slot, pos)
-    # routing: top-k of the router logits (ties to the lower id), weights, ids ascending
-    e = tl.arange(0, BLOCK_E)
-    emask = e < NE
-    lg = tl.load(proj_ptr + NQH * D + 2 * NKV * D + e, mask=emask, other=float("-inf")).to(tl.float32)
-    sel = e < 0
-    for _ in tl.static_range(K):
-        cand = tl.where(sel | (~emask), float("-inf"), lg)
-        m = tl.max(cand, axis=0)
-        first = tl.min(tl.where(cand == m, e, BLOCK_E), axis=0)
-        sel = sel | (e == first)
-    if SOFTMAX:
-        mx = tl.max(tl.where(sel, lg, float("-inf")), axis=0)
-        p = tl.where(sel, tl.exp(lg - mx), 0.0)
-        w = (p / tl.sum(p, axis=0)).to(tl.bfloat16)
-    else:
-        s = (1.0 / (1.0 + tl.exp(-lg))).to(tl.bfloat16).to(tl.float32)
-        total = tl.sum(tl.where(sel, s, 0.0), axis=0).to(tl.bfloat16).to(tl.float32)
-        w = (s / total).to(tl.bfloat16)
-    rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    tl.store(ids_ptr + rank, e.to(tl.int64), mask=sel)
-    tl.store(sel_w_ptr + rank, w, mask=sel)
-    for m3 in tl.static_range(3):
-        off = tl.load(table_ptr + e * 3 + m3, mask=sel, other=0)
-        tl.store(sel_off_ptr + rank * 3 + m3, off, mask=sel)
-
-
-@triton.jit
-def _attn_kernel(q_ptr, kc_ptr, vc_ptr, kpos_ptr, pos_ptr, o_ptr, C, window, scale,
-                 G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    h = tl.program_id(0)
-    kvh = h // G
-    pos = tl.load(pos_ptr)
-    n_scan = tl.minimum(pos + 1, C)
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + h * D + d).to(tl.float32) * scale
-    m_i = tl.full([1], -1.0e30, tl.float32)
-    l_i = tl.zeros([1], tl.float32)
-    acc = tl.zeros([D], tl.float32)
+        qp = tl.load(proj_ptr + h * D + partner).to(tl.float32)
+        q = ((q * cos).to(tl.bfloat16).to(tl.float32) + ((sign * qp) * sin).to(tl.bfloat16).to(tl.float32))
+        kp = tl.load(proj_ptr + k_off + partner).to(tl.float32)
+        k = ((k * cos).to(tl.bfloat16).to(tl.float32) + ((sign * kp) * sin).to(tl.bfloat16).to(tl.float32))
+    q = q.to(tl.bfloat16).to(tl.float32)
+    k = k.to(tl.bfloat16)
+    if h % G == 0:
+        tl.store(kc_ptr + (kvh * C + slot) * D + d, k)
+        tl.store(vc_ptr + (kvh * C + slot) * D + d, v)
+        if h == 0:
+            tl.store(kpos_ptr + slot, pos)
+    # the new key first, then the cached ones (a slot another program is writing holds a masked position)
+    s_new = tl.sum(q * k.to(tl.float32), axis=0) * scale
+    m_i = tl.full([1], 0.0, tl.float32) + s_new
+    l_i = tl.full([1], 1.0, tl.float32)
+    acc = v.to(tl.float32)
+    n_scan = tl.minimum(pos, C)
     start = pos * 0
     while start < n_scan:
         n = start + tl.arange(0, BLOCK_N)
         nm = n < n_scan
-        kp = tl.load(kpos_ptr + n, mask=nm, other=-1)
-        valid = nm & (kp >= 0) & (kp <= pos) & ((window <= 0) | (pos - kp < window))
+        kpos = tl.load(kpos_ptr + n, mask=nm, other=-1)
+        valid = nm & (kpos >= 0) & (kpos < pos) & ((window <= 0) | (pos - kpos < window))
         base = (kvh * C + n[:, None]) * D + d[None, :]
-        kt = tl.load(kc_ptr + base, mask=nm[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(kt * q[None, :], axis=1)
+        kt = tl.load(kc_ptr + base, mask=valid[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(kt * q[None, :], axis=1) * scale
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new)
-        vt = tl.load(vc_ptr + base, mask=nm[:, None], other=0.0).to(tl.float32)
+        vt = tl.load(vc_ptr + base, mask=valid[:, None], other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
         start += BLOCK_N
     tl.store(o_ptr + h * D + d, (acc / l_i).to(tl.bfloat16))
+    if h == 0:
+        e = tl.arange(0, BLOCK_E)
+        emask = e < NE
+        lg = tl.load(proj_ptr + NQH * D + 2 * NKV * D + e, mask=emask, other=float("-inf")).to(tl.float32)
+        sel = e < 0
+        for _ in tl.static_range(K):
+            cand = tl.where(sel | (~emask), float("-inf"), lg)
+            m = tl.max(cand, axis=0)
+            first = tl.min(tl.where(cand == m, e, BLOCK_E), axis=0)
+            sel = sel | (e == first)
+        if SOFTMAX:
+            mx = tl.max(tl.where(sel, lg, float("-inf")), axis=0)
+            pe = tl.where(sel, tl.exp(lg - mx), 0.0)
+            w = (pe / tl.sum(pe, axis=0)).to(tl.bfloat16)
+        else:
+            sg = (1.0 / (1.0 + tl.exp(-lg))).to(tl.bfloat16).to(tl.float32)
+            total = tl.sum(tl.where(sel, sg, 0.0), axis=0).to(tl.bfloat16).to(tl.float32)
+            w = (sg / total).to(tl.bfloat16)
+        rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+        tl.store(ids_ptr + rank, e.to(tl.int64), mask=sel)
+        tl.store(sel_w_ptr + rank, w, mask=sel)
+        for m3 in tl.static_range(3):
+            off = tl.load(table_ptr + e * 3 + m3, mask=sel, other=0)
+            tl.store(sel_off_ptr + rank * 3 + m3, off, mask=sel)
 
 
 @triton.jit
