@@ -67,6 +67,22 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def host_profile(step, n: int = 20, top: int = 14) -> str:
+    """cProfile of ``n`` decode steps (host side): the functions with the most own time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        step()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
 def kernels_per_step(step, n: int = 3) -> dict | None:
     """GPU kernels (and memory copies / sets) the profiler sees in ``n`` calls of ``step()``, per call."""
     try:
@@ -307,7 +323,9 @@ def run_engine(name: str, opts: dict, ckpt: Path, bundle: Path, prompts, new_tok
 
         step()
         row["profile"] = kernels_per_step(step)
+        row["host_profile"] = host_profile(lambda: int(step() or tok[0]))
         prof = {k: v for k, v in (row["profile"] or {}).items() if k != "top"}
+        print(row["host_profile"][-2500:], flush=True)
         log(f"{name}: {row['decode_ms_per_token']:.2f} ms/token, tokens equal {row['tokens_equal']} "
             f"{diffs}, per step {prof}, compiled {row['compiled']} {row['compile_error'] or ''}")
     finally:

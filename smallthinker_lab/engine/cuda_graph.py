@@ -223,8 +223,22 @@ class GraphDecoder:
         self.reset()
 
     # ------------------------------------------------------------------ state
+    def flush(self) -> None:
+        """Count the last kernel step's experts (the kernel variant counts a step while the device runs the next;
+        the engine calls this before its counters or trace are read and when a generation ends)."""
+        pending = getattr(self, "_pending", None)
+        if pending is None:
+            return
+        self._pending = None
+        buf, ev, step = pending
+        if ev is not None:
+            ev.synchronize()
+        self._account(buf, step)
+
     def reset(self) -> None:
         """Drop graphs and static buffers (the engine closed, or its cache / KV cache changed)."""
+        self.flush()
+        self._pending, self._flip = None, 0
         self._key = None
         self._graphs = []
         self._static = {}
@@ -260,14 +274,18 @@ class GraphDecoder:
         if not self._valid():
             self._build(ids, start)
         if self.kernels:
-            logits = self._kern.step(ids, start)
+            kern, j = self._kern, self._flip
+            logits = kern.step(ids, start).clone()
+            buf, ev = self._ids_bufs[j], self._ids_events[j]
+            buf.copy_(kern.ids, non_blocking=True)  # the step's expert ids, to one of two pinned buffers
+            if ev is not None:
+                ev.record()
+            self.flush()  # the previous step's counters, on the host while the device runs this step
+            self._pending, self._flip = (buf, ev, e._step), 1 - j
+            if ev is not None:
+                ev.synchronize()  # the step's real time in decode_seconds (generation syncs here anyway)
             self.replays += 1
-            done = self._static["done"]
-            if done is not None:
-                done.record()
-                done.synchronize()  # the step's ids are in pinned host memory
-            self._account(self._kern.ids_host)
-            return logits.clone()
+            return logits
         s = self._static
         s["tok"].copy_(ids.view(1, 1), non_blocking=True)
         s["pos"].fill_(start)
@@ -307,11 +325,11 @@ class GraphDecoder:
             attn_in.copy_(out.transpose(1, 2).reshape(attn_in.shape))
         graphs[-1].replay()
 
-    def _account(self, ids_host: torch.Tensor) -> None:
+    def _account(self, ids_host: torch.Tensor, step: int | None = None) -> None:
         """Every expert of the step is a hit: requests, hits, per-layer hits, trace and policy as cache.request."""
         cache, e = self.e.cache, self.e
         st, pol, trace, entries = cache.stats, cache.policy, cache.trace, cache.entries
-        step = e._step
+        step = e._step if step is None else step
         rows = ids_host.tolist()
         n = 0
         for layer, row in enumerate(rows):
@@ -414,6 +432,10 @@ class GraphDecoder:
         base = e.arena._tensor[:n * e.bundle.stride].view(e.dtype)
         mats = torch.tensor([m[k].offset // isz for k in ("gate", "up", "down")], dtype=torch.long, device=e.device)
         offsets = s["slot_table"][:, :, None] * (e.bundle.stride // isz) + mats  # [L, E, 3] element offsets
+        cuda = e.device.type == "cuda"
+        K = e.config.top_k
+        self._ids_bufs = [torch.zeros(L, K, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._ids_events = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self._kern = DecodeKernels(e.model, e.kv, ExpertTable([base] * L, offsets), graph=e.device.type == "cuda",
                                    blocks=self.kernel_blocks)
 

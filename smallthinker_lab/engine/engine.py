@@ -434,6 +434,8 @@ class Engine:
     @property
     def trace(self) -> list[tuple[int, int, int]]:
         """Demand requests since the last reset: (step, layer, expert), in request order."""
+        if self._graph is not None:
+            self._graph.flush()
         return self.cache.trace
 
     # ------------------------------------------------------------------ forward
@@ -462,6 +464,8 @@ class Engine:
             if T == 1 and self._graph is not None and self._graph.usable():
                 logits = self._graph.decode(ids, start)  # every expert resident, no hook: one graph step
             else:
+                if self._graph is not None:
+                    self._graph.flush()  # the last kernel step's counters before this step's
                 for c0 in range(0, T, self.prefill_chunk):
                     x = self._run(ids[:, c0:c0 + self.prefill_chunk], start + c0)
                 # exact: the LM head over every position of the (last) chunk, as the model's forward does, so
@@ -782,6 +786,8 @@ class Engine:
             it.close()
             if self._generation == me and not self._closed:
                 self.cache.drain()
+                if self._graph is not None:
+                    self._graph.flush()
 
     def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None,
@@ -797,6 +803,8 @@ class Engine:
         """Zero the counters and the trace; ``clear_cache=True`` also empties the expert cache (a replay of the
         trace through simulate() then starts from the same empty cache as the engine did)."""
         L = self.config.num_hidden_layers
+        if getattr(self, "_graph", None) is not None:
+            self._graph.flush()
         if clear_cache:
             self.cache.clear()
         self.cache.reset_stats()
@@ -811,6 +819,8 @@ class Engine:
         self._peak_accounted = self.resident_bytes()
 
     def stats(self) -> dict:
+        if self._graph is not None:
+            self._graph.flush()
         c, s = self.cache.stats, self._stats
         predicted, correct = sum(self._la_predicted), sum(self._la_correct)
         tokens = s["prefill_tokens"] + s["decode_tokens"]

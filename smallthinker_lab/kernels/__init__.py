@@ -213,7 +213,7 @@ class DecodeKernels:
             tk._pre_kernel[(nbq + 2 * nbk + nbe,)](
                 x, p["ln1"], p["wq"], p["wk"], p["wv"], p["wr"], self.proj, eps, H=H, NQ=nq, NK=nk, NE=E,
                 NBQ=nbq, NBK=nbk, BLOCK_R=pr, BLOCK_K=pk, BLOCK_H=BH, num_warps=pw)
-            tk._rope_attn_route_kernel[(cfg.num_attention_heads,)](
+            tk._rope_attn_route_kernel[(cfg.num_attention_heads + 1,)](
                 self.proj, self.pos, self.inv_freq, kvl.k, kvl.v, kvl.pos, self.o, p["table"], self.sel_off,
                 self.sel_w, p["ids"], C, p["window"], 1.0 / D ** 0.5, NQH=cfg.num_attention_heads,
                 NKV=cfg.num_key_value_heads, D=D, NE=E, BLOCK_E=_p2(E), K=K, BLOCK_N=an,
@@ -285,10 +285,7 @@ class KernelRunner:
         if start + T > self.max_context:
             raise ValueError(f"sequence too long: {start + T} tokens exceeds max_context={self.max_context}")
         if T == 1 and start > 0:
-            logits = self.kernels.step(ids, start).clone()  # the step's buffer is overwritten by the next
-            if logits.is_cuda:
-                torch.cuda.synchronize(logits.device)  # the step's real time (generation syncs here anyway)
-            return logits
+            return self.kernels.step(ids, start).clone()  # the step's buffer is overwritten by the next
         return self.model(ids, cache=self.kv)[:, -1:]
 
     __call__ = step

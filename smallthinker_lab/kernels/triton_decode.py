@@ -80,10 +80,12 @@ def _rope_attn_route_kernel(proj_ptr, pos_ptr, inv_freq_ptr, kc_ptr, vc_ptr, kpo
                             USE_ROPE: tl.constexpr, SOFTMAX: tl.constexpr):
     """One program per query head: rotary on its query and on its kv head's new key; the first program of each kv
     head writes the new K/V into the cache slot of the position; attention over the cached keys (positions below
-    the current one, masked: causal and the sliding window) plus the new key, online softmax. Program 0 also
-    routes: top-k of the router logits (ties to the lower id), their weights, the experts sorted by id with the
-    offsets of their matrices."""
+    the current one, masked: causal and the sliding window) plus the new key, online softmax. One more program
+    (the last) routes (``_route``)."""
     h = tl.program_id(0)
+    if h == NQH:  # the last program routes, beside the attention programs
+        _route(proj_ptr + NQH * D + 2 * NKV * D, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE, BLOCK_E, K, SOFTMAX)
+        return
     G: tl.constexpr = NQH // NKV
     kvh = h // G
     pos = tl.load(pos_ptr)
@@ -124,42 +126,49 @@ def _rope_attn_route_kernel(proj_ptr, pos_ptr, inv_freq_ptr, kc_ptr, vc_ptr, kpo
         kpos = tl.load(kpos_ptr + n, mask=nm, other=-1)
         valid = nm & (kpos >= 0) & (kpos < pos) & ((window <= 0) | (pos - kpos < window))
         base = (kvh * C + n[:, None]) * D + d[None, :]
-        kt = tl.load(kc_ptr + base, mask=valid[:, None], other=0.0).to(tl.float32)
+        kt = tl.load(kc_ptr + base, mask=nm[:, None], other=0.0).to(tl.float32)  # issued beside kpos's load
         s = tl.sum(kt * q[None, :], axis=1) * scale
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new)
-        vt = tl.load(vc_ptr + base, mask=valid[:, None], other=0.0).to(tl.float32)
+        vt = tl.load(vc_ptr + base, mask=nm[:, None], other=0.0).to(tl.float32)
+        vt = tl.where(valid[:, None], vt, 0.0)  # a slot being written may hold any bits: 0 * NaN must not happen
         acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
         start += BLOCK_N
     tl.store(o_ptr + h * D + d, (acc / l_i).to(tl.bfloat16))
-    if h == 0:
-        e = tl.arange(0, BLOCK_E)
-        emask = e < NE
-        lg = tl.load(proj_ptr + NQH * D + 2 * NKV * D + e, mask=emask, other=float("-inf")).to(tl.float32)
-        sel = e < 0
-        for _ in tl.static_range(K):
-            cand = tl.where(sel | (~emask), float("-inf"), lg)
-            m = tl.max(cand, axis=0)
-            first = tl.min(tl.where(cand == m, e, BLOCK_E), axis=0)
-            sel = sel | (e == first)
-        if SOFTMAX:
-            mx = tl.max(tl.where(sel, lg, float("-inf")), axis=0)
-            pe = tl.where(sel, tl.exp(lg - mx), 0.0)
-            w = (pe / tl.sum(pe, axis=0)).to(tl.bfloat16)
-        else:
-            sg = (1.0 / (1.0 + tl.exp(-lg))).to(tl.bfloat16).to(tl.float32)
-            total = tl.sum(tl.where(sel, sg, 0.0), axis=0).to(tl.bfloat16).to(tl.float32)
-            w = (sg / total).to(tl.bfloat16)
-        rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-        tl.store(ids_ptr + rank, e.to(tl.int64), mask=sel)
-        tl.store(sel_w_ptr + rank, w, mask=sel)
-        for m3 in tl.static_range(3):
-            off = tl.load(table_ptr + e * 3 + m3, mask=sel, other=0)
-            tl.store(sel_off_ptr + rank * 3 + m3, off, mask=sel)
+
+
+@triton.jit
+def _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr, BLOCK_E: tl.constexpr,
+           K: tl.constexpr, SOFTMAX: tl.constexpr):
+    """Top-k of the router logits (ties to the lower id), their weights (softmax, or sigmoid renormalised as the
+    model: bf16 sigmoid, bf16 sum, bf16 quotient), the experts in ascending id with their matrices' offsets."""
+    e = tl.arange(0, BLOCK_E)
+    emask = e < NE
+    lg = tl.load(lg_ptr + e, mask=emask, other=float("-inf")).to(tl.float32)
+    sel = e < 0
+    for _ in tl.static_range(K):
+        cand = tl.where(sel | (~emask), float("-inf"), lg)
+        m = tl.max(cand, axis=0)
+        first = tl.min(tl.where(cand == m, e, BLOCK_E), axis=0)
+        sel = sel | (e == first)
+    if SOFTMAX:
+        mx = tl.max(tl.where(sel, lg, float("-inf")), axis=0)
+        pe = tl.where(sel, tl.exp(lg - mx), 0.0)
+        w = (pe / tl.sum(pe, axis=0)).to(tl.bfloat16)
+    else:
+        sg = (1.0 / (1.0 + tl.exp(-lg))).to(tl.bfloat16).to(tl.float32)
+        total = tl.sum(tl.where(sel, sg, 0.0), axis=0).to(tl.bfloat16).to(tl.float32)
+        w = (sg / total).to(tl.bfloat16)
+    rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(ids_ptr + rank, e.to(tl.int64), mask=sel)
+    tl.store(sel_w_ptr + rank, w, mask=sel)
+    for m3 in tl.static_range(3):
+        off = tl.load(table_ptr + e * 3 + m3, mask=sel, other=0)
+        tl.store(sel_off_ptr + rank * 3 + m3, off, mask=sel)
 
 
 @triton.jit

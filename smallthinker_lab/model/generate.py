@@ -101,9 +101,9 @@ def stream_tokens(step: Callable[[torch.Tensor], torch.Tensor], input_ids: torch
     t0 = time.perf_counter()
     logits = step(input_ids)[:, -1]  # prefill: (1, V)
     token = sampler(logits)
+    tok = int(token.item())
     stats.prefill_seconds = time.perf_counter() - t0
     for i in range(max_new_tokens):
-        tok = int(token.item())
         stats.new_tokens += 1
         yield tok
         if tok in stop or i == max_new_tokens - 1:
@@ -111,6 +111,7 @@ def stream_tokens(step: Callable[[torch.Tensor], torch.Tensor], input_ids: torch
         t0 = time.perf_counter()
         logits = step(token.view(1, 1))[:, -1]  # decode one token
         token = sampler(logits)
+        tok = int(token.item())  # the token on the host: a step's time includes the device finishing it
         dt = time.perf_counter() - t0
         stats.decode_token_seconds.append(dt)
         stats.decode_seconds += dt
