@@ -236,17 +236,27 @@ class ModelRunner:
     kind = "model"
 
     def __init__(self, info: ModelInfo, device: str, threads: int | None = None, expert_bundle: Path | None = None,
-                 instruments: bool = False) -> None:
+                 instruments: bool = False, kernels: bool = False) -> None:
         self.info, self.device, self.threads, self.instruments = info, device, threads, instruments
         self.model = load_model(info.ckpt, device=device)
         if expert_bundle is not None:
             _load_dequantised_experts(self.model, expert_bundle)
         self.resident = "every weight (load_model)"
+        self.kernels = None
+        if kernels:  # decode through the Triton kernels (smallthinker_lab.kernels), one CUDA graph per step
+            from smallthinker_lab.kernels import KernelRunner
+
+            self.kernels = KernelRunner(self.model)
+            self.resident += ", Triton decode kernels"
 
     def generate(self, ids: list[int], n: int) -> dict:
         m = self.model
-        cache = KVCache(m.config, 1, m.dtype, self.device)
-        step = lambda x: m(x, cache=cache)  # noqa: E731
+        if self.kernels is not None:
+            self.kernels.reset()
+            step = self.kernels.step
+        else:
+            cache = KVCache(m.config, 1, m.dtype, self.device)
+            step = lambda x: m(x, cache=cache)  # noqa: E731
         stats = GenerationStats()
         x = torch.tensor([ids], device=self.device)
         with _Threads(self.threads), torch.inference_mode(), _recording(m, self.instruments):
@@ -424,7 +434,8 @@ def open_runner(spec: ModeSpec, ctx: Context) -> tuple[object, dict]:
     fields: dict = {"memory_limit": float("nan"), "limit_share_of_expert_bytes": float("nan")}
     if spec.mode == "in_memory":
         bundle = info.bundles.get(spec.quantization) if spec.quantization else None
-        runner = ModelRunner(info, ctx.device, spec.threads or ctx.model_threads, bundle, spec.instruments)
+        runner = ModelRunner(info, ctx.device, spec.threads or ctx.model_threads, bundle, spec.instruments,
+                             kernels=bool(spec.options.get("kernels")))
         fields["limit_share_of_expert_bytes"] = 1.0
     elif spec.mode == "engine":
         limit = None
@@ -462,7 +473,9 @@ def measure_mode(spec: ModeSpec, ctx: Context) -> dict:
                  "prompt_tokens": len(info.prompts[0]), "decode_tokens": ctx.new_tokens - 1, "error": None}
     t_open = time.perf_counter()
     runner = None
-    ref_key = (spec.model, spec.quantization)
+    # the Triton decode kernels' rows have their own reference: the in-memory model decoding with the same kernels
+    kernels = bool(spec.options.get("kernels")) or spec.options.get("cuda_graph") == "kernels"
+    ref_key = (spec.model, spec.quantization) + (("kernels",) if kernels else ())
     refs = ctx.references.setdefault(ref_key, {})
     is_reference = spec.mode == "in_memory" and not spec.instruments and not spec.threads
     try:
@@ -478,7 +491,8 @@ def measure_mode(spec: ModeSpec, ctx: Context) -> dict:
         if 0 not in refs:
             raise RuntimeError(f"no in-memory reference for {ref_key}: the in-memory mode must run first")
         _check(out["tokens"], refs[0], spec.name)
-        row["checked"] = "the reference itself" if is_reference else "tokens equal to the in-memory model's"
+        row["checked"] = "the reference itself" if is_reference else "tokens equal to the in-memory model's" + (
+            " (decoding with the same kernels)" if kernels else "")
         row["check_seconds"] = check_seconds
         # timed repeats, as many as the budget allows (at least one)
         left = ctx.deadline - time.perf_counter()

@@ -37,13 +37,15 @@ def label(r: dict) -> str:
     if mode == "in_memory":
         thr = f", {r['threads']} threads" if r.get("threads") and r.get("threads") != 1 else ""
         deq = " (dequantised)" if q else ""
-        return f"model in memory{q}{deq}{thr}{extra}"
+        kern = ", Triton decode kernels (CUDA graph)" if (r.get("options") or {}).get("kernels") else ""
+        return f"model in memory{q}{deq}{thr}{kern}{extra}"
     if mode == "engine":
         if r.get("variant") == "in memory":
             thr = f", {r['spec_threads']} compute threads" if r.get("spec_threads") else ""
             opts = r.get("options") or {}
             if opts.get("cuda_graph"):
-                thr += ", CUDA graph" + (" (fused kernels)" if opts.get("cuda_graph") == "fused" else "")
+                thr += ", CUDA graph" + {"fused": " (fused kernels)", "kernels": " (Triton decode kernels)"}.get(
+                    opts.get("cuda_graph"), "")
             return f"engine{q}, every expert resident{thr}{extra}"
         share = r.get("limit_share_of_expert_bytes")
         where = "min (top-k slots)" if r.get("variant") == "no cache" else f"{_f(share, '{:.0%}')}"

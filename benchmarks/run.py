@@ -69,6 +69,9 @@ def suite_modes(suite: str, gpu: bool, with_trained: bool, q4: bool = True) -> l
     ]
     if gpu:  # decode steps replayed as CUDA graphs (engine/cuda_graph.py), the model's kernels: the same tokens
         req.append(_spec("engine", S, "in memory", required=True, options={"cuda_graph": True}))
+        # the Triton decode kernels (smallthinker_lab.kernels): the model with them first (their tokens' reference)
+        req.append(_spec("in_memory", S, "in memory", required=True, options={"kernels": True}))
+        req.append(_spec("engine", S, "in memory", required=True, options={"cuda_graph": "kernels"}))
     trained = []
     if with_trained:
         trained = [
@@ -231,7 +234,8 @@ def add_offload_bounds(rows: list[dict]) -> None:
 def evaluate_targets(rows: list[dict], suite: str, gpu: bool) -> list[dict]:
     S = SYNTHETIC_KEY[suite]
     out = []
-    in_mem_model = _find(rows, mode="in_memory", model=S, quantization="none", instruments=False)  # the reference
+    in_mem_model = _find(rows, mode="in_memory", model=S, quantization="none", instruments=False,
+                         options={})  # the reference
     best_mem = max([_rate(r) for r in rows if not r.get("error") and r.get("model") == S
                     and r.get("variant") == "in memory" and r.get("quantization") == "none"
                     and not r.get("instruments")] or [float("nan")])
@@ -279,9 +283,15 @@ def evaluate_targets(rows: list[dict], suite: str, gpu: bool) -> list[dict]:
         graphs = [r for r in rows if not r.get("error") and r.get("mode") == "engine" and r.get("model") == S
                   and r.get("variant") == "in memory" and (r.get("options") or {}).get("cuda_graph")]
         for r in graphs:
-            fused = (r.get("options") or {}).get("cuda_graph") == "fused"
-            add(f"GPU 4B bf16: in-memory decode share of the HBM bound (engine, CUDA graph"
-                f"{', fused kernels' if fused else ''})", r.get("bound_share"), 0.40)
+            kind = (r.get("options") or {}).get("cuda_graph")
+            what = {"fused": ", fused kernels", "kernels": ", Triton decode kernels"}.get(kind, "")
+            add(f"GPU 4B bf16: in-memory decode share of the HBM bound (engine, CUDA graph{what})",
+                r.get("bound_share"), 0.40)
+        km = [r for r in rows if not r.get("error") and r.get("mode") == "in_memory" and r.get("model") == S
+              and (r.get("options") or {}).get("kernels")]
+        for r in km:
+            add("GPU 4B bf16: in-memory decode share of the HBM bound (model, Triton decode kernels)",
+                r.get("bound_share"), 0.40)
         for r, what in ((eng_mem, "engine"), (in_mem_model, "model (load_model)")):
             if r is not None:
                 add(f"GPU 4B bf16: in-memory decode share of the HBM bound ({what})", r.get("bound_share"), 0.40)

@@ -223,6 +223,13 @@ class GraphDecoder:
         self.reset()
 
     # ------------------------------------------------------------------ state
+    def wait(self) -> None:
+        """Wait for the device to finish the last step (its real time in the engine's decode_seconds; the kernel
+        variant returns before, so that the engine's bookkeeping overlaps the step; the others have synced)."""
+        ev, self._wait_event = getattr(self, "_wait_event", None), None
+        if ev is not None:
+            ev.synchronize()
+
     def flush(self) -> None:
         """Count the last kernel step's experts (the kernel variant counts a step while the device runs the next;
         the engine calls this before its counters or trace are read and when a generation ends)."""
@@ -282,8 +289,7 @@ class GraphDecoder:
                 ev.record()
             self.flush()  # the previous step's counters, on the host while the device runs this step
             self._pending, self._flip = (buf, ev, e._step), 1 - j
-            if ev is not None:
-                ev.synchronize()  # the step's real time in decode_seconds (generation syncs here anyway)
+            self._wait_event = ev  # Engine.forward waits on it after its own bookkeeping (wait())
             self.replays += 1
             return logits
         s = self._static

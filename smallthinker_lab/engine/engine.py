@@ -461,7 +461,8 @@ class Engine:
             torch.set_num_threads(self.compute_threads)
         t0 = time.perf_counter()
         try:
-            if T == 1 and self._graph is not None and self._graph.usable():
+            graph_step = T == 1 and self._graph is not None and self._graph.usable()
+            if graph_step:
                 logits = self._graph.decode(ids, start)  # every expert resident, no hook: one graph step
             else:
                 if self._graph is not None:
@@ -480,12 +481,14 @@ class Engine:
             self.cache.log = None  # events of a failed forward are not delivered
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
-        dt = time.perf_counter() - t0
         st = self._stats
         st[phase + "_tokens"] += T
-        st[phase + "_seconds"] += dt
         st[phase + "_bytes"] += self.cache.stats.bytes_read - bytes0
         self._peak_accounted = max(self._peak_accounted, self.resident_bytes())
+        if graph_step:
+            self._graph.wait()  # the bookkeeping above ran while the device computed the step
+        dt = time.perf_counter() - t0
+        st[phase + "_seconds"] += dt
         if log:
             self.hooks.fire("cache_events", events=log, nbytes=self.cache.expert_nbytes)
         if observed:
@@ -721,6 +724,8 @@ class Engine:
         """Wait for the checksums of the experts this forward computed before they were verified; the first failure
         is raised (an ExpertReadError naming layer and expert)."""
         pending, self._unverified = self._unverified, []
+        if not pending:
+            return
         t0 = time.perf_counter()
         wait_futures(pending)
         self.cache.stats.io_wait_seconds += time.perf_counter() - t0

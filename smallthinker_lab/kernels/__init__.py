@@ -186,6 +186,8 @@ class DecodeKernels:
             w.update(kv=kvl, window=a.window or 0, rope=bool(a.use_rope), softmax=bool(moe.apply_softmax),
                      base=experts.bases[i], table=experts.offsets[i].contiguous(), ids=self.ids[i])
             self.layers.append(w)
+        # global layers hold position p at slot p: the positions a step may write
+        self._max_pos = min([kvl.k.shape[2] for kvl in kv.layers if kvl.window is None] or [1 << 62])
         self.graph = graph and dev.type == "cuda"
         self._graph = None
         self.replays = 0
@@ -231,9 +233,8 @@ class DecodeKernels:
     def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits (1, 1, V) of ``token`` at position ``pos`` (the KV cache holds positions < pos): a view of the
         step's static logits buffer, which the next step overwrites."""
-        for kvl in self.kv.layers:
-            if pos >= kvl.k.shape[2] and kvl.window is None:
-                raise ValueError(f"position {pos} is past the KV cache's capacity {kvl.k.shape[2]}")
+        if pos >= self._max_pos:
+            raise ValueError(f"position {pos} is past the KV cache's capacity {self._max_pos}")
         self.tok.copy_(token.reshape(1), non_blocking=True)
         self.pos.fill_(pos)
         if not self.graph:
