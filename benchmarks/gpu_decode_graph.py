@@ -52,10 +52,11 @@ VARIANTS = {  # Engine keywords; graph_opts: attributes of the engine's GraphDec
     "graph-kernels": dict(exact=True, cuda_graph="kernels", reference="kernels"),
 }
 TUNE = {  # candidate tiles per kernel (see smallthinker_lab.kernels.DEFAULT_BLOCKS), tried one kernel at a time
-    "pre": [(r, c, w) for r in (4, 8, 16) for c in (256, 512) for w in (2, 4, 8)],
-    "oproj": [(r, c, w) for r in (4, 8, 16) for c in (256, 512) for w in (2, 4, 8)],
-    "gate_up": [(r, c, w) for r in (4, 8, 16) for c in (256, 512) for w in (2, 4, 8)],
-    "down": [(r, c, w) for r in (2, 4, 8, 16) for c in (128, 256) for w in (2, 4, 8)],
+    "pdl": [True, False],
+    "pre": [(r, w) for r in (2, 4, 8, 16) for w in (2, 4, 8)],
+    "oproj": [(r, w) for r in (2, 4, 8, 16) for w in (2, 4, 8)],
+    "gate_up": [(r, w) for r in (2, 4, 8, 16) for w in (2, 4, 8)],
+    "down": [(r, w) for r in (2, 4, 8) for w in (2, 4, 8)],
     "attn": [(n, w) for n in (32, 64, 128) for w in (2, 4, 8)],
 }
 

@@ -121,10 +121,15 @@ def workspace_bytes(config, dtype: torch.dtype = torch.bfloat16) -> int:
     return act + (K * 3 + config.num_hidden_layers * K * 2 + 2) * 8
 
 
-# tiles of the kernels: (rows of a weight matrix per program, columns per step, warps) for the products,
-# (keys per step, warps) for attention; tuned on an H100 for the 4B shape by benchmarks/gpu_decode_graph.py --tune
-DEFAULT_BLOCKS = {"pre": (8, 512, 4), "oproj": (8, 512, 4), "gate_up": (8, 512, 4), "down": (4, 256, 4),
-                  "attn": (64, 4)}
+# tiles of the kernels: (rows of a weight matrix per program, warps) for the products, (keys per step, warps) for
+# attention; "pdl": launch with programmatic dependent launch (CUDA, compute capability 9.0 and up), so that each
+# kernel's weight reads overlap the previous kernel. Tuned on an H100 for the 4B shape by
+# benchmarks/gpu_decode_graph.py --tune
+DEFAULT_BLOCKS = {"pre": (8, 4), "oproj": (8, 4), "gate_up": (4, 4), "down": (4, 4), "attn": (64, 4), "pdl": True}
+
+
+def _pdl_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and not interpreted() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 class DecodeKernels:
@@ -199,34 +204,36 @@ class DecodeKernels:
         H, Fh, D, E, K = cfg.hidden_size, cfg.moe_ffn_hidden_size, cfg.head_dim, cfg.num_experts, cfg.top_k
         nq, nk, eps = self.nq, self.nk, float(cfg.rms_norm_eps)
         BH = _p2(H)
-        pr, pk, pw = b["pre"]
-        pk = min(pk, BH)
+        pdl = bool(b["pdl"]) and _pdl_supported(self.device)
+        launch = {"launch_pdl": True} if pdl else {}
+        pr, pw = b["pre"]
         nbq, nbk, nbe = -(-nq // pr), -(-nk // pr), -(-E // pr)
-        orr, ok, ow = b["oproj"]
-        gr, gk, gw = b["gate_up"]
-        dr, dk, dw = b["down"]
+        orr, ow = b["oproj"]
+        gr, gw = b["gate_up"]
+        dr, dw = b["down"]
         an, aw = b["attn"]
         x, xm = self.x, self.xm
         inner = self.model.model
-        tk._embed_kernel[(1,)](self.tok, inner.embed_tokens.weight, x, H=H, BLOCK_H=BH)
+        tk._embed_kernel[(1,)](self.tok, inner.embed_tokens.weight, x, H=H, BLOCK_H=BH, PDL=pdl, **launch)
         for p in self.layers:
             kvl = p["kv"]
             C = kvl.k.shape[2]
             tk._pre_kernel[(nbq + 2 * nbk + nbe,)](
                 x, p["ln1"], p["wq"], p["wk"], p["wv"], p["wr"], self.proj, eps, H=H, NQ=nq, NK=nk, NE=E,
-                NBQ=nbq, NBK=nbk, BLOCK_R=pr, BLOCK_K=pk, BLOCK_H=BH, num_warps=pw)
+                NBQ=nbq, NBK=nbk, BLOCK_R=pr, BLOCK_H=BH, PDL=pdl, num_warps=pw, **launch)
             tk._rope_attn_route_kernel[(cfg.num_attention_heads + 1,)](
                 self.proj, self.pos, self.inv_freq, kvl.k, kvl.v, kvl.pos, self.o, p["table"], self.sel_off,
                 self.sel_w, p["ids"], C, p["window"], 1.0 / D ** 0.5, NQH=cfg.num_attention_heads,
                 NKV=cfg.num_key_value_heads, D=D, NE=E, BLOCK_E=_p2(E), K=K, BLOCK_N=an,
-                USE_ROPE=p["rope"], SOFTMAX=p["softmax"], num_warps=aw)
-            tk._oproj_kernel[(-(-H // orr),)](self.o, p["wo"], x, xm, H=H, HD=nq, BLOCK_R=orr,
-                                               BLOCK_K=min(ok, _p2(nq)), num_warps=ow)
+                USE_ROPE=p["rope"], SOFTMAX=p["softmax"], PDL=pdl, num_warps=aw, **launch)
+            tk._oproj_kernel[(-(-H // orr),)](self.o, p["wo"], x, xm, H=H, HD=nq, BLOCK_R=orr, BLOCK_D=_p2(nq),
+                                               PDL=pdl, num_warps=ow, **launch)
             tk._gate_up_kernel[(K, -(-Fh // gr))](xm, p["ln2"], p["base"], self.sel_off, self.a, eps, H=H, F=Fh,
-                                                  BLOCK_R=gr, BLOCK_K=min(gk, BH), BLOCK_H=BH, num_warps=gw)
+                                                  BLOCK_R=gr, BLOCK_H=BH, PDL=pdl, num_warps=gw, **launch)
             tk._down_kernel[(-(-H // dr),)](self.a, p["base"], self.sel_off, self.sel_w, xm, x, H=H, F=Fh, K=K,
-                                            BLOCK_R=dr, BLOCK_K=min(dk, _p2(Fh)), num_warps=dw)
-        tk._norm_kernel[(1,)](x, inner.norm.weight, self.hn, eps, H=H, BLOCK_H=BH)
+                                            BLOCK_K=_p2(K), BLOCK_R=dr, BLOCK_F=_p2(Fh), PDL=pdl, num_warps=dw,
+                                            **launch)
+        tk._norm_kernel[(1,)](x, inner.norm.weight, self.hn, eps, H=H, BLOCK_H=BH, PDL=pdl, **launch)
         torch.matmul(self.hn, self.model.lm_head.weight.t(), out=self.logits)
         self.ids_host.copy_(self.ids, non_blocking=True)
 

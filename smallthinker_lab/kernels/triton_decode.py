@@ -16,6 +16,10 @@ kernels and cuBLAS one-row products per layer; these kernels do a layer in five,
 4. ``_gate_up_kernel``   RMSNorm, then gate and up of the K chosen experts read in place (no copy), ReGLU.
 5. ``_down_kernel``      down of the K experts, the weighted combine in ascending expert id, plus the residual.
 
+Each product kernel loads its whole tile of weights (a program's rows, all columns) first, then waits for the
+previous kernel (``_after_previous``): launched with programmatic dependent launch, the weight reads of a kernel
+overlap the previous kernel, and the launch gaps of the graph close.
+
 Experts are addressed as ``base + offset``: one flat tensor (the engine's slot arena, or a layer's packed experts
 in the in-memory model) and an [L, E, 3] table of element offsets of gate [F, H], up [F, H] and down [H, F]. The
 in-memory model and the engine therefore run the same kernels over the same layouts, and give the same bits.
@@ -29,17 +33,25 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def _after_previous(PDL: tl.constexpr):
+    """With programmatic dependent launch (PDL), a kernel starts while the previous one runs: what it reads before
+    this point must not depend on the previous kernel (weights; what kernels two or more back wrote), and it writes
+    nothing before it. Here it waits for the previous kernel to complete, then lets the next one start."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
 def _pre_kernel(x_ptr, ln_ptr, wq_ptr, wk_ptr, wv_ptr, wr_ptr, out_ptr, eps,
                 H: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NE: tl.constexpr,
-                NBQ: tl.constexpr, NBK: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+                NBQ: tl.constexpr, NBK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+                PDL: tl.constexpr):
     pid = tl.program_id(0)
-    hh = tl.arange(0, BLOCK_H)
-    xf = tl.load(x_ptr + hh, mask=hh < H, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
     # which matrix this program's rows belong to: q, k, v (of the normalised residual) or the router (raw)
     if pid < NBQ:
         w_ptr = wq_ptr
@@ -58,17 +70,17 @@ def _pre_kernel(x_ptr, ln_ptr, wq_ptr, wk_ptr, wv_ptr, wr_ptr, out_ptr, eps,
     norm = pid < NBQ + 2 * NBK
     rows = r0 + tl.arange(0, BLOCK_R)
     rmask = rows < n
-    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for k0 in tl.static_range(0, H, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        kmask = kk < H
-        xk = tl.load(x_ptr + kk, mask=kmask, other=0.0)
-        lw = tl.load(ln_ptr + kk, mask=kmask, other=0.0)
-        hk = (lw.to(tl.float32) * (xk.to(tl.float32) * rstd).to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16)
-        inp = tl.where(norm, hk.to(tl.float32), xk.to(tl.float32))
-        w = tl.load(w_ptr + rows[:, None] * H + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        acc += w.to(tl.float32) * inp[None, :]
-    y = tl.sum(acc, axis=1)
+    hh = tl.arange(0, BLOCK_H)
+    hmask = hh < H
+    w = tl.load(w_ptr + rows[:, None] * H + hh[None, :], mask=rmask[:, None] & hmask[None, :], other=0.0)
+    lw = tl.load(ln_ptr + hh, mask=hmask, other=0.0).to(tl.float32)
+    _after_previous(PDL)
+    xb = tl.load(x_ptr + hh, mask=hmask, other=0.0)
+    xf = xb.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    hk = (lw * (xf * rstd).to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+    inp = tl.where(norm, hk, xf)
+    y = tl.sum(w.to(tl.float32) * inp[None, :], axis=1)
     tl.store(out_ptr + o + rows, y.to(tl.bfloat16), mask=rmask)
 
 
@@ -77,12 +89,13 @@ def _rope_attn_route_kernel(proj_ptr, pos_ptr, inv_freq_ptr, kc_ptr, vc_ptr, kpo
                             sel_off_ptr, sel_w_ptr, ids_ptr, C, window, scale,
                             NQH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, NE: tl.constexpr,
                             BLOCK_E: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                            USE_ROPE: tl.constexpr, SOFTMAX: tl.constexpr):
+                            USE_ROPE: tl.constexpr, SOFTMAX: tl.constexpr, PDL: tl.constexpr):
     """One program per query head: rotary on its query and on its kv head's new key; the first program of each kv
     head writes the new K/V into the cache slot of the position; attention over the cached keys (positions below
     the current one, masked: causal and the sliding window) plus the new key, online softmax. One more program
     (the last) routes (``_route``)."""
     h = tl.program_id(0)
+    _after_previous(PDL)
     if h == NQH:  # the last program routes, beside the attention programs
         _route(proj_ptr + NQH * D + 2 * NKV * D, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE, BLOCK_E, K, SOFTMAX)
         return
@@ -172,78 +185,77 @@ def _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr,
 
 
 @triton.jit
-def _oproj_kernel(a_ptr, w_ptr, x_ptr, out_ptr, H: tl.constexpr, HD: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _oproj_kernel(a_ptr, w_ptr, x_ptr, out_ptr, H: tl.constexpr, HD: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < H
-    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for k0 in tl.static_range(0, HD, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        kmask = kk < HD
-        a = tl.load(a_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows[:, None] * HD + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        acc += w.to(tl.float32) * a[None, :]
-    y = tl.sum(acc, axis=1).to(tl.bfloat16).to(tl.float32)
+    kk = tl.arange(0, BLOCK_D)
+    kmask = kk < HD
+    w = tl.load(w_ptr + rows[:, None] * HD + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+    _after_previous(PDL)
+    a = tl.load(a_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+    y = tl.sum(w.to(tl.float32) * a[None, :], axis=1).to(tl.bfloat16).to(tl.float32)
     x = tl.load(x_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, (x + y).to(tl.bfloat16), mask=rmask)
 
 
 @triton.jit
 def _gate_up_kernel(x_ptr, ln_ptr, base_ptr, sel_off_ptr, a_ptr, eps, H: tl.constexpr, F: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     j = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < F
     hh = tl.arange(0, BLOCK_H)
-    xf = tl.load(x_ptr + hh, mask=hh < H, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    hmask = hh < H
+    # the chosen experts' offsets were written two kernels back (routing): readable before the wait
     og = tl.multiple_of(tl.load(sel_off_ptr + j * 3), 16)
     ou = tl.multiple_of(tl.load(sel_off_ptr + j * 3 + 1), 16)
-    acc_g = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for k0 in tl.static_range(0, H, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        kmask = kk < H
-        xk = tl.load(x_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-        lw = tl.load(ln_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-        u = (lw * (xk * rstd).to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
-        m2 = rmask[:, None] & kmask[None, :]
-        idx = rows[:, None] * H + kk[None, :]
-        wg = tl.load(base_ptr + og + idx, mask=m2, other=0.0)
-        wu = tl.load(base_ptr + ou + idx, mask=m2, other=0.0)
-        acc_g += wg.to(tl.float32) * u[None, :]
-        acc_u += wu.to(tl.float32) * u[None, :]
-    g = tl.sum(acc_g, axis=1).to(tl.bfloat16).to(tl.float32)
-    up = tl.sum(acc_u, axis=1).to(tl.bfloat16).to(tl.float32)
+    idx = rows[:, None] * H + hh[None, :]
+    m2 = rmask[:, None] & hmask[None, :]
+    wg = tl.load(base_ptr + og + idx, mask=m2, other=0.0)
+    wu = tl.load(base_ptr + ou + idx, mask=m2, other=0.0)
+    lw = tl.load(ln_ptr + hh, mask=hmask, other=0.0).to(tl.float32)
+    _after_previous(PDL)
+    xf = tl.load(x_ptr + hh, mask=hmask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    u = (lw * (xf * rstd).to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+    g = tl.sum(wg.to(tl.float32) * u[None, :], axis=1).to(tl.bfloat16).to(tl.float32)
+    up = tl.sum(wu.to(tl.float32) * u[None, :], axis=1).to(tl.bfloat16).to(tl.float32)
     a = up * tl.maximum(g, 0.0)
     tl.store(a_ptr + j * F + rows, a.to(tl.bfloat16), mask=rmask)
 
 
 @triton.jit
 def _down_kernel(a_ptr, base_ptr, sel_off_ptr, sel_w_ptr, x_ptr, out_ptr, H: tl.constexpr, F: tl.constexpr,
-                 K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                 K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+                 PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < H
+    jj = tl.arange(0, BLOCK_K)
+    jmask = jj < K
+    ff = tl.arange(0, BLOCK_F)
+    fmask = ff < F
+    # the K chosen experts' down rows of this program, [K, rows, F] (offsets written three kernels back)
+    od = tl.multiple_of(tl.load(sel_off_ptr + jj * 3 + 2, mask=jmask, other=0), 16)
+    ptr = base_ptr + od[:, None, None] + rows[None, :, None] * F + ff[None, None, :]
+    w = tl.load(ptr, mask=jmask[:, None, None] & rmask[None, :, None] & fmask[None, None, :], other=0.0)
+    _after_previous(PDL)
+    a = tl.load(a_ptr + jj[:, None] * F + ff[None, :], mask=jmask[:, None] & fmask[None, :], other=0.0)
+    d = tl.sum(w.to(tl.float32) * a.to(tl.float32)[:, None, :], axis=2)  # [K, rows]
+    d = d.to(tl.bfloat16).to(tl.float32)
+    wj = tl.load(sel_w_ptr + jj, mask=jmask, other=0.0).to(tl.float32)
     y = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for j in tl.static_range(K):  # the experts in ascending id: the model's combine order
-        od = tl.multiple_of(tl.load(sel_off_ptr + j * 3 + 2), 16)
-        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-        for k0 in tl.static_range(0, F, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            kmask = kk < F
-            a = tl.load(a_ptr + j * F + kk, mask=kmask, other=0.0).to(tl.float32)
-            w = tl.load(base_ptr + od + rows[:, None] * F + kk[None, :], mask=rmask[:, None] & kmask[None, :],
-                        other=0.0)
-            acc += w.to(tl.float32) * a[None, :]
-        dj = tl.sum(acc, axis=1).to(tl.bfloat16).to(tl.float32)
-        wj = tl.load(sel_w_ptr + j).to(tl.float32)
-        y = (y + (dj * wj).to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
+    for j in tl.static_range(K):  # the experts in ascending id: the model's combine order, bf16 adds
+        dj = tl.sum(tl.where(jj[:, None] == j, d, 0.0), axis=0)
+        w_j = tl.sum(tl.where(jj == j, wj, 0.0), axis=0)
+        y = (y + (dj * w_j).to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
     x = tl.load(x_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, (x + y).to(tl.bfloat16), mask=rmask)
 
 
 @triton.jit
-def _embed_kernel(tok_ptr, emb_ptr, x_ptr, H: tl.constexpr, BLOCK_H: tl.constexpr):
+def _embed_kernel(tok_ptr, emb_ptr, x_ptr, H: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    _after_previous(PDL)
     tok = tl.load(tok_ptr)
     hh = tl.arange(0, BLOCK_H)
     m = hh < H
@@ -251,7 +263,8 @@ def _embed_kernel(tok_ptr, emb_ptr, x_ptr, H: tl.constexpr, BLOCK_H: tl.constexp
 
 
 @triton.jit
-def _norm_kernel(x_ptr, ln_ptr, out_ptr, eps, H: tl.constexpr, BLOCK_H: tl.constexpr):
+def _norm_kernel(x_ptr, ln_ptr, out_ptr, eps, H: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+    _after_previous(PDL)
     hh = tl.arange(0, BLOCK_H)
     m = hh < H
     x = tl.load(x_ptr + hh, mask=m, other=0.0).to(tl.float32)
