@@ -125,7 +125,7 @@ def workspace_bytes(config, dtype: torch.dtype = torch.bfloat16) -> int:
 # attention; "pdl": launch with programmatic dependent launch (CUDA, compute capability 9.0 and up), so that each
 # kernel's weight reads overlap the previous kernel. Tuned on an H100 for the 4B shape by
 # benchmarks/gpu_decode_graph.py --tune
-DEFAULT_BLOCKS = {"pre": (8, 4), "oproj": (8, 4), "gate_up": (4, 4), "down": (4, 4), "attn": (64, 4), "pdl": True}
+DEFAULT_BLOCKS = {"pre": (2, 4), "oproj": (8, 4), "gate_up": (4, 2), "down": (2, 2), "attn": (64, 2), "pdl": True}
 
 
 def _pdl_supported(device: torch.device) -> bool:
