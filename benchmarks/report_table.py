@@ -58,6 +58,8 @@ def label(r: dict) -> str:
             link += " + look-ahead"
         if opts.get("verify_checksums") is False:
             link += ", no checksums"
+        if opts.get("cuda_graph") == "kernels":
+            link += ", Triton decode kernels"
         if r.get("spec_threads"):
             link += f", {r['spec_threads']} compute threads"
         return f"engine{q} {where} {(r.get('policy') or '').upper()} {pf}{link}{extra}"

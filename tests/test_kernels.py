@@ -102,6 +102,30 @@ def test_engine_kernel_decode_equals_the_kernel_model_bit_for_bit(ckpt):
         assert simulate(e.trace, e.cache.capacity_experts, "lru").hits == st["hits"]
 
 
+@pytest.mark.parametrize("extra", [0, 5])  # the minimum (top-k slots) and a few slots more: misses, evictions
+def test_offloaded_kernel_decode_equals_the_kernel_model(ckpt, extra):
+    model = load_model(ckpt, device=DEV)
+    ref = generate(model, PROMPT, NEW, runner=KernelRunner(model, max_context=64, graph=DEV == "cuda"),
+                   stop_tokens=[])
+    with Engine.from_pretrained(ckpt, memory_limit=None, progress=False, exact=True, max_context=64) as probe:
+        limit = probe.plan.minimum_bytes + extra * probe.bundle.stride
+    with Engine.from_pretrained(ckpt, memory_limit=limit, progress=False, exact=True, device=DEV,
+                                max_context=64) as e:
+        L, E = e.config.num_hidden_layers, e.config.num_experts
+        assert e.cache.capacity_experts < L * E
+        g = GraphDecoder(e, kernels=True)
+        g.usable = lambda: True  # on a CPU (usable() needs CUDA)
+        e._graph = g
+        e.reset_stats(clear_cache=True)
+        tokens = e.generate(PROMPT, NEW, stop_tokens=[]).tokens
+        st = e.stats()
+        assert tokens == ref  # the same kernels, the experts read from whichever slots the cache gave them
+        assert g.replays == NEW - 1 and st["misses"] > 0
+        assert st["hits"] + st["misses"] == st["requests"] == len(e.trace)
+        assert simulate(e.trace, e.cache.capacity_experts, "lru").hits == st["hits"]  # the cache's own counts
+        assert all(entry.pins == 0 for entry in e.cache.entries.values())
+
+
 def test_kernels_refuse_what_they_cannot_compute(monkeypatch):
     m = _model("smallthinker-test")
     with pytest.raises(ValueError, match="bf16"):

@@ -246,6 +246,7 @@ class GraphDecoder:
         """Drop graphs and static buffers (the engine closed, or its cache / KV cache changed)."""
         self.flush()
         self._pending, self._flip = None, 0
+        self._off = None
         self._key = None
         self._graphs = []
         self._static = {}
@@ -255,9 +256,13 @@ class GraphDecoder:
     def usable(self) -> bool:
         e = self.e
         c = e.config
-        return (e.device.type == "cuda" and e._zero_copy and len(e.hooks) == 0 and e.lm_head_predictor is None
-                and not e.lookahead and e.cache.capacity_experts >= c.num_hidden_layers * c.num_experts
-                and (not self.kernels or (e.dtype == torch.bfloat16 and not e.bundle.down_transposed)))
+        base = (e.device.type == "cuda" and e._zero_copy and len(e.hooks) == 0 and e.lm_head_predictor is None
+                and not e.lookahead)
+        full = e.cache.capacity_experts >= c.num_hidden_layers * c.num_experts
+        if self.kernels:  # a cache of fewer experts: the offloaded kernel decode (pre-attention requests)
+            return (base and e.dtype == torch.bfloat16 and not e.bundle.down_transposed
+                    and (full or e.prefetch))
+        return base and full
 
     def _state_key(self):
         e = self.e
@@ -278,6 +283,9 @@ class GraphDecoder:
         e = self.e
         e._step += 1
         e.cache.step = e._step
+        c = e.config
+        if self.kernels and e.cache.capacity_experts < c.num_hidden_layers * c.num_experts:
+            return self._decode_offload(ids, start)
         if not self._valid():
             self._build(ids, start)
         if self.kernels:
@@ -426,6 +434,99 @@ class GraphDecoder:
         with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
             fn()
         return g
+
+    # kernels, offloaded: the cache holds fewer experts than the model; per layer the host reads the routing
+    def _offload_kernels(self):
+        """The kernels and buffers of the offloaded kernel decode, (re)built when the cache, KV cache or slots
+        change."""
+        from ..kernels import DecodeKernels, ExpertTable
+
+        e = self.e
+        key = (e.cache, e.kv, e.arena)
+        o = getattr(self, "_off", None)
+        if o is not None and all(a is b for a, b in zip(o["key"], key)):
+            return o
+        cfg, dev = e.config, e.device
+        L, E, K = cfg.num_hidden_layers, cfg.num_experts, cfg.top_k
+        cuda = dev.type == "cuda"
+        base = e.arena._tensor[:e.arena.n_slots * e.bundle.stride].view(e.dtype)
+        table = ExpertTable([base] * L, torch.zeros(L, E, 3, dtype=torch.long, device=dev))  # offsets: the host's
+        isz, m = e.dtype.itemsize, e.bundle.matrices
+        self._off = o = {
+            "key": key, "kern": DecodeKernels(e.model, e.kv, table, graph=False, blocks=self.kernel_blocks),
+            "ids": [torch.zeros(K, dtype=torch.long, pin_memory=cuda) for _ in range(L)],
+            "sel": [torch.zeros(3 * K, dtype=torch.long, pin_memory=cuda) for _ in range(L)],
+            "events": [torch.cuda.Event() if cuda else None for _ in range(L)],
+            "stride": e.bundle.stride // isz, "mats": [m[k].offset // isz for k in ("gate", "up", "down")],
+            "graphs": {}, "warm": set()}
+        return o
+
+    def _piece(self, o: dict, name: tuple, fn) -> None:
+        """Run a piece of the step: eagerly the first time (the kernels compile), then captured as a CUDA graph
+        and replayed."""
+        g = o["graphs"].get(name)
+        if g is not None:
+            g.replay()
+            return
+        if name in o["warm"] and self.e.device.type == "cuda":
+            g = o["graphs"][name] = self._capture(fn)
+            g.replay()
+            return
+        fn()
+        o["warm"].add(name)
+
+    def _decode_offload(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """One decode step with the Triton kernels when the cache holds only part of the experts. Per layer: q/k/v,
+        router logits and routing (one graph piece); the chosen ids to the host (an event) while attention runs
+        (a second piece); the host requests the experts from the cache (misses start their copies, as the eager
+        path's pre-attention prefetch), waits for them and writes their slots' offsets to the device; then o_proj
+        and the experts (a third piece). Counters, trace and policy are the cache's own, as on the eager path."""
+        e = self.e
+        o = self._offload_kernels()
+        kern, cache = o["kern"], e.cache
+        if start >= kern._max_pos:
+            raise ValueError(f"position {start} is past the KV cache's capacity {kern._max_pos}")
+        kern.tok.copy_(ids.reshape(1), non_blocking=True)
+        kern.pos.fill_(start)
+        c = kern._cfg(pdl=False)  # copies and host waits sit between the kernels
+        cuda = e.device.type == "cuda"
+        stream = torch.cuda.current_stream(e.device) if cuda else None
+        stride, (mg, mu, md) = o["stride"], o["mats"]
+        self._piece(o, ("embed",), lambda: kern.launch_embed(c))
+        for i in range(e.config.num_hidden_layers):
+            self._piece(o, ("pre", i), lambda i=i: (kern.launch_pre(i, c), kern.launch_route(i, c)))
+            host, ev = o["ids"][i], o["events"][i]
+            host.copy_(kern.ids[i], non_blocking=True)
+            if ev is not None:
+                ev.record()
+            self._piece(o, ("attention", i), lambda i=i: kern.launch_attention(i, c, route=False))
+            if ev is not None:
+                ev.synchronize()  # the routing is done; attention may still run
+            experts = host.tolist()  # ascending ids
+            entries = [cache.request((i, x), ahead=True) for x in experts]
+            slots = {}
+            for entry in cache.as_completed(entries):  # time blocked here is I/O wait
+                if entry.future is not None:  # checked before the forward returns
+                    e._unverified.append(entry.future)
+                if stream is not None and entry.result is not None:
+                    stream.wait_event(entry.result)  # the copy into the slot
+                    entry.result = None
+                slots[entry.key[1]] = entry.slot
+            offs = []
+            for x in experts:
+                b = slots[x] * stride
+                offs += (b + mg, b + mu, b + md)
+            sel = o["sel"][i]
+            sel.copy_(torch.tensor(offs, dtype=torch.long))
+            kern.sel_off.copy_(sel, non_blocking=True)
+            self._piece(o, ("post", i), lambda i=i: kern.launch_post(i, c))
+            for entry in entries:
+                cache.release(entry)
+        self._piece(o, ("final",), lambda: kern.launch_final(c))
+        for kvl in e.kv.layers:
+            kvl.length += 1
+        self.replays += 1
+        return kern.logits.view(1, 1, -1).clone()
 
     # kernels: the Triton decode kernels over the slots, one graph per step
     def _build_kernels(self) -> None:

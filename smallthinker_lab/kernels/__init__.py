@@ -198,42 +198,80 @@ class DecodeKernels:
         self.replays = 0
 
     # ------------------------------------------------------------------ the step's kernels
+    def _cfg(self, pdl: bool | None = None) -> dict:
+        b = self.blocks
+        if pdl is None:
+            pdl = bool(b["pdl"]) and _pdl_supported(self.device)
+        return {"pdl": pdl, "launch": {"launch_pdl": True} if pdl else {}}
+
     def launch(self) -> None:
         """Every kernel of one step, reading ``tok`` and ``pos`` (device) and writing ``logits``."""
-        tk, cfg, b = _kernels(), self.config, self.blocks
-        H, Fh, D, E, K = cfg.hidden_size, cfg.moe_ffn_hidden_size, cfg.head_dim, cfg.num_experts, cfg.top_k
-        nq, nk, eps = self.nq, self.nk, float(cfg.rms_norm_eps)
-        BH = _p2(H)
-        pdl = bool(b["pdl"]) and _pdl_supported(self.device)
-        launch = {"launch_pdl": True} if pdl else {}
-        pr, pw = b["pre"]
+        c = self._cfg()
+        self.launch_embed(c)
+        for i in range(len(self.layers)):
+            self.launch_pre(i, c)
+            self.launch_attention(i, c, route=True)
+            self.launch_post(i, c)
+        self.launch_final(c)
+
+    # the pieces of a step: embed; per layer pre (+ route), attention (+ route), post; final
+    def launch_embed(self, c: dict) -> None:
+        H = self.config.hidden_size
+        _kernels()._embed_kernel[(1,)](self.tok, self.model.model.embed_tokens.weight, self.x, H=H, BLOCK_H=_p2(H),
+                                       PDL=c["pdl"], **c["launch"])
+
+    def launch_pre(self, i: int, c: dict) -> None:
+        """RMSNorm, q/k/v and the router logits of layer ``i``."""
+        cfg, p = self.config, self.layers[i]
+        H, E, nq, nk = cfg.hidden_size, cfg.num_experts, self.nq, self.nk
+        pr, pw = self.blocks["pre"]
         nbq, nbk, nbe = -(-nq // pr), -(-nk // pr), -(-E // pr)
+        _kernels()._pre_kernel[(nbq + 2 * nbk + nbe,)](
+            self.x, p["ln1"], p["wq"], p["wk"], p["wv"], p["wr"], self.proj, float(cfg.rms_norm_eps), H=H, NQ=nq,
+            NK=nk, NE=E, NBQ=nbq, NBK=nbk, BLOCK_R=pr, BLOCK_H=_p2(H), PDL=c["pdl"], num_warps=pw, **c["launch"])
+
+    def launch_route(self, i: int, c: dict) -> None:
+        """Layer ``i``'s routing alone (ids, weights and, from the table, offsets): for callers that read the ids
+        on the host before attention (the engine's offloaded kernel decode)."""
+        cfg, p = self.config, self.layers[i]
+        D = cfg.head_dim
+        _kernels()._route_kernel[(1,)](
+            self.proj[cfg.num_attention_heads * D + 2 * cfg.num_key_value_heads * D:], p["table"], self.sel_off,
+            self.sel_w, p["ids"], NE=cfg.num_experts, BLOCK_E=_p2(cfg.num_experts), K=cfg.top_k,
+            SOFTMAX=p["softmax"], PDL=c["pdl"], **c["launch"])
+
+    def launch_attention(self, i: int, c: dict, route: bool) -> None:
+        cfg, p = self.config, self.layers[i]
+        D, E = cfg.head_dim, cfg.num_experts
+        an, aw = self.blocks["attn"]
+        kvl = p["kv"]
+        _kernels()._rope_attn_route_kernel[(cfg.num_attention_heads + int(route),)](
+            self.proj, self.pos, self.inv_freq, kvl.k, kvl.v, kvl.pos, self.o, p["table"], self.sel_off,
+            self.sel_w, p["ids"], kvl.k.shape[2], p["window"], 1.0 / D ** 0.5, NQH=cfg.num_attention_heads,
+            NKV=cfg.num_key_value_heads, D=D, NE=E, BLOCK_E=_p2(E), K=cfg.top_k, BLOCK_N=an,
+            USE_ROPE=p["rope"], SOFTMAX=p["softmax"], PDL=c["pdl"], num_warps=aw, **c["launch"])
+
+    def launch_post(self, i: int, c: dict) -> None:
+        """o_proj and the residual, then the K experts (offsets in ``sel_off``) and the residual."""
+        tk, cfg, p, b = _kernels(), self.config, self.layers[i], self.blocks
+        H, Fh, K = cfg.hidden_size, cfg.moe_ffn_hidden_size, cfg.top_k
         orr, ow = b["oproj"]
         gr, gw = b["gate_up"]
         dr, dw = b["down"]
-        an, aw = b["attn"]
+        pdl, launch = c["pdl"], c["launch"]
         x, xm = self.x, self.xm
-        inner = self.model.model
-        tk._embed_kernel[(1,)](self.tok, inner.embed_tokens.weight, x, H=H, BLOCK_H=BH, PDL=pdl, **launch)
-        for p in self.layers:
-            kvl = p["kv"]
-            C = kvl.k.shape[2]
-            tk._pre_kernel[(nbq + 2 * nbk + nbe,)](
-                x, p["ln1"], p["wq"], p["wk"], p["wv"], p["wr"], self.proj, eps, H=H, NQ=nq, NK=nk, NE=E,
-                NBQ=nbq, NBK=nbk, BLOCK_R=pr, BLOCK_H=BH, PDL=pdl, num_warps=pw, **launch)
-            tk._rope_attn_route_kernel[(cfg.num_attention_heads + 1,)](
-                self.proj, self.pos, self.inv_freq, kvl.k, kvl.v, kvl.pos, self.o, p["table"], self.sel_off,
-                self.sel_w, p["ids"], C, p["window"], 1.0 / D ** 0.5, NQH=cfg.num_attention_heads,
-                NKV=cfg.num_key_value_heads, D=D, NE=E, BLOCK_E=_p2(E), K=K, BLOCK_N=an,
-                USE_ROPE=p["rope"], SOFTMAX=p["softmax"], PDL=pdl, num_warps=aw, **launch)
-            tk._oproj_kernel[(-(-H // orr),)](self.o, p["wo"], x, xm, H=H, HD=nq, BLOCK_R=orr, BLOCK_D=_p2(nq),
-                                               PDL=pdl, num_warps=ow, **launch)
-            tk._gate_up_kernel[(K, -(-Fh // gr))](xm, p["ln2"], p["base"], self.sel_off, self.a, eps, H=H, F=Fh,
-                                                  BLOCK_R=gr, BLOCK_H=BH, PDL=pdl, num_warps=gw, **launch)
-            tk._down_kernel[(-(-H // dr),)](self.a, p["base"], self.sel_off, self.sel_w, xm, x, H=H, F=Fh, K=K,
-                                            BLOCK_K=_p2(K), BLOCK_R=dr, BLOCK_F=_p2(Fh), PDL=pdl, num_warps=dw,
-                                            **launch)
-        tk._norm_kernel[(1,)](x, inner.norm.weight, self.hn, eps, H=H, BLOCK_H=BH, PDL=pdl, **launch)
+        tk._oproj_kernel[(-(-H // orr),)](self.o, p["wo"], x, xm, H=H, HD=self.nq, BLOCK_R=orr,
+                                           BLOCK_D=_p2(self.nq), PDL=pdl, num_warps=ow, **launch)
+        tk._gate_up_kernel[(K, -(-Fh // gr))](xm, p["ln2"], p["base"], self.sel_off, self.a,
+                                              float(cfg.rms_norm_eps), H=H, F=Fh, BLOCK_R=gr, BLOCK_H=_p2(H),
+                                              PDL=pdl, num_warps=gw, **launch)
+        tk._down_kernel[(-(-H // dr),)](self.a, p["base"], self.sel_off, self.sel_w, xm, x, H=H, F=Fh, K=K,
+                                        BLOCK_K=_p2(K), BLOCK_R=dr, BLOCK_F=_p2(Fh), PDL=pdl, num_warps=dw, **launch)
+
+    def launch_final(self, c: dict) -> None:
+        H = self.config.hidden_size
+        _kernels()._norm_kernel[(1,)](self.x, self.model.model.norm.weight, self.hn, float(self.config.rms_norm_eps),
+                                      H=H, BLOCK_H=_p2(H), PDL=c["pdl"], **c["launch"])
         torch.matmul(self.hn, self.model.lm_head.weight.t(), out=self.logits)
         self.ids_host.copy_(self.ids, non_blocking=True)
 

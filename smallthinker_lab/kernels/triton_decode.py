@@ -185,6 +185,13 @@ def _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr,
 
 
 @triton.jit
+def _route_kernel(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr, BLOCK_E: tl.constexpr,
+                  K: tl.constexpr, SOFTMAX: tl.constexpr, PDL: tl.constexpr):
+    _after_previous(PDL)
+    _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE, BLOCK_E, K, SOFTMAX)
+
+
+@triton.jit
 def _oproj_kernel(a_ptr, w_ptr, x_ptr, out_ptr, H: tl.constexpr, HD: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
