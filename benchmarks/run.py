@@ -73,6 +73,8 @@ def suite_modes(suite: str, gpu: bool, with_trained: bool, q4: bool = True) -> l
         req.append(_spec("in_memory", S, "in memory", required=True, options={"kernels": True}))
         req.append(_spec("engine", S, "in memory", required=True, options={"cuda_graph": "kernels"}))
         req.append(_spec("engine", S, "full", 0.6, "lru", True, required=True, options={"cuda_graph": "kernels"}))
+        req.append(_spec("engine", S, "full", 0.6, "lru", True, required=True,
+                         options={"cuda_graph": "kernels", "lookahead": True}))
     trained = []
     if with_trained:
         trained = [
@@ -309,13 +311,16 @@ def evaluate_targets(rows: list[dict], suite: str, gpu: bool) -> list[dict]:
                 "missed bytes / H2D)", full.get("offload_bound_share"), 0.80)
             add("GPU 4B bf16: offloaded (60%, prefetch) share of max(fastest in-memory time, missed bytes / H2D)",
                 full.get("offload_bound_share_fastest"), 0.80)
-        kfull = _find(rows, mode="engine", model=S, share_target=0.6, policy="lru", prefetch=True,
-                      quantization="none", instruments=False, options={"cuda_graph": "kernels"})
-        if kfull is not None:
-            add("GPU 4B bf16: offloaded with the Triton decode kernels (60%, prefetch) share of max(in-memory time "
-                "of the same decode path, missed bytes / H2D)", kfull.get("offload_bound_share"), 0.80)
-            add("GPU 4B bf16: offloaded with the Triton decode kernels (60%, prefetch) / accelerate cpu_offload "
-                "decode", _rate(kfull) / _rate(naive), 5.0)
+        for opts, what in (({"cuda_graph": "kernels"}, ""), ({"cuda_graph": "kernels", "lookahead": True},
+                                                               " + look-ahead")):
+            kfull = _find(rows, mode="engine", model=S, share_target=0.6, policy="lru", prefetch=True,
+                          quantization="none", instruments=False, options=opts)
+            if kfull is None:
+                continue
+            add(f"GPU 4B bf16: offloaded with the Triton decode kernels (60%, prefetch{what}) share of max(in-memory "
+                f"time of the same decode path, bytes read / H2D)", kfull.get("offload_bound_share"), 0.80)
+            add(f"GPU 4B bf16: offloaded with the Triton decode kernels (60%, prefetch{what}) / accelerate "
+                f"cpu_offload decode", _rate(kfull) / _rate(naive), 5.0)
         add("GPU 4B bf16: offloaded decode (60%, prefetch) / accelerate cpu_offload decode", _rate(full) / _rate(naive),
             5.0)
     T = TRAINED_KEY

@@ -102,15 +102,16 @@ def test_engine_kernel_decode_equals_the_kernel_model_bit_for_bit(ckpt):
         assert simulate(e.trace, e.cache.capacity_experts, "lru").hits == st["hits"]
 
 
-@pytest.mark.parametrize("extra", [0, 5])  # the minimum (top-k slots) and a few slots more: misses, evictions
-def test_offloaded_kernel_decode_equals_the_kernel_model(ckpt, extra):
+@pytest.mark.parametrize("extra,lookahead", [(0, False), (5, False), (5, True)])  # minimum, a few slots more
+def test_offloaded_kernel_decode_equals_the_kernel_model(ckpt, extra, lookahead):
     model = load_model(ckpt, device=DEV)
     ref = generate(model, PROMPT, NEW, runner=KernelRunner(model, max_context=64, graph=DEV == "cuda"),
                    stop_tokens=[])
-    with Engine.from_pretrained(ckpt, memory_limit=None, progress=False, exact=True, max_context=64) as probe:
+    with Engine.from_pretrained(ckpt, memory_limit=None, progress=False, exact=True, device=DEV,
+                                max_context=64) as probe:
         limit = probe.plan.minimum_bytes + extra * probe.bundle.stride
     with Engine.from_pretrained(ckpt, memory_limit=limit, progress=False, exact=True, device=DEV,
-                                max_context=64) as e:
+                                max_context=64, lookahead=lookahead) as e:
         L, E = e.config.num_hidden_layers, e.config.num_experts
         assert e.cache.capacity_experts < L * E
         g = GraphDecoder(e, kernels=True)
@@ -122,7 +123,10 @@ def test_offloaded_kernel_decode_equals_the_kernel_model(ckpt, extra):
         assert tokens == ref  # the same kernels, the experts read from whichever slots the cache gave them
         assert g.replays == NEW - 1 and st["misses"] > 0
         assert st["hits"] + st["misses"] == st["requests"] == len(e.trace)
-        assert simulate(e.trace, e.cache.capacity_experts, "lru").hits == st["hits"]  # the cache's own counts
+        if lookahead:  # predictions counted per layer; speculative reads
+            assert st["speculative_reads"] > 0 and 0 < sum(e._la_correct) <= sum(e._la_predicted)
+        else:
+            assert simulate(e.trace, e.cache.capacity_experts, "lru").hits == st["hits"]  # the cache's own counts
         assert all(entry.pins == 0 for entry in e.cache.entries.values())
 
 

@@ -256,13 +256,12 @@ class GraphDecoder:
     def usable(self) -> bool:
         e = self.e
         c = e.config
-        base = (e.device.type == "cuda" and e._zero_copy and len(e.hooks) == 0 and e.lm_head_predictor is None
-                and not e.lookahead)
+        base = e.device.type == "cuda" and e._zero_copy and len(e.hooks) == 0 and e.lm_head_predictor is None
         full = e.cache.capacity_experts >= c.num_hidden_layers * c.num_experts
         if self.kernels:  # a cache of fewer experts: the offloaded kernel decode (pre-attention requests)
             return (base and e.dtype == torch.bfloat16 and not e.bundle.down_transposed
                     and (full or e.prefetch))
-        return base and full
+        return base and full and not e.lookahead
 
     def _state_key(self):
         e = self.e
@@ -454,7 +453,7 @@ class GraphDecoder:
         isz, m = e.dtype.itemsize, e.bundle.matrices
         self._off = o = {
             "key": key, "kern": DecodeKernels(e.model, e.kv, table, graph=False, blocks=self.kernel_blocks),
-            "ids": [torch.zeros(K, dtype=torch.long, pin_memory=cuda) for _ in range(L)],
+            "ids": [torch.zeros(2 * K, dtype=torch.long, pin_memory=cuda) for _ in range(L)],  # ids, predicted
             "sel": [torch.zeros(3 * K, dtype=torch.long, pin_memory=cuda) for _ in range(L)],
             "events": [torch.cuda.Event() if cuda else None for _ in range(L)],
             "stride": e.bundle.stride // isz, "mats": [m[k].offset // isz for k in ("gate", "up", "down")],
@@ -480,7 +479,10 @@ class GraphDecoder:
         router logits and routing (one graph piece); the chosen ids to the host (an event) while attention runs
         (a second piece); the host requests the experts from the cache (misses start their copies, as the eager
         path's pre-attention prefetch), waits for them and writes their slots' offsets to the device; then o_proj
-        and the experts (a third piece). Counters, trace and policy are the cache's own, as on the eager path."""
+        and the experts (a third piece). Counters, trace and policy are the cache's own, as on the eager path.
+        With the engine's ``lookahead``, the first piece also applies the next layer's router to this layer's
+        residual, and the predicted experts start reading (``cache.speculate``) right after this layer's misses,
+        so the copies of the next layer overlap this layer's compute; accuracy is counted as on the eager path."""
         e = self.e
         o = self._offload_kernels()
         kern, cache = o["kern"], e.cache
@@ -492,18 +494,31 @@ class GraphDecoder:
         cuda = e.device.type == "cuda"
         stream = torch.cuda.current_stream(e.device) if cuda else None
         stride, (mg, mu, md) = o["stride"], o["mats"]
+        L, K, la = e.config.num_hidden_layers, e.config.top_k, e.lookahead
         self._piece(o, ("embed",), lambda: kern.launch_embed(c))
-        for i in range(e.config.num_hidden_layers):
-            self._piece(o, ("pre", i), lambda i=i: (kern.launch_pre(i, c), kern.launch_route(i, c)))
+        predicted = None
+        for i in range(L):
+            self._piece(o, ("pre", i), lambda i=i: (kern.launch_pre(i, c, la), kern.launch_route(i, c, la)))
             host, ev = o["ids"][i], o["events"][i]
-            host.copy_(kern.ids[i], non_blocking=True)
+            host[:K].copy_(kern.ids[i], non_blocking=True)
+            if la and i + 1 < L:
+                host[K:].copy_(kern.pred, non_blocking=True)
             if ev is not None:
                 ev.record()
             self._piece(o, ("attention", i), lambda i=i: kern.launch_attention(i, c, route=False))
             if ev is not None:
                 ev.synchronize()  # the routing is done; attention may still run
-            experts = host.tolist()  # ascending ids
+            both = host.tolist()
+            experts = both[:K]  # ascending ids
             entries = [cache.request((i, x), ahead=True) for x in experts]
+            if predicted is not None:
+                e._la_predicted[i] += len(predicted)
+                e._la_correct[i] += len(set(predicted) & set(experts))
+                predicted = None
+            if la and i + 1 < L:  # look-ahead: the next layer's predicted experts start reading now
+                predicted = both[K:]
+                for x in predicted:
+                    cache.speculate((i + 1, x))
             slots = {}
             for entry in cache.as_completed(entries):  # time blocked here is I/O wait
                 if entry.future is not None:  # checked before the forward returns

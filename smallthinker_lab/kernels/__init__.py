@@ -117,8 +117,8 @@ def workspace_bytes(config, dtype: torch.dtype = torch.bfloat16) -> int:
     isz = torch.empty((), dtype=dtype).element_size()
     H, K, Fh = config.hidden_size, config.top_k, config.moe_ffn_hidden_size
     nq, nk = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    act = (3 * H + (nq + 2 * nk + config.num_experts) + nq + K * Fh + K + config.vocab_size) * isz
-    return act + (K * 3 + config.num_hidden_layers * K * 2 + 2) * 8
+    act = (3 * H + (nq + 2 * nk + 2 * config.num_experts) + nq + K * Fh + K + config.vocab_size) * isz
+    return act + (K * 4 + config.num_hidden_layers * K * 2 + 2) * 8
 
 
 # tiles of the kernels: (rows of a weight matrix per program, warps) for the products, (keys per step, warps) for
@@ -165,7 +165,8 @@ class DecodeKernels:
         self.pos = torch.zeros(1, dtype=torch.long, **z)
         self.x = torch.zeros(H, dtype=bf, **z)
         self.xm = torch.zeros(H, dtype=bf, **z)
-        self.proj = torch.zeros(nq + 2 * nk + E, dtype=bf, **z)
+        self.proj = torch.zeros(nq + 2 * nk + 2 * E, dtype=bf, **z)  # q, k, v, router logits, look-ahead logits
+        self.pred = torch.zeros(K, dtype=torch.long, **z)  # look-ahead: the next layer's predicted experts
         self.o = torch.zeros(nq, dtype=bf, **z)
         self.sel_off = torch.zeros(K * 3, dtype=torch.long, **z)
         self.sel_w = torch.zeros(K, dtype=bf, **z)
@@ -220,25 +221,32 @@ class DecodeKernels:
         _kernels()._embed_kernel[(1,)](self.tok, self.model.model.embed_tokens.weight, self.x, H=H, BLOCK_H=_p2(H),
                                        PDL=c["pdl"], **c["launch"])
 
-    def launch_pre(self, i: int, c: dict) -> None:
-        """RMSNorm, q/k/v and the router logits of layer ``i``."""
+    def launch_pre(self, i: int, c: dict, lookahead: bool = False) -> None:
+        """RMSNorm, q/k/v and the router logits of layer ``i``; ``lookahead``: also the next layer's router logits
+        of the same (raw) residual."""
         cfg, p = self.config, self.layers[i]
         H, E, nq, nk = cfg.hidden_size, cfg.num_experts, self.nq, self.nk
         pr, pw = self.blocks["pre"]
         nbq, nbk, nbe = -(-nq // pr), -(-nk // pr), -(-E // pr)
-        _kernels()._pre_kernel[(nbq + 2 * nbk + nbe,)](
+        la = lookahead and i + 1 < len(self.layers)
+        extra = {"wn_ptr": self.layers[i + 1]["wr"], "NBE": nbe} if la else {}
+        _kernels()._pre_kernel[(nbq + 2 * nbk + nbe * (2 if la else 1),)](
             self.x, p["ln1"], p["wq"], p["wk"], p["wv"], p["wr"], self.proj, float(cfg.rms_norm_eps), H=H, NQ=nq,
-            NK=nk, NE=E, NBQ=nbq, NBK=nbk, BLOCK_R=pr, BLOCK_H=_p2(H), PDL=c["pdl"], num_warps=pw, **c["launch"])
+            NK=nk, NE=E, NBQ=nbq, NBK=nbk, BLOCK_R=pr, BLOCK_H=_p2(H), PDL=c["pdl"], num_warps=pw, **extra,
+            **c["launch"])
 
-    def launch_route(self, i: int, c: dict) -> None:
+    def launch_route(self, i: int, c: dict, lookahead: bool = False) -> None:
         """Layer ``i``'s routing alone (ids, weights and, from the table, offsets): for callers that read the ids
-        on the host before attention (the engine's offloaded kernel decode)."""
+        on the host before attention (the engine's offloaded kernel decode); ``lookahead``: also the next layer's
+        predicted ids (``pred``), from the logits ``launch_pre(lookahead=True)`` wrote."""
         cfg, p = self.config, self.layers[i]
         D = cfg.head_dim
+        la = lookahead and i + 1 < len(self.layers)
+        extra = {"pred_ptr": self.pred, "LOOKAHEAD": True} if la else {}
         _kernels()._route_kernel[(1,)](
             self.proj[cfg.num_attention_heads * D + 2 * cfg.num_key_value_heads * D:], p["table"], self.sel_off,
             self.sel_w, p["ids"], NE=cfg.num_experts, BLOCK_E=_p2(cfg.num_experts), K=cfg.top_k,
-            SOFTMAX=p["softmax"], PDL=c["pdl"], **c["launch"])
+            SOFTMAX=p["softmax"], PDL=c["pdl"], **extra, **c["launch"])
 
     def launch_attention(self, i: int, c: dict, route: bool) -> None:
         cfg, p = self.config, self.layers[i]

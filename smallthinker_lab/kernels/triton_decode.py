@@ -47,11 +47,34 @@ def _after_previous(PDL: tl.constexpr):
 
 
 @triton.jit
+def _gemv_rows(x_ptr, w_ptr, out_ptr, r0, n, H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+               PDL: tl.constexpr):
+    """Rows r0.. of w (n rows of H) times the raw vector x, bf16 out."""
+    rows = r0 + tl.arange(0, BLOCK_R)
+    rmask = rows < n
+    hh = tl.arange(0, BLOCK_H)
+    hmask = hh < H
+    w = tl.load(w_ptr + rows[:, None] * H + hh[None, :], mask=rmask[:, None] & hmask[None, :], other=0.0)
+    _after_previous(PDL)
+    xf = tl.load(x_ptr + hh, mask=hmask, other=0.0).to(tl.float32)
+    y = tl.sum(w.to(tl.float32) * xf[None, :], axis=1)
+    tl.store(out_ptr + rows, y.to(tl.bfloat16), mask=rmask)
+
+
+@triton.jit
 def _pre_kernel(x_ptr, ln_ptr, wq_ptr, wk_ptr, wv_ptr, wr_ptr, out_ptr, eps,
                 H: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr, NE: tl.constexpr,
                 NBQ: tl.constexpr, NBK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
-                PDL: tl.constexpr):
+                PDL: tl.constexpr, wn_ptr=None, NBE: tl.constexpr = 0):
+    """q/k/v of the normalised residual and the router logits of the raw residual; with ``wn_ptr`` (look-ahead),
+    programs past the first NBQ + 2 NBK + NBE also apply the next layer's router to this raw residual, written
+    after this layer's logits."""
     pid = tl.program_id(0)
+    if NBE > 0:
+        if pid >= NBQ + 2 * NBK + NBE:  # the look-ahead rows
+            _gemv_rows(x_ptr, wn_ptr, out_ptr + NQ + 2 * NK + NE, (pid - NBQ - 2 * NBK - NBE) * BLOCK_R, NE, H,
+                       BLOCK_R, BLOCK_H, PDL)
+            return
     # which matrix this program's rows belong to: q, k, v (of the normalised residual) or the router (raw)
     if pid < NBQ:
         w_ptr = wq_ptr
@@ -186,9 +209,24 @@ def _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr,
 
 @triton.jit
 def _route_kernel(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr, BLOCK_E: tl.constexpr,
-                  K: tl.constexpr, SOFTMAX: tl.constexpr, PDL: tl.constexpr):
+                  K: tl.constexpr, SOFTMAX: tl.constexpr, PDL: tl.constexpr, pred_ptr=None,
+                  LOOKAHEAD: tl.constexpr = False):
+    """Routing alone; with LOOKAHEAD also the top-k ids of the next layer's router logits (after this layer's in
+    ``lg``), ascending, into ``pred_ptr``."""
     _after_previous(PDL)
     _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE, BLOCK_E, K, SOFTMAX)
+    if LOOKAHEAD:
+        e = tl.arange(0, BLOCK_E)
+        emask = e < NE
+        lg = tl.load(lg_ptr + NE + e, mask=emask, other=float("-inf")).to(tl.float32)
+        sel = e < 0
+        for _ in tl.static_range(K):
+            cand = tl.where(sel | (~emask), float("-inf"), lg)
+            m = tl.max(cand, axis=0)
+            first = tl.min(tl.where(cand == m, e, BLOCK_E), axis=0)
+            sel = sel | (e == first)
+        rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+        tl.store(pred_ptr + rank, e.to(tl.int64), mask=sel)
 
 
 @triton.jit
