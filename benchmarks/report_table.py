@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
-SUITES = ("cpu", "cpu_variants", "gpu", "gpu_more")  # bench_<name>.json in benchmarks/results, in README order
+SUITES = ("cpu", "cpu_variants", "cpu_lookahead", "gpu", "gpu_more")  # bench_<name>.json in benchmarks/results, in README order
 
 
 def _nan(x) -> bool:
@@ -55,7 +55,7 @@ def label(r: dict) -> str:
             link = ", from storage" if r.get("host_cache_override") is False else ", pinned host copy"
         opts = r.get("options") or {}
         if opts.get("lookahead"):
-            link += " + look-ahead"
+            link += " + look-ahead" + (" (early)" if opts.get("lookahead") == "early" else "")
         if opts.get("verify_checksums") is False:
             link += ", no checksums"
         if opts.get("cuda_graph") == "kernels":

@@ -93,6 +93,7 @@ def suite_modes(suite: str, gpu: bool, with_trained: bool, q4: bool = True) -> l
     opt = [
         # the full system with the engine's other switches: look-ahead routing (a layer more of lead), checksums off
         _spec("engine", S, "full", 0.6, "lru", True, options={"lookahead": True}),
+        _spec("engine", S, "full", 0.6, "lru", True, options={"lookahead": "early"}),
         _spec("engine", S, "full", 0.6, "lru", True, options={"verify_checksums": False}),
         _spec("engine", S, "full", 0.6, "lru", True, options={"lookahead": True, "verify_checksums": False}),
     ]

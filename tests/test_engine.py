@@ -53,7 +53,7 @@ def open_engine(ckpt, sizes, limit="mid", **kw):
 
 
 @pytest.mark.parametrize("limit", ["min", "mid", "unlimited"])
-@pytest.mark.parametrize("lookahead", [False, True])
+@pytest.mark.parametrize("lookahead", [False, True, "early"])
 @pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_greedy_tokens_match_the_model(ckpt, sizes, reference, policy, prefetch, lookahead, limit):
@@ -150,8 +150,9 @@ def test_belady_engine_replays_a_recorded_trace(ckpt, sizes, reference):
     assert hits == simulate(trace, cap, "belady").hits >= lru_hits
 
 
-def test_lookahead_is_measured(ckpt, sizes, reference):
-    with open_engine(ckpt, sizes, "most", lookahead=True) as e:
+@pytest.mark.parametrize("lookahead", [True, "early"])  # after attention / from the layer's input
+def test_lookahead_is_measured(ckpt, sizes, reference, lookahead):
+    with open_engine(ckpt, sizes, "most", lookahead=lookahead) as e:
         e.generate(PROMPT, NEW, stop_tokens=[])
         st = e.stats()
         df = e.stats_frame()

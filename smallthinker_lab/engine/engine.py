@@ -6,7 +6,8 @@ Per layer (decode and prefill), with x the residual entering the layer:
 2. prefetch on: the layer's experts are requested at once (misses start reading in the I/O threads);
 3. attention (the model's modules and KV cache) runs while they load;
 4. look-ahead (decode): layer l+1's router on layer l's post-attention residual names experts to read a layer
-   early (speculative; accuracy and wasted bytes are counted);
+   early (speculative; accuracy and wasted bytes are counted); ``lookahead="early"`` applies it to layer l's
+   input instead, before attention, for the attention's time more of lead;
 5. MoE: prefetch off requests the experts only now (a conventional post-attention router); experts are computed
    as they become ready, resident ones first, then in the order their reads land; outputs are combined in
    ascending expert order (as the model's loop does), so results do not depend on I/O timing.
@@ -132,7 +133,10 @@ class Engine:
             sparse_reglu = False
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if lookahead not in (False, True, "early"):
+            raise ValueError(f"lookahead must be False, True or 'early', got {lookahead!r}")
         self.policy, self.prefetch, self.lookahead = policy, bool(prefetch), bool(lookahead)
+        self._la_early = lookahead == "early"  # route the next layer from this layer's input, not after attention
         self.sparse_reglu, self.prefill_chunk = sparse_reglu, int(prefill_chunk)
         self.bypass_page_cache, self.io_threads, self.verify_checksums = bypass_page_cache, io_threads, \
             verify_checksums
@@ -525,15 +529,15 @@ class Engine:
             self._la_correct[i] += correct
         if self.prefetch:
             self._request_next(work)
+        nxt = None
+        ahead = self.lookahead and x.shape[1] == 1 and i + 1 < len(self._layers)
+        if ahead and self._la_early:  # from this layer's input: a whole layer of lead
+            nxt = self._speculate_next(i, x)
         t1 = clock()
         x = x + layer.self_attn(layer.input_layernorm(x), positions, rope, self.kv[i])
         t2 = clock()
-        nxt = None
-        if self.lookahead and x.shape[1] == 1 and i + 1 < len(self._layers):
-            nxt_logits = self._layers[i + 1].block_sparse_moe.route(x).reshape(-1, cfg.num_experts)
-            nxt = torch.topk(nxt_logits, cfg.top_k, dim=-1).indices[0].tolist()
-            for e in sorted(nxt):
-                self.cache.speculate((i + 1, e))
+        if ahead and not self._la_early:  # from the residual after attention: the MoE's time of lead
+            nxt = self._speculate_next(i, x)
         t3 = clock()
         u = layer.post_attention_layernorm(x)
         x = x + self._moe(work, u, weights).view_as(x)
@@ -545,6 +549,15 @@ class Engine:
             for part, s in (("router", (t1 - t0) + (t3 - t2)), ("attention", t2 - t1), ("moe", t4 - t3)):
                 hooks.fire("timing", step=self._step, layer=i, part=part, seconds=s)
         return x, nxt
+
+    def _speculate_next(self, i: int, x: torch.Tensor) -> list[int]:
+        """Look-ahead: layer i+1's router on the residual x; its top-k start reading (cache.speculate)."""
+        cfg = self.config
+        nxt_logits = self._layers[i + 1].block_sparse_moe.route(x).reshape(-1, cfg.num_experts)
+        nxt = torch.topk(nxt_logits, cfg.top_k, dim=-1).indices[0].tolist()
+        for e in sorted(nxt):
+            self.cache.speculate((i + 1, e))
+        return nxt
 
     def _plan(self, layer: int, ids: torch.Tensor) -> _Work:
         """Which experts this layer needs, in request order, split into chunks the cache can hold."""
