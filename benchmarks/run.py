@@ -279,6 +279,15 @@ def evaluate_targets(rows: list[dict], suite: str, gpu: bool) -> list[dict]:
         if full is not None:
             add("CPU 4B: I/O wait share of decode time at 60% with prefetch", full.get("io_wait_share"), 0.10,
                 higher=False)
+        for la in (True, "early"):  # the prefetch pipeline's look-ahead (issue item 4), one compute thread
+            r = _find(rows, mode="engine", model=S, share_target=0.6, policy="lru", prefetch=True,
+                      quantization="none", instruments=False, options={"lookahead": la}, spec_threads=None)
+            if r is not None:
+                what = "look-ahead" + (" (early)" if la == "early" else "")
+                add(f"CPU 4B: I/O wait share of decode time at 60% with prefetch + {what}", r.get("io_wait_share"),
+                    0.10, higher=False)
+                add(f"CPU 4B: offloaded decode (60%, prefetch + {what}) / the same engine in memory (1 compute "
+                    f"thread each)", _rate(r) / _rate(eng_mem), 0.67)
         add("CPU 4B: offloaded decode (60%, prefetch) / accelerate disk_offload decode", _rate(full) / _rate(naive),
             5.0, note="disk_offload keeps nothing resident")
         if devmap is not None:
