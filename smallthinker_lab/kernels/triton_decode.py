@@ -178,10 +178,8 @@ def _rope_attn_route_kernel(proj_ptr, pos_ptr, inv_freq_ptr, kc_ptr, vc_ptr, kpo
 
 
 @triton.jit
-def _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr, BLOCK_E: tl.constexpr,
-           K: tl.constexpr, SOFTMAX: tl.constexpr):
-    """Top-k of the router logits (ties to the lower id), their weights (softmax, or sigmoid renormalised as the
-    model: bf16 sigmoid, bf16 sum, bf16 quotient), the experts in ascending id with their matrices' offsets."""
+def _top_k(lg_ptr, NE: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr):
+    """The NE logits (fp32) and the mask of their top K, ties to the lower id."""
     e = tl.arange(0, BLOCK_E)
     emask = e < NE
     lg = tl.load(lg_ptr + e, mask=emask, other=float("-inf")).to(tl.float32)
@@ -191,6 +189,16 @@ def _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr,
         m = tl.max(cand, axis=0)
         first = tl.min(tl.where(cand == m, e, BLOCK_E), axis=0)
         sel = sel | (e == first)
+    return lg, sel
+
+
+@triton.jit
+def _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr, BLOCK_E: tl.constexpr,
+           K: tl.constexpr, SOFTMAX: tl.constexpr):
+    """Top-k of the router logits (ties to the lower id), their weights (softmax, or sigmoid renormalised as the
+    model: bf16 sigmoid, bf16 sum, bf16 quotient), the experts in ascending id with their matrices' offsets."""
+    e = tl.arange(0, BLOCK_E)
+    lg, sel = _top_k(lg_ptr, NE, BLOCK_E, K)
     if SOFTMAX:
         mx = tl.max(tl.where(sel, lg, float("-inf")), axis=0)
         pe = tl.where(sel, tl.exp(lg - mx), 0.0)
@@ -217,14 +225,7 @@ def _route_kernel(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE: tl.con
     _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE, BLOCK_E, K, SOFTMAX)
     if LOOKAHEAD:
         e = tl.arange(0, BLOCK_E)
-        emask = e < NE
-        lg = tl.load(lg_ptr + NE + e, mask=emask, other=float("-inf")).to(tl.float32)
-        sel = e < 0
-        for _ in tl.static_range(K):
-            cand = tl.where(sel | (~emask), float("-inf"), lg)
-            m = tl.max(cand, axis=0)
-            first = tl.min(tl.where(cand == m, e, BLOCK_E), axis=0)
-            sel = sel | (e == first)
+        _, sel = _top_k(lg_ptr + NE, NE, BLOCK_E, K)
         rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
         tl.store(pred_ptr + rank, e.to(tl.int64), mask=sel)
 
