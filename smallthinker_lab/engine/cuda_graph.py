@@ -372,16 +372,8 @@ class GraphDecoder:
             entries = [cache.request(k) for k in missing[j:j + 64]]
             for entry in entries:
                 cache.release(cache.wait(entry))
-        stream = torch.cuda.current_stream(e.device) if e.device.type == "cuda" else None
         for entry in list(cache.entries.values()):
-            cache.wait(entry)
-            if entry.result is not None and e.transfer is not None:
-                stream.wait_event(entry.result)
-                entry.result = None
-            fut = e._layout_pending.pop(entry.slot, None)
-            if fut is not None:  # exact: the down matrix to the model's [H, F] layout, as the eager path on first use
-                stream.wait_event(fut.result())
-                e._down_to_model_layout_device(entry.slot)
+            e._settle(cache.wait(entry))  # copies and the exact layout settled, as the eager path on first use
         table = [[cache.entries[(layer, x)].slot for x in range(E)] for layer in range(L)]
         return torch.tensor(table, dtype=torch.long, device=e.device)
 
@@ -401,12 +393,23 @@ class GraphDecoder:
         return view("gate", (Fh, H)), view("up", (Fh, H)), view("down", down)
 
     def _build(self, ids: torch.Tensor, start: int) -> None:
-        e = self.e
         self.reset()
+        self._static["slot_table"] = self._resident()
+        if self.kernels:  # DecodeKernels holds its own static buffers
+            self._build_kernels()
+        else:
+            self._static_buffers(ids, start)
+            if not self.fused:
+                self._build_exact()
+            else:
+                self._build_fused()
+        self._key = self._state_key()
+
+    def _static_buffers(self, ids: torch.Tensor, start: int) -> None:
+        """The exact and fused variants' step inputs and outputs (token, position, expert ids, logits)."""
+        e, s = self.e, self._static
         cfg, dev = e.config, e.device
         L, K = cfg.num_hidden_layers, cfg.top_k
-        s = self._static
-        s["slot_table"] = self._resident()
         s["tok"] = torch.zeros(1, 1, dtype=torch.long, device=dev)
         s["pos"] = torch.full((1,), start, dtype=torch.long, device=dev)  # the fused warm-up runs this step
         s["tok"].copy_(ids.view(1, 1))
@@ -416,13 +419,6 @@ class GraphDecoder:
         s["done"] = torch.cuda.Event() if cuda else None
         s["logits"] = torch.zeros(1, 1, cfg.vocab_size, dtype=e.dtype, device=dev)  # exact: replaced by the graph's
         _sync(dev)
-        if self.kernels:
-            self._build_kernels()
-        elif not self.fused:
-            self._build_exact()
-        else:
-            self._build_fused()
-        self._key = self._state_key()
 
     def _capture(self, fn):
         if self.e.device.type != "cuda":  # tests on a CPU: the pieces run eagerly at each "replay"
@@ -433,6 +429,14 @@ class GraphDecoder:
         with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
             fn()
         return g
+
+    def _arena_elements(self) -> tuple[torch.Tensor, int, list[int]]:
+        """Every slot as one flat tensor of the engine's dtype, the record stride in elements, and the element
+        offsets of gate, up and down inside a record."""
+        e = self.e
+        isz, m = e.dtype.itemsize, e.bundle.matrices
+        flat = e.arena._tensor[:e.arena.n_slots * e.bundle.stride].view(e.dtype)
+        return flat, e.bundle.stride // isz, [m[k].offset // isz for k in ("gate", "up", "down")]
 
     # kernels, offloaded: the cache holds fewer experts than the model; per layer the host reads the routing
     def _offload_kernels(self):
@@ -448,16 +452,14 @@ class GraphDecoder:
         cfg, dev = e.config, e.device
         L, E, K = cfg.num_hidden_layers, cfg.num_experts, cfg.top_k
         cuda = dev.type == "cuda"
-        base = e.arena._tensor[:e.arena.n_slots * e.bundle.stride].view(e.dtype)
+        base, stride, mats = self._arena_elements()
         table = ExpertTable([base] * L, torch.zeros(L, E, 3, dtype=torch.long, device=dev))  # offsets: the host's
-        isz, m = e.dtype.itemsize, e.bundle.matrices
         self._off = o = {
             "key": key, "kern": DecodeKernels(e.model, e.kv, table, graph=False, blocks=self.kernel_blocks),
             "ids": [torch.zeros(2 * K, dtype=torch.long, pin_memory=cuda) for _ in range(L)],  # ids, predicted
             "sel": [torch.zeros(3 * K, dtype=torch.long, pin_memory=cuda) for _ in range(L)],
             "events": [torch.cuda.Event() if cuda else None for _ in range(L)],
-            "stride": e.bundle.stride // isz, "mats": [m[k].offset // isz for k in ("gate", "up", "down")],
-            "graphs": {}, "warm": set()}
+            "stride": stride, "mats": mats, "graphs": {}, "warm": set()}
         return o
 
     def _piece(self, o: dict, name: tuple, fn) -> None:
@@ -491,8 +493,6 @@ class GraphDecoder:
         kern.tok.copy_(ids.reshape(1), non_blocking=True)
         kern.pos.fill_(start)
         c = kern._cfg(pdl=False)  # copies and host waits sit between the kernels
-        cuda = e.device.type == "cuda"
-        stream = torch.cuda.current_stream(e.device) if cuda else None
         stride, (mg, mu, md) = o["stride"], o["mats"]
         L, K, la = e.config.num_hidden_layers, e.config.top_k, e.lookahead
         self._piece(o, ("embed",), lambda: kern.launch_embed(c))
@@ -521,11 +521,7 @@ class GraphDecoder:
                     cache.speculate((i + 1, x))
             slots = {}
             for entry in cache.as_completed(entries):  # time blocked here is I/O wait
-                if entry.future is not None:  # checked before the forward returns
-                    e._unverified.append(entry.future)
-                if stream is not None and entry.result is not None:
-                    stream.wait_event(entry.result)  # the copy into the slot
-                    entry.result = None
+                e._settle(entry)
                 slots[entry.key[1]] = entry.slot
             offs = []
             for x in experts:
@@ -549,11 +545,8 @@ class GraphDecoder:
 
         e, s = self.e, self._static
         L = e.config.num_hidden_layers
-        isz, m = e.dtype.itemsize, e.bundle.matrices
-        n = e.arena.n_slots
-        base = e.arena._tensor[:n * e.bundle.stride].view(e.dtype)
-        mats = torch.tensor([m[k].offset // isz for k in ("gate", "up", "down")], dtype=torch.long, device=e.device)
-        offsets = s["slot_table"][:, :, None] * (e.bundle.stride // isz) + mats  # [L, E, 3] element offsets
+        base, stride, mats = self._arena_elements()
+        offsets = s["slot_table"][:, :, None] * stride + torch.tensor(mats, device=e.device)  # [L, E, 3] elements
         cuda = e.device.type == "cuda"
         K = e.config.top_k
         self._ids_bufs = [torch.zeros(L, K, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
@@ -650,11 +643,11 @@ class GraphDecoder:
         cfg, dtype = e.config, e.dtype
         K = cfg.top_k
         model = e.model.model
-        m, isz, n = e.bundle.matrices, e.dtype.itemsize, e.arena.n_slots
-        arena = e.arena._tensor[:n * e.bundle.stride].view(e.dtype).view(n, e.bundle.stride // isz)
-        Fh, H = m["gate"].shape
+        flat, stride, (og, ou, od) = self._arena_elements()
+        arena = flat.view(e.arena.n_slots, stride)
+        Fh, H = e.bundle.matrices["gate"].shape
         down = (H, Fh) if e.exact else (Fh, H)  # exact: the model's [H, F] layout, transposed in the slots
-        mats = ((m["gate"].offset // isz, Fh, H), (m["up"].offset // isz, Fh, H), (m["down"].offset // isz, *down))
+        mats = ((og, Fh, H), (ou, Fh, H), (od, *down))
         pre, post = fused_pre, fused_post
         compiled = False
         if self.compile:

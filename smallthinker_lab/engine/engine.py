@@ -598,8 +598,7 @@ class Engine:
             if double and len(work.requested) == c + 1:
                 self._request_next(work)  # the next chunk loads while this one computes
             for entry in cache.as_completed(work.requested[c]):
-                if entry.future is not None:  # computed before its checksum completed: checked at the forward's end
-                    self._unverified.append(entry.future)
+                self._settle(entry)
                 e = entry.key[1]
                 token, slot = work.rows[e]
                 x_e = u if token is None else u[token]  # (n, H)
@@ -620,9 +619,13 @@ class Engine:
                 y.index_add_(0, token, outs[e])
         return y
 
-    def _expert(self, entry: Entry, x: torch.Tensor, token: torch.Tensor | None) -> torch.Tensor:
-        """One expert's ReGLU from its slot: views of the slot's bytes for the stored dtype, decoded otherwise."""
-        if self.transfer is not None and entry.result is not None:  # the copy's event: waited for once
+    def _settle(self, entry: Entry) -> None:
+        """Before computing with an entry the cache handed out: a checksum still running is checked at the
+        forward's end; on CUDA the compute stream waits for the copy into the slot (once), and an exact engine's
+        down matrix goes back to the model's [H, F] layout in the slot (once, the first time it is used)."""
+        if entry.future is not None:  # computed before its checksum completed
+            self._unverified.append(entry.future)
+        if self.transfer is not None and entry.result is not None:  # the copy's event
             torch.cuda.current_stream(self.device).wait_event(entry.result)
             entry.result = None
         if self._layout_pending:
@@ -630,6 +633,10 @@ class Engine:
             if fut is not None:  # done: the cache waited for it before handing the entry out
                 torch.cuda.current_stream(self.device).wait_event(fut.result())
                 self._down_to_model_layout_device(entry.slot)
+
+    def _expert(self, entry: Entry, x: torch.Tensor, token: torch.Tensor | None) -> torch.Tensor:
+        """One expert's ReGLU from its slot (settled by ``_settle``): views of the slot's bytes for the stored
+        dtype, decoded otherwise."""
         layer, expert = entry.key
         codec, dtype = self._codec, self.dtype
         shape = self.bundle.matrices["gate"].shape
