@@ -118,7 +118,7 @@ def workspace_bytes(config, dtype: torch.dtype = torch.bfloat16) -> int:
     H, K, Fh = config.hidden_size, config.top_k, config.moe_ffn_hidden_size
     nq, nk = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     act = (3 * H + (nq + 2 * nk + 2 * config.num_experts) + nq + K * Fh + K + config.vocab_size) * isz
-    return act + (K * 4 + config.num_hidden_layers * K * 2 + 2) * 8
+    return act + (K * 4 + config.num_hidden_layers * K + 2) * 8  # offsets, predicted ids, ids, token, position
 
 
 # tiles of the kernels: (rows of a weight matrix per program, warps) for the products, (keys per step, warps) for
@@ -137,8 +137,7 @@ class DecodeKernels:
     ``experts``, as five Triton kernels per layer; ``graph=True`` captures the step as one CUDA graph on first use.
 
     ``step(token, pos)`` returns the logits (1, 1, V), writes the position's K/V and advances ``kv``; the step's
-    chosen expert ids (ascending, per layer) are in ``ids`` (device) and ``ids_host`` (pinned, valid once the
-    step's logits are read)."""
+    chosen expert ids (ascending, per layer) are in ``ids`` (device)."""
 
     def __init__(self, model, kv: KVCache, experts: ExpertTable, graph: bool = True,
                  blocks: dict | None = None) -> None:
@@ -173,7 +172,6 @@ class DecodeKernels:
         self.a = torch.zeros(K * Fh, dtype=bf, **z)
         self.hn = torch.zeros(1, H, dtype=bf, **z)
         self.ids = torch.zeros(L, K, dtype=torch.long, **z)
-        self.ids_host = torch.zeros(L, K, dtype=torch.long, pin_memory=dev.type == "cuda")
         self.logits = torch.zeros(1, cfg.vocab_size, dtype=bf, **z)
         inner = model.model
         self.inv_freq = inner.rotary.inv_freq.to(dev, torch.float32)
@@ -281,7 +279,6 @@ class DecodeKernels:
         _kernels()._norm_kernel[(1,)](self.x, self.model.model.norm.weight, self.hn, float(self.config.rms_norm_eps),
                                       H=H, BLOCK_H=_p2(H), PDL=c["pdl"], **c["launch"])
         torch.matmul(self.hn, self.model.lm_head.weight.t(), out=self.logits)
-        self.ids_host.copy_(self.ids, non_blocking=True)
 
     def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits (1, 1, V) of ``token`` at position ``pos`` (the KV cache holds positions < pos): a view of the
@@ -310,9 +307,6 @@ class DecodeKernels:
         with torch.cuda.graph(g, capture_error_mode="thread_local"):
             self.launch()
         self._graph = g
-
-    def reset(self) -> None:
-        self._graph = None
 
 
 class KernelRunner:

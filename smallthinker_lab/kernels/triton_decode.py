@@ -47,17 +47,24 @@ def _after_previous(PDL: tl.constexpr):
 
 
 @triton.jit
+def _dot_rows(v_ptr, w_ptr, rows, rmask, N: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """``rows`` of w ([*, N] row-major) times the vector v, fp32. The weight tile loads before the wait for the
+    previous kernel (``_after_previous``), v after it."""
+    nn = tl.arange(0, BLOCK_N)
+    nmask = nn < N
+    w = tl.load(w_ptr + rows[:, None] * N + nn[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
+    _after_previous(PDL)
+    v = tl.load(v_ptr + nn, mask=nmask, other=0.0).to(tl.float32)
+    return tl.sum(w.to(tl.float32) * v[None, :], axis=1)
+
+
+@triton.jit
 def _gemv_rows(x_ptr, w_ptr, out_ptr, r0, n, H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
                PDL: tl.constexpr):
     """Rows r0.. of w (n rows of H) times the raw vector x, bf16 out."""
     rows = r0 + tl.arange(0, BLOCK_R)
     rmask = rows < n
-    hh = tl.arange(0, BLOCK_H)
-    hmask = hh < H
-    w = tl.load(w_ptr + rows[:, None] * H + hh[None, :], mask=rmask[:, None] & hmask[None, :], other=0.0)
-    _after_previous(PDL)
-    xf = tl.load(x_ptr + hh, mask=hmask, other=0.0).to(tl.float32)
-    y = tl.sum(w.to(tl.float32) * xf[None, :], axis=1)
+    y = _dot_rows(x_ptr, w_ptr, rows, rmask, H, BLOCK_H, PDL)
     tl.store(out_ptr + rows, y.to(tl.bfloat16), mask=rmask)
 
 
@@ -235,12 +242,7 @@ def _oproj_kernel(a_ptr, w_ptr, x_ptr, out_ptr, H: tl.constexpr, HD: tl.constexp
                   BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < H
-    kk = tl.arange(0, BLOCK_D)
-    kmask = kk < HD
-    w = tl.load(w_ptr + rows[:, None] * HD + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-    _after_previous(PDL)
-    a = tl.load(a_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-    y = tl.sum(w.to(tl.float32) * a[None, :], axis=1).to(tl.bfloat16).to(tl.float32)
+    y = _dot_rows(a_ptr, w_ptr, rows, rmask, HD, BLOCK_D, PDL).to(tl.bfloat16).to(tl.float32)
     x = tl.load(x_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, (x + y).to(tl.bfloat16), mask=rmask)
 
