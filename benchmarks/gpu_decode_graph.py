@@ -188,19 +188,8 @@ def kernel_reference(ckpt: Path, prompts, new_tokens: int, eager_refs, tune: boo
                                            stats)))
             if i:
                 times.extend(stats.decode_token_seconds)
-        # first decode step of the check prompt: kernels vs the eager model, from the same prefill
-        cache = be.KVCache(model.config, 1, model.dtype, "cuda", capacity=256)
+        out["first_step_logits"] = kernel_first_step(model, runner, prompts[0])  # kernels vs the eager model
         ids = torch.tensor([prompts[0]], device="cuda")
-        tok = model(ids, cache=cache)[:, -1].argmax(-1).view(1, 1)
-        ref = model(tok, cache=cache).float().flatten()
-        runner.reset()
-        runner.step(ids)
-        got = runner.step(tok).float().flatten()
-        top = ref.topk(2).values
-        out["first_step_logits"] = {
-            "bit_equal": bool(torch.equal(ref, got)), "differing": int((ref != got).sum()), "vocab": ref.numel(),
-            "max_abs_diff": float((ref - got).abs().max()), "ref_top2_margin": float(top[0] - top[1]),
-            "ref_logit_std": float(ref.std()), "argmax_equal": bool(ref.argmax() == got.argmax())}
         diffs = [first_difference(a, b) for a, b in zip(refs, eager_refs)]
         out.update(tokens=refs, decode_ms_per_token=1e3 * statistics.median(times), decode_steps_timed=len(times),
                    eager_first_difference=diffs, tokens_equal_eager=all(d is None for d in diffs))
@@ -233,17 +222,10 @@ def trained_agreement(new_tokens: int, n_prompts: int, log) -> dict:
         for pr in prompts:
             ref = model.generate(pr, new_tokens, stop_tokens=[])
             got = list(stream_tokens(runner.step, torch.tensor([pr], device="cuda"), new_tokens, None, []))
-            runner.reset()
-            cache = be.KVCache(model.config, 1, model.dtype, "cuda", capacity=256)
-            ids = torch.tensor([pr], device="cuda")
-            tok = model(ids, cache=cache)[:, -1].argmax(-1).view(1, 1)
-            a = model(tok, cache=cache).float().flatten()
-            runner.step(ids)
-            b = runner.step(tok).float().flatten()
-            runner.reset()
+            first = kernel_first_step(model, runner, pr)
             out["rows"].append({"first_difference": first_difference(got, ref),
-                                "first_step_max_abs_diff": float((a - b).abs().max()),
-                                "logit_std": float(a.std())})
+                                "first_step_max_abs_diff": first["max_abs_diff"],
+                                "logit_std": first["ref_logit_std"]})
     diffs = [r["first_difference"] for r in out["rows"]]
     out["tokens_equal"] = sum(d is None for d in diffs)
     log(f"trained model, kernels vs eager: {out['tokens_equal']} of {len(diffs)} prompts equal, first "
@@ -271,10 +253,31 @@ def first_step_logits(e, prompt: list[int]) -> dict:
         kv.k.copy_(k), kv.v.copy_(v), kv.pos.copy_(p)
         kv.length = n
     got = e.forward(tok).float().flatten()
+    return compare_logits(ref, got)
+
+
+def compare_logits(ref: torch.Tensor, got: torch.Tensor) -> dict:
+    """Two logit rows (fp32, flat): bit-equal or not, how many differ, the largest difference, the reference's
+    top-1/top-2 margin and std, whether the argmax agrees."""
     top = ref.topk(2).values
     return {"bit_equal": bool(torch.equal(ref, got)), "differing": int((ref != got).sum()), "vocab": ref.numel(),
             "max_abs_diff": float((ref - got).abs().max()), "ref_top2_margin": float(top[0] - top[1]),
             "ref_logit_std": float(ref.std()), "argmax_equal": bool(ref.argmax() == got.argmax())}
+
+
+def kernel_first_step(model, runner, prompt: list[int]) -> dict:
+    """The first decode step after ``prompt``: the eager model's logits against the kernel decode's
+    (``runner``, a KernelRunner of ``model``), from the same prefill (the model's own, in both)."""
+    dev = model.device
+    ids = torch.tensor([prompt], device=dev)
+    cache = be.KVCache(model.config, 1, model.dtype, dev, capacity=runner.max_context)
+    tok = model(ids, cache=cache)[:, -1].argmax(-1).view(1, 1)
+    ref = model(tok, cache=cache).float().flatten()
+    runner.reset()
+    runner.step(ids)
+    got = runner.step(tok).float().flatten()
+    runner.reset()
+    return compare_logits(ref, got)
 
 
 def run_engine(name: str, opts: dict, ckpt: Path, bundle: Path, prompts, new_tokens: int, refs, log) -> dict:

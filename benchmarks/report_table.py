@@ -4,8 +4,8 @@
 
 The README section lies between ``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->`` (added under a
 "## Performance" heading at the end when missing); nothing else in README.md is touched. It is made from
-benchmarks/results/bench_cpu.json, bench_cpu_variants.json, bench_gpu.json and bench_gpu_more.json (modes a GPU
-run skipped for its time budget, run again with ``--only``), whichever exist.
+benchmarks/results/bench_<suite>.json for the suites in ``SUITES`` (cpu, cpu_variants, cpu_lookahead, gpu,
+gpu_more: a full run and runs of some of its modes, ``--only``, each with a title note), whichever exist.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
-SUITES = ("cpu", "cpu_variants", "cpu_lookahead", "gpu", "gpu_more")  # bench_<name>.json in benchmarks/results, in README order
+# bench_<name>.json in benchmarks/results, in README order
+SUITES = ("cpu", "cpu_variants", "cpu_lookahead", "gpu", "gpu_more")
 
 
 def _nan(x) -> bool:
