@@ -102,21 +102,24 @@ def test_engine_kernel_decode_equals_the_kernel_model_bit_for_bit(ckpt):
         assert simulate(e.trace, e.cache.capacity_experts, "lru").hits == st["hits"]
 
 
-@pytest.mark.parametrize("extra,lookahead", [(0, False), (5, False), (5, True)])  # minimum, a few slots more
-def test_offloaded_kernel_decode_equals_the_kernel_model(ckpt, extra, lookahead):
+@pytest.mark.parametrize("extra,lookahead,policy", [(0, False, "lru"), (5, False, "lru"), (5, True, "lru"),
+                                                    (5, False, "lfu")])  # the minimum, a few slots more
+def test_offloaded_kernel_decode_equals_the_kernel_model(ckpt, extra, lookahead, policy):
     model = load_model(ckpt, device=DEV)
     ref = generate(model, PROMPT, NEW, runner=KernelRunner(model, max_context=64, graph=DEV == "cuda"),
                    stop_tokens=[])
     with Engine.from_pretrained(ckpt, memory_limit=None, progress=False, exact=True, device=DEV,
                                 max_context=64) as probe:
         limit = probe.plan.minimum_bytes + extra * probe.bundle.stride
-    with Engine.from_pretrained(ckpt, memory_limit=limit, progress=False, exact=True, device=DEV,
-                                max_context=64, lookahead=lookahead) as e:
+    with Engine.from_pretrained(ckpt, memory_limit=limit, progress=False, exact=True, device=DEV, policy=policy,
+                                max_context=64, lookahead=lookahead, host_cache=DEV == "cuda") as e:
         L, E = e.config.num_hidden_layers, e.config.num_experts
         assert e.cache.capacity_experts < L * E
         g = GraphDecoder(e, kernels=True)
         g.usable = lambda: True  # on a CPU (usable() needs CUDA)
         e._graph = g
+        # LRU without look-ahead: the cache resolved on the device; otherwise the host resolves each layer
+        assert g.device_lru() == (policy == "lru" and not lookahead)
         e.reset_stats(clear_cache=True)
         tokens = e.generate(PROMPT, NEW, stop_tokens=[]).tokens
         st = e.stats()
@@ -125,9 +128,43 @@ def test_offloaded_kernel_decode_equals_the_kernel_model(ckpt, extra, lookahead)
         assert st["hits"] + st["misses"] == st["requests"] == len(e.trace)
         if lookahead:  # predictions counted per layer; speculative reads
             assert st["speculative_reads"] > 0 and 0 < sum(e._la_correct) <= sum(e._la_predicted)
-        else:
-            assert simulate(e.trace, e.cache.capacity_experts, "lru").hits == st["hits"]  # the cache's own counts
+        else:  # the cache's own counts (with a device LRU: the device's decisions, checked at every request)
+            assert simulate(e.trace, e.cache.capacity_experts, policy).hits == st["hits"]
         assert all(entry.pins == 0 for entry in e.cache.entries.values())
+        if g.device_lru() and extra:
+            # a second generation: the prefill changed the host's cache, which the device takes up again
+            assert e.generate(PROMPT[:4], NEW, stop_tokens=[]).tokens == generate(
+                model, PROMPT[:4], NEW, runner=KernelRunner(model, max_context=64, graph=DEV == "cuda"),
+                stop_tokens=[])
+            assert simulate(e.trace, e.cache.capacity_experts, "lru").hits == e.stats()["hits"]
+            # the kernels wrote each missed expert into its slot: every slot holds its expert's record
+            host, b = g._host_records(), e.bundle
+            for (layer, x), entry in e.cache.entries.items():
+                slot = e.arena.tensor(entry.slot)[:b.stride].cpu()
+                assert torch.equal(slot, host[b.offset(layer, x):b.offset(layer, x) + b.stride].cpu()), (layer, x)
+
+
+def test_device_lru_that_disagrees_with_the_engine_cache_is_an_error(ckpt):
+    with Engine.from_pretrained(ckpt, memory_limit=None, progress=False, exact=True, device=DEV,
+                                max_context=64) as probe:
+        c = probe.config
+        limit = probe.plan.minimum_bytes + (c.num_hidden_layers * c.num_experts - c.top_k - 1) * probe.bundle.stride
+    with Engine.from_pretrained(ckpt, memory_limit=limit, progress=False, exact=True, device=DEV, max_context=64,
+                                host_cache=DEV == "cuda") as e:  # all experts but one: most requests hit
+        g = GraphDecoder(e, kernels=True)
+        g.usable = lambda: True
+        e._graph = g
+        it = e.stream(PROMPT, NEW, stop_tokens=[])
+        next(it), next(it)  # the prefill's token, one decode step
+        with torch.inference_mode():
+            g._lru["lru"].owner.fill_(-1)  # the device forgets what its slots hold: its next step misses
+        with pytest.raises(RuntimeError, match="expert cache and the engine's disagree at step"):
+            list(it)
+        # the engine stays usable: its cache was emptied, and the next generation reads what it needs again
+        assert len(e.cache.entries) == 0
+        model = load_model(ckpt, device=DEV)
+        assert e.generate(PROMPT, 3, stop_tokens=[]).tokens == generate(
+            model, PROMPT, 3, runner=KernelRunner(model, max_context=64, graph=DEV == "cuda"), stop_tokens=[])
 
 
 def test_kernels_refuse_what_they_cannot_compute(monkeypatch):

@@ -32,7 +32,18 @@ whatever ``exact`` says (the prefill and any eager step keep exact's kernels):
 * kernels (``cuda_graph="kernels"``, exact=True implied): the Triton decode kernels of ``smallthinker_lab.kernels``,
   five per layer, in one graph per step; each expert read in place from its slot through an [L, E, 3] table of
   element offsets (slot x record stride + matrix offset). The in-memory model decoding with the same kernels
-  (``KernelRunner``) gives the same bits; the eager model, the same up to rounding.
+  (``KernelRunner``) gives the same bits; the eager model, the same up to rounding. When the cache holds only part
+  of the experts (offloaded):
+
+  - LRU policy, no look-ahead, every record in pinned host memory (``host_cache=True``): the cache is resolved on
+    the device (``device_lru``, ``smallthinker_lab.kernels.ExpertLRU``). Each layer's routing program looks the
+    chosen experts up and picks LRU victims; the expert kernels read a missed expert straight from its host record
+    over the bus (zero-copy) and write it into its slot. The step stays one graph with no host round trip per
+    layer. The host replays the step's requests through the engine's ExpertCache while the device runs the next
+    step (``_account_lru``): counters, trace and policy are the cache's own, and a disagreement on any hit or slot
+    is an error.
+  - otherwise (LFU or Belady, look-ahead, experts read from storage): per layer the host reads the routing and
+    requests the experts from the cache, whose misses are copied by the copy engine (``_decode_offload``).
 
 Memory: the K-slot expert buffer of ``exact=True`` (K x record stride) is counted in the engine's workspace; the
 graphs' private pool (the activations of one decode step) is not counted in the plan.
@@ -41,6 +52,7 @@ graphs' private pool (the activations of one decode step) is not counted in the 
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future
 
 import torch
 import torch.nn.functional as F
@@ -190,6 +202,15 @@ def fused_post(x, q, k_buf, v_buf, kpos, pos, wo, ln2, w, slots, arena, *, mats:
     return x + y
 
 
+def _written_by_kernels(key, slot) -> Future:
+    """The cache's loader while the device LRU's step is replayed: the kernels already wrote the expert."""
+    return _DONE
+
+
+_DONE: Future = Future()
+_DONE.set_result(None)
+
+
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -237,10 +258,10 @@ class GraphDecoder:
         if pending is None:
             return
         self._pending = None
-        buf, ev, step = pending
+        buf, ev, step, account = pending
         if ev is not None:
             ev.synchronize()
-        self._account(buf, step)
+        account(buf, step)
 
     def reset(self) -> None:
         """Drop graphs and static buffers (the engine closed, or its cache / KV cache changed)."""
@@ -252,6 +273,8 @@ class GraphDecoder:
         self._static = {}
         self._pool = None
         self._kern = None
+        self._lru = None
+        self._host_copy = None  # on a CPU (interpreter): the device LRU's host records, read by the decoder
 
     def usable(self) -> bool:
         e = self.e
@@ -284,21 +307,16 @@ class GraphDecoder:
         e.cache.step = e._step
         c = e.config
         if self.kernels and e.cache.capacity_experts < c.num_hidden_layers * c.num_experts:
+            if self.device_lru():
+                o = self._lru_kernels()
+                if self._pending is None:  # the host's cache may have changed since the device's last step
+                    self._upload_lru(o["lru"])
+                return self._deferred(o["kern"], ids, start, o["bufs"], o["events"], self._account_lru)
             return self._decode_offload(ids, start)
         if not self._valid():
             self._build(ids, start)
         if self.kernels:
-            kern, j = self._kern, self._flip
-            logits = kern.step(ids, start).clone()
-            buf, ev = self._ids_bufs[j], self._ids_events[j]
-            buf.copy_(kern.ids, non_blocking=True)  # the step's expert ids, to one of two pinned buffers
-            if ev is not None:
-                ev.record()
-            self.flush()  # the previous step's counters, on the host while the device runs this step
-            self._pending, self._flip = (buf, ev, e._step), 1 - j
-            self._wait_event = ev  # Engine.forward waits on it after its own bookkeeping (wait())
-            self.replays += 1
-            return logits
+            return self._deferred(self._kern, ids, start, self._ids_bufs, self._ids_events, self._account)
         s = self._static
         s["tok"].copy_(ids.view(1, 1), non_blocking=True)
         s["pos"].fill_(start)
@@ -319,6 +337,25 @@ class GraphDecoder:
             done.synchronize()  # the step's ids are in pinned host memory: the one host sync of the step
         self._account(s["ids_host"])
         return s["logits"].clone()
+
+    def _deferred(self, kern, ids: torch.Tensor, start: int, bufs: list, events: list, account) -> torch.Tensor:
+        """One kernel step, counted later: its expert ids (and, with a device LRU, their slots) go to one of two
+        pinned buffers; the previous step is counted on the host (``account(buffer, step)``) while the device runs
+        this one."""
+        e, j = self.e, self._flip
+        logits = kern.step(ids, start).clone()
+        buf, ev = bufs[j], events[j]
+        K = kern.ids.shape[1]
+        buf[:, :K].copy_(kern.ids, non_blocking=True)
+        if kern.lru is not None:
+            buf[:, K:].copy_(kern.slots, non_blocking=True)
+        if ev is not None:
+            ev.record()
+        self.flush()  # the previous step's counters, on the host while the device runs this step
+        self._pending, self._flip = (buf, ev, e._step, account), 1 - j
+        self._wait_event = ev  # Engine.forward waits on it after its own bookkeeping (wait())
+        self.replays += 1
+        return logits
 
     def _replay_exact(self, start: int) -> None:
         e, s = self.e, self._static
@@ -538,6 +575,109 @@ class GraphDecoder:
             kvl.length += 1
         self.replays += 1
         return kern.logits.view(1, 1, -1).clone()
+
+    # kernels, offloaded, the LRU cache resolved on the device: one graph per step, no host round trip per layer
+    def device_lru(self) -> bool:
+        """Whether the offloaded kernel decode resolves the cache on the device (``ExpertLRU``): the LRU policy,
+        no look-ahead, and every expert record in page-locked host memory (``host_cache=True``; on a CPU, under
+        the Triton interpreter, a host copy the decoder reads itself). Otherwise the host resolves each layer's
+        requests (``_decode_offload``)."""
+        e = self.e
+        if e.cache.policy_name != "lru" or e.lookahead or (e._relayout_down or e.bundle.down_transposed):
+            return False
+        if e.transfer is not None:
+            return e.transfer.host is not None
+        return e.device.type == "cpu"
+
+    def _host_records(self) -> torch.Tensor:
+        e = self.e
+        if e.transfer is not None:
+            return e.transfer.host
+        if self._host_copy is None or self._host_copy[0] is not e.reader:
+            from .io import read_all_records
+
+            self._host_copy = (e.reader, *read_all_records(e.reader))
+        return self._host_copy[2]
+
+    def _lru_kernels(self) -> dict:
+        """The kernels, the device LRU and the pinned buffers of the device-LRU decode, (re)built when the cache, KV
+        cache or slots change."""
+        from ..kernels import DecodeKernels, ExpertLRU, ExpertTable
+
+        e = self.e
+        key = (e.cache, e.kv, e.arena)
+        o = self._lru
+        if o is not None and all(a is b for a, b in zip(o["key"], key)):
+            return o
+        self.flush()
+        cfg, dev, b = e.config, e.device, e.bundle
+        L, E, K, S = cfg.num_hidden_layers, cfg.num_experts, cfg.top_k, e.cache.capacity_experts
+        base, stride, mats = self._arena_elements()
+        host, isz = self._host_records(), e.dtype.itemsize
+        delta = host.data_ptr() - base.data_ptr()
+        if delta % isz:
+            raise RuntimeError("the host copy of the experts is not aligned to the weights' dtype")
+        src = [(delta + b.offset(layer, x)) // isz for layer in range(L) for x in range(E)]
+        z = dict(dtype=torch.long, device=dev)
+        lru = ExpertLRU(torch.full((S,), -1, **z), torch.zeros(S, **z), torch.zeros(1, **z),
+                        torch.tensor(src, **z), stride, tuple(mats))
+        table = ExpertTable([base] * L, torch.zeros(L, E, 3, **z))  # unused: the LRU gives the offsets
+        cuda = dev.type == "cuda"
+        self._lru = o = {
+            "key": key, "lru": lru, "host": host,
+            "kern": DecodeKernels(e.model, e.kv, table, graph=cuda, blocks=self.kernel_blocks, lru=lru),
+            "bufs": [torch.zeros(L, 2 * K, dtype=torch.long, pin_memory=cuda) for _ in range(2)],
+            "events": [torch.cuda.Event() if cuda else None for _ in range(2)]}
+        return o
+
+    def _upload_lru(self, lru) -> None:
+        """The host cache's state into the device LRU: reads in flight settled (the compute stream waits for their
+        copies), then per slot its key and stamp (LRU order; free slots in the order the host takes them)."""
+        e = self.e
+        cache, E = e.cache, e.config.num_experts
+        cache.drain()
+        for entry in cache.entries.values():
+            e._settle(entry)
+        S = cache.capacity_experts
+        owner, stamp = [-1] * S, [0] * S
+        order = list(cache.policy.order)
+        if len(order) != len(cache.entries) or len(order) + len(cache.free) != S:
+            raise RuntimeError(f"expert cache state: {len(order)} in the LRU order, {len(cache.entries)} entries, "
+                               f"{len(cache.free)} free of {S} slots")
+        for t, key in enumerate(order, 1):
+            slot = cache.entries[key].slot
+            owner[slot], stamp[slot] = key[0] * E + key[1], t
+        n = len(cache.free)
+        for t, slot in enumerate(reversed(cache.free)):  # the host pops free slots from the end of its list
+            stamp[slot] = t - n
+        lru.load(owner, stamp, len(order))
+
+    def _account_lru(self, buf: torch.Tensor, step: int) -> None:
+        """The device LRU's step, replayed through the engine's cache (requests, hits, misses, bytes read,
+        evictions, trace, policy; no reads: the kernels wrote the missed experts into their slots), checking that
+        both chose the same slots. If they did not, the cache is emptied (the next step starts from nothing
+        resident) and a RuntimeError says where."""
+        e = self.e
+        cache, K = e.cache, e.config.top_k
+        saved = cache.step, cache.loader
+        cache.step, cache.loader = step, _written_by_kernels
+        try:
+            for layer, row in enumerate(buf.tolist()):
+                entries = []
+                for x, slot in zip(row[:K], row[K:]):
+                    hit = (layer, x) in cache.entries
+                    entry = cache.request((layer, x))
+                    entries.append(entry)
+                    if hit != (slot >= 0) or entry.slot != (slot if slot >= 0 else -1 - slot):
+                        cache.clear()  # neither side's idea of the slots is to be trusted: start empty
+                        raise RuntimeError(
+                            f"the device's expert cache and the engine's disagree at step {step}, layer {layer}, "
+                            f"expert {x}: device {'hit' if slot >= 0 else 'miss'} in slot "
+                            f"{slot if slot >= 0 else -1 - slot}, host {'hit' if hit else 'miss'} in slot {entry.slot}")
+                for entry in entries:
+                    cache.release(cache.wait(entry))
+        finally:
+            cache.step, cache.loader = saved
 
     # kernels: the Triton decode kernels over the slots, one graph per step
     def _build_kernels(self) -> None:

@@ -201,6 +201,19 @@ class ExpertReader:
             pass
 
 
+def read_all_records(reader: ExpertReader) -> tuple[mmap.mmap, torch.Tensor]:
+    """Every expert record of the reader's bundle, read (and verified, as the reader does) into one page-aligned
+    host buffer laid out as the expert file: the buffer and a uint8 tensor over it."""
+    b = reader.bundle
+    buf = aligned_buffer(b.file_size)
+    view = memoryview(buf)
+    futures = [reader.submit(layer, e, view[b.offset(layer, e):b.offset(layer, e) + b.stride])
+               for layer in range(b.num_layers) for e in range(b.num_experts)]
+    for f in futures:
+        f.result()
+    return buf, torch.frombuffer(buf, dtype=torch.uint8)[:b.file_size]
+
+
 # ------------------------------------------------------------------ CUDA transfers
 class PinnedBuffers:
     """A fixed pool of page-aligned, page-locked host buffers (staging for storage -> GPU copies)."""
@@ -273,14 +286,7 @@ class CudaTransfer:
         self.host = None
         self.staging = None
         if host_cache:
-            b = self.bundle
-            self._host_map = aligned_buffer(b.file_size)
-            self.host = torch.frombuffer(self._host_map, dtype=torch.uint8)[:b.file_size]
-            view = memoryview(self._host_map)
-            futures = [reader.submit(layer, e, view[b.offset(layer, e):b.offset(layer, e) + b.stride])
-                       for layer in range(b.num_layers) for e in range(b.num_experts)]
-            for f in futures:
-                f.result()
+            self._host_map, self.host = read_all_records(reader)
             _pin(self.host)
         else:
             self.staging = PinnedBuffers(staging, self.bundle.stride)

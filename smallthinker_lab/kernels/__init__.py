@@ -84,6 +84,40 @@ class ExpertTable:
                                  f"offsets address ({end})")
 
 
+@dataclass
+class ExpertLRU:
+    """An LRU cache of expert records resolved on the device, inside the decode step: the routing program of each
+    layer looks its K chosen experts up in ``owner`` and stamps them; a missed one takes the least recently used
+    slot and is read by the expert kernels straight from its record in host memory (page-locked, addressed from the
+    device: zero-copy over the bus), which they also write into that slot. No host round trip per layer: the whole
+    step stays one CUDA graph. The step's slots (a miss as -1 - slot) are in ``DecodeKernels.slots`` for the
+    host's accounting, which replays the requests through the engine's ExpertCache and checks they agree.
+
+    The state mirrors an ExpertCache with the LRU policy (``load``): the same victims in the same order, so the
+    same slots, hits and misses."""
+
+    owner: torch.Tensor  # [S] int64: the key (layer * E + expert) each slot holds, or -1
+    stamp: torch.Tensor  # [S] int64: last use; free slots negative, the most negative taken first
+    clock: torch.Tensor  # [1] int64: the last stamp given
+    src: torch.Tensor  # [L * E] int64: element offset of each expert's record in host memory, from the slots' base
+    stride: int  # elements per record (slot)
+    mats: tuple[int, int, int]  # element offsets of gate, up and down in a record
+
+    def __post_init__(self) -> None:
+        if any(int(v) % 16 for v in (self.stride, *self.mats)) or bool((self.src % 16 != 0).any()):
+            raise ValueError("expert LRU: record strides and offsets must be multiples of 16 elements")
+
+    @property
+    def slots(self) -> int:
+        return self.owner.numel()
+
+    def load(self, owner: Sequence[int], stamp: Sequence[int], clock: int) -> None:
+        """Set the state (from the host's cache): per slot its key or -1 and its stamp; the clock."""
+        self.owner.copy_(torch.tensor(owner, dtype=torch.long))
+        self.stamp.copy_(torch.tensor(stamp, dtype=torch.long))
+        self.clock.fill_(int(clock))
+
+
 def pack_experts(model) -> ExpertTable:
     """Pack each layer's experts (gate, up, down per expert) into one flat buffer and make the model's expert
     parameters views of it (the eager model runs unchanged on them). Idempotent; memory peaks at one layer's
@@ -118,7 +152,9 @@ def workspace_bytes(config, dtype: torch.dtype = torch.bfloat16) -> int:
     H, K, Fh = config.hidden_size, config.top_k, config.moe_ffn_hidden_size
     nq, nk = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     act = (3 * H + (nq + 2 * nk + 2 * config.num_experts) + nq + K * Fh + K + config.vocab_size) * isz
-    return act + (K * 4 + config.num_hidden_layers * K + 2) * 8  # offsets, predicted ids, ids, token, position
+    L, E = config.num_hidden_layers, config.num_experts
+    lru = (3 * L * E + L * K + 3 * K + 1) * 8  # a device LRU (ExpertLRU) of at most L x E slots and its outputs
+    return act + (K * 4 + L * K + 2) * 8 + lru  # offsets, predicted ids, ids, token, position
 
 
 # tiles of the kernels: (rows of a weight matrix per program, warps) for the products, (keys per step, warps) for
@@ -140,7 +176,7 @@ class DecodeKernels:
     chosen expert ids (ascending, per layer) are in ``ids`` (device)."""
 
     def __init__(self, model, kv: KVCache, experts: ExpertTable, graph: bool = True,
-                 blocks: dict | None = None) -> None:
+                 blocks: dict | None = None, lru: ExpertLRU | None = None) -> None:
         cfg = model.config
         dev = model.lm_head.weight.device
         reason = unavailable_reason(dev)
@@ -173,6 +209,12 @@ class DecodeKernels:
         self.hn = torch.zeros(1, H, dtype=bf, **z)
         self.ids = torch.zeros(L, K, dtype=torch.long, **z)
         self.logits = torch.zeros(1, cfg.vocab_size, dtype=bf, **z)
+        self.lru = lru  # experts resolved by a device LRU over host records (the table is then unused)
+        if lru is not None:
+            if lru.src.numel() != L * E:
+                raise ValueError(f"expert LRU: {lru.src.numel()} record offsets for {L} x {E} experts")
+            self.slots = torch.zeros(L, K, dtype=torch.long, **z)  # per layer the chosen experts' slots (miss: -1 - s)
+            self.dst_off = torch.zeros(K * 3, dtype=torch.long, **z)  # where a missed expert is written through
         inner = model.model
         self.inv_freq = inner.rotary.inv_freq.to(dev, torch.float32)
         self.layers = []
@@ -251,11 +293,17 @@ class DecodeKernels:
         D, E = cfg.head_dim, cfg.num_experts
         an, aw = self.blocks["attn"]
         kvl = p["kv"]
+        lru, extra = self.lru, {}
+        if lru is not None and route:
+            og, ou, od = lru.mats
+            extra = dict(owner_ptr=lru.owner, stamp_ptr=lru.stamp, clock_ptr=lru.clock, src_ptr=lru.src,
+                         slot_ptr=self.slots[i], dst_off_ptr=self.dst_off, layer=i, stride=lru.stride, S=lru.slots,
+                         BLOCK_S=_p2(lru.slots), OG=og, OU=ou, OD=od, LRU=True)
         _kernels()._rope_attn_route_kernel[(cfg.num_attention_heads + int(route),)](
             self.proj, self.pos, self.inv_freq, kvl.k, kvl.v, kvl.pos, self.o, p["table"], self.sel_off,
             self.sel_w, p["ids"], kvl.k.shape[2], p["window"], 1.0 / D ** 0.5, NQH=cfg.num_attention_heads,
             NKV=cfg.num_key_value_heads, D=D, NE=E, BLOCK_E=_p2(E), K=cfg.top_k, BLOCK_N=an,
-            USE_ROPE=p["rope"], SOFTMAX=p["softmax"], PDL=c["pdl"], num_warps=aw, **c["launch"])
+            USE_ROPE=p["rope"], SOFTMAX=p["softmax"], PDL=c["pdl"], num_warps=aw, **extra, **c["launch"])
 
     def launch_post(self, i: int, c: dict) -> None:
         """o_proj and the residual, then the K experts (offsets in ``sel_off``) and the residual."""
@@ -266,13 +314,15 @@ class DecodeKernels:
         dr, dw = b["down"]
         pdl, launch = c["pdl"], c["launch"]
         x, xm = self.x, self.xm
+        wt = {"dst_off_ptr": self.dst_off, "WRITE": True} if self.lru is not None else {}  # write-through
         tk._oproj_kernel[(-(-H // orr),)](self.o, p["wo"], x, xm, H=H, HD=self.nq, BLOCK_R=orr,
                                            BLOCK_D=_p2(self.nq), PDL=pdl, num_warps=ow, **launch)
         tk._gate_up_kernel[(K, -(-Fh // gr))](xm, p["ln2"], p["base"], self.sel_off, self.a,
                                               float(cfg.rms_norm_eps), H=H, F=Fh, BLOCK_R=gr, BLOCK_H=_p2(H),
-                                              PDL=pdl, num_warps=gw, **launch)
+                                              PDL=pdl, num_warps=gw, **wt, **launch)
         tk._down_kernel[(-(-H // dr),)](self.a, p["base"], self.sel_off, self.sel_w, xm, x, H=H, F=Fh, K=K,
-                                        BLOCK_K=_p2(K), BLOCK_R=dr, BLOCK_F=_p2(Fh), PDL=pdl, num_warps=dw, **launch)
+                                        BLOCK_K=_p2(K), BLOCK_R=dr, BLOCK_F=_p2(Fh), PDL=pdl, num_warps=dw, **wt,
+                                        **launch)
 
     def launch_final(self, c: dict) -> None:
         H = self.config.hidden_size
@@ -300,9 +350,15 @@ class DecodeKernels:
 
     def _capture(self) -> None:
         """Warm up (compiles the kernels; it writes this position's K/V, which the replay writes again with the
-        same values), then capture the step."""
+        same values; a device LRU's state is put back, so that the replay makes the same choices and writes the
+        same experts into the same slots), then capture the step."""
+        lru = self.lru
+        state = [t.clone() for t in (lru.owner, lru.stamp, lru.clock)] if lru is not None else None
         self.launch()
         torch.cuda.synchronize(self.device)
+        if lru is not None:
+            for t, saved in zip((lru.owner, lru.stamp, lru.clock), state):
+                t.copy_(saved)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, capture_error_mode="thread_local"):
             self.launch()
@@ -355,5 +411,5 @@ def generate(model, input_ids, max_new_tokens: int = 32, **kwargs) -> list[int]:
     return list(stream_generate(model, input_ids, max_new_tokens, **kwargs))
 
 
-__all__ = ["DecodeKernels", "ExpertTable", "KernelRunner", "pack_experts", "generate", "stream_generate",
+__all__ = ["DecodeKernels", "ExpertTable", "ExpertLRU", "KernelRunner", "pack_experts", "generate", "stream_generate",
            "unavailable_reason", "workspace_bytes", "DEFAULT_BLOCKS"]

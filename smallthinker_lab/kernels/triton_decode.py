@@ -119,15 +119,24 @@ def _rope_attn_route_kernel(proj_ptr, pos_ptr, inv_freq_ptr, kc_ptr, vc_ptr, kpo
                             sel_off_ptr, sel_w_ptr, ids_ptr, C, window, scale,
                             NQH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, NE: tl.constexpr,
                             BLOCK_E: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                            USE_ROPE: tl.constexpr, SOFTMAX: tl.constexpr, PDL: tl.constexpr):
+                            USE_ROPE: tl.constexpr, SOFTMAX: tl.constexpr, PDL: tl.constexpr,
+                            owner_ptr=None, stamp_ptr=None, clock_ptr=None, src_ptr=None, slot_ptr=None,
+                            dst_off_ptr=None, layer=0, stride=0, S: tl.constexpr = 1, BLOCK_S: tl.constexpr = 1,
+                            OG: tl.constexpr = 0, OU: tl.constexpr = 0, OD: tl.constexpr = 0,
+                            LRU: tl.constexpr = False):
     """One program per query head: rotary on its query and on its kv head's new key; the first program of each kv
     head writes the new K/V into the cache slot of the position; attention over the cached keys (positions below
     the current one, masked: causal and the sliding window) plus the new key, online softmax. One more program
-    (the last) routes (``_route``)."""
+    (the last) routes (``_route``, or ``_route_lru`` with the device's LRU cache)."""
     h = tl.program_id(0)
     _after_previous(PDL)
     if h == NQH:  # the last program routes, beside the attention programs
-        _route(proj_ptr + NQH * D + 2 * NKV * D, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE, BLOCK_E, K, SOFTMAX)
+        lg_ptr = proj_ptr + NQH * D + 2 * NKV * D
+        if LRU:
+            _route_lru(lg_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, owner_ptr, stamp_ptr, clock_ptr, src_ptr, slot_ptr,
+                       dst_off_ptr, layer, stride, NE, BLOCK_E, K, SOFTMAX, S, BLOCK_S, OG, OU, OD)
+        else:
+            _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE, BLOCK_E, K, SOFTMAX)
         return
     G: tl.constexpr = NQH // NKV
     kvh = h // G
@@ -200,10 +209,11 @@ def _top_k(lg_ptr, NE: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
-def _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr, BLOCK_E: tl.constexpr,
-           K: tl.constexpr, SOFTMAX: tl.constexpr):
-    """Top-k of the router logits (ties to the lower id), their weights (softmax, or sigmoid renormalised as the
-    model: bf16 sigmoid, bf16 sum, bf16 quotient), the experts in ascending id with their matrices' offsets."""
+def _choose(lg_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr,
+            SOFTMAX: tl.constexpr):
+    """Top-k of the router logits (ties to the lower id) and their weights (softmax, or sigmoid renormalised as the
+    model: bf16 sigmoid, bf16 sum, bf16 quotient), stored in ascending expert id. Returns the ids' lane index, the
+    mask of the chosen and each lane's rank among them."""
     e = tl.arange(0, BLOCK_E)
     lg, sel = _top_k(lg_ptr, NE, BLOCK_E, K)
     if SOFTMAX:
@@ -217,9 +227,60 @@ def _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr,
     rank = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     tl.store(ids_ptr + rank, e.to(tl.int64), mask=sel)
     tl.store(sel_w_ptr + rank, w, mask=sel)
+    return e, sel, rank
+
+
+@triton.jit
+def _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr, BLOCK_E: tl.constexpr,
+           K: tl.constexpr, SOFTMAX: tl.constexpr):
+    """Routing (``_choose``), then the chosen experts' matrix offsets from the layer's [E, 3] table."""
+    e, sel, rank = _choose(lg_ptr, sel_w_ptr, ids_ptr, NE, BLOCK_E, K, SOFTMAX)
     for m3 in tl.static_range(3):
         off = tl.load(table_ptr + e * 3 + m3, mask=sel, other=0)
         tl.store(sel_off_ptr + rank * 3 + m3, off, mask=sel)
+
+
+@triton.jit
+def _route_lru(lg_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, owner_ptr, stamp_ptr, clock_ptr, src_ptr, slot_ptr,
+               dst_off_ptr, layer, stride, NE: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr,
+               SOFTMAX: tl.constexpr, S: tl.constexpr, BLOCK_S: tl.constexpr, OG: tl.constexpr,
+               OU: tl.constexpr, OD: tl.constexpr):
+    """Routing (``_choose``), then an LRU expert cache of S slots resolved here, on the device, as the engine's
+    ExpertCache would (see smallthinker_lab.kernels.ExpertLRU): the K chosen experts in ascending id; a resident
+    one (``owner[slot]`` is its key, layer * NE + id) is a hit, read from its slot; a missed one takes the least
+    recently used slot (free slots carry negative stamps, in the order the host would take them), is read from
+    its record in host memory (``src[key]``, an element offset from the slot arena's base: zero-copy over the
+    bus) and written through into that slot by the expert kernels (``dst_off``; -1: a hit, nothing to write).
+    Each use stamps the slot with the next clock value. ``slot`` gets the slot of each (a miss as -1 - slot)
+    for the host's accounting."""
+    e, sel, rank = _choose(lg_ptr, sel_w_ptr, ids_ptr, NE, BLOCK_E, K, SOFTMAX)
+    s = tl.arange(0, BLOCK_S)
+    smask = s < S
+    owner = tl.load(owner_ptr + s, mask=smask, other=-1)
+    stamp = tl.load(stamp_ptr + s, mask=smask, other=1 << 62)
+    clock = tl.load(clock_ptr)
+    for j in tl.static_range(K):
+        key = layer * NE + tl.sum(tl.where(sel & (rank == j), e, 0), axis=0)
+        held = tl.max(tl.where(owner == key, s, -1), axis=0)
+        hit = held >= 0
+        oldest = tl.min(stamp, axis=0)
+        victim = tl.min(tl.where(stamp == oldest, s, BLOCK_S), axis=0)
+        slot = tl.where(hit, held, victim)
+        clock += 1
+        owner = tl.where(s == slot, key, owner)
+        stamp = tl.where(s == slot, clock, stamp)
+        rec = slot.to(tl.int64) * stride
+        src = tl.where(hit, rec, tl.load(src_ptr + key))
+        tl.store(sel_off_ptr + j * 3, src + OG)
+        tl.store(sel_off_ptr + j * 3 + 1, src + OU)
+        tl.store(sel_off_ptr + j * 3 + 2, src + OD)
+        tl.store(dst_off_ptr + j * 3, tl.where(hit, -1, rec + OG))
+        tl.store(dst_off_ptr + j * 3 + 1, tl.where(hit, -1, rec + OU))
+        tl.store(dst_off_ptr + j * 3 + 2, tl.where(hit, -1, rec + OD))
+        tl.store(slot_ptr + j, tl.where(hit, slot, -1 - slot).to(tl.int64))
+    tl.store(owner_ptr + s, owner, mask=smask)
+    tl.store(stamp_ptr + s, stamp, mask=smask)
+    tl.store(clock_ptr, clock)
 
 
 @triton.jit
@@ -249,7 +310,10 @@ def _oproj_kernel(a_ptr, w_ptr, x_ptr, out_ptr, H: tl.constexpr, HD: tl.constexp
 
 @triton.jit
 def _gate_up_kernel(x_ptr, ln_ptr, base_ptr, sel_off_ptr, a_ptr, eps, H: tl.constexpr, F: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr, dst_off_ptr=None,
+                    WRITE: tl.constexpr = False):
+    """RMSNorm, then gate and up rows of the chosen expert j, ReGLU. ``WRITE``: an expert read from host memory
+    (``dst_off`` >= 0) is also written into its cache slot (``_route_lru``)."""
     j = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < F
@@ -264,6 +328,12 @@ def _gate_up_kernel(x_ptr, ln_ptr, base_ptr, sel_off_ptr, a_ptr, eps, H: tl.cons
     wu = tl.load(base_ptr + ou + idx, mask=m2, other=0.0)
     lw = tl.load(ln_ptr + hh, mask=hmask, other=0.0).to(tl.float32)
     _after_previous(PDL)
+    if WRITE:
+        dg = tl.load(dst_off_ptr + j * 3)
+        if dg >= 0:
+            du = tl.multiple_of(tl.load(dst_off_ptr + j * 3 + 1), 16)
+            tl.store(base_ptr + tl.multiple_of(dg, 16) + idx, wg, mask=m2)
+            tl.store(base_ptr + du + idx, wu, mask=m2)
     xf = tl.load(x_ptr + hh, mask=hmask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
     u = (lw * (xf * rstd).to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
@@ -276,7 +346,9 @@ def _gate_up_kernel(x_ptr, ln_ptr, base_ptr, sel_off_ptr, a_ptr, eps, H: tl.cons
 @triton.jit
 def _down_kernel(a_ptr, base_ptr, sel_off_ptr, sel_w_ptr, x_ptr, out_ptr, H: tl.constexpr, F: tl.constexpr,
                  K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
-                 PDL: tl.constexpr):
+                 PDL: tl.constexpr, dst_off_ptr=None, WRITE: tl.constexpr = False):
+    """down rows of the K chosen experts, the weighted combine in ascending expert id, plus the residual.
+    ``WRITE``: as ``_gate_up_kernel``."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < H
     jj = tl.arange(0, BLOCK_K)
@@ -285,9 +357,14 @@ def _down_kernel(a_ptr, base_ptr, sel_off_ptr, sel_w_ptr, x_ptr, out_ptr, H: tl.
     fmask = ff < F
     # the K chosen experts' down rows of this program, [K, rows, F] (offsets written three kernels back)
     od = tl.multiple_of(tl.load(sel_off_ptr + jj * 3 + 2, mask=jmask, other=0), 16)
-    ptr = base_ptr + od[:, None, None] + rows[None, :, None] * F + ff[None, None, :]
-    w = tl.load(ptr, mask=jmask[:, None, None] & rmask[None, :, None] & fmask[None, None, :], other=0.0)
+    idx = rows[None, :, None] * F + ff[None, None, :]
+    m3 = jmask[:, None, None] & rmask[None, :, None] & fmask[None, None, :]
+    w = tl.load(base_ptr + od[:, None, None] + idx, mask=m3, other=0.0)
     _after_previous(PDL)
+    if WRITE:
+        dd = tl.load(dst_off_ptr + jj * 3 + 2, mask=jmask, other=-1)
+        dm = m3 & (dd >= 0)[:, None, None]
+        tl.store(base_ptr + tl.multiple_of(tl.maximum(dd, 0), 16)[:, None, None] + idx, w, mask=dm)
     a = tl.load(a_ptr + jj[:, None] * F + ff[None, :], mask=jmask[:, None] & fmask[None, :], other=0.0)
     d = tl.sum(w.to(tl.float32) * a.to(tl.float32)[:, None, :], axis=2)  # [K, rows]
     d = d.to(tl.bfloat16).to(tl.float32)
