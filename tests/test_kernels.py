@@ -144,6 +144,37 @@ def test_offloaded_kernel_decode_equals_the_kernel_model(ckpt, extra, lookahead,
                 assert torch.equal(slot, host[b.offset(layer, x):b.offset(layer, x) + b.stride].cpu()), (layer, x)
 
 
+@pytest.mark.parametrize("extra", [None, 5])  # every expert resident; offloaded, the cache resolved on the device
+def test_greedy_kernel_decode_one_step_ahead_stops_and_gives_positions_back(ckpt, extra):
+    model = load_model(ckpt, device=DEV)
+    ref = generate(model, PROMPT, NEW, runner=KernelRunner(model, max_context=64, graph=DEV == "cuda"),
+                   stop_tokens=[])
+    with Engine.from_pretrained(ckpt, memory_limit=None, progress=False, exact=True, device=DEV,
+                                max_context=64) as probe:
+        limit = None if extra is None else probe.plan.minimum_bytes + extra * probe.bundle.stride
+    with Engine.from_pretrained(ckpt, memory_limit=limit, progress=False, exact=True, device=DEV, max_context=64,
+                                host_cache=DEV == "cuda") as e:
+        g = GraphDecoder(e, kernels=True)
+        g.usable = lambda: True
+        e._graph = g
+        assert g.pipelines()
+        e.reset_stats(clear_cache=True)
+        k = ref.index(ref[3])
+        out = e.generate(PROMPT, NEW, stop_tokens=[ref[3]]).tokens
+        assert out == ref[:k + 1]
+        # the step launched past the stop token ran and was counted; its position was given back
+        assert g.replays == len(out) and e.kv.seq_len == len(PROMPT) + len(out) - 1
+        st = e.stats()
+        assert st["decode_tokens"] == len(out) - 1
+        assert simulate(e.trace, e.cache.capacity_experts, "lru").hits == st["hits"]
+        it = e.stream(PROMPT, NEW, stop_tokens=[])  # a consumer that stops early
+        assert [next(it) for _ in range(3)] == ref[:3]
+        it.close()
+        assert e.generate(PROMPT, NEW, stop_tokens=[]).tokens == ref
+        assert simulate(e.trace, e.cache.capacity_experts, "lru").hits == e.stats()["hits"]
+        assert all(entry.pins == 0 for entry in e.cache.entries.values())
+
+
 def test_device_lru_that_disagrees_with_the_engine_cache_is_an_error(ckpt):
     with Engine.from_pretrained(ckpt, memory_limit=None, progress=False, exact=True, device=DEV,
                                 max_context=64) as probe:

@@ -52,6 +52,9 @@ graphs' private pool (the activations of one decode step) is not counted in the 
 from __future__ import annotations
 
 import math
+import time
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future
 
 import torch
@@ -316,7 +319,8 @@ class GraphDecoder:
         if not self._valid():
             self._build(ids, start)
         if self.kernels:
-            return self._deferred(self._kern, ids, start, self._ids_bufs, self._ids_events, self._account)
+            return self._deferred(self._kern, ids, start, self._ids_bufs, self._ids_events,
+                                  lambda buf, step: self._account(buf[0], step))
         s = self._static
         s["tok"].copy_(ids.view(1, 1), non_blocking=True)
         s["pos"].fill_(start)
@@ -338,17 +342,110 @@ class GraphDecoder:
         self._account(s["ids_host"])
         return s["logits"].clone()
 
+    # ------------------------------------------------------------------ greedy decode, one step ahead
+    def pipelines(self) -> bool:
+        """Whether greedy generation can run the kernel steps one ahead of the host (``decode_ahead``): the kernel
+        variant, usable, with every expert resident or the cache resolved on the device."""
+        if not (self.kernels and self.usable()):
+            return False
+        c = self.e.config
+        return self.e.cache.capacity_experts >= c.num_hidden_layers * c.num_experts or self.device_lru()
+
+    def decode_ahead(self, token: torch.Tensor, n: int, stop, check) -> Iterator[tuple[int, float]]:
+        """Greedy decode of ``n`` tokens after ``token`` (on the device: the prefill's argmax) from the KV cache's
+        length. Each step's graph also writes the argmax of its logits as the next step's token and advances the
+        position, so the host launches step i + 1 before it reads step i's token: the device never waits for the
+        host between steps. Step i is counted (as ``flush`` counts a deferred step) while the device runs step
+        i + 1. Yields (token, seconds from resuming to the token on the host); ``check()`` runs before each yield.
+        A step launched past a stop token or an interruption is counted as run, and its position is given back."""
+        e = self.e
+        self.flush()
+        c, cache = e.config, e.cache
+        cuda = e.device.type == "cuda"
+        L, K = c.num_hidden_layers, c.top_k
+        with torch.inference_mode():  # the kernels' buffers are inference tensors
+            if cache.capacity_experts >= L * c.num_experts:
+                if not self._valid():
+                    self._build(token.view(1, 1), e.kv.seq_len)
+                kern = self._kern
+
+                def account(buf, step):
+                    self._account(buf[0], step)
+            else:
+                o = self._lru_kernels()
+                self._upload_lru(o["lru"])
+                kern, account = o["kern"], self._account_lru
+            sets = [(torch.zeros(L, K, dtype=torch.long, pin_memory=cuda), torch.zeros(L, K, dtype=torch.long,
+                     pin_memory=cuda), torch.zeros(1, dtype=torch.long, pin_memory=cuda), torch.cuda.Event()
+                     if cuda else None) for _ in range(3)]
+            kern.tok.copy_(token.reshape(1))
+            kern.pos.fill_(e.kv.seq_len)
+        inflight: deque = deque()
+        launched = 0
+
+        @torch.inference_mode()
+        def launch():
+            nonlocal launched
+            e._step += 1
+            kern.advance()
+            ids, slots, tok, ev = sets[launched % 3]
+            launched += 1
+            ids.copy_(kern.ids, non_blocking=True)
+            if kern.lru is not None:
+                slots.copy_(kern.slots, non_blocking=True)
+            tok.copy_(kern.tok, non_blocking=True)  # the step's greedy token
+            if ev is not None:
+                ev.record()
+            inflight.append(((ids, slots), tok, ev, e._step))
+            self.replays += 1
+
+        @torch.inference_mode()
+        def settle():
+            buf, tok, ev, step = inflight.popleft()
+            if ev is not None:
+                ev.synchronize()
+            nbytes = cache.stats.bytes_read
+            account(buf, step)
+            return int(tok), cache.stats.bytes_read - nbytes
+
+        t0 = time.perf_counter()
+        launch()
+        try:
+            for _ in range(n):
+                if launched < n:
+                    launch()  # the device runs it while the host counts step i
+                tok, nbytes = settle()
+                dt = time.perf_counter() - t0
+                e._count("decode", 1, dt, nbytes)
+                check()
+                e._check_unverified()
+                yield tok, dt
+                t0 = time.perf_counter()
+                if tok in stop:
+                    break
+        finally:
+            try:
+                while inflight:  # launched past the end: run, counted; its position is not kept
+                    settle()
+                    for kvl in e.kv.layers:
+                        kvl.length -= 1
+            except BaseException:
+                inflight.clear()
+                cache.clear()  # the device's cache may be ahead of the host's: neither is trusted
+                raise
+
     def _deferred(self, kern, ids: torch.Tensor, start: int, bufs: list, events: list, account) -> torch.Tensor:
-        """One kernel step, counted later: its expert ids (and, with a device LRU, their slots) go to one of two
-        pinned buffers; the previous step is counted on the host (``account(buffer, step)``) while the device runs
-        this one."""
+        """One kernel step, counted later: its expert ids (and, with a device LRU, their slots) go to one of two sets
+        of pinned buffers; the previous step is counted on the host (``account(buffers, step)``) while the device
+        runs this one."""
         e, j = self.e, self._flip
         logits = kern.step(ids, start).clone()
         buf, ev = bufs[j], events[j]
-        K = kern.ids.shape[1]
-        buf[:, :K].copy_(kern.ids, non_blocking=True)
+        # whole contiguous pinned buffers (a copy into a strided view of one would go through a pageable temporary
+        # and wait for the step)
+        buf[0].copy_(kern.ids, non_blocking=True)
         if kern.lru is not None:
-            buf[:, K:].copy_(kern.slots, non_blocking=True)
+            buf[1].copy_(kern.slots, non_blocking=True)
         if ev is not None:
             ev.record()
         self.flush()  # the previous step's counters, on the host while the device runs this step
@@ -626,7 +723,7 @@ class GraphDecoder:
         self._lru = o = {
             "key": key, "lru": lru, "host": host,
             "kern": DecodeKernels(e.model, e.kv, table, graph=cuda, blocks=self.kernel_blocks, lru=lru),
-            "bufs": [torch.zeros(L, 2 * K, dtype=torch.long, pin_memory=cuda) for _ in range(2)],
+            "bufs": [tuple(torch.zeros(L, K, dtype=torch.long, pin_memory=cuda) for _ in range(2)) for _ in range(2)],
             "events": [torch.cuda.Event() if cuda else None for _ in range(2)]}
         return o
 
@@ -652,19 +749,19 @@ class GraphDecoder:
             stamp[slot] = t - n
         lru.load(owner, stamp, len(order))
 
-    def _account_lru(self, buf: torch.Tensor, step: int) -> None:
+    def _account_lru(self, buf: tuple[torch.Tensor, torch.Tensor], step: int) -> None:
         """The device LRU's step, replayed through the engine's cache (requests, hits, misses, bytes read,
         evictions, trace, policy; no reads: the kernels wrote the missed experts into their slots), checking that
         both chose the same slots. If they did not, the cache is emptied (the next step starts from nothing
         resident) and a RuntimeError says where."""
         e = self.e
-        cache, K = e.cache, e.config.top_k
+        cache = e.cache
         saved = cache.step, cache.loader
         cache.step, cache.loader = step, _written_by_kernels
         try:
-            for layer, row in enumerate(buf.tolist()):
+            for layer, (ids, slots) in enumerate(zip(buf[0].tolist(), buf[1].tolist())):
                 entries = []
-                for x, slot in zip(row[:K], row[K:]):
+                for x, slot in zip(ids, slots):
                     hit = (layer, x) in cache.entries
                     entry = cache.request((layer, x))
                     entries.append(entry)
@@ -689,7 +786,7 @@ class GraphDecoder:
         offsets = s["slot_table"][:, :, None] * stride + torch.tensor(mats, device=e.device)  # [L, E, 3] elements
         cuda = e.device.type == "cuda"
         K = e.config.top_k
-        self._ids_bufs = [torch.zeros(L, K, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._ids_bufs = [(torch.zeros(L, K, dtype=torch.long, pin_memory=cuda),) for _ in range(2)]
         self._ids_events = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self._kern = DecodeKernels(e.model, e.kv, ExpertTable([base] * L, offsets), graph=e.device.type == "cuda",
                                    blocks=self.kernel_blocks)

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -485,14 +485,12 @@ class Engine:
             self.cache.log = None  # events of a failed forward are not delivered
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
-        st = self._stats
-        st[phase + "_tokens"] += T
-        st[phase + "_bytes"] += self.cache.stats.bytes_read - bytes0
+        nbytes = self.cache.stats.bytes_read - bytes0
         self._peak_accounted = max(self._peak_accounted, self.resident_bytes())
         if graph_step:
             self._graph.wait()  # the bookkeeping above ran while the device computed the step
         dt = time.perf_counter() - t0
-        st[phase + "_seconds"] += dt
+        self._count(phase, T, dt, nbytes)
         if log:
             self.hooks.fire("cache_events", events=log, nbytes=self.cache.expert_nbytes)
         if observed:
@@ -500,6 +498,14 @@ class Engine:
         return logits
 
     __call__ = forward
+
+    def _count(self, phase: str, tokens: int, seconds: float, nbytes: int) -> None:
+        """A forward's tokens, seconds and bytes read in the engine's counters, and the peak of resident bytes."""
+        st = self._stats
+        st[phase + "_tokens"] += tokens
+        st[phase + "_seconds"] += seconds
+        st[phase + "_bytes"] += nbytes
+        self._peak_accounted = max(self._peak_accounted, self.resident_bytes())
 
     def _run(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         T = ids.shape[1]
@@ -804,7 +810,10 @@ class Engine:
                 raise RuntimeError("this generation was superseded by a newer generate()/stream() on the engine")
             return self.forward(x)
 
-        it = stream_tokens(step, ids.to(self.device), max_new_tokens, sampling, stop, stats)
+        if sampling.temperature == 0 and self._graph is not None and self._graph.pipelines():
+            it = self._stream_ahead(ids.to(self.device), max_new_tokens, stop, stats, me)
+        else:
+            it = stream_tokens(step, ids.to(self.device), max_new_tokens, sampling, stop, stats)
         try:
             yield from it
         finally:
@@ -813,6 +822,33 @@ class Engine:
                 self.cache.drain()
                 if self._graph is not None:
                     self._graph.flush()
+
+    def _stream_ahead(self, ids, max_new_tokens: int, stop, stats, me: int) -> Iterator[int]:
+        """Greedy generation through the decode kernels, the device one step ahead of the host
+        (``GraphDecoder.decode_ahead``); the same tokens and the same counters as ``stream_tokens`` over
+        ``forward``, with the same timing of each step (from resuming to its token on the host)."""
+        stats = stats if stats is not None else GenerationStats()
+        stats.prompt_tokens = ids.shape[1]
+        stop = {int(t) for t in stop}
+        t0 = time.perf_counter()
+        token = torch.argmax(self.forward(ids)[:, -1], dim=-1)  # the prefill, as stream_tokens
+        tok = int(token.item())
+        stats.prefill_seconds = time.perf_counter() - t0
+        stats.new_tokens += 1
+        yield tok
+        if tok in stop or max_new_tokens == 1:
+            return
+
+        def check():
+            if self._generation != me:
+                raise RuntimeError("this generation was superseded by a newer generate()/stream() on the engine")
+
+        with closing(self._graph.decode_ahead(token, max_new_tokens - 1, stop, check)) as steps:
+            for tok, dt in steps:
+                stats.new_tokens += 1
+                stats.decode_token_seconds.append(dt)
+                stats.decode_seconds += dt
+                yield tok
 
     def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None,

@@ -246,7 +246,9 @@ class DecodeKernels:
         return {"pdl": pdl, "launch": {"launch_pdl": True} if pdl else {}}
 
     def launch(self) -> None:
-        """Every kernel of one step, reading ``tok`` and ``pos`` (device) and writing ``logits``."""
+        """Every kernel of one step, reading ``tok`` and ``pos`` (device) and writing ``logits``; then the greedy
+        next token (argmax of the logits) into ``tok`` and the next position into ``pos``, so that a step can follow
+        without the host (``advance``)."""
         c = self._cfg()
         self.launch_embed(c)
         for i in range(len(self.layers)):
@@ -254,6 +256,8 @@ class DecodeKernels:
             self.launch_attention(i, c, route=True)
             self.launch_post(i, c)
         self.launch_final(c)
+        torch.argmax(self.logits, dim=-1, out=self.tok)
+        self.pos.add_(1)
 
     # the pieces of a step: embed; per layer pre (+ route), attention (+ route), post; final
     def launch_embed(self, c: dict) -> None:
@@ -337,6 +341,12 @@ class DecodeKernels:
             raise ValueError(f"position {pos} is past the KV cache's capacity {self._max_pos}")
         self.tok.copy_(token.reshape(1), non_blocking=True)
         self.pos.fill_(pos)
+        self.advance()
+        return self.logits.view(1, 1, -1)
+
+    def advance(self) -> None:
+        """One step from the token and position on the device (set by ``step``, or the previous step's argmax and
+        position + 1: greedy decoding with no host work between steps); advances ``kv``."""
         if not self.graph:
             self.launch()
         else:
@@ -346,19 +356,18 @@ class DecodeKernels:
             self.replays += 1
         for kvl in self.kv.layers:
             kvl.length += 1
-        return self.logits.view(1, 1, -1)
 
     def _capture(self) -> None:
         """Warm up (compiles the kernels; it writes this position's K/V, which the replay writes again with the
-        same values; a device LRU's state is put back, so that the replay makes the same choices and writes the
-        same experts into the same slots), then capture the step."""
+        same values; the token, the position and a device LRU's state are put back, so that the replay computes the
+        same step, makes the same choices and writes the same experts into the same slots), then capture the step."""
         lru = self.lru
-        state = [t.clone() for t in (lru.owner, lru.stamp, lru.clock)] if lru is not None else None
+        live = [self.tok, self.pos] + ([lru.owner, lru.stamp, lru.clock] if lru is not None else [])
+        state = [t.clone() for t in live]
         self.launch()
         torch.cuda.synchronize(self.device)
-        if lru is not None:
-            for t, saved in zip((lru.owner, lru.stamp, lru.clock), state):
-                t.copy_(saved)
+        for t, saved in zip(live, state):
+            t.copy_(saved)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, capture_error_mode="thread_local"):
             self.launch()
