@@ -338,6 +338,8 @@ class EngineRunner:
         plan = self.engine.memory_plan()
         self.resident = (f"non-expert weights, KV cache, workspace and {plan['capacity_experts']} expert slots "
                          f"({plan['cached_fraction']:.0%} of the expert bytes)")
+        g = self.engine._graph  # the offloaded kernel decode with its LRU cache resolved on the device
+        self.device_lru = bool(g is not None and g.kernels and plan["cached_fraction"] < 1 and g.device_lru())
 
     def generate(self, ids: list[int], n: int) -> dict:
         e = self.engine
@@ -460,6 +462,7 @@ def open_runner(spec: ModeSpec, ctx: Context) -> tuple[object, dict]:
                                          threads=spec.threads or ctx.model_threads)
         fields["limit_share_of_expert_bytes"] = runner.expert_share
     fields["resident"] = runner.resident
+    fields["device_lru"] = getattr(runner, "device_lru", False)
     return runner, fields
 
 

@@ -49,20 +49,22 @@ def device_step(kern, lru, stride: int, n: int = 20) -> dict:
     """The step's graph replayed alone (no host work between replays): once to learn its experts (all resident
     then), then from that state with the first ``m`` of each layer's K experts evicted, put back before each replay,
     so that every replay reads m experts per layer from host memory; m = 0, 1, 2, K."""
+    tok_pos = [kern.tok.clone(), kern.pos.clone()]  # the graph advances the token and position: put back each time
     kern._graph.replay()
     torch.cuda.synchronize()
     slots = kern.slots.clone()
-    base = [t.clone() for t in (lru.owner, lru.stamp, lru.clock)]
+    live = (lru.owner, lru.stamp, lru.clock, kern.tok, kern.pos)
+    base = [t.clone() for t in live[:3]] + tok_pos
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     out = {}
     K = slots.shape[1]
     for m in sorted({0, 1, 2, K}):
         owner = base[0].clone()
         owner[slots[:, :m].flatten()] = -1
-        state = (owner, base[1], base[2])
+        state = (owner, *base[1:])
         ms = []
         for _ in range(n):
-            for t, saved in zip((lru.owner, lru.stamp, lru.clock), state):
+            for t, saved in zip(live, state):
                 t.copy_(saved)
             a.record()
             kern._graph.replay()

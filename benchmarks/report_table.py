@@ -61,6 +61,8 @@ def label(r: dict) -> str:
             link += ", no checksums"
         if opts.get("cuda_graph") == "kernels":
             link += ", Triton decode kernels"
+            if r.get("device_lru"):
+                link += " (LRU resolved on the GPU, misses read over the bus)"
         if r.get("spec_threads"):
             link += f", {r['spec_threads']} compute threads"
         return f"engine{q} {where} {(r.get('policy') or '').upper()} {pf}{link}{extra}"
