@@ -148,8 +148,8 @@ def measure() -> dict:
 def render(res: dict) -> str:
     lines = [f"Zero-copy reads of pinned host memory vs the copy engine ({res['machine'].get('gpu', 'GPU')}, "
              f"{res['created']}); GB/s of the host bytes, medians of 30 runs.", "",
-             "| missed experts of 4 | MiB | decode kernels (extra time over all-in-GPU) | plain read kernel (best tile) | "
-             "TMA read kernel (best) | DMA copy |", "|---|---|---|---|---|---|"]
+             "| missed experts of 4 | MiB | decode kernels (extra time over all-in-GPU) | plain read kernel "
+             "(best tile) | TMA read kernel (best) | DMA copy |", "|---|---|---|---|---|---|"]
     for r in res["rows"]:
         plain = max(v for k, v in r.items() if k.startswith("plain_read_r") and k.endswith("gbps"))
         tma = [v for k, v in r.items() if k.startswith("tma_read") and k.endswith("gbps")]
