@@ -266,7 +266,7 @@ def _measure(device, quick, size, expert_file, expert_offsets, expert_nbytes, io
                                                     2 if quick else 3)
     if device == "cuda" and torch.cuda.is_available():
         out["hbm_copy"] = memory_copy_bandwidth(2 * 2**30, 10, "cuda")
-        out["host_to_gpu"] = host_to_device_bandwidth()
+        out["host_to_gpu"] = host_to_device_bandwidth(repeats=30)
         out["host_to_gpu_expert"] = host_to_device_bandwidth(expert_nbytes or 7 * 2**20, 50)
         out["matmul_bf16_gpu"] = matmul_rate(8192, torch.bfloat16, "cuda", 10)
     return out

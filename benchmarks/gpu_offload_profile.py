@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         try:
             row, outs = run_variant(name, VARIANTS[name], ckpt, bundle, limit, prompts, args.tokens, ref, log)
             ref = outs if ref is None else ref
-            row["t_io_ms"] = 1e3 * row["decode_bytes_per_token"] / h2d["median"]
+            row["t_io_ms"] = 1e3 * row["decode_bytes_per_token"] / h2d["max"]  # the fastest copy, as the suite
             row["bound_share_io"] = row["t_io_ms"] / row["decode_ms_per_token"]
             rows.append(row)
         except Exception as exc:  # noqa: BLE001

@@ -452,7 +452,7 @@ def main(argv=None) -> int:
             ceilings["memory_copy"]["median"] / 1e9, ceilings["storage_read"]["median"] / 1e9,
             ceilings.get("expert_reads", {}).get("median", float("nan")) / 1e9,
             (", HBM {:.0f} GB/s, H2D {:.1f} GB/s".format(ceilings["hbm_copy"]["median"] / 1e9,
-                                                         ceilings["host_to_gpu"]["median"] / 1e9) if cuda else "")))
+                                                         ceilings["host_to_gpu"]["max"] / 1e9) if cuda else "")))
         ctx = be.Context(device=device, new_tokens=args.tokens, repeats=args.repeats, ceilings=ceilings,
                          models=models, scratch=scratch, deadline=deadline,
                          compute_threads=None if cuda else args.threads, model_threads=None if cuda else args.threads,
