@@ -62,7 +62,7 @@ def label(r: dict) -> str:
         if opts.get("cuda_graph") == "kernels":
             link += ", Triton decode kernels"
             if r.get("device_lru"):
-                link += " (LRU resolved on the GPU, misses read over the bus)"
+                link += ", LRU on the GPU"
         if r.get("spec_threads"):
             link += f", {r['spec_threads']} compute threads"
         return f"engine{q} {where} {(r.get('policy') or '').upper()} {pf}{link}{extra}"
