@@ -281,13 +281,16 @@ class GraphDecoder:
 
     def usable(self) -> bool:
         e = self.e
-        c = e.config
         base = e.device.type == "cuda" and e._zero_copy and len(e.hooks) == 0 and e.lm_head_predictor is None
-        full = e.cache.capacity_experts >= c.num_hidden_layers * c.num_experts
-        if self.kernels:  # a cache of fewer experts: the offloaded kernel decode (pre-attention requests)
+        if self.kernels:  # a cache of fewer experts: the offloaded kernel decode (device LRU or host requests)
             return (base and e.dtype == torch.bfloat16 and not e.bundle.down_transposed
-                    and (full or e.prefetch))
-        return base and full and not e.lookahead
+                    and (self._holds_all() or e.prefetch))
+        return base and self._holds_all() and not e.lookahead
+
+    def _holds_all(self) -> bool:
+        """Whether the cache has a slot for every expert of the model."""
+        c = self.e.config
+        return self.e.cache.capacity_experts >= c.num_hidden_layers * c.num_experts
 
     def _state_key(self):
         e = self.e
@@ -308,19 +311,12 @@ class GraphDecoder:
         e = self.e
         e._step += 1
         e.cache.step = e._step
-        c = e.config
-        if self.kernels and e.cache.capacity_experts < c.num_hidden_layers * c.num_experts:
-            if self.device_lru():
-                o = self._lru_kernels()
-                if self._pending is None:  # the host's cache may have changed since the device's last step
-                    self._upload_lru(o["lru"])
-                return self._deferred(o["kern"], ids, start, o["bufs"], o["events"], self._account_lru)
-            return self._decode_offload(ids, start)
+        if self.kernels:
+            if not self._holds_all() and not self.device_lru():
+                return self._decode_offload(ids, start)
+            return self._deferred(ids, start, *self._kernel_step(ids, start))
         if not self._valid():
             self._build(ids, start)
-        if self.kernels:
-            return self._deferred(self._kern, ids, start, self._ids_bufs, self._ids_events,
-                                  lambda buf, step: self._account(buf[0], step))
         s = self._static
         s["tok"].copy_(ids.view(1, 1), non_blocking=True)
         s["pos"].fill_(start)
@@ -346,10 +342,33 @@ class GraphDecoder:
     def pipelines(self) -> bool:
         """Whether greedy generation can run the kernel steps one ahead of the host (``decode_ahead``): the kernel
         variant, usable, with every expert resident or the cache resolved on the device."""
-        if not (self.kernels and self.usable()):
-            return False
-        c = self.e.config
-        return self.e.cache.capacity_experts >= c.num_hidden_layers * c.num_experts or self.device_lru()
+        return self.kernels and self.usable() and (self._holds_all() or self.device_lru())
+
+    def _kernel_step(self, ids: torch.Tensor, start: int) -> tuple:
+        """The kernels of a whole-step graph (every expert resident, or the cache resolved on the device), built or
+        brought up to date, with the function that counts a step (``account(buffers, step)``) and the two sets of
+        pinned buffers and events a step's outputs go to."""
+        if self._holds_all():
+            if not self._valid():
+                self._build(ids, start)
+            return self._kern, self._account_ids, self._ids_bufs, self._ids_events
+        o = self._lru_kernels()
+        if self._pending is None:  # the host's cache may have changed since the device's last step
+            self._upload_lru(o["lru"])
+        return o["kern"], self._account_lru, o["bufs"], o["events"]
+
+    @staticmethod
+    def _copy_out(kern, buf: tuple, ev) -> None:
+        """A step's expert ids (and, with a device LRU, their slots; with a third buffer, its greedy token) to whole
+        contiguous pinned buffers (a copy into a strided view of one would go through a pageable temporary and wait
+        for the step), then the event the host waits on."""
+        buf[0].copy_(kern.ids, non_blocking=True)
+        if kern.lru is not None:
+            buf[1].copy_(kern.slots, non_blocking=True)
+        if len(buf) > 2:
+            buf[2].copy_(kern.tok, non_blocking=True)
+        if ev is not None:
+            ev.record()
 
     def decode_ahead(self, token: torch.Tensor, n: int, stop, check) -> Iterator[tuple[int, float]]:
         """Greedy decode of ``n`` tokens after ``token`` (on the device: the prefill's argmax) from the KV cache's
@@ -364,20 +383,10 @@ class GraphDecoder:
         cuda = e.device.type == "cuda"
         L, K = c.num_hidden_layers, c.top_k
         with torch.inference_mode():  # the kernels' buffers are inference tensors
-            if cache.capacity_experts >= L * c.num_experts:
-                if not self._valid():
-                    self._build(token.view(1, 1), e.kv.seq_len)
-                kern = self._kern
-
-                def account(buf, step):
-                    self._account(buf[0], step)
-            else:
-                o = self._lru_kernels()
-                self._upload_lru(o["lru"])
-                kern, account = o["kern"], self._account_lru
-            sets = [(torch.zeros(L, K, dtype=torch.long, pin_memory=cuda), torch.zeros(L, K, dtype=torch.long,
-                     pin_memory=cuda), torch.zeros(1, dtype=torch.long, pin_memory=cuda), torch.cuda.Event()
-                     if cuda else None) for _ in range(3)]
+            kern, account, _, _ = self._kernel_step(token.view(1, 1), e.kv.seq_len)
+            sets = [((torch.zeros(L, K, dtype=torch.long, pin_memory=cuda), torch.zeros(L, K, dtype=torch.long,
+                      pin_memory=cuda), torch.zeros(1, dtype=torch.long, pin_memory=cuda)),
+                     torch.cuda.Event() if cuda else None) for _ in range(3)]
             kern.tok.copy_(token.reshape(1))
             kern.pos.fill_(e.kv.seq_len)
         inflight: deque = deque()
@@ -388,25 +397,20 @@ class GraphDecoder:
             nonlocal launched
             e._step += 1
             kern.advance()
-            ids, slots, tok, ev = sets[launched % 3]
+            buf, ev = sets[launched % 3]
             launched += 1
-            ids.copy_(kern.ids, non_blocking=True)
-            if kern.lru is not None:
-                slots.copy_(kern.slots, non_blocking=True)
-            tok.copy_(kern.tok, non_blocking=True)  # the step's greedy token
-            if ev is not None:
-                ev.record()
-            inflight.append(((ids, slots), tok, ev, e._step))
+            self._copy_out(kern, buf, ev)  # with the step's greedy token
+            inflight.append((buf, ev, e._step))
             self.replays += 1
 
         @torch.inference_mode()
         def settle():
-            buf, tok, ev, step = inflight.popleft()
+            buf, ev, step = inflight.popleft()
             if ev is not None:
                 ev.synchronize()
             nbytes = cache.stats.bytes_read
             account(buf, step)
-            return int(tok), cache.stats.bytes_read - nbytes
+            return int(buf[2]), cache.stats.bytes_read - nbytes
 
         t0 = time.perf_counter()
         launch()
@@ -434,20 +438,13 @@ class GraphDecoder:
                 cache.clear()  # the device's cache may be ahead of the host's: neither is trusted
                 raise
 
-    def _deferred(self, kern, ids: torch.Tensor, start: int, bufs: list, events: list, account) -> torch.Tensor:
-        """One kernel step, counted later: its expert ids (and, with a device LRU, their slots) go to one of two sets
-        of pinned buffers; the previous step is counted on the host (``account(buffers, step)``) while the device
-        runs this one."""
+    def _deferred(self, ids: torch.Tensor, start: int, kern, account, bufs: list, events: list) -> torch.Tensor:
+        """One kernel step, counted later: its outputs go to one of two sets of pinned buffers (``_copy_out``); the
+        previous step is counted on the host (``account(buffers, step)``) while the device runs this one."""
         e, j = self.e, self._flip
         logits = kern.step(ids, start).clone()
         buf, ev = bufs[j], events[j]
-        # whole contiguous pinned buffers (a copy into a strided view of one would go through a pageable temporary
-        # and wait for the step)
-        buf[0].copy_(kern.ids, non_blocking=True)
-        if kern.lru is not None:
-            buf[1].copy_(kern.slots, non_blocking=True)
-        if ev is not None:
-            ev.record()
+        self._copy_out(kern, buf, ev)
         self.flush()  # the previous step's counters, on the host while the device runs this step
         self._pending, self._flip = (buf, ev, e._step, account), 1 - j
         self._wait_event = ev  # Engine.forward waits on it after its own bookkeeping (wait())
@@ -471,6 +468,10 @@ class GraphDecoder:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
             attn_in.copy_(out.transpose(1, 2).reshape(attn_in.shape))
         graphs[-1].replay()
+
+    def _account_ids(self, buf: tuple, step: int) -> None:
+        """``_account`` of a kernel step's pinned ids (``_copy_out``'s first buffer)."""
+        self._account(buf[0], step)
 
     def _account(self, ids_host: torch.Tensor, step: int | None = None) -> None:
         """Every expert of the step is a hit: requests, hits, per-layer hits, trace and policy as cache.request."""
@@ -721,7 +722,7 @@ class GraphDecoder:
         table = ExpertTable([base] * L, torch.zeros(L, E, 3, **z))  # unused: the LRU gives the offsets
         cuda = dev.type == "cuda"
         self._lru = o = {
-            "key": key, "lru": lru, "host": host,
+            "key": key, "lru": lru, "host": host,  # held: the kernels address its records by raw offsets
             "kern": DecodeKernels(e.model, e.kv, table, graph=cuda, blocks=self.kernel_blocks, lru=lru),
             "bufs": [tuple(torch.zeros(L, K, dtype=torch.long, pin_memory=cuda) for _ in range(2)) for _ in range(2)],
             "events": [torch.cuda.Event() if cuda else None for _ in range(2)]}
@@ -786,7 +787,7 @@ class GraphDecoder:
         offsets = s["slot_table"][:, :, None] * stride + torch.tensor(mats, device=e.device)  # [L, E, 3] elements
         cuda = e.device.type == "cuda"
         K = e.config.top_k
-        self._ids_bufs = [(torch.zeros(L, K, dtype=torch.long, pin_memory=cuda),) for _ in range(2)]
+        self._ids_bufs = [(torch.zeros(L, K, dtype=torch.long, pin_memory=cuda),) for _ in range(2)]  # no slots
         self._ids_events = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self._kern = DecodeKernels(e.model, e.kv, ExpertTable([base] * L, offsets), graph=e.device.type == "cuda",
                                    blocks=self.kernel_blocks)

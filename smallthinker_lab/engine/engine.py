@@ -485,12 +485,11 @@ class Engine:
             self.cache.log = None  # events of a failed forward are not delivered
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
-        nbytes = self.cache.stats.bytes_read - bytes0
-        self._peak_accounted = max(self._peak_accounted, self.resident_bytes())
+        self._count(phase, T, 0.0, self.cache.stats.bytes_read - bytes0)
         if graph_step:
             self._graph.wait()  # the bookkeeping above ran while the device computed the step
         dt = time.perf_counter() - t0
-        self._count(phase, T, dt, nbytes)
+        self._stats[phase + "_seconds"] += dt
         if log:
             self.hooks.fire("cache_events", events=log, nbytes=self.cache.expert_nbytes)
         if observed:
