@@ -67,6 +67,7 @@ from .cache import Entry, ExpertCache, SlotArena, layer_chunks
 from .io import CudaTransfer, ExpertReader
 from .memory import MemoryPlan, itemsize, parse_memory_limit, plan_memory, workspace_bytes
 from .quant import get_format
+from .shapes import neuron_bucket, one_token, pad_index, row_bucket
 
 CUDA_LIBRARY_WORKSPACE = 64 * 2**20  # cuBLAS / cuBLASLt workspaces the caching allocator hands out on first use
 
@@ -471,8 +472,11 @@ class Engine:
             else:
                 if self._graph is not None:
                     self._graph.flush()  # the last kernel step's counters before this step's
-                for c0 in range(0, T, self.prefill_chunk):
-                    x = self._run(ids[:, c0:c0 + self.prefill_chunk], start + c0)
+                # one token on the CPU: torch's native kernels, no oneDNN kernel per shape (engine/shapes.py);
+                # exact keeps the model's kernels (its tokens are bit-identical to the model's)
+                with one_token(T == 1 and self.device.type == "cpu" and not self.exact):
+                    for c0 in range(0, T, self.prefill_chunk):
+                        x = self._run(ids[:, c0:c0 + self.prefill_chunk], start + c0)
                 # exact: the LM head over every position of the (last) chunk, as the model's forward does, so
                 # that the last row comes from the same kernel (a GEMM over T rows may round differently)
                 logits = self._lm_head(x if self.exact and x.shape[1] > 1 else x[:, -1:], decode=T == 1)[:, -1:]
@@ -594,6 +598,7 @@ class Engine:
     def _moe(self, work: _Work, u: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         H = self.config.hidden_size
         u = u.reshape(-1, H)  # (N, H)
+        self._moe_input = u  # the rows _expert pads from
         double = work.double
         outs: dict[int, torch.Tensor] = {}
         cache = self.cache
@@ -646,6 +651,17 @@ class Engine:
         codec, dtype = self._codec, self.dtype
         shape = self.bundle.matrices["gate"].shape
         watch = self._watch_one or self._moe_seen is not None
+        n = x.shape[0]
+        if self.device.type == "cpu" and n > 2:  # rows from a bounded set of sizes (engine/shapes.py)
+            rows = pad_index(token if token is not None else torch.arange(n), row_bucket(n))
+            if rows.shape[0] > n:
+                x = self._moe_input.index_select(0, rows)
+        y = self._expert_rows(entry, x, token, n, layer, expert, codec, dtype, shape, watch)
+        return y[:n] if y.shape[0] > n else y
+
+    def _expert_rows(self, entry: Entry, x: torch.Tensor, token: torch.Tensor | None, n: int, layer: int,
+                     expert: int, codec, dtype: torch.dtype, shape, watch: bool) -> torch.Tensor:
+        """``_expert`` on x (m >= n rows: rows past n repeat a real one); hooks and counters see the first n."""
         if self._zero_copy:
             wg, wu, wd = self._slot_views(entry.slot)  # views of the slot's bytes, no copy
         else:
@@ -656,7 +672,7 @@ class Engine:
                 wd = wd.t().contiguous()
             g = F.linear(x, wg)  # (n, F)
             if watch:
-                self._fire_expert(layer, expert, token, g)
+                self._fire_expert(layer, expert, token, g[:n])
             if self.device.type == "cpu":
                 self._neurons_active += int(sparse.active_neurons(g).numel())
                 self._neurons_total += shape[0]
@@ -672,7 +688,7 @@ class Engine:
             g = None
             if watch:  # the gate the hook sees is the one the kernel uses: computed once
                 g = F.linear(x, wg)
-                self._fire_expert(layer, expert, token, g)
+                self._fire_expert(layer, expert, token, g[:n])
             if self.sparse_reglu is False:
                 y, n_active = sparse.reglu_dense(x, wg, wu, wd, gate=g)
             else:
@@ -682,15 +698,17 @@ class Engine:
             wg = codec.decode(mat["gate"], shape, dtype)
             g = F.linear(x, wg)  # (n, F)
             if watch:
-                self._fire_expert(layer, expert, token, g)
+                self._fire_expert(layer, expert, token, g[:n])
             idx = torch.nonzero((g > 0).any(dim=0)).flatten()
             n_active = int(idx.numel())
-            min_sp = (sparse.default_min_sparsity(dtype, x.shape[0], shape[0] * shape[1]) if self.sparse_reglu == "auto"
+            min_sp = (sparse.default_min_sparsity(dtype, n, shape[0] * shape[1]) if self.sparse_reglu == "auto"
                       else (-1.0 if self.sparse_reglu else 1.0))
             if 1.0 - n_active / shape[0] > min_sp:
-                wu_r = codec.decode_rows(mat["up"], shape, idx, dtype)
+                # several rows: the up product's shape from a bounded set (engine/shapes.py)
+                up_idx = pad_index(idx, neuron_bucket(n_active, shape[0])) if x.shape[0] > 1 and n_active else idx
+                wu_r = codec.decode_rows(mat["up"], shape, up_idx, dtype)
                 wd_r = codec.decode_rows(mat["down"], shape, idx, dtype)
-                y, _ = sparse.reglu_dense(x, wg.index_select(0, idx), wu_r, wd_r)
+                y = sparse.reglu_from_rows(x, g, idx, wu_r, wd_r)
             else:
                 y, _ = sparse.reglu_dense(x, wg, codec.decode(mat["up"], shape, dtype),
                                           codec.decode(mat["down"], shape, dtype))

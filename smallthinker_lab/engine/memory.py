@@ -5,7 +5,11 @@ in whole expert slots. The minimum working set is the fixed parts plus ``top_k``
 a time; prefill streams its experts through the cache in chunks). Not counted: the Python interpreter and the
 torch runtime themselves (a process baseline measured before the engine opens), and on CUDA host memory
 (the limit is the device's: weights, KV cache, workspace and cache slots on the GPU; pinned staging buffers or the
-host copy of the bundle are host memory, reported as ``host_bytes``).
+host copy of the bundle are host memory, reported as ``host_bytes``). The engine does not let libraries grow
+outside the plan: oneDNN keeps a compiled kernel per product shape (about 0.7 MB each at the 4B shape), so the
+engine's data-dependent CPU products come from a bounded set of shapes and one-token steps use none
+(engine/shapes.py). Left: each new prefill chunk length adds the kernels of the non-expert projections at that
+length (a few per length, the same as the in-memory model).
 
 Shape letters: T tokens per forward chunk, S max context, H hidden, h query heads, k kv heads, D head_dim,
 F expert ffn size, K active experts, E experts, V vocabulary.

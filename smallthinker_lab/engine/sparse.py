@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .shapes import neuron_bucket, pad_index
+
 # Sparsity (share of inactive neurons in the union over the tokens) above which the sparse kernel beats the dense
 # one, measured by benchmarks/sparse_crossover.py on the 4B expert shape (H=1536, F=768) with the weights cold (read
 # from DRAM, as in a decode that streams the experts), interpolated crossover rounded to 0.05:
@@ -77,8 +79,9 @@ def reglu_from_rows(x: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, wu_rows
                     wd_t_rows: torch.Tensor) -> torch.Tensor:
     """The sparse expert from rows already gathered (e.g. decoded with ``QuantFormat.decode_rows``, so that only
     the active rows of a quantised matrix are dequantised): x (N, H), gate g (N, F), idx (K,) from
-    ``active_neurons(g)``, wu_rows = wu[idx] (K, H), wd_t_rows = wd_t[idx] (K, H) -> y (N, H)."""
-    a = F.linear(x, wu_rows) * F.relu(g.index_select(1, idx))  # (N, K)
+    ``active_neurons(g)``, wu_rows = wu[idx] (K, H), wd_t_rows = wd_t[idx] (K, H) -> y (N, H). ``wu_rows`` may
+    hold more rows than idx (padded, see engine/shapes.py): only the first K are used."""
+    a = F.linear(x, wu_rows)[:, :idx.shape[0]] * F.relu(g.index_select(1, idx))  # (N, K)
     return _down(a, wd_t_rows)  # (N, H)
 
 
@@ -90,7 +93,10 @@ def _dense_from_gate(x: torch.Tensor, g: torch.Tensor, wu: torch.Tensor, wd_t: t
 def _sparse_from_gate(x: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, wu: torch.Tensor,
                       wd_t: torch.Tensor) -> torch.Tensor:
     # relu again on the union: a neuron active for one token is masked for the tokens where it is not
-    a = F.linear(x, wu.index_select(0, idx)) * F.relu(g.index_select(1, idx))  # (N, K)
+    k = idx.shape[0]
+    # several rows: the up product's shape from a bounded set (engine/shapes.py), padded neurons dropped after it
+    up_idx = pad_index(idx, neuron_bucket(k, wu.shape[0])) if x.shape[0] > 1 and k else idx
+    a = F.linear(x, wu.index_select(0, up_idx))[:, :k] * F.relu(g.index_select(1, idx))  # (N, K)
     return _down(a, wd_t, idx)  # (N, H)
 
 
