@@ -72,6 +72,11 @@ from .shapes import neuron_bucket, one_token, pad_index, row_bucket
 CUDA_LIBRARY_WORKSPACE = 64 * 2**20  # cuBLAS / cuBLASLt workspaces the caching allocator hands out on first use
 
 
+class EngineBusy(RuntimeError):
+    """Another thread is generating (or running a forward) on this engine: one engine serves one generation at a
+    time. Wait for it to finish, or open a second engine (each has its own cache and KV cache)."""
+
+
 @dataclass
 class GenerationResult:
     tokens: list[int]
@@ -92,7 +97,10 @@ class _Work:
 
 
 class Engine:
-    """Use :meth:`from_pretrained`. Thread model: one caller thread computes; I/O threads only read."""
+    """Use :meth:`from_pretrained`. Thread model: one caller thread computes; I/O threads only read. A generation
+    belongs to the thread that started it until it ends (exhausted, closed or garbage-collected); ``generate``,
+    ``stream`` or ``forward`` from another thread meanwhile raises :class:`EngineBusy` (never a wrong token). In one
+    thread, a newer generation supersedes an older, unfinished stream."""
 
     _watch_one = False  # set per forward: someone listens to "expert" (one event per expert)
     _moe_seen: tuple[list, list, list] | None = None  # set per forward when someone listens to "moe"
@@ -222,6 +230,8 @@ class Engine:
             params.update({id(p): p for p in pred.parameters()})
         self._non_expert_bytes = sum(t.numel() * t.element_size() for t in params.values())
         self._lock = threading.Lock()
+        self._owner: int | None = None  # thread of the generation in progress
+        self._forward_thread: int | None = None  # thread inside forward()
         self._unverified: list[Future] = []  # read futures of experts computed before their checksum completed
         self._generation = 0
         self.reader = self.transfer = self.arena = self.cache = None
@@ -448,6 +458,23 @@ class Engine:
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits (1, 1, V) of the last token of ``input_ids`` (1, T), continuing after the KV cache."""
         self._check_open()
+        me = threading.get_ident()
+        with self._lock:
+            self._refuse_other_thread(me, "forward()")
+            self._forward_thread = me
+        try:
+            return self._forward(input_ids)
+        finally:
+            self._forward_thread = None
+
+    def _refuse_other_thread(self, me: int, what: str) -> None:
+        """Under self._lock: EngineBusy when a thread other than ``me`` generates or runs a forward."""
+        for other, doing in ((self._owner, "a generation"), (self._forward_thread, "a forward")):
+            if other is not None and other != me:
+                raise EngineBusy(f"{what} on an engine that another thread (id {other}) is using for {doing}: one "
+                                 f"engine serves one generation at a time; wait for it, or open a second engine")
+
+    def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.to(self.device).view(1, -1)
         T = ids.shape[1]
         start = self.kv.seq_len
@@ -816,29 +843,37 @@ class Engine:
         return self._stream(ids, max_new_tokens, sampling, stop, stats)
 
     def _stream(self, ids, max_new_tokens, sampling, stop, stats) -> Iterator[int]:
+        thread = threading.get_ident()
         with self._lock:
+            self._refuse_other_thread(thread, "generate()/stream()")
+            self._owner = thread
             self._generation += 1
             me = self._generation
-        self.kv.reset()
-        self.cache.drain()
-
-        def step(x: torch.Tensor) -> torch.Tensor:
-            if self._generation != me:
-                raise RuntimeError("this generation was superseded by a newer generate()/stream() on the engine")
-            return self.forward(x)
-
-        if sampling.temperature == 0 and self._graph is not None and self._graph.pipelines():
-            it = self._stream_ahead(ids.to(self.device), max_new_tokens, stop, stats, me)
-        else:
-            it = stream_tokens(step, ids.to(self.device), max_new_tokens, sampling, stop, stats)
         try:
-            yield from it
+            self.kv.reset()
+            self.cache.drain()
+
+            def step(x: torch.Tensor) -> torch.Tensor:
+                if self._generation != me:
+                    raise RuntimeError("this generation was superseded by a newer generate()/stream() on the engine")
+                return self.forward(x)
+
+            if sampling.temperature == 0 and self._graph is not None and self._graph.pipelines():
+                it = self._stream_ahead(ids.to(self.device), max_new_tokens, stop, stats, me)
+            else:
+                it = stream_tokens(step, ids.to(self.device), max_new_tokens, sampling, stop, stats)
+            try:
+                yield from it
+            finally:
+                it.close()
+                if self._generation == me and not self._closed:
+                    self.cache.drain()
+                    if self._graph is not None:
+                        self._graph.flush()
         finally:
-            it.close()
-            if self._generation == me and not self._closed:
-                self.cache.drain()
-                if self._graph is not None:
-                    self._graph.flush()
+            with self._lock:
+                if self._generation == me:
+                    self._owner = None
 
     def _stream_ahead(self, ids, max_new_tokens: int, stop, stats, me: int) -> Iterator[int]:
         """Greedy generation through the decode kernels, the device one step ahead of the host
