@@ -1,6 +1,6 @@
 """The engine's CPU products come from a bounded set of shapes (engine/shapes.py), so oneDNN's per-shape kernels,
-which stay resident outside every memory limit, stay few: decode compiles none, prefill's expert products use only
-bucketed row counts. Observed through oneDNN's own log (ONEDNN_VERBOSE) in a child process."""
+which stay resident outside every memory limit, stay few: an expert's rows are buckets, the sparse up product's
+neurons multiples of 64. Observed through oneDNN's own log (ONEDNN_VERBOSE) in a child process."""
 
 import os
 import subprocess
@@ -49,7 +49,7 @@ CHILD = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
-def test_decode_compiles_no_kernel_per_shape(tmp_path):
+def test_product_shapes_come_from_a_bounded_set(tmp_path):
     rope, swa = hybrid_layouts(2)
     cfg = SmallThinkerConfig.from_name("smallthinker-test", hidden_size=512, moe_ffn_hidden_size=512,
                                        moe_num_primary_experts=4, num_hidden_layers=2, rope_layout=rope,
@@ -63,12 +63,24 @@ def test_decode_compiles_no_kernel_per_shape(tmp_path):
                          cwd=REPO, timeout=300, env={**os.environ, "ONEDNN_VERBOSE": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.splitlines()
-    prefill = [ln for ln in lines[:lines.index("MARK decode")] if ",exec," in ln and "matmul" in ln]
-    decode = [ln for ln in lines[lines.index("MARK decode"):] if ",exec," in ln and "matmul" in ln]
-    # the expert products of prefill: (rows x 512) @ (512 x 512): rows only from the bucket set
-    rows = {int(ln.split(",")[-2].split("x")[0]) for ln in prefill if ln.split(",")[-2].endswith(":512x512")}
-    assert rows and rows <= {row_bucket(n) for n in range(1, 64)}, rows
-    # decode (one token; the second generation's prefill is of a length seen before) adds no shape
-    seen = {ln.split(",")[-2] for ln in prefill}
-    new = {ln.split(",")[-2] for ln in decode} - seen
-    assert not new, new
+    mark = lines.index("MARK decode")
+
+    def shapes(part):  # oneDNN's problem descriptor "MxK:KxN" of each matmul it ran
+        out = set()
+        for ln in part:
+            if ",exec," in ln and ",matmul," in ln:
+                m, k_n = ln.split(",")[-2].split("x", 1)
+                out.add((int(m), int(k_n.split(":")[0]), int(k_n.split("x")[-1])))
+        return out
+
+    prefill, decode = shapes(lines[:mark]), shapes(lines[mark:])
+    assert prefill and decode
+    widths = {cfg.hidden_size, cfg.num_experts, cfg.vocab_size, cfg.num_attention_heads * cfg.head_dim,
+              cfg.num_key_value_heads * cfg.head_dim, cfg.moe_ffn_hidden_size}
+    lengths = {5, 11, 23, 37}  # the prompts: the non-expert projections of a prefill run on all its rows
+    # rows: one token, a prompt length, or a bucket (an expert's tokens); neuron counts: multiples of 64
+    for m, k, n in prefill | decode:
+        assert m in lengths or m == row_bucket(m), (m, k, n)
+        assert n in widths or n % NEURON_BUCKET == 0, (m, k, n)
+    # decode (one token after a prefill of a length seen before) runs one-row products only
+    assert {m for m, _, _ in decode - prefill} <= {1}, decode - prefill

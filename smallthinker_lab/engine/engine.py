@@ -67,7 +67,7 @@ from .cache import Entry, ExpertCache, SlotArena, layer_chunks
 from .io import CudaTransfer, ExpertReader
 from .memory import MemoryPlan, itemsize, parse_memory_limit, plan_memory, workspace_bytes
 from .quant import get_format
-from .shapes import neuron_bucket, one_token, pad_index, row_bucket
+from .shapes import neuron_bucket, pad_index, row_bucket
 
 CUDA_LIBRARY_WORKSPACE = 64 * 2**20  # cuBLAS / cuBLASLt workspaces the caching allocator hands out on first use
 
@@ -499,11 +499,8 @@ class Engine:
             else:
                 if self._graph is not None:
                     self._graph.flush()  # the last kernel step's counters before this step's
-                # one token on the CPU: torch's native kernels, no oneDNN kernel per shape (engine/shapes.py);
-                # exact keeps the model's kernels (its tokens are bit-identical to the model's)
-                with one_token(T == 1 and self.device.type == "cpu" and not self.exact):
-                    for c0 in range(0, T, self.prefill_chunk):
-                        x = self._run(ids[:, c0:c0 + self.prefill_chunk], start + c0)
+                for c0 in range(0, T, self.prefill_chunk):
+                    x = self._run(ids[:, c0:c0 + self.prefill_chunk], start + c0)
                 # exact: the LM head over every position of the (last) chunk, as the model's forward does, so
                 # that the last row comes from the same kernel (a GEMM over T rows may round differently)
                 logits = self._lm_head(x if self.exact and x.shape[1] > 1 else x[:, -1:], decode=T == 1)[:, -1:]
@@ -731,8 +728,8 @@ class Engine:
             min_sp = (sparse.default_min_sparsity(dtype, n, shape[0] * shape[1]) if self.sparse_reglu == "auto"
                       else (-1.0 if self.sparse_reglu else 1.0))
             if 1.0 - n_active / shape[0] > min_sp:
-                # several rows: the up product's shape from a bounded set (engine/shapes.py)
-                up_idx = pad_index(idx, neuron_bucket(n_active, shape[0])) if x.shape[0] > 1 and n_active else idx
+                # the up product's shape from a bounded set (engine/shapes.py)
+                up_idx = pad_index(idx, neuron_bucket(n_active, shape[0])) if n_active else idx
                 wu_r = codec.decode_rows(mat["up"], shape, up_idx, dtype)
                 wd_r = codec.decode_rows(mat["down"], shape, idx, dtype)
                 y = sparse.reglu_from_rows(x, g, idx, wu_r, wd_r)

@@ -10,16 +10,17 @@ So the engine keeps those shapes in a small fixed set:
 * rows (tokens per expert) are padded to :func:`row_bucket` (1, 2, 3, 4, 6, 8, 12, ... : at most 1.5x the rows)
   by repeating the last token's index: the padded rows are copies of a real one, so the union of active neurons
   and the real rows' results are unchanged; results are sliced back to the real rows;
-* active-neuron counts with several rows are padded to a multiple of :data:`NEURON_BUCKET` the same way (the
-  repeated neuron's padded columns are dropped before the down product);
-* one-token products (decode, not ``exact``) run through torch's native kernels instead (:func:`one_token`), which
-  compile nothing per shape and were faster for one row on both machines measured (1 x 1536 @ 1536 x 1536 bf16,
-  1 thread: 0.29 ms against oneDNN's 0.44 ms).
+* active-neuron counts of the sparse up product are padded to a multiple of :data:`NEURON_BUCKET` the same way
+  (the repeated neuron's columns are dropped before the down product, which is a row sum, not a oneDNN product).
+
+Each output column or row is still the same dot product, so results equal the unpadded products' (the default
+model's engine tokens equal the in-memory model's, notebooks/01_tour.ipynb). torch's native one-row kernels would
+compile nothing per shape (and were faster for one row here: 0.29 ms against oneDNN's 0.44 ms for 1 x 1536 @
+1536 x 1536 bf16, 1 thread), but they round differently from the model's oneDNN products: the engine's greedy
+tokens then drift from the model's.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
@@ -45,18 +46,3 @@ def pad_index(index: torch.Tensor, size: int) -> torch.Tensor:
 def neuron_bucket(k: int, total: int) -> int:
     """Active-neuron count k padded to a multiple of NEURON_BUCKET, at most ``total``."""
     return min(total, -(-k // NEURON_BUCKET) * NEURON_BUCKET) if k else 0
-
-
-@contextlib.contextmanager
-def one_token(active: bool):
-    """Within: torch's CPU products do not use oneDNN (when ``active``); see the module docstring."""
-    if not active or not torch.backends.mkldnn.is_available():
-        yield
-        return
-    # torch.backends.mkldnn.flags() would also reset the TF32 setting (and warn on CPU builds): only this flag
-    before = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        yield
-    finally:
-        torch._C._set_mkldnn_enabled(before)

@@ -94,8 +94,8 @@ def _sparse_from_gate(x: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, wu: t
                       wd_t: torch.Tensor) -> torch.Tensor:
     # relu again on the union: a neuron active for one token is masked for the tokens where it is not
     k = idx.shape[0]
-    # several rows: the up product's shape from a bounded set (engine/shapes.py), padded neurons dropped after it
-    up_idx = pad_index(idx, neuron_bucket(k, wu.shape[0])) if x.shape[0] > 1 and k else idx
+    # the up product's shape from a bounded set (engine/shapes.py), the padded neurons dropped after it
+    up_idx = pad_index(idx, neuron_bucket(k, wu.shape[0])) if k else idx
     a = F.linear(x, wu.index_select(0, up_idx))[:, :k] * F.relu(g.index_select(1, idx))  # (N, K)
     return _down(a, wd_t, idx)  # (N, H)
 
