@@ -213,3 +213,17 @@ def test_the_temporary_is_not_opened_through_a_symlink(tmp_path):
     assert victim.read_text() == "keep me"
     assert read_checkpoint(out / "checkpoint.pt")["step"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
+
+
+def test_the_cli_refuses_a_planted_checkpoint_in_one_line(corpus, tmp_path, capsys):
+    from smallthinker_lab.cli import main
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "run").mkdir()
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    torch.save({"x": Planted(marker)}, ckpt)
+    rc = main(["train", "--config", "smallthinker-test", "--data", str(corpus), "--out", str(tmp_path / "run"),
+               "--steps", "2", "--batch-size", "4", "--seq-len", "16", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and str(ckpt) in err and "refusing to load" in err
+    assert not marker.exists()
