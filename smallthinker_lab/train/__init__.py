@@ -9,10 +9,10 @@ from .losses import (
     router_z_loss,
     routing_probs,
 )
-from .trainer import TrainArgs, evaluate, export_model, lr_at, train, training_forwards
+from .trainer import TrainArgs, evaluate, export_model, lr_at, read_checkpoint, train, training_forwards
 
 __all__ = [
     "TrainArgs", "WindowSampler", "balance_statistic", "evaluate", "export_model", "global_balance_loss",
-    "load_entropy", "lr_at", "microbatch_balance_loss", "router_z_loss", "routing_probs", "train",
+    "load_entropy", "lr_at", "microbatch_balance_loss", "read_checkpoint", "router_z_loss", "routing_probs", "train",
     "training_forwards", "validation_sets", "validation_windows",
 ]
