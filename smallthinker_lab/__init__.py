@@ -1,6 +1,6 @@
 """smallthinker_lab: a workbench for understanding SmallThinker, an on-device Mixture-of-Experts LM."""
 
-from .engine import Engine, EngineBusy, MemoryLimitError, convert
+from .engine import Engine, EngineBusy, EngineOptions, MemoryLimitError, convert
 from .instruments import (
     Recording,
     cold_expert_share,
@@ -52,5 +52,5 @@ __all__ += [
     "neuron_sparsity_by_layer", "policy_hit_curve", "profile", "record", "throughput", "time_breakdown",
     "trace_from_recording",
 ]
-__all__ += ["Engine", "EngineBusy", "MemoryLimitError", "convert"]
+__all__ += ["Engine", "EngineBusy", "EngineOptions", "MemoryLimitError", "convert"]
 __all__ += ["apply_chat_template", "load_tokenizer"]

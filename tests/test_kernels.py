@@ -214,5 +214,7 @@ def test_kernels_refuse_what_they_cannot_compute(monkeypatch):
         DecodeKernels(m, m.new_cache(), short)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "CUDA" in unavailable_reason("cpu")
-    with pytest.raises(ValueError, match="cuda_graph needs device='cuda'"):
+    with pytest.raises(ValueError, match="backend 'kernels' cannot run: the decode kernels run on a CUDA device"):
         Engine.from_pretrained("default", memory_limit=None, progress=False, cuda_graph="kernels")
+    with pytest.raises(ValueError, match="backend 'kernels' cannot run: the decode kernels run on a CUDA device"):
+        Engine.from_pretrained("default", memory_limit=None, progress=False, backend="kernels")

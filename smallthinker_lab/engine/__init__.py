@@ -12,6 +12,7 @@ _EXPORTS = {
     "MemoryLimitError": ".memory", "MemoryPlan": ".memory", "parse_memory_limit": ".memory",
     "convert": ".bundle", "open_bundle": ".bundle", "Bundle": ".bundle", "BundleError": ".bundle",
     "ExpertReadError": ".bundle",
+    "EngineOptions": ".options", "BackendUnavailable": ".options", "BACKENDS": ".options",
     "ExpertCache": ".cache", "SimResult": ".cache", "simulate": ".cache",
 }
 

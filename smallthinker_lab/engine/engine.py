@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -66,6 +66,7 @@ from .bundle import (
 from .cache import Entry, ExpertCache, SlotArena, layer_chunks
 from .io import CudaTransfer, ExpertReader
 from .memory import MemoryPlan, itemsize, parse_memory_limit, plan_memory, workspace_bytes
+from .options import BACKENDS, EngineOptions, choose, static_reasons
 from .quant import get_format
 from .shapes import neuron_bucket, pad_index, row_bucket
 
@@ -105,7 +106,36 @@ class Engine:
     _watch_one = False  # set per forward: someone listens to "expert" (one event per expert)
     _moe_seen: tuple[list, list, list] | None = None  # set per forward when someone listens to "moe"
 
-    def __init__(self, checkpoint_dir: str | os.PathLike, *, memory_limit: int | str | None = "512MiB",
+    def __init__(self, checkpoint_dir: str | os.PathLike = "default", memory_limit: int | str | None = "512MiB",
+                 device: str | torch.device = "cpu", *, policy: str = "lru", prefetch: bool = True,
+                 quantization: str | None = None, backend: str = "auto", options: EngineOptions | None = None,
+                 **option_fields) -> None:
+        """See :meth:`from_pretrained`."""
+        opts, legacy = EngineOptions.resolve(options, option_fields)
+        if legacy is not None:  # the old keyword cuda_graph=False/True/"fused"/"kernels"
+            legacy = "fused" if legacy == "graph" and not opts.exact else legacy
+            if backend not in ("auto", legacy):
+                raise ValueError(f"cuda_graph and backend={backend!r} disagree: give backend only")
+            backend = legacy
+        dev = torch.device(device)
+        dtype = _probe_dtype(checkpoint_dir, opts.dtype) if dev.type == "cuda" else None
+        self._backend_reasons = static_reasons(dev, dtype, quantization, opts)
+        self.requested_backend = backend
+        self.backend = choose(backend, self._backend_reasons)
+        if self.backend == "graph":
+            opts = replace(opts, exact=True)  # the graphs of the model's own kernels
+        o = opts
+        self.options = opts
+        self._setup(checkpoint_dir, memory_limit=memory_limit, device=device, policy=policy, prefetch=prefetch,
+                    lookahead=o.lookahead, quantization=quantization, sparse_reglu=o.sparse_reglu,
+                    bypass_page_cache=o.bypass_page_cache, io_threads=o.io_threads,
+                    verify_checksums=o.verify_checksums, bundle_dir=o.bundle_dir, dtype=o.dtype,
+                    max_context=o.max_context, prefill_chunk=o.prefill_chunk, lm_head_predictor=o.lm_head_predictor,
+                    fill_value=o.fill_value, host_cache=o.host_cache, belady_trace=o.belady_trace, fault=o.fault,
+                    progress=o.progress, compute_threads=o.compute_threads, exact=o.exact,
+                    cuda_graph={"eager": False, "graph": True, "fused": "fused", "kernels": "kernels"}[self.backend])
+
+    def _setup(self, checkpoint_dir: str | os.PathLike, *, memory_limit: int | str | None = "512MiB",
                  device: str | torch.device = "cpu", policy: str = "lru", prefetch: bool = True,
                  lookahead: bool = False, quantization: str | None = None, sparse_reglu: bool | str = "auto",
                  bypass_page_cache: bool = False, io_threads: int = 4, verify_checksums: bool = True,
@@ -247,44 +277,21 @@ class Engine:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike = "default", memory_limit: int | str | None = "512MiB",
-                        device: str | torch.device = "cpu", policy: str = "lru", prefetch: bool = True,
-                        lookahead: bool = False, quantization: str | None = None, sparse_reglu: bool | str = "auto",
-                        bypass_page_cache: bool = False, io_threads: int = 4, verify_checksums: bool = True,
-                        bundle_dir: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
-                        **kwargs) -> Engine:
+                        device: str | torch.device = "cpu", *, policy: str = "lru", prefetch: bool = True,
+                        quantization: str | None = None, backend: str = "auto", options: EngineOptions | None = None,
+                        **option_fields) -> Engine:
         """An engine over a checkpoint folder (or "default"), converting its experts to a bundle on first use.
 
-        ``memory_limit``: bytes, "512MiB", "1.5GiB", "unlimited" or None; everything the engine keeps resident
-        is counted (see :meth:`memory_plan`); below the minimum working set raises MemoryLimitError.
-        Other keywords: ``max_context`` (KV cache reserved; default min(2048, max_position_embeddings)),
-        ``prefill_chunk`` (tokens per prefill forward), ``lm_head_predictor`` (path or LMHeadPredictor: sparse
-        LM head at decode), ``fill_value`` (logit of rows it skips, default -inf), ``host_cache`` (CUDA: keep a
-        pinned host copy of the bundle), ``belady_trace`` (the future trace for policy="belady"), ``fault``
-        (test hook of the reader), ``progress``, ``compute_threads`` (torch intra-op threads while the engine
-        computes, restored after each forward; on a small CPU, leaving a core to the I/O threads avoids OpenMP
-        stalls when reads land during compute: on the busy 2-core development machine one compute thread was
-        several times faster per expert than two), ``exact`` (compute every expert with the model's own kernels:
-        dense ReGLU, ``F.linear`` on the down matrix in the model's [H, F] layout: a bundle converted for it
-        stores down so (``expert_bundle-down_hf``, raw formats), a bundle with down transposed has it transposed
-        in its cache slot once per read (CPU: in the I/O thread; CUDA: on first use), so that greedy tokens are
-        bit-identical to the in-memory model in bf16/fp16 too; the default path (sparse ReGLU, down rows gathered
-        from the stored [F, H] layout) equals the model only up to rounding, which a model with near-tied router
-        or LM-head logits turns into different tokens), ``cuda_graph`` (CUDA: decode steps replay CUDA graphs,
-        with no host sync inside the step, when every expert of the model is resident (a cache of all of them, e.g.
-        ``memory_limit=None``: the first graph step reads any missing one), no hook is registered and neither an
-        LM-head predictor nor look-ahead is used; else the eager path runs. With ``exact=True`` the graphs run the
-        model's kernels (bit-identical tokens; attention eager between per-layer graphs); with ``exact=False``,
-        or ``cuda_graph="fused"`` whatever ``exact`` says, one graph of fused kernels (torch.compile) per step,
-        equal to the model up to rounding; ``cuda_graph="kernels"`` (implies ``exact=True``): one graph per step
-        of the Triton decode kernels of ``smallthinker_lab.kernels``, five per layer, reading the experts in place
-        from their slots: tokens equal to the in-memory model decoding with the same kernels
-        (``smallthinker_lab.kernels.KernelRunner``), and to the eager model up to rounding. Counters stay exact:
-        every expert of a graph step is a hit. See engine/cuda_graph.py).
+        ``memory_limit``: bytes, "512MiB", "1.5GiB", "unlimited" or None: everything the engine keeps resident is
+        counted (:meth:`memory_plan`); below the minimum working set raises MemoryLimitError. ``policy``: the expert
+        cache's "lru", "lfu" or "belady"; ``prefetch``: request a layer's experts before its attention (the router
+        runs first); ``quantization``: the bundle's expert format (e.g. "int8", "q4_0"; default the checkpoint's).
+        ``backend``: "auto" (the fastest that can run: the Triton kernels on a CUDA GPU, else eager), "kernels",
+        "fused", "graph" or "eager"; ``engine.backend`` and ``engine.explain()`` say what runs and why
+        (docs/engine.md). ``options`` (:class:`EngineOptions`) or its fields as keywords: the rarely used knobs.
         """
-        return cls(path, memory_limit=memory_limit, device=device, policy=policy, prefetch=prefetch,
-                   lookahead=lookahead, quantization=quantization, sparse_reglu=sparse_reglu,
-                   bypass_page_cache=bypass_page_cache, io_threads=io_threads, verify_checksums=verify_checksums,
-                   bundle_dir=bundle_dir, dtype=dtype, **kwargs)  # exact=..., compute_threads=...: see above
+        return cls(path, memory_limit, device, policy=policy, prefetch=prefetch, quantization=quantization,
+                   backend=backend, options=options, **option_fields)
 
     def _load_non_experts(self, stored: dict, names: list[str]) -> SmallThinkerForCausalLM:
         from safetensors import safe_open
@@ -432,9 +439,38 @@ class Engine:
         return (f"Engine({self.checkpoint_dir}, device={self.device.type}, limit="
                 f"{'unlimited' if p.limit is None else f'{p.limit / 2**20:.0f}MiB'}, cache={p.capacity_experts}/"
                 f"{self.config.num_hidden_layers * self.config.num_experts} experts, policy={self.policy}, "
-                f"prefetch={self.prefetch}, lookahead={self.lookahead}, format={self.bundle.format})")
+                f"prefetch={self.prefetch}, lookahead={self.lookahead}, format={self.bundle.format}, "
+                f"backend={self.backend})")
 
     # ------------------------------------------------------------------ memory
+    def explain(self):
+        """Each backend (fastest first): whether it can run for this engine, whether it is the one in use, and why
+        not (a pandas DataFrame). For the backend in use, ``reason`` says when decode steps run eager right now
+        (an instrument's hooks are registered, the cache does not hold what the graph needs)."""
+        import pandas as pd
+
+        rows = []
+        for name in BACKENDS:
+            why = self._backend_reasons.get(name)
+            if why is None and name != self.backend:
+                why = ("not chosen: graph and fused are used when asked for by name" if name in ("graph", "fused")
+                       and self.requested_backend == "auto" else f"not chosen: backend={self.requested_backend!r}")
+            if name == self.backend and name != "eager":
+                why = self._step_fallback()
+            rows.append({"backend": name, "can_run": self._backend_reasons.get(name) is None,
+                         "chosen": name == self.backend, "reason": why})
+        return pd.DataFrame(rows)
+
+    def _step_fallback(self) -> str | None:
+        """Why a decode step of the chosen graph backend would run eager now, or None."""
+        if self._graph is None or self._graph.usable():
+            return None
+        if len(self.hooks):
+            return "decode steps run eager while hooks are registered (an instrument records)"
+        if self.backend == "kernels":
+            return "decode steps run eager: the offloaded kernel decode needs prefetch=True and the model's down layout"
+        return "decode steps run eager: the graphs need every expert resident and no look-ahead"
+
     def memory_plan(self, as_frame: bool = False):
         """The split of the memory limit: a dict (bytes), or a DataFrame with ``as_frame=True``."""
         return self.plan.to_frame() if as_frame else self.plan.as_dict()
@@ -993,6 +1029,15 @@ def _skip_init():
         yield
     finally:
         nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+
+
+def _probe_dtype(checkpoint_dir, dtype) -> torch.dtype:
+    """The dtype an engine over this checkpoint computes in (for the backend choice, before it opens)."""
+    folder = resolve_path(checkpoint_dir)
+    config = SmallThinkerConfig.from_json(folder / CONFIG_FILE)
+    stored = checkpoint_tensor_files(folder)
+    kinds = {stored[n][1] for n in expected_tensors(config) if not is_expert_tensor(n) and n in stored}
+    return _resolve_dtype(dtype, kinds, config)
 
 
 def _resolve_dtype(dtype, stored_kinds: set[str], config: SmallThinkerConfig) -> torch.dtype:
