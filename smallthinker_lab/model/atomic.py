@@ -290,14 +290,15 @@ def _is_cwd(folder: Path) -> bool:
 
 
 # ------------------------------------------------------------------ content hashes
-def sha256_file(path: str | os.PathLike | int, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes (a path or an open binary file descriptor, read from its current offset)."""
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file to disk."""
+    _fsync(Path(path))
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
-    if isinstance(path, int):
-        f = os.fdopen(os.dup(path), "rb")
-    else:
-        f = open(path, "rb")
-    with f:
+    with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
