@@ -255,8 +255,8 @@ def test_a_folder_that_is_a_file_and_a_mount_point_are_refused_or_written_in_pla
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match=r"file exists and is not a folder"):
         atomic.target_folder(tmp_path / "file")
-    reason = atomic.staging_unavailable("/proc")
-    assert reason is not None and "/proc is a mount point" in reason
+    reason = atomic.staging_unavailable("/")
+    assert reason is not None and "/ is a mount point" in reason
     assert atomic.staging_unavailable(tmp_path / "a" / "b") is None
 
 
@@ -319,6 +319,10 @@ def test_recording_written_in_place_refuses_to_load_a_mix(recordings, tmp_path, 
         new.save(folder)
     assert "writing the recording in place" in caplog.text
     same_recording(Recording.load(folder), new)
+    killed_at("meta-written", lambda: old.save(folder))
+    same_recording(Recording.load(folder), old)
+    assert not (folder / "router_logits.parquet").exists()  # the earlier save's tables go
+    assert (folder / "plot.png").read_bytes() == b"png"
 
 
 @pytest.mark.parametrize("swap", ["arrays.npz", "experts.parquet"])

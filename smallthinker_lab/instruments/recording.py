@@ -488,6 +488,9 @@ class Recording:
             log.warning("%s; writing the recording in place, where a crash leaves a folder load() refuses", reason)
             path.mkdir(parents=True, exist_ok=True)
             (path / META_FILE).unlink(missing_ok=True)  # until the new meta.json: no recording at all
+            for p in path.iterdir():  # then the tables and arrays of the earlier save
+                if _owned_by_recording(p.name) and p.is_file():
+                    p.unlink()
             self._write(path, atomic.fault)
         return path
 
@@ -647,7 +650,7 @@ class _FolderReader:
     def open(self, name: str):
         if self.fd is None:
             return open(self.path / name, "rb")
-        return os.fdopen(os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=self.fd), "rb")
+        return os.fdopen(os.open(name, os.O_RDONLY, dir_fd=self.fd), "rb")
 
     def read_bytes(self, name: str) -> bytes:
         with self.open(name) as f:
