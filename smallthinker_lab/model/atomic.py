@@ -40,7 +40,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # Called with the name of each write step when set (tests set it to os._exit in a forked or spawned process).
-# Steps of replace_folder: "staging-created", "carried-over", "before-swap", "after-swap", "done"; writers add theirs.
+# Steps of replace_folder: "staging-created", "carried-over", "before-swap", ("mid-swap" where the swap is two renames),
+# "after-swap", "done". save_pretrained adds "shard-written" (after each weight file), "weights-written",
+# "index-written", "config-written"; Recording.save adds "table-written" (after each), "arrays-written", "meta-written".
 _fault: Callable[[str], None] | None = None
 
 
