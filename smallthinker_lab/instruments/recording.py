@@ -23,7 +23,10 @@ Each frame's ``attrs`` holds num_experts, top_k, moe_ffn_hidden_size, num_hidden
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,14 @@ import numpy as np
 import pandas as pd
 
 from .record import FORMAT_VERSION, KINDS
+
+log = logging.getLogger(__name__)
+
+META_FILE, ARRAYS_FILE = "meta.json", "arrays.npz"
+
+
+class RecordingError(ValueError):
+    """A recording folder whose files do not belong together (or are damaged); the message names folder and file."""
 
 # (name pattern, kind, shape, dtype, meaning): the one table of recorded names
 NAMES: list[tuple[str, str, str, str, str]] = [
@@ -456,10 +467,36 @@ class Recording:
     # ------------------------------------------------------------- save, load
     def save(self, path) -> Path:
         """A folder: meta.json (the JSON sidecar), arrays.npz (every stored array, exact) and one tidy table per
-        recorded frame (``{frame}.parquet``, or ``{frame}.csv`` without pyarrow) for other tools."""
+        recorded frame (``{frame}.parquet``, or ``{frame}.csv`` without pyarrow) for other tools.
+
+        Crash-safe: everything is written into a staging folder next to ``path`` and swapped in at once
+        (:func:`~smallthinker_lab.model.atomic.replace_folder`), so a killed save leaves the old recording or the
+        new one. meta.json, written last, records the size and sha256 of every other file it saved, and
+        :meth:`load` refuses files that do not match. The recording owns meta.json, arrays.npz and the
+        ``{frame}.parquet`` / ``{frame}.csv`` tables (those of an earlier save go); other files in ``path`` are
+        kept. Where no staging folder can be made (``path`` is a mount point, its parent is not writable) the
+        files are written in place, meta.json last, with a warning."""
+        from ..model import atomic
+
         self._sync()
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        reason = atomic.staging_unavailable(path)
+        if reason is None:
+            with atomic.replace_folder(path, _owned_by_recording) as tmp:
+                self._write(tmp, atomic.fault)
+        else:
+            log.warning("%s; writing the recording in place, where a crash leaves a folder load() refuses", reason)
+            path.mkdir(parents=True, exist_ok=True)
+            (path / META_FILE).unlink(missing_ok=True)  # until the new meta.json: no recording at all
+            for p in path.iterdir():  # then the tables and arrays of the earlier save
+                if _owned_by_recording(p.name) and p.is_file():
+                    p.unlink()
+            self._write(path, atomic.fault)
+        return path
+
+    def _write(self, folder: Path, fault) -> None:
+        from ..model.atomic import fsync_file, sha256_file
+
         try:
             import pyarrow  # noqa: F401
 
@@ -474,24 +511,55 @@ class Recording:
                 continue
             df.attrs = {}
             if fmt == "parquet":
-                df.to_parquet(path / f"{kind}.parquet", index=False)
+                df.to_parquet(folder / f"{kind}.{fmt}", index=False)
             else:
-                df.to_csv(path / f"{kind}.csv", index=False)
+                df.to_csv(folder / f"{kind}.{fmt}", index=False)
             frames.append(f"{kind}.{fmt}")
-        np.savez(path / "arrays.npz", **self._arrays)
-        meta = {**self._meta, "tables": frames, "version": FORMAT_VERSION}
-        (path / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        return path
+            fault("table-written")
+        np.savez(folder / ARRAYS_FILE, **self._arrays)
+        fault("arrays-written")
+        files = {}
+        for name in (*frames, ARRAYS_FILE):
+            fsync_file(folder / name)
+            files[name] = {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+        meta = {**self._meta, "tables": frames, "files": files, "version": FORMAT_VERSION}
+        tmp = folder / f".{META_FILE}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        fsync_file(tmp)
+        os.replace(tmp, folder / META_FILE)
+        fault("meta-written")
 
     @classmethod
     def load(cls, path) -> Recording:
+        """Read a folder :meth:`save` wrote. Every file meta.json records must have the size and sha256 it
+        records (else :class:`RecordingError` naming the folder and the file: a folder that mixes files of
+        different saves, or a damaged one). Files are read through one handle of the folder, so a save that
+        replaces it meanwhile cannot mix two recordings. A recording saved before meta.json recorded hashes
+        loads with a warning."""
         path = Path(path)
-        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-        if meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: recording format {meta.get('version')}, this version reads {FORMAT_VERSION}")
-        meta.pop("tables", None)
-        with np.load(path / "arrays.npz", allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        with _FolderReader(path) as folder:
+            try:
+                raw = folder.read_bytes(META_FILE)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"no {META_FILE} in recording folder {path}") from None
+            try:
+                meta = json.loads(raw.decode("utf-8"))
+                if not isinstance(meta, dict):
+                    raise TypeError(f"a {type(meta).__name__}, not a JSON object")
+            except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+                raise RecordingError(f"{path / META_FILE} is not a recording's metadata: {e}") from None
+            if meta.get("version") != FORMAT_VERSION:
+                raise ValueError(f"{path}: recording format {meta.get('version')}, this version reads "
+                                 f"{FORMAT_VERSION}")
+            tables = meta.pop("tables", [])
+            files = meta.pop("files", None)
+            if files is None:
+                log.warning("%s: %s records no hashes of its files (saved by an older version): cannot check that "
+                            "%s belongs to it", path, META_FILE, ARRAYS_FILE)
+            else:
+                _check_files(path, folder, files, tables)
+            with folder.open(ARRAYS_FILE) as f, np.load(f, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
         return cls(meta, arrays)
 
     # ----------------------------------------------------------------- concat
@@ -552,6 +620,74 @@ class Recording:
         if other == 0:  # sum([...])
             return self
         return NotImplemented
+
+
+def _owned_by_recording(name: str) -> bool:
+    """Names in a recording folder that a save replaces."""
+    stem, _, ext = name.partition(".")
+    return (name in (META_FILE, ARRAYS_FILE) or (stem in _FRAME_KINDS and ext in ("parquet", "csv"))
+            or name.startswith(f".{META_FILE}.tmp-"))
+
+
+class _FolderReader:
+    """Files of one folder read through a handle of the folder (where the OS has ``dir_fd``), so a folder swapped
+    in by a concurrent save is read entirely old or entirely new."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.fd = path, None
+
+    def __enter__(self) -> _FolderReader:
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"no recording folder at {self.path}")
+        if os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY"):
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+    def open(self, name: str):
+        if self.fd is None:
+            return open(self.path / name, "rb")
+        return os.fdopen(os.open(name, os.O_RDONLY, dir_fd=self.fd), "rb")
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.open(name) as f:
+            return f.read()
+
+
+def _check_files(path: Path, folder: _FolderReader, files, tables) -> None:
+    """Every file meta.json records has its recorded size and sha256; arrays.npz and the tables are recorded."""
+    if not isinstance(files, dict):
+        raise RecordingError(f"{path / META_FILE}: 'files' is a {type(files).__name__}, not a mapping")
+    for name in (ARRAYS_FILE, *tables):
+        if name not in files:
+            raise RecordingError(f"{path / META_FILE} records no size and sha256 of {name}: cannot tell that it "
+                                 f"belongs to this recording")
+    for name, want in files.items():
+        if not isinstance(name, str) or name != Path(name).name or name in (".", "..", META_FILE):
+            raise RecordingError(f"{path / META_FILE} records a file {name!r} that is not a plain file name")
+        if not (isinstance(want, dict) and isinstance(want.get("bytes"), int)
+                and isinstance(want.get("sha256"), str)):
+            raise RecordingError(f"{path / META_FILE}: the entry of {name} is {want!r}, not {{'bytes', 'sha256'}}")
+        try:
+            f = folder.open(name)
+        except FileNotFoundError:
+            raise RecordingError(f"{path}: {name} is missing, but {META_FILE} records it") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size != want["bytes"]:
+                raise RecordingError(f"{path / name} does not belong to this recording: it has {size} bytes, "
+                                     f"{META_FILE} records {want['bytes']} (a folder mixing files of different "
+                                     f"saves, or a damaged file)")
+            h = hashlib.sha256()
+            while block := f.read(1 << 20):
+                h.update(block)
+        if h.hexdigest() != want["sha256"]:
+            raise RecordingError(f"{path / name} does not belong to this recording: its sha256 is "
+                                 f"{h.hexdigest()[:16]}..., {META_FILE} records {want['sha256'][:16]}... (a folder "
+                                 f"mixing files of different saves, or a damaged file)")
 
 
 def _rate(num, den) -> float:

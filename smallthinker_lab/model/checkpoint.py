@@ -455,9 +455,17 @@ def save_pretrained(model: SmallThinkerForCausalLM, path: str | os.PathLike, max
     """Write config.json and the weights in the HF layout; shards and an index when ``max_shard_size`` is given.
 
     ``dtype`` converts tensor by tensor as they are written (None: as they are); config.json's
-    ``torch_dtype`` says what was written. A tied model writes no ``lm_head.weight``. Files are written
-    under temporary names and renamed at the end; weight files of an earlier save that the new layout
-    would contradict are removed. Nothing else (tokenizer files) is copied.
+    ``torch_dtype`` says what was written. A tied model writes no ``lm_head.weight``.
+
+    Crash-safe: the new checkpoint is written into a staging folder next to ``path`` and swapped in at
+    once (:func:`~smallthinker_lab.model.atomic.replace_folder`), so a process killed at any point leaves
+    the old checkpoint or the new one, never a mix; leftovers of killed saves are removed by the next one.
+    save_pretrained owns ``config.json``, ``model.safetensors``, ``model.safetensors.index.json`` and the
+    ``model-NNNNN-of-NNNNN.safetensors`` shards: those of an earlier save are replaced (stale shards go).
+    Every other file or folder in ``path`` (tokenizer files, an expert bundle, your notes) is kept as it is,
+    and nothing else is copied in. Where no staging folder can be made next to ``path`` (``path`` is a
+    mount point, or its parent is not writable) the files are written in place with a warning: a crash
+    there can leave a mix.
     """
     config = model.config
     target = _torch_dtype(dtype, "save_pretrained(dtype=...)")
@@ -475,7 +483,62 @@ def save_pretrained(model: SmallThinkerForCausalLM, path: str | os.PathLike, max
     kinds = {d for _, d, _ in items}
     torch_dtype = _dtype_name(FLOAT_DTYPES[kinds.pop()]) if len(kinds) == 1 else config.torch_dtype
     produce = lambda name: iter((state[name] if target is None else state[name].to(target),))
-    return _write_checkpoint(Path(path), config.replace(torch_dtype=torch_dtype), items, produce, max_shard_size)
+    return _write_checkpoint_staged(Path(path), config.replace(torch_dtype=torch_dtype), items, produce,
+                                    max_shard_size)
+
+
+# temporaries that _write_checkpoint leaves inside the folder when killed: .model.safetensors.tmp-PID, ...
+_INSIDE_TEMP_RE = re.compile(r"\.(?:model[^/]*\.safetensors|model\.safetensors\.index\.json)\.tmp-(\d+)"
+                             r"|\.config\.tmp-(\d+)\.json")
+
+
+def _owned_by_checkpoint(name: str) -> bool:
+    """Names in a checkpoint folder that a save replaces: config, weights, index, shards and their temporaries."""
+    return (name in (CONFIG_FILE, SINGLE_FILE, INDEX_FILE) or SHARD_RE.fullmatch(name) is not None
+            or _INSIDE_TEMP_RE.fullmatch(name) is not None)
+
+
+def _write_checkpoint_staged(folder: Path, config: SmallThinkerConfig, items: list[tuple[str, str, tuple[int, ...]]],
+                             produce: Callable[[str], Iterator[torch.Tensor]],
+                             max_shard_size: int | str | None) -> Path:
+    """Write config.json and the weights into a staging folder and swap it in (see :func:`save_pretrained`)."""
+    from . import atomic
+
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors data is little-endian; writing on a big-endian machine is not supported")
+    max_bytes = None if max_shard_size is None else parse_size(max_shard_size)
+    plan = _plan_shards(items, max_bytes)
+    names = ([SINGLE_FILE] if len(plan) == 1
+             else [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+    total = sum(math.prod(s) * _ITEMSIZE[d] for _, d, s in items)
+    reason = atomic.staging_unavailable(folder)
+    if reason is not None:
+        log.warning("%s; writing the checkpoint in place, where a crash can leave old and new files mixed", reason)
+        atomic.clean_stale_inside(atomic.target_folder(folder), _INSIDE_TEMP_RE)
+        return _write_checkpoint(folder, config, items, produce, max_shard_size)
+    with atomic.replace_folder(folder, _owned_by_checkpoint) as tmp:
+        progress = None
+        if total > 1 << 30:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {folder.name}")
+        try:
+            for file, idx in zip(names, plan):
+                _write_safetensors(tmp / file, [items[i] for i in idx], produce, progress)
+                atomic.fault("shard-written")
+        finally:
+            if progress is not None:
+                progress.close()
+        atomic.fault("weights-written")
+        if len(plan) > 1:
+            weight_map = {items[i][0]: file for file, idx in zip(names, plan) for i in idx}
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2) + "\n", encoding="utf-8")
+            atomic.fault("index-written")
+        config.save(tmp / CONFIG_FILE)
+        atomic.fault("config-written")
+        _verify(tmp, names, plan, items)
+    return folder
 
 
 # ------------------------------------------------------------ synthetic
