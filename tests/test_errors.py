@@ -402,3 +402,13 @@ def test_cli_keeps_the_traceback_of_a_bug(capsys):
         run_command(bug, argparse.Namespace(), "smallthinker-lab x")
     assert run_command(lambda a: (_ for _ in ()).throw(KeyError("no such key 'k'")), argparse.Namespace(), "p") == 2
     assert capsys.readouterr().err == "p: error: no such key 'k'\n"
+
+
+def test_tokenize_corpus_names_a_damaged_tokenizer_file(tmp_path):
+    from smallthinker_lab.data.tokenize import tokenize_corpus
+
+    folder = tokenizer_copy(tmp_path)
+    path = folder / "tokenizer.json"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(TokenizerError, match=str(path)):
+        tokenize_corpus(tmp_path / "corpus", folder, out_dir=tmp_path / "tokens")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["CHATML_TEMPLATE", "DEFAULT_TOKENIZER_DIR", "TokenizerError", "apply_chat_template", "load_tokenizer",
-           "resolve_tokenizer_dir"]
+           "load_tokenizer_file", "resolve_tokenizer_dir"]
 
 # ChatML, as Qwen2 uses it, without an implicit default system message.
 CHATML_TEMPLATE = (
@@ -81,6 +81,22 @@ def resolve_tokenizer_dir(path: str | Path) -> Path:
         return DEFAULT_TOKENIZER_DIR
     installed = Path(__file__).resolve().parents[1] / "_data" / "models" / "smallthinker-tiny"
     return installed if installed.is_dir() else DEFAULT_TOKENIZER_DIR
+
+
+def load_tokenizer_file(path: str | Path) -> Any:
+    """A ``tokenizers.Tokenizer`` from one tokenizer.json; a damaged file raises TokenizerError naming it."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer file at {path}")
+    if not isinstance(_read_json_object(path).get("model"), dict):
+        raise TokenizerError(f"{path} has no \"model\" object: not a tokenizers file")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise TokenizerError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0] if str(e) else e!r})"
+                             ) from e
 
 
 @contextlib.contextmanager
