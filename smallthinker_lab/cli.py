@@ -1,10 +1,18 @@
-"""The ``smallthinker-lab`` command line: one subcommand per job, each registered by its module."""
+"""The ``smallthinker-lab`` command line: one subcommand per job, each registered by its module.
+
+An expected error (a bad argument or file: the project's own error types, ValueError, OSError such as
+FileNotFoundError, KeyError, RuntimeError) prints one line ``smallthinker-lab COMMAND: error: ...`` on stderr and
+exits with status 2, without a traceback; Ctrl-C exits with 130. Any other exception is a bug and shows its
+traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import subprocess
 import sys
+from collections.abc import Callable
 
 # modules that add subcommands through register(subparsers)
 COMMAND_MODULES: list[str] = [
@@ -14,9 +22,51 @@ COMMAND_MODULES: list[str] = [
     "smallthinker_lab.report",
 ]
 
+ERROR_STATUS = 2  # what argparse exits with for a bad command line, too
+# exceptions that report a bad input, a missing or damaged file or a failed download, not a bug. The project's
+# own errors derive from these: ConfigError, CheckpointError, MemoryLimitError, TokenizerError (ValueError),
+# BundleError, ExpertReadError, FetchError, ChecksumError (RuntimeError)
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError, RuntimeError, EOFError,
+                                                    subprocess.SubprocessError)
+# subclasses of those that are programming errors: they keep their traceback
+BUGS: tuple[type[BaseException], ...] = (NotImplementedError, RecursionError)
+
+
+def _expected(e: BaseException) -> bool:
+    if isinstance(e, BUGS):
+        return False
+    if isinstance(e, EXPECTED_ERRORS):
+        return True
+    from .data.clean import OverlapError  # an AssertionError: a held-out item in the corpus, a data error
+
+    return isinstance(e, OverlapError)
+
+
+def error_line(e: BaseException) -> str:
+    """The message of ``e`` on one line (a KeyError's key unquoted, lines joined with '; ')."""
+    msg = str(e.args[0]) if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
+    parts = [line.strip() for line in msg.splitlines() if line.strip()]
+    return "; ".join(parts) or type(e).__name__
+
+
+def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace, prog: str) -> int:
+    """``func(args)``'s status; an expected error is one line on stderr and status 2 (see the module docstring)."""
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _expected(e):
+            raise
+        sys.stdout.flush()
+        print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
+        return ERROR_STATUS
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smallthinker-lab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="smallthinker-lab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -26,11 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError) as e:
-        print(f"smallthinker-lab {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args, f"smallthinker-lab {args.command}")
+
+
+def sub_main(register: Callable, argv: list[str] | None = None) -> int:
+    """The main of one module's subcommands alone (``python -m smallthinker_lab.train.cli train ...``), with the
+    same error handling as :func:`main`."""
+    parser = argparse.ArgumentParser(prog="smallthinker-lab")
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    return run_command(args.func, args, f"smallthinker-lab {args.command}")
 
 
 if __name__ == "__main__":

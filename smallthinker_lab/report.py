@@ -26,6 +26,7 @@ import argparse
 import html
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,15 +42,34 @@ KINDS = ("experts", "neurons", "kv", "cache", "timing")
 
 
 # ------------------------------------------------------------------ limits
+def _share(limit) -> float | None:
+    """The share of "NN%" (0..1), None for any other form; ValueError naming a percentage that is not one."""
+    if not (isinstance(limit, str) and limit.strip().endswith("%")):
+        return None
+    try:
+        share = float(limit.strip()[:-1]) / 100.0
+    except ValueError:
+        raise ValueError(f"memory limit {limit!r} is not a percentage like '50%' or a size like '24MiB'") from None
+    if not 0.0 <= share <= 1.0:  # NaN too
+        raise ValueError(f"a memory limit given in percent must be 0%..100% of the expert bytes, got {limit}")
+    return share
+
+
+def check_limit(limit: str | int | float | None) -> None:
+    """Raise ValueError naming ``limit`` if it is neither a size nor "NN%" (before any engine is opened)."""
+    from .engine.memory import parse_memory_limit
+
+    if _share(limit) is None:
+        parse_memory_limit(limit)
+
+
 def resolve_limit(limit: str | int | float | None, plan: dict[str, Any]) -> int | None:
     """Bytes of a memory limit: a size, or "NN%" of all expert bytes on top of the fixed working set (never
     below the engine's minimum). ``plan`` is an engine's ``memory_plan()``."""
     from .engine.memory import parse_memory_limit
 
-    if isinstance(limit, str) and limit.strip().endswith("%"):
-        share = float(limit.strip()[:-1]) / 100.0
-        if not 0.0 <= share <= 1.0:
-            raise ValueError(f"a memory limit given in percent must be 0%..100% of the expert bytes, got {limit}")
+    share = _share(limit)
+    if share is not None:
         return limit_for_share(plan, share)
     return parse_memory_limit(limit)
 
@@ -73,6 +93,45 @@ def prepare(model: str | Path, prompt_sets: dict[str, Sequence[str]], max_prompt
         return dict(engine.memory_plan()), engine.config, ids
     finally:
         engine.close()
+
+
+# ------------------------------------------------------------------ non-finite logits
+@dataclass
+class LogitWatch:
+    """What :func:`watch_logits` saw: forward steps, those whose logits held a NaN or an infinity, the first."""
+
+    steps: int = 0
+    non_finite: int = 0
+    first_step: int | None = None
+    first_detail: str = ""
+
+    def message(self, what: str) -> str:
+        return (f"{what}: the logits were not finite (NaN or infinite) in {self.non_finite} of {self.steps} forward "
+                f"steps, first at step {self.first_step} ({self.first_detail}): the weights hold NaN/Inf or "
+                f"overflow the compute dtype (load with check_finite=True to find the tensor); tokens, hit rates "
+                f"and timings of this run are not meaningful")
+
+
+def watch_logits(engine) -> LogitWatch:
+    """Count the engine's forward steps whose logits are not finite (wraps ``engine.forward`` of this engine)."""
+    import torch
+
+    watch, forward = LogitWatch(), engine.forward
+
+    def checked(*args, **kwargs):
+        logits = forward(*args, **kwargs)
+        finite = torch.isfinite(logits)
+        if not bool(finite.all()):
+            watch.non_finite += 1
+            if watch.first_step is None:
+                watch.first_step = watch.steps
+                watch.first_detail = (f"{int(torch.isnan(logits).sum())} NaN, {int(torch.isinf(logits).sum())} "
+                                      f"infinite of {logits.numel()} logits")
+        watch.steps += 1
+        return logits
+
+    engine.forward = checked
+    return watch
 
 
 # ------------------------------------------------------------------ runs
@@ -282,6 +341,7 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
     from .model.config import SmallThinkerConfig
 
     t_start = time.perf_counter()
+    check_limit(memory_limit)
     out.mkdir(parents=True, exist_ok=True)
     names = list(prompt_sets or PROMPT_SETS)
     texts = load_prompt_sets(names, max_prompts)
@@ -294,6 +354,7 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
         limit = limit_for_share(plan, 1.0)
     engine = Engine.from_pretrained(model, memory_limit=limit, device=device, policy="lru", prefetch=True,
                                     progress=False)
+    watch = watch_logits(engine)
     try:
         engine.reset_stats(clear_cache=True)
         recs = [profile(engine, ids[n], dataset=n, max_new_tokens=max_new_tokens, kinds=KINDS, progress=progress)
@@ -303,6 +364,8 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
     finally:
         engine.close()
     rec = Recording.concat(recs)
+    if watch.non_finite:
+        warnings.warn(watch.message(f"report on {model}"), RuntimeWarning, stacklevel=3)
 
     # 2. timed runs
     bench_ids = [p for n in names for p in ids[n][:bench_prompts]]
@@ -390,6 +453,9 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
         "prompt sets": ", ".join(f"{n} ({len(ids[n])})" for n in names),
         "new tokens per prompt": max_new_tokens, "bench prompts per set": bench_prompts,
         "profile hit rate": f"{profile_stats['hit_rate']:.1%}",
+        "non-finite logits": (f"WARNING: {watch.non_finite} of {watch.steps} forward steps (first at step "
+                              f"{watch.first_step}: {watch.first_detail}); results are not meaningful"
+                              if watch.non_finite else f"none ({watch.steps} forward steps checked)"),
         "wall time": f"{time.perf_counter() - t_start:.0f} s",
     }
     index = out / "index.html"

@@ -49,8 +49,6 @@ def test_unknown_backend_and_options_are_errors():
 @pytest.mark.parametrize("bad, message", [
     (dict(prefill_chunk=0), "prefill_chunk must be a positive integer"),
     (dict(io_threads=0), "io_threads must be a positive integer"),
-    (dict(max_context=-1), "max_context must be a positive integer"),
-    (dict(max_context=2.5), "max_context must be a positive integer"),
     (dict(compute_threads=True), "compute_threads must be a positive integer"),
     (dict(lookahead="soon"), "lookahead must be False, True or 'early'"),
     (dict(sparse_reglu="yes"), "sparse_reglu must be 'auto', True or False"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 __all__ = ["register"]
@@ -93,3 +94,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ps.add_argument("--cache-dir", default=None)
     ps.add_argument("--check", action="store_true", help="print the sha256 of every pinned file")
     ps.set_defaults(func=_sources)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m smallthinker_lab.data.cli ...``: these subcommands alone (errors as the main CLI)."""
+    from ..cli import sub_main
+
+    return sub_main(register, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

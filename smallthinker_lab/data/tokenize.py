@@ -20,7 +20,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from ..model.tokenizer import resolve_tokenizer_dir
+from ..model.tokenizer import load_tokenizer_file, resolve_tokenizer_dir
 
 __all__ = ["EOT_ID", "load_tokens", "tokenize_corpus", "tokenize_documents", "validation_split"]
 
@@ -73,7 +73,7 @@ def tokenize_corpus(
     if not tok_file.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {tok_dir}: train it first (smallthinker-lab data tokenize "
                                 "--train-tokenizer)")
-    tok = Tokenizer.from_file(str(tok_file))
+    tok = load_tokenizer_file(tok_file)  # a damaged file: TokenizerError naming it
     if tok.token_to_id("<|endoftext|>") != EOT_ID:
         raise ValueError(f"{tok_file}: <|endoftext|> must have id {EOT_ID}")
     manifest: dict[str, Any] = {

@@ -93,6 +93,10 @@ def _print_stream(tokenizer, tokens) -> list[int]:
 
 
 def run_generate(args) -> int:
+    from ..model.generate import SamplingConfig, check_max_new_tokens
+
+    check_max_new_tokens(args.max_new_tokens)  # the arguments before loading anything
+    SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
     if _uses_engine(args):
@@ -134,3 +138,14 @@ def run_generate(args) -> int:
     print(f"in memory ({args.device}): prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.2f} "
           f"tok/s, {stats.new_tokens} tokens in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m smallthinker_lab.engine.cli ...``: these subcommands alone (errors as the main CLI)."""
+    from ..cli import sub_main
+
+    return sub_main(register, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.checkpoint import CONFIG_FILE, FLOAT_DTYPES, expected_tensors, resolve_path
+from ..model.checkpoint import CONFIG_FILE, FLOAT_DTYPES, check_finite_tensors, expected_tensors, resolve_path
 from ..model.config import SmallThinkerConfig
-from ..model.generate import GenerationStats, SamplingConfig, stream_tokens
+from ..model.generate import GenerationStats, SamplingConfig, check_max_new_tokens, stream_tokens, token_ids
 from ..model.hooks import HookRegistry
 from ..model.kv_cache import KVCache, kv_cache_bytes
 from ..model.layers import RotaryEmbedding
@@ -132,7 +132,7 @@ class Engine:
                     verify_checksums=o.verify_checksums, bundle_dir=o.bundle_dir, dtype=o.dtype,
                     max_context=o.max_context, prefill_chunk=o.prefill_chunk, lm_head_predictor=o.lm_head_predictor,
                     fill_value=o.fill_value, host_cache=o.host_cache, belady_trace=o.belady_trace, fault=o.fault,
-                    progress=o.progress, compute_threads=o.compute_threads, exact=o.exact,
+                    progress=o.progress, compute_threads=o.compute_threads, exact=o.exact, check_finite=o.check_finite,
                     cuda_graph={"eager": False, "graph": True, "fused": "fused", "kernels": "kernels"}[self.backend])
 
     def _setup(self, checkpoint_dir: str | os.PathLike, *, memory_limit: int | str | None = "512MiB",
@@ -143,9 +143,13 @@ class Engine:
                  max_context: int | None = None, prefill_chunk: int = 256, lm_head_predictor=None,
                  fill_value: float = float("-inf"), host_cache: bool = False, belady_trace: Sequence | None = None,
                  fault: Callable | None = None, progress: bool = True, compute_threads: int | None = None,
-                 exact: bool = False, cuda_graph: bool | str = False) -> None:
+                 exact: bool = False, cuda_graph: bool | str = False, check_finite: bool = False) -> None:
         self.checkpoint_dir = resolve_path(checkpoint_dir)
         self.config = config = SmallThinkerConfig.from_json(self.checkpoint_dir / CONFIG_FILE)
+        if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
+                                        or not 1 <= max_context <= config.max_position_embeddings):
+            raise ValueError(f"max_context must be an integer in [1, {config.max_position_embeddings}] (the "
+                             f"max_position_embeddings of {self.checkpoint_dir / CONFIG_FILE}), got {max_context!r}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' but torch sees no CUDA device")
@@ -192,6 +196,8 @@ class Engine:
         absent = [n for n in names if n not in stored]
         if absent:
             raise FileNotFoundError(f"{self.checkpoint_dir}: non-expert tensor(s) missing, e.g. {absent[0]}")
+        if check_finite:  # every stored tensor, experts included, before any conversion: CheckpointError on NaN/Inf
+            check_finite_tensors({n: stored[n][0] for n in expected_tensors(config) if n in stored})
         self.dtype = _resolve_dtype(dtype, {stored[n][1] for n in names}, config)
         # exact reads down in the model's [H, F] layout: a new bundle stores it so (no transpose per read) when its
         # bytes are used as they are (a raw format of the engine's dtype)
@@ -201,10 +207,7 @@ class Engine:
         self.bundle_dir = ensure_bundle(self.checkpoint_dir, bundle_dir, quantization, progress,
                                         down_transposed=not model_layout)
         self.bundle = open_bundle(self.bundle_dir, config)
-        self.max_context = int(max_context or min(2048, config.max_position_embeddings))
-        if self.max_context > config.max_position_embeddings:
-            raise ValueError(f"max_context {self.max_context} exceeds max_position_embeddings "
-                             f"{config.max_position_embeddings}")
+        self.max_context = int(max_context or min(2048, config.max_position_embeddings))  # checked at the top
 
         # the memory plan, before anything large is allocated
         shapes = expected_tensors(config)
@@ -850,11 +853,7 @@ class Engine:
             ids = self.tokenizer(prompt)["input_ids"]
         else:
             ids = prompt
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
-        return ids
+        return token_ids(ids, self.config.vocab_size).reshape(1, -1)  # integers in the vocabulary, else ValueError
 
     def stream(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] | None = None,
@@ -865,8 +864,7 @@ class Engine:
         n = ids.shape[1]
         if n == 0:
             raise ValueError("the prompt is empty: give at least one token")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        max_new_tokens = check_max_new_tokens(max_new_tokens)  # an int >= 1, as the in-memory generate
         if n + max_new_tokens - 1 > self.max_context:
             raise ValueError(f"prompt too long: {n} prompt tokens + {max_new_tokens} new tokens need "
                              f"{n + max_new_tokens - 1} positions, more than max_context={self.max_context} "

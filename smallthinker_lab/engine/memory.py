@@ -17,6 +17,8 @@ F expert ffn size, K active experts, E experts, V vocabulary.
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import asdict, dataclass
 
@@ -37,25 +39,47 @@ class MemoryLimitError(ValueError):
         self.minimum_bytes = minimum_bytes
 
 
-def parse_memory_limit(limit: int | float | str | None) -> int | None:
-    """Bytes from 536870912, "512MiB", "1.5GiB", "800MB" (10^6); None or "unlimited" means no limit."""
+def parse_memory_limit(limit: int | float | str | None, total: int | None = None) -> int | None:
+    """Bytes from 536870912, "512MiB", "1.5GiB", "800MB" (10^6); None, "unlimited" or "none" means no limit.
+
+    "N%" is N percent of ``total`` bytes, accepted only when the caller passes ``total``. Anything else (NaN,
+    infinity, "", "inf", a negative, zero or unparseable size, a bool) raises ValueError naming the value.
+    """
     if limit is None:
         return None
-    if isinstance(limit, bool):
-        raise ValueError(f"memory_limit must be a size, got {limit!r}")
-    if isinstance(limit, (int, float)):
+    forms = "a size like 536870912, '512MiB', '1.5GiB' or 'unlimited'" + (", or 'N%'" if total is not None else "")
+    if isinstance(limit, bool) or not isinstance(limit, (numbers.Real, str)):
+        raise ValueError(f"memory_limit must be {forms}, got {limit!r}")
+    if isinstance(limit, numbers.Real) and not math.isfinite(limit):
+        raise ValueError(f"memory_limit must be a finite number of bytes, got {limit!r} (for no limit pass None "
+                         f"or 'unlimited')")
+    if isinstance(limit, numbers.Real):
+        if limit <= 0:
+            raise ValueError(f"memory_limit must be positive, got {limit!r}")
         value = int(limit)
     else:
-        text = str(limit).strip().lower()
-        if text in ("unlimited", "none", "inf", ""):
+        text = limit.strip().lower()
+        if text in ("unlimited", "none"):
             return None
-        m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", text)
-        if not m or m.group(2) not in _UNITS:
-            raise ValueError(f"memory_limit {limit!r} is not a size like 536870912, '512MiB', '1.5GiB' or "
-                             f"'unlimited'")
-        value = int(float(m.group(1)) * _UNITS[m.group(2)])
+        if not text:
+            raise ValueError(f"memory_limit is empty: give {forms}")
+        if text.startswith("-"):
+            raise ValueError(f"memory_limit must be positive, got {limit!r}")
+        if text.endswith("%"):
+            if total is None:
+                raise ValueError(f"memory_limit {limit!r}: a percentage needs the total it is a share of; "
+                                 f"give a size like '512MiB' here")
+            m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*%", text)
+            if not m or not 0 < float(m.group(1)) <= 100:
+                raise ValueError(f"memory_limit {limit!r} is not a percentage in (0%, 100%]")
+            value = int(float(m.group(1)) / 100 * total)
+        else:
+            m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", text)
+            if not m or m.group(2) not in _UNITS:
+                raise ValueError(f"memory_limit {limit!r} is not {forms}")
+            value = int(float(m.group(1)) * _UNITS[m.group(2)])
     if value <= 0:
-        raise ValueError(f"memory_limit must be positive, got {limit!r}")
+        raise ValueError(f"memory_limit must be at least one byte, got {limit!r}")
     return value
 
 

@@ -59,6 +59,7 @@ class EngineOptions:
     host_cache: bool = _option(False, "CUDA: a pinned host copy of the whole bundle (misses cross PCIe only)")
     compute_threads: int | None = _option(None, "torch intra-op threads while the engine computes")
     progress: bool = _option(True, "a progress bar while the bundle is converted")
+    check_finite: bool = _option(False, "read every stored tensor first; CheckpointError names one holding NaN/Inf")
     belady_trace: Sequence | None = _option(None, "policy='belady': the future request trace it replays")
     fault: Callable | None = field(default=None, repr=False,
                                    metadata={"doc": "test hook: called in the I/O thread after each read"})
@@ -70,7 +71,7 @@ class EngineOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-        positive_int("max_context", self.max_context, allow_none=True)
+        # max_context is checked by the engine against the checkpoint's max_position_embeddings
         positive_int("prefill_chunk", self.prefill_chunk)
         positive_int("io_threads", self.io_threads)
         positive_int("compute_threads", self.compute_threads, allow_none=True)

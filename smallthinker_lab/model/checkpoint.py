@@ -222,8 +222,37 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return folder
 
 
+def _check_finite(t: torch.Tensor, name: str, file: Path, after: str = "") -> None:
+    """CheckpointError naming ``file`` and tensor ``name`` when ``t`` holds a NaN or an infinity (read in chunks)."""
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), _CHUNK):
+        part = flat[i:i + _CHUNK]
+        bad = ~torch.isfinite(part)
+        if bool(bad.any()):
+            first = i + int(bad.nonzero()[0])
+            nan, inf = int(torch.isnan(flat).sum()), int(torch.isinf(flat).sum())
+            raise CheckpointError(f"{file}: tensor {name} is not finite{after}: {nan} NaN and {inf} infinite "
+                                  f"value(s) of {flat.numel()}, the first at flat index {first} "
+                                  f"({flat[first].item()})")
+
+
+def check_finite_tensors(files: dict[str, Path]) -> None:
+    """Read every tensor of ``files`` (tensor name -> safetensors file, in the order to check) and raise
+    :class:`CheckpointError` naming the first that holds a NaN or an infinity."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(Path(file), []).append(name)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in names:
+                _check_finite(f.get_tensor(name), name, file)
+
+
 def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | None = None,
-               device: torch.device | str = "cpu", strict: bool = True) -> SmallThinkerForCausalLM:
+               device: torch.device | str = "cpu", strict: bool = True,
+               check_finite: bool = False) -> SmallThinkerForCausalLM:
     """A SmallThinkerForCausalLM in eval mode from a local folder in the Hugging Face layout.
 
     The weights are memory-mapped (tensors from ``safe_open`` are views of the file's pages, which the
@@ -238,6 +267,8 @@ def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | N
     4B does); it is ignored (logged at debug level) and the head is the embedding.
     With ``strict=False`` missing tensors are initialised as :meth:`init_weights` does and unexpected
     ones are skipped, both with a warning; shape, dtype and file errors still raise.
+    ``check_finite=True`` reads every weight once more and raises :class:`CheckpointError` naming the first
+    tensor that holds a NaN or an infinity (stored so, or overflowing the requested ``dtype``).
     """
     folder = resolve_path(path)
     config_file = folder / CONFIG_FILE
@@ -294,8 +325,12 @@ def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | N
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in names:
                 t = f.get_tensor(name)  # a view of the mapped file
+                if check_finite:
+                    _check_finite(t, name, file)
                 if t.dtype != target or t.device != device:
                     t = t.to(device=device, dtype=target)
+                    if check_finite:
+                        _check_finite(t, name, file, f" after conversion to {target}")
                 state[name] = t
     if missing:
         state.update(_initialised(config, missing, expected, target, device))

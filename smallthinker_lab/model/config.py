@@ -8,6 +8,7 @@ checkpoint folder and written back is the same file (unknown keys are kept in
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -16,6 +17,14 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A config.json that cannot describe a SmallThinker model."""
+
+
+# the keys that are sizes: each a positive integer
+_POSITIVE_INTS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "moe_num_primary_experts", "moe_num_active_primary_experts", "moe_ffn_hidden_size", "sliding_window_size",
+    "max_position_embeddings",
+)
 
 
 @dataclass
@@ -55,6 +64,7 @@ class SmallThinkerConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_types()  # before anything is built from the values (the layouts below)
         if self.rope_layout is None:
             self.rope_layout = [1] * self.num_hidden_layers
         if self.sliding_window_layout is None:
@@ -64,20 +74,65 @@ class SmallThinkerConfig:
         self.validate()
 
     # ------------------------------------------------------------------ checks
+    def _check_types(self) -> None:
+        """Every key of the right JSON type and range: a string, a bool, a negative, NaN or infinite number where
+        a size, a rate or a flag belongs raises ConfigError naming the key and the value."""
+
+        def bad(name: str, want: str) -> ConfigError:
+            return ConfigError(f"invalid SmallThinker config: {name} must be {want}, got {getattr(self, name)!r}"
+                               f" ({type(getattr(self, name)).__name__})")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not isinstance(self.model_type, str):
+            raise bad("model_type", "a string")
+        for name in _POSITIVE_INTS:
+            if not (is_int(getattr(self, name)) and getattr(self, name) > 0):
+                raise bad(name, "a positive integer")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not (is_number(getattr(self, name)) and getattr(self, name) > 0):
+                raise bad(name, "a positive finite number")
+        if not (is_number(self.attention_dropout) and 0 <= self.attention_dropout < 1):
+            raise bad("attention_dropout", "a number in [0, 1)")
+        if not (is_number(self.initializer_range) and self.initializer_range >= 0):
+            raise bad("initializer_range", "a finite number >= 0")
+        for name in ("moe_primary_router_apply_softmax", "norm_topk_prob", "tie_word_embeddings", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
+        for name in ("bos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is not None and not (is_int(v) and v >= 0):
+                raise bad(name, "a token id (an integer >= 0) or null")
+        eos = self.eos_token_id
+        if eos is not None and not (is_int(eos) and eos >= 0) and not (
+                isinstance(eos, list) and all(is_int(t) and t >= 0 for t in eos)):
+            raise bad("eos_token_id", "a token id, a list of token ids or null")
+        if not isinstance(self.torch_dtype, str):
+            raise bad("torch_dtype", "a dtype name such as \"bfloat16\"")
+        for name in ("rope_layout", "sliding_window_layout"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, list) and all(is_int(x) or isinstance(x, bool) for x in v)):
+                raise bad(name, "a list of 0/1 integers (one per layer) or null")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise bad("rope_scaling", "an object or null")
+        if not (isinstance(self.architectures, list) and all(isinstance(a, str) for a in self.architectures)):
+            raise bad("architectures", "a list of strings")
+
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ConfigError(f"invalid SmallThinker config: {msg}")
 
+        self._check_types()
         if self.model_type != "smallthinker":
             raise ConfigError(
                 f"unknown model_type {self.model_type!r}: smallthinker_lab loads model_type 'smallthinker' only"
             )
-        for name in (
-            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "head_dim", "moe_num_primary_experts", "moe_num_active_primary_experts", "moe_ffn_hidden_size",
-            "sliding_window_size", "max_position_embeddings",
-        ):
+        for name in _POSITIVE_INTS:
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
                  f"{name} must be a positive integer, got {v!r}")
@@ -98,8 +153,10 @@ class SmallThinkerConfig:
              f"moe_num_primary_experts ({self.moe_num_primary_experts})")
         need(self.head_dim % 2 == 0 or not any(self.rope_layout),
              f"head_dim must be even for RoPE, got {self.head_dim}")
-        need(self.rms_norm_eps > 0, f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
-        need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                 f"{name} must be a positive finite number, got {v!r}")
         if self.rope_scaling not in (None, {}):
             raise ConfigError(f"rope_scaling {self.rope_scaling!r} is not supported (the released models use none)")
 
@@ -171,6 +228,11 @@ class SmallThinkerConfig:
             d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (invalid byte at offset {e.start}): not a config.json"
+                              ) from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} must hold a JSON object, got a JSON {type(d).__name__}")
         try:
             return cls.from_dict(d)
         except ConfigError as e:

@@ -6,6 +6,7 @@ in-memory model and the offloading engine share it.
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,66 @@ from dataclasses import dataclass, field
 import torch
 
 from .kv_cache import KVCache
+
+
+def token_ids(ids, vocab_size: int | None = None) -> torch.Tensor:
+    """``ids`` (a tensor, a numpy array or a possibly nested list of ints) as an int64 tensor of the same shape.
+
+    Token ids must be integers: a float or bool tensor or array, or a list holding a float, a bool or a string,
+    raises ValueError naming the value (a float would otherwise be truncated silently). With ``vocab_size``,
+    an id < 0 or >= vocab_size raises ValueError naming the id and its position.
+    """
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise ValueError(f"token ids must be integers, got a tensor of dtype {ids.dtype} "
+                             f"(it would be truncated: pass an integer tensor)")
+        out = ids.detach().to(dtype=torch.long)
+    elif type(ids).__module__ == "numpy" and hasattr(ids, "dtype"):  # an array or a numpy scalar
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"token ids must be integers, got a numpy array of dtype {ids.dtype}")
+        out = torch.as_tensor(ids).to(dtype=torch.long)
+    else:
+        if isinstance(ids, (str, bytes)):
+            raise ValueError(f"token ids must be integers, got the string {ids!r} (encode text with a tokenizer)")
+        count = 0
+
+        def check(v) -> None:  # every leaf a Python or numpy integer (bool is an int to Python: refused)
+            nonlocal count
+            if isinstance(v, (list, tuple)):
+                for x in v:
+                    check(x)
+                return
+            if isinstance(v, torch.Tensor) and v.dim() == 0 and not (
+                    v.dtype == torch.bool or v.dtype.is_floating_point or v.dtype.is_complex):
+                count += 1
+                return
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"token ids must be integers, got {v!r} ({type(v).__name__}) at position {count}")
+            count += 1
+
+        check(ids if isinstance(ids, (list, tuple)) else [ids])
+        try:
+            out = torch.as_tensor(ids, dtype=torch.long)
+        except (ValueError, TypeError, OverflowError, RuntimeError) as e:
+            raise ValueError(f"token ids must be a list (or rectangular nested list) of integers: {e}") from None
+    if vocab_size is not None and out.numel():
+        bad = (out < 0) | (out >= vocab_size)
+        if bool(bad.any()):
+            pos = int(bad.reshape(-1).nonzero()[0])
+            raise ValueError(f"token id {int(out.reshape(-1)[pos])} at position {pos} is outside the vocabulary "
+                             f"[0, {vocab_size}); token ids must be in range (got [{int(out.min())}, "
+                             f"{int(out.max())}])")
+    return out
+
+
+def check_max_new_tokens(max_new_tokens) -> int:
+    """``max_new_tokens`` as an int >= 1, else ValueError naming the value (the in-memory model and the engine
+    both refuse 0 and negatives: a generation that generates nothing is a mistake, not an empty result)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    return int(max_new_tokens)
 
 
 @dataclass
@@ -94,6 +155,7 @@ def stream_tokens(step: Callable[[torch.Tensor], torch.Tensor], input_ids: torch
         raise ValueError("streaming generation takes one sequence (batch size 1)")
     if input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty: give at least one token")
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
     sampler = Sampler(sampling or SamplingConfig(), input_ids.device)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = input_ids.shape[1]
@@ -140,11 +202,20 @@ def decode_one_token(model, token: torch.Tensor, cache: KVCache) -> torch.Tensor
 def stream_generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                     top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] | None = None,
                     stats: GenerationStats | None = None) -> Iterator[int]:
-    ids = torch.as_tensor(input_ids, dtype=torch.long, device=model.device)
-    cache = model.new_cache()
+    """Yield generated token ids one at a time (batch 1). The arguments are checked when called, before any
+    work: non-integer or out-of-vocabulary ids, ``max_new_tokens`` < 1 and bad sampling values raise
+    ValueError, as :meth:`Engine.stream` does."""
+    ids = token_ids(input_ids, model.config.vocab_size)
+    if ids.dim() > 1 and ids.shape[0] != 1:
+        raise ValueError(f"streaming generation takes one sequence (batch size 1), got ids of shape "
+                         f"{list(ids.shape)}")
+    ids = ids.reshape(1, -1).to(model.device)
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    sampling = SamplingConfig(temperature, top_k, top_p, seed)
     stop = model.config.eos_ids() if stop_tokens is None else stop_tokens
-    yield from stream_tokens(model_step(model, cache), ids, max_new_tokens,
-                             SamplingConfig(temperature, top_k, top_p, seed), stop, stats)
+    return stream_tokens(model_step(model, model.new_cache()), ids, max_new_tokens, sampling, stop, stats)
 
 
 def generate(model, input_ids, max_new_tokens: int = 32, **kwargs) -> list[int]:

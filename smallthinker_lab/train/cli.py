@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -62,7 +63,15 @@ def run(args: argparse.Namespace) -> int:
 
     weights = args.domain_weights
     if weights not in ("balanced", "proportional"):
-        weights = json.loads(weights)
+        try:
+            weights = json.loads(weights)
+        except json.JSONDecodeError:
+            weights = None
+        if not isinstance(weights, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                for v in weights.values()):
+            raise ValueError(f"--domain-weights {args.domain_weights!r} is not 'balanced', 'proportional' or a JSON "
+                             f"object of weights >= 0 like '{{\"math\": 2, \"code\": 1}}'")
     summary = train(
         args.config, args.data, args.out, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
         lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
@@ -78,11 +87,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m smallthinker_lab.train.cli train ...``: the train subcommand alone."""
-    parser = argparse.ArgumentParser(prog="smallthinker-lab")
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    """``python -m smallthinker_lab.train.cli train ...``: the train subcommand alone (errors as the main CLI)."""
+    from ..cli import sub_main
+
+    return sub_main(register, argv)
 
 
 if __name__ == "__main__":
