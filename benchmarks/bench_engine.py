@@ -338,7 +338,7 @@ class EngineRunner:
         plan = self.engine.memory_plan()
         self.resident = (f"non-expert weights, KV cache, workspace and {plan['capacity_experts']} expert slots "
                          f"({plan['cached_fraction']:.0%} of the expert bytes)")
-        g = self.engine._graph  # the offloaded kernel decode with its LRU cache resolved on the device
+        g = self.engine.decoder  # the offloaded kernel decode with its LRU cache resolved on the device
         self.device_lru = bool(g is not None and g.kernels and plan["cached_fraction"] < 1 and g.device_lru())
 
     def generate(self, ids: list[int], n: int) -> dict:

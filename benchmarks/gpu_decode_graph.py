@@ -244,11 +244,11 @@ def first_step_logits(e, prompt: list[int]) -> dict:
     e.kv.reset()
     tok = e.forward(torch.tensor([prompt], device="cuda"))[:, -1].argmax(-1).view(1, 1)
     snap = [(kv.k.clone(), kv.v.clone(), kv.pos.clone(), kv.length) for kv in e.kv.layers]
-    graph, e._graph = e._graph, None
+    graph, e.decoder = e.decoder, None
     try:
         ref = e.forward(tok).float().flatten()
     finally:
-        e._graph = graph
+        e.decoder = graph
     for kv, (k, v, p, n) in zip(e.kv.layers, snap):
         kv.k.copy_(k), kv.v.copy_(v), kv.pos.copy_(p)
         kv.length = n
@@ -290,7 +290,7 @@ def run_engine(name: str, opts: dict, ckpt: Path, bundle: Path, prompts, new_tok
     t0 = time.perf_counter()
     e = Engine.from_pretrained(ckpt, memory_limit=None, device="cuda", bundle_dir=bundle, progress=False, **opts)
     for k, v in graph_opts.items():
-        setattr(e._graph, k, v)
+        setattr(e.decoder, k, v)
     try:
         be._preload(e)  # every expert resident before timing (the suite's "in memory" row)
         row["open_seconds"] = time.perf_counter() - t0
@@ -313,9 +313,9 @@ def run_engine(name: str, opts: dict, ckpt: Path, bundle: Path, prompts, new_tok
             decode_ms_per_token_mean=1e3 * sum(per_token) / len(per_token),
             decode_steps_timed=len(per_token),
             hits=st["hits"], requests=st["requests"], misses_after_preload=st["misses"],
-            graph_replays=e._graph.replays if e._graph is not None else 0,
-            compiled=getattr(e._graph, "compiled", None), compile_error=getattr(e._graph, "compile_error", None))
-        if e._graph is not None:
+            graph_replays=e.decoder.replays if e.decoder is not None else 0,
+            compiled=getattr(e.decoder, "compiled", None), compile_error=getattr(e.decoder, "compile_error", None))
+        if e.decoder is not None:
             row["first_step_logits"] = first_step_logits(e, prompts[0])
         # one decode step in isolation, for the profiler: prefill the check prompt, then steps of greedy tokens
         e.kv.reset()

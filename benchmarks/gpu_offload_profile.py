@@ -83,9 +83,9 @@ def run_variant(name, spec, ckpt, bundle, limit, prompts, tokens, ref, log) -> d
     row = {"variant": name, **spec}
     e = Engine.from_pretrained(ckpt, memory_limit=limit, device="cuda", bundle_dir=bundle, progress=False, exact=True,
                                host_cache=True, cuda_graph="kernels", **spec.get("engine", {}))
-    e._graph.kernel_blocks = spec.get("blocks")
+    e.decoder.kernel_blocks = spec.get("blocks")
     try:
-        row["device_lru"] = e._graph.device_lru()
+        row["device_lru"] = e.decoder.device_lru()
         outs, per_token = [], []
         for i, p in enumerate(prompts):
             stats = GenerationStats()
@@ -114,7 +114,7 @@ def run_variant(name, spec, ckpt, bundle, limit, prompts, tokens, ref, log) -> d
         torch.cuda.synchronize()
         row["isolated_step_ms"] = (time.perf_counter() - t0) / 8 * 1e3
         row["profile"] = kernels_per_step(step, 4)
-        o = e._graph._lru
+        o = e.decoder._lru
         if row["device_lru"] and o is not None and o["kern"]._graph is not None:
             row["device_alone"] = device_step(o["kern"], o["lru"], e.bundle.stride // 2)
             for k, v in row["device_alone"].items():

@@ -1,4 +1,4 @@
-"""engine/cuda_graph.py on a CPU: the graph decode's logic (pieces, static buffers, slot table, KV bookkeeping,
+"""engine/decode/graph.py on a CPU: the graph decode's logic (pieces, static buffers, slot table, KV bookkeeping,
 counters) with each "graph" run eagerly at replay. The CUDA graphs themselves: tests/test_engine_gpu.py."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from conftest import random_model
 
 from smallthinker_lab.engine import Engine, convert, simulate
-from smallthinker_lab.engine.cuda_graph import GraphDecoder
+from smallthinker_lab.engine.decode import GraphDecoder
 from smallthinker_lab.model.checkpoint import load_model, save_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,7 +28,7 @@ def ckpt(tmp_path_factory):
 def _decoder(e, fused):
     g = GraphDecoder(e, fused=fused, compile=False)
     g.usable = lambda: True  # on a CPU (usable() needs CUDA)
-    e._graph = g
+    e.decoder = g
     return g
 
 
@@ -66,7 +66,7 @@ def test_graph_decode_rebuilt_after_clear(ckpt):
 
 
 def test_cuda_graph_needs_cuda(ckpt):
-    with pytest.raises(ValueError, match="device='cuda'"):
+    with pytest.raises(ValueError, match="cannot run: CUDA graphs need a CUDA device"):
         Engine.from_pretrained(ckpt, memory_limit=None, progress=False, cuda_graph=True)
     with pytest.raises(ValueError, match="cuda_graph must be"):
         Engine.from_pretrained(ckpt, memory_limit=None, progress=False, cuda_graph="yes")

@@ -104,12 +104,12 @@ def test_cuda_peak_memory_within_the_limit(tmp_path, host_cache):
     assert peak <= limit, (peak, limit)
 
 
-# ------------------------------------------------------------------ CUDA-graph decode (engine/cuda_graph.py)
+# ------------------------------------------------------------------ CUDA-graph decode (engine/decode/)
 def _graph_run(folder, prompt, new, **kw):
     kw.setdefault("cuda_graph", True)
     with Engine.from_pretrained(folder, memory_limit=None, device="cuda", progress=False, **kw) as e:
         tokens = e.generate(prompt, new, stop_tokens=[]).tokens
-        out = {"tokens": tokens, "stats": e.stats(), "replays": e._graph.replays, "trace": list(e.trace),
+        out = {"tokens": tokens, "stats": e.stats(), "replays": e.decoder.replays, "trace": list(e.trace),
                "capacity": e.cache.capacity_experts, "L": e.config.num_hidden_layers, "E": e.config.num_experts,
                "K": e.config.top_k}
         # a hook makes the step eager (instruments see every expert), and the counters go on
@@ -117,9 +117,9 @@ def _graph_run(folder, prompt, new, **kw):
         handle = e.hooks.add("router", lambda **p: seen.append(p["layer"]))
         out["hooked"] = e.generate(prompt, new, stop_tokens=[]).tokens
         handle.remove()
-        out["hooked_replays"], out["seen"] = e._graph.replays, seen
+        out["hooked_replays"], out["seen"] = e.decoder.replays, seen
         out["again"] = e.generate(prompt, new, stop_tokens=[]).tokens  # graphs reused
-        out["replays_after"] = e._graph.replays
+        out["replays_after"] = e.decoder.replays
     return out
 
 
@@ -147,7 +147,7 @@ def test_cuda_graph_fused_length_buckets(ckpt):
     ref = load_model(ckpt, device="cuda").generate(prompt, NEW, stop_tokens=[])
     with Engine.from_pretrained(ckpt, memory_limit=None, device="cuda", cuda_graph="fused", progress=False) as e:
         assert e.generate(prompt, NEW, stop_tokens=[]).tokens == ref
-        assert sorted(e._graph._graphs) == [64, 128] and e._graph.replays == NEW - 1
+        assert sorted(e.decoder._graphs) == [64, 128] and e.decoder.replays == NEW - 1
 
 
 def test_cuda_graph_decode_bf16_bit_identical(tmp_path):

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 from conftest import random_model  # noqa: E402
 
 from smallthinker_lab.engine import Engine, convert, simulate  # noqa: E402
-from smallthinker_lab.engine.cuda_graph import GraphDecoder  # noqa: E402
+from smallthinker_lab.engine.decode import KernelDecoder  # noqa: E402
 from smallthinker_lab.kernels import (  # noqa: E402
     DecodeKernels,
     ExpertTable,
@@ -83,9 +83,9 @@ def test_engine_kernel_decode_equals_the_kernel_model_bit_for_bit(ckpt):
     ref = generate(model, PROMPT, NEW, runner=runner, stop_tokens=[])
     with Engine.from_pretrained(ckpt, memory_limit=None, progress=False, exact=True, device=DEV,
                                 max_context=64) as e:
-        g = GraphDecoder(e, kernels=True)
+        g = KernelDecoder(e)
         g.usable = lambda: True  # on a CPU (usable() needs CUDA)
-        e._graph = g
+        e.decoder = g
         e.forward(torch.tensor([PROMPT]))
         for t, r in zip((7, 8, 9), ref_logits):
             assert torch.equal(e.forward(torch.tensor([[t]])), r)  # the same kernels on the same bytes
@@ -115,9 +115,9 @@ def test_offloaded_kernel_decode_equals_the_kernel_model(ckpt, extra, lookahead,
                                 max_context=64, lookahead=lookahead, host_cache=DEV == "cuda") as e:
         L, E = e.config.num_hidden_layers, e.config.num_experts
         assert e.cache.capacity_experts < L * E
-        g = GraphDecoder(e, kernels=True)
+        g = KernelDecoder(e)
         g.usable = lambda: True  # on a CPU (usable() needs CUDA)
-        e._graph = g
+        e.decoder = g
         # LRU without look-ahead: the cache resolved on the device; otherwise the host resolves each layer
         assert g.device_lru() == (policy == "lru" and not lookahead)
         e.reset_stats(clear_cache=True)
@@ -154,9 +154,9 @@ def test_greedy_kernel_decode_one_step_ahead_stops_and_gives_positions_back(ckpt
         limit = None if extra is None else probe.plan.minimum_bytes + extra * probe.bundle.stride
     with Engine.from_pretrained(ckpt, memory_limit=limit, progress=False, exact=True, device=DEV, max_context=64,
                                 host_cache=DEV == "cuda") as e:
-        g = GraphDecoder(e, kernels=True)
+        g = KernelDecoder(e)
         g.usable = lambda: True
-        e._graph = g
+        e.decoder = g
         assert g.pipelines()
         e.reset_stats(clear_cache=True)
         k = ref.index(ref[3])
@@ -182,9 +182,9 @@ def test_device_lru_that_disagrees_with_the_engine_cache_is_an_error(ckpt):
         limit = probe.plan.minimum_bytes + (c.num_hidden_layers * c.num_experts - c.top_k - 1) * probe.bundle.stride
     with Engine.from_pretrained(ckpt, memory_limit=limit, progress=False, exact=True, device=DEV, max_context=64,
                                 host_cache=DEV == "cuda") as e:  # all experts but one: most requests hit
-        g = GraphDecoder(e, kernels=True)
+        g = KernelDecoder(e)
         g.usable = lambda: True
-        e._graph = g
+        e.decoder = g
         it = e.stream(PROMPT, NEW, stop_tokens=[])
         next(it), next(it)  # the prefill's token, one decode step
         with torch.inference_mode():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "Engine": ".engine", "EngineBusy": ".engine", "GenerationResult": ".engine",
+    "Engine": ".engine", "EngineBusy": ".generation", "GenerationResult": ".generation",
     "MemoryLimitError": ".memory", "MemoryPlan": ".memory", "parse_memory_limit": ".memory",
     "convert": ".bundle", "open_bundle": ".bundle", "Bundle": ".bundle", "BundleError": ".bundle",
     "ExpertReadError": ".bundle",

@@ -34,25 +34,17 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from contextlib import closing, contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from ..model.checkpoint import CONFIG_FILE, FLOAT_DTYPES, check_finite_tensors, expected_tensors, resolve_path
+from ..model.checkpoint import CONFIG_FILE, check_finite_tensors, expected_tensors, resolve_path
 from ..model.config import SmallThinkerConfig
-from ..model.generate import GenerationStats, SamplingConfig, check_max_new_tokens, stream_tokens, token_ids
 from ..model.hooks import HookRegistry
 from ..model.kv_cache import KVCache, kv_cache_bytes
-from ..model.layers import RotaryEmbedding
-from ..model.model import SmallThinkerForCausalLM
-from . import sparse
 from .bundle import (
     _ST_FORMAT,
     FORMAT_DTYPE,
@@ -63,41 +55,21 @@ from .bundle import (
     is_expert_tensor,
     open_bundle,
 )
-from .cache import Entry, ExpertCache, SlotArena, layer_chunks
+from .cache import Entry, ExpertCache, SlotArena
+from .decode import make_decoder
+from .decode.eager import EagerSteps
+from .generation import EngineBusy, EngineGeneration, GenerationResult  # noqa: F401  (re-exported)
 from .io import CudaTransfer, ExpertReader
+from .loading import _load_predictor, _load_tokenizer, _probe_dtype, _resolve_dtype, load_non_experts
 from .memory import MemoryPlan, itemsize, parse_memory_limit, plan_memory, workspace_bytes
 from .options import BACKENDS, EngineOptions, choose, static_reasons
 from .quant import get_format
-from .shapes import neuron_bucket, pad_index, row_bucket
+from .stats import EngineStats
 
 CUDA_LIBRARY_WORKSPACE = 64 * 2**20  # cuBLAS / cuBLASLt workspaces the caching allocator hands out on first use
 
 
-class EngineBusy(RuntimeError):
-    """Another thread is generating (or running a forward) on this engine: one engine serves one generation at a
-    time. Wait for it to finish, or open a second engine (each has its own cache and KV cache)."""
-
-
-@dataclass
-class GenerationResult:
-    tokens: list[int]
-    text: str | None
-    prompt_tokens: int
-    stats: GenerationStats
-
-
-@dataclass
-class _Work:
-    """One layer's experts for one forward chunk: request order, chunks, token rows and top-k slot per expert."""
-
-    layer: int
-    chunks: list[list[int]]
-    rows: dict[int, tuple[torch.Tensor | None, torch.Tensor | int]]  # expert -> (token rows or None, k slot)
-    double: bool = False  # chunk c + 1 is requested while chunk c computes
-    requested: list[list[Entry] | None] = field(default_factory=list)
-
-
-class Engine:
+class Engine(EagerSteps, EngineGeneration, EngineStats):
     """Use :meth:`from_pretrained`. Thread model: one caller thread computes; I/O threads only read. A generation
     belongs to the thread that started it until it ends (exhausted, closed or garbage-collected); ``generate``,
     ``stream`` or ``forward`` from another thread meanwhile raises :class:`EngineBusy` (never a wrong token). In one
@@ -253,7 +225,7 @@ class Engine:
             num_experts_total=config.num_hidden_layers * config.num_experts, top_k=config.top_k,
             max_context=self.max_context, host_bytes=host)
 
-        self.model = self._load_non_experts(stored, names)
+        self.model = load_non_experts(config, stored, names, self.dtype, self.device)
         self.hooks = HookRegistry()
         self.model.hooks = self.hooks
         self.tokenizer = _load_tokenizer(self.checkpoint_dir)
@@ -270,12 +242,9 @@ class Engine:
         self.reader = self.transfer = self.arena = self.cache = None
         self._open_io()
         self.reset_stats()
-        self._graph = None  # cuda_graph=True: the graph decode (engine/cuda_graph.py), built on first use
-        if cuda_graph:
-            from .cuda_graph import GraphDecoder
-
-            self._graph = GraphDecoder(self, fused=cuda_graph == "fused" or not self.exact,
-                                       kernels=cuda_graph == "kernels")
+        # the decode backend (engine/decode/): None for eager, else a decoder built on first use
+        self.decoder = make_decoder(self, {False: "eager", True: "graph", "fused": "fused",
+                                           "kernels": "kernels"}[cuda_graph])
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -296,37 +265,6 @@ class Engine:
         return cls(path, memory_limit, device, policy=policy, prefetch=prefetch, quantization=quantization,
                    backend=backend, options=options, **option_fields)
 
-    def _load_non_experts(self, stored: dict, names: list[str]) -> SmallThinkerForCausalLM:
-        from safetensors import safe_open
-
-        config = self.config
-        with _skip_init(), torch.device("meta"):
-            model = SmallThinkerForCausalLM(config)
-        for layer in model.model.layers:
-            layer.block_sparse_moe.experts = nn.ModuleList()  # experts live in the bundle, never here
-        by_file: dict[Path, list[str]] = {}
-        for n in names:
-            by_file.setdefault(stored[n][0], []).append(n)
-        state = {}
-        for file, file_names in by_file.items():
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for n in file_names:
-                    t = f.get_tensor(n)
-                    if t.dtype != self.dtype or t.device != self.device:
-                        t = t.to(device=self.device, dtype=self.dtype)
-                    state[n] = t
-        if config.tie_word_embeddings:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        if unexpected or missing:
-            raise RuntimeError(f"non-expert weights did not load: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        model.model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta).to(self.device)
-        left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-        if left:
-            raise RuntimeError(f"non-expert tensors left on the meta device: {left[:3]}")
-        return model.eval().requires_grad_(False)
 
     def _open_io(self) -> None:
         """Slots, reader threads, cache and KV cache; what close() releases and reopen() makes again."""
@@ -395,8 +333,8 @@ class Engine:
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        if getattr(self, "_graph", None) is not None:
-            self._graph.reset()  # its graphs and buffers hold views of the slots
+        if getattr(self, "decoder", None) is not None:
+            self.decoder.reset()  # its graphs and buffers hold views of the slots
         try:
             if self.cache is not None:
                 self.cache.drain()
@@ -466,7 +404,7 @@ class Engine:
 
     def _step_fallback(self) -> str | None:
         """Why a decode step of the chosen graph backend would run eager now, or None."""
-        if self._graph is None or self._graph.usable():
+        if self.decoder is None or self.decoder.usable():
             return None
         if len(self.hooks):
             return "decode steps run eager while hooks are registered (an instrument records)"
@@ -478,19 +416,6 @@ class Engine:
         """The split of the memory limit: a dict (bytes), or a DataFrame with ``as_frame=True``."""
         return self.plan.to_frame() if as_frame else self.plan.as_dict()
 
-    def resident_bytes(self) -> int:
-        """What the engine holds now, by its own accounting: weights, KV cache as allocated, occupied cache slots,
-        plus the planned workspace and staging (temporaries are not tracked one by one)."""
-        kv = sum(layer.allocated_bytes for layer in self.kv.layers)
-        return (self._non_expert_bytes + kv + self.cache.resident_bytes + self.plan.workspace_bytes
-                + self.plan.staging_bytes)
-
-    @property
-    def trace(self) -> list[tuple[int, int, int]]:
-        """Demand requests since the last reset: (step, layer, expert), in request order."""
-        if self._graph is not None:
-            self._graph.flush()
-        return self.cache.trace
 
     # ------------------------------------------------------------------ forward
     @torch.inference_mode()
@@ -532,12 +457,12 @@ class Engine:
             torch.set_num_threads(self.compute_threads)
         t0 = time.perf_counter()
         try:
-            graph_step = T == 1 and self._graph is not None and self._graph.usable()
+            graph_step = T == 1 and self.decoder is not None and self.decoder.usable()
             if graph_step:
-                logits = self._graph.decode(ids, start)  # every expert resident, no hook: one graph step
+                logits = self.decoder.decode(ids, start)  # every expert resident, no hook: one graph step
             else:
-                if self._graph is not None:
-                    self._graph.flush()  # the last kernel step's counters before this step's
+                if self.decoder is not None:
+                    self.decoder.flush()  # the last kernel step's counters before this step's
                 for c0 in range(0, T, self.prefill_chunk):
                     x = self._run(ids[:, c0:c0 + self.prefill_chunk], start + c0)
                 # exact: the LM head over every position of the (last) chunk, as the model's forward does, so
@@ -554,7 +479,7 @@ class Engine:
                 torch.set_num_threads(threads)
         self._count(phase, T, 0.0, self.cache.stats.bytes_read - bytes0)
         if graph_step:
-            self._graph.wait()  # the bookkeeping above ran while the device computed the step
+            self.decoder.wait()  # the bookkeeping above ran while the device computed the step
         dt = time.perf_counter() - t0
         self._stats[phase + "_seconds"] += dt
         if log:
@@ -565,263 +490,6 @@ class Engine:
 
     __call__ = forward
 
-    def _count(self, phase: str, tokens: int, seconds: float, nbytes: int) -> None:
-        """A forward's tokens, seconds and bytes read in the engine's counters, and the peak of resident bytes."""
-        st = self._stats
-        st[phase + "_tokens"] += tokens
-        st[phase + "_seconds"] += seconds
-        st[phase + "_bytes"] += nbytes
-        self._peak_accounted = max(self._peak_accounted, self.resident_bytes())
-
-    def _run(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        T = ids.shape[1]
-        self._step += 1
-        self.cache.step = self._step
-        positions = torch.arange(start, start + T, device=self.device)
-        x = self.model.model.embed_tokens(ids)  # (1, T, H)
-        rope = self.model.model.rotary(positions, x.dtype) if any(self.config.rope_layout) else None
-        predicted: list[int] | None = None
-        for i, layer in enumerate(self._layers):
-            x, predicted = self._layer(i, layer, x, positions, rope, predicted)
-        return x
-
-    def _layer(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rope, predicted: list[int] | None):
-        cfg, hooks, clock = self.config, self.hooks, time.perf_counter
-        moe = layer.block_sparse_moe
-        t0 = clock()
-        logits = moe.route(x).reshape(-1, cfg.num_experts)  # (N, E), raw residual, before attention
-        ids, weights = moe.select(logits)  # (N, K)
-        weights = weights.to(x.dtype)
-        if hooks.active("router"):
-            hooks.fire("router", layer=i, logits=logits, topk_ids=ids, topk_weights=weights)
-        work = self._plan(i, ids)  # reads the ids: one host sync
-        if predicted is not None:
-            correct = len(set(predicted) & set(work.rows))
-            self._la_predicted[i] += len(predicted)
-            self._la_correct[i] += correct
-        if self.prefetch:
-            self._request_next(work)
-        nxt = None
-        ahead = self.lookahead and x.shape[1] == 1 and i + 1 < len(self._layers)
-        if ahead and self._la_early:  # from this layer's input: a whole layer of lead
-            nxt = self._speculate_next(i, x)
-        t1 = clock()
-        x = x + layer.self_attn(layer.input_layernorm(x), positions, rope, self.kv[i])
-        t2 = clock()
-        if ahead and not self._la_early:  # from the residual after attention: the MoE's time of lead
-            nxt = self._speculate_next(i, x)
-        t3 = clock()
-        u = layer.post_attention_layernorm(x)
-        x = x + self._moe(work, u, weights).view_as(x)
-        t4 = clock()
-        self._t_router[i] += (t1 - t0) + (t3 - t2)
-        self._t_attn[i] += t2 - t1
-        self._t_moe[i] += t4 - t3
-        if self._timing:
-            for part, s in (("router", (t1 - t0) + (t3 - t2)), ("attention", t2 - t1), ("moe", t4 - t3)):
-                hooks.fire("timing", step=self._step, layer=i, part=part, seconds=s)
-        return x, nxt
-
-    def _speculate_next(self, i: int, x: torch.Tensor) -> list[int]:
-        """Look-ahead: layer i+1's router on the residual x; its top-k start reading (cache.speculate)."""
-        cfg = self.config
-        nxt_logits = self._layers[i + 1].block_sparse_moe.route(x).reshape(-1, cfg.num_experts)
-        nxt = torch.topk(nxt_logits, cfg.top_k, dim=-1).indices[0].tolist()
-        for e in sorted(nxt):
-            self.cache.speculate((i + 1, e))
-        return nxt
-
-    def _plan(self, layer: int, ids: torch.Tensor) -> _Work:
-        """Which experts this layer needs, in request order, split into chunks the cache can hold."""
-        N, K = ids.shape
-        if N == 1:
-            experts = ids[0].tolist()
-            rows = {e: (None, k) for k, e in enumerate(experts)}
-            order = sorted(experts)
-        else:  # group tokens per expert as the model's MoE loop does (slot-major)
-            mask = F.one_hot(ids, self.config.num_experts).permute(2, 1, 0)  # (E, K, N)
-            order = torch.nonzero(mask.sum(dim=(1, 2))).flatten().tolist()
-            rows = {}
-            for e in order:
-                slot, token = torch.where(mask[e])
-                rows[e] = (token, slot)
-        cap = self.cache.capacity_experts
-        if len(order) > cap:  # streamed through the cache in chunks: resident experts first
-            resident = [e for e in order if (layer, e) in self.cache]
-            order = resident + [e for e in order if (layer, e) not in self.cache]
-        chunks, double = layer_chunks(order, cap)
-        return _Work(layer, chunks, rows, double)
-
-    def _request_next(self, work: _Work) -> None:
-        """Request the next chunk of the layer's experts (pins them; misses start reading)."""
-        c = len(work.requested)
-        if c < len(work.chunks):
-            work.requested.append([self.cache.request((work.layer, e), ahead=self.prefetch) for e in work.chunks[c]])
-
-    def _moe(self, work: _Work, u: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        H = self.config.hidden_size
-        u = u.reshape(-1, H)  # (N, H)
-        self._moe_input = u  # the rows _expert pads from
-        double = work.double
-        outs: dict[int, torch.Tensor] = {}
-        cache = self.cache
-        for c in range(len(work.chunks)):
-            if len(work.requested) <= c:
-                self._request_next(work)
-            if double and len(work.requested) == c + 1:
-                self._request_next(work)  # the next chunk loads while this one computes
-            for entry in cache.as_completed(work.requested[c]):
-                self._settle(entry)
-                e = entry.key[1]
-                token, slot = work.rows[e]
-                x_e = u if token is None else u[token]  # (n, H)
-                out = self._expert(entry, x_e, token)
-                w = weights[:, slot, None] if token is None else weights[token, slot, None]
-                outs[e] = out * w
-                cache.release(entry)
-        seen = self._moe_seen
-        if seen is not None and seen[0]:
-            self.hooks.fire("moe", layer=work.layer, experts=seen[0], token_index=seen[1], gates=seen[2])
-            self._moe_seen = ([], [], [])
-        y = torch.zeros_like(u)
-        for e in sorted(outs):  # the model's combine order: ascending expert id
-            token = work.rows[e][0]
-            if token is None:
-                y.add_(outs[e])
-            else:
-                y.index_add_(0, token, outs[e])
-        return y
-
-    def _settle(self, entry: Entry) -> None:
-        """Before computing with an entry the cache handed out: a checksum still running is checked at the
-        forward's end; on CUDA the compute stream waits for the copy into the slot (once), and an exact engine's
-        down matrix goes back to the model's [H, F] layout in the slot (once, the first time it is used)."""
-        if entry.future is not None:  # computed before its checksum completed
-            self._unverified.append(entry.future)
-        if self.transfer is not None and entry.result is not None:  # the copy's event
-            torch.cuda.current_stream(self.device).wait_event(entry.result)
-            entry.result = None
-        if self._layout_pending:
-            fut = self._layout_pending.pop(entry.slot, None)
-            if fut is not None:  # done: the cache waited for it before handing the entry out
-                torch.cuda.current_stream(self.device).wait_event(fut.result())
-                self._down_to_model_layout_device(entry.slot)
-
-    def _expert(self, entry: Entry, x: torch.Tensor, token: torch.Tensor | None) -> torch.Tensor:
-        """One expert's ReGLU from its slot (settled by ``_settle``): views of the slot's bytes for the stored
-        dtype, decoded otherwise."""
-        layer, expert = entry.key
-        codec, dtype = self._codec, self.dtype
-        shape = self.bundle.matrices["gate"].shape
-        watch = self._watch_one or self._moe_seen is not None
-        n = x.shape[0]
-        if self.device.type == "cpu" and n > 2:  # rows from a bounded set of sizes (engine/shapes.py)
-            rows = pad_index(token if token is not None else torch.arange(n), row_bucket(n))
-            if rows.shape[0] > n:
-                x = self._moe_input.index_select(0, rows)
-        y = self._expert_rows(entry, x, token, n, layer, expert, codec, dtype, shape, watch)
-        return y[:n] if y.shape[0] > n else y
-
-    def _expert_rows(self, entry: Entry, x: torch.Tensor, token: torch.Tensor | None, n: int, layer: int,
-                     expert: int, codec, dtype: torch.dtype, shape, watch: bool) -> torch.Tensor:
-        """``_expert`` on x (m >= n rows: rows past n repeat a real one); hooks and counters see the first n."""
-        if self._zero_copy:
-            wg, wu, wd = self._slot_views(entry.slot)  # views of the slot's bytes, no copy
-        else:
-            mat = self._slot_bytes(entry.slot)
-        if self.exact:  # the model's ops on the model's layouts (wd: [H, F]), bit-identical results
-            if not self._zero_copy:
-                wg, wu, wd = (codec.decode(mat[m], shape, dtype) for m in ("gate", "up", "down"))
-                wd = wd.t().contiguous()
-            g = F.linear(x, wg)  # (n, F)
-            if watch:
-                self._fire_expert(layer, expert, token, g[:n])
-            if self.device.type == "cpu":
-                self._neurons_active += int(sparse.active_neurons(g).numel())
-                self._neurons_total += shape[0]
-            return F.linear(F.linear(x, wu) * F.relu(g), wd)
-        if self.device.type == "cuda":  # dense, no host sync
-            if not self._zero_copy:
-                wg, wu, wd = (codec.decode(mat[m], shape, dtype) for m in ("gate", "up", "down"))
-            g = F.linear(x, wg)  # (n, F)
-            if watch:
-                self._fire_expert(layer, expert, token, g)
-            return (F.linear(x, wu) * F.relu(g)) @ wd
-        if self._zero_copy:
-            g = None
-            if watch:  # the gate the hook sees is the one the kernel uses: computed once
-                g = F.linear(x, wg)
-                self._fire_expert(layer, expert, token, g[:n])
-            if self.sparse_reglu is False:
-                y, n_active = sparse.reglu_dense(x, wg, wu, wd, gate=g)
-            else:
-                y, n_active = sparse.reglu(x, wg, wu, wd, min_sparsity=-1.0 if self.sparse_reglu is True else None,
-                                           gate=g)
-        else:  # quantised (or another dtype): decode the gate, then only the active rows of up and down
-            wg = codec.decode(mat["gate"], shape, dtype)
-            g = F.linear(x, wg)  # (n, F)
-            if watch:
-                self._fire_expert(layer, expert, token, g[:n])
-            idx = torch.nonzero((g > 0).any(dim=0)).flatten()
-            n_active = int(idx.numel())
-            min_sp = (sparse.default_min_sparsity(dtype, n, shape[0] * shape[1]) if self.sparse_reglu == "auto"
-                      else (-1.0 if self.sparse_reglu else 1.0))
-            if 1.0 - n_active / shape[0] > min_sp:
-                # the up product's shape from a bounded set (engine/shapes.py)
-                up_idx = pad_index(idx, neuron_bucket(n_active, shape[0])) if n_active else idx
-                wu_r = codec.decode_rows(mat["up"], shape, up_idx, dtype)
-                wd_r = codec.decode_rows(mat["down"], shape, idx, dtype)
-                y = sparse.reglu_from_rows(x, g, idx, wu_r, wd_r)
-            else:
-                y, _ = sparse.reglu_dense(x, wg, codec.decode(mat["up"], shape, dtype),
-                                          codec.decode(mat["down"], shape, dtype))
-        self._neurons_active += n_active
-        self._neurons_total += shape[0]
-        return y
-
-    def _slot_bytes(self, slot: int) -> dict[str, torch.Tensor]:
-        buf = self.arena.tensor(slot)
-        return {m: buf[sp.offset:sp.offset + sp.nbytes] for m, sp in self.bundle.matrices.items()}
-
-    def _slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gate, up, down^T) as [F, H] views of a slot, made once per slot: they stay valid whatever it holds."""
-        views = self._views[slot]
-        if views is None:
-            mat, shape = self._slot_bytes(slot), self.bundle.matrices["gate"].shape
-            views = tuple(self._codec.decode(mat[m], shape, self.dtype) for m in ("gate", "up", "down"))
-            if self.exact:  # the down matrix is kept in the model's [H, F] layout
-                views = (views[0], views[1], mat["down"].view(self.dtype).view(shape[1], shape[0]))
-            self._views[slot] = views
-        return views
-
-    def _fire_expert(self, layer: int, expert: int, token: torch.Tensor | None, g: torch.Tensor) -> None:
-        # token_index: rows of this forward chunk that the expert received (None in "moe": every row)
-        seen = self._moe_seen
-        if seen is not None:
-            seen[0].append(expert), seen[1].append(token), seen[2].append(g)
-        if self._watch_one:
-            self.hooks.fire("expert", layer=layer, expert=expert, token_index=token if token is not None else
-                            torch.arange(g.shape[0], device=g.device), gate=g)
-
-    def _lm_head(self, x: torch.Tensor, decode: bool) -> torch.Tensor:
-        t0 = time.perf_counter()
-        h = self.model.model.norm(x)  # (1, 1, H)
-        pred = self.lm_head_predictor
-        if decode and pred is not None:  # rows the predictor skips get fill_value (default -inf: never sampled)
-            from .lm_head import sparse_lm_head
-
-            logits, rows = sparse_lm_head(h.reshape(1, -1), self.model.lm_head.weight, pred,
-                                          fill_value=self.fill_value)
-            logits = logits.view(1, 1, -1)
-            self._lm_rows += rows
-            self._lm_calls += 1
-        else:
-            logits = self.model.lm_head(h)  # (1, 1, V)
-        dt = time.perf_counter() - t0
-        self._t_lm_head += dt
-        if self._timing:
-            self.hooks.fire("timing", step=self._step, layer=-1, part="lm_head", seconds=dt)
-        return logits
 
     def _cache_event(self, event: str, key: tuple[int, int], nbytes: int) -> None:
         self.hooks.fire("cache", step=self._step, layer=key[0], expert=key[1], event=event, nbytes=nbytes)
@@ -844,230 +512,11 @@ class Engine:
             raise RuntimeError("the engine is closed: call engine.reopen() or open a new one")
 
     # ------------------------------------------------------------------ generation
-    def encode(self, prompt) -> torch.Tensor:
-        """Token ids (1, T) of a str (needs a tokenizer), a list of ids or a tensor."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"a text prompt needs a tokenizer, and {self.checkpoint_dir} has none "
-                                 f"(tokenizer.json or vocab.json + merges.txt): pass token ids instead")
-            ids = self.tokenizer(prompt)["input_ids"]
-        else:
-            ids = prompt
-        return token_ids(ids, self.config.vocab_size).reshape(1, -1)  # integers in the vocabulary, else ValueError
 
-    def stream(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] | None = None,
-               stats: GenerationStats | None = None) -> Iterator[int]:
-        """Yield generated token ids one at a time (batch 1). Checks the prompt before any work."""
-        ids = self.encode(prompt)
-        self._check_open()
-        n = ids.shape[1]
-        if n == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        max_new_tokens = check_max_new_tokens(max_new_tokens)  # an int >= 1, as the in-memory generate
-        if n + max_new_tokens - 1 > self.max_context:
-            raise ValueError(f"prompt too long: {n} prompt tokens + {max_new_tokens} new tokens need "
-                             f"{n + max_new_tokens - 1} positions, more than max_context={self.max_context} "
-                             f"(open the engine with a larger max_context, or shorten the prompt)")
-        sampling = SamplingConfig(temperature, top_k, top_p, seed)
-        stop = self.config.eos_ids() if stop_tokens is None else stop_tokens
-        return self._stream(ids, max_new_tokens, sampling, stop, stats)
-
-    def _stream(self, ids, max_new_tokens, sampling, stop, stats) -> Iterator[int]:
-        thread = threading.get_ident()
-        with self._lock:
-            self._refuse_other_thread(thread, "generate()/stream()")
-            self._owner = thread
-            self._generation += 1
-            me = self._generation
-        try:
-            self.kv.reset()
-            self.cache.drain()
-
-            def step(x: torch.Tensor) -> torch.Tensor:
-                if self._generation != me:
-                    raise RuntimeError("this generation was superseded by a newer generate()/stream() on the engine")
-                return self.forward(x)
-
-            if sampling.temperature == 0 and self._graph is not None and self._graph.pipelines():
-                it = self._stream_ahead(ids.to(self.device), max_new_tokens, stop, stats, me)
-            else:
-                it = stream_tokens(step, ids.to(self.device), max_new_tokens, sampling, stop, stats)
-            try:
-                yield from it
-            finally:
-                it.close()
-                if self._generation == me and not self._closed:
-                    self.cache.drain()
-                    if self._graph is not None:
-                        self._graph.flush()
-        finally:
-            with self._lock:
-                if self._generation == me:
-                    self._owner = None
-
-    def _stream_ahead(self, ids, max_new_tokens: int, stop, stats, me: int) -> Iterator[int]:
-        """Greedy generation through the decode kernels, the device one step ahead of the host
-        (``GraphDecoder.decode_ahead``); the same tokens and the same counters as ``stream_tokens`` over
-        ``forward``, with the same timing of each step (from resuming to its token on the host)."""
-        stats = stats if stats is not None else GenerationStats()
-        stats.prompt_tokens = ids.shape[1]
-        stop = {int(t) for t in stop}
-        t0 = time.perf_counter()
-        token = torch.argmax(self.forward(ids)[:, -1], dim=-1)  # the prefill, as stream_tokens
-        tok = int(token.item())
-        stats.prefill_seconds = time.perf_counter() - t0
-        stats.new_tokens += 1
-        yield tok
-        if tok in stop or max_new_tokens == 1:
-            return
-
-        def check():
-            if self._generation != me:
-                raise RuntimeError("this generation was superseded by a newer generate()/stream() on the engine")
-
-        with closing(self._graph.decode_ahead(token, max_new_tokens - 1, stop, check)) as steps:
-            for tok, dt in steps:
-                stats.new_tokens += 1
-                stats.decode_token_seconds.append(dt)
-                stats.decode_seconds += dt
-                yield tok
-
-    def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None,
-                 stop_tokens: Sequence[int] | None = None) -> GenerationResult:
-        """Generate and return the tokens (prompt excluded), their text when a tokenizer exists, and timings."""
-        stats = GenerationStats()
-        tokens = list(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, stats))
-        text = self.tokenizer.decode(tokens) if self.tokenizer is not None else None
-        return GenerationResult(tokens, text, stats.prompt_tokens, stats)
 
     # ------------------------------------------------------------------ stats
-    def reset_stats(self, clear_cache: bool = False) -> None:
-        """Zero the counters and the trace; ``clear_cache=True`` also empties the expert cache (a replay of the
-        trace through simulate() then starts from the same empty cache as the engine did)."""
-        L = self.config.num_hidden_layers
-        if getattr(self, "_graph", None) is not None:
-            self._graph.flush()
-        if clear_cache:
-            self.cache.clear()
-        self.cache.reset_stats()
-        self._step = 0
-        self._stats = {k: 0 for k in ("prefill_tokens", "prefill_seconds", "prefill_bytes", "decode_tokens",
-                                      "decode_seconds", "decode_bytes")}
-        self._t_router, self._t_attn, self._t_moe = [0.0] * L, [0.0] * L, [0.0] * L
-        self._t_lm_head = 0.0
-        self._lm_rows = self._lm_calls = 0
-        self._la_predicted, self._la_correct = [0] * L, [0] * L
-        self._neurons_active = self._neurons_total = 0
-        self._peak_accounted = self.resident_bytes()
-
-    def stats(self) -> dict:
-        if self._graph is not None:
-            self._graph.flush()
-        c, s = self.cache.stats, self._stats
-        predicted, correct = sum(self._la_predicted), sum(self._la_correct)
-        tokens = s["prefill_tokens"] + s["decode_tokens"]
-        return {
-            "requests": c.requests, "hits": c.hits, "misses": c.misses, "hit_rate": c.hit_rate,
-            "bytes_read": c.bytes_read, "bytes_read_per_token": c.bytes_read / tokens if tokens else float("nan"),
-            "decode_bytes_read_per_token": (s["decode_bytes"] / s["decode_tokens"] if s["decode_tokens"]
-                                            else float("nan")),
-            "evictions": c.evictions, "prefetch_issued": c.prefetch_issued, "prefetch_used": c.prefetch_used,
-            "prefetch_wasted": c.prefetch_wasted, "wasted_bytes": c.wasted_bytes,
-            "speculative_reads": c.speculative_reads, "lookahead_predicted": predicted,
-            "lookahead_correct": correct, "lookahead_accuracy": correct / predicted if predicted else float("nan"),
-            "io_wait_seconds": c.io_wait_seconds, "router_seconds": sum(self._t_router),
-            "attention_seconds": sum(self._t_attn), "moe_seconds": sum(self._t_moe),
-            "lm_head_seconds": self._t_lm_head,
-            "lm_head_rows_per_token": self._lm_rows / self._lm_calls if self._lm_calls else float("nan"),
-            "prefill_tokens": s["prefill_tokens"], "prefill_seconds": s["prefill_seconds"],
-            "prefill_tok_s": s["prefill_tokens"] / s["prefill_seconds"] if s["prefill_seconds"] else float("nan"),
-            "decode_tokens": s["decode_tokens"], "decode_seconds": s["decode_seconds"],
-            "decode_tok_s": s["decode_tokens"] / s["decode_seconds"] if s["decode_seconds"] else float("nan"),
-            "neuron_sparsity": (1 - self._neurons_active / self._neurons_total if self._neurons_total
-                                else float("nan")),
-            "capacity_experts": self.cache.capacity_experts, "expert_nbytes": self.cache.expert_nbytes,
-            "resident_bytes": self.resident_bytes(), "peak_accounted_bytes": self._peak_accounted,
-            "memory_limit": self.plan.limit, "policy": self.policy, "prefetch": self.prefetch,
-            "lookahead": self.lookahead, "format": self.bundle.format, "device": self.device.type,
-        }
-
-    def stats_frame(self):
-        """One row per layer (hits, misses, hit rate, I/O wait, router/attention/MoE seconds, look-ahead
-        accuracy), then an "all" row (a pandas DataFrame indexed by layer)."""
-        import pandas as pd
-
-        per = self.cache.stats.per_layer
-        rows = []
-        for i in range(self.config.num_hidden_layers):
-            h, m, w = per[i] if i in per else (0, 0, 0.0)
-            rows.append({"layer": i, "hits": h, "misses": m, "hit_rate": h / (h + m) if h + m else float("nan"),
-                         "bytes_read": m * self.cache.expert_nbytes, "io_wait_seconds": w,
-                         "router_seconds": self._t_router[i], "attention_seconds": self._t_attn[i],
-                         "moe_seconds": self._t_moe[i], "lookahead_predicted": self._la_predicted[i],
-                         "lookahead_correct": self._la_correct[i]})
-        total = {k: sum(r[k] for r in rows) for k in rows[0] if k != "layer"}
-        n = total["hits"] + total["misses"]
-        rows.append({"layer": "all", **total, "hit_rate": total["hits"] / n if n else float("nan")})
-        df = pd.DataFrame(rows)
-        df["lookahead_accuracy"] = df["lookahead_correct"] / df["lookahead_predicted"].where(
-            df["lookahead_predicted"] > 0)
-        return df.set_index("layer")
 
 
 # ------------------------------------------------------------------ helpers
-@contextmanager
-def _skip_init():
-    """Build modules without running their random init (on the meta device it only costs: torch routes
-    ``normal_`` through its reference implementations, whose first use imports torch._dynamo, seconds)."""
-    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
-    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
-    try:
-        yield
-    finally:
-        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
-def _probe_dtype(checkpoint_dir, dtype) -> torch.dtype:
-    """The dtype an engine over this checkpoint computes in (for the backend choice, before it opens)."""
-    folder = resolve_path(checkpoint_dir)
-    config = SmallThinkerConfig.from_json(folder / CONFIG_FILE)
-    stored = checkpoint_tensor_files(folder)
-    kinds = {stored[n][1] for n in expected_tensors(config) if not is_expert_tensor(n) and n in stored}
-    return _resolve_dtype(dtype, kinds, config)
-
-
-def _resolve_dtype(dtype, stored_kinds: set[str], config: SmallThinkerConfig) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is not None:
-        value = getattr(torch, str(dtype).removeprefix("torch."), None)
-        if not isinstance(value, torch.dtype) or not value.is_floating_point:
-            raise ValueError(f"dtype {dtype!r} is not a floating-point torch dtype")
-        return value
-    if len(stored_kinds) == 1 and next(iter(stored_kinds)) in FLOAT_DTYPES:
-        return FLOAT_DTYPES[next(iter(stored_kinds))]
-    return getattr(torch, config.torch_dtype)
-
-
-def _load_tokenizer(folder: Path):
-    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
-        return None
-    from ..model.tokenizer import load_tokenizer
-
-    return load_tokenizer(folder)
-
-
-def _load_predictor(predictor, config: SmallThinkerConfig, device: torch.device):
-    """An LMHeadPredictor, or one read from a file (safetensors / .pt flat tensor), on the engine's device."""
-    if predictor is None:
-        return None
-    if isinstance(predictor, (str, os.PathLike)):
-        from .lm_head import load_predictor
-
-        predictor = load_predictor(predictor, config.hidden_size, config.vocab_size)
-    if (predictor.hidden, predictor.vocab) != (config.hidden_size, config.vocab_size):
-        raise ValueError(f"the LM-head predictor is for hidden {predictor.hidden} / vocab {predictor.vocab}, the model "
-                         f"has {config.hidden_size} / {config.vocab_size}")
-    return predictor.to(device).eval()
