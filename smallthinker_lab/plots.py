@@ -273,7 +273,8 @@ def plot_hit_rate_curves(curves_df: pd.DataFrame, measured: pd.DataFrame | None 
                          total_bytes: float | None = None, logx: bool = False, unit: str = "MiB",
                          policy: str = "policy", hit_rate: str = "hit_rate"):
     """Expert-cache hit rate against cache capacity, one curve per policy; the optimal policy (Belady) as the
-    ceiling (black, dashed, "optimal (Belady)").
+    ceiling (black, dashed, "optimal (Belady)"); with a ``ceiling`` column (``hit_rate_curves``), the compulsory
+    ceiling as a grey dash-dot line: the best hit rate any cache of any size reaches on the trace.
 
     x: ``capacity_bytes`` in ``unit`` (MiB; 'auto' picks KiB/MiB/GiB) when the column exists, else
     ``capacity_experts``. ``measured``: engine runs
@@ -301,6 +302,10 @@ def plot_hit_rate_curves(curves_df: pd.DataFrame, measured: pd.DataFrame | None 
                     zorder=3)
         else:
             ax.plot(d[x] / scale, d[hit_rate], "-", color=colors[p], linewidth=1.6, label=str(p).upper(), zorder=2)
+    ceilings = pd.unique(curves_df["ceiling"].dropna()) if "ceiling" in curves_df else []
+    if len(ceilings) == 1:  # hit_rate_curves' compulsory ceiling: first touches miss in a cache of any size
+        ax.axhline(float(ceilings[0]), color="0.35", linestyle="-.", linewidth=1.1, zorder=1,
+                   label=f"compulsory ceiling ({float(ceilings[0]):.0%}: any size)")
     if measured is not None and len(measured):
         mx = measured_x or (x if x in measured else "memory_limit")
         mscale = scale if ("bytes" in mx or "limit" in mx) and in_bytes else 1.0
