@@ -129,3 +129,31 @@ def test_lru_limit_at_infinite_capacity_is_the_compulsory_ceiling(seed):
     curves = hit_rate_curves(trace, capacities=range(0, 80, 7))
     assert (curves["hit_rate"] <= curves["ceiling"] + 1e-12).all() and (curves["ceiling"] == ceiling).all()
     assert np.isnan(compulsory_ceiling([]))
+
+
+def test_report_hit_rate_table_splits_each_run():
+    import pandas as pd
+
+    from smallthinker_lab.report import hit_rate_table
+
+    trace = _trace(3, n=400)
+    distinct = len({t[1:] for t in trace})
+    caps = [4, 16, distinct]
+    curves = hit_rate_curves(trace, capacities=range(0, distinct + 1), policies=("lru", "lfu", "belady"))
+    rows = [{"mode": "in_memory", "variant": "in memory", "policy": None, "prefetch": None, "capacity_experts": np.nan,
+             "limit_share_of_expert_bytes": 1.0, "hit_rate": np.nan, "requests": np.nan,
+             "compulsory_misses": np.nan, "capacity_misses": np.nan}]
+    for policy in ("lru", "lfu"):
+        for c in caps:  # what the engine's counters give for a cold run of these requests
+            sim = simulate(trace, c, policy)
+            rows.append({"mode": "offload", "variant": "full", "policy": policy, "prefetch": True,
+                         "capacity_experts": c, "limit_share_of_expert_bytes": c / distinct, "hit_rate": sim.hit_rate,
+                         "requests": sim.requests, "compulsory_misses": sim.compulsory_misses,
+                         "capacity_misses": sim.capacity_misses})
+    table = hit_rate_table(pd.DataFrame(rows), curves)
+    assert len(table) == 2 * len(caps)  # engine runs only
+    np.testing.assert_allclose(table["hit_rate"] + table["compulsory_share"] + table["capacity_share"], 1.0)
+    np.testing.assert_allclose(table["compulsory_share"], 1 - compulsory_ceiling(trace))
+    assert (table["policy_share"] >= -1e-12).all() and (table["policy_share"] <= table["capacity_share"] + 1e-12).all()
+    full = table[table["capacity_experts"] == distinct]
+    assert (full["capacity_share"] == 0).all() and (full["hit_rate"] == full["ceiling"]).all()
