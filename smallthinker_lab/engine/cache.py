@@ -25,8 +25,9 @@ that has not been in the cache since it was last emptied (no cache of any size a
 an expert that was in the cache earlier (demanded, look-ahead read or preloaded) and was evicted before this
 request. Always hits + compulsory + capacity = requests. Policy misses (the part of the capacity misses that the
 optimal policy would have avoided: misses - Belady's misses at the same capacity) need the whole trace: two
-:func:`simulate` replays (``instruments.curves.miss_breakdown``). ``clear()`` forgets which experts were touched; ``reset_stats()``
-zeroes the counters but keeps that memory (a warm cache's later misses on experts it held are capacity misses).
+:func:`simulate` replays (``instruments.curves.miss_breakdown``). ``clear()`` forgets which experts were touched;
+``reset_stats()`` zeroes the counters but keeps that memory (a warm cache's later misses on experts it held are
+capacity misses).
 
 Counters: ``bytes_read`` = (misses + look-ahead reads + preloads) x expert bytes. ``prefetch_issued`` counts reads
 started before the data was needed: with prefetch on every demand miss (issued before attention) plus every
