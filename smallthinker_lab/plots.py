@@ -273,7 +273,8 @@ def plot_hit_rate_curves(curves_df: pd.DataFrame, measured: pd.DataFrame | None 
                          total_bytes: float | None = None, logx: bool = False, unit: str = "MiB",
                          policy: str = "policy", hit_rate: str = "hit_rate"):
     """Expert-cache hit rate against cache capacity, one curve per policy; the optimal policy (Belady) as the
-    ceiling (black, dashed, "optimal (Belady)").
+    ceiling (black, dashed, "optimal (Belady)"); with a ``ceiling`` column (``hit_rate_curves``), the compulsory
+    ceiling as a grey dash-dot line: the best hit rate any cache of any size reaches on the trace.
 
     x: ``capacity_bytes`` in ``unit`` (MiB; 'auto' picks KiB/MiB/GiB) when the column exists, else
     ``capacity_experts``. ``measured``: engine runs
@@ -301,6 +302,10 @@ def plot_hit_rate_curves(curves_df: pd.DataFrame, measured: pd.DataFrame | None 
                     zorder=3)
         else:
             ax.plot(d[x] / scale, d[hit_rate], "-", color=colors[p], linewidth=1.6, label=str(p).upper(), zorder=2)
+    ceilings = pd.unique(curves_df["ceiling"].dropna()) if "ceiling" in curves_df else []
+    if len(ceilings) == 1:  # hit_rate_curves' compulsory ceiling: first touches miss in a cache of any size
+        ax.axhline(float(ceilings[0]), color="0.35", linestyle="-.", linewidth=1.1, zorder=1,
+                   label=f"compulsory ceiling ({float(ceilings[0]):.0%}: any size)")
     if measured is not None and len(measured):
         mx = measured_x or (x if x in measured else "memory_limit")
         mscale = scale if ("bytes" in mx or "limit" in mx) and in_bytes else 1.0
@@ -422,3 +427,78 @@ def plot_loss_curve(log_df: pd.DataFrame, ax: Any = None, smooth: int | None = N
     ax.grid(True, alpha=0.3)
     ax.legend(handles=handles, frameon=False, fontsize="small", loc="upper right")
     return ax
+
+
+# ---------------------------------------------------------------------------------------------- warm starts
+_MISS_COLORS = {"hits": "#4c72b0", "capacity_misses": "#dd8452", "compulsory_misses": "#c44e52"}
+
+
+def plot_domain_hit_rates(domain_df: pd.DataFrame, ax: Any = None, domain: str = "domain",
+                          warm_from: str = "warm_from"):
+    """Per domain and warm-up (``engine.warm.domain_hit_rates``): one horizontal bar per run, split into hits,
+    capacity misses and compulsory misses as shares of its requests (each bar sums to 1). Returns the Axes."""
+    d = domain_df.reset_index(drop=True)
+    ax = _new_ax(ax, (7, 0.35 * len(d) + 1.4))
+    y = np.arange(len(d))[::-1]
+    left = np.zeros(len(d))
+    for col, label in (("hits", "hits"), ("capacity_misses", "capacity misses (evicted earlier)"),
+                       ("compulsory_misses", "compulsory misses (first touch)")):
+        share = d[col].to_numpy(dtype=float) / d["requests"].to_numpy(dtype=float)
+        ax.barh(y, share, left=left, color=_MISS_COLORS[col], label=label, height=0.75)
+        left += share
+    for yi, r in zip(y, d.to_dict("records")):
+        ax.text(0.01, yi, f"{r['hits'] / r['requests']:.1%}", va="center", ha="left", color="white",
+                fontsize="x-small")
+    labels = [f"{r[domain]}  (cold)" if r[warm_from] in ("none", None) else f"{r[domain]}  warm: {r[warm_from]}"
+              for r in d.to_dict("records")]
+    ax.set_yticks(y, labels, fontsize="small")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of demand requests")
+    cap = d["capacity_experts"].iloc[0] if "capacity_experts" in d else None
+    ax.set_title("hit rate per domain, cold and warm" + (f" ({cap} experts cached)" if cap is not None else ""))
+    ax.legend(frameon=False, fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.12 * 8 / max(8, len(d))
+                                                                                         - 0.05), ncols=3)
+    return ax
+
+
+def plot_domain_switch(switch_df: pd.DataFrame, axes: Any = None, window: int = 8):
+    """A cache serving one domain and then another (``engine.warm.switch_domains``), per forward step: top, the
+    hit rate over the last ``window`` steps (hits / requests, so a prefill weighs as its requests) and each
+    step's own (dots), with the share of resident experts read during the current phase (dashed, right axis);
+    bottom, each step's misses, compulsory and capacity, stacked. Phases are shaded and labelled. Returns the
+    Figure."""
+    import matplotlib.pyplot as plt
+
+    d = switch_df.sort_values("step").reset_index(drop=True)
+    if axes is None:
+        fig, axes = plt.subplots(2, 1, figsize=(10, 5.2), sharex=True, height_ratios=(3, 2), layout="constrained")
+    top, bottom = axes
+    fig = top.figure
+    x = d["step"].to_numpy()
+    roll = (d["hits"].rolling(window, min_periods=1).sum()
+            / d["requests"].rolling(window, min_periods=1).sum().replace(0, np.nan))
+    shades = ("#f2f2f2", "#e3ecf7")
+    for i, (_, g) in enumerate(d.groupby("phase_index", sort=True)):
+        lo, hi = g["step"].min() - 0.5, g["step"].max() + 0.5
+        for ax in axes:
+            ax.axvspan(lo, hi, color=shades[i % 2], zorder=0)
+        top.text((lo + hi) / 2, 1.04, str(g["phase"].iloc[0]), ha="center", va="bottom", fontsize="small")
+        if i:
+            for ax in axes:
+                ax.axvline(lo, color="0.3", linewidth=1.0, linestyle=":")
+    top.scatter(x, d["hit_rate"], s=8, color=_MISS_COLORS["hits"], alpha=0.35, label="hit rate of the step")
+    top.plot(x, roll, color=_MISS_COLORS["hits"], linewidth=1.8, label=f"hit rate, last {window} steps")
+    top.plot(x, d["phase_share"], "--", color="0.25", linewidth=1.2,
+             label="resident experts read in this phase")
+    top.set_ylim(0, 1.12)
+    top.set_ylabel("share")
+    top.legend(frameon=False, fontsize="x-small", loc="lower right", ncols=3)
+    bottom.bar(x, d["capacity_misses"], width=1.0, color=_MISS_COLORS["capacity_misses"],
+               label="capacity misses (evicted earlier)")
+    bottom.bar(x, d["compulsory_misses"], width=1.0, bottom=d["capacity_misses"],
+               color=_MISS_COLORS["compulsory_misses"], label="compulsory misses (first touch)")
+    bottom.set_ylabel("misses per step")
+    bottom.set_xlabel("forward step (a prompt's prefill, then one per generated token)")
+    bottom.set_xlim(x.min() - 0.5, x.max() + 0.5)
+    bottom.legend(frameon=False, fontsize="x-small", loc="upper right")
+    return fig

@@ -195,7 +195,8 @@ def bench_runs(model: str | Path, prompts: Sequence[Sequence[int]], max_new_toke
     """Time the in-memory model and the engine's ``runs`` (default :func:`default_runs`) over the same prompts,
     instruments off, each engine from an empty cache. Rows: mode, variant, device, memory_limit,
     limit_share_of_expert_bytes, policy, prefetch, prefill/decode tok/s and tokens, hit_rate,
-    bytes_read_per_token (decode), io_wait_share, capacity_experts, bound_share (see :func:`decode_bound`)."""
+    bytes_read_per_token (decode), io_wait_share, capacity_experts, requests, compulsory_misses, capacity_misses
+    (the engine's counters), bound_share (see :func:`decode_bound`)."""
     from tqdm.auto import tqdm
 
     from .engine import Engine
@@ -219,7 +220,8 @@ def bench_runs(model: str | Path, prompts: Sequence[Sequence[int]], max_new_toke
         rows.append({"mode": "in_memory", "variant": "in memory", "device": device, "memory_limit": np.nan,
                      "limit_share_of_expert_bytes": 1.0, "policy": None, "prefetch": None, **_rates(t),
                      "hit_rate": np.nan, "bytes_read_per_token": 0.0, "io_wait_share": 0.0,
-                     "capacity_experts": np.nan})
+                     "capacity_experts": np.nan, "requests": np.nan, "compulsory_misses": np.nan,
+                     "capacity_misses": np.nan})
         lm = None  # free it before the engines run
         for variant, limit, policy, prefetch in runs:
             engine = Engine.from_pretrained(model, memory_limit=limit, device=device, policy=policy,
@@ -233,6 +235,7 @@ def bench_runs(model: str | Path, prompts: Sequence[Sequence[int]], max_new_toke
 
                 t = _timed(gen_engine, prompts, max_new_tokens, bar)
                 s = engine.stats()
+                c = engine.cache.stats
                 if variant == "all experts cached":
                     trace = list(engine.trace)
                 if (limit, policy, prefetch) == (main_limit, "lru", True):
@@ -245,7 +248,8 @@ def bench_runs(model: str | Path, prompts: Sequence[Sequence[int]], max_new_toke
                          "policy": policy, "prefetch": prefetch, **_rates(t), "hit_rate": s["hit_rate"],
                          "bytes_read_per_token": s["decode_bytes_read_per_token"],
                          "io_wait_share": s["io_wait_seconds"] / busy if busy else np.nan,
-                         "capacity_experts": s["capacity_experts"]})
+                         "capacity_experts": s["capacity_experts"], "requests": c.requests,
+                         "compulsory_misses": c.compulsory_misses, "capacity_misses": c.capacity_misses})
     finally:
         bar.close()
     df = pd.DataFrame(rows)
@@ -254,6 +258,27 @@ def bench_runs(model: str | Path, prompts: Sequence[Sequence[int]], max_new_toke
                          for r in df.to_dict("records")]
     df.attrs["memory_bandwidth"] = bw
     return Bench(df, trace, main_layers)
+
+
+def hit_rate_table(bench: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """Per engine run of ``bench`` (cold, each from an empty cache): the measured hit rate and misses split into
+    compulsory (first touch: a cold cache of any size misses these) and capacity (evicted earlier), as shares of
+    the run's requests (the engine's counters), beside Belady's hit rate at the same capacity on the same requests
+    (``curves``, from the every-expert run's trace), the policy's misses above Belady's (policy misses), and the
+    compulsory ceiling (the best any cache reaches on these requests from a cold start)."""
+    runs = bench[bench["mode"] == "offload"]
+    best = curves[curves["policy"].str.lower() == "belady"].set_index("capacity_experts")["hit_rate"]
+    ceiling = float(curves["ceiling"].iloc[0]) if "ceiling" in curves and len(curves) else np.nan
+    rows = []
+    for r in runs.to_dict("records"):
+        n, cap = r["requests"], int(r["capacity_experts"])
+        belady = float(best.get(cap, np.nan))
+        rows.append({"variant": r["variant"], "policy": r["policy"], "prefetch": r["prefetch"],
+                     "capacity_experts": cap, "share_of_expert_bytes": r["limit_share_of_expert_bytes"],
+                     "hit_rate": r["hit_rate"], "compulsory_share": r["compulsory_misses"] / n,
+                     "capacity_share": r["capacity_misses"] / n, "belady_hit_rate": belady,
+                     "policy_share": belady - r["hit_rate"], "ceiling": ceiling})
+    return pd.DataFrame(rows)
 
 
 def measure_memory_bandwidth(nbytes: int = 64 * MiB, repeats: int = 5) -> float:
@@ -401,6 +426,9 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
         "kv_table.csv": (tables.kv_table(kv_configs, kv_contexts), "KV cache: hybrid vs all-global"),
         "kv_footprint.csv": (kv_footprint(kv, config), None),
         "hit_rates_per_layer.csv": (hit_rates(cache), "Hit rate per layer (profile run)"),
+        "hit_rate_table.csv": (hit_rate_table(bench, curves),
+                               "Hit rate and misses per run, from a cold cache: compulsory (first touch), capacity "
+                               "(evicted earlier), the policy's gap to Belady, the cold-start ceiling"),
         "hit_rate_curves.csv": (curves, None),
         "instrumented_throughput.csv": (throughput(timing), None),
         "io_wait_share.csv": (io_wait_share(timing), None),

@@ -4,11 +4,18 @@
 limit, greedy decoding: the demand requests do not depend on the limit or the policy), and from it the hit-rate
 curve of each policy at every cache size (LRU in one stack-distance pass, LFU by replay). Moving the memory-limit
 slider maps the limit to the expert-cache capacity exactly as the engine's memory planner does and shows the
-curve's hit rate there at once; the run button opens an engine under that limit, policy and prefetch setting,
-streams the generated text in, and shows the measured hit rate, tok/s, I/O wait and per-layer hit rates.
+curve's hit rate there at once, with its misses split: compulsory (first touch of an expert: a cache that starts
+empty misses these at any size, so a short run's hit rate stays below the trace's ceiling even when every expert
+fits), capacity (evicted earlier, needed again) and, against the optimal policy (Belady) at the same size, the
+policy's share of them. The run button opens an engine under that limit, policy and prefetch setting, streams the
+generated text in, and shows the measured hit rate and its misses split, tok/s, I/O wait and per-layer hit rates.
+With the warm-start toggle on, the run measures the prompts twice: from an empty cache (cold), then from a cache
+filled by a warm-up (``engine.warm.warm_start`` from the recorded trace of the warm-up prompt set: the cache the
+cold run of that set leaves), side by side, and checks that both gave the same tokens.
 
 Stable CSS classes for a browser: ``st-explorer`` (the whole box), ``st-limit-slider``, ``st-limit-share``,
-``st-predicted-hit-rate``, ``st-measured``, ``st-layer-bars``, ``st-generated-text``, ``st-status``, ``st-run``.
+``st-predicted-hit-rate``, ``st-miss-breakdown``, ``st-measured``, ``st-layer-bars``, ``st-generated-text``,
+``st-status``, ``st-run``, ``st-warm-toggle``, ``st-warm-from``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 MiB = 2**20
+SAME_SET = "same prompts"  # the warm-up dropdown's entry for the selected prompt set itself
 PROMPT_SETS = ("gsm8k", "humaneval", "wiki-en", "zh-news")
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
 
@@ -65,14 +73,16 @@ class MemoryLimitExplorer:
     callable ``factory(memory_limit=bytes | None, policy=str, prefetch=bool) -> Engine``. ``prompt_sets``: names
     of sets in data/prompts, or {name: prompts}. ``trace``: a recorded expert trace ((step, layer, expert) demand
     requests) of the first prompt set's prompts, or {set name: trace}; sets without one are recorded on first use.
-    ``max_prompts`` / ``max_new_tokens`` / ``max_prompt_tokens`` bound each run.
+    ``max_prompts`` / ``max_new_tokens`` / ``max_prompt_tokens`` bound each run. ``warm``: start with the warm-start
+    toggle on; ``warm_from``: the warm-up prompt set (default: the selected set itself).
     """
 
     def __init__(self, model: str | Path = "default", prompt_sets=None, trace=None, *,
                  engine_factory: Callable[..., Any] | None = None, device: str = "cpu", max_prompts: int = 4,
                  max_new_tokens: int = 16, max_prompt_tokens: int | None = 256, limit_mib: float | None = None,
                  policy: str = "lru", prefetch: bool = True, policies: Sequence[str] = ("lru", "lfu"),
-                 engine_kwargs: Mapping[str, Any] | None = None) -> None:
+                 engine_kwargs: Mapping[str, Any] | None = None, warm: bool = False,
+                 warm_from: str | None = None) -> None:
         import ipywidgets as w
 
         if engine_factory is None:
@@ -95,10 +105,12 @@ class MemoryLimitExplorer:
         self._prompt_ids: dict[str, list[list[int]]] = {}
         self._curves: dict[tuple[str, str], np.ndarray] = {}
         self._distances: dict[str, np.ndarray] = {}
+        self._optimal: dict[tuple[str, int], float] = {}  # (prompt set, capacity) -> Belady's hit rate
         self._plan: dict[str, Any] | None = None
         self._tokenizer = None
         self.last_stats: dict[str, Any] | None = None
         self.last_layers: pd.DataFrame | None = None
+        self.last_warm_layers: pd.DataFrame | None = None
         self.last_text: str = ""
 
         # probe once: the memory plan (what does not depend on the limit) and the tokenizer
@@ -131,10 +143,19 @@ class MemoryLimitExplorer:
         self.prefetch = w.ToggleButton(value=bool(prefetch), description="prefetch", icon="bolt",
                                        tooltip="pre-attention prefetch: read the router's experts while attention runs")
         self.prompt_set = w.Dropdown(options=names, value=names[0], description="Prompts")
+        self.warm = w.ToggleButton(value=bool(warm), description="warm start", icon="fire",
+                                   tooltip="also measure from a cache filled by a warm-up, beside the cold run")
+        self.warm.add_class("st-warm-toggle")
+        if warm_from is not None and warm_from not in names:
+            raise ValueError(f"warm_from {warm_from!r} is not one of the prompt sets: {', '.join(names)}")
+        self.warm_from = w.Dropdown(options=[SAME_SET, *names], value=warm_from or SAME_SET, description="warm-up")
+        self.warm_from.add_class("st-warm-from")
         self.run_button = w.Button(description="Run", button_style="primary", icon="play")
         self.run_button.add_class("st-run")
         self.predicted = w.HTML()
         self.predicted.add_class("st-predicted-hit-rate")
+        self.breakdown = w.HTML()
+        self.breakdown.add_class("st-miss-breakdown")
         self.measured = w.HTML("<i>not run yet: press Run</i>")
         self.measured.add_class("st-measured")
         self.status = w.HTML()
@@ -147,7 +168,8 @@ class MemoryLimitExplorer:
             w.HTML("<b>SmallThinker memory-limit explorer</b>"),
             w.HBox([self.slider, self.share_label]),
             w.HBox([self.policy, self.prefetch, self.prompt_set, self.run_button]),
-            self.predicted, self.status, self.measured, self.bars, self.text,
+            w.HBox([self.warm, self.warm_from]),
+            self.predicted, self.breakdown, self.status, self.measured, self.bars, self.text,
         ])
         self.widget.add_class("st-explorer")
 
@@ -242,6 +264,25 @@ class MemoryLimitExplorer:
         """The curve's hit rate at the slider's cache capacity (selected prompt set and policy)."""
         return float(self.curve()[self.capacity_experts])
 
+    def predicted_misses(self, capacity: int | None = None, name: str | None = None,
+                         policy: str | None = None) -> dict[str, float]:
+        """The curve's misses at ``capacity`` (default: the slider's) as shares of the requests: compulsory (first
+        touches: the same at every size), capacity (the rest), policy (misses - Belady's at the same capacity, one
+        replay, kept), and the ceiling (1 - compulsory share, the best hit rate any cache reaches on the trace)."""
+        from .instruments.curves import compulsory_ceiling, policy_hit_curve
+
+        name, policy = name or self.prompt_set.value, policy or self.policy.value
+        cap = self.capacity_experts if capacity is None else int(capacity)
+        trace = self.trace(name)
+        n = len(trace)
+        hit = float(self.curve(name, policy)[cap])
+        ceiling = compulsory_ceiling(trace)
+        if (name, cap) not in self._optimal:
+            self._optimal[(name, cap)] = float(policy_hit_curve(trace, [cap], "belady").iloc[0])
+        return {"hit_rate": hit, "compulsory_share": 1.0 - ceiling if n else float("nan"),
+                "capacity_share": ceiling - hit, "policy_share": self._optimal[(name, cap)] - hit,
+                "ceiling": ceiling}
+
     def predicted_layer_hit_rates(self, capacity: int | None = None, name: str | None = None) -> pd.Series:
         """Per-layer LRU hit rates at ``capacity`` (one cache shared by all layers), from stack distances."""
         from .instruments.curves import stack_distances
@@ -269,6 +310,15 @@ class MemoryLimitExplorer:
         self.predicted.value = (f"Predicted hit rate ({html.escape(self.policy.value)}, "
                                 f"{html.escape(self.prompt_set.value)}): <b class='st-predicted-value'>{rate:.1%}</b>"
                                 f" at {self.limit_mib:.2f} MiB")
+        m = self.predicted_misses(cap)
+        policy = "" if self.policy.value == "belady" else (
+            f", of which <b>{m['policy_share']:.1%}</b> {html.escape(self.policy.value)} misses that the optimal "
+            f"policy (Belady) avoids at this size")
+        self.breakdown.value = (
+            f"misses: <b>{m['compulsory_share']:.1%}</b> compulsory (first touch of an expert: a cache that starts "
+            f"empty misses these at any size), <b>{m['capacity_share']:.1%}</b> capacity (evicted, needed again)"
+            f"{policy}. Ceiling for these prompts: <b>{m['ceiling']:.1%}</b> from a cold start; a warm cache "
+            f"(toggle <i>warm start</i>) avoids the first touches.")
 
     def _on_click(self, _button) -> None:
         try:
@@ -279,10 +329,19 @@ class MemoryLimitExplorer:
 
     def run(self) -> dict[str, Any]:
         """Open an engine under the slider's limit, policy and prefetch setting, generate the selected prompts
-        (text streams into the dashboard), and return the engine's stats (also shown, with per-layer bars)."""
+        from an empty cache (text streams into the dashboard), and return the engine's stats with the misses split
+        (also shown, with per-layer bars). With warm start on, the same prompts run again from a cache warmed by
+        the warm-up set's recorded trace; those stats are under ``"warm"`` (with ``same_tokens``: whether the
+        warm run generated exactly the cold run's tokens) and shown beside the cold ones."""
+        from .engine.warm import warm_start
+
         name, policy, prefetch = self.prompt_set.value, self.policy.value, bool(self.prefetch.value)
+        warm = bool(self.warm.value)
+        warm_name = name if self.warm_from.value == SAME_SET else self.warm_from.value
+        warm_trace = self.trace(warm_name) if warm else None  # recorded before the engine opens
         limit = self.limit_bytes
         predicted = self.predicted_hit_rate
+        predicted_misses = self.predicted_misses()
         all_ids = self.prompt_ids(name)
         self.run_button.disabled = True
         self.text.value = ""
@@ -292,6 +351,7 @@ class MemoryLimitExplorer:
             engine = self._factory(memory_limit=limit, policy=policy, prefetch=prefetch)
             try:
                 engine.reset_stats(clear_cache=True)
+                cold_tokens = []
                 for n, ids in enumerate(all_ids, start=1):
                     self.status.value = f"running prompt {n}/{len(all_ids)} of {html.escape(name)}..."
                     head = self._decode(ids[-24:])
@@ -302,18 +362,31 @@ class MemoryLimitExplorer:
                         pieces[-1] = (f"<span style='color:#888'>[{n}] ...{html.escape(head)}</span>"
                                       f"<b>{html.escape(self._decode(out))}</b>")
                         self.text.value = _pre(pieces)
-                stats = engine.stats()
+                    cold_tokens.append(out)
+                stats = dict(engine.stats(), **engine.cache.stats.miss_breakdown())
                 layers = engine.stats_frame()
+                warm_stats = warm_layers = None
+                if warm:
+                    self.status.value = f"warming the cache from the trace of {html.escape(warm_name)}..."
+                    ws = warm_start(engine, warm_trace)
+                    warm_tokens = []
+                    for n, ids in enumerate(all_ids, start=1):
+                        self.status.value = f"warm run: prompt {n}/{len(all_ids)} of {html.escape(name)}..."
+                        warm_tokens.append(list(engine.stream(ids, self.max_new_tokens)))
+                    warm_stats = dict(engine.stats(), **engine.cache.stats.miss_breakdown(), warm_from=warm_name,
+                                      warm_experts_read=ws.experts_read, same_tokens=warm_tokens == cold_tokens)
+                    warm_layers = engine.stats_frame()
             finally:
                 engine.close()
         finally:
             self.run_button.disabled = False
         self.last_text = "\n".join(pieces)
-        stats = dict(stats, prompt_set=name, predicted_hit_rate=predicted, run_seconds=time.perf_counter() - t0)
-        self.last_stats, self.last_layers = stats, layers
+        stats = dict(stats, prompt_set=name, predicted_hit_rate=predicted, run_seconds=time.perf_counter() - t0,
+                     predicted_misses=predicted_misses, warm=warm_stats)
+        self.last_stats, self.last_layers, self.last_warm_layers = stats, layers, warm_layers
         self.status.value = f"done in {stats['run_seconds']:.1f} s"
         self.measured.value = _measured_html(stats)
-        self._draw_bars(layers, stats)
+        self._draw_bars(layers, stats, warm_layers)
         return stats
 
     def _decode(self, ids: Sequence[int]) -> str:
@@ -321,9 +394,10 @@ class MemoryLimitExplorer:
             return " ".join(map(str, ids))
         return self._tokenizer.decode(list(ids))
 
-    def _draw_bars(self, layers: pd.DataFrame, stats: dict[str, Any]) -> None:
-        """Per-layer measured hit rates (bars) and, for LRU, the curve's per-layer prediction (dots), as a PNG
-        set straight into the Output widget (works in a kernel and outside one)."""
+    def _draw_bars(self, layers: pd.DataFrame, stats: dict[str, Any], warm_layers: pd.DataFrame | None = None) -> None:
+        """Per-layer measured hit rates (bars; cold and warm side by side after a warm run) and, for LRU, the
+        curve's per-layer prediction (dots), as a PNG set straight into the Output widget (works in a kernel and
+        outside one)."""
         import base64
         import io
 
@@ -331,17 +405,25 @@ class MemoryLimitExplorer:
 
         per = layers.drop(index="all", errors="ignore")
         x = np.arange(len(per))
-        fig = Figure(figsize=(7, 2.6), layout="constrained")
+        fig = Figure(figsize=(8.2, 2.6), layout="constrained")
         ax = fig.subplots()
-        ax.bar(x, per["hit_rate"].astype(float).fillna(0.0), color="#4c72b0", label="measured")
+        if warm_layers is None:
+            ax.bar(x, per["hit_rate"].astype(float).fillna(0.0), color="#4c72b0", label="measured")
+        else:
+            wper = warm_layers.drop(index="all", errors="ignore")
+            ax.bar(x - 0.2, per["hit_rate"].astype(float).fillna(0.0), width=0.4, color="#4c72b0",
+                   label="measured, cold")
+            ax.bar(x + 0.2, wper["hit_rate"].astype(float).fillna(0.0), width=0.4, color="#55a868",
+                   label=f"measured, warm ({stats['warm']['warm_from']})")
         if stats["policy"] == "lru":
             pred = self.predicted_layer_hit_rates(int(stats["capacity_experts"]), stats["prompt_set"])
-            ax.plot(x, pred.to_numpy(), "o", color="#dd8452", label="predicted (LRU curve)")
+            px = x if warm_layers is None else x - 0.2  # the prediction is the cold run's
+            ax.plot(px, pred.to_numpy(), "o", color="#dd8452", label="predicted (LRU curve, cold)")
         ax.set_xticks(x, [str(i) for i in per.index])
         ax.set(xlabel="layer", ylabel="hit rate", ylim=(0, 1.05),
                title=f"per-layer hit rate: {stats['policy']}, prefetch {'on' if stats['prefetch'] else 'off'}, "
                      f"{(stats['memory_limit'] or 0) / MiB:.2f} MiB")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=90)
         png = base64.b64encode(buf.getvalue()).decode("ascii")
@@ -359,20 +441,45 @@ def _pre(pieces: Sequence[str]) -> str:
             + "\n".join(pieces) + "</pre>")
 
 
-def _measured_html(s: dict[str, Any]) -> str:
+def _measured_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     busy = (s.get("prefill_seconds") or 0.0) + (s.get("decode_seconds") or 0.0)
     share = s["io_wait_seconds"] / busy if busy else float("nan")
-    rows = [
-        ("measured hit rate", f"{s['hit_rate']:.1%} (predicted {s['predicted_hit_rate']:.1%})"),
-        ("cache", f"{s['capacity_experts']} experts, {s['policy']}, prefetch {'on' if s['prefetch'] else 'off'}"),
+    return [
+        ("measured hit rate", f"{s['hit_rate']:.1%}"),
+        ("compulsory misses", f"{s['compulsory_share']:.1%} ({s['compulsory_misses']} first touches)"),
+        ("capacity misses", f"{s['capacity_share']:.1%} ({s['capacity_misses']} evicted, needed again)"),
         ("decode", f"{s['decode_tok_s']:.1f} tok/s"),
         ("prefill", f"{s['prefill_tok_s']:.1f} tok/s"),
         ("I/O wait", f"{s['io_wait_seconds'] * 1e3:.1f} ms ({share:.1%} of compute time)"),
         ("read per token", f"{s['bytes_read_per_token'] / MiB:.3f} MiB"),
     ]
-    body = "".join(f"<tr><td style='padding-right:1em'>{k}</td><td class='st-{k.replace(' ', '-').replace('/', '')}'>"
-                   f"{html.escape(v)}</td></tr>" for k, v in rows)
-    return f"<table>{body}</table>"
+
+
+def _measured_html(s: dict[str, Any]) -> str:
+    """The cold run's measurements (and the warm run's beside them), each row with a stable class."""
+    warm = s.get("warm")
+    cols = [_measured_rows(s)] + ([_measured_rows(warm)] if warm else [])
+    p = s.get("predicted_misses") or {}
+    cols[0][0] = (cols[0][0][0], f"{s['hit_rate']:.1%} (predicted {s['predicted_hit_rate']:.1%})")
+    if p:
+        cols[0][1] = (cols[0][1][0], f"{cols[0][1][1]} (predicted {p['compulsory_share']:.1%})")
+    head = "<tr><td></td><th>cold (empty cache)</th>"
+    if warm:
+        head += (f"<th>warm (from {html.escape(str(warm['warm_from']))}: {warm['warm_experts_read']} experts "
+                 f"read first)</th>")
+    head += "</tr>"
+    body = ""
+    for i, (k, _) in enumerate(cols[0]):
+        cls = f"st-{k.replace(' ', '-').replace('/', '')}"
+        cells = "".join(f"<td class='{cls}{'' if j == 0 else '-warm'}' style='padding-right:1.5em'>"
+                        f"{html.escape(c[i][1])}</td>" for j, c in enumerate(cols))
+        body += f"<tr><td style='padding-right:1em'>{k}</td>{cells}</tr>"
+    cache = (f"{s['capacity_experts']} experts, {s['policy']}, prefetch {'on' if s['prefetch'] else 'off'}")
+    body += f"<tr><td>cache</td><td class='st-cache' colspan='{len(cols)}'>{html.escape(cache)}</td></tr>"
+    if warm:
+        same = "yes" if warm["same_tokens"] else "NO: the warm run generated other tokens"
+        body += (f"<tr><td>same tokens</td><td class='st-same-tokens' colspan='2'>{html.escape(same)}</td></tr>")
+    return f"<table>{head}{body}</table>"
 
 
 def _nice_step(mib: float) -> float:

@@ -176,3 +176,80 @@ def test_unknown_policy_and_belady_without_future():
         simulate([A], 1, "fifo")
     with pytest.raises(ValueError, match="future request trace"):
         make(2, "belady")
+
+
+def test_miss_breakdown_by_hand():
+    # capacity 2, A B A C B A: A, B, C are first touches; B (evicted by C) and A (evicted by B) come back
+    res = simulate([A, B, A, C, B, A], 2, "lru")
+    assert (res.hits, res.compulsory_misses, res.capacity_misses) == (1, 3, 2)
+    assert res.compulsory_share == 0.5
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "belady"])
+def test_compulsory_plus_capacity_plus_hits_is_requests(policy):
+    rng = random.Random(2)
+    trace = [(s, rng.randrange(3), rng.randrange(8)) for s in range(60) for _ in range(3)]
+    distinct = len({t[1:] for t in trace})
+    for cap in (1, 3, 7, distinct, distinct + 5):
+        sim = simulate(trace, cap, policy)
+        assert sim.hits + sim.compulsory_misses + sim.capacity_misses == sim.requests == len(trace)
+        assert sim.compulsory_misses == distinct  # a cold cache misses each key once at least
+        if cap >= distinct:
+            assert sim.capacity_misses == 0
+        keys = [t[1:] for t in trace]  # the cache replayed request by request (no pins): the simulator agrees
+        cache, _ = make(cap, policy, future_trace=keys if policy == "belady" else None)
+        replay(cache, keys)
+        st, unpinned = cache.stats, simulate(keys, cap, policy)
+        assert (st.compulsory_misses, st.capacity_misses) == (unpinned.compulsory_misses, unpinned.capacity_misses)
+        assert st.miss_breakdown()["compulsory_share"] == distinct / len(trace)
+
+
+def test_clear_forgets_touches_and_reset_stats_keeps_them():
+    cache, _ = make(1)
+    replay(cache, [A, B])  # A evicted by B
+    cache.reset_stats()
+    replay(cache, [A])  # A was in the cache before the reset: a capacity miss
+    assert (cache.stats.compulsory_misses, cache.stats.capacity_misses) == (0, 1)
+    cache.clear()
+    cache.reset_stats()
+    replay(cache, [A])  # an emptied cache: first touch again
+    assert (cache.stats.compulsory_misses, cache.stats.capacity_misses) == (1, 0)
+
+
+def test_failed_read_is_not_a_touch():
+    cache, loader = make(2, complete=False)
+    e = cache.request(A)
+    loader.futures[A].set_exception(OSError("boom"))
+    with pytest.raises(OSError):
+        cache.wait(e)
+    cache.request(A)
+    assert cache.stats.compulsory_misses == 2 and cache.stats.capacity_misses == 0
+
+
+def test_preload_fills_without_requests_and_warm_hits():
+    cache, loader = make(3)
+    assert cache.preload([A, B, (0, 0), C, D]) == 4  # A again: no read; D evicts A (least recent)
+    st = cache.stats
+    assert (st.requests, st.hits, st.misses, cache.trace) == (0, 0, 0, [])
+    assert st.preloads == 4 and st.bytes_read == 4 * NB and st.evictions == 1
+    assert A not in cache and all(k in cache for k in (B, C, D))
+    assert cache.pinned() == [] and all(e.ready for e in cache.entries.values())
+    replay(cache, [B, C, D, A])
+    assert (cache.stats.hits, cache.stats.capacity_misses, cache.stats.compulsory_misses) == (3, 1, 0)
+
+
+def test_preload_refuses_bad_keys_and_raises_read_errors():
+    cache, _ = make(2)
+    with pytest.raises(ValueError, match=r"\(-1, 0\)"):
+        cache.preload([(-1, 0)])
+    cache, loader = make(2, complete=False)
+
+    def failing(key, slot):
+        fut = Future()
+        fut.set_exception(OSError(f"read of {key} failed"))
+        return fut
+
+    cache.loader = failing
+    with pytest.raises(OSError, match=r"read of \(0, 0\) failed"):
+        cache.preload([A, B])
+    assert len(cache) == 0 and len(cache.free) == 2

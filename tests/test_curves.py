@@ -8,6 +8,7 @@ import pytest
 
 from smallthinker_lab.engine.cache import simulate
 from smallthinker_lab.instruments import hit_rate_curves, lru_hit_curve, policy_hit_curve, stack_distances
+from smallthinker_lab.instruments.curves import compulsory_ceiling, miss_breakdown
 
 
 def _trace(seed: int, n: int = 300, layers: int = 4, experts: int = 8, k: int = 2) -> list[tuple[int, int, int]]:
@@ -76,7 +77,8 @@ def test_belady_bounds_lru_and_lfu_and_curves_are_monotone(seed):
     assert (wide["belady"] >= wide["lru"] - 1e-12).all()
     assert (wide["belady"] >= wide["lfu"] - 1e-12).all()
     assert (np.diff(wide["lru"]) >= 0).all() and (np.diff(wide["belady"]) >= 0).all()
-    assert list(df.columns) == ["policy", "capacity_experts", "capacity_bytes", "hits", "misses", "hit_rate"]
+    assert list(df.columns) == ["policy", "capacity_experts", "capacity_bytes", "hits", "misses", "compulsory_misses",
+                                "capacity_misses", "policy_misses", "hit_rate", "ceiling"]
     assert (df["capacity_bytes"] == df["capacity_experts"] * 1000).all()
     assert (df["hits"] + df["misses"] == len(trace)).all()
     np.testing.assert_array_equal(wide["lru"].to_numpy(), lru_hit_curve(trace, range(0, 34)).to_numpy())
@@ -91,3 +93,67 @@ def test_curve_inputs():
     with pytest.raises(ValueError, match="unknown cache policy"):
         policy_hit_curve(trace, [1], "fifo")
     assert np.isnan(lru_hit_curve([], [1]).iloc[0])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_misses_split_into_compulsory_capacity_and_policy(seed):
+    trace = _trace(seed, n=300)
+    distinct = len({t[1:] for t in trace})
+    df = hit_rate_curves(trace, capacities=range(0, distinct + 3), policies=("lru", "lfu", "belady"))
+    assert (df["hits"] + df["compulsory_misses"] + df["capacity_misses"] == len(trace)).all()
+    assert (df["compulsory_misses"] == distinct).all()
+    assert (df.loc[df["capacity_experts"] >= distinct, "capacity_misses"] == 0).all()  # nothing is ever evicted
+    wide = df.pivot(index="capacity_experts", columns="policy", values="misses")
+    for policy in ("lru", "lfu"):
+        got = df[df["policy"] == policy].set_index("capacity_experts")["policy_misses"]
+        np.testing.assert_array_equal(got.to_numpy(), (wide[policy] - wide["belady"]).to_numpy())
+        assert (got >= 0).all() and (got <= df[df["policy"] == policy]["capacity_misses"].to_numpy()).all()
+    assert (df.loc[df["policy"] == "belady", "policy_misses"] == 0).all()
+    for c in (1, 5, 17):  # one capacity: the same numbers
+        one = miss_breakdown(trace, c, "lfu")
+        row = df[(df["policy"] == "lfu") & (df["capacity_experts"] == c)].iloc[0]
+        assert (one["hits"], one["capacity_misses"], one["policy_misses"]) == (
+            row["hits"], row["capacity_misses"], row["policy_misses"])
+        assert one["hit_rate"] + one["compulsory_share"] + one["capacity_share"] == pytest.approx(1.0)
+    assert np.isnan(hit_rate_curves(trace, [4], policies=["lru"])["policy_misses"]).all()  # no optimal to compare
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lru_limit_at_infinite_capacity_is_the_compulsory_ceiling(seed):
+    trace = _trace(seed, n=240)
+    ceiling = compulsory_ceiling(trace)
+    assert ceiling == pytest.approx(1 - len({t[1:] for t in trace}) / len(trace), abs=1e-15)
+    for huge in (10**6, 10**9):
+        assert lru_hit_curve(trace, [huge]).iloc[0] == ceiling
+        assert simulate(trace, huge, "lfu").hit_rate == ceiling
+    curves = hit_rate_curves(trace, capacities=range(0, 80, 7))
+    assert (curves["hit_rate"] <= curves["ceiling"] + 1e-12).all() and (curves["ceiling"] == ceiling).all()
+    assert np.isnan(compulsory_ceiling([]))
+
+
+def test_report_hit_rate_table_splits_each_run():
+    import pandas as pd
+
+    from smallthinker_lab.report import hit_rate_table
+
+    trace = _trace(3, n=400)
+    distinct = len({t[1:] for t in trace})
+    caps = [4, 16, distinct]
+    curves = hit_rate_curves(trace, capacities=range(0, distinct + 1), policies=("lru", "lfu", "belady"))
+    rows = [{"mode": "in_memory", "variant": "in memory", "policy": None, "prefetch": None, "capacity_experts": np.nan,
+             "limit_share_of_expert_bytes": 1.0, "hit_rate": np.nan, "requests": np.nan,
+             "compulsory_misses": np.nan, "capacity_misses": np.nan}]
+    for policy in ("lru", "lfu"):
+        for c in caps:  # what the engine's counters give for a cold run of these requests
+            sim = simulate(trace, c, policy)
+            rows.append({"mode": "offload", "variant": "full", "policy": policy, "prefetch": True,
+                         "capacity_experts": c, "limit_share_of_expert_bytes": c / distinct, "hit_rate": sim.hit_rate,
+                         "requests": sim.requests, "compulsory_misses": sim.compulsory_misses,
+                         "capacity_misses": sim.capacity_misses})
+    table = hit_rate_table(pd.DataFrame(rows), curves)
+    assert len(table) == 2 * len(caps)  # engine runs only
+    np.testing.assert_allclose(table["hit_rate"] + table["compulsory_share"] + table["capacity_share"], 1.0)
+    np.testing.assert_allclose(table["compulsory_share"], 1 - compulsory_ceiling(trace))
+    assert (table["policy_share"] >= -1e-12).all() and (table["policy_share"] <= table["capacity_share"] + 1e-12).all()
+    full = table[table["capacity_experts"] == distinct]
+    assert (full["capacity_share"] == 0).all() and (full["hit_rate"] == full["ceiling"]).all()

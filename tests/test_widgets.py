@@ -143,3 +143,63 @@ def test_run_button_runs(explorer, engines):
     assert explorer.last_stats["prompt_set"] == "zh-news"
     assert explorer.last_stats["memory_limit"] == explorer.limit_bytes
     assert abs(explorer.limit_bytes - explorer.limit_mib * MiB) <= 1 or explorer.limit_bytes == explorer.minimum_bytes
+
+
+def test_predicted_misses_split_into_compulsory_capacity_and_policy(explorer):
+    from smallthinker_lab.instruments.curves import compulsory_ceiling
+
+    explorer.prompt_set.value = "gsm8k"
+    explorer.policy.value = "lru"
+    trace = explorer.trace()
+    first_touch = len({t[1:] for t in trace}) / len(trace)
+    explorer.set_limit_mib(1e9)  # every expert fits: only first touches miss, the hit rate is the ceiling
+    m = explorer.predicted_misses()
+    assert m["compulsory_share"] == pytest.approx(first_touch) and m["capacity_share"] == pytest.approx(0.0)
+    assert explorer.predicted_hit_rate == m["ceiling"] == compulsory_ceiling(trace) < 1.0
+    assert f"{first_touch:.1%}</b> compulsory" in explorer.breakdown.value
+    assert f"Ceiling for these prompts: <b>{m['ceiling']:.1%}" in explorer.breakdown.value
+    explorer.set_limit_mib(explorer.slider.min + 0.3 * (explorer.slider.max - explorer.slider.min))
+    cap = explorer.capacity_experts
+    m = explorer.predicted_misses()
+    assert m["hit_rate"] + m["compulsory_share"] + m["capacity_share"] == pytest.approx(1.0)
+    assert m["capacity_share"] > 0
+    belady = policy_hit_curve(trace, [cap], "belady").iloc[0]
+    assert m["policy_share"] == pytest.approx(belady - m["hit_rate"]) and 0 <= m["policy_share"] <= m["capacity_share"]
+    assert f"{m['policy_share']:.1%}</b> lru misses" in explorer.breakdown.value
+
+
+def test_warm_toggle_measures_cold_and_warm_side_by_side(explorer, engines):
+    explorer.prompt_set.value = "gsm8k"
+    explorer.policy.value, explorer.prefetch.value = "lru", True
+    explorer.warm_from.value = "same prompts"
+    explorer.warm.value = True
+    try:
+        explorer.set_limit_mib(1e9)  # every expert fits: the warm run never misses
+        n = len(engines)
+        stats = explorer.run()
+        assert len(engines) == n + 1  # both runs on one engine, opened as a cold one is
+        warm = stats["warm"]
+        assert stats["hit_rate"] == explorer.predicted_hit_rate < 1.0 and stats["capacity_misses"] == 0
+        assert stats["hits"] + stats["compulsory_misses"] + stats["capacity_misses"] == stats["requests"]
+        assert warm["hit_rate"] == 1.0 and warm["misses"] == 0 and warm["requests"] == stats["requests"]
+        assert warm["same_tokens"] is True and warm["warm_from"] == "gsm8k"
+        html = explorer.measured.value
+        assert "cold (empty cache)" in html and "warm (from gsm8k" in html
+        assert f"{stats['hit_rate']:.1%}" in html and "100.0%" in html and "st-same-tokens'" in html
+        assert len(explorer.last_warm_layers.drop(index="all")) == explorer.num_layers
+        # warm from another domain under a limit: still the cold tokens
+        explorer.warm_from.value = "zh-news"
+        explorer.set_limit_mib(explorer.slider.min + 0.5 * (explorer.slider.max - explorer.slider.min))
+        stats = explorer.run()
+        assert stats["warm"]["warm_from"] == "zh-news" and stats["warm"]["same_tokens"] is True
+        assert stats["warm"]["compulsory_misses"] <= stats["compulsory_misses"]
+    finally:
+        explorer.warm.value = False
+    stats = explorer.run()
+    assert stats["warm"] is None and "warm (from" not in explorer.measured.value
+
+
+def test_warm_from_must_be_a_prompt_set(prompt_sets):
+    with pytest.raises(ValueError, match="warm_from 'code' is not one of the prompt sets: gsm8k, zh-news"):
+        MemoryLimitExplorer(engine_factory=lambda **kw: Engine.from_pretrained(MODEL, progress=False, **kw),
+                            prompt_sets=prompt_sets, warm_from="code", max_new_tokens=2, max_prompt_tokens=16)

@@ -20,9 +20,18 @@ Hit semantics (exact, so a recorded trace replays to the same counts):
 Policies: ``lru`` (OrderedDict), ``lfu`` (demand counts kept across evictions, ties broken by least recent use),
 ``belady`` (evicts the entry whose next demand is farthest in a known future trace; the optimal hit count).
 
-Counters: ``bytes_read`` = (misses + look-ahead reads) x expert bytes. ``prefetch_issued`` counts reads started
-before the data was needed: with prefetch on every demand miss (issued before attention) plus every look-ahead
-read; ``prefetch_used`` those a layer then consumed, ``prefetch_wasted`` those evicted (or failed) unused.
+Misses, split (the "3C" view without associativity): a **compulsory** miss is the first touch of an expert, one
+that has not been in the cache since it was last emptied (no cache of any size avoids it); a **capacity** miss is
+an expert that was in the cache earlier (demanded, look-ahead read or preloaded) and was evicted before this
+request. Always hits + compulsory + capacity = requests. Policy misses (the part of the capacity misses that the
+optimal policy would have avoided: misses - Belady's misses at the same capacity) need the whole trace: two
+:func:`simulate` replays (``instruments.curves.miss_breakdown``). ``clear()`` forgets which experts were touched;
+``reset_stats()`` zeroes the counters but keeps that memory (a warm cache's later misses on experts it held are
+capacity misses).
+
+Counters: ``bytes_read`` = (misses + look-ahead reads + preloads) x expert bytes. ``prefetch_issued`` counts reads
+started before the data was needed: with prefetch on every demand miss (issued before attention) plus every
+look-ahead read; ``prefetch_used`` those a layer then consumed, ``prefetch_wasted`` those evicted (or failed) unused.
 Hook events: "hit" / "miss" per demand request, "prefetch" per look-ahead read, "evict" per eviction.
 """
 
@@ -173,10 +182,17 @@ class SimResult:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
+    compulsory_misses: int = 0  # first touch of an expert: no cache of any size avoids these
+    capacity_misses: int = 0  # the expert was resident earlier and was evicted
 
     @property
     def hit_rate(self) -> float:
         return self.hits / self.requests if self.requests else float("nan")
+
+    @property
+    def compulsory_share(self) -> float:
+        """Compulsory misses per request: 1 - this is the best hit rate any cache reaches on the trace."""
+        return self.compulsory_misses / self.requests if self.requests else float("nan")
 
 
 def simulate(trace: Sequence, capacity_experts: int, policy: str = "lru") -> SimResult:
@@ -187,7 +203,8 @@ def simulate(trace: Sequence, capacity_experts: int, policy: str = "lru") -> Sim
     layer's demand and are pinned as the engine pins them (:func:`layer_chunks`): all of them while the layer
     computes when they fit the cache, else chunk by chunk. Pins never change an LRU victim (pinned entries are
     the most recent), but they can change an LFU or Belady one, so a trace with steps replays every policy
-    exactly; (layer, expert) items are replayed without pins.
+    exactly; (layer, expert) items are replayed without pins. Misses are split into compulsory (first request
+    of a key) and capacity (the key was resident earlier), as the cache counts them.
     """
     if capacity_experts < 1:
         raise ValueError(f"capacity_experts must be >= 1, got {capacity_experts}")
@@ -195,6 +212,7 @@ def simulate(trace: Sequence, capacity_experts: int, policy: str = "lru") -> Sim
     keys = [_key(t) for t in items]
     pol = make_policy(policy, keys if policy == "belady" else None)
     resident: set[Key] = set()
+    seen: set[Key] = set()
     res = SimResult(policy, capacity_experts)
     pinned: set[Key] = set()
     evictable = lambda k: k not in pinned
@@ -210,6 +228,11 @@ def simulate(trace: Sequence, capacity_experts: int, policy: str = "lru") -> Sim
                     res.hits += 1
                 else:
                     res.misses += 1
+                    if key in seen:
+                        res.capacity_misses += 1
+                    else:
+                        res.compulsory_misses += 1
+                        seen.add(key)
                     if len(resident) >= capacity_experts:
                         victim = pol.victim(evictable)
                         resident.discard(victim)
@@ -286,6 +309,8 @@ class CacheStats:
     requests: int = 0
     hits: int = 0
     misses: int = 0
+    compulsory_misses: int = 0  # first touch since the cache was last emptied (see the module docstring)
+    capacity_misses: int = 0  # the expert was in the cache earlier and was evicted
     bytes_read: int = 0
     evictions: int = 0
     prefetch_issued: int = 0  # reads started before the data was needed (pre-attention and look-ahead)
@@ -293,12 +318,21 @@ class CacheStats:
     prefetch_wasted: int = 0  # ... evicted (or dropped after a failed read) without being used
     wasted_bytes: int = 0
     speculative_reads: int = 0  # look-ahead reads issued
+    preloads: int = 0  # reads issued by preload() (a warm start), not demand requests
     io_wait_seconds: float = 0.0
     per_layer: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0.0]))  # layer -> hits, misses, wait
 
     @property
     def hit_rate(self) -> float:
         return self.hits / self.requests if self.requests else float("nan")
+
+    def miss_breakdown(self) -> dict[str, float]:
+        """requests, hits, compulsory and capacity misses, and each as a share of the requests."""
+        n = self.requests
+        share = (lambda v: v / n) if n else (lambda v: float("nan"))
+        return {"requests": n, "hits": self.hits, "compulsory_misses": self.compulsory_misses,
+                "capacity_misses": self.capacity_misses, "hit_rate": share(self.hits),
+                "compulsory_share": share(self.compulsory_misses), "capacity_share": share(self.capacity_misses)}
 
 
 @dataclass(eq=False)
@@ -355,6 +389,7 @@ class ExpertCache:
         self.stats = CacheStats()
         self.step = 0  # set by the engine: the forward step the next requests belong to
         self.trace: list[tuple[int, int, int]] = []  # (step, layer, expert) of every demand request
+        self.touched: set[Key] = set()  # experts inserted since the cache was last emptied (compulsory vs capacity)
 
     # ------------------------------------------------------------ queries
     def __contains__(self, key: Key) -> bool:
@@ -392,6 +427,10 @@ class ExpertCache:
         else:
             st.misses += 1
             layer_stats[1] += 1
+            if key in self.touched:
+                st.capacity_misses += 1
+            else:
+                st.compulsory_misses += 1
             if self.hook:
                 self.hook("miss", key, self.expert_nbytes)
             if self.log is not None:
@@ -420,6 +459,7 @@ class ExpertCache:
     def _insert(self, key: Key, slot: int, ahead: bool) -> Entry:
         entry = Entry(key, slot, ahead=ahead)
         self.entries[key] = entry
+        self.touched.add(key)
         self.policy.on_insert(key)
         self.stats.bytes_read += self.expert_nbytes
         if ahead:
@@ -469,6 +509,7 @@ class ExpertCache:
             del self.entries[entry.key]
             self.policy.on_remove(entry.key)
             self.free.append(entry.slot)
+            self.touched.discard(entry.key)  # its bytes never arrived: asking again is still a first touch
             if entry.ahead:
                 self.stats.prefetch_wasted += 1
                 self.stats.wasted_bytes += self.expert_nbytes
@@ -559,12 +600,45 @@ class ExpertCache:
                     entry.future = None
 
     def clear(self) -> None:
-        """Empty the cache (after draining) and start a fresh policy; counters and trace are kept."""
+        """Empty the cache (after draining) and start a fresh policy; counters and trace are kept. The next
+        request of every expert is a first touch (compulsory) again."""
         self.drain()
         self.entries.clear()
+        self.touched.clear()
         self.free = list(range(self.capacity_experts - 1, -1, -1))
         self.policy = make_policy(self.policy_name, self._future_trace)
 
     def reset_stats(self) -> None:
+        """Zero the counters and the trace; the entries, the policy's state and which experts were touched stay
+        (a warm cache stays warm)."""
         self.stats = CacheStats()
         self.trace = []
+
+    # ------------------------------------------------------------ warm starts
+    def preload(self, keys: Iterable[Key]) -> int:
+        """Fill the cache with ``keys`` in the given order (the last ones count as the most recently used) and
+        wait until their bytes are in their slots: a warm start. Not demand requests: requests, hits, misses and
+        the trace are unchanged; ``bytes_read`` and ``preloads`` count the reads. A key already resident is left
+        as it is (no read, no change to the policy's order); when the cache is full each new key takes the
+        policy's victim, so only the last ``capacity_experts`` distinct keys are sure to stay. Raises the first
+        read error (that entry is dropped). Returns the reads issued."""
+        if any(e.pins for e in self.entries.values()):
+            raise RuntimeError("preload() needs an idle cache: experts are pinned by a forward in progress")
+        issued = []
+        for item in keys:
+            key = _key(item)
+            if key[0] < 0 or key[1] < 0:
+                raise ValueError(f"preload: expert key {key} must be (layer >= 0, expert >= 0)")
+            if key in self.entries:
+                continue
+            entry = self._insert(key, self._take_slot(wait=True), ahead=False)
+            self.stats.preloads += 1
+            issued.append(entry)
+        try:
+            for entry in issued:
+                if self.entries.get(entry.key) is entry:
+                    self._wait_future(entry)
+        except BaseException:
+            self.drain()  # settle the other reads in flight before the error leaves
+            raise
+        return len(issued)

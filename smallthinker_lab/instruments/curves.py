@@ -16,8 +16,15 @@ engine's request order whenever a layer's experts fit its cache, and the order t
   engine's ``smallthinker_lab.engine.cache.simulate``, one replay per capacity (with (step, layer, expert) items
   it pins as the engine does, which can change LFU and Belady victims). A Belady sweep costs
   O(n * capacity log capacity) per capacity: pass a grid of capacities for long traces.
-* ``hit_rate_curves``: a tidy DataFrame (policy, capacity_experts, capacity_bytes, hits, misses, hit_rate) for
-  ``plots.plot_hit_rate_curves``.
+* ``hit_rate_curves``: a tidy DataFrame (policy, capacity_experts, capacity_bytes, hits, misses, the misses split,
+  hit_rate, ceiling) for ``plots.plot_hit_rate_curves``.
+
+Misses, split as the engine's cache counts them: **compulsory** (the first request of a key in the trace: a cold
+cache of any size misses it), **capacity** (every other miss: the key was requested before and did not stay),
+and, where a policy is compared with the optimal one, **policy** misses: its misses minus Belady's at the same
+capacity, the part of its capacity misses a better replacement choice would have avoided (0 for Belady itself).
+``compulsory_ceiling`` = 1 - compulsory share is the best hit rate any cache of any size reaches on the trace: the
+curves' limit at infinite capacity. A short trace touches most experts only once or twice, so its ceiling is low.
 
 All policies start cold and admit every missed key; capacity 0 never hits.
 """
@@ -83,6 +90,28 @@ def stack_distances(trace) -> np.ndarray:
     return out
 
 
+def compulsory_ceiling(trace) -> float:
+    """1 - compulsory share: the hit rate of a cold cache that never evicts (any size, any policy), the best any
+    cache reaches on ``trace``; NaN for an empty trace."""
+    keys = trace_keys(trace)
+    return (len(keys) - len(set(keys))) / len(keys) if keys else float("nan")
+
+
+def miss_breakdown(trace, capacity: int, policy: str = "lru", optimal: bool = True) -> dict[str, float]:
+    """One cold cache of ``capacity`` experts on ``trace`` (the engine's simulator): requests, hits,
+    compulsory_misses, capacity_misses, policy_misses (misses - Belady's misses at the same capacity; NaN with
+    ``optimal=False``, which skips that replay), each as a share of the requests, and the compulsory ceiling."""
+    items = trace_items(trace)
+    n, distinct = len(items), len({_k(t) for t in items})
+    hits = _replay(items, int(capacity), policy)[0]
+    best = _replay(items, int(capacity), "belady")[0] if optimal else float("nan")
+    share = (lambda v: v / n) if n else (lambda v: float("nan"))
+    return {"policy": policy, "capacity_experts": int(capacity), "requests": n, "hits": hits,
+            "compulsory_misses": distinct, "capacity_misses": n - hits - distinct, "policy_misses": best - hits,
+            "hit_rate": share(hits), "compulsory_share": share(distinct), "capacity_share": share(n - hits - distinct),
+            "policy_share": share(best - hits), "ceiling": share(n - distinct)}
+
+
 def _capacities(trace_len_distinct: int, capacities) -> np.ndarray:
     if capacities is None:
         return np.arange(trace_len_distinct + 1)
@@ -130,28 +159,38 @@ def policy_hit_curve(trace, capacities: Iterable[int], policy: str = "lfu") -> p
 
 def hit_rate_curves(trace, capacities=None, policies: Sequence[str] = POLICIES,
                     expert_nbytes: int | None = None) -> pd.DataFrame:
-    """Tidy hit-rate curves: policy, capacity_experts, capacity_bytes, hits, misses, hit_rate.
+    """Tidy hit-rate curves: policy, capacity_experts, capacity_bytes, hits, misses, compulsory_misses,
+    capacity_misses, policy_misses, hit_rate, ceiling (see the module docstring).
 
     ``trace``: an engine, its ``.trace`` or a list of (layer, expert) / (step, layer, expert). capacities: experts
     (default 0 .. distinct keys; pass a grid to bound the replays' cost). capacity_bytes = capacity_experts *
     expert_nbytes (from the engine's cache when an engine is given), else NaN. LRU comes from one stack-distance
-    pass, the other policies from one replay per capacity.
+    pass, the other policies from one replay per capacity. policy_misses = misses - Belady's misses at the same
+    capacity when "belady" is among ``policies``, else NaN; ceiling = :func:`compulsory_ceiling` (every row).
     """
     if expert_nbytes is None and hasattr(trace, "cache"):
         expert_nbytes = getattr(trace.cache, "expert_nbytes", None)
     items = trace_items(trace)
     n = len(items)
-    caps = _capacities(len({_k(t) for t in items}), capacities)
-    frames = []
+    distinct = len({_k(t) for t in items})
+    caps = _capacities(distinct, capacities)
+    hits_of = {}
     for policy in policies:
         if policy.lower() == "lru":
             _, hits, _ = lru_hits(items, caps)
         else:
             hits = np.array([_replay(items, int(c), policy)[0] for c in caps], dtype=np.int64)
+        hits_of[policy] = hits
+    optimal = next((hits_of[p] for p in policies if p.lower() == "belady"), None)
+    frames = []
+    for policy, hits in hits_of.items():
         frames.append(pd.DataFrame({
             "policy": policy, "capacity_experts": caps,
             "capacity_bytes": caps * expert_nbytes if expert_nbytes else np.full(len(caps), np.nan),
-            "hits": hits, "misses": n - hits, "hit_rate": hits / n if n else np.nan}))
+            "hits": hits, "misses": n - hits, "compulsory_misses": distinct,
+            "capacity_misses": n - hits - distinct,
+            "policy_misses": optimal - hits if optimal is not None else np.full(len(caps), np.nan),
+            "hit_rate": hits / n if n else np.nan, "ceiling": compulsory_ceiling(items)}))
     return pd.concat(frames, ignore_index=True)
 
 
