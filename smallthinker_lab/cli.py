@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES: list[str] = [
     "smallthinker_lab.data.cli",
     "smallthinker_lab.engine.cli",
+    "smallthinker_lab.model.gguf_export",
     "smallthinker_lab.train.cli",
     "smallthinker_lab.report",
 ]
