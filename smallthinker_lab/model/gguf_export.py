@@ -130,6 +130,9 @@ def _tokenizer_metadata(writer: GGUFWriter, folder: Path, vocab_size: int) -> bo
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    plain, full = tok.encode("a", add_special_tokens=False), tok.encode("a")
+    for typ, added_at in (("bos", full[:1] != plain[:1]), ("eos", full[-1:] != plain[-1:])):  # what encode adds
+        special.add_special_token.setdefault(typ, bool(added_at))
     if special.chat_template is None and getattr(tok, "chat_template", None):
         special.chat_template = tok.chat_template  # the ChatML template load_tokenizer sets
     special.add_to_gguf(writer, quiet=True)
