@@ -18,6 +18,7 @@ from collections.abc import Callable
 COMMAND_MODULES: list[str] = [
     "smallthinker_lab.data.cli",
     "smallthinker_lab.engine.cli",
+    "smallthinker_lab.model.gguf_export",
     "smallthinker_lab.train.cli",
     "smallthinker_lab.report",
 ]

@@ -180,3 +180,14 @@ def test_switch_domains_adds_up_to_the_engine_counters(small, prompts):
     assert (df[df["phase"] == "humaneval"]["phase_share"] == 1.0).all()  # every entry was read in phase one
     assert df["phase_share"].iloc[-1] > df[df["phase"] == "zh-news"]["phase_share"].iloc[0] - 1e-12
     assert (df["resident"] <= small.cache.capacity_experts).all()
+
+
+def test_warm_start_engine_option(full, prompts):
+    ids = prompts["zh-news"]
+    full.reset_stats(clear_cache=True)
+    cold = [full.generate(p, NEW, stop_tokens=[]).tokens for p in ids]
+    trace = list(full.trace)
+    with Engine.from_pretrained(MODEL, memory_limit=None, progress=False, warm_start=trace) as e:
+        assert e.stats()["requests"] == 0 and len(e.cache.entries) == len({t[1:] for t in trace})
+        assert [e.generate(p, NEW, stop_tokens=[]).tokens for p in ids] == cold
+        assert e.stats()["hit_rate"] == 1.0 and e.stats()["compulsory_misses"] == 0

@@ -13,6 +13,7 @@ _EXPORTS = {
     "convert": ".bundle", "open_bundle": ".bundle", "Bundle": ".bundle", "BundleError": ".bundle",
     "ExpertReadError": ".bundle",
     "EngineOptions": ".options", "BackendUnavailable": ".options", "BACKENDS": ".options",
+    "warm_start": ".warm", "domain_hit_rates": ".warm", "switch_domains": ".warm", "materialise": ".gguf",
     "ExpertCache": ".cache", "SimResult": ".cache", "simulate": ".cache",
 }
 

@@ -43,6 +43,7 @@ import torch
 
 from ..model.checkpoint import CONFIG_FILE, check_finite_tensors, expected_tensors, resolve_path
 from ..model.config import SmallThinkerConfig
+from ..model.gguf import is_gguf
 from ..model.hooks import HookRegistry
 from ..model.kv_cache import KVCache, kv_cache_bytes
 from .bundle import (
@@ -83,6 +84,10 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
                  quantization: str | None = None, backend: str = "auto", options: EngineOptions | None = None,
                  **option_fields) -> None:
         """See :meth:`from_pretrained`."""
+        if is_gguf(checkpoint_dir):  # llama.cpp's file: a folder of its tensors, experts copied byte for byte
+            from .gguf import materialise
+
+            checkpoint_dir = materialise(checkpoint_dir, progress=option_fields.get("progress", True))
         opts, legacy = EngineOptions.resolve(options, option_fields)
         if legacy is not None:  # the old keyword cuda_graph=False/True/"fused"/"kernels"
             legacy = "fused" if legacy == "graph" and not opts.exact else legacy
@@ -106,6 +111,10 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
                     fill_value=o.fill_value, host_cache=o.host_cache, belady_trace=o.belady_trace, fault=o.fault,
                     progress=o.progress, compute_threads=o.compute_threads, exact=o.exact, check_finite=o.check_finite,
                     cuda_graph={"eager": False, "graph": True, "fused": "fused", "kernels": "kernels"}[self.backend])
+        if opts.warm_start is not None:  # the cache filled by a warm-up, the counters zeroed
+            from .warm import warm_start
+
+            warm_start(self, opts.warm_start)
 
     def _setup(self, checkpoint_dir: str | os.PathLike, *, memory_limit: int | str | None = "512MiB",
                  device: str | torch.device = "cpu", policy: str = "lru", prefetch: bool = True,

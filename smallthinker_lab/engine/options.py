@@ -61,6 +61,7 @@ class EngineOptions:
     progress: bool = _option(True, "a progress bar while the bundle is converted")
     check_finite: bool = _option(False, "read every stored tensor first; CheckpointError names one holding NaN/Inf")
     belady_trace: Sequence | None = _option(None, "policy='belady': the future request trace it replays")
+    warm_start: object = _option(None, "fill the cache first: a recorded trace or prompts (engine/warm.py)")
     fault: Callable | None = field(default=None, repr=False,
                                    metadata={"doc": "test hook: called in the I/O thread after each read"})
 

@@ -17,6 +17,12 @@ the stored d is fp16(d) and a weight decodes to fp16(d) * (q - 8).
 int8: per output row a symmetric absmax scale s = max|w_row| / 127 (fp32, 1 where the row is all zeros),
 q = round(w / s) clamped to [-127, 127]. Layout: R fp32 scales, then R x C int8 (scales first, so they are
 4-byte aligned whenever the buffer is).
+
+ggml_q4_0 / ggml_q8_0: ggml blocks exactly as a GGUF file holds them (Q8_0: fp16 d + 32 int8, value d * q), after a
+64-byte prefix saying which way the blocks run: axis 0, along C (what a GGUF's gate and up expert matrices are,
+and what ``encode`` writes), or axis 1, along R: the buffer holds the transpose [C, R] row by row, as a GGUF
+holds the down matrix (blocks along the expert's F) that the bundle reads as [F, H]. So a GGUF's Q4_0 / Q8_0
+experts go into the bundle byte for byte, never requantised (engine/gguf.py).
 """
 
 from __future__ import annotations
@@ -174,6 +180,88 @@ def dequantize_int8_rows(buf, shape: Sequence[int], rows: torch.Tensor,
     return (q.index_select(0, rows).to(torch.float32) * scale.index_select(0, rows)[:, None]).to(dtype)
 
 
+# ------------------------------------------------------------------ ggml blocks (GGUF bytes as they are)
+QK8_0 = 32  # weights per Q8_0 block
+Q8_0_BLOCK_BYTES = 34  # fp16 scale + 32 int8
+GGML_PREFIX = 64  # bytes before the blocks: b"GGML", the axis byte, zeros (keeps the blocks 64-byte aligned)
+_GGML_TAG = b"GGML"
+
+
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """ggml Q8_0 (``quantize_row_q8_0_ref``) of ``w`` (..., C) along C -> flat uint8 (R * C/32 * 34,):
+    d = max|x| / 127, q = roundf(x / d) (half away from zero), stored d = fp16(d)."""
+    rows, cols = _rows_cols(w.shape)
+    if cols % QK8_0:
+        raise ValueError(f"Q8_0 needs the last dimension (columns) divisible by {QK8_0}, got {cols}")
+    x = w.detach().to(torch.float32).reshape(rows, cols // QK8_0, QK8_0)  # (R, B, 32)
+    d = x.abs().amax(dim=-1, keepdim=True) / 127  # (R, B, 1)
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    y = x * inv
+    q = (y.sign() * (y.abs() + 0.5).floor()).to(torch.int8)  # C's roundf
+    return torch.cat([d.to(torch.float16).view(torch.uint8), q.view(torch.uint8)], dim=-1).reshape(-1)
+
+
+def _q8_0_blocks(flat: torch.Tensor, rows: int, nblocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales (R, B, 1) fp32 and quants (R, B, 32) int8 of flat Q8_0 blocks."""
+    blocks = flat.view(rows, nblocks, Q8_0_BLOCK_BYTES)
+    halves = _view_as(flat, torch.float16).view(rows, nblocks, Q8_0_BLOCK_BYTES // 2)
+    return halves[..., :1].to(torch.float32), blocks[..., 2:].view(torch.int8)
+
+
+def _q8_0_values(d: torch.Tensor, qs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (qs.to(torch.float32) * d).to(dtype)  # (R, B, 32)
+
+
+def ggml_prefix(axis: int) -> bytes:
+    """The 64 bytes before a ggml_* buffer's blocks: 0 = blocks along C, 1 = the buffer holds [C, R] (see top)."""
+    if axis not in (0, 1):
+        raise ValueError(f"axis must be 0 or 1, got {axis}")
+    return _GGML_TAG + bytes([axis]) + bytes(GGML_PREFIX - len(_GGML_TAG) - 1)
+
+
+def _ggml_format(name: str, qk: int, block_bytes: int, quantize, blocks, values) -> QuantFormat:
+    def nbytes(shape: Sequence[int]) -> int:
+        rows, cols = _rows_cols(shape)
+        if (rows * cols) % qk:
+            raise ValueError(f"{name} needs a multiple of {qk} weights, got shape {tuple(shape)}")
+        return GGML_PREFIX + rows * cols // qk * block_bytes
+
+    def split(buf, shape) -> tuple[torch.Tensor, int, int, int]:
+        """(blocks, stored rows, stored cols, axis) of a buffer for the logical (R, C) ``shape``."""
+        rows, cols = _rows_cols(shape)
+        flat = as_uint8(buf)
+        _check_len(flat, nbytes(shape), name, shape)
+        head = bytes(flat[:len(_GGML_TAG) + 1].tolist())
+        if head[:len(_GGML_TAG)] != _GGML_TAG or head[-1] not in (0, 1):
+            raise ValueError(f"{name} buffer has no ggml prefix (first bytes {head!r}): not written by this format")
+        axis = head[-1]
+        stored = (rows, cols) if axis == 0 else (cols, rows)
+        if stored[1] % qk:
+            raise ValueError(f"{name} blocks of {qk} do not tile rows of {stored[1]} weights")
+        return flat[GGML_PREFIX:], stored[0], stored[1], axis
+
+    def encode(w: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.frombuffer(bytearray(ggml_prefix(0)), dtype=torch.uint8), quantize(w)])
+
+    def decode(buf, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        flat, r, c, axis = split(buf, shape)
+        d, qs = blocks(flat, r, c // qk)
+        w = values(d, qs, dtype).reshape(r, c)
+        return (w if axis == 0 else w.t().contiguous()).reshape(tuple(shape))
+
+    def decode_rows(buf, shape: Sequence[int], rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        flat, r, c, axis = split(buf, shape)
+        d, qs = blocks(flat, r, c // qk)  # (r, B, 1), (r, B, k)
+        if axis == 0:
+            return values(d.index_select(0, rows), qs.index_select(0, rows), dtype).reshape(-1, c)
+        # logical row i is stored column i: decode only the blocks holding the wanted columns
+        b = rows // qk
+        w = values(d.index_select(1, b), qs.index_select(1, b), dtype)  # (r, n, qk)
+        return w.gather(2, (rows % qk).view(1, -1, 1).expand(r, -1, 1)).squeeze(2).t().contiguous()  # (n, r)
+
+    return QuantFormat(name, nbytes, encode, decode, decode_rows)
+
+
 # ------------------------------------------------------------------ raw floats
 def _raw_format(name: str, stored: torch.dtype) -> QuantFormat:
     size = torch.empty((), dtype=stored).element_size()
@@ -222,6 +310,8 @@ FORMATS: dict[str, QuantFormat] = {
     "bf16": _raw_format("bf16", torch.bfloat16),
     "int8": QuantFormat("int8", int8_nbytes, quantize_int8, dequantize_int8, dequantize_int8_rows),
     "q4_0": QuantFormat("q4_0", q4_0_nbytes, quantize_q4_0, dequantize_q4_0, dequantize_q4_0_rows),
+    "ggml_q4_0": _ggml_format("ggml_q4_0", QK4_0, Q4_0_BLOCK_BYTES, quantize_q4_0, _q4_0_blocks, _q4_0_values),
+    "ggml_q8_0": _ggml_format("ggml_q8_0", QK8_0, Q8_0_BLOCK_BYTES, quantize_q8_0, _q8_0_blocks, _q8_0_values),
 }
 
 

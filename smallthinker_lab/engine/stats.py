@@ -34,6 +34,7 @@ class EngineStats:
         tokens = s["prefill_tokens"] + s["decode_tokens"]
         return {
             "requests": c.requests, "hits": c.hits, "misses": c.misses, "hit_rate": c.hit_rate,
+            "compulsory_misses": c.compulsory_misses, "capacity_misses": c.capacity_misses, "preloads": c.preloads,
             "bytes_read": c.bytes_read, "bytes_read_per_token": c.bytes_read / tokens if tokens else float("nan"),
             "decode_bytes_read_per_token": (s["decode_bytes"] / s["decode_tokens"] if s["decode_tokens"]
                                             else float("nan")),

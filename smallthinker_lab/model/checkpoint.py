@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .config import SmallThinkerConfig
+from .gguf import is_gguf, load_gguf
 from .layers import RotaryEmbedding
 from .model import SmallThinkerForCausalLM
 
@@ -269,7 +270,10 @@ def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | N
     ones are skipped, both with a warning; shape, dtype and file errors still raise.
     ``check_finite=True`` reads every weight once more and raises :class:`CheckpointError` naming the first
     tensor that holds a NaN or an infinity (stored so, or overflowing the requested ``dtype``).
+    A path ending in ``.gguf`` is read as a SmallThinker GGUF (:func:`.gguf.load_gguf`).
     """
+    if is_gguf(path):
+        return load_gguf(path, dtype=dtype, device=device, strict=strict)
     folder = resolve_path(path)
     config_file = folder / CONFIG_FILE
     if not config_file.exists():
