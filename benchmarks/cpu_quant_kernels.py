@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import statistics
 import sys
 import time
@@ -102,6 +103,7 @@ def measure(rounds: int, pool_mib: int, per_batch: int, threads: list[int], toke
             read_mib: int) -> dict:
     from tqdm.auto import tqdm
 
+    load_before = os.getloadavg()
     pools = {v: Pool(v, pool_mib, seed=i) for i, v in enumerate(tqdm(VARIANTS, desc="building pools", leave=False))}
     big = torch.ones(read_mib * 2**20 // 4, dtype=torch.float32)
     xs = {n: torch.randn(n, H, generator=torch.Generator().manual_seed(n)).bfloat16() for n in tokens}
@@ -134,7 +136,8 @@ def measure(rounds: int, pool_mib: int, per_batch: int, threads: list[int], toke
                      "share_of_read_bandwidth": nbytes / med / bw_med})
     read = {t: {"median_gbps": statistics.median(b) / 1e9, "min_gbps": min(b) / 1e9, "max_gbps": max(b) / 1e9,
                 "n": len(b)} for t, b in bw.items()}
-    return {"rows": rows, "read_bandwidth": read,
+    return {"rows": rows, "read_bandwidth": read, "load_average": {"before": load_before, "after": os.getloadavg(),
+                                                                    "cores": os.cpu_count()},
             "pool_experts": {v: p.n for v, p in pools.items()},
             "settings": {"rounds": rounds, "pool_mib": pool_mib, "experts_per_batch": per_batch,
                          "read_mib": read_mib, "hidden": H, "expert_ffn": FF,
@@ -151,7 +154,11 @@ def render(res: dict) -> str:
              f"Per-expert ms: median over {s['rounds']} interleaved rounds [min-max] (IQR); weights streamed from "
              f"pools of {s['pool_mib']} MiB per variant. Memory read bandwidth (sum over {s['read_mib']} MiB fp32, "
              f"same rounds): " + ", ".join(f"{t} thread(s) {v['median_gbps']:.1f} GB/s [{v['min_gbps']:.1f}-"
-                                            f"{v['max_gbps']:.1f}]" for t, v in rb.items()) + ".", "",
+                                            f"{v['max_gbps']:.1f}]" for t, v in rb.items()) + ".",
+             f"Load average (1 min) {res['load_average']['before'][0]:.1f} before, "
+             f"{res['load_average']['after'][0]:.1f} after, on {res['load_average']['cores']} cores: with other "
+             f"processes on every core, 2-thread rows measure the scheduler (a descheduled thread stalls the "
+             f"product's barrier), not the kernels.", "",
              "| variant | threads | tokens | ms/expert | IQR | bytes/expert | GB/s | share of read BW | "
              "vs bf16 |", "|---|---|---|---|---|---|---|---|---|"]
     base = {(r["threads"], r["tokens"]): r["ms_median"] for r in res["rows"] if r["variant"] == "bf16_linear"}

@@ -25,8 +25,9 @@ q4_0_cpu (``torch._weight_int4pack_mm_for_cpu``, group size 32): the kernel's we
 of 32 along C, the same shape as ggml's (q - 8) * d, so a Q4_0 block maps to q unchanged, s = bf16(d), z = 0.
 Exact except for the scale: bf16 keeps 8 of fp16's 11 significant bits, so a weight differs from ggml's by at most
 2^-8 of |(q - 8) * d| (bf16's unit roundoff; the kernel then computes (q - 8) * s exactly in fp32). An exact
-mapping needs fp16 scales, which need fp16 activations: that kernel path is 50x slower here (cpu_kernels.py). Layout: the nibbles as
-``torch._convert_weight_to_int4pack_for_cpu`` packs them (R, C/2), then the scales and zeros (C/32, R, 2) bf16.
+mapping needs fp16 scales, which need fp16 activations: that kernel path is 50x slower here (cpu_kernels.py).
+Layout: the nibbles as ``torch._convert_weight_to_int4pack_for_cpu`` packs them (R, C/2), then the scales and
+zeros (C/32, R, 2) bf16.
 The nibble order depends on the CPU kernels torch dispatches to (AVX512, AVX2, ...): ``int4pack_layout()`` names
 it, and a bundle records it. Needs R divisible by 16 (the packing's requirement).
 
