@@ -9,6 +9,9 @@ Layout of ``experts.bin`` (all offsets absolute, in bytes):
   rows of all three), each encoded in the bundle's weight format (:mod:`.quant`) and starting at a 64-byte
   aligned offset inside the record; the record is zero padded to ``stride``, a multiple of 4096, so every record
   is page aligned and a whole record is one aligned read (O_DIRECT friendly).
+  The kernel formats (``q4_0_cpu``, ``int8_cpu``: the operand layout of torch's CPU kernels, see :mod:`.quant`)
+  store down in the model's ``[H, F]`` (the kernel's (out, in) operand) and name their packing in the header and
+  index (``packing``); a bundle packed under another layout (another CPU capability or torch) is refused.
 
 ``experts.json`` (the index, written last) repeats the header, the per-matrix layout, and per layer, per expert
 the absolute offsets of gate/up/down, the record's payload size and its checksum: XXH3-64 (``xxhash``, about
@@ -38,16 +41,17 @@ import torch
 
 from ..model.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, read_header, resolve_path
 from ..model.config import SmallThinkerConfig
-from .quant import get_format
+from .quant import KERNEL_FORMATS, get_format, int4pack_layout
 
-BUNDLE_VERSION = 2  # 2: per-expert "checksum" with the algorithm named in the index (1: crc32 only)
+# 3: the kernel formats and "packing" (2: per-expert "checksum" with the algorithm named in the index; 1: crc32 only)
+BUNDLE_VERSION = 3
 MAGIC = b"STLXBND1"
 PAGE = 4096  # record alignment (and the header size)
 MATRIX_ALIGN = 64  # alignment of each matrix inside a record
 DATA_NAME = "experts.bin"
 INDEX_NAME = "experts.json"
 MATRICES = ("gate", "up", "down")  # order inside a record; down is stored transposed [F, H]
-QUANTIZATIONS = (None, "bf16", "fp16", "fp32", "int8", "q4_0")
+QUANTIZATIONS = (None, "bf16", "fp16", "fp32", "int8", "q4_0", *KERNEL_FORMATS)
 _DTYPE_FORMAT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _ST_FORMAT = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 FORMAT_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -101,15 +105,28 @@ class MatrixSpec:
 RAW_FORMATS = ("bf16", "fp16", "fp32")  # formats whose down matrix may be stored in the model's [H, F] layout
 
 
+def packing(fmt: str) -> str | None:
+    """The kernel layout a format's bytes depend on in this process (None: portable bytes)."""
+    return int4pack_layout() if fmt == "q4_0_cpu" else None
+
+
+def down_transposed_for(fmt: str | None, down_transposed: bool = True) -> bool:
+    """The down layout a conversion to ``fmt`` uses: the kernel formats always store the model's [H, F]."""
+    return False if fmt in KERNEL_FORMATS else down_transposed
+
+
 def record_layout(hidden: int, ffn: int, fmt: str, down_transposed: bool = True
                   ) -> tuple[dict[str, MatrixSpec], int, int]:
     """The matrices of one record, the payload size (end of the last matrix) and the stride (4 KiB aligned).
 
     ``down_transposed`` (the default) stores down as [F, H], rows per neuron for the sparse ReGLU; False keeps the
-    model's [H, F] (raw float formats only): what ``exact=True`` computes with, so no read needs a transpose."""
+    model's [H, F] (raw float formats only): what ``exact=True`` computes with, so no read needs a transpose.
+    The kernel formats need False (their down is the kernel's (out, in) operand)."""
     f = get_format(fmt)
-    if not down_transposed and fmt not in RAW_FORMATS:
+    if not down_transposed and fmt not in RAW_FORMATS + KERNEL_FORMATS:
         raise BundleError(f"down in the model's [H, F] layout needs a raw float format {RAW_FORMATS}, not {fmt}")
+    if down_transposed and fmt in KERNEL_FORMATS:
+        raise BundleError(f"format {fmt} stores down in the model's [H, F] layout: down_transposed must be False")
     specs, off = {}, 0
     for name in MATRICES:
         shape = (ffn, hidden) if name != "down" or down_transposed else (hidden, ffn)
@@ -237,12 +254,14 @@ def convert(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     else:
         fmt = quantization
     codec = get_format(fmt)
+    down_transposed = down_transposed_for(fmt, down_transposed)
     specs, payload, stride = record_layout(H, F, fmt, down_transposed)
     out = Path(out_dir) if out_dir is not None else default_bundle_dir(ckpt, quantization, down_transposed)
     out.mkdir(parents=True, exist_ok=True)
     bundle_id = uuid.uuid4().hex
     header = {"format": fmt, "num_layers": L, "num_experts": E, "hidden_size": H, "ffn_size": F,
-              "stride": stride, "payload_nbytes": payload, "down_transposed": bool(down_transposed)}
+              "stride": stride, "payload_nbytes": payload, "down_transposed": bool(down_transposed),
+              "packing": packing(fmt)}
     tag = f".tmp-{os.getpid()}"
     tmp_data, tmp_index = out / f".{DATA_NAME}{tag}", out / f".{INDEX_NAME}{tag}"
     offsets = np.zeros((L, E), dtype=np.int64)
@@ -361,6 +380,10 @@ def open_bundle(directory: str | os.PathLike, config: SmallThinkerConfig | None 
         specs, want_payload, want_stride = record_layout(H, F, fmt, down_t)
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{index_path} is malformed ({type(e).__name__}: {e})") from None
+    if idx.get("packing") != packing(fmt):
+        raise BundleError(f"{index_path}: format {fmt} was packed for kernel layout {idx.get('packing')}, this "
+                          f"process's torch uses {packing(fmt)} (another CPU capability or torch version): convert "
+                          f"again")
     if (stride, payload) != (want_stride, want_payload):
         raise BundleError(f"{index_path}: stride/payload {stride}/{payload} do not match format {fmt} "
                           f"({want_stride}/{want_payload})")
@@ -426,6 +449,7 @@ def ensure_bundle(checkpoint_dir: Path, bundle_dir: Path | None, quantization: s
     missing data file) is an error, not silently rebuilt: storage problems must be seen. ``down_transposed`` is the
     layout of a new conversion; the default folder is per layout, and an explicit ``bundle_dir`` of the other
     layout is used as it is (the engine reads both)."""
+    down_transposed = down_transposed_for(quantization, down_transposed)
     out = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir(checkpoint_dir, quantization,
                                                                               down_transposed)
 
@@ -434,6 +458,7 @@ def ensure_bundle(checkpoint_dir: Path, bundle_dir: Path | None, quantization: s
         return (idx is None or idx.get("magic") != MAGIC.decode() or idx.get("version") != BUNDLE_VERSION
                 or (quantization is not None and idx.get("format") != quantization)
                 or (bundle_dir is None and idx.get("down_transposed") != down_transposed)
+                or idx.get("packing") != packing(idx.get("format", ""))
                 or idx.get("source") != source_fingerprint(checkpoint_dir))
 
     if stale():

@@ -23,10 +23,28 @@ ggml_q4_0 / ggml_q8_0: ggml blocks exactly as a GGUF file holds them (Q8_0: fp16
 and what ``encode`` writes), or axis 1, along R: the buffer holds the transpose [C, R] row by row, as a GGUF
 holds the down matrix (blocks along the expert's F) that the bundle reads as [F, H]. So a GGUF's Q4_0 / Q8_0
 experts go into the bundle byte for byte, never requantised (engine/gguf.py).
+The kernel formats hold a matrix in the operand layout of torch's weight-only CPU kernels, so a product reads the
+stored bytes as they are (:mod:`.cpu_kernels`); the kernels are fast only with bf16 activations and bf16 scales.
+
+q4_0_cpu (``torch._weight_int4pack_mm_for_cpu``, group size 32): the kernel's weight is (q - 8) * s + z per group
+of 32 along C, the same shape as ggml's (q - 8) * d, so a Q4_0 block maps to q unchanged, s = bf16(d), z = 0.
+Exact except for the scale: bf16 keeps 8 of fp16's 11 significant bits, so a weight differs from ggml's by at most
+2^-8 of |(q - 8) * d| (bf16's unit roundoff; the kernel then computes (q - 8) * s exactly in fp32). An exact
+mapping needs fp16 scales, which need fp16 activations: that kernel path is 50x slower here (cpu_kernels.py).
+Layout: the nibbles as ``torch._convert_weight_to_int4pack_for_cpu`` packs them (R, C/2), then the scales and
+zeros (C/32, R, 2) bf16.
+The nibble order depends on the CPU kernels torch dispatches to (AVX512, AVX2, ...): ``int4pack_layout()`` names
+it, and a bundle records it. Needs R divisible by 16 (the packing's requirement).
+
+int8_cpu (``torch._weight_int8pack_mm``, per-row scales): as int8, but the scale is rounded up to bf16 before
+quantising, so the kernel's weight q * s is the format's value exactly. Layout: R bf16 scales, then R x C int8.
+Needs C divisible by 16 (torch 2.13's kernel gives wrong results, then crashes, for C = 40 and several rows).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -261,6 +279,146 @@ def _ggml_format(name: str, qk: int, block_bytes: int, quantize, blocks, values)
 
     return QuantFormat(name, nbytes, encode, decode, decode_rows)
 
+# ------------------------------------------------------------------ q4_0_cpu: torch's int4 CPU kernel layout
+INT4_ROWS = 16  # the packing needs R divisible by this
+INT8_CPU_COLS = 16  # the int8 kernel needs C divisible by this
+
+
+def _check_q4_0_cpu(rows: int, cols: int) -> None:
+    _check_q4_0_cols(cols)
+    if rows % INT4_ROWS:
+        raise ValueError(f"q4_0_cpu needs the rows (output features) divisible by {INT4_ROWS}, got {rows}")
+
+
+def q4_0_cpu_nbytes(shape: Sequence[int]) -> int:
+    rows, cols = _rows_cols(shape)
+    _check_q4_0_cpu(rows, cols)
+    return rows * cols // 2 + (cols // QK4_0) * rows * 2 * 2
+
+
+def _int4_pack(q: torch.Tensor) -> torch.Tensor:
+    """(R, C) int values 0..15 -> the kernel's packed (R, C/2) uint8."""
+    return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+
+
+@functools.lru_cache(maxsize=1)
+def int4pack_layout() -> str:
+    """Names the nibble order of torch's int4 CPU packing in this process: the kernel capability torch dispatches
+    to and a digest of a probe matrix packed (a bundle packed under another layout would compute garbage)."""
+    probe = torch.arange(64 * 64, dtype=torch.int32).remainder_(13).view(64, 64)
+    digest = hashlib.sha256(_int4_pack(probe).numpy().tobytes()).hexdigest()[:16]
+    return f"{torch.backends.cpu.get_cpu_capability()}-{digest}"
+
+
+@functools.lru_cache(maxsize=8)
+def _int4_source(rows: int, cols: int) -> torch.Tensor:
+    """For each nibble of the packed (R, C/2) buffer (low nibble first), the flat index r * C + c it came from:
+    found by packing the index's base-16 digits, so it holds for whatever order the kernels use."""
+    index = torch.arange(rows * cols, dtype=torch.int64)
+    src = torch.zeros(rows * cols, dtype=torch.int64)
+    for digit in range(max(1, math.ceil(math.log(rows * cols, 16)))):
+        packed = _int4_pack(((index >> (4 * digit)) & 15).view(rows, cols)).reshape(-1)
+        nib = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1).to(torch.int64)
+        src |= nib << (4 * digit)
+    return src
+
+
+def q4_0_cpu_parts(buf, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel operands of a q4_0_cpu buffer, views of its bytes: packed (R, C/2) uint8, scales (C/32, R, 2)."""
+    rows, cols = _rows_cols(shape)
+    flat = as_uint8(buf)
+    _check_len(flat, q4_0_cpu_nbytes(shape), "q4_0_cpu", shape)
+    n = rows * cols // 2
+    return flat[:n].view(rows, cols // 2), _view_as(flat[n:], torch.bfloat16).view(cols // QK4_0, rows, 2)
+
+
+def repack_q4_0(buf, shape: Sequence[int]) -> torch.Tensor:
+    """A ggml Q4_0 buffer -> q4_0_cpu bytes: the same q, scale bf16(d), zero 0 (see the module docstring)."""
+    rows, cols = _rows_cols(shape)
+    _check_q4_0_cpu(rows, cols)
+    flat = as_uint8(buf)
+    _check_len(flat, q4_0_nbytes(shape), "Q4_0", shape)
+    d, qs = _q4_0_blocks(flat, rows, cols // QK4_0)  # (R, B, 1), (R, B, 16)
+    qs = qs.contiguous()
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(rows, cols)  # (R, C): byte j -> elements j, j + 16
+    scales = torch.stack([d[..., 0].t(), torch.zeros_like(d[..., 0].t())], dim=-1)  # (B, R, 2)
+    packed = _int4_pack(q).reshape(-1)
+    return torch.cat([packed, scales.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(-1)])
+
+
+def quantize_q4_0_cpu(w: torch.Tensor) -> torch.Tensor:
+    """ggml Q4_0 of ``w`` (R, C), repacked for the int4 kernel -> flat uint8 (``q4_0_cpu_nbytes``)."""
+    return repack_q4_0(quantize_q4_0(w), w.shape)
+
+
+def dequantize_q4_0_cpu(buf, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weights the int4 kernel computes with: (q - 8) * s + z in fp32, then cast to ``dtype``."""
+    rows, cols = _rows_cols(shape)
+    packed, sz = q4_0_cpu_parts(buf, shape)
+    flat = packed.reshape(-1)
+    nib = torch.stack([flat & 15, flat >> 4], dim=-1).reshape(-1)
+    q = torch.empty(rows * cols, dtype=torch.uint8)
+    q[_int4_source(rows, cols)] = nib
+    q = q.view(rows, cols // QK4_0, QK4_0).view(torch.int8).sub(8).to(torch.float32)  # (R, B, 32)
+    s, z = (sz[..., i].t().to(torch.float32)[..., None] for i in (0, 1))  # (R, B, 1)
+    return (q * s + z).to(dtype).reshape(tuple(shape))
+
+
+def dequantize_q4_0_cpu_rows(buf, shape: Sequence[int], rows: torch.Tensor,
+                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows of ``dequantize_q4_0_cpu`` (decodes the whole matrix: a reference, not a sparse fast path)."""
+    return dequantize_q4_0_cpu(buf, shape, dtype).reshape(-1, shape[-1]).index_select(0, rows)
+
+
+# ------------------------------------------------------------------ int8_cpu: torch's int8 CPU kernel layout
+def _check_int8_cpu(cols: int) -> None:
+    if cols % INT8_CPU_COLS:
+        raise ValueError(f"int8_cpu needs the last dimension (columns) divisible by {INT8_CPU_COLS}, got {cols}")
+
+
+def int8_cpu_nbytes(shape: Sequence[int]) -> int:
+    rows, cols = _rows_cols(shape)
+    _check_int8_cpu(cols)
+    return rows * 2 + rows * cols
+
+
+def _bf16_round_up(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bf16 >= each positive fp32 value (so |w| / s <= 127 stays true)."""
+    b = x.to(torch.bfloat16)
+    low = b.to(torch.float32) < x
+    return torch.where(low, torch.nextafter(b, torch.full_like(b, math.inf)), b)
+
+
+def quantize_int8_cpu(w: torch.Tensor) -> torch.Tensor:
+    """Per-row symmetric int8 with bf16 scales -> flat uint8: R bf16 scales, then R x C int8."""
+    rows, cols = _rows_cols(w.shape)
+    _check_int8_cpu(cols)
+    x = w.detach().to(torch.float32).reshape(rows, cols)  # (R, C)
+    amax = x.abs().amax(dim=1) / 127.0  # (R,)
+    scale = _bf16_round_up(torch.where(amax > 0, amax, torch.ones_like(amax)))  # (R,) bf16
+    q = torch.round(x / scale.to(torch.float32)[:, None]).clamp_(-127, 127).to(torch.int8)
+    return torch.cat([scale.view(torch.uint8), q.view(torch.uint8).reshape(-1)])
+
+
+def int8_cpu_parts(buf, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel operands of an int8_cpu buffer, views of its bytes: q (R, C) int8, scales (R,) bf16."""
+    rows, cols = _rows_cols(shape)
+    flat = as_uint8(buf)
+    _check_len(flat, int8_cpu_nbytes(shape), "int8_cpu", shape)
+    return flat[rows * 2:].view(torch.int8).view(rows, cols), _view_as(flat[: rows * 2], torch.bfloat16)
+
+
+def dequantize_int8_cpu(buf, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    q, scale = int8_cpu_parts(buf, shape)
+    return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype).reshape(tuple(shape))
+
+
+def dequantize_int8_cpu_rows(buf, shape: Sequence[int], rows: torch.Tensor,
+                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    q, scale = int8_cpu_parts(buf, shape)
+    return (q.index_select(0, rows).to(torch.float32) * scale.index_select(0, rows).to(torch.float32)[:, None]
+            ).to(dtype)
+
 
 # ------------------------------------------------------------------ raw floats
 def _raw_format(name: str, stored: torch.dtype) -> QuantFormat:
@@ -312,7 +470,12 @@ FORMATS: dict[str, QuantFormat] = {
     "q4_0": QuantFormat("q4_0", q4_0_nbytes, quantize_q4_0, dequantize_q4_0, dequantize_q4_0_rows),
     "ggml_q4_0": _ggml_format("ggml_q4_0", QK4_0, Q4_0_BLOCK_BYTES, quantize_q4_0, _q4_0_blocks, _q4_0_values),
     "ggml_q8_0": _ggml_format("ggml_q8_0", QK8_0, Q8_0_BLOCK_BYTES, quantize_q8_0, _q8_0_blocks, _q8_0_values),
+    "q4_0_cpu": QuantFormat("q4_0_cpu", q4_0_cpu_nbytes, quantize_q4_0_cpu, dequantize_q4_0_cpu,
+                            dequantize_q4_0_cpu_rows),
+    "int8_cpu": QuantFormat("int8_cpu", int8_cpu_nbytes, quantize_int8_cpu, dequantize_int8_cpu,
+                            dequantize_int8_cpu_rows),
 }
+KERNEL_FORMATS = ("q4_0_cpu", "int8_cpu")  # stored in the operand layout of torch's CPU kernels (cpu_kernels.py)
 
 
 def get_format(name: str) -> QuantFormat:
