@@ -64,7 +64,7 @@ from .io import CudaTransfer, ExpertReader
 from .loading import _load_predictor, _load_tokenizer, _probe_dtype, _resolve_dtype, load_non_experts
 from .memory import MemoryPlan, itemsize, parse_memory_limit, plan_memory, workspace_bytes
 from .options import BACKENDS, EngineOptions, choose, static_reasons
-from .quant import get_format
+from .quant import KERNEL_FORMATS, get_format
 from .stats import EngineStats
 
 CUDA_LIBRARY_WORKSPACE = 64 * 2**20  # cuBLAS / cuBLASLt workspaces the caching allocator hands out on first use
@@ -196,7 +196,12 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
         H, Fh = config.hidden_size, config.moe_ffn_hidden_size
         self._codec = get_format(self.bundle.format)
         self._zero_copy = FORMAT_DTYPE.get(self.bundle.format) == self.dtype
-        if not self.bundle.down_transposed and not (self.exact and self._zero_copy):
+        # torch's int4/int8 CPU kernels read the slot's bytes as they are (engine/cpu_kernels.py)
+        self._cpu_kernel = self.bundle.format in KERNEL_FORMATS
+        if self._cpu_kernel and (self.exact or self.device.type != "cpu"):
+            raise ValueError(f"{self.bundle_dir}: format {self.bundle.format} runs torch's CPU kernels: it needs "
+                             f"device='cpu' and exact=False")
+        if not self.bundle.down_transposed and not (self.exact and self._zero_copy) and not self._cpu_kernel:
             raise BundleError(f"{self.bundle_dir} stores down in the model's [H, F] layout, which only exact=True "
                               f"with dtype {FORMAT_DTYPE[self.bundle.format]} reads; this engine needs a bundle "
                               f"converted with down_transposed=True (the default)")
@@ -206,6 +211,8 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
         # per expert computed: gathered up/down rows (sparse) or their products; decoded matrices plus the
         # decoder's temporaries (about 10 bytes per weight) when the slot's bytes are not usable as they are
         expert_ws = 2 * Fh * H * isz + (0 if self._zero_copy else Fh * H * (3 * isz + 10))
+        if self._cpu_kernel:  # no gathered rows, no decoded matrices: the kernels' outputs are the activations
+            expert_ws = 0
         cuda = self.device.type == "cuda"
         if cuda:
             expert_ws += CUDA_LIBRARY_WORKSPACE

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .. import sparse
+from .. import cpu_kernels, sparse
 from ..cache import Entry, layer_chunks
 from ..shapes import neuron_bucket, pad_index, row_bucket
 
@@ -186,6 +186,17 @@ class EagerSteps:
     def _expert_rows(self, entry: Entry, x: torch.Tensor, token: torch.Tensor | None, n: int, layer: int,
                      expert: int, codec, dtype: torch.dtype, shape, watch: bool) -> torch.Tensor:
         """``_expert`` on x (m >= n rows: rows past n repeat a real one); hooks and counters see the first n."""
+        if self._cpu_kernel:  # torch's int4/int8 CPU kernels on the slot's bytes, as they are
+            ops = self._views[entry.slot]
+            if ops is None:  # views of the slot's bytes: valid whatever the slot holds
+                ops = self._views[entry.slot] = cpu_kernels.expert_operands(self._slot_bytes(entry.slot),
+                                                                            self.bundle.format, shape)
+            y, g = cpu_kernels.reglu(x, ops)
+            if watch:
+                self._fire_expert(layer, expert, token, g[:n])
+            self._neurons_active += int(sparse.active_neurons(g[:n]).numel())
+            self._neurons_total += shape[0]
+            return y
         if self._zero_copy:
             wg, wu, wd = self._slot_views(entry.slot)  # views of the slot's bytes, no copy
         else:
