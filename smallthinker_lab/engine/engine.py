@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.checkpoint import CONFIG_FILE, FLOAT_DTYPES, expected_tensors, resolve_path
+from ..model.checkpoint import FLOAT_DTYPES, expected_tensors, resolve_path
 from ..model.config import SmallThinkerConfig
 from ..model.generate import GenerationStats, SamplingConfig, stream_tokens
 from ..model.hooks import HookRegistry
@@ -58,7 +58,7 @@ from .bundle import (
     FORMAT_DTYPE,
     RAW_FORMATS,
     BundleError,
-    checkpoint_tensor_files,
+    checkpoint_tensors,
     ensure_bundle,
     is_expert_tensor,
     open_bundle,
@@ -106,7 +106,9 @@ class Engine:
                  fault: Callable | None = None, progress: bool = True, compute_threads: int | None = None,
                  exact: bool = False, cuda_graph: bool | str = False) -> None:
         self.checkpoint_dir = resolve_path(checkpoint_dir)
-        self.config = config = SmallThinkerConfig.from_json(self.checkpoint_dir / CONFIG_FILE)
+        # checked as load_model checks it (file paths, config.json sizes, dtypes, shapes) before anything is built
+        config, stored = checkpoint_tensors(self.checkpoint_dir)
+        self.config = config
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' but torch sees no CUDA device")
@@ -148,7 +150,6 @@ class Engine:
         self.memory_limit = parse_memory_limit(memory_limit)
 
         # the non-expert tensors of the checkpoint and the bundle (converted on first use)
-        stored = checkpoint_tensor_files(self.checkpoint_dir)
         names = [n for n in expected_tensors(config) if not is_expert_tensor(n)]
         absent = [n for n in names if n not in stored]
         if absent:
