@@ -170,6 +170,16 @@ def test_links_inside_the_folder_and_into_the_hub_cache_blobs_load(sharded, tmp_
         assert torch.equal(e.model.model.norm.weight, want)
 
 
+@pytest.mark.parametrize("name", ["x" * 5000, ".", "..", "", "a\0b", "loop.safetensors"])
+def test_shard_names_the_file_system_cannot_take_are_refused_clearly(sharded, name):
+    if name == "loop.safetensors":
+        (sharded / name).symlink_to(name)
+    remap(sharded, FIRST_SHARD, name)
+    with pytest.raises(CheckpointError, match=r"index\.json names shard .*(outside the checkpoint folder|not the name "
+                                              r"of a file|cannot be examined|characters)"):
+        load_model(sharded)
+
+
 @READERS
 def test_a_shard_that_is_not_a_regular_file_is_refused_without_hanging(sharded, read):
     (sharded / FIRST_SHARD).unlink()

@@ -34,7 +34,9 @@ FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")), deadli
 
 # JSON values of every type, nested a little; floats include NaN and infinities (json.dumps writes NaN, Infinity)
 LEAVES = (st.none() | st.booleans() | st.integers(min_value=-2**80, max_value=2**80) | st.floats()
-          | st.text(max_size=12) | st.sampled_from([0, 1, -1, 2**63, 2**64, 2**70, "F32", "BF16", "I32", "", "0"]))
+          | st.text(max_size=12) | st.sampled_from([0, 1, -1, 2**63, 2**64, 2**70, "F32", "BF16", "I32", "", "0",
+                                                    "x" * 5000, "../x", "/etc/passwd", ".", "..", "a/b", "\0",
+                                                    "model-00001-of-00012.safetensors", "fp32", "q4_0", "crc32"]))
 VALUES = st.recursive(LEAVES, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
                       max_leaves=6)
 

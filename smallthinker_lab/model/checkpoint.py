@@ -125,6 +125,7 @@ def checkpoint_file(folder: str | os.PathLike, name: object, listed_in: Path | N
     Raises :class:`CheckpointError`; returns ``folder / name`` (or the checked target of a link)."""
     folder = Path(folder)
     shown = name if isinstance(name, str) and name.isprintable() else repr(name)
+    shown = shown if len(shown) <= 200 else f"{shown[:200]}... ({len(shown)} characters)"
     where = (f"{listed_in} names shard {shown}" + (f" (for {_names(names, 3)})" if names else "")
              if listed_in is not None else f"{folder / str(name)}")
     if not isinstance(name, str):
@@ -136,17 +137,21 @@ def checkpoint_file(folder: str | os.PathLike, name: object, listed_in: Path | N
     if len(parts) != 1 or name in ("", ".") or "\0" in name:
         raise CheckpointError(f"{where}, which is not the name of a file in the checkpoint folder {folder}")
     path = folder / name
-    root = folder.resolve()
-    if path.is_symlink():
-        real = path.resolve()
-        if not _inside(root, real):
-            raise CheckpointError(f"{where}, but {path} is a symbolic link to {real}, outside the checkpoint "
-                                  f"folder {folder}: refusing to read it")
-        path = real
-    if not path.exists():
+    try:
+        root = folder.resolve()
+        if path.is_symlink():
+            real = path.resolve()
+            if not _inside(root, real):
+                raise CheckpointError(f"{where}, but {path} is a symbolic link to {real}, outside the checkpoint "
+                                      f"folder {folder}: refusing to read it")
+            path = real
+        exists, regular = path.exists(), path.is_file()
+    except (OSError, RuntimeError) as e:  # a name too long, a loop of links
+        raise CheckpointError(f"{where}, but {path} cannot be examined ({type(e).__name__}: {e})") from None
+    if not exists:
         raise CheckpointError(f"{where} but {path} does not exist" if listed_in is not None
                               else f"{path} does not exist")
-    if not path.is_file():
+    if not regular:
         raise CheckpointError(f"{where}, but {path} is not a regular file")
     return path
 
