@@ -4,6 +4,9 @@ A checkpoint is a folder holding ``config.json`` and either ``model.safetensors`
 ``model-0000N-of-0000M.safetensors`` listed in ``model.safetensors.index.json``; tensor names and
 shapes are those of the released files (:func:`expected_tensors`). Loading memory-maps the files and
 hands the mapped tensors to a model built on the meta device, so a checkpoint is never held twice.
+Every reader (``load_model``, the engine, ``convert``) goes through :func:`read_checkpoint`: file paths must stay in
+the folder (:func:`checkpoint_file`), headers are checked before the safetensors library sees them
+(:func:`read_header`), and config.json's sizes are checked against the stored tensors before anything grows with them.
 Writing is streamed tensor by tensor into temporary files that are renamed at the end.
 """
 
