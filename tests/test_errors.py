@@ -362,8 +362,9 @@ def test_cli_bad_memory_limit(ckpt):
                           "memory_limit")
 
 
-def test_cli_corrupt_config_through_the_sub_cli(tmp_path):
+def test_cli_corrupt_config_through_the_sub_cli(tmp_path, ckpt):
     path = write_config(tmp_path / "m", "rms_norm_eps", "1e-6")
+    shutil.copy(ckpt / "model.safetensors", path.parent / "model.safetensors")  # the weights are fine
     r = run_cli("convert", str(path.parent), module="smallthinker_lab.engine.cli")
     assert_one_line_error(r, str(path), "rms_norm_eps", "'1e-6'")
 

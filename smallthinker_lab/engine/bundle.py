@@ -19,18 +19,25 @@ the absolute offsets of gate/up/down, the record's payload size and its checksum
 installed, crc32 (zlib, about 3.4 GB/s); the index names the algorithm.
 Non-expert weights stay in the checkpoint folder.
 
-Conversion streams tensor by tensor (``safe_open``), writes ``.experts.bin.tmp-PID`` and
-``.experts.json.tmp-PID``, removes any previous index, then renames data and index into place, so an
-interrupted conversion leaves no index, and a bundle without an index is not a bundle.
+Conversion streams tensor by tensor (``safe_open``), writes ``.experts.bin.tmp-PID-TOKEN`` and
+``.experts.json.tmp-PID-TOKEN`` (created exclusively, never through a symbolic link), removes any previous index, then
+renames data and index into place, so an interrupted conversion leaves no index, and a bundle without an index is not
+a bundle. The next conversion into the folder removes the temporaries of dead processes (a killed conversion's).
+The checkpoint is read through :func:`..model.checkpoint.read_checkpoint`, so ``convert`` and the engine refuse what
+``load_model`` refuses; the default bundle folder must be a real folder of the checkpoint (not a symbolic link).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
+import stat
 import struct
+import threading
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -39,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..model.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, read_header, resolve_path
+from ..model.checkpoint import CONFIG_FILE, INDEX_FILE, CheckpointError, read_checkpoint, resolve_path
 from ..model.config import SmallThinkerConfig
 from .quant import KERNEL_FORMATS, get_format, int4pack_layout
 
@@ -188,22 +195,35 @@ def is_expert_tensor(name: str) -> bool:
     return ".block_sparse_moe.experts." in name
 
 
-def checkpoint_tensor_files(folder: Path) -> dict[str, tuple[Path, str]]:
-    """Name -> (file, safetensors dtype) of every stored tensor (single file or index + shards)."""
-    folder = Path(folder)
-    single, index = folder / SINGLE_FILE, folder / INDEX_FILE
-    if single.exists():
-        files = [single]
-    elif index.exists():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files = [folder / s for s in sorted(set(weight_map.values()))]
-    else:
-        raise FileNotFoundError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE}")
-    out = {}
-    for file in files:
-        for name, info in read_header(file).items():
-            out[name] = (file, info.dtype)
-    return out
+def checkpoint_tensors(folder: str | os.PathLike) -> tuple[SmallThinkerConfig, dict[str, tuple[Path, str]]]:
+    """The config and name -> (file, safetensors dtype) of every tensor of a checkpoint folder, checked as
+    :func:`load_model` checks them (:func:`read_checkpoint`, strict): file paths inside the folder, config.json sizes
+    against the stored tensors, every tensor expected with its shape and a floating-point dtype. A tied
+    checkpoint's stored ``lm_head.weight`` is left out. Raises CheckpointError (FileNotFoundError: no weights)."""
+    checked = read_checkpoint(folder, strict=True, experts_elsewhere=_bundle_only_experts(folder))
+    return checked.config, {n: (i.file, i.dtype) for n, i in checked.stored.items()}
+
+
+GGUF_SOURCE_FILE = "gguf_source.json"  # engine/gguf.py: the folder's experts are only in its bundle
+
+
+def _bundle_only_experts(folder) -> tuple[int, int] | None:
+    """(layers, experts) of the default expert bundle of a folder that stores its experts only there (one made
+    from a GGUF, engine/gguf.py), or None: a folder with expert tensors of its own is checked against them."""
+    folder = resolve_path(folder)
+    if not (folder / GGUF_SOURCE_FILE).is_file():
+        return None
+    summary = _index_summary(default_bundle_dir(folder))
+    if summary is None:
+        raise BundleError(f"{folder}: made from a GGUF ({GGUF_SOURCE_FILE}) but its expert bundle "
+                          f"{default_bundle_dir(folder)} is missing or unreadable: materialise the GGUF again")
+    where = f"{default_bundle_dir(folder) / INDEX_NAME}"
+    return _index_int(summary, "num_layers", where, low=1), _index_int(summary, "num_experts", where, low=1)
+
+
+def checkpoint_tensor_files(folder: str | os.PathLike) -> dict[str, tuple[Path, str]]:
+    """Name -> (file, safetensors dtype) of every stored tensor (:func:`checkpoint_tensors`)."""
+    return checkpoint_tensors(folder)[1]
 
 
 def source_fingerprint(folder: Path) -> dict:
@@ -226,6 +246,108 @@ def default_bundle_dir(checkpoint_dir: str | os.PathLike, quantization: str | No
     return base / f"{folder.name}-{key}" / name
 
 
+def _checked_default_dir(checkpoint_dir: str | os.PathLike, quantization: str | None, down_transposed: bool) -> Path:
+    """:func:`default_bundle_dir`, refused when it is in the checkpoint folder but is a symbolic link (or anything
+    else that resolves elsewhere): whoever can write the checkpoint folder must not choose where a conversion
+    writes. An explicit ``bundle_dir`` is the user's choice and used as it is."""
+    out = default_bundle_dir(checkpoint_dir, quantization, down_transposed)
+    root = Path(checkpoint_dir).resolve()
+    if out.parent == root and os.path.lexists(out):
+        if out.is_symlink() or out.resolve().parent != root:
+            raise BundleError(f"the default bundle folder {out} is a symbolic link to {out.resolve()}, outside the "
+                              f"checkpoint folder {root}: refusing to write the bundle there (remove the link, or "
+                              f"pass bundle_dir=... to choose that folder explicitly)")
+        if not out.is_dir():
+            raise BundleError(f"the default bundle folder {out} exists but is not a folder: remove it")
+    return out
+
+
+# temporaries of a conversion: .experts.bin.tmp-PID[-TOKEN], .experts.json.tmp-PID[-TOKEN]
+_TEMP_RE = re.compile(r"\.(?:experts\.bin|experts\.json)\.tmp-(\d{1,12})(?:-[0-9a-f]{1,32})?")
+_LIVE_TEMPS: set[str] = set()  # the temporaries conversions of this process are writing now
+_LIVE_LOCK = threading.Lock()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0, ...) would signal our own process group; no process writes a temporary as pid 0
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the conversion temporaries in ``folder`` left by dead processes (a killed conversion leaves its
+    ``.experts.bin.tmp-PID``: as large as the bundle); those of live processes and this process's own conversions
+    in progress are kept. A temporary named for this process's pid that none of its conversions is writing is an
+    earlier process's (pids are reused) and removed. Returns the paths removed."""
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except FileNotFoundError:
+        return removed
+    for p in entries:
+        m = _TEMP_RE.fullmatch(p.name)
+        if not m or not (p.is_symlink() or p.is_file()):
+            continue
+        pid = int(m.group(1))
+        with _LIVE_LOCK:
+            if str(p) in _LIVE_TEMPS or (pid != os.getpid() and _pid_alive(pid)):
+                continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _create_exclusive(path: Path, created: list[Path], mode: str = "wb"):
+    """A new file opened for writing: created here (O_EXCL: never an existing file), never through a symbolic link;
+    appended to ``created`` (what the caller removes on failure: never a file it did not create)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, 0o644)
+    created.append(path)
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
+def _open_lock(path: Path) -> int:
+    """The conversion lock file, opened without following a symbolic link and without truncating (a lock is never
+    written): a link or anything but a regular file is refused, so the lock cannot damage a file elsewhere."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BundleError(f"the conversion lock {path} is a symbolic link: refusing to open it "
+                              f"(remove it)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BundleError(f"the conversion lock {path} is not a regular file: refusing to use it (remove it)")
+    return fd
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 # ------------------------------------------------------------------ convert
 def convert(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
             quantization: str | None = None, progress: bool = True, down_transposed: bool = True) -> Path:
@@ -239,8 +361,7 @@ def convert(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     ckpt = resolve_path(checkpoint_dir)
-    config = SmallThinkerConfig.from_json(ckpt / CONFIG_FILE)
-    tensors = checkpoint_tensor_files(ckpt)
+    config, tensors = checkpoint_tensors(ckpt)
     L, E, H, F = config.num_hidden_layers, config.num_experts, config.hidden_size, config.moe_ffn_hidden_size
     missing = [_expert_name(layer, e, m) for layer in range(L) for e in range(E) for m in MATRICES
                if _expert_name(layer, e, m) not in tensors]
@@ -256,14 +377,18 @@ def convert(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     codec = get_format(fmt)
     down_transposed = down_transposed_for(fmt, down_transposed)
     specs, payload, stride = record_layout(H, F, fmt, down_transposed)
-    out = Path(out_dir) if out_dir is not None else default_bundle_dir(ckpt, quantization, down_transposed)
+    out = Path(out_dir) if out_dir is not None else _checked_default_dir(ckpt, quantization, down_transposed)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # a killed conversion's (as large as the bundle)
     bundle_id = uuid.uuid4().hex
     header = {"format": fmt, "num_layers": L, "num_experts": E, "hidden_size": H, "ffn_size": F,
               "stride": stride, "payload_nbytes": payload, "down_transposed": bool(down_transposed),
               "packing": packing(fmt)}
-    tag = f".tmp-{os.getpid()}"
+    tag = f".tmp-{os.getpid()}-{bundle_id[:8]}"
     tmp_data, tmp_index = out / f".{DATA_NAME}{tag}", out / f".{INDEX_NAME}{tag}"
+    created: list[Path] = []  # the temporaries this call created: only those are removed when it fails
+    with _LIVE_LOCK:
+        _LIVE_TEMPS.update((str(tmp_data), str(tmp_index)))
     offsets = np.zeros((L, E), dtype=np.int64)
     algo = default_checksum()
     digest = CHECKSUMS[algo]()
@@ -273,11 +398,11 @@ def convert(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         from tqdm.auto import tqdm
 
         bar = tqdm(total=L * E, desc=f"converting experts ({fmt})", unit="expert", leave=False)
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         record = bytearray(stride)
-        with open(tmp_data, "wb") as f:
+        with _create_exclusive(tmp_data, created) as f:
             f.write(_header_bytes(bundle_id, header))
             pos = PAGE
             for layer in range(L):
@@ -288,9 +413,13 @@ def convert(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike | None
                         for m in MATRICES:
                             name = _expert_name(layer, e, m)
                             file = tensors[name][0]
-                            if file not in handles:
-                                handles[file] = safe_open(str(file), framework="pt", device="cpu")
-                            w = handles[file].get_tensor(name)
+                            try:
+                                if file not in handles:
+                                    handles[file] = safe_open(str(file), framework="pt", device="cpu")
+                                w = handles[file].get_tensor(name)
+                            except (SafetensorError, OSError) as err:
+                                raise CheckpointError(f"{file}: cannot read tensor {name}: {type(err).__name__}: "
+                                                      f"{err}") from None
                             if m == "down" and down_transposed:
                                 w = w.t()  # [H, F] -> [F, H]
                             if tuple(w.shape) != specs[m].shape:
@@ -312,15 +441,21 @@ def convert(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike | None
             f.flush()
             os.fsync(f.fileno())
         index = _index_dict(bundle_id, header, specs, offsets, sums, algo, pos, source_fingerprint(ckpt))
-        tmp_index.write_text(json.dumps(index, separators=(",", ":")) + "\n", encoding="utf-8")
+        with _create_exclusive(tmp_index, created, "w") as f:
+            f.write(json.dumps(index, separators=(",", ":")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         (out / INDEX_NAME).unlink(missing_ok=True)  # from here until the last rename there is no valid bundle
-        os.replace(tmp_data, out / DATA_NAME)
+        os.replace(tmp_data, out / DATA_NAME)  # rename replaces a link of that name, never writes through it
         os.replace(tmp_index, out / INDEX_NAME)
+        _fsync_dir(out)
     finally:
         if bar is not None:
             bar.close()
-        tmp_data.unlink(missing_ok=True)
-        tmp_index.unlink(missing_ok=True)
+        for tmp in created:
+            tmp.unlink(missing_ok=True)  # after the renames: nothing there
+        with _LIVE_LOCK:
+            _LIVE_TEMPS.difference_update((str(tmp_data), str(tmp_index)))
     return out
 
 
@@ -351,35 +486,73 @@ def _index_dict(bundle_id, header, specs, offsets, sums, algo, file_size, source
 
 
 # ------------------------------------------------------------------ open
+_MAX_INDEX = 1 << 30  # bytes of experts.json read at most (the 21B's is about 0.5 MB)
+_INT_LIMIT = 1 << 62  # offsets, sizes and shapes in an index (numpy int64 holds them, sums of them too)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (NaN and Infinity are not numbers in JSON)")
+
+
+def _index_int(d: dict, key: str, where: str, low: int = 0, high: int = _INT_LIMIT) -> int:
+    """``d[key]``: an integer in [low, high), else a BundleError naming the file, the entry and the key."""
+    if key not in d:
+        raise BundleError(f"{where}: key {key!r} is missing")
+    v = d[key]
+    if not isinstance(v, int) or isinstance(v, bool) or not low <= v < high:
+        raise BundleError(f"{where}: {key} is {v!r:.80}, not an integer in [{low}, {high})")
+    return v
+
+
+def _index_value(d: dict, key: str, where: str, kind: type | tuple[type, ...]):
+    if key not in d:
+        raise BundleError(f"{where}: key {key!r} is missing")
+    v = d[key]
+    if not isinstance(v, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise BundleError(f"{where}: {key} is {v!r:.80}, not a {names}")
+    return v
+
+
 def open_bundle(directory: str | os.PathLike, config: SmallThinkerConfig | None = None) -> Bundle:
     """Read and validate a bundle folder: index present and well formed, version, data size, header id,
-    and (with ``config``) the shapes a model of that config needs. Raises :class:`BundleError`."""
+    and (with ``config``) the shapes a model of that config needs. Raises :class:`BundleError`, naming the file and
+    the key, for every malformed index (a missing key, a value of the wrong type or out of range)."""
     directory = Path(directory)
     index_path, data_path = directory / INDEX_NAME, directory / DATA_NAME
     if not index_path.exists():
         hint = " (an interrupted conversion leaves no index: convert again)" if data_path.exists() else ""
         raise BundleError(f"no expert bundle in {directory}: {INDEX_NAME} is missing{hint}")
+    if not index_path.is_file() or index_path.stat().st_size > _MAX_INDEX:
+        raise BundleError(f"{index_path} is not an expert bundle index (not a regular file of at most "
+                          f"{_MAX_INDEX} bytes)")
     try:
-        idx = json.loads(index_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        idx = json.loads(index_path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise BundleError(f"{index_path} is not valid JSON: {e}") from None
-    if idx.get("magic") != MAGIC.decode():
+    if not isinstance(idx, dict) or idx.get("magic") != MAGIC.decode():
         raise BundleError(f"{index_path} is not an expert bundle index")
     if idx.get("version") != BUNDLE_VERSION:
-        raise BundleError(f"{index_path} has bundle version {idx.get('version')}, this engine reads version "
+        raise BundleError(f"{index_path} has bundle version {idx.get('version')!r:.40}, this engine reads version "
                           f"{BUNDLE_VERSION}: convert the checkpoint again")
+    where = str(index_path)
+    L, E, H, F = (_index_int(idx, k, where, low=1) for k in ("num_layers", "num_experts", "hidden_size", "ffn_size"))
+    stride, payload, size = (_index_int(idx, k, where) for k in ("stride", "payload_nbytes", "file_size"))
+    fmt = _index_value(idx, "format", where, str)
+    algo = _index_value(idx, "checksum", where, str)
+    bundle_id = _index_value(idx, "bundle_id", where, str)
+    down_t = _index_value(idx, "down_transposed", where, bool)
+    experts = _index_value(idx, "experts", where, list)
+    matrices = _index_value(idx, "matrices", where, dict)
+    source = idx.get("source", {})
+    if not isinstance(source, dict):
+        raise BundleError(f"{where}: source is {source!r:.80}, not an object")
+    if algo not in CHECKSUMS:
+        raise BundleError(f"{index_path}: unknown checksum {algo!r} (known: {', '.join(CHECKSUMS)})")
     try:
-        L, E, H, F = (int(idx[k]) for k in ("num_layers", "num_experts", "hidden_size", "ffn_size"))
-        fmt, stride, payload = idx["format"], int(idx["stride"]), int(idx["payload_nbytes"])
-        size = int(idx["file_size"])
-        experts = idx["experts"]
-        algo = idx["checksum"]
-        down_t = idx["down_transposed"]
-        if not isinstance(down_t, bool):
-            raise TypeError(f"down_transposed is {down_t!r}, not a bool")
         specs, want_payload, want_stride = record_layout(H, F, fmt, down_t)
-    except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"{index_path} is malformed ({type(e).__name__}: {e})") from None
+    except ValueError as e:  # an unknown format
+        raise BundleError(f"{index_path}: format {fmt!r}: {e}") from None
     if idx.get("packing") != packing(fmt):
         raise BundleError(f"{index_path}: format {fmt} was packed for kernel layout {idx.get('packing')}, this "
                           f"process's torch uses {packing(fmt)} (another CPU capability or torch version): convert "
@@ -388,34 +561,37 @@ def open_bundle(directory: str | os.PathLike, config: SmallThinkerConfig | None 
         raise BundleError(f"{index_path}: stride/payload {stride}/{payload} do not match format {fmt} "
                           f"({want_stride}/{want_payload})")
     for m, s in specs.items():
-        got = idx.get("matrices", {}).get(m, {})
-        if got.get("offset") != s.offset or got.get("nbytes") != s.nbytes or \
+        got = matrices.get(m)
+        if not isinstance(got, dict) or got.get("offset") != s.offset or got.get("nbytes") != s.nbytes or \
                 got.get("transposed") != (m == "down" and down_t):
-            raise BundleError(f"{index_path}: matrix {m} layout {got} does not match format {fmt}")
-    if len(experts) != L or any(len(row) != E for row in experts):
+            raise BundleError(f"{index_path}: matrix {m} layout {got!r:.200} does not match format {fmt}")
+    if len(experts) != L or any(not isinstance(row, list) or len(row) != E for row in experts):
         raise BundleError(f"{index_path}: expert table is not {L} layers x {E} experts")
-    offsets = np.array([[r["offset"] for r in row] for row in experts], dtype=np.int64)
-    if algo not in CHECKSUMS:
-        raise BundleError(f"{index_path}: unknown checksum {algo!r} (known: {', '.join(CHECKSUMS)})")
+    offsets = np.zeros((L, E), dtype=np.int64)
+    sums = np.zeros((L, E), dtype=np.uint64)
+    for layer, row in enumerate(experts):
+        for e, r in enumerate(row):
+            at = f"{index_path}: layer {layer} expert {e}"
+            if not isinstance(r, dict):
+                raise BundleError(f"{at}: the entry is {r!r:.80}, not an object")
+            base = _index_int(r, "offset", at)
+            sums[layer, e] = _index_int(r, "checksum", at, high=1 << 64)
+            if any(_index_int(r, m, at) != base + specs[m].offset for m in MATRICES) or \
+                    _index_int(r, "nbytes", at) != payload:
+                raise BundleError(f"{at}: matrix offsets inconsistent")
+            offsets[layer, e] = base
     try:
         CHECKSUMS[algo]()
     except ImportError:
         raise BundleError(f"{index_path}: checksums are {algo}, which needs the xxhash package: pip install xxhash "
                           f"(or convert again without it, for crc32)") from None
-    try:
-        sums = np.array([[r["checksum"] for r in row] for row in experts], dtype=np.uint64)
-    except (KeyError, TypeError, ValueError, OverflowError) as e:
-        raise BundleError(f"{index_path}: expert checksums are malformed ({type(e).__name__}: {e})") from None
-    for layer, row in enumerate(experts):
-        for e, r in enumerate(row):
-            base = r["offset"]
-            if any(r[m] != base + specs[m].offset for m in MATRICES) or r["nbytes"] != payload:
-                raise BundleError(f"{index_path}: layer {layer} expert {e}: matrix offsets inconsistent")
     if size != PAGE + L * E * stride or offsets.min() < PAGE or offsets.max() + stride > size \
             or np.any(offsets % PAGE):
         raise BundleError(f"{index_path}: record offsets do not fit a file of {size} bytes")
     if not data_path.exists():
         raise BundleError(f"expert bundle data file {data_path} is missing")
+    if not data_path.is_file():
+        raise BundleError(f"expert bundle data file {data_path} is not a regular file")
     actual = data_path.stat().st_size
     if actual != size:
         raise BundleError(f"expert bundle {data_path} is {'truncated' if actual < size else 'too long'}: "
@@ -423,22 +599,23 @@ def open_bundle(directory: str | os.PathLike, config: SmallThinkerConfig | None 
     with open(data_path, "rb") as f:
         head = f.read(PAGE)
     if head[:8] != MAGIC or struct.unpack("<I", head[8:12])[0] != BUNDLE_VERSION \
-            or uuid.UUID(bytes=head[12:28]).hex != idx.get("bundle_id"):
+            or uuid.UUID(bytes=head[12:28]).hex != bundle_id:
         raise BundleError(f"{data_path} does not belong to {index_path} (header mismatch): convert again")
     if config is not None:
         want = (config.num_hidden_layers, config.num_experts, config.hidden_size, config.moe_ffn_hidden_size)
         if want != (L, E, H, F):
             raise BundleError(f"bundle {directory} holds {L} layers x {E} experts of [{F}, {H}], but the config "
                               f"needs {want[0]} x {want[1]} of [{want[3]}, {want[2]}]")
-    return Bundle(directory, data_path, idx["bundle_id"], fmt, L, E, H, F, stride, payload, specs, offsets, sums,
-                  size, idx.get("source", {}), algo, down_t)
+    return Bundle(directory, data_path, bundle_id, fmt, L, E, H, F, stride, payload, specs, offsets, sums,
+                  size, source, algo, down_t)
 
 
 def _index_summary(directory: Path) -> dict | None:
     try:
-        return json.loads((Path(directory) / INDEX_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        idx = json.loads((Path(directory) / INDEX_NAME).read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return None
+    return idx if isinstance(idx, dict) else None
 
 
 def ensure_bundle(checkpoint_dir: Path, bundle_dir: Path | None, quantization: str | None,
@@ -450,8 +627,8 @@ def ensure_bundle(checkpoint_dir: Path, bundle_dir: Path | None, quantization: s
     layout of a new conversion; the default folder is per layout, and an explicit ``bundle_dir`` of the other
     layout is used as it is (the engine reads both)."""
     down_transposed = down_transposed_for(quantization, down_transposed)
-    out = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir(checkpoint_dir, quantization,
-                                                                              down_transposed)
+    out = Path(bundle_dir) if bundle_dir is not None else _checked_default_dir(checkpoint_dir, quantization,
+                                                                               down_transposed)
 
     def stale() -> bool:
         idx = _index_summary(out)
@@ -463,8 +640,11 @@ def ensure_bundle(checkpoint_dir: Path, bundle_dir: Path | None, quantization: s
 
     if stale():
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / ".convert.lock", "w") as lock:  # one conversion at a time (engines opened in parallel)
+        lock = _open_lock(out / ".convert.lock")  # one conversion at a time (engines opened in parallel)
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if stale():  # another process may have converted it meanwhile
                 convert(checkpoint_dir, out, quantization, progress=progress, down_transposed=down_transposed)
+        finally:
+            os.close(lock)  # releases the lock
     return out

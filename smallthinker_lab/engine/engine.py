@@ -42,7 +42,6 @@ from dataclasses import replace
 import torch
 
 from ..model.checkpoint import CONFIG_FILE, check_finite_tensors, expected_tensors, resolve_path
-from ..model.config import SmallThinkerConfig
 from ..model.gguf import is_gguf
 from ..model.hooks import HookRegistry
 from ..model.kv_cache import KVCache, kv_cache_bytes
@@ -51,7 +50,7 @@ from .bundle import (
     FORMAT_DTYPE,
     RAW_FORMATS,
     BundleError,
-    checkpoint_tensor_files,
+    checkpoint_tensors,
     ensure_bundle,
     is_expert_tensor,
     open_bundle,
@@ -126,7 +125,9 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
                  fault: Callable | None = None, progress: bool = True, compute_threads: int | None = None,
                  exact: bool = False, cuda_graph: bool | str = False, check_finite: bool = False) -> None:
         self.checkpoint_dir = resolve_path(checkpoint_dir)
-        self.config = config = SmallThinkerConfig.from_json(self.checkpoint_dir / CONFIG_FILE)
+        # checked as load_model checks it (file paths, config.json sizes, dtypes, shapes) before anything is built
+        config, stored = checkpoint_tensors(self.checkpoint_dir)
+        self.config = config
         if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int)
                                         or not 1 <= max_context <= config.max_position_embeddings):
             raise ValueError(f"max_context must be an integer in [1, {config.max_position_embeddings}] (the "
@@ -172,7 +173,6 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
         self.memory_limit = parse_memory_limit(memory_limit)
 
         # the non-expert tensors of the checkpoint and the bundle (converted on first use)
-        stored = checkpoint_tensor_files(self.checkpoint_dir)
         names = [n for n in expected_tensors(config) if not is_expert_tensor(n)]
         absent = [n for n in names if n not in stored]
         if absent:

@@ -29,6 +29,7 @@ from ..model.gguf import EXPERT_TENSORS, GGUFModel, default_dtype, gguf_state_di
 from .bundle import (
     CHECKSUMS,
     DATA_NAME,
+    GGUF_SOURCE_FILE,
     INDEX_NAME,
     MATRICES,
     PAGE,
@@ -41,7 +42,7 @@ from .bundle import (
 )
 from .quant import get_format, ggml_prefix
 
-SOURCE_FILE = "gguf_source.json"
+SOURCE_FILE = GGUF_SOURCE_FILE  # its presence: the experts are only in the bundle
 _VERBATIM = {GGMLQuantizationType.Q4_0: "ggml_q4_0", GGMLQuantizationType.Q8_0: "ggml_q8_0"}
 _RAW = {GGMLQuantizationType.BF16: "bf16", GGMLQuantizationType.F16: "fp16", GGMLQuantizationType.F32: "fp32"}
 _GGUF_MATRIX = {m: k for k, m in EXPERT_TENSORS.items()}  # "gate" -> "ffn_gate_exps"

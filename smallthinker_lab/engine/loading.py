@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..model.checkpoint import CONFIG_FILE, FLOAT_DTYPES, expected_tensors, resolve_path
+from ..model.checkpoint import FLOAT_DTYPES, expected_tensors, resolve_path
 from ..model.config import SmallThinkerConfig
 from ..model.layers import RotaryEmbedding
 from ..model.model import SmallThinkerForCausalLM
-from .bundle import checkpoint_tensor_files, is_expert_tensor
+from .bundle import checkpoint_tensors, is_expert_tensor
 
 
 @contextmanager
@@ -31,8 +31,7 @@ def _skip_init():
 def _probe_dtype(checkpoint_dir, dtype) -> torch.dtype:
     """The dtype an engine over this checkpoint computes in (for the backend choice, before it opens)."""
     folder = resolve_path(checkpoint_dir)
-    config = SmallThinkerConfig.from_json(folder / CONFIG_FILE)
-    stored = checkpoint_tensor_files(folder)
+    config, stored = checkpoint_tensors(folder)  # checked before anything grows with config.json
     kinds = {stored[n][1] for n in expected_tensors(config) if not is_expert_tensor(n) and n in stored}
     return _resolve_dtype(dtype, kinds, config)
 

@@ -4,6 +4,9 @@ A checkpoint is a folder holding ``config.json`` and either ``model.safetensors`
 ``model-0000N-of-0000M.safetensors`` listed in ``model.safetensors.index.json``; tensor names and
 shapes are those of the released files (:func:`expected_tensors`). Loading memory-maps the files and
 hands the mapped tensors to a model built on the meta device, so a checkpoint is never held twice.
+Every reader (``load_model``, the engine, ``convert``) goes through :func:`read_checkpoint`: file paths must stay in
+the folder (:func:`checkpoint_file`), headers are checked before the safetensors library sees them
+(:func:`read_header`), and config.json's sizes are checked against the stored tensors before anything grows with them.
 Writing is streamed tensor by tensor into temporary files that are renamed at the end.
 """
 
@@ -96,8 +99,71 @@ def _names(names: Iterable[str], limit: int = 8) -> str:
     return shown + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
 
 
+# layer and expert numbers in tensor names; at most 18 digits, so int() never meets a number of thousands of digits
+_LAYER_RE = re.compile(r"model\.layers\.(\d{1,18})\.")
+_EXPERT_RE = re.compile(r"\.experts\.(\d{1,18})\.")
+_MAX_DIM = 1 << 63  # shape products and byte counts stay below this (safetensors multiplies them in u64)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (NaN and Infinity are not numbers in JSON)")
+
+
+def _inside(root: Path, real: Path) -> bool:
+    """Whether ``real`` (resolved) is a file of the folder ``root`` (resolved), or a blob of the Hugging Face hub
+    cache that the folder is a snapshot of (``.../snapshots/REV/x -> ../../blobs/SHA``, as ``snapshot_download``
+    lays a model out)."""
+    if real.parent == root:
+        return True
+    return root.parent.name == "snapshots" and real.parent == root.parent.parent / "blobs"
+
+
+def checkpoint_file(folder: str | os.PathLike, name: object, listed_in: Path | None = None,
+                    names: Iterable[str] = ()) -> Path:
+    """The path of the file ``name`` of a checkpoint folder: the one resolver every reader of a checkpoint uses.
+
+    ``name`` must be a plain file name in ``folder`` (no separator, not ``..``, not absolute) that resolves into the
+    folder: a symbolic link to a file elsewhere is refused, except into the Hugging Face hub cache's blobs of the
+    snapshot the folder is. It must exist and be a regular file (a FIFO or a device would hang or never end).
+    ``listed_in``/``names``: the index that names the file and the tensors it maps there, for the message.
+    Raises :class:`CheckpointError`; returns ``folder / name`` (or the checked target of a link)."""
+    folder = Path(folder)
+    shown = name if isinstance(name, str) and name.isprintable() else repr(name)
+    shown = shown if len(shown) <= 200 else f"{shown[:200]}... ({len(shown)} characters)"
+    where = (f"{listed_in} names shard {shown}" + (f" (for {_names(names, 3)})" if names else "")
+             if listed_in is not None else f"{folder / str(name)}")
+    if not isinstance(name, str):
+        raise CheckpointError(f"{where}, which is a {type(name).__name__}, not a file name")
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or ".." in parts:
+        raise CheckpointError(f"{where}, which is outside the checkpoint folder {folder}: a checkpoint's files "
+                              f"must be in the folder itself")
+    if len(parts) != 1 or name in ("", ".") or "\0" in name:
+        raise CheckpointError(f"{where}, which is not the name of a file in the checkpoint folder {folder}")
+    path = folder / name
+    try:
+        root = folder.resolve()
+        if path.is_symlink():
+            real = path.resolve()
+            if not _inside(root, real):
+                raise CheckpointError(f"{where}, but {path} is a symbolic link to {real}, outside the checkpoint "
+                                      f"folder {folder}: refusing to read it")
+            path = real
+        exists, regular = path.exists(), path.is_file()
+    except (OSError, RuntimeError) as e:  # a name too long, a loop of links
+        raise CheckpointError(f"{where}, but {path} cannot be examined ({type(e).__name__}: {e})") from None
+    if not exists:
+        raise CheckpointError(f"{where} but {path} does not exist" if listed_in is not None
+                              else f"{path} does not exist")
+    if not regular:
+        raise CheckpointError(f"{where}, but {path} is not a regular file")
+    return path
+
+
 def read_header(file: Path) -> dict[str, TensorInfo]:
-    """Parse and check a safetensors header without trusting it: sizes, offsets and file length."""
+    """Parse and check a safetensors header without trusting it: sizes, offsets, file length, and that the data of
+    the tensors covers the data section exactly (what ``safe_open`` requires), so that a header this accepts is one
+    the safetensors library opens."""
     file = Path(file)
     size = file.stat().st_size
     bad = f"{file} is truncated or not a safetensors file"
@@ -110,23 +176,34 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
                                   f"and headers are at most {_MAX_HEADER} bytes")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{bad}: cannot parse its JSON header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{bad}: its header is a {type(header).__name__}, not a JSON object")
-    header.pop("__metadata__", None)
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{file}: its __metadata__ {meta!r:.200} is not a map of strings to strings")
     data_start, infos, spans = 8 + n, {}, []
     for name, entry in header.items():
         try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            ok = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)) and begin <= end
-        except (KeyError, TypeError, ValueError):
+            name.encode("utf-8")  # a lone surrogate (\ud800) is JSON to Python but not to safetensors
+            dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+            begin, end = offsets
+            ok = (isinstance(shape, list) and isinstance(offsets, list) and isinstance(dtype, str)
+                  and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _MAX_DIM
+                          for v in (*shape, begin, end)) and begin <= end)
+            count = 1
+            for d in shape if ok else ():
+                count *= d
+                ok = ok and count < _MAX_DIM
+        except (KeyError, TypeError, ValueError, UnicodeEncodeError):
             ok = False
         if not ok:
-            raise CheckpointError(f"{file}: tensor {name} has a malformed header entry {entry!r}")
+            raise CheckpointError(f"{file}: tensor {name!r} has a malformed header entry {entry!r:.300}")
         if dtype not in _ITEMSIZE:
             raise CheckpointError(f"{file}: tensor {name} has unknown dtype {dtype!r}")
+        shape = tuple(shape)
         need = math.prod(shape) * _ITEMSIZE[dtype]
         if end - begin != need:
             raise CheckpointError(f"{file}: tensor {name} is corrupt: its data_offsets span {end - begin} bytes "
@@ -137,37 +214,51 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         infos[name] = TensorInfo(name, file, dtype, shape)
         spans.append((begin, end, name))
     spans.sort()
-    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
-        if begin_b < end_a:
-            raise CheckpointError(f"{file} is corrupt: the data of tensors {a} and {b} overlap")
+    at, last = 0, None  # the data section must be covered by the tensors, in order, without gaps or overlaps
+    for begin, end, name in spans:
+        if begin < at:
+            raise CheckpointError(f"{file} is corrupt: the data of tensors {last} and {name} overlap")
+        if begin > at:
+            raise CheckpointError(f"{file} is corrupt: its tensor data is not contiguous: data bytes {at} to "
+                                  f"{begin} " + (f"between tensors {last} and {name}" if last else
+                                                f"before the first tensor {name}") + " belong to no tensor")
+        at, last = end, name
+    if data_start + at != size:
+        raise CheckpointError(f"{file} is corrupt: its tensor data is not contiguous: the last {size - data_start - at}"
+                              f" bytes of the file" + (f" (after tensor {last})" if last else "")
+                              + " belong to no tensor")
     return infos
 
 
 def _stored_tensors(folder: Path) -> tuple[dict[str, TensorInfo], Path]:
-    """Every stored tensor with the file holding it, and the file that lists them (index or single file)."""
+    """Every stored tensor with the file holding it, and the file that lists them (index or single file); every
+    path goes through :func:`checkpoint_file`."""
     index, single = folder / INDEX_FILE, folder / SINGLE_FILE
-    if index.exists() and single.exists():
+    if os.path.lexists(index) and os.path.lexists(single):
         raise CheckpointError(f"{folder} holds both {SINGLE_FILE} and {INDEX_FILE}: remove the stale one")
-    if single.exists():
+    if os.path.lexists(single):
+        single = checkpoint_file(folder, SINGLE_FILE)
         return read_header(single), single
-    if not index.exists():
+    if not os.path.lexists(index):
         others = sorted(p.name for p in folder.glob("*.safetensors"))
         hint = f" (it has {_names(others)}, but no index listing them)" if others else ""
         raise FileNotFoundError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE}{hint}")
+    index = checkpoint_file(folder, INDEX_FILE)
+    if index.stat().st_size > _MAX_HEADER:
+        raise CheckpointError(f"{index} is {index.stat().st_size} bytes: not a safetensors index (those are at most "
+                              f"{_MAX_HEADER} bytes here)")
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = json.loads(index.read_text(encoding="utf-8"), parse_constant=_no_constant)["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError("weight_map must map tensor names to file names")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, RecursionError) as e:
         raise CheckpointError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
     by_shard: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
         by_shard.setdefault(shard, []).append(name)
     headers: dict[str, dict[str, TensorInfo]] = {}
     for shard, names in sorted(by_shard.items()):
-        path = folder / shard
-        if Path(shard).name != shard or not path.is_file():
-            raise CheckpointError(f"{index} names shard {shard} (for {_names(names, 3)}) but {path} does not exist")
+        path = checkpoint_file(folder, shard, listed_in=index, names=names)
         headers[shard] = read_header(path)
         absent = [n for n in names if n not in headers[shard]]
         if absent:
@@ -182,6 +273,44 @@ def _stored_tensors(folder: Path) -> tuple[dict[str, TensorInfo], Path]:
     return infos, index
 
 
+def check_config_sizes(config_file: Path, raw: object, stored: dict[str, TensorInfo], listing: Path,
+                       experts_elsewhere: tuple[int, int] | None = None) -> None:
+    """Refuse a config.json whose layer or expert count the stored tensors cannot back, before anything that grows
+    with those counts is built (the config's per-layer layouts, :func:`expected_tensors`, a model).
+
+    ``raw`` is config.json as parsed JSON. The stored tensors are bounded by the files' sizes (:func:`read_header`),
+    so this bounds every list built from the config: ``num_hidden_layers`` may not exceed the number of layers with
+    stored tensors, ``moe_num_primary_experts`` the number of experts with stored tensors, and the tensor count the
+    config describes may not exceed twice the stored count (``strict=False`` initialises some missing tensors, never
+    most of a model). Anything else about the keys (types, ranges) is :class:`SmallThinkerConfig`'s to check."""
+    if not isinstance(raw, dict):
+        return
+    layers = {int(m.group(1)) for n in stored if (m := _LAYER_RE.match(n))}
+    experts = {int(m.group(1)) for n in stored if (m := _EXPERT_RE.search(n))}
+    n_stored = len(stored)
+    if experts_elsewhere is not None:  # the experts' tensors are in an expert bundle: its counts bound the config
+        layers, experts = set(range(int(experts_elsewhere[0]))), set(range(int(experts_elsewhere[1])))
+        n_stored += 3 * len(layers) * len(experts)
+    default = SmallThinkerConfig.__dataclass_fields__
+
+    def number(key: str):
+        v = raw.get(key, default[key].default)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    L, E = number("num_hidden_layers"), number("moe_num_primary_experts")
+    for key, value, have, what in (("num_hidden_layers", L, len(layers), "layers"),
+                                   ("moe_num_primary_experts", E, len(experts), "experts")):
+        if value is not None and value > have:
+            raise CheckpointError(f"{config_file}: {key} is {value!r}, but the weights ({listing}) hold tensors of "
+                                  f"only {have} {what}: refusing to build a model of that size")
+    if L is not None and E is not None:
+        described = 3 + L * (7 + 3 * E)
+        if described > 2 * n_stored + 16:
+            raise CheckpointError(f"{config_file}: num_hidden_layers={L!r} x moe_num_primary_experts={E!r} "
+                                  f"describe {described:.0f} tensors, but the weights ({listing}) hold only "
+                                  f"{n_stored}: refusing to build a model of that size")
+
+
 def _torch_dtype(dtype: torch.dtype | str | None, where: str) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -193,8 +322,8 @@ def _torch_dtype(dtype: torch.dtype | str | None, where: str) -> torch.dtype | N
 
 def _config_hint(config: SmallThinkerConfig, unexpected: list[str]) -> str:
     """Explain unexpected tensors that come from more layers or experts than config.json declares."""
-    layers = {int(m.group(1)) for n in unexpected if (m := re.match(r"model\.layers\.(\d+)\.", n))}
-    experts = {int(m.group(1)) for n in unexpected if (m := re.search(r"\.experts\.(\d+)\.", n))}
+    layers = {int(m.group(1)) for n in unexpected if (m := _LAYER_RE.match(n))}
+    experts = {int(m.group(1)) for n in unexpected if (m := _EXPERT_RE.search(n))}
     hints = []
     if layers and max(layers) >= config.num_hidden_layers:
         hints.append(f"the weights have tensors for {max(layers) + 1} layers but config.json says "
@@ -251,36 +380,49 @@ def check_finite_tensors(files: dict[str, Path]) -> None:
                 _check_finite(f.get_tensor(name), name, file)
 
 
-def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | None = None,
-               device: torch.device | str = "cpu", strict: bool = True,
-               check_finite: bool = False) -> SmallThinkerForCausalLM:
-    """A SmallThinkerForCausalLM in eval mode from a local folder in the Hugging Face layout.
+@dataclass(frozen=True)
+class CheckedCheckpoint:
+    """A checkpoint folder whose config.json and stored tensors agree (:func:`read_checkpoint`)."""
 
-    The weights are memory-mapped (tensors from ``safe_open`` are views of the file's pages, which the
-    model then owns; nothing is copied unless ``dtype`` or ``device`` asks for a conversion). The mapping is
-    private (copy-on-write), and :func:`save_pretrained` replaces files rather than rewriting them, so saving
-    over the folder a model was loaded from is safe; rewriting those files in place by other means is not.
-    ``dtype=None`` keeps the stored dtype (config.json's ``torch_dtype`` when the files mix dtypes).
+    folder: Path
+    config_file: Path
+    config: SmallThinkerConfig
+    stored: dict[str, TensorInfo]  # the tensors to load (a tied checkpoint's stored lm_head.weight dropped)
+    listing: Path  # the index, or the single weight file
+    expected: dict[str, tuple[int, ...]]  # expected_tensors(config)
+    missing: list[str]  # expected but not stored (strict=False only)
 
-    Every stored tensor must be one the config describes, with the expected shape and a floating-point
-    dtype; anything else raises :class:`CheckpointError` naming the file and tensor. One documented
-    exception: a checkpoint with ``tie_word_embeddings`` may also store ``lm_head.weight`` (the released
-    4B does); it is ignored (logged at debug level) and the head is the embedding.
-    With ``strict=False`` missing tensors are initialised as :meth:`init_weights` does and unexpected
-    ones are skipped, both with a warning; shape, dtype and file errors still raise.
-    ``check_finite=True`` reads every weight once more and raises :class:`CheckpointError` naming the first
-    tensor that holds a NaN or an infinity (stored so, or overflowing the requested ``dtype``).
-    A path ending in ``.gguf`` is read as a SmallThinker GGUF (:func:`.gguf.load_gguf`).
-    """
-    if is_gguf(path):
-        return load_gguf(path, dtype=dtype, device=device, strict=strict)
+
+def read_checkpoint(path: str | os.PathLike = "default", strict: bool = True,
+                    experts_elsewhere: tuple[int, int] | None = None) -> CheckedCheckpoint:
+    """Read and check a checkpoint folder without loading any weights: what :func:`load_model`, the engine and
+    ``convert`` all read through, so they accept and refuse the same folders.
+
+    Every file path is validated (:func:`checkpoint_file`), every header checked (:func:`read_header`), config.json
+    checked against the stored tensors before anything grows with it (:func:`check_config_sizes`), then every
+    stored tensor must be one the config describes, with the expected shape and a floating-point dtype
+    (``strict=False``: missing ones are listed in ``missing`` and unexpected ones skipped, with a warning).
+    ``experts_elsewhere=(layers, experts)``: the folder stores no expert tensors (an engine folder whose experts are
+    only in its expert bundle, e.g. a GGUF's): config.json's counts are checked against these instead, and the
+    expert tensors are not required."""
     folder = resolve_path(path)
-    config_file = folder / CONFIG_FILE
-    if not config_file.exists():
+    if not os.path.lexists(folder / CONFIG_FILE):
         raise FileNotFoundError(f"no {CONFIG_FILE} in checkpoint folder {folder}")
-    config = SmallThinkerConfig.from_json(config_file)
+    config_file = checkpoint_file(folder, CONFIG_FILE)
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        SmallThinkerConfig.from_json(config_file)  # names what is wrong with config.json
+        raise
     stored, listing = _stored_tensors(folder)
+    check_config_sizes(config_file, raw, stored, listing, experts_elsewhere)
+    config = SmallThinkerConfig.from_json(config_file)
+    check_config_sizes(config_file, {"num_hidden_layers": config.num_hidden_layers,
+                                     "moe_num_primary_experts": config.num_experts}, stored, listing,
+                       experts_elsewhere)
     expected = expected_tensors(config)
+    if experts_elsewhere is not None:
+        expected = {n: s for n, s in expected.items() if not _EXPERT_RE.search(n)}
 
     if config.tie_word_embeddings and "lm_head.weight" in stored:
         log.debug("%s: ignoring the stored lm_head.weight of a tied checkpoint (the head is the embedding)",
@@ -293,6 +435,8 @@ def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | N
         if strict:
             raise CheckpointError(msg)
         log.warning("%s; skipping them", msg)
+        for n in unexpected:
+            stored.pop(n)
     if missing:
         msg = f"{listing}: {len(missing)} tensor(s) missing that {config_file} requires: {_names(missing)}"
         if strict:
@@ -308,6 +452,53 @@ def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | N
         if info.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}; weights must be one of "
                                   f"{', '.join(FLOAT_DTYPES)}")
+    return CheckedCheckpoint(folder, config_file, config, stored, listing, expected, missing)
+
+
+def read_tensors(file: Path, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of ``names`` from one safetensors file, memory-mapped (views of the file's pages); an error
+    of the safetensors library or of the file system becomes a :class:`CheckpointError` naming file and tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    name = None
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in names:
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        at = f"tensor {name}" if name is not None else "opening it"
+        raise CheckpointError(f"{file}: cannot read {at}: {type(e).__name__}: {e}") from None
+
+
+def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | None = None,
+               device: torch.device | str = "cpu", strict: bool = True,
+               check_finite: bool = False) -> SmallThinkerForCausalLM:
+    """A SmallThinkerForCausalLM in eval mode from a local folder in the Hugging Face layout.
+
+    The weights are memory-mapped (tensors from ``safe_open`` are views of the file's pages, which the
+    model then owns; nothing is copied unless ``dtype`` or ``device`` asks for a conversion). The mapping is
+    private (copy-on-write), and :func:`save_pretrained` replaces files rather than rewriting them, so saving
+    over the folder a model was loaded from is safe; rewriting those files in place by other means is not.
+    ``dtype=None`` keeps the stored dtype (config.json's ``torch_dtype`` when the files mix dtypes).
+
+    Every stored tensor must be one the config describes, with the expected shape and a floating-point
+    dtype; anything else raises :class:`CheckpointError` naming the file and tensor (:func:`read_checkpoint`:
+    the engine and ``convert`` check the same). One documented exception: a checkpoint with
+    ``tie_word_embeddings`` may also store ``lm_head.weight`` (the released 4B does); it is ignored (logged at
+    debug level) and the head is the embedding. Every file must be in the folder itself (a shard path with
+    ``..``, an absolute one or a symbolic link to a file elsewhere is refused), and config.json may not
+    describe more layers or experts than the files store.
+    With ``strict=False`` missing tensors are initialised as :meth:`init_weights` does and unexpected
+    ones are skipped, both with a warning; shape, dtype and file errors still raise.
+    ``check_finite=True`` reads every weight once more and raises :class:`CheckpointError` naming the first
+    tensor that holds a NaN or an infinity (stored so, or overflowing the requested ``dtype``).
+    A path ending in ``.gguf`` is read as a SmallThinker GGUF (:func:`.gguf.load_gguf`).
+    """
+    if is_gguf(path):
+        return load_gguf(path, dtype=dtype, device=device, strict=strict)
+    checked = read_checkpoint(path, strict)
+    config, config_file, stored, expected, missing = (checked.config, checked.config_file, checked.stored,
+                                                      checked.expected, checked.missing)
 
     target = _torch_dtype(dtype, "load_model(dtype=...)")
     if target is None:
@@ -323,19 +514,16 @@ def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | N
     for name in expected:
         if name in stored:
             by_file.setdefault(stored[name].file, []).append(name)
-    from safetensors import safe_open
 
     for file, names in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in names:
-                t = f.get_tensor(name)  # a view of the mapped file
+        for name, t in read_tensors(file, names):  # views of the mapped file
+            if check_finite:
+                _check_finite(t, name, file)
+            if t.dtype != target or t.device != device:
+                t = t.to(device=device, dtype=target)
                 if check_finite:
-                    _check_finite(t, name, file)
-                if t.dtype != target or t.device != device:
-                    t = t.to(device=device, dtype=target)
-                    if check_finite:
-                        _check_finite(t, name, file, f" after conversion to {target}")
-                state[name] = t
+                    _check_finite(t, name, file, f" after conversion to {target}")
+            state[name] = t
     if missing:
         state.update(_initialised(config, missing, expected, target, device))
     if config.tie_word_embeddings:
