@@ -43,16 +43,9 @@ KINDS = ("experts", "neurons", "kv", "cache", "timing")
 
 # ------------------------------------------------------------------ limits
 def _share(limit) -> float | None:
-    """The share of "NN%" (0..1), None for any other form; ValueError naming a percentage that is not one."""
-    if not (isinstance(limit, str) and limit.strip().endswith("%")):
-        return None
-    try:
-        share = float(limit.strip()[:-1]) / 100.0
-    except ValueError:
-        raise ValueError(f"memory limit {limit!r} is not a percentage like '50%' or a size like '24MiB'") from None
-    if not 0.0 <= share <= 1.0:  # NaN too
-        raise ValueError(f"a memory limit given in percent must be 0%..100% of the expert bytes, got {limit}")
-    return share
+    from .engine.memory import share_of
+
+    return share_of(limit)
 
 
 def check_limit(limit: str | int | float | None) -> None:
@@ -65,20 +58,17 @@ def check_limit(limit: str | int | float | None) -> None:
 
 def resolve_limit(limit: str | int | float | None, plan: dict[str, Any]) -> int | None:
     """Bytes of a memory limit: a size, or "NN%" of all expert bytes on top of the fixed working set (never
-    below the engine's minimum). ``plan`` is an engine's ``memory_plan()``."""
-    from .engine.memory import parse_memory_limit
+    below the engine's minimum). ``plan`` is an engine's ``memory_plan()`` (engine/memory.py resolve_memory_limit)."""
+    from .engine.memory import resolve_memory_limit
 
-    share = _share(limit)
-    if share is not None:
-        return limit_for_share(plan, share)
-    return parse_memory_limit(limit)
+    return resolve_memory_limit(limit, plan)
 
 
 def limit_for_share(plan: dict[str, Any], share: float) -> int:
-    """The limit whose expert cache holds ``share`` of all experts (at least the minimum working set)."""
-    slot, total = int(plan["expert_slot_bytes"]), int(plan["total_expert_bytes"])
-    n = int(math.floor(share * (total // slot) + 1e-9))
-    return max(int(plan["fixed_bytes"]) + n * slot, int(plan["minimum_bytes"]))
+    """The limit whose expert cache holds ``share`` of all experts (engine/memory.py)."""
+    from .engine.memory import limit_for_share as for_share
+
+    return for_share(plan, share)
 
 
 def prepare(model: str | Path, prompt_sets: dict[str, Sequence[str]], max_prompt_tokens: int | None = 256,
@@ -191,7 +181,7 @@ def _rates(t: dict[str, float]) -> dict[str, float]:
 
 def bench_runs(model: str | Path, prompts: Sequence[Sequence[int]], max_new_tokens: int, plan: dict[str, Any],
                main_limit: int, device: str = "cpu", runs: Sequence[tuple[str, int, str, bool]] | None = None,
-               memory_bandwidth: float | None = None, progress: bool = True) -> Bench:
+               memory_bandwidth: float | None = None, progress: bool = True, backend: str = "auto") -> Bench:
     """Time the in-memory model and the engine's ``runs`` (default :func:`default_runs`) over the same prompts,
     instruments off, each engine from an empty cache. Rows: mode, variant, device, memory_limit,
     limit_share_of_expert_bytes, policy, prefetch, prefill/decode tok/s and tokens, hit_rate,
@@ -225,7 +215,7 @@ def bench_runs(model: str | Path, prompts: Sequence[Sequence[int]], max_new_toke
         lm = None  # free it before the engines run
         for variant, limit, policy, prefetch in runs:
             engine = Engine.from_pretrained(model, memory_limit=limit, device=device, policy=policy,
-                                            prefetch=prefetch, progress=False)
+                                            prefetch=prefetch, progress=False, backend=backend)
             try:
                 engine.reset_stats(clear_cache=True)
 
@@ -327,7 +317,7 @@ def resolve_threads(threads: int | str | None, model: str | Path) -> int | None:
 def write_report(model: str | Path = "default", out: str | Path = "report", memory_limit: str | int | None = "50%",
                  max_prompts: int = 8, max_new_tokens: int = 16, bench_prompts: int = 2, device: str = "cpu",
                  prompt_sets: Sequence[str] | None = None, max_prompt_tokens: int = 256,
-                 threads: int | str | None = "auto", progress: bool = True) -> list[Path]:
+                 threads: int | str | None = "auto", progress: bool = True, backend: str = "auto") -> list[Path]:
     """Run the prompt sets with the instruments on and write PNGs, CSVs and index.html to ``out``.
 
     Returns the files written (index.html last). See the module docstring for what runs; ``threads``: see
@@ -341,13 +331,14 @@ def write_report(model: str | Path = "default", out: str | Path = "report", memo
         torch.set_num_threads(n)
     try:
         return _write_report(model, Path(out), memory_limit, max_prompts, max_new_tokens, bench_prompts, device,
-                             prompt_sets, max_prompt_tokens, progress)
+                             prompt_sets, max_prompt_tokens, progress, backend)
     finally:
         torch.set_num_threads(before)
 
 
 def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_tokens: int, bench_prompts: int,
-                  device: str, prompt_sets, max_prompt_tokens: int, progress: bool) -> list[Path]:
+                  device: str, prompt_sets, max_prompt_tokens: int, progress: bool,
+                  backend: str = "auto") -> list[Path]:
     import matplotlib.pyplot as plt
 
     from . import plots, tables
@@ -378,7 +369,7 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
     if limit is None:
         limit = limit_for_share(plan, 1.0)
     engine = Engine.from_pretrained(model, memory_limit=limit, device=device, policy="lru", prefetch=True,
-                                    progress=False)
+                                    progress=False, backend=backend)
     watch = watch_logits(engine)
     try:
         engine.reset_stats(clear_cache=True)
@@ -394,7 +385,8 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
 
     # 2. timed runs
     bench_ids = [p for n in names for p in ids[n][:bench_prompts]]
-    bench_result = bench_runs(model, bench_ids, max_new_tokens, plan, limit, device=device, progress=progress)
+    bench_result = bench_runs(model, bench_ids, max_new_tokens, plan, limit, device=device, progress=progress,
+                              backend=backend)
     bench, trace, main_layers = bench_result.rows, bench_result.trace, bench_result.main_layers
 
     # 3. frames and tables
@@ -561,6 +553,9 @@ def register(subparsers) -> None:
     p.add_argument("--prompt-sets", nargs="+", default=list(PROMPT_SETS),
                    help=f"names in data/prompts or .jsonl paths (default: {' '.join(PROMPT_SETS)})")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--backend", default="auto", choices=["auto", "kernels", "fused", "graph", "eager"],
+                   help="how the engine decodes (default auto: the fastest that can run; the instruments' hooks run "
+                        "their steps eagerly)")
     p.add_argument("--threads", default="auto",
                    help="torch CPU threads: a number, 'default' (torch's choice) or 'auto' (the default: 1 for a "
                         "model with hidden size <= 1024 such as the default model, else torch's choice)")
@@ -574,7 +569,7 @@ def _cmd(args) -> int:
                          bench_prompts=args.bench_prompts, device=args.device, prompt_sets=args.prompt_sets,
                          max_prompt_tokens=args.max_prompt_tokens,
                          threads=None if args.threads == "default" else args.threads,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, backend=args.backend)
     for f in files:
         print(f)
     print(f"report: open {files[-1]}")

@@ -1,9 +1,9 @@
 """``smallthinker-lab convert`` and ``smallthinker-lab generate``.
 
-``generate`` runs the in-memory model (load_model) unless an engine option is given (``--memory-limit``,
-``--quantization``, ``--policy``, ``--no-prefetch``, ``--lookahead``, ``--bypass-page-cache``): then the offloading
-engine (``--memory-limit unlimited`` for the engine without a limit). Text streams to stdout; one line of
-statistics goes to stderr at the end.
+``generate`` runs the in-memory model (load_model) on the CPU unless an engine option is given (``--memory-limit``,
+``--quantization``, ``--policy``, ``--no-prefetch``, ``--lookahead``, ``--bypass-page-cache``, ``--backend``) or the
+device is CUDA: then the offloading engine, whose ``--backend auto`` picks the fastest way to decode (on a GPU the
+Triton kernels). Text streams to stdout; one line of statistics goes to stderr at the end.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import argparse
 import sys
 import time
 
-ENGINE_FLAGS = ("memory_limit", "quantization", "policy", "no_prefetch", "lookahead", "bypass_page_cache")
+ENGINE_FLAGS = ("memory_limit", "quantization", "policy", "no_prefetch", "lookahead", "bypass_page_cache", "backend")
+BACKEND_CHOICES = ["auto", "kernels", "fused", "graph", "eager"]
 
 
 def register(subparsers) -> None:
@@ -41,7 +42,10 @@ def register(subparsers) -> None:
     g.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     g.add_argument("--dtype", default=None, help="compute dtype (default: as stored)")
-    g.add_argument("--memory-limit", default=None, help="e.g. 512MiB, 1.5GiB or unlimited: use the engine")
+    g.add_argument("--memory-limit", default=None,
+                   help="e.g. 512MiB, 1.5GiB, 50%% (the cache holds half the experts) or unlimited: use the engine")
+    g.add_argument("--backend", default=None, choices=BACKEND_CHOICES,
+                   help="how the engine decodes (default auto: the fastest that can run)")
     g.add_argument("--policy", default=None, choices=["lru", "lfu"], help="expert cache policy (default lru)")
     g.add_argument("--no-prefetch", action="store_true", help="load experts after attention (post-attention router)")
     g.add_argument("--lookahead", action="store_true", help="speculatively read the next layer's experts")
@@ -62,7 +66,7 @@ def run_convert(args) -> int:
 
 
 def _uses_engine(args) -> bool:
-    return any(getattr(args, f) not in (None, False) for f in ENGINE_FLAGS)
+    return args.device == "cuda" or any(getattr(args, f) not in (None, False) for f in ENGINE_FLAGS)
 
 
 def _prompt_ids(tokenizer, args) -> list[int]:
@@ -106,13 +110,14 @@ def run_generate(args) -> int:
                                     policy=args.policy or "lru", prefetch=not args.no_prefetch,
                                     lookahead=args.lookahead, quantization=args.quantization,
                                     bypass_page_cache=args.bypass_page_cache, io_threads=args.io_threads,
-                                    dtype=args.dtype, compute_threads=args.threads) as engine:
+                                    dtype=args.dtype, compute_threads=args.threads,
+                                    backend=args.backend or "auto") as engine:
             ids = _prompt_ids(engine.tokenizer, args)
             _print_stream(engine.tokenizer, engine.stream(ids, **sampling))
             s = engine.stats()
             wait = s["io_wait_seconds"] / (s["prefill_seconds"] + s["decode_seconds"] or 1.0)
             limit = "unlimited" if s["memory_limit"] is None else f"{s['memory_limit'] / 2**20:.0f} MiB"
-            print(f"engine ({engine.device.type}, {s['format']}, limit {limit}, "
+            print(f"engine ({engine.device.type}, backend {engine.backend}, {s['format']}, limit {limit}, "
                   f"{s['capacity_experts']} experts cached): prefill {s['prefill_tok_s']:.1f} tok/s, decode "
                   f"{s['decode_tok_s']:.2f} tok/s, hit rate {100 * s['hit_rate']:.1f}%, read "
                   f"{s['decode_bytes_read_per_token'] / 2**20:.2f} MiB/token, I/O wait {100 * wait:.1f}%",

@@ -61,7 +61,7 @@ from .decode.eager import EagerSteps
 from .generation import EngineBusy, EngineGeneration, GenerationResult  # noqa: F401  (re-exported)
 from .io import CudaTransfer, ExpertReader
 from .loading import _load_predictor, _load_tokenizer, _probe_dtype, _resolve_dtype, load_non_experts
-from .memory import MemoryPlan, itemsize, parse_memory_limit, plan_memory, workspace_bytes
+from .memory import MemoryPlan, itemsize, limit_for_share, parse_memory_limit, plan_memory, share_of, workspace_bytes
 from .options import BACKENDS, EngineOptions, choose, static_reasons
 from .quant import KERNEL_FORMATS, get_format
 from .stats import EngineStats
@@ -170,7 +170,8 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
         if compute_threads is not None and compute_threads < 1:
             raise ValueError(f"compute_threads must be >= 1, got {compute_threads}")
         self.compute_threads = compute_threads
-        self.memory_limit = parse_memory_limit(memory_limit)
+        share = share_of(memory_limit)  # "NN%": the cache holds NN% of the experts (set with the plan below)
+        self.memory_limit = None if share is not None else parse_memory_limit(memory_limit)
 
         # the non-expert tensors of the checkpoint and the bundle (converted on first use)
         names = [n for n in expected_tensors(config) if not is_expert_tensor(n)]
@@ -235,11 +236,15 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
         # exact on CPU: each I/O thread transposes a read's down matrix through a scratch buffer of its own
         staging = io_threads * self.bundle.matrices["down"].nbytes if self._relayout_down and not cuda else 0
         self._io_local = threading.local()
-        self.plan: MemoryPlan = plan_memory(
-            self.memory_limit, device=self.device.type, non_expert=non_expert, kv_cache=kv, workspace=ws,
-            staging=staging, slot_bytes=self.bundle.stride,
-            num_experts_total=config.num_hidden_layers * config.num_experts, top_k=config.top_k,
-            max_context=self.max_context, host_bytes=host)
+        def plan(limit):
+            return plan_memory(limit, device=self.device.type, non_expert=non_expert, kv_cache=kv, workspace=ws,
+                               staging=staging, slot_bytes=self.bundle.stride,
+                               num_experts_total=config.num_hidden_layers * config.num_experts, top_k=config.top_k,
+                               max_context=self.max_context, host_bytes=host)
+
+        if share is not None:
+            self.memory_limit = limit_for_share(plan(None), share)
+        self.plan: MemoryPlan = plan(self.memory_limit)
 
         self.model = load_non_experts(config, stored, names, self.dtype, self.device)
         self.hooks = HookRegistry()

@@ -83,6 +83,41 @@ def parse_memory_limit(limit: int | float | str | None, total: int | None = None
     return value
 
 
+def share_of(limit) -> float | None:
+    """The share (0..1) of a memory limit given as "NN%", None for any other form; ValueError naming a percentage
+    that is not one. "NN%" means: the expert cache holds NN% of the model's expert bytes (:func:`limit_for_share`)."""
+    if not (isinstance(limit, str) and limit.strip().endswith("%")):
+        return None
+    try:
+        share = float(limit.strip()[:-1]) / 100.0
+    except ValueError:
+        raise ValueError(f"memory limit {limit!r} is not a percentage like '50%' or a size like '24MiB'") from None
+    if not 0.0 <= share <= 1.0:  # NaN too
+        raise ValueError(f"a memory limit given in percent must be 0%..100% of the expert bytes, got {limit}")
+    return share
+
+
+def limit_for_share(plan, share: float) -> int:
+    """The limit whose expert cache holds ``share`` of all experts, on top of the fixed working set (at least the
+    minimum working set). ``plan``: a MemoryPlan or its ``as_dict()``."""
+    plan = plan.as_dict() if isinstance(plan, MemoryPlan) else plan
+    slot, total = int(plan["expert_slot_bytes"]), int(plan["total_expert_bytes"])
+    n = int(math.floor(share * (total // slot) + 1e-9))
+    return max(int(plan["fixed_bytes"]) + n * slot, int(plan["minimum_bytes"]))
+
+
+def resolve_memory_limit(limit, plan=None) -> int | None:
+    """Bytes of a memory limit in any form the project accepts (Engine, CLI, report, widgets): bytes, "512MiB",
+    "1.5GiB", "unlimited"/None, or "NN%" (the expert cache holds NN% of the expert bytes: needs the engine's
+    ``plan``). Anything else (NaN, inf, "", negative, unparseable) raises ValueError naming the value."""
+    share = share_of(limit)
+    if share is None:
+        return parse_memory_limit(limit)
+    if plan is None:
+        raise ValueError(f"memory limit {limit!r}: a percentage of the expert bytes needs the engine's memory plan")
+    return limit_for_share(plan, share)
+
+
 def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
