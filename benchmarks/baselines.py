@@ -154,7 +154,7 @@ class AccelerateRunner:
         def step(x):
             drops.append(self._drop_page_cache())
             before = self.link_bytes
-            out = model(x, cache=cache)
+            out = model(x, cache=cache).logits
             link.append(self.link_bytes - before)
             return out
 

@@ -256,7 +256,7 @@ class ModelRunner:
             step = self.kernels.step
         else:
             cache = KVCache(m.config, 1, m.dtype, self.device)
-            step = lambda x: m(x, cache=cache)  # noqa: E731
+            step = lambda x: m(x, cache=cache).logits  # noqa: E731
         stats = GenerationStats()
         x = torch.tensor([ids], device=self.device)
         with _Threads(self.threads), torch.inference_mode(), _recording(m, self.instruments):

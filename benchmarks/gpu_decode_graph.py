@@ -124,7 +124,7 @@ def reference_tokens(ckpt: Path, prompts, new_tokens: int) -> tuple[list[list[in
         for i, pr in enumerate(prompts):
             cache = be.KVCache(model.config, 1, model.dtype, "cuda")
             stats = GenerationStats()
-            step = lambda x, cache=cache: model(x, cache=cache)  # noqa: E731
+            step = lambda x, cache=cache: model(x, cache=cache).logits  # noqa: E731
             refs.append(list(stream_tokens(step, torch.tensor([pr], device="cuda"), new_tokens, None, [], stats)))
             if i:
                 times.extend(stats.decode_token_seconds)
@@ -271,8 +271,8 @@ def kernel_first_step(model, runner, prompt: list[int]) -> dict:
     dev = model.device
     ids = torch.tensor([prompt], device=dev)
     cache = be.KVCache(model.config, 1, model.dtype, dev, capacity=runner.max_context)
-    tok = model(ids, cache=cache)[:, -1].argmax(-1).view(1, 1)
-    ref = model(tok, cache=cache).float().flatten()
+    tok = model(ids, cache=cache).logits[:, -1].argmax(-1).view(1, 1)
+    ref = model(tok, cache=cache).logits.float().flatten()
     runner.reset()
     runner.step(ids)
     got = runner.step(tok).float().flatten()

@@ -1,4 +1,10 @@
-"""smallthinker_lab: a workbench for understanding SmallThinker, an on-device Mixture-of-Experts LM."""
+"""smallthinker_lab: a workbench for understanding SmallThinker, an on-device Mixture-of-Experts LM.
+
+The analysis modules (``plots``, ``tables``, ``widgets``, ``report``, ``quality``) load on first use:
+``import smallthinker_lab as sl; sl.plots.plot_expert_heatmap(...)``.
+"""
+
+import importlib
 
 from .engine import Engine, EngineBusy, EngineOptions, MemoryLimitError, convert
 from .instruments import (
@@ -22,8 +28,10 @@ from .instruments import (
     trace_from_recording,
 )
 from .model import (
+    CausalLMOutput,
     CheckpointError,
     ConfigError,
+    GenerationResult,
     GenerationStats,
     KVCache,
     SamplingConfig,
@@ -42,9 +50,9 @@ from .model.tokenizer import apply_chat_template, load_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "GenerationStats", "KVCache", "SamplingConfig", "SmallThinkerConfig",
-    "SmallThinkerForCausalLM", "expected_tensors", "generate", "kv_cache_bytes", "load_model", "save_pretrained",
-    "stream_generate", "write_synthetic_checkpoint",
+    "CausalLMOutput", "CheckpointError", "ConfigError", "GenerationResult", "GenerationStats", "KVCache",
+    "SamplingConfig", "SmallThinkerConfig", "SmallThinkerForCausalLM", "expected_tensors", "generate",
+    "kv_cache_bytes", "load_model", "save_pretrained", "stream_generate", "write_synthetic_checkpoint",
 ]
 __all__ += [
     "Recording", "cold_expert_share", "expert_frequency", "expert_usage_divergence", "hit_rate_curves", "hit_rates",
@@ -54,3 +62,16 @@ __all__ += [
 ]
 __all__ += ["Engine", "EngineBusy", "EngineOptions", "MemoryLimitError", "convert"]
 __all__ += ["apply_chat_template", "load_tokenizer"]
+
+# analysis modules: imported when first named (they pull in matplotlib, ipywidgets and the report's dependencies)
+_SUBMODULES = ("plots", "tables", "widgets", "report", "quality")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_SUBMODULES])

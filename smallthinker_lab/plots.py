@@ -3,6 +3,8 @@
 Each function draws on the ``ax=`` (or ``axes=``) it is given, or on a new figure, and returns the Axes (or the
 Figure for multi-panel plots). matplotlib and seaborn are imported inside the functions; nothing but the figure
 is changed (no rcParams, no global style), so the picture is the same in JupyterLab, a script or a saved PNG.
+Colours come from the active matplotlib style: its colour cycle for series, its text colour for reference lines
+and the optimal-policy curve, so a dark style (``plt.style.use("dark_background")``) keeps every line visible.
 """
 
 from __future__ import annotations
@@ -27,6 +29,29 @@ def _new_ax(ax: Any, figsize: tuple[float, float]):
 
     _, ax = plt.subplots(figsize=figsize, layout="constrained")
     return ax
+
+
+def _palette(n: int) -> list:
+    """``n`` colours of the active style's colour cycle (``axes.prop_cycle``), repeated when it has fewer."""
+    import matplotlib as mpl
+
+    cycle = mpl.rcParams["axes.prop_cycle"].by_key().get("color") or ["C0"]
+    return [cycle[i % len(cycle)] for i in range(max(0, n))]
+
+
+def _ink(alpha: float = 1.0) -> Any:
+    """The active style's foreground (its text colour: black on light styles, white on dark ones) at ``alpha``."""
+    import matplotlib as mpl
+
+    color = mpl.rcParams["text.color"]
+    return color if alpha == 1.0 else mpl.colors.to_rgba(color, alpha)
+
+
+def _paper() -> Any:
+    """The active style's axes background, for marker edges that separate a point from the lines under it."""
+    import matplotlib as mpl
+
+    return mpl.rcParams["axes.facecolor"]
 
 
 def _tick_step(n: int, max_labels: int) -> int:
@@ -114,14 +139,14 @@ def plot_expert_frequency_distribution(freq_df: pd.DataFrame, threshold: float =
 
     ax = _new_ax(ax, (6, 4))
     datasets = list(datasets) if datasets is not None else list(pd.unique(freq_df[dataset]))
-    colors = sns.color_palette("colorblind", len(datasets))
+    colors = _palette(len(datasets))
     for ds, color in zip(datasets, colors):
         f = freq_df.loc[freq_df[dataset] == ds, frequency].astype(float)
         share = float((f < threshold).mean())
         sns.ecdfplot(x=f.to_numpy(), ax=ax, color=color, label=f"{ds}: {share:.0%} under {threshold:g}")
         ax.plot([threshold], [share], "o", color=color, markersize=5)
-    ax.axvline(threshold, color="0.3", linestyle="--", linewidth=1)
-    ax.text(threshold, 0.02, f" {threshold:g}", color="0.3", ha="left", va="bottom")
+    ax.axvline(threshold, color=_ink(0.7), linestyle="--", linewidth=1)
+    ax.text(threshold, 0.02, f" {threshold:g}", color=_ink(0.7), ha="left", va="bottom")
     ax.set_xlim(0, max(1.0, float(freq_df[frequency].max())))
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("activation frequency (share of tokens routed to the expert)")
@@ -145,10 +170,10 @@ def plot_sparsity_boxplots(neurons_df: pd.DataFrame, ax: Any = None, value: str 
     with warnings.catch_warnings():  # seaborn 0.13 passes bxp(vert=...), deprecated in matplotlib 3.11
         warnings.filterwarnings("ignore", message=".*vert: bool", category=DeprecationWarning)
         sns.boxplot(data=df, x=by, y=value, hue=by, order=order, hue_order=order, palette=palette, whis=(0, 100),
-                    showfliers=False, linewidth=0.8, medianprops={"color": "black", "linewidth": 1.2}, legend=False,
+                    showfliers=False, linewidth=0.8, medianprops={"color": _ink(), "linewidth": 1.2}, legend=False,
                     ax=ax)
     if reference is not None:
-        ax.axhline(reference, color="0.3", linestyle="--", linewidth=1, zorder=0.5,
+        ax.axhline(reference, color=_ink(0.7), linestyle="--", linewidth=1, zorder=0.5,
                    label=f"paper's median ({reference:g})")
         ax.legend(loc="lower left", frameon=False, fontsize="small")
     step = _tick_step(len(order), 26)
@@ -203,7 +228,6 @@ def plot_kv_per_layer(kv: Any, config: Any = None, step: int | None = None, unit
     per-layer bytes (a sequence, e.g. ``kv_cache_bytes(cfg, T, per_layer=True)``) with the ``config`` that names
     each layer's kind. The title gives the total (and the context length when the frame has it).
     """
-    import seaborn as sns
 
     df, context = _kv_per_layer(kv, config, step, layer, attention, value)
     unit = _auto_unit(float(df["bytes"].max())) if unit == "auto" else unit
@@ -211,10 +235,10 @@ def plot_kv_per_layer(kv: Any, config: Any = None, step: int | None = None, unit
     ax = _new_ax(ax, (max(5.0, 1.5 + 0.16 * df["layer"].nunique()), 3.5))
     kinds = [k for k in ("global", "sliding") if k in set(df["attention"])]
     kinds += sorted(set(df["attention"]) - set(kinds))
-    colors = dict(zip(("global", "sliding"), sns.color_palette("colorblind", 2)))
+    colors = dict(zip(("global", "sliding"), _palette(2)))
     for kind in kinds:
         d = df[df["attention"] == kind]
-        ax.bar(d["layer"], d["size"], width=0.8, color=colors.get(kind, "0.6"), label=kind)
+        ax.bar(d["layer"], d["size"], width=0.8, color=colors.get(kind, _ink(0.5)), label=kind)
     n = int(df["layer"].max()) + 1
     step_ = _tick_step(n, 26)
     ax.set_xticks(range(0, n, step_))
@@ -234,7 +258,6 @@ def plot_kv_vs_context(configs: Any, contexts: Sequence[int] = DEFAULT_CONTEXTS,
     (hybrid, solid) and every layer global (dashed). MiB on the y axis, a log2 x axis with 1K..32K ticks;
     the saving at the longest context is written in the hybrid curve's label. A config with no sliding layer
     (the released 4B) gets a single curve."""
-    import seaborn as sns
 
     from .model.kv_cache import kv_cache_bytes
     from .tables import _configs
@@ -243,7 +266,7 @@ def plot_kv_vs_context(configs: Any, contexts: Sequence[int] = DEFAULT_CONTEXTS,
     tdtype = _torch_dtype(dtype)
     contexts = [int(t) for t in contexts]
     cfgs = _configs(configs)
-    for (name, cfg), color in zip(cfgs.items(), sns.color_palette("colorblind", len(cfgs))):
+    for (name, cfg), color in zip(cfgs.items(), _palette(len(cfgs))):
         hybrid = [kv_cache_bytes(cfg, t, dtype=tdtype) / MiB for t in contexts]
         full = [kv_cache_bytes(cfg, t, dtype=tdtype, all_global=True) / MiB for t in contexts]
         if np.allclose(hybrid, full):  # no sliding layers: one curve
@@ -273,8 +296,9 @@ def plot_hit_rate_curves(curves_df: pd.DataFrame, measured: pd.DataFrame | None 
                          total_bytes: float | None = None, logx: bool = False, unit: str = "MiB",
                          policy: str = "policy", hit_rate: str = "hit_rate"):
     """Expert-cache hit rate against cache capacity, one curve per policy; the optimal policy (Belady) as the
-    ceiling (black, dashed, "optimal (Belady)"); with a ``ceiling`` column (``hit_rate_curves``), the compulsory
-    ceiling as a grey dash-dot line: the best hit rate any cache of any size reaches on the trace.
+    ceiling (dashed, in the style's text colour, "optimal (Belady)"); with a ``ceiling`` column
+    (``hit_rate_curves``), the compulsory ceiling as a dash-dot line: the best hit rate any cache of any size
+    reaches on the trace.
 
     x: ``capacity_bytes`` in ``unit`` (MiB; 'auto' picks KiB/MiB/GiB) when the column exists, else
     ``capacity_experts``. ``measured``: engine runs
@@ -282,7 +306,6 @@ def plot_hit_rate_curves(curves_df: pd.DataFrame, measured: pd.DataFrame | None 
     their policy's colour. ``limit``: a vertical line at this x (bytes when x is in bytes), e.g. the explorer's
     slider. ``total_bytes``: all expert bytes; adds a top axis with the capacity as a share of them.
     """
-    import seaborn as sns
 
     ax = _new_ax(ax, (6, 4))
     if x is None:
@@ -294,11 +317,11 @@ def plot_hit_rate_curves(curves_df: pd.DataFrame, measured: pd.DataFrame | None 
     scale = _UNITS[unit] if in_bytes else 1.0
     policies = list(pd.unique(curves_df[policy]))
     others = [p for p in policies if not _is_optimal(p)]
-    colors = dict(zip(others, sns.color_palette("colorblind", max(1, len(others)))))
+    colors = dict(zip(others, _palette(max(1, len(others)))))
     for p in [q for q in policies if _is_optimal(q)] + others:
         d = curves_df[curves_df[policy] == p].sort_values(x)
         if _is_optimal(p):
-            ax.plot(d[x] / scale, d[hit_rate], "--", color="black", linewidth=1.6, label="optimal (Belady)",
+            ax.plot(d[x] / scale, d[hit_rate], "--", color=_ink(), linewidth=1.6, label="optimal (Belady)",
                     zorder=3)
         else:
             ax.plot(d[x] / scale, d[hit_rate], "-", color=colors[p], linewidth=1.6, label=str(p).upper(), zorder=2)
@@ -311,11 +334,11 @@ def plot_hit_rate_curves(curves_df: pd.DataFrame, measured: pd.DataFrame | None 
         mscale = scale if ("bytes" in mx or "limit" in mx) and in_bytes else 1.0
         groups = measured.groupby(policy, sort=False) if policy in measured else [(None, measured)]
         for p, d in groups:
-            color = "black" if _is_optimal(p) else colors.get(p, "0.4")
-            ax.scatter(d[mx] / mscale, d[hit_rate], s=40, marker="o", facecolor=color, edgecolor="white",
+            color = _ink() if _is_optimal(p) else colors.get(p, _ink(0.6))
+            ax.scatter(d[mx] / mscale, d[hit_rate], s=40, marker="o", facecolor=color, edgecolor=_paper(),
                        linewidth=1.0, zorder=4, label=f"measured ({str(p).upper()})" if p is not None else "measured")
     if limit is not None:
-        ax.axvline(limit / scale, color="0.4", linestyle=":", linewidth=1.2, label="limit")
+        ax.axvline(limit / scale, color=_ink(0.6), linestyle=":", linewidth=1.2, label="limit")
     if logx:
         ax.set_xscale("log", base=2)
     else:
@@ -363,13 +386,12 @@ def plot_throughput(bench_df: pd.DataFrame, ax: Any = None, value: str = "decode
                     bound_share: str = "bound_share", mode: str = "mode"):
     """Decode tokens/s per benchmark run, horizontal bars coloured by mode, each annotated with its tok/s and the
     share of the bound reached (bound time / measured time)."""
-    import seaborn as sns
 
     df = bench_df.reset_index(drop=True)
     labels = bench_labels(df)
     ax = _new_ax(ax, (7, 0.9 + 0.42 * len(df)))
     modes = list(pd.unique(df[mode].astype(str))) if mode in df else [""]
-    colors = dict(zip(modes, sns.color_palette("colorblind", len(modes))))
+    colors = dict(zip(modes, _palette(len(modes))))
     ypos = np.arange(len(df))
     bar_colors = [colors[str(m)] for m in (df[mode] if mode in df else [""] * len(df))]
     ax.barh(ypos, df[value], color=bar_colors, height=0.7)
@@ -397,12 +419,11 @@ def plot_loss_curve(log_df: pd.DataFrame, ax: Any = None, smooth: int | None = N
     """Training loss against step: ``columns`` on the left axis, ``secondary`` (the balance loss, much smaller)
     on a right axis, dashed. ``smooth``: a rolling-mean window in steps; the raw left-axis curves are then drawn
     faint behind."""
-    import seaborn as sns
 
     ax = _new_ax(ax, (6, 3.8))
     cols = [c for c in columns if c in log_df]
     sec = [c for c in secondary if c in log_df]
-    palette = sns.color_palette("colorblind", len(cols) + len(sec))
+    palette = _palette(len(cols) + len(sec))
     df = log_df.sort_values(step)
     handles = []
 

@@ -134,7 +134,7 @@ def perplexity(model, tokens: np.ndarray, window: int = 512, stride: int = 256, 
         for i in it:
             chunk = plan[i: i + batch_size]
             x = torch.from_numpy(np.stack([tokens[b: b + W + 1] for b, _ in chunk])).to(device)  # (B, W + 1)
-            logits = model(x[:, :-1])  # (B, W, V)
+            logits = model(x[:, :-1]).logits  # (B, W, V)
             logp = F.log_softmax(logits.float(), dim=-1).gather(-1, x[:, 1:, None]).squeeze(-1)  # (B, W)
             first = torch.tensor([d - b for b, d in chunk], device=device)[:, None]  # first scored position
             mask = torch.arange(W, device=device)[None, :] >= first

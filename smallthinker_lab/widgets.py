@@ -21,7 +21,6 @@ Stable CSS classes for a browser: ``st-explorer`` (the whole box), ``st-limit-sl
 from __future__ import annotations
 
 import html
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,39 +29,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .resources import PROMPT_SETS, load_prompt_set, load_prompt_sets, prompts_dir
+
 MiB = 2**20
 SAME_SET = "same prompts"  # the warm-up dropdown's entry for the selected prompt set itself
-PROMPT_SETS = ("gsm8k", "humaneval", "wiki-en", "zh-news")
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
-
-
-# ------------------------------------------------------------------ prompt sets
-def load_prompt_set(name: str | Path, max_prompts: int | None = None, field: str = "text") -> list[str]:
-    """The ``text`` of each line of a JSONL prompt set: a name in data/prompts (``gsm8k``) or a file path."""
-    path = Path(name)
-    if not path.suffix:
-        path = PROMPTS_DIR / f"{name}.jsonl"
-    if not path.is_file():
-        known = sorted(p.stem for p in PROMPTS_DIR.glob("*.jsonl")) if PROMPTS_DIR.is_dir() else []
-        raise FileNotFoundError(f"no prompt set {name!r} at {path}; known sets: {', '.join(known) or 'none'}")
-    prompts = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                prompts.append(json.loads(line)[field])
-                if max_prompts is not None and len(prompts) >= max_prompts:
-                    break
-    return prompts
-
-
-def load_prompt_sets(names: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
-                     max_prompts: int | None = None) -> dict[str, list[str]]:
-    """{name: prompts}: names resolved through :func:`load_prompt_set`; a mapping passes through (cut to
-    ``max_prompts``); None means the four shipped sets."""
-    if isinstance(names, Mapping):
-        return {str(k): list(v)[:max_prompts] for k, v in names.items()}
-    names = PROMPT_SETS if names is None else names
-    return {Path(n).stem if Path(n).suffix else str(n): load_prompt_set(n, max_prompts) for n in names}
+PROMPTS_DIR = prompts_dir()
+__all__ = ["PROMPT_SETS", "MemoryLimitExplorer", "load_prompt_set", "load_prompt_sets"]
 
 
 # ------------------------------------------------------------------ the explorer
@@ -71,7 +43,7 @@ class MemoryLimitExplorer:
 
     ``model``: a checkpoint folder or "default" (opened with ``Engine.from_pretrained``), or ``engine_factory``: a
     callable ``factory(memory_limit=bytes | None, policy=str, prefetch=bool) -> Engine``. ``prompt_sets``: names
-    of sets in data/prompts, or {name: prompts}. ``trace``: a recorded expert trace ((step, layer, expert) demand
+    of shipped prompt sets, or {name: prompts}. ``trace``: a recorded expert trace ((step, layer, expert) demand
     requests) of the first prompt set's prompts, or {set name: trace}; sets without one are recorded on first use.
     ``max_prompts`` / ``max_new_tokens`` / ``max_prompt_tokens`` bound each run. ``warm``: start with the warm-start
     toggle on; ``warm_from``: the warm-up prompt set (default: the selected set itself).

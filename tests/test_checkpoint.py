@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def logits(model: SmallThinkerForCausalLM) -> torch.Tensor:
     with torch.no_grad():
-        return model(IDS)
+        return model(IDS).logits
 
 
 def config(name: str = "smallthinker-test", **overrides) -> SmallThinkerConfig:

@@ -89,7 +89,7 @@ def test_logits_do_not_depend_on_cache_or_timing(ckpt, sizes, reference):
         assert torch.equal(r, runs[0])
     model = load_model(ckpt)
     with torch.no_grad():
-        full = model(torch.tensor([PROMPT + reference[:-1]]))[0, len(PROMPT) - 1:]
+        full = model(torch.tensor([PROMPT + reference[:-1]])).logits[0, len(PROMPT) - 1:]
     for r in runs:
         torch.testing.assert_close(r, full, rtol=1e-4, atol=1e-4)
 
@@ -120,7 +120,7 @@ def test_bf16_engine_tracks_the_bf16_model(tmp_path):
         assert e.dtype == torch.bfloat16 and e.bundle.format == "bf16"
         logits = _teacher_forced_logits(e, ref)
     with torch.no_grad():
-        full = model(torch.tensor([PROMPT + ref[:-1]]))[0, len(PROMPT) - 1:]
+        full = model(torch.tensor([PROMPT + ref[:-1]])).logits[0, len(PROMPT) - 1:]
     # bf16 rounding differs between the sparse kernel and nn.Linear: close, and the same greedy choice
     assert (logits.float() - full.float()).abs().max() <= 0.05 * full.float().abs().max()
     assert (logits.argmax(-1) == full.argmax(-1)).float().mean() >= 0.9

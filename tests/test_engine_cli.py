@@ -44,7 +44,7 @@ def test_generate_engine_and_in_memory_print_the_same_text(ckpt, capsys):
     assert main(["generate", "--model", str(ckpt), PROMPT, "--max-new-tokens", "10",
                  "--memory-limit", str(minimum), "--policy", "lfu", "--lookahead"]) == 0
     out, err = capsys.readouterr()
-    assert out == tok.decode(ref) + "\n"
+    assert out == PROMPT + tok.decode(ref) + "\n"  # the prompt, then its continuation
     assert "hit rate" in err and "tok/s" in err and "2 experts cached" in err
     assert main(["generate", "--model", str(ckpt), PROMPT, "--max-new-tokens", "10"]) == 0
     out2, err2 = capsys.readouterr()
@@ -57,7 +57,7 @@ def test_generate_chat_and_sampling(ckpt, capsys):
     ref = load_model(ckpt).generate(ids, 5, temperature=0.8, top_k=20, seed=1)
     assert main(["generate", "--model", str(ckpt), "hi", "--chat", "--max-new-tokens", "5", "--temperature", "0.8",
                  "--top-k", "20", "--seed", "1", "--memory-limit", "unlimited", "--no-prefetch"]) == 0
-    assert capsys.readouterr().out == tok.decode(ref) + "\n"
+    assert capsys.readouterr().out == "hi\n" + tok.decode(ref) + "\n"  # the user's turn, then the reply
 
 
 def test_generate_errors_are_reported(ckpt, tmp_path, capsys):

@@ -29,6 +29,7 @@ IDS = torch.tensor([[3, 17, 99, 42, 7, 120, 5, 64, 11, 30, 2, 77]])  # longer th
 
 def logits(model, ids=IDS):
     out = model(ids)
+    out = getattr(out, "logits", out)
     return out[0] if isinstance(out, tuple) else out
 
 

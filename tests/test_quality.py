@@ -46,9 +46,9 @@ def test_perplexity_equals_exp_mean_ce():
     model = random_model(std=0.1)
     tokens = torch.randint(0, model.config.vocab_size, (193,))  # 192 targets = 3 windows of 64
     with torch.no_grad():
-        ce_whole = F.cross_entropy(model(tokens[None, :-1])[0], tokens[1:]).item()
-        chunks = [F.cross_entropy(model(tokens[None, i: i + 64])[0], tokens[i + 1: i + 65], reduction="sum").item()
-                  for i in range(0, 192, 64)]
+        ce_whole = F.cross_entropy(model(tokens[None, :-1]).logits[0], tokens[1:]).item()
+        chunks = [F.cross_entropy(model(tokens[None, i: i + 64]).logits[0], tokens[i + 1: i + 65],
+                                  reduction="sum").item() for i in range(0, 192, 64)]
     whole = q.perplexity(model, tokens.numpy(), window=512, stride=256, batch_size=2)
     assert whole["tokens"] == 192 and whole["windows"] == 1
     assert whole["ppl"] == pytest.approx(math.exp(ce_whole), rel=1e-5)

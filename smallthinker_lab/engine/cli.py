@@ -8,39 +8,51 @@ Triton kernels). Text streams to stdout; one line of statistics goes to stderr a
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 ENGINE_FLAGS = ("memory_limit", "quantization", "policy", "no_prefetch", "lookahead", "bypass_page_cache", "backend")
 BACKEND_CHOICES = ["auto", "kernels", "fused", "graph", "eager"]
+GENERATE_DESCRIPTION = """\
+Generate text from a prompt and stream it to stdout, after the prompt itself (--no-echo: the new text only).
+One line of statistics goes to stderr at the end.
+
+The model runs in memory on the CPU unless an engine option is given (--memory-limit, --quantization, --policy,
+--no-prefetch, --lookahead, --bypass-page-cache, --backend) or the device is CUDA: then the offloading engine runs
+it, its experts read from storage into a cache under the memory limit (--memory-limit unlimited: the engine
+without a limit), decoding the fastest way that can run (--backend auto: on a GPU the Triton kernels)."""
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="write the expert bundle (experts.bin + experts.json) of a checkpoint",
                               description="Write every expert of a checkpoint into one 4 KiB-aligned file plus an "
                                           "index; non-expert weights stay in the checkpoint folder.")
-    p.add_argument("checkpoint", help="checkpoint folder (config.json + safetensors) or 'default'")
+    p.add_argument("checkpoint", help="checkpoint folder (config.json + safetensors), Hugging Face repo id in the "
+                                      "local hub cache, or 'default'")
     p.add_argument("--out", default=None, help="bundle folder (default: <checkpoint>/expert_bundle[-FORMAT])")
     p.add_argument("--quantization", choices=["bf16", "fp16", "fp32", "int8", "q4_0"], default=None,
                    help="weight format of the experts (default: as stored)")
     p.add_argument("--down-layout", choices=["transposed", "model"], default="transposed",
                    help="down matrix stored [F, H] (sparse ReGLU, the default) or in the model's [H, F] layout "
                         "(what exact=True reads without a transpose; raw formats only)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_convert)
 
     g = subparsers.add_parser("generate", help="generate text, in memory or with the offloading engine",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=GENERATE_DESCRIPTION)
     g.add_argument("prompt", help="the prompt text")
-    g.add_argument("--model", default="default", help="checkpoint folder or 'default'")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--model", default="default",
+                   help="checkpoint folder, Hugging Face repo id in the local hub cache, or 'default' (the shipped "
+                        "tiny model)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many new tokens")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy decoding")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens holding this "
+                                                              "much probability")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a fresh one)")
+    g.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt first")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
-    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
     g.add_argument("--dtype", default=None, help="compute dtype (default: as stored)")
     g.add_argument("--memory-limit", default=None,
                    help="e.g. 512MiB, 1.5GiB, 50%% (the cache holds half the experts) or unlimited: use the engine")
@@ -51,7 +63,7 @@ def register(subparsers) -> None:
     g.add_argument("--lookahead", action="store_true", help="speculatively read the next layer's experts")
     g.add_argument("--quantization", default=None, choices=["int8", "q4_0"], help="expert weight format")
     g.add_argument("--bypass-page-cache", action="store_true", help="O_DIRECT / fadvise reads")
-    g.add_argument("--io-threads", type=int, default=4)
+    g.add_argument("--io-threads", type=int, default=4, help="threads reading experts from storage (engine)")
     g.add_argument("--threads", type=int, default=None, help="torch compute threads (default: torch's)")
     g.set_defaults(func=run_generate)
 
@@ -77,6 +89,13 @@ def _prompt_ids(tokenizer, args) -> list[int]:
 
         return apply_chat_template(tokenizer, [{"role": "user", "content": args.prompt}])
     return tokenizer(args.prompt)["input_ids"]
+
+
+def _echo_prompt(args) -> None:
+    """The prompt before the generated text: a continuation follows it directly, a chat reply on the next line."""
+    if not args.no_echo:
+        sys.stdout.write(args.prompt + ("\n" if args.chat else ""))
+        sys.stdout.flush()
 
 
 def _print_stream(tokenizer, tokens) -> list[int]:
@@ -113,6 +132,7 @@ def run_generate(args) -> int:
                                     dtype=args.dtype, compute_threads=args.threads,
                                     backend=args.backend or "auto") as engine:
             ids = _prompt_ids(engine.tokenizer, args)
+            _echo_prompt(args)
             _print_stream(engine.tokenizer, engine.stream(ids, **sampling))
             s = engine.stats()
             wait = s["io_wait_seconds"] / (s["prefill_seconds"] + s["decode_seconds"] or 1.0)
@@ -137,6 +157,7 @@ def run_generate(args) -> int:
     except FileNotFoundError:
         tokenizer = None
     ids = _prompt_ids(tokenizer, args)
+    _echo_prompt(args)
     stats = GenerationStats()
     t0 = time.perf_counter()
     _print_stream(tokenizer, stream_generate(model, ids, stats=stats, **sampling))

@@ -280,8 +280,8 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
         cache's "lru", "lfu" or "belady"; ``prefetch``: request a layer's experts before its attention (the router
         runs first); ``quantization``: the bundle's expert format (e.g. "int8", "q4_0"; default the checkpoint's).
         ``backend``: "auto" (the fastest that can run: the Triton kernels on a CUDA GPU, else eager), "kernels",
-        "fused", "graph" or "eager"; ``engine.backend`` and ``engine.explain()`` say what runs and why
-        (docs/engine.md). ``options`` (:class:`EngineOptions`) or its fields as keywords: the rarely used knobs.
+        "fused", "graph" or "eager"; ``engine.backend`` and ``engine.explain()`` say what runs and why.
+        ``options`` (:class:`EngineOptions`) or its fields as keywords: the rarely used knobs.
         """
         return cls(path, memory_limit, device, policy=policy, prefetch=prefetch, quantization=quantization,
                    backend=backend, options=options, **option_fields)

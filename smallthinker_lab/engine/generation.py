@@ -7,24 +7,22 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass
 
 import torch
 
-from ..model.generate import GenerationStats, SamplingConfig, check_max_new_tokens, stream_tokens, token_ids
+from ..model.generate import (
+    GenerationResult,
+    GenerationStats,
+    SamplingConfig,
+    check_max_new_tokens,
+    stream_tokens,
+    token_ids,
+)
 
 
 class EngineBusy(RuntimeError):
     """Another thread is generating (or running a forward) on this engine: one engine serves one generation at a
     time. Wait for it to finish, or open a second engine (each has its own cache and KV cache)."""
-
-@dataclass
-class GenerationResult:
-    tokens: list[int]
-    text: str | None
-    prompt_tokens: int
-    stats: GenerationStats
-
 
 class EngineGeneration:
     """``encode``, ``stream`` and ``generate``; mixed into Engine."""

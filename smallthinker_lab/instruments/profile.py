@@ -1,9 +1,10 @@
-"""``profile(target, prompts, dataset=...)``: run a prompt set with recording on, behind a progress bar."""
+"""``profile(target, prompts)``: run a prompt set with recording on, behind a progress bar."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from ..resources import load_prompt_set
 from .record import KINDS, record
 from .recording import Recording
 
@@ -29,14 +30,16 @@ def encode_prompt(tokenizer, prompt, chat: bool = False) -> list[int]:
     return [int(t) for t in (out["input_ids"] if hasattr(out, "keys") else out)]
 
 
-def profile(target, prompts: Iterable[str | Sequence[int]], dataset: str = "gsm8k", max_new_tokens: int = 16,
-            kinds: Iterable[str] = KINDS, layers=None, full=False, tokenizer=None, progress: bool = True,
-            chat: bool = False, **generate_kwargs) -> Recording:
+def profile(target, prompts: str | Iterable[str | Sequence[int]], dataset: str | None = None,
+            max_new_tokens: int = 16, kinds: Iterable[str] = KINDS, layers=None, full=False, tokenizer=None,
+            progress: bool = True, chat: bool = False, **generate_kwargs) -> Recording:
     """Generate ``max_new_tokens`` after each prompt with recording on; one Recording labelled ``dataset``.
 
     target: a SmallThinkerForCausalLM (run with ``stream_generate``) or an Engine (``engine.generate``).
-    prompts: strings (encoded with ``tokenizer``, by default the target's ``.tokenizer``) or token-id lists.
-    generate_kwargs go to the generation call (temperature, seed, stop_tokens, ...).
+    prompts: the name of a shipped prompt set (``"wiki-en"``), or strings (encoded with ``tokenizer``, by
+    default the target's ``.tokenizer``) or token-id lists. ``dataset``: the label of the recorded rows; by
+    default the prompt set's name (also of a :func:`~smallthinker_lab.widgets.load_prompt_set` result), else
+    ``"prompts"``. generate_kwargs go to the generation call (temperature, seed, stop_tokens, ...).
     """
     from tqdm.auto import tqdm
 
@@ -44,6 +47,9 @@ def profile(target, prompts: Iterable[str | Sequence[int]], dataset: str = "gsm8
     from ..model.generate import stream_generate
 
     tokenizer = tokenizer if tokenizer is not None else getattr(target, "tokenizer", None)
+    if isinstance(prompts, str):
+        prompts = load_prompt_set(prompts)
+    dataset = dataset if dataset is not None else getattr(prompts, "name", None) or "prompts"
     prompts = list(prompts)
     is_model = isinstance(target, SmallThinkerForCausalLM)
     with record(target, kinds=kinds, layers=layers, full=full, dataset=dataset) as rec:

@@ -399,7 +399,7 @@ class KernelRunner:
             raise ValueError(f"sequence too long: {start + T} tokens exceeds max_context={self.max_context}")
         if T == 1 and start > 0:
             return self.kernels.step(ids, start).clone()  # the step's buffer is overwritten by the next
-        return self.model(ids, cache=self.kv)[:, -1:]
+        return self.model(ids, cache=self.kv).logits[:, -1:]
 
     __call__ = step
 

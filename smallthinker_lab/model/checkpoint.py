@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..resources import default_model_dir
 from .config import SmallThinkerConfig
 from .gguf import is_gguf, load_gguf
 from .layers import RotaryEmbedding
@@ -37,7 +38,8 @@ CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "models" / "smallthinker-tiny"
+DEFAULT_MODEL_DIR = default_model_dir()  # package data when installed, the checkout's data/models otherwise
+REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json")
 
@@ -334,22 +336,60 @@ def _config_hint(config: SmallThinkerConfig, unexpected: list[str]) -> str:
     return f" ({'; '.join(hints)})" if hints else ""
 
 
-def resolve_path(path: str | os.PathLike) -> Path:
-    """``"default"`` is the shipped tiny model ``data/models/smallthinker-tiny``; anything else a folder."""
+def _is_repo_id(text: str) -> bool:
+    """``owner/name`` as the Hugging Face hub spells repo ids (letters, digits, ``-_.``; one slash)."""
+    return REPO_ID_RE.fullmatch(text) is not None and ".." not in text
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                 local_files_only: bool = True) -> Path:
+    """The folder of ``repo_id``'s snapshot in the Hugging Face hub cache (huggingface_hub's own lookup).
+
+    The cache is ``cache_dir``, else huggingface_hub's (``HF_HUB_CACHE``, else ``HF_HOME``/hub, else
+    ~/.cache/huggingface/hub). With ``local_files_only=False`` huggingface_hub downloads what is missing.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = Path(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE).expanduser()
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=local_files_only))
+    except LocalEntryNotFoundError:
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        ref = repo / "refs" / (revision or "main")
+        found = (f"{repo} has no snapshot for revision {revision or 'main'} ({ref} is missing)" if repo.is_dir()
+                 else f"{repo} does not exist")
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither a local folder nor in the Hugging Face hub cache {cache}: {found}. "
+            f"Download it (`hf download {repo_id}`, or from_pretrained(..., local_files_only=False)), set "
+            f"HF_HUB_CACHE / HF_HOME to the cache that holds it, or pass the checkpoint folder") from None
+
+
+def resolve_path(path: str | os.PathLike, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                 local_files_only: bool = True) -> Path:
+    """The checkpoint folder for ``path``.
+
+    ``"default"`` is the shipped tiny model; an existing folder (or a ``.safetensors`` file in one) is itself;
+    otherwise an ``owner/name`` repo id is looked up in the local Hugging Face hub cache (:func:`hub_snapshot`).
+    """
     if str(path) == "default":
         folder = DEFAULT_MODEL_DIR
         if not (folder / SINGLE_FILE).exists() and not (folder / INDEX_FILE).exists():
             raise FileNotFoundError(
-                f"the default model {folder} has no weights yet; create it, or pass a checkpoint folder "
-                f"(write_synthetic_checkpoint(path, SmallThinkerConfig.from_name('smallthinker-tiny')) gives "
-                f"random weights of that shape)")
+                f"the default model {folder} has no weights yet: this install of smallthinker-lab lacks its "
+                f"package data. Reinstall it from a wheel or with `pip install .` in a complete checkout; in a "
+                f"checkout, restore the folder with `git checkout -- data/models/smallthinker-tiny`. Or pass a "
+                f"checkpoint folder or a Hugging Face repo id (write_synthetic_checkpoint(path, "
+                f"SmallThinkerConfig.from_name('smallthinker-tiny')) gives random weights of that shape)")
         return folder
     folder = Path(path).expanduser()
     if folder.is_file() and folder.suffix == ".safetensors":
         folder = folder.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no checkpoint folder at {folder}")
-    return folder
+    if folder.is_dir():
+        return folder
+    if isinstance(path, str) and _is_repo_id(path):
+        return hub_snapshot(path, revision, cache_dir, local_files_only)
+    raise FileNotFoundError(f"no checkpoint folder at {folder}")
 
 
 def _check_finite(t: torch.Tensor, name: str, file: Path, after: str = "") -> None:
@@ -471,9 +511,15 @@ def read_tensors(file: Path, names: Iterable[str]) -> Iterator[tuple[str, torch.
 
 
 def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | None = None,
-               device: torch.device | str = "cpu", strict: bool = True,
-               check_finite: bool = False) -> SmallThinkerForCausalLM:
-    """A SmallThinkerForCausalLM in eval mode from a local folder in the Hugging Face layout.
+               device: torch.device | str = "cpu", strict: bool = True, check_finite: bool = False, *,
+               revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+               local_files_only: bool = True) -> SmallThinkerForCausalLM:
+    """A SmallThinkerForCausalLM in eval mode from a folder in the Hugging Face layout.
+
+    ``path``: ``"default"`` (the shipped tiny model), a folder, a ``.gguf`` file, or a Hugging Face repo id such
+    as ``"PowerInfer/SmallThinker-4BA0.6B-Instruct"``, found in the local hub cache (``cache_dir``, else
+    huggingface_hub's default, which follows HF_HUB_CACHE and HF_HOME) at ``revision`` (default main);
+    ``local_files_only=False`` lets huggingface_hub download it.
 
     The weights are memory-mapped (tensors from ``safe_open`` are views of the file's pages, which the
     model then owns; nothing is copied unless ``dtype`` or ``device`` asks for a conversion). The mapping is
@@ -496,7 +542,8 @@ def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | N
     """
     if is_gguf(path):
         return load_gguf(path, dtype=dtype, device=device, strict=strict)
-    checked = read_checkpoint(path, strict)
+    folder = resolve_path(path, revision, cache_dir, local_files_only)
+    checked = read_checkpoint(folder, strict)
     config, config_file, stored, expected, missing = (checked.config, checked.config_file, checked.stored,
                                                       checked.expected, checked.missing)
 
@@ -536,6 +583,7 @@ def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | N
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"load_model left tensors unmaterialised on the meta device: {_names(left)}")
+    model.name_or_path = str(folder)  # where its tokenizer is looked for
     return model.eval()
 
 

@@ -1,7 +1,8 @@
 """Generation: prefill and decode as separate steps, greedy or sampled, streaming.
 
 The loop works on any ``step(ids (B, T)) -> logits (B, T, V)`` that keeps its own KV cache, so the
-in-memory model and the offloading engine share it.
+in-memory model and the offloading engine share it, and both return a :class:`GenerationResult`.
+A prompt is a string (encoded with the model's tokenizer), a list of token ids or a tensor.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import numbers
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -142,6 +144,55 @@ class GenerationStats:
         return n / sum(self.decode_token_seconds) if n else float("nan")
 
 
+class GenerationResult(list):
+    """The generated token ids (prompt excluded), with ``text`` (None without a tokenizer), ``prompt_tokens``
+    and ``stats`` (:class:`GenerationStats`: prefill and per-token decode times).
+
+    It is the list of token ids itself (so ``tok.decode(result)``, ``result[-1]`` and ``result == [..]`` work
+    as they did when generate returned a list); ``.tokens`` is a plain list copy.
+    """
+
+    def __init__(self, tokens: Sequence[int], text: str | None = None, prompt_tokens: int = 0,
+                 stats: GenerationStats | None = None) -> None:
+        super().__init__(int(t) for t in tokens)
+        self.text = text
+        self.prompt_tokens = prompt_tokens
+        self.stats = stats if stats is not None else GenerationStats(prompt_tokens, len(self))
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self)
+
+    def __repr__(self) -> str:
+        head = ", ".join(map(str, self[:6])) + (", ..." if len(self) > 6 else "")
+        text = "" if self.text is None else f", text={_shorten(self.text)!r}"
+        st = self.stats
+        times = f", prefill {st.prefill_seconds * 1e3:.1f} ms" if st.prefill_seconds else ""
+        if st.decode_token_seconds:
+            times += f", decode {st.decode_tok_s:.1f} tok/s"
+        return f"GenerationResult({len(self)} tokens [{head}]{text}, prompt {self.prompt_tokens} tokens{times})"
+
+
+def _shorten(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def prompt_ids(prompt: str | Sequence[int] | torch.Tensor, tokenizer: Any, device: torch.device | str = "cpu",
+               owner: str = "the model") -> torch.Tensor:
+    """Token ids (1, T) of a prompt: a string (encoded with ``tokenizer``), a list of ids or a tensor."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError(f"a text prompt needs a tokenizer, and {owner} has none: pass tokenizer=..., or "
+                             f"token ids instead of text")
+        prompt = tokenizer(prompt)["input_ids"]
+    ids = token_ids(prompt).to(device)  # integers, else ValueError (floats are not truncated)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2:
+        raise ValueError(f"a prompt tensor must be (T,) or (1, T) token ids, got shape {list(ids.shape)}")
+    return ids
+
+
 def stream_tokens(step: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor, max_new_tokens: int,
                   sampling: SamplingConfig | None = None, stop_tokens: Sequence[int] = (),
                   stats: GenerationStats | None = None) -> Iterator[int]:
@@ -182,7 +233,7 @@ def stream_tokens(step: Callable[[torch.Tensor], torch.Tensor], input_ids: torch
 def model_step(model, cache: KVCache) -> Callable[[torch.Tensor], torch.Tensor]:
     @torch.inference_mode()
     def step(ids: torch.Tensor) -> torch.Tensor:
-        return model(ids, cache=cache)
+        return model(ids, cache=cache).logits
 
     return step
 
@@ -190,22 +241,31 @@ def model_step(model, cache: KVCache) -> Callable[[torch.Tensor], torch.Tensor]:
 @torch.inference_mode()
 def prefill(model, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run the prompt (B, T) through the model, filling ``cache``; returns the last logits (B, V)."""
-    return model(input_ids, cache=cache)[:, -1]
+    return model(input_ids, cache=cache).logits[:, -1]
 
 
 @torch.inference_mode()
 def decode_one_token(model, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """One decode step: token (B,) or (B, 1) -> logits (B, V)."""
-    return model(token.view(-1, 1), cache=cache)[:, -1]
+    return model(token.view(-1, 1), cache=cache).logits[:, -1]
 
 
-def stream_generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+def _tokenizer_of(model, tokenizer: Any) -> Any:
+    return tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+
+
+def stream_generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                     top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] | None = None,
-                    stats: GenerationStats | None = None) -> Iterator[int]:
-    """Yield generated token ids one at a time (batch 1). The arguments are checked when called, before any
-    work: non-integer or out-of-vocabulary ids, ``max_new_tokens`` < 1 and bad sampling values raise
-    ValueError, as :meth:`Engine.stream` does."""
-    ids = token_ids(input_ids, model.config.vocab_size)
+                    stats: GenerationStats | None = None, tokenizer: Any = None) -> Iterator[int]:
+    """Yield the new token ids one by one; ``prompt`` and the keywords as in :func:`generate`. The arguments are
+    checked when called, before any work: non-integer or out-of-vocabulary ids, ``max_new_tokens`` < 1 and bad
+    sampling values raise ValueError, as :meth:`Engine.stream` does."""
+    name = getattr(model, "name_or_path", None) or "the model"
+    if isinstance(prompt, str):
+        prompt = prompt_ids(prompt, _tokenizer_of(model, tokenizer), "cpu", name)
+    ids = token_ids(prompt, model.config.vocab_size)
+    if ids.dim() > 2:
+        raise ValueError(f"a prompt tensor must be (T,) or (1, T) token ids, got shape {list(ids.shape)}")
     if ids.dim() > 1 and ids.shape[0] != 1:
         raise ValueError(f"streaming generation takes one sequence (batch size 1), got ids of shape "
                          f"{list(ids.shape)}")
@@ -218,6 +278,17 @@ def stream_generate(model, input_ids, max_new_tokens: int = 32, temperature: flo
     return stream_tokens(model_step(model, model.new_cache()), ids, max_new_tokens, sampling, stop, stats)
 
 
-def generate(model, input_ids, max_new_tokens: int = 32, **kwargs) -> list[int]:
-    """The generated token ids (prompt excluded), batch 1."""
-    return list(stream_generate(model, input_ids, max_new_tokens, **kwargs))
+def generate(model, prompt, max_new_tokens: int = 32, *, tokenizer: Any = None, stats: GenerationStats | None = None,
+             **sampling) -> GenerationResult:
+    """Generate from ``prompt`` (a string, a list of token ids or a tensor) on the in-memory model; batch 1.
+
+    Greedy by default; ``temperature``, ``top_k``, ``top_p``, ``seed`` sample, ``stop_tokens`` (default the
+    config's end-of-text ids) end early. Text prompts are encoded, and the result decoded, with ``tokenizer``
+    or the model's own (``model.tokenizer``: the one in its checkpoint folder).
+    Returns a :class:`GenerationResult`: the new token ids (prompt excluded), their text and timings.
+    """
+    stats = stats if stats is not None else GenerationStats()
+    tokens = list(stream_generate(model, prompt, max_new_tokens, stats=stats, tokenizer=tokenizer, **sampling))
+    tok = _tokenizer_of(model, tokenizer)
+    text = tok.decode(tokens) if tok is not None else None
+    return GenerationResult(tokens, text, stats.prompt_tokens, stats)

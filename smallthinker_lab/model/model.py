@@ -5,21 +5,46 @@ Per layer, with x the residual entering it:
   x = x + attn(input_layernorm(x))
   x = x + moe(post_attention_layernorm(x), logits)
 Shape letters: B batch, T tokens, H hidden, V vocabulary, E experts.
+
+The forward returns a :class:`CausalLMOutput` (``.logits``, ``.router_logits``), as transformers' models do.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from .attention import Attention
 from .config import SmallThinkerConfig
+from .generate import generate
 from .hooks import HookRegistry
 from .kv_cache import KVCache
 from .layers import RMSNorm, RotaryEmbedding
 from .moe import MoEBlock
+from .tokenizer import find_tokenizer
+
+
+@dataclass
+class CausalLMOutput:
+    """What the forward returns: ``logits`` (B, T, V) and, with ``output_router_logits=True``, ``router_logits``:
+    one (B*T, E) tensor per layer (transformers' convention for MoE models; ``.view(B, T, E)`` gives them per
+    sequence). Unpacks like a tuple of the fields that are set: ``logits, router_logits = model(ids, ...)``."""
+
+    logits: torch.Tensor
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+    def to_tuple(self) -> tuple:
+        return (self.logits,) if self.router_logits is None else (self.logits, self.router_logits)
+
+    def __iter__(self) -> Iterator:
+        return iter(self.to_tuple())
 
 
 class DecoderLayer(nn.Module):
@@ -55,7 +80,7 @@ class SmallThinkerModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x, router_logits = layer(x, positions, rope, cache[i] if cache is not None else None)
             if output_router_logits:
-                all_logits.append(router_logits)
+                all_logits.append(router_logits.view(-1, router_logits.shape[-1]))  # (B*T, E)
         return self.norm(x), all_logits
 
 
@@ -70,13 +95,28 @@ class SmallThinkerForCausalLM(nn.Module):
         self.hooks = HookRegistry()
         for layer in self.model.layers:
             layer.block_sparse_moe.hooks = self.hooks
+        self.name_or_path: str | None = None  # the folder it was loaded from (set by load_model)
+        self._tokenizer: Any = None
+        self._tokenizer_looked_up = False
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike = "default", **kwargs) -> SmallThinkerForCausalLM:
+        """The model of a checkpoint folder, ``"default"`` or a Hugging Face repo id in the local hub cache.
+
+        Keywords are :func:`~smallthinker_lab.load_model`'s: ``dtype``, ``device``, ``strict``, ``revision``,
+        ``cache_dir``, ``local_files_only`` (True: never download; False lets huggingface_hub fetch the repo).
+        """
+        from .checkpoint import load_model
+
+        return load_model(path_or_repo_id, **kwargs)
 
     # ----------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                output_router_logits: bool = False):
-        """Logits (B, T, V) for input_ids (B, T); with ``cache``, continue after the cached positions.
+                output_router_logits: bool = False) -> CausalLMOutput:
+        """``.logits`` (B, T, V) for input_ids (B, T); with ``cache``, continue after the cached positions.
 
-        With ``output_router_logits=True`` returns (logits, [router logits (B, T, E) per layer]).
+        With ``output_router_logits=True`` also ``.router_logits``: one (B*T, E) tensor per layer, the raw
+        router outputs the layer routed with.
         """
         T = input_ids.shape[1]
         start = cache.seq_len if cache is not None else 0
@@ -94,12 +134,25 @@ class SmallThinkerForCausalLM(nn.Module):
         if observed:
             self.hooks.fire("forward", phase="prefill" if start == 0 else "decode", start=start, tokens=T,
                             cache=cache, seconds=time.perf_counter() - t0)
-        return (logits, router_logits) if output_router_logits else logits
+        return CausalLMOutput(logits, tuple(router_logits) if output_router_logits else None)
 
     # --------------------------------------------------------------- utilities
     def new_cache(self, batch_size: int = 1, dtype: torch.dtype | None = None) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.config, batch_size, dtype or p.dtype, p.device)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer of the folder the model was loaded from, loaded on first use; None if it has none.
+        Assign one to use another (``generate`` encodes text prompts and decodes results with it)."""
+        if self._tokenizer is None and not self._tokenizer_looked_up:
+            self._tokenizer_looked_up = True
+            self._tokenizer = find_tokenizer(Path(self.name_or_path)) if self.name_or_path else None
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self._tokenizer, self._tokenizer_looked_up = tokenizer, True
 
     @property
     def dtype(self) -> torch.dtype:
@@ -141,7 +194,6 @@ class SmallThinkerForCausalLM(nn.Module):
 
         return save_pretrained(self, path, **kwargs)
 
-    def generate(self, input_ids, max_new_tokens: int = 32, **kwargs):
-        from .generate import generate
-
-        return generate(self, input_ids, max_new_tokens, **kwargs)
+    def generate(self, prompt, max_new_tokens: int = 32, **kwargs):
+        """:func:`~smallthinker_lab.generate` on this model: a GenerationResult (tokens, text, timings)."""
+        return generate(self, prompt, max_new_tokens, **kwargs)

@@ -1,6 +1,6 @@
 """Load the model's tokenizer: the project's tiny BPE (``"default"``) or any folder in Hugging Face format.
 
->>> tok = load_tokenizer("default")                      # data/models/smallthinker-tiny, vocab 8192
+>>> tok = load_tokenizer("default")                      # the shipped tiny model's, vocab 8192
 >>> ids = apply_chat_template(tok, [{"role": "user", "content": "Hi"}])
 """
 
@@ -12,8 +12,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHATML_TEMPLATE", "DEFAULT_TOKENIZER_DIR", "TokenizerError", "apply_chat_template", "load_tokenizer",
-           "load_tokenizer_file", "resolve_tokenizer_dir"]
+from ..resources import default_model_dir
+
+__all__ = ["CHATML_TEMPLATE", "DEFAULT_TOKENIZER_DIR", "TokenizerError", "apply_chat_template", "find_tokenizer",
+           "load_tokenizer", "load_tokenizer_file", "resolve_tokenizer_dir"]
 
 # ChatML, as Qwen2 uses it, without an implicit default system message.
 CHATML_TEMPLATE = (
@@ -23,7 +25,7 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "data" / "models" / "smallthinker-tiny"
+DEFAULT_TOKENIZER_DIR = default_model_dir()
 
 # the JSON files of a tokenizer folder that transformers reads (each must hold one JSON object)
 _JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json")
@@ -73,14 +75,16 @@ def _check_files(folder: Path) -> dict:
 
 
 def resolve_tokenizer_dir(path: str | Path) -> Path:
-    """``"default"`` -> the repository's ``data/models/smallthinker-tiny`` (or a copy installed as package data
-    under ``smallthinker_lab/_data/models/smallthinker-tiny``); anything else is taken as a folder path."""
-    if str(path) != "default":
-        return Path(path).expanduser()
-    if DEFAULT_TOKENIZER_DIR.is_dir():
-        return DEFAULT_TOKENIZER_DIR
-    installed = Path(__file__).resolve().parents[1] / "_data" / "models" / "smallthinker-tiny"
-    return installed if installed.is_dir() else DEFAULT_TOKENIZER_DIR
+    """``"default"`` -> the shipped tiny model's folder (package data when installed, else the checkout's
+    ``data/models/smallthinker-tiny``); anything else is taken as a folder path."""
+    return DEFAULT_TOKENIZER_DIR if str(path) == "default" else Path(path).expanduser()
+
+
+def find_tokenizer(folder: Path) -> Any:
+    """The tokenizer in ``folder`` (see :func:`load_tokenizer`), or None when it holds no tokenizer files."""
+    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
+        return None
+    return load_tokenizer(folder)
 
 
 def load_tokenizer_file(path: str | Path) -> Any:

@@ -11,10 +11,9 @@ import sys
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a SmallThinker config from scratch on token files",
-        description="Train a SmallThinker config from scratch (AdamW 0.9/0.95, wd 0.1, cosine to 10%%, "
+        description="Train a SmallThinker config from scratch (AdamW 0.9/0.95, wd 0.1, cosine to 10%, "
                     "CE + load-balance loss). Writes train_log.csv, eval_log.csv, checkpoint.pt and the final "
-                    "model (HF layout) under --out; reruns resume from the checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "model (Hugging Face layout) under --out; reruns resume from the checkpoint.")
     p.add_argument("--config", default="smallthinker-tiny", help="preset name or config.json / checkpoint folder")
     p.add_argument("--data", default="data/corpus/tokens", help="folder of {domain}.bin / {domain}.val.bin")
     p.add_argument("--out", default="runs/tiny", help="output folder")
@@ -24,16 +23,17 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate / peak")
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.1,
+                   help="AdamW weight decay (on matrices; not on norms and the embedding)")
     p.add_argument("--balance", choices=["global", "microbatch"], default="global",
                    help="global: DP-group balance over --group-size sequences; microbatch: per --microbatch-size")
-    p.add_argument("--balance-coef", type=float, default=0.01)
+    p.add_argument("--balance-coef", type=float, default=0.01, help="weight of the load-balance loss")
     p.add_argument("--group-size", type=int, default=None, help="sequences per balance group (default: the batch)")
     p.add_argument("--microbatch-size", type=int, default=1, help="sequences per micro-batch (microbatch loss)")
-    p.add_argument("--z-loss-coef", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--z-loss-coef", type=float, default=0.0, help="weight of the router z-loss (0: off)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where to train")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order")
     p.add_argument("--domain-weights", default="balanced",
                    help="balanced, proportional, or JSON like '{\"math\": 2, \"code\": 1}'")
     p.add_argument("--eval-every", type=int, default=0, help="steps between validations (0: at the end only)")

@@ -257,7 +257,7 @@ def evaluate(model: SmallThinkerForCausalLM, val: dict[str, torch.Tensor], batch
             for i in range(0, len(windows), batch_size):
                 x = windows[i: i + batch_size].to(device)
                 with _autocast(device):
-                    logits = model(x[:, :-1])
+                    logits = model(x[:, :-1]).logits
                 ce = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
                 total += ce.item()
                 count += x[:, 1:].numel()
@@ -344,7 +344,9 @@ def train(config: SmallThinkerConfig | str | os.PathLike, data_dir: str | os.Pat
             x = x.to(device, non_blocking=True)  # (B, T + 1)
             dom = dom.to(device, non_blocking=True)  # (B,)
             with _autocast(device):
-                logits, router_logits = fwd(x[:, :-1], output_router_logits=True)  # (B, T, V), L x (B, T, E)
+                output = fwd(x[:, :-1], output_router_logits=True)
+            logits = output.logits  # (B, T, V)
+            router_logits = [r.view(x.shape[0], -1, r.shape[-1]) for r in output.router_logits]  # L x (B, T, E)
             ce_seq = cross_entropy_per_sequence(logits, x[:, 1:])  # (B,)
             ce = ce_seq.mean()
             if args.balance == "global":
