@@ -449,6 +449,7 @@ def open_runner(spec: ModeSpec, ctx: Context) -> tuple[object, dict]:
             fields["limit_share_of_expert_bytes"] = 1.0
         runner = EngineRunner(info, ctx, spec, limit)
         fields["engine_options"] = runner.options
+        fields["backend"] = runner.engine.backend  # what the engine runs (backend="auto" chooses it)
         fields["preload_seconds"] = runner.preload_seconds
     else:
         from . import baselines
@@ -477,7 +478,10 @@ def measure_mode(spec: ModeSpec, ctx: Context) -> dict:
     t_open = time.perf_counter()
     runner = None
     # the Triton decode kernels' rows have their own reference: the in-memory model decoding with the same kernels
-    kernels = bool(spec.options.get("kernels")) or spec.options.get("cuda_graph") == "kernels"
+    backend = spec.options.get("backend")
+    auto_kernels = backend == "auto" and torch.device(ctx.device).type == "cuda"  # what auto picks there (checked)
+    kernels = (bool(spec.options.get("kernels")) or spec.options.get("cuda_graph") == "kernels"
+               or backend == "kernels" or auto_kernels)
     ref_key = (spec.model, spec.quantization) + (("kernels",) if kernels else ())
     refs = ctx.references.setdefault(ref_key, {})
     is_reference = spec.mode == "in_memory" and not spec.instruments and not spec.threads
