@@ -41,6 +41,8 @@ def label(r: dict) -> str:
         kern = ", Triton decode kernels (CUDA graph)" if (r.get("options") or {}).get("kernels") else ""
         return f"model in memory{q}{deq}{thr}{kern}{extra}"
     if mode == "engine":
+        if r.get("variant") == "default options":
+            return f"engine{q}, default options (backend auto: {r.get('backend', '?')}){extra}"
         if r.get("variant") == "in memory":
             thr = f", {r['spec_threads']} compute threads" if r.get("spec_threads") else ""
             opts = r.get("options") or {}

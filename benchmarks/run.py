@@ -69,8 +69,6 @@ def suite_modes(suite: str, gpu: bool, with_trained: bool, q4: bool = True) -> l
         _spec(naive, S, "naive offload", 0.6, required=True),
     ]
     if gpu:
-        # what a user gets without choosing anything: Engine.from_pretrained(path, memory_limit=None, device="cuda")
-        req.append(_spec("engine", S, "default options", required=True, options={"backend": "auto"}))
         # decode steps replayed as CUDA graphs (engine/decode/graph.py), the model's kernels: the same tokens
         req.append(_spec("engine", S, "in memory", required=True, options={"cuda_graph": True}))
         # the Triton decode kernels (smallthinker_lab.kernels): the model with them first (their tokens' reference)
@@ -79,6 +77,9 @@ def suite_modes(suite: str, gpu: bool, with_trained: bool, q4: bool = True) -> l
         req.append(_spec("engine", S, "full", 0.6, "lru", True, required=True, options={"cuda_graph": "kernels"}))
         req.append(_spec("engine", S, "full", 0.6, "lru", True, required=True,
                          options={"cuda_graph": "kernels", "lookahead": True}))
+        # what a user gets without choosing anything: Engine.from_pretrained(path, memory_limit=None, device="cuda")
+        # (after the kernels' in-memory reference, whose tokens it must give)
+        req.append(_spec("engine", S, "default options", required=True, options={"backend": "auto"}))
     trained = []
     if with_trained:
         trained = [

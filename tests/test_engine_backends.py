@@ -100,7 +100,8 @@ def test_auto_on_cuda_with_bf16_picks_the_kernels():
                                 progress=False) as e:
         assert e.backend == "kernels"
         row = e.explain().set_index("backend")
-        assert row.loc["kernels", "chosen"] and row.loc["kernels", "reason"] is None
+        assert row.loc["kernels", "chosen"] and row.loc["kernels", "can_run"]
+        assert row.loc["kernels", "reason"] is None or row.loc["kernels", "reason"] != row.loc["kernels", "reason"]
     with Engine.from_pretrained("default", memory_limit=None, device="cuda", dtype=torch.float32,
                                 progress=False) as e:
         assert e.backend == "eager"

@@ -41,8 +41,7 @@ from dataclasses import replace
 
 import torch
 
-from ..model.checkpoint import CONFIG_FILE, check_finite_tensors, expected_tensors, resolve_path
-from ..model.gguf import is_gguf
+from ..model.checkpoint import CONFIG_FILE, check_finite_tensors, expected_tensors, is_gguf, resolve_path
 from ..model.hooks import HookRegistry
 from ..model.kv_cache import KVCache, kv_cache_bytes
 from .bundle import (

@@ -28,7 +28,6 @@ import torch
 
 from ..resources import default_model_dir
 from .config import SmallThinkerConfig
-from .gguf import is_gguf, load_gguf
 from .layers import RotaryEmbedding
 from .model import SmallThinkerForCausalLM
 
@@ -365,6 +364,11 @@ def hub_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | os.
             f"HF_HUB_CACHE / HF_HOME to the cache that holds it, or pass the checkpoint folder") from None
 
 
+def is_gguf(path) -> bool:
+    """Whether ``path`` names a GGUF file (read by model/gguf.py)."""
+    return isinstance(path, (str, os.PathLike)) and str(path).lower().endswith(".gguf")
+
+
 def resolve_path(path: str | os.PathLike, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                  local_files_only: bool = True) -> Path:
     """The checkpoint folder for ``path``.
@@ -541,6 +545,8 @@ def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | N
     A path ending in ``.gguf`` is read as a SmallThinker GGUF (:func:`.gguf.load_gguf`).
     """
     if is_gguf(path):
+        from .gguf import load_gguf  # the gguf package, imported only for a GGUF
+
         return load_gguf(path, dtype=dtype, device=device, strict=strict)
     folder = resolve_path(path, revision, cache_dir, local_files_only)
     checked = read_checkpoint(folder, strict)

@@ -60,8 +60,7 @@ class GGUFError(ValueError):
     tensor or key."""
 
 
-def is_gguf(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith(".gguf")
+from .checkpoint import is_gguf  # noqa: E402,F401  (one definition, re-exported)
 
 
 # ---------------------------------------------------------------- names and shapes
