@@ -173,7 +173,7 @@ def render_result(res: dict, heading_level: int = 2, compact: bool = False) -> s
 
 
 def plot_decode(res: dict, model: str, path: str | Path) -> Path | None:
-    """Decode tokens/s of every row of ``model`` (smallthinker_lab.plots.plot_throughput), coloured by ablation
+    """Decode tokens/s of every row of ``model`` (smallthinker_lab.analysis.plots.plot_throughput), coloured by ablation
     variant, annotated with the share of the bound; a PNG at ``path``."""
     rows = [r for r in res.get("rows", []) if r.get("model") == model and not r.get("error") and r.get("decode_tok_s")]
     if not rows:
@@ -184,7 +184,7 @@ def plot_decode(res: dict, model: str, path: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from smallthinker_lab.plots import plot_throughput
+    from smallthinker_lab.analysis.plots import plot_throughput
 
     df = pd.DataFrame({"mode": [label(r) for r in rows], "variant": [r.get("variant") for r in rows],
                        "decode_tok_s": [r["decode_tok_s"] for r in rows],

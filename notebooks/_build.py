@@ -49,9 +49,9 @@ import pandas as pd
 import torch
 
 import smallthinker_lab as sl
+from smallthinker_lab.analysis.report import resolve_limit
 from smallthinker_lab.engine import Engine
-from smallthinker_lab.model.tokenizer import apply_chat_template, load_tokenizer
-from smallthinker_lab.report import resolve_limit""", """\
+from smallthinker_lab.model.tokenizer import apply_chat_template, load_tokenizer""", """\
 model = sl.load_model(MODEL)
 tok = load_tokenizer(MODEL)
 cfg = model.config
@@ -134,9 +134,9 @@ import torch
 
 import smallthinker_lab as sl
 from smallthinker_lab import plots, tables
+from smallthinker_lab.analysis.widgets import load_prompt_sets
 from smallthinker_lab.model.checkpoint import resolve_path
-from smallthinker_lab.model.tokenizer import load_tokenizer
-from smallthinker_lab.widgets import load_prompt_sets""", """\
+from smallthinker_lab.model.tokenizer import load_tokenizer""", """\
 prompts = load_prompt_sets(PROMPT_SETS, MAX_PROMPTS)
 
 
@@ -226,9 +226,9 @@ import torch
 
 import smallthinker_lab as sl
 from smallthinker_lab import plots, tables
+from smallthinker_lab.analysis.widgets import load_prompt_sets
 from smallthinker_lab.engine import Engine
-from smallthinker_lab.model.tokenizer import load_tokenizer
-from smallthinker_lab.widgets import load_prompt_sets""", """\
+from smallthinker_lab.model.tokenizer import load_tokenizer""", """\
 model = sl.load_model(MODEL)
 cfg = model.config
 prompts = load_prompt_sets(PROMPT_SETS, MAX_PROMPTS)
@@ -292,8 +292,8 @@ import torch
 
 import smallthinker_lab as sl
 from smallthinker_lab import plots, tables
-from smallthinker_lab.model.tokenizer import load_tokenizer
-from smallthinker_lab.widgets import load_prompt_set""", """\
+from smallthinker_lab.analysis.widgets import load_prompt_set
+from smallthinker_lab.model.tokenizer import load_tokenizer""", """\
 model = sl.load_model(MODEL)
 cfg = model.config
 tok = load_tokenizer(MODEL)
@@ -347,7 +347,7 @@ import torch
 
 import smallthinker_lab as sl
 from smallthinker_lab import plots, report, tables
-from smallthinker_lab.widgets import load_prompt_sets""", """\
+from smallthinker_lab.analysis.widgets import load_prompt_sets""", """\
 plan, cfg, ids = report.prepare(MODEL, load_prompt_sets(PROMPT_SETS, BENCH_PROMPTS))
 limit = report.resolve_limit(MEMORY_LIMIT, plan)
 prompts = [p for ps in ids.values() for p in ps]
@@ -401,7 +401,7 @@ import torch
 
 import smallthinker_lab as sl
 from smallthinker_lab import plots
-from smallthinker_lab.widgets import MemoryLimitExplorer""", """\
+from smallthinker_lab.analysis.widgets import MemoryLimitExplorer""", """\
 explorer = MemoryLimitExplorer(MODEL, PROMPT_SETS, max_prompts=MAX_PROMPTS, max_new_tokens=MAX_NEW_TOKENS,
                                limit_mib=LIMIT_MIB)
 if RUN_AT_START:

@@ -64,12 +64,14 @@ __all__ += ["Engine", "EngineBusy", "EngineOptions", "MemoryLimitError", "conver
 __all__ += ["apply_chat_template", "load_tokenizer"]
 
 # analysis modules: imported when first named (they pull in matplotlib, ipywidgets and the report's dependencies)
-_SUBMODULES = ("plots", "tables", "widgets", "report", "quality")
+_SUBMODULES = {"plots": ".analysis.plots", "tables": ".analysis.tables", "widgets": ".analysis.widgets",
+               "report": ".analysis.report", "quality": ".quality", "metrics": ".instruments.metrics",
+               "analysis": ".analysis"}
 
 
 def __getattr__(name: str):
     if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(_SUBMODULES[name], __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -25,7 +25,7 @@ COMMAND_MODULES: list[str] = [
     "smallthinker_lab.engine.cli",
     "smallthinker_lab.model.gguf_export",
     "smallthinker_lab.train.cli",
-    "smallthinker_lab.report",
+    "smallthinker_lab.analysis.report",
 ]
 
 DESCRIPTION = ("A workbench for SmallThinker Mixture-of-Experts models: generate in memory or with the offloading "

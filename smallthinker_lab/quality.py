@@ -570,7 +570,7 @@ def plot_figures(result: QualityResult, neurons: dict[str, pd.DataFrame], out_di
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import plot_expert_frequency_distribution, plot_expert_heatmaps, plot_sparsity_boxplots
+    from .analysis.plots import plot_expert_frequency_distribution, plot_expert_heatmaps, plot_sparsity_boxplots
 
     out = Path(out_dir)
     paths = []

@@ -1,6 +1,7 @@
 """The benchmark suite cannot rot: the smoke suite runs end to end (tiny shapes, seconds) and writes valid JSON with
 the required fields; the token check refuses a mode whose tokens differ; the engine's exact mode is bit-identical
-to the in-memory model in bf16; the rows feed smallthinker_lab.tables; the README table stays between its markers.
+to the in-memory model in bf16; the rows feed smallthinker_lab.analysis.tables; the README table stays between its
+markers.
 """
 
 import json
@@ -72,7 +73,7 @@ def bench_engine_parts():
 
 def test_rows_feed_the_tables_module(smoke):
     pd = pytest.importorskip("pandas")
-    from smallthinker_lab.tables import ablation_table, throughput_table
+    from smallthinker_lab.analysis.tables import ablation_table, throughput_table
 
     _, res, _ = smoke
     df = pd.DataFrame([r for r in res["rows"] if r["model"] == "test-synthetic" and not r.get("error")])

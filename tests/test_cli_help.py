@@ -135,7 +135,7 @@ def test_analysis_modules_on_a_bare_import():
     code = "import smallthinker_lab as sl; print(sl.plots.plot_hit_rate_curves.__name__, sl.tables.__name__)"
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["plot_hit_rate_curves", "smallthinker_lab.tables"]
+    assert run.stdout.split() == ["plot_hit_rate_curves", "smallthinker_lab.analysis.tables"]
     with pytest.raises(AttributeError, match="has no attribute 'nonexistent'"):
         sl.nonexistent  # noqa: B018
 

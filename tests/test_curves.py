@@ -134,7 +134,7 @@ def test_lru_limit_at_infinite_capacity_is_the_compulsory_ceiling(seed):
 def test_report_hit_rate_table_splits_each_run():
     import pandas as pd
 
-    from smallthinker_lab.report import hit_rate_table
+    from smallthinker_lab.analysis.report import hit_rate_table
 
     trace = _trace(3, n=400)
     distinct = len({t[1:] for t in trace})

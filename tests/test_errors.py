@@ -323,7 +323,7 @@ def test_check_finite_on_healthy_weights(ckpt):
 
 # ------------------------------------------------------------------ the report warns on non-finite logits
 def test_report_warns_when_logits_go_non_finite(tmp_path):
-    from smallthinker_lab.report import write_report
+    from smallthinker_lab.analysis.report import write_report
 
     model = random_model(seed=7, vocab_size=8192)  # the default tokenizer's vocabulary
     with torch.no_grad():

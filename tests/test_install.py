@@ -26,7 +26,7 @@ SCRIPT = r"""
 import json, sys
 from pathlib import Path
 import smallthinker_lab as sl
-from smallthinker_lab.widgets import load_prompt_set
+from smallthinker_lab.analysis.widgets import load_prompt_set
 model = sl.load_model("default")
 prompts = load_prompt_set("gsm8k", 2)
 with sl.Engine.from_pretrained("default", memory_limit="40MiB", progress=False) as engine:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from smallthinker_lab.analysis.report import resolve_limit
 from smallthinker_lab.engine import Engine
 from smallthinker_lab.engine.memory import limit_for_share, resolve_memory_limit
-from smallthinker_lab.report import resolve_limit
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")

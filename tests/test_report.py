@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from smallthinker_lab import cli
-from smallthinker_lab.report import limit_for_share, resolve_limit, resolve_threads
+from smallthinker_lab.analysis.report import limit_for_share, resolve_limit, resolve_threads
 
 MODEL = os.environ.get("SMALLTHINKER_TEST_MODEL", "default")
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 import smallthinker_lab as sl
+from smallthinker_lab.analysis.report import limit_for_share
+from smallthinker_lab.analysis.widgets import load_prompt_set
 from smallthinker_lab.engine import Engine
 from smallthinker_lab.engine.cache import simulate
 from smallthinker_lab.engine.warm import domain_hit_rates, switch_domains, warm_order, warm_start
 from smallthinker_lab.instruments.curves import compulsory_ceiling, hit_rate_curves, lru_hit_curve
-from smallthinker_lab.report import limit_for_share
-from smallthinker_lab.widgets import load_prompt_set
 
 MODEL = os.environ.get("SMALLTHINKER_TEST_MODEL", "default")
 NEW = 6

@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("ipywidgets")
 
+from smallthinker_lab.analysis.widgets import MemoryLimitExplorer, MiB, load_prompt_set  # noqa: E402
 from smallthinker_lab.engine import Engine  # noqa: E402
 from smallthinker_lab.instruments.curves import lru_hit_curve, policy_hit_curve  # noqa: E402
-from smallthinker_lab.widgets import MemoryLimitExplorer, MiB, load_prompt_set  # noqa: E402
 
 MODEL = os.environ.get("SMALLTHINKER_TEST_MODEL", "default")
 NEW_TOKENS = 4

@@ -41,7 +41,7 @@ from dataclasses import replace
 
 import torch
 
-from ..model.checkpoint import CONFIG_FILE, check_finite_tensors, expected_tensors, is_gguf, resolve_path
+from ..model.checkpoint import CONFIG_FILE, check_finite_tensors, expected_tensors, resolve_path
 from ..model.hooks import HookRegistry
 from ..model.kv_cache import KVCache, kv_cache_bytes
 from .bundle import (
@@ -82,7 +82,7 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
                  quantization: str | None = None, backend: str = "auto", options: EngineOptions | None = None,
                  **option_fields) -> None:
         """See :meth:`from_pretrained`."""
-        if is_gguf(checkpoint_dir):  # llama.cpp's file: a folder of its tensors, experts copied byte for byte
+        if str(checkpoint_dir).lower().endswith(".gguf"):  # a llama.cpp file: its folder, experts byte for byte
             from .gguf import materialise
 
             checkpoint_dir = materialise(checkpoint_dir, progress=option_fields.get("progress", True))

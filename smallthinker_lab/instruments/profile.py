@@ -38,7 +38,7 @@ def profile(target, prompts: str | Iterable[str | Sequence[int]], dataset: str |
     target: a SmallThinkerForCausalLM (run with ``stream_generate``) or an Engine (``engine.generate``).
     prompts: the name of a shipped prompt set (``"wiki-en"``), or strings (encoded with ``tokenizer``, by
     default the target's ``.tokenizer``) or token-id lists. ``dataset``: the label of the recorded rows; by
-    default the prompt set's name (also of a :func:`~smallthinker_lab.widgets.load_prompt_set` result), else
+    default the prompt set's name (also of a :func:`~smallthinker_lab.analysis.widgets.load_prompt_set` result), else
     ``"prompts"``. generate_kwargs go to the generation call (temperature, seed, stop_tokens, ...).
     """
     from tqdm.auto import tqdm

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-KINDS = ("experts", "neurons", "kv", "cache", "timing")
-FORMAT_VERSION = 1
+from .names import FORMAT_VERSION, KINDS  # noqa: F401  (re-exported)
+from .recording import Recording
 
 
 def _layer_set(layers, num_layers: int) -> list[int]:
@@ -489,8 +489,6 @@ class record:  # noqa: N801  (a function-like context manager, as torch.no_grad)
 
     def __init__(self, target, kinds: Iterable[str] = KINDS, layers=None, full: bool | Iterable[str] = False,
                  dataset: str = "default") -> None:
-        from .recording import Recording
-
         if not hasattr(target, "hooks") or not hasattr(target, "config"):
             raise TypeError(f"record() needs a model or an engine with .hooks and .config, got {type(target).__name__}")
         kinds = (kinds,) if isinstance(kinds, str) else tuple(dict.fromkeys(kinds))

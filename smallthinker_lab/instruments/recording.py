@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .record import FORMAT_VERSION, KINDS
+from .names import FORMAT_VERSION, KINDS
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import torch
 from ..resources import default_model_dir
 from .config import SmallThinkerConfig
 from .layers import RotaryEmbedding
-from .model import SmallThinkerForCausalLM
+from .model import CHECKPOINT_IO, SmallThinkerForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -364,11 +364,6 @@ def hub_snapshot(repo_id: str, revision: str | None = None, cache_dir: str | os.
             f"HF_HUB_CACHE / HF_HOME to the cache that holds it, or pass the checkpoint folder") from None
 
 
-def is_gguf(path) -> bool:
-    """Whether ``path`` names a GGUF file (read by model/gguf.py)."""
-    return isinstance(path, (str, os.PathLike)) and str(path).lower().endswith(".gguf")
-
-
 def resolve_path(path: str | os.PathLike, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                  local_files_only: bool = True) -> Path:
     """The checkpoint folder for ``path``.
@@ -544,8 +539,8 @@ def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | N
     tensor that holds a NaN or an infinity (stored so, or overflowing the requested ``dtype``).
     A path ending in ``.gguf`` is read as a SmallThinker GGUF (:func:`.gguf.load_gguf`).
     """
-    if is_gguf(path):
-        from .gguf import load_gguf  # the gguf package, imported only for a GGUF
+    if isinstance(path, (str, os.PathLike)) and str(path).lower().endswith(".gguf"):
+        from .gguf import load_gguf  # the gguf package, imported only for a GGUF (model/gguf.py reads it)
 
         return load_gguf(path, dtype=dtype, device=device, strict=strict)
     folder = resolve_path(path, revision, cache_dir, local_files_only)
@@ -875,3 +870,6 @@ def write_synthetic_checkpoint(path: str | os.PathLike, config: SmallThinkerConf
             for f in files:
                 shutil.copyfile(f, folder / f.name)
     return folder
+
+
+CHECKPOINT_IO.update(load=load_model, save=save_pretrained)  # SmallThinkerForCausalLM.from_pretrained / save

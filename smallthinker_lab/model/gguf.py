@@ -60,7 +60,9 @@ class GGUFError(ValueError):
     tensor or key."""
 
 
-from .checkpoint import is_gguf  # noqa: E402,F401  (one definition, re-exported)
+def is_gguf(path) -> bool:
+    """Whether ``path`` names a GGUF file."""
+    return isinstance(path, (str, os.PathLike)) and str(path).lower().endswith(".gguf")
 
 
 # ---------------------------------------------------------------- names and shapes

@@ -30,6 +30,10 @@ from .layers import RMSNorm, RotaryEmbedding
 from .moe import MoEBlock
 from .tokenizer import find_tokenizer
 
+# load_model and save_pretrained, filled in by model/checkpoint.py (the reader and writer of checkpoints, which
+# builds this class), so that the model's from_pretrained/save_pretrained need no import of it (no import cycle)
+CHECKPOINT_IO: dict = {}
+
 
 @dataclass
 class CausalLMOutput:
@@ -106,9 +110,7 @@ class SmallThinkerForCausalLM(nn.Module):
         Keywords are :func:`~smallthinker_lab.load_model`'s: ``dtype``, ``device``, ``strict``, ``revision``,
         ``cache_dir``, ``local_files_only`` (True: never download; False lets huggingface_hub fetch the repo).
         """
-        from .checkpoint import load_model
-
-        return load_model(path_or_repo_id, **kwargs)
+        return CHECKPOINT_IO["load"](path_or_repo_id, **kwargs)
 
     # ----------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
@@ -190,9 +192,8 @@ class SmallThinkerForCausalLM(nn.Module):
         return self
 
     def save_pretrained(self, path, **kwargs):
-        from .checkpoint import save_pretrained
-
-        return save_pretrained(self, path, **kwargs)
+        """:func:`~smallthinker_lab.model.checkpoint.save_pretrained` of this model into ``path``."""
+        return CHECKPOINT_IO["save"](self, path, **kwargs)
 
     def generate(self, prompt, max_new_tokens: int = 32, **kwargs):
         """:func:`~smallthinker_lab.generate` on this model: a GenerationResult (tokens, text, timings)."""

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .tables import DEFAULT_CONTEXTS, MiB, _torch_dtype, format_bytes, format_context, is_in_memory
+from .tables import DEFAULT_CONTEXTS, MiB, format_bytes, format_context, is_in_memory, torch_dtype_of
 
 OPTIMAL_POLICIES = ("belady", "optimal", "opt", "min")
 
@@ -259,13 +259,13 @@ def plot_kv_vs_context(configs: Any, contexts: Sequence[int] = DEFAULT_CONTEXTS,
     the saving at the longest context is written in the hybrid curve's label. A config with no sliding layer
     (the released 4B) gets a single curve."""
 
-    from .model.kv_cache import kv_cache_bytes
-    from .tables import _configs
+    from ..model.kv_cache import kv_cache_bytes
+    from .tables import model_configs
 
     ax = _new_ax(ax, (6, 4))
-    tdtype = _torch_dtype(dtype)
+    tdtype = torch_dtype_of(dtype)
     contexts = [int(t) for t in contexts]
-    cfgs = _configs(configs)
+    cfgs = model_configs(configs)
     for (name, cfg), color in zip(cfgs.items(), _palette(len(cfgs))):
         hybrid = [kv_cache_bytes(cfg, t, dtype=tdtype) / MiB for t in contexts]
         full = [kv_cache_bytes(cfg, t, dtype=tdtype, all_global=True) / MiB for t in contexts]

@@ -194,7 +194,7 @@ _DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "
                 "float": "float32", "fp8": "float8_e4m3fn", "int8": "int8"}
 
 
-def _torch_dtype(dtype: Any):
+def torch_dtype_of(dtype: Any):
     import torch
 
     if isinstance(dtype, torch.dtype):
@@ -205,9 +205,9 @@ def _torch_dtype(dtype: Any):
     return getattr(torch, _DTYPE_NAMES[key])
 
 
-def _configs(configs: Any) -> dict[str, Any]:
+def model_configs(configs: Any) -> dict[str, Any]:
     """name -> SmallThinkerConfig from a dict, a config, a preset name or a sequence of either."""
-    from .model import SmallThinkerConfig
+    from ..model import SmallThinkerConfig
 
     if isinstance(configs, Mapping):
         items = configs.items()
@@ -224,11 +224,11 @@ def kv_table(configs: Any, contexts: Sequence[int] = DEFAULT_CONTEXTS, dtype: An
     ``configs``: {name: SmallThinkerConfig}, or preset names. Columns: model, context, hybrid MiB, all-global MiB,
     saving ratio (all-global / hybrid), saved (1 - hybrid / all-global).
     """
-    from .model.kv_cache import kv_cache_bytes
+    from ..model.kv_cache import kv_cache_bytes
 
-    tdtype = _torch_dtype(dtype)
+    tdtype = torch_dtype_of(dtype)
     rows = []
-    for name, cfg in _configs(configs).items():
+    for name, cfg in model_configs(configs).items():
         for t in contexts:
             hybrid = kv_cache_bytes(cfg, int(t), dtype=tdtype)
             full = kv_cache_bytes(cfg, int(t), dtype=tdtype, all_global=True)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .widgets import PROMPT_SETS, load_prompt_sets
+from ..resources import PROMPT_SETS, load_prompt_sets
 
 MiB = 2**20
 KINDS = ("experts", "neurons", "kv", "cache", "timing")
@@ -42,14 +42,14 @@ KINDS = ("experts", "neurons", "kv", "cache", "timing")
 
 # ------------------------------------------------------------------ limits
 def _share(limit) -> float | None:
-    from .engine.memory import share_of
+    from ..engine.memory import share_of
 
     return share_of(limit)
 
 
 def check_limit(limit: str | int | float | None) -> None:
     """Raise ValueError naming ``limit`` if it is neither a size nor "NN%" (before any engine is opened)."""
-    from .engine.memory import parse_memory_limit
+    from ..engine.memory import parse_memory_limit
 
     if _share(limit) is None:
         parse_memory_limit(limit)
@@ -58,14 +58,14 @@ def check_limit(limit: str | int | float | None) -> None:
 def resolve_limit(limit: str | int | float | None, plan: dict[str, Any]) -> int | None:
     """Bytes of a memory limit: a size, or "NN%" of all expert bytes on top of the fixed working set (never
     below the engine's minimum). ``plan`` is an engine's ``memory_plan()`` (engine/memory.py resolve_memory_limit)."""
-    from .engine.memory import resolve_memory_limit
+    from ..engine.memory import resolve_memory_limit
 
     return resolve_memory_limit(limit, plan)
 
 
 def limit_for_share(plan: dict[str, Any], share: float) -> int:
     """The limit whose expert cache holds ``share`` of all experts (engine/memory.py)."""
-    from .engine.memory import limit_for_share as for_share
+    from ..engine.memory import limit_for_share as for_share
 
     return for_share(plan, share)
 
@@ -74,7 +74,7 @@ def prepare(model: str | Path, prompt_sets: dict[str, Sequence[str]], max_prompt
             device: str = "cpu", progress: bool = False) -> tuple[dict[str, Any], Any, dict[str, list[list[int]]]]:
     """Open the engine once (converting the expert bundle on first use): its memory plan with no limit (the
     fixed working set and expert sizes), the config, and every prompt as token ids cut to ``max_prompt_tokens``."""
-    from .engine import Engine
+    from ..engine import Engine
 
     engine = Engine.from_pretrained(model, memory_limit=None, device=device, progress=progress)
     try:
@@ -157,7 +157,7 @@ def default_runs(plan: dict[str, Any], main_limit: int) -> list[tuple[str, int, 
 
 def _timed(generate_one, prompts: Sequence[Sequence[int]], max_new_tokens: int, bar) -> dict[str, float]:
     """Prefill/decode seconds and tokens over the prompts, with ``generate_one(ids, n, stats)``."""
-    from .model.generate import GenerationStats
+    from ..model.generate import GenerationStats
 
     out = {"prompts": 0, "prefill_tokens": 0, "prefill_seconds": 0.0, "decode_tokens": 0, "decode_seconds": 0.0}
     for ids in prompts:
@@ -188,9 +188,9 @@ def bench_runs(model: str | Path, prompts: Sequence[Sequence[int]], max_new_toke
     (the engine's counters), bound_share (see :func:`decode_bound`)."""
     from tqdm.auto import tqdm
 
-    from .engine import Engine
-    from .model import load_model
-    from .model.generate import stream_generate
+    from ..engine import Engine
+    from ..model import load_model
+    from ..model.generate import stream_generate
 
     runs = list(runs) if runs is not None else default_runs(plan, main_limit)
     total = int(plan["total_expert_bytes"])
@@ -288,7 +288,7 @@ def decode_bound(plan: dict[str, Any], config, row: dict[str, Any], bandwidth: f
     """Seconds per decode token no engine can beat on this machine (../shared/reference/performance.md):
     max(T_mem, T_io), T_mem = (non-expert + KV + the routed experts' bytes) / memory bandwidth, T_io = expert
     bytes read per token / the same bandwidth (reads served from the page cache are memory copies)."""
-    from .model.kv_cache import kv_cache_bytes
+    from ..model.kv_cache import kv_cache_bytes
 
     kv = kv_cache_bytes(config, int(context))
     experts = config.num_hidden_layers * config.top_k * int(plan["expert_slot_bytes"])
@@ -307,8 +307,8 @@ def resolve_threads(threads: int | str | None, model: str | Path) -> int | None:
         return threads
     if str(threads) != "auto":
         return int(threads)
-    from .model.checkpoint import resolve_path
-    from .model.config import SmallThinkerConfig
+    from ..model.checkpoint import resolve_path
+    from ..model.config import SmallThinkerConfig
 
     return 1 if SmallThinkerConfig.from_json(resolve_path(model)).hidden_size <= 1024 else None
 
@@ -340,11 +340,10 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
                   backend: str = "auto") -> list[Path]:
     import matplotlib.pyplot as plt
 
-    from . import plots, tables
-    from .engine import Engine
-    from .instruments import Recording, profile
-    from .instruments.curves import hit_rate_curves
-    from .instruments.metrics import (
+    from ..engine import Engine
+    from ..instruments import Recording, profile
+    from ..instruments.curves import hit_rate_curves
+    from ..instruments.metrics import (
         expert_frequency,
         expert_usage_divergence,
         hit_rates,
@@ -353,7 +352,8 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
         neuron_sparsity_by_layer,
         throughput,
     )
-    from .model.config import SmallThinkerConfig
+    from ..model.config import SmallThinkerConfig
+    from . import plots, tables
 
     t_start = time.perf_counter()
     check_limit(memory_limit)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .resources import PROMPT_SETS, load_prompt_set, load_prompt_sets, prompts_dir
+from ..resources import PROMPT_SETS, load_prompt_set, load_prompt_sets, prompts_dir
 
 MiB = 2**20
 SAME_SET = "same prompts"  # the warm-up dropdown's entry for the selected prompt set itself
@@ -58,7 +58,7 @@ class MemoryLimitExplorer:
         import ipywidgets as w
 
         if engine_factory is None:
-            from .engine import Engine
+            from ..engine import Engine
 
             kwargs = {"device": device, "progress": False, **dict(engine_kwargs or {})}
 
@@ -166,7 +166,7 @@ class MemoryLimitExplorer:
 
     def capacity_for(self, limit_bytes: int | None) -> int:
         """Experts the engine's cache holds under ``limit_bytes``: the engine's own memory planner."""
-        from .engine.memory import plan_memory
+        from ..engine.memory import plan_memory
 
         p = self._plan
         return plan_memory(
@@ -221,7 +221,7 @@ class MemoryLimitExplorer:
 
     def curve(self, name: str | None = None, policy: str | None = None) -> np.ndarray:
         """Hit rate at every capacity 0 .. all experts, for a prompt set's trace and a policy (computed once)."""
-        from .instruments.curves import hit_rate_curves
+        from ..instruments.curves import hit_rate_curves
 
         name, policy = name or self.prompt_set.value, policy or self.policy.value
         key = (name, policy)
@@ -241,7 +241,7 @@ class MemoryLimitExplorer:
         """The curve's misses at ``capacity`` (default: the slider's) as shares of the requests: compulsory (first
         touches: the same at every size), capacity (the rest), policy (misses - Belady's at the same capacity, one
         replay, kept), and the ceiling (1 - compulsory share, the best hit rate any cache reaches on the trace)."""
-        from .instruments.curves import compulsory_ceiling, policy_hit_curve
+        from ..instruments.curves import compulsory_ceiling, policy_hit_curve
 
         name, policy = name or self.prompt_set.value, policy or self.policy.value
         cap = self.capacity_experts if capacity is None else int(capacity)
@@ -257,7 +257,7 @@ class MemoryLimitExplorer:
 
     def predicted_layer_hit_rates(self, capacity: int | None = None, name: str | None = None) -> pd.Series:
         """Per-layer LRU hit rates at ``capacity`` (one cache shared by all layers), from stack distances."""
-        from .instruments.curves import stack_distances
+        from ..instruments.curves import stack_distances
 
         name = name or self.prompt_set.value
         cap = self.capacity_experts if capacity is None else capacity
@@ -305,7 +305,7 @@ class MemoryLimitExplorer:
         (also shown, with per-layer bars). With warm start on, the same prompts run again from a cache warmed by
         the warm-up set's recorded trace; those stats are under ``"warm"`` (with ``same_tokens``: whether the
         warm run generated exactly the cold run's tokens) and shown beside the cold ones."""
-        from .engine.warm import warm_start
+        from ..engine.warm import warm_start
 
         name, policy, prefetch = self.prompt_set.value, self.policy.value, bool(self.prefetch.value)
         warm = bool(self.warm.value)
