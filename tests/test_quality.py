@@ -151,7 +151,7 @@ def test_card_holds_every_section_and_number(tmp_path):
         assert list(p["domain"]) == list(q.DOMAINS) and (p["tokens"] == 149).all()
         for r in p.itertuples():
             assert q.fmt_ppl(r.ppl) in card and q.fmt_ppl(r.unigram_ppl) in card
-        js, pair, per_layer, floor = q._js_summary(m)
+        js, pair, per_layer, floor = quality_card._js_summary(m)
         assert len(pair) == 6 and len(per_layer) == model.config.num_hidden_layers
         for v in [js, floor, *pair, *per_layer]:
             assert q.fmt_js(v) in card
@@ -159,7 +159,7 @@ def test_card_holds_every_section_and_number(tmp_path):
         for r in m.skew.itertuples():
             assert q.fmt_share(r.cold_share) in card and q.fmt_share(r.hot_share) in card
             assert f"{r.entropy:.3f}" in card
-        sa = q._sparsity_all(m)
+        sa = quality_card._sparsity_all(m)
         assert len(sa) == model.config.num_hidden_layers
         for r in sa.itertuples():
             assert q.fmt_sparsity(r.median) in card
