@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from smallthinker_lab import quality as q
-from smallthinker_lab.quality import card as quality_card
 from smallthinker_lab.model import load_model, save_pretrained
+from smallthinker_lab.quality import card as quality_card
 from tests.conftest import random_model
 
 
