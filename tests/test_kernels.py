@@ -19,7 +19,6 @@ from smallthinker_lab.kernels import (  # noqa: E402
     DecodeKernels,
     ExpertTable,
     KernelRunner,
-    generate,
     pack_experts,
     unavailable_reason,
 )
@@ -61,7 +60,7 @@ def test_kernel_decode_matches_the_eager_model_up_to_rounding(preset):
 
 def test_kernel_generate_greedy_equals_the_model():
     m = _model("smallthinker-test-tied", seed=3)
-    assert generate(m, PROMPT, NEW, stop_tokens=[]) == m.generate(PROMPT, NEW, stop_tokens=[])
+    assert KernelRunner(m).generate(PROMPT, NEW, stop_tokens=[]) == m.generate(PROMPT, NEW, stop_tokens=[])
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +79,7 @@ def test_engine_kernel_decode_equals_the_kernel_model_bit_for_bit(ckpt):
     with torch.inference_mode():
         runner.step(torch.tensor([PROMPT], device=DEV))
         ref_logits = [runner.step(torch.tensor([[t]], device=DEV)) for t in (7, 8, 9)]
-    ref = generate(model, PROMPT, NEW, runner=runner, stop_tokens=[])
+    ref = runner.generate(PROMPT, NEW, stop_tokens=[])
     with Engine.from_pretrained(ckpt, memory_limit=None, progress=False, exact=True, device=DEV,
                                 max_context=64) as e:
         g = KernelDecoder(e)
@@ -106,8 +105,7 @@ def test_engine_kernel_decode_equals_the_kernel_model_bit_for_bit(ckpt):
                                                     (5, False, "lfu")])  # the minimum, a few slots more
 def test_offloaded_kernel_decode_equals_the_kernel_model(ckpt, extra, lookahead, policy):
     model = load_model(ckpt, device=DEV)
-    ref = generate(model, PROMPT, NEW, runner=KernelRunner(model, max_context=64, graph=DEV == "cuda"),
-                   stop_tokens=[])
+    ref = KernelRunner(model, max_context=64, graph=DEV == "cuda").generate(PROMPT, NEW, stop_tokens=[])
     with Engine.from_pretrained(ckpt, memory_limit=None, progress=False, exact=True, device=DEV,
                                 max_context=64) as probe:
         limit = probe.plan.minimum_bytes + extra * probe.bundle.stride
@@ -133,9 +131,9 @@ def test_offloaded_kernel_decode_equals_the_kernel_model(ckpt, extra, lookahead,
         assert all(entry.pins == 0 for entry in e.cache.entries.values())
         if g.device_lru() and extra:
             # a second generation: the prefill changed the host's cache, which the device takes up again
-            assert e.generate(PROMPT[:4], NEW, stop_tokens=[]).tokens == generate(
-                model, PROMPT[:4], NEW, runner=KernelRunner(model, max_context=64, graph=DEV == "cuda"),
-                stop_tokens=[])
+            runner = KernelRunner(model, max_context=64, graph=DEV == "cuda")
+            tokens = e.generate(PROMPT[:4], NEW, stop_tokens=[]).tokens
+            assert tokens == runner.generate(PROMPT[:4], NEW, stop_tokens=[])
             assert simulate(e.trace, e.cache.capacity_experts, "lru").hits == e.stats()["hits"]
             # the kernels wrote each missed expert into its slot: every slot holds its expert's record
             host, b = g._host_records(), e.bundle
@@ -147,8 +145,7 @@ def test_offloaded_kernel_decode_equals_the_kernel_model(ckpt, extra, lookahead,
 @pytest.mark.parametrize("extra", [None, 5])  # every expert resident; offloaded, the cache resolved on the device
 def test_greedy_kernel_decode_one_step_ahead_stops_and_gives_positions_back(ckpt, extra):
     model = load_model(ckpt, device=DEV)
-    ref = generate(model, PROMPT, NEW, runner=KernelRunner(model, max_context=64, graph=DEV == "cuda"),
-                   stop_tokens=[])
+    ref = KernelRunner(model, max_context=64, graph=DEV == "cuda").generate(PROMPT, NEW, stop_tokens=[])
     with Engine.from_pretrained(ckpt, memory_limit=None, progress=False, exact=True, device=DEV,
                                 max_context=64) as probe:
         limit = None if extra is None else probe.plan.minimum_bytes + extra * probe.bundle.stride
@@ -194,8 +191,8 @@ def test_device_lru_that_disagrees_with_the_engine_cache_is_an_error(ckpt):
         # the engine stays usable: its cache was emptied, and the next generation reads what it needs again
         assert len(e.cache.entries) == 0
         model = load_model(ckpt, device=DEV)
-        assert e.generate(PROMPT, 3, stop_tokens=[]).tokens == generate(
-            model, PROMPT, 3, runner=KernelRunner(model, max_context=64, graph=DEV == "cuda"), stop_tokens=[])
+        runner = KernelRunner(model, max_context=64, graph=DEV == "cuda")
+        assert e.generate(PROMPT, 3, stop_tokens=[]).tokens == runner.generate(PROMPT, 3, stop_tokens=[])
 
 
 def test_kernels_refuse_what_they_cannot_compute(monkeypatch):

@@ -14,7 +14,7 @@ _EXPORTS = {
     "ExpertReadError": ".bundle",
     "EngineOptions": ".options", "BackendUnavailable": ".options", "BACKENDS": ".options",
     "warm_start": ".warm", "domain_hit_rates": ".warm", "switch_domains": ".warm", "materialise": ".gguf",
-    "ExpertCache": ".cache", "SimResult": ".cache", "simulate": ".cache",
+    "ExpertCache": ".cache", "SimResult": ".policies", "simulate": ".policies",
 }
 
 __all__ = sorted(_EXPORTS)
