@@ -43,6 +43,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -210,13 +211,7 @@ class ExpertCache:
         self.policy.on_request(key, hit)
         layer_stats = st.per_layer[key[0]]
         if hit:
-            st.hits += 1
-            layer_stats[0] += 1
-            entry.speculative = False
-            if self.hook:
-                self.hook("hit", key, self.expert_nbytes)
-            if self.log is not None:
-                self.log.append((self.step, key, "hit"))
+            self._count_hit(key, entry, layer_stats)
         else:
             st.misses += 1
             layer_stats[1] += 1
@@ -231,6 +226,54 @@ class ExpertCache:
             entry = self._insert(key, self._take_slot(wait=True), ahead)
         entry.pins += 1
         return entry
+
+    def _count_hit(self, key: Key, entry: Entry, layer_stats: list) -> None:
+        self.stats.hits += 1
+        layer_stats[0] += 1
+        entry.speculative = False
+        if self.hook:
+            self.hook("hit", key, self.expert_nbytes)
+        if self.log is not None:
+            self.log.append((self.step, key, "hit"))
+
+    def record_hits(self, rows, step: int) -> None:
+        """Count requests that were served on the device from experts this cache holds (a graph decode step that
+        read every expert from its slot): ``rows[layer]`` lists the expert ids of that layer. Requests, hits,
+        per-layer hits, trace, policy and hooks exactly as :meth:`request`'s hit branch; nothing is pinned."""
+        st = self.stats
+        for layer, row in enumerate(rows):
+            layer_stats = st.per_layer[layer]
+            for x in row:
+                key = (layer, int(x))
+                st.requests += 1
+                self.trace.append((step, layer, key[1]))
+                self.policy.on_request(key, True)
+                entry = self.entries.get(key)
+                if entry is None:
+                    raise RuntimeError(f"a device step counted a hit of {key}, which the expert cache does not hold")
+                saved, self.step = self.step, step
+                try:
+                    self._count_hit(key, entry, layer_stats)
+                finally:
+                    self.step = saved
+
+    @contextmanager
+    def replaying(self, step: int):
+        """Within: requests are counted at ``step`` and their misses read nothing (the device already wrote those
+        experts into the slots this cache assigns): the host replays a device-resolved step through the cache."""
+        saved = self.step, self.loader
+        self.step, self.loader = step, _written_elsewhere
+        try:
+            yield self
+        finally:
+            self.step, self.loader = saved
+
+    def lru_order(self) -> list[Key]:
+        """The held experts from least to most recently used (the LRU policy only)."""
+        order = getattr(self.policy, "order", None)
+        if order is None:
+            raise ValueError(f"lru_order() needs the LRU policy; this cache's is {self.policy_name!r}")
+        return list(order)
 
     def speculate(self, key: Key) -> bool:
         """A look-ahead read: inserts ``key`` if a slot is free or a settled unpinned victim exists; never waits.
@@ -435,3 +478,12 @@ class ExpertCache:
             self.drain()  # settle the other reads in flight before the error leaves
             raise
         return len(issued)
+
+
+_DONE: Future = Future()
+_DONE.set_result(None)
+
+
+def _written_elsewhere(key, slot) -> Future:
+    """The loader while a device-resolved step is replayed: the device already wrote the expert into its slot."""
+    return _DONE

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 
 class EngineStats:
-    """``stats()``, ``stats_frame()``, ``reset_stats()`` and ``trace``; mixed into Engine."""
+    """``stats()``, ``stats_frame()``, ``reset_stats()``, ``clocks()`` and ``trace``; mixed into Engine."""
+
+    def clocks(self) -> tuple[int, tuple[list[float], list[float], list[float], float]]:
+        """(forward steps so far, copies of the cumulative seconds per layer of router, attention and MoE, and of the
+        LM head): what the instruments read at each forward's end to time its parts."""
+        return self._step, (list(self._t_router), list(self._t_attn), list(self._t_moe), self._t_lm_head)
 
     def reset_stats(self, clear_cache: bool = False) -> None:
         """Zero the counters and the trace; ``clear_cache=True`` also empties the expert cache (a replay of the

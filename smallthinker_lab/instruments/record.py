@@ -453,8 +453,8 @@ def _timing_probe(engine) -> Callable[[], tuple[int, tuple]] | None:
     end (copies only; :func:`_clocks` names them when the recording is read). None when the engine has no clocks."""
     def probe() -> tuple[int, tuple]:
         io = {layer: v[2] for layer, v in engine.cache.stats.per_layer.items()}
-        return engine._step, (list(engine._t_router), list(engine._t_attn), list(engine._t_moe),
-                              engine._t_lm_head, io)
+        step, (router, attention, moe, lm_head) = engine.clocks()
+        return step, (router, attention, moe, lm_head, io)
 
     try:
         _clocks(probe()[1])

@@ -121,26 +121,9 @@ class GraphBase(Decoder):
         return full and all(a is b for a, b in zip(key, now))
 
     def _account(self, ids_host: torch.Tensor, step: int | None = None) -> None:
-        """Every expert of the step is a hit: requests, hits, per-layer hits, trace and policy as cache.request."""
-        cache, e = self.e.cache, self.e
-        st, pol, trace, entries = cache.stats, cache.policy, cache.trace, cache.entries
-        step = e._step if step is None else step
-        rows = ids_host.tolist()
-        n = 0
-        for layer, row in enumerate(rows):
-            st.per_layer[layer][0] += len(row)
-            for x in row:
-                key = (layer, x)
-                trace.append((step, layer, x))
-                pol.on_request(key, True)
-                entries[key].speculative = False
-                if cache.hook:
-                    cache.hook("hit", key, cache.expert_nbytes)
-                if getattr(cache, "log", None) is not None:
-                    cache.log.append((step, key, "hit"))
-            n += len(row)
-        st.requests += n
-        st.hits += n
+        """Every expert of the step is a hit: the cache counts them as its request's hit branch does."""
+        e = self.e
+        e.cache.record_hits(ids_host.tolist(), e._step if step is None else step)
 
     def _resident(self) -> torch.Tensor:
         """Read the experts not yet cached (demand requests: misses, counted), settle every copy and layout, and

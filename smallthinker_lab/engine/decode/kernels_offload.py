@@ -12,18 +12,7 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Future
-
 import torch
-
-
-def _written_by_kernels(key, slot) -> Future:
-    """The cache's loader while the device LRU's step is replayed: the kernels already wrote the expert."""
-    return _DONE
-
-
-_DONE: Future = Future()
-_DONE.set_result(None)
 
 
 class OffloadedKernelSteps:
@@ -192,7 +181,7 @@ class OffloadedKernelSteps:
             e._settle(entry)
         S = cache.capacity_experts
         owner, stamp = [-1] * S, [0] * S
-        order = list(cache.policy.order)
+        order = cache.lru_order()
         if len(order) != len(cache.entries) or len(order) + len(cache.free) != S:
             raise RuntimeError(f"expert cache state: {len(order)} in the LRU order, {len(cache.entries)} entries, "
                                f"{len(cache.free)} free of {S} slots")
@@ -211,9 +200,7 @@ class OffloadedKernelSteps:
         resident) and a RuntimeError says where."""
         e = self.e
         cache = e.cache
-        saved = cache.step, cache.loader
-        cache.step, cache.loader = step, _written_by_kernels
-        try:
+        with cache.replaying(step):  # the kernels already wrote the missed experts into their slots
             for layer, (ids, slots) in enumerate(zip(buf[0].tolist(), buf[1].tolist())):
                 entries = []
                 for x, slot in zip(ids, slots):
@@ -228,5 +215,3 @@ class OffloadedKernelSteps:
                             f"{slot if slot >= 0 else -1 - slot}, host {'hit' if hit else 'miss'} in slot {entry.slot}")
                 for entry in entries:
                     cache.release(cache.wait(entry))
-        finally:
-            cache.step, cache.loader = saved
