@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smallthinker_lab import GenerationStats, SmallThinkerConfig, SmallThinkerForCausalLM, record, stream_generate
+from smallthinker_lab import SmallThinkerConfig, SmallThinkerForCausalLM, record, stream_generate
 from smallthinker_lab.instruments import KINDS
+from smallthinker_lab.model import GenerationStats
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "data" / "models" / "smallthinker-tiny"

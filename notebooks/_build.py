@@ -146,7 +146,7 @@ def expert_usage(path):
     tok = load_tokenizer(path)
     recs = [sl.profile(model, ps, dataset=name, kinds=("experts",), max_new_tokens=MAX_NEW_TOKENS, tokenizer=tok)
             for name, ps in prompts.items()]
-    return sl.expert_frequency(sl.Recording.concat(recs).to_dataframe("experts"), model.config.num_experts)
+    return sl.metrics.expert_frequency(sl.Recording.concat(recs).to_dataframe("experts"), model.config.num_experts)
 
 
 freq = expert_usage(MODEL)
@@ -156,7 +156,7 @@ freq.head()""")),
     ("md", "## Cold and hot experts"),
     ("code", "plots.plot_expert_frequency_distribution(freq, threshold=THRESHOLD);"),
     ("code", """\
-div = sl.expert_usage_divergence(freq)
+div = sl.metrics.expert_usage_divergence(freq)
 tables.expert_usage_table(freq, threshold=THRESHOLD, js=div)"""),
     ("md", """\
 ## Cross-domain similarity
@@ -190,7 +190,7 @@ elif MEASURED.exists():
 else:
     freq_mb = None
 if freq_mb is not None:
-    div_mb = sl.expert_usage_divergence(freq_mb)
+    div_mb = sl.metrics.expert_usage_divergence(freq_mb)
     summary = pd.DataFrame({
         name: {f"share < {THRESHOLD}": float((f["frequency"] < THRESHOLD).mean()),
                "share >= 0.4": float((f["frequency"] >= 0.4).mean()),
@@ -240,7 +240,8 @@ neurons.head()""")),
     ("md", "## Sparsity per layer (Figure 6)"),
     ("code", "plots.plot_sparsity_boxplots(neurons);"),
     ("code", "tables.sparsity_table(neurons)"),
-    ("code", "sl.neuron_sparsity_by_layer(neurons).pivot(index=\"layer\", columns=\"dataset\", values=\"median\")"),
+    ("code", "by_layer = sl.metrics.neuron_sparsity_by_layer(neurons)\n"
+             "by_layer.pivot(index=\"layer\", columns=\"dataset\", values=\"median\")"),
     ("md", """\
 ## What sparse ReGLU saves
 
@@ -306,7 +307,7 @@ kv.tail()""")),
 last = kv[(kv.sequence == kv.sequence.max())]
 plots.plot_kv_per_layer(last);"""),
     ("code", """\
-foot = sl.kv_footprint(kv, cfg)
+foot = sl.metrics.kv_footprint(kv, cfg)
 dtype = {1: torch.int8, 2: torch.bfloat16, 4: torch.float32}[kv.attrs["kv_itemsize"]]
 foot["analytic"] = [sl.kv_cache_bytes(cfg, int(c), dtype) for c in foot["context"]]
 print("recorded bytes equal the analytic formula at every step:", bool((foot["bytes"] == foot["analytic"]).all()))
@@ -363,7 +364,7 @@ print(f"memory bandwidth (copy): {bench.rows.attrs['memory_bandwidth'] / 1e9:.1f
     ("code", """\
 n_total = plan["total_expert_bytes"] // plan["expert_slot_bytes"]
 caps = sorted(set(np.linspace(0, n_total, min(n_total + 1, 129)).round().astype(int)))
-curves = sl.hit_rate_curves(bench.trace, capacities=caps, policies=("lru", "lfu", "belady"),
+curves = sl.metrics.hit_rate_curves(bench.trace, capacities=caps, policies=("lru", "lfu", "belady"),
                             expert_nbytes=plan["expert_slot_bytes"])
 runs = bench.rows[(bench.rows["mode"] == "offload") & (bench.rows["variant"] != "all experts cached")]
 measured = runs.assign(capacity_bytes=runs["capacity_experts"] * plan["expert_slot_bytes"])
@@ -410,7 +411,7 @@ explorer.widget""")),
     ("md", "The curves behind the prediction, for the selected prompt set (rerun this cell after changing it):"),
     ("code", """\
 trace = explorer.trace()
-curves = sl.hit_rate_curves(trace, capacities=np.arange(explorer.num_experts_total + 1),
+curves = sl.metrics.hit_rate_curves(trace, capacities=np.arange(explorer.num_experts_total + 1),
                             policies=("lru", "lfu", "belady"), expert_nbytes=explorer.expert_nbytes)
 plots.plot_hit_rate_curves(curves, limit=explorer.capacity_experts * explorer.expert_nbytes,
                            total_bytes=explorer.num_experts_total * explorer.expert_nbytes);"""),

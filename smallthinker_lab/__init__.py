@@ -1,67 +1,35 @@
 """smallthinker_lab: a workbench for understanding SmallThinker, an on-device Mixture-of-Experts LM.
 
-The analysis modules (``plots``, ``tables``, ``widgets``, ``report``, ``quality``) load on first use:
-``import smallthinker_lab as sl; sl.plots.plot_expert_heatmap(...)``.
+The root holds what a user needs (load_model, generate, Engine, record, profile, ...); the derived metrics are
+``sl.metrics`` and the analysis modules (``plots``, ``tables``, ``widgets``, ``report``, ``quality``) load on first
+use: ``import smallthinker_lab as sl; sl.plots.plot_expert_heatmap(sl.metrics.expert_frequency(df))``.
 """
 
 import importlib
 
 from .engine import Engine, EngineBusy, EngineOptions, MemoryLimitError, convert
-from .instruments import (
-    Recording,
-    cold_expert_share,
-    expert_frequency,
-    expert_usage_divergence,
-    hit_rate_curves,
-    hit_rates,
-    hot_expert_share,
-    io_wait_share,
-    kv_footprint,
-    lru_hit_curve,
-    neuron_sparsity_by_expert,
-    neuron_sparsity_by_layer,
-    policy_hit_curve,
-    profile,
-    record,
-    throughput,
-    time_breakdown,
-    trace_from_recording,
-)
+from .instruments import Recording, profile, record
 from .model import (
-    CausalLMOutput,
     CheckpointError,
     ConfigError,
     GenerationResult,
-    GenerationStats,
-    KVCache,
-    SamplingConfig,
     SmallThinkerConfig,
     SmallThinkerForCausalLM,
-    expected_tensors,
     generate,
     kv_cache_bytes,
     load_model,
     save_pretrained,
     stream_generate,
-    write_synthetic_checkpoint,
 )
-from .model.tokenizer import apply_chat_template, load_tokenizer
+from .model.tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CausalLMOutput", "CheckpointError", "ConfigError", "GenerationResult", "GenerationStats", "KVCache",
-    "SamplingConfig", "SmallThinkerConfig", "SmallThinkerForCausalLM", "expected_tensors", "generate",
-    "kv_cache_bytes", "load_model", "save_pretrained", "stream_generate", "write_synthetic_checkpoint",
+    "CheckpointError", "ConfigError", "Engine", "EngineBusy", "EngineOptions", "GenerationResult", "MemoryLimitError",
+    "Recording", "SmallThinkerConfig", "SmallThinkerForCausalLM", "convert", "generate", "kv_cache_bytes",
+    "load_model", "load_tokenizer", "profile", "record", "save_pretrained", "stream_generate",
 ]
-__all__ += [
-    "Recording", "cold_expert_share", "expert_frequency", "expert_usage_divergence", "hit_rate_curves", "hit_rates",
-    "hot_expert_share", "io_wait_share", "kv_footprint", "lru_hit_curve", "neuron_sparsity_by_expert",
-    "neuron_sparsity_by_layer", "policy_hit_curve", "profile", "record", "throughput", "time_breakdown",
-    "trace_from_recording",
-]
-__all__ += ["Engine", "EngineBusy", "EngineOptions", "MemoryLimitError", "convert"]
-__all__ += ["apply_chat_template", "load_tokenizer"]
 
 # analysis modules: imported when first named (they pull in matplotlib, ipywidgets and the report's dependencies)
 _SUBMODULES = {"plots": ".analysis.plots", "tables": ".analysis.tables", "widgets": ".analysis.widgets",

@@ -19,12 +19,11 @@ from smallthinker_lab import (
     ConfigError,
     SmallThinkerConfig,
     SmallThinkerForCausalLM,
-    expected_tensors,
     load_model,
     save_pretrained,
-    write_synthetic_checkpoint,
 )
 from smallthinker_lab.model import checkpoint as ckpt
+from smallthinker_lab.model import expected_tensors, write_synthetic_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = torch.tensor([[3, 17, 99, 5, 64, 2, 127, 40, 8, 8, 31, 77, 0, 12, 90, 6, 55, 101, 23, 19]])
@@ -342,7 +341,8 @@ PEAK_RSS = textwrap.dedent("""
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     import torch
-    from smallthinker_lab import SmallThinkerConfig, SmallThinkerForCausalLM, load_model, write_synthetic_checkpoint
+    from smallthinker_lab import SmallThinkerConfig, SmallThinkerForCausalLM, load_model
+    from smallthinker_lab.model import write_synthetic_checkpoint
     torch.set_num_threads(1)
     with torch.device("meta"):  # warm up: the first meta-device model imports ~70 MB of torch internals
         SmallThinkerForCausalLM(SmallThinkerConfig.from_name("smallthinker-test"))

@@ -20,11 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from smallthinker_lab import CheckpointError, SmallThinkerConfig, load_model, write_synthetic_checkpoint
+from smallthinker_lab import CheckpointError, SmallThinkerConfig, load_model
 from smallthinker_lab.engine import BundleError, Engine, convert
 from smallthinker_lab.engine import bundle as bundle_mod
 from smallthinker_lab.engine.bundle import DATA_NAME, INDEX_NAME, ensure_bundle, open_bundle
 from smallthinker_lab.model import checkpoint as ckpt
+from smallthinker_lab.model import write_synthetic_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 NORM = "model.norm.weight"

@@ -284,7 +284,7 @@ def nan_ckpt(tmp_path_factory):
 
 
 def nan_tensor_name(folder: Path) -> str:
-    return next(n for n in sl.expected_tensors(SmallThinkerConfig.from_json(folder)) if ".layers.1." in n
+    return next(n for n in sl.model.expected_tensors(SmallThinkerConfig.from_json(folder)) if ".layers.1." in n
                 and ".experts.3." in n and "up" in n)
 
 

@@ -20,11 +20,12 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from smallthinker_lab import CheckpointError, SmallThinkerConfig, write_synthetic_checkpoint
+from smallthinker_lab import CheckpointError, SmallThinkerConfig
 from smallthinker_lab.engine import BundleError, convert
 from smallthinker_lab.engine import bundle as bundle_mod
 from smallthinker_lab.engine.bundle import INDEX_NAME, open_bundle
 from smallthinker_lab.model import checkpoint as ckpt
+from smallthinker_lab.model import write_synthetic_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

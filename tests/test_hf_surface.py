@@ -13,8 +13,9 @@ from conftest import random_model
 from test_engine_cli import _char_tokenizer
 
 import smallthinker_lab as sl
-from smallthinker_lab import CausalLMOutput, GenerationResult, SmallThinkerForCausalLM, load_model, save_pretrained
+from smallthinker_lab import GenerationResult, SmallThinkerForCausalLM, load_model, save_pretrained
 from smallthinker_lab.engine import engine as engine_module
+from smallthinker_lab.model import CausalLMOutput
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -49,7 +49,7 @@ def test_topk_weights_sum_to_one_and_ids_distinct(preset):
 
 
 def test_frequencies_sum_to_k_and_include_cold_experts(full_rec, model):
-    freq = sl.expert_frequency(full_rec.to_dataframe("experts"))
+    freq = sl.metrics.expert_frequency(full_rec.to_dataframe("experts"))
     E, K = model.config.num_experts, model.config.top_k
     assert len(freq) == model.config.num_hidden_layers * E  # experts no token reached are rows too
     np.testing.assert_allclose(freq.groupby(["dataset", "layer"])["frequency"].sum(), K)
@@ -116,7 +116,7 @@ def test_kv_bytes_equal_analytic_size_at_every_step(model):
         assert [int(rec[f"layers.{i}.attn.kv_bytes"][s]) for i in range(cfg.num_hidden_layers)] == expect
     kv = rec.to_dataframe("kv")
     assert set(kv["attention"]) == {"global", "sliding"}
-    fp = sl.kv_footprint(kv, cfg)
+    fp = sl.metrics.kv_footprint(kv, cfg)
     np.testing.assert_array_equal(fp["bytes"], [sl.kv_cache_bytes(cfg, int(T), torch.float32) for T in context])
     np.testing.assert_array_equal(fp["all_global_bytes"],
                                   [sl.kv_cache_bytes(cfg, int(T), torch.float32, all_global=True) for T in context])
@@ -221,7 +221,7 @@ def test_frames_are_tidy(full_rec, model):
     assert len(ex) == 17 * 4 * K and ex.attrs["num_experts"] == model.config.num_experts
     timing = full_rec.to_dataframe("timing")
     assert set(timing["part"]) == {"total"} and len(timing) == 6
-    tp = sl.throughput(timing)
+    tp = sl.metrics.throughput(timing)
     assert tp.set_index("phase").loc["prefill", "tokens"] == 12 and tp.set_index("phase").loc["decode", "steps"] == 5
     assert (tp["tok_s"] > 0).all()
     assert len(full_rec.to_dataframe("cache")) == 0
@@ -282,7 +282,7 @@ def test_concat_keeps_dataset_labels(model):
                                       .assign(dataset=ds), check_dtype=False)
         pd.testing.assert_frame_equal(c.to_dataframe("neurons").query("dataset == @ds").reset_index(drop=True),
                                       rec.to_dataframe("neurons").assign(dataset=ds, sequence=int(ds == "wiki")))
-    freq = sl.expert_frequency(c.to_dataframe("experts"))
+    freq = sl.metrics.expert_frequency(c.to_dataframe("experts"))
     np.testing.assert_allclose(freq.groupby(["dataset", "layer"])["frequency"].sum(), model.config.top_k)
     assert set(freq["dataset"]) == {"gsm8k", "wiki"}
     # + and sum() are concat
@@ -312,18 +312,18 @@ def test_profile_over_prompts(model):
 def test_metrics_on_two_datasets(model):
     a, _ = _run(model, n_new=3, dataset="x", seed=1)
     b, _ = _run(model, n_new=3, dataset="y", seed=1)  # same prompt: same routing
-    freq = sl.expert_frequency((a + b).to_dataframe("experts"))
-    div = sl.expert_usage_divergence(freq)
+    freq = sl.metrics.expert_frequency((a + b).to_dataframe("experts"))
+    div = sl.metrics.expert_usage_divergence(freq)
     assert len(div) == model.config.num_hidden_layers
     np.testing.assert_allclose(div["js_divergence"], 0.0, atol=1e-12)
-    cold, hot = sl.cold_expert_share(freq, 0.14), sl.hot_expert_share(freq, 0.4)
+    cold, hot = sl.metrics.cold_expert_share(freq, 0.14), sl.metrics.hot_expert_share(freq, 0.4)
     assert ((cold["share"] >= 0) & (cold["share"] <= 1)).all() and list(hot["dataset"]) == ["x", "y"]
     np.testing.assert_allclose(cold["share"], (freq.groupby("dataset")["frequency"]
                                                .apply(lambda f: (f < 0.14).mean())).to_numpy())
-    sp = sl.neuron_sparsity_by_layer((a + b).to_dataframe("neurons"))
+    sp = sl.metrics.neuron_sparsity_by_layer((a + b).to_dataframe("neurons"))
     assert ((sp["min"] <= sp["q1"]) & (sp["q1"] <= sp["median"]) & (sp["median"] <= sp["q3"])
             & (sp["q3"] <= sp["max"])).all()
-    by_e = sl.neuron_sparsity_by_expert(a.to_dataframe("neurons"))
+    by_e = sl.metrics.neuron_sparsity_by_expert(a.to_dataframe("neurons"))
     assert by_e.groupby("layer")["tokens"].sum().eq(a.summary()["tokens"] * model.config.top_k).all()
 
 
@@ -338,17 +338,17 @@ def test_js_divergence_bounds():
 def test_cache_and_timing_metrics_on_synthetic_events():
     cache = pd.DataFrame({"dataset": "d", "layer": [0, 0, 0, 1, 1], "expert": [1, 1, 2, 3, 3],
                           "event": ["miss", "hit", "prefetch", "miss", "evict"], "bytes": [10, 10, 10, 10, 10]})
-    hr = sl.hit_rates(cache)
+    hr = sl.metrics.hit_rates(cache)
     assert hr.loc[0, "hit_rate"] == 0.5 and hr.loc[1, "hit_rate"] == 0.0
     assert hr.loc["all", "hits"] == 1 and hr.loc["all", "misses"] == 2 and hr.loc["all", "bytes_read"] == 30
     timing = pd.DataFrame({"dataset": "d", "phase": ["prefill", "prefill", "decode", "decode"],
                            "step": [0, 0, 1, 1], "layer": [-1, 0, -1, 0], "part": ["total", "io_wait"] * 2,
                            "seconds": [2.0, 0.5, 1.0, 0.5], "tokens": [10, 10, 1, 1]})
-    io = sl.io_wait_share(timing).set_index("phase")
+    io = sl.metrics.io_wait_share(timing).set_index("phase")
     assert io.loc["prefill", "io_wait_share"] == 0.25 and io.loc["all", "io_wait_share"] == pytest.approx(1 / 3)
-    tb = sl.time_breakdown(timing).set_index(["phase", "part"])
+    tb = sl.metrics.time_breakdown(timing).set_index(["phase", "part"])
     assert tb.loc[("decode", "io_wait"), "share"] == 0.5
-    assert sl.throughput(timing).set_index("phase").loc["prefill", "tok_s"] == 5.0
+    assert sl.metrics.throughput(timing).set_index("phase").loc["prefill", "tok_s"] == 5.0
 
 
 # ----------------------------------------------------------------------------------------------------- engine
@@ -383,7 +383,7 @@ def test_engine_cache_events_match_engine_counters(engine):
     assert (s["cache_hit"], s["cache_miss"], s["cache_evict"]) == (st["hits"], st["misses"], st["evictions"])
     assert s["cache_bytes_read"] == st["bytes_read"]
     assert s["cache_hit_rate"] == st["hit_rate"]
-    per_layer = sl.hit_rates(rec.to_dataframe("cache"))
+    per_layer = sl.metrics.hit_rates(rec.to_dataframe("cache"))
     frame = engine.stats_frame()
     for i in range(engine.config.num_hidden_layers):
         assert per_layer.loc[i, "hits"] == frame.loc[i, "hits"] and per_layer.loc[i, "misses"] == frame.loc[i, "misses"]
@@ -396,13 +396,13 @@ def test_lru_curve_at_the_engine_cache_size_equals_its_hit_rate(engine):
     cap = engine.cache.capacity_experts
     st = engine.stats()
     assert 0 < st["hits"] < st["requests"]  # the cache is small enough to evict, large enough to hit
-    assert sl.lru_hit_curve(engine.trace, [cap]).iloc[0] == st["hit_rate"]
-    curves = sl.hit_rate_curves(engine, capacities=range(0, 33))
+    assert sl.metrics.lru_hit_curve(engine.trace, [cap]).iloc[0] == st["hit_rate"]
+    curves = sl.metrics.hit_rate_curves(engine, capacities=range(0, 33))
     row = curves[(curves.policy == "lru") & (curves.capacity_experts == cap)].iloc[0]
     assert (row["hits"], row["misses"]) == (st["hits"], st["misses"])
     assert row["capacity_bytes"] == cap * engine.cache.expert_nbytes
     # the trace derived from the recording is the engine's request sequence
-    assert [t[1:] for t in sl.trace_from_recording(rec)] == [tuple(t[-2:]) for t in engine.trace]
+    assert [t[1:] for t in sl.metrics.trace_from_recording(rec)] == [tuple(t[-2:]) for t in engine.trace]
 
 
 def _routed(rec, i):
@@ -436,12 +436,12 @@ def test_engine_timing_split(engine):
     rec, _ = _engine_run(engine, n_new=4, kinds=("timing",))
     t = rec.to_dataframe("timing")
     assert {"total", "router", "attention", "moe", "lm_head"} <= set(t["part"])
-    tb = sl.time_breakdown(t)
+    tb = sl.metrics.time_breakdown(t)
     parts = tb[tb.part.isin(["router", "attention", "moe", "lm_head"])].groupby("phase")["share"].sum()
     assert ((parts > 0) & (parts <= 1.0 + 1e-9)).all()  # the parts happen inside the step's wall time
-    io = sl.io_wait_share(t)
+    io = sl.metrics.io_wait_share(t)
     assert ((io["io_wait_share"] >= 0) & (io["io_wait_share"] <= 1)).all()
-    assert sl.throughput(t).set_index("phase").loc["decode", "steps"] == 3
+    assert sl.metrics.throughput(t).set_index("phase").loc["decode", "steps"] == 3
     assert not any("whole-step" in n for n in rec.notes)
 
 

@@ -73,7 +73,7 @@ def test_compulsory_capacity_hits_add_up_on_recorded_traces(which, full, small, 
     assert (sim.hits, sim.compulsory_misses, sim.capacity_misses) == (st.hits, st.compulsory_misses,
                                                                       st.capacity_misses)
     # and the trace derived from a recording splits the same way in the curves, at every size
-    trace = sl.trace_from_recording(rec)
+    trace = sl.metrics.trace_from_recording(rec)
     curves = hit_rate_curves(trace, capacities=[1, cap // 2, cap, distinct, 10 * distinct],
                              policies=("lru", "lfu", "belady"))
     assert (curves["hits"] + curves["compulsory_misses"] + curves["capacity_misses"] == len(trace)).all()

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from ..engine.cache import POLICIES, simulate
+from ..engine.policies import POLICIES, simulate
 
 
 def trace_items(trace) -> list[tuple]:

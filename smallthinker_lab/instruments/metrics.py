@@ -206,3 +206,14 @@ def io_wait_share(timing_df: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({"io_wait_seconds": g["_io"].sum(), "seconds": g["_tot"].sum()}).reset_index()
     out["io_wait_share"] = out["io_wait_seconds"] / out["seconds"]
     return out
+
+
+# the cache's derived views live in curves.py; sl.metrics names them all in one place
+from .curves import (  # noqa: E402,F401
+    compulsory_ceiling,
+    hit_rate_curves,
+    lru_hit_curve,
+    miss_breakdown,
+    policy_hit_curve,
+    trace_from_recording,
+)
