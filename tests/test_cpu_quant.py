@@ -20,6 +20,7 @@ from conftest import random_model
 
 from smallthinker_lab import load_model
 from smallthinker_lab.engine.bundle import (
+    CHECKSUMS,
     INDEX_NAME,
     BundleError,
     convert,
@@ -218,7 +219,7 @@ def test_packed_bundle_round_trip(ckpt, tmp_path, fmt):
     for layer in range(cfg.num_hidden_layers):
         for e in range(cfg.num_experts):
             base = b.offset(layer, e)
-            assert b.checksum_of(data[base:base + b.payload_nbytes]) == int(b.checksums[layer, e])
+            assert CHECKSUMS[b.checksum]()(data[base:base + b.payload_nbytes]) == int(b.checksums[layer, e])
             mats = {m: as_uint8(data[base + s.offset:base + s.offset + s.nbytes]) for m, s in b.matrices.items()}
             ex = model.model.layers[layer].block_sparse_moe.experts[e]
             for m in ("gate", "up", "down"):

@@ -161,9 +161,6 @@ class Bundle:
     checksum: str = "xxh3_64"  # the algorithm (CHECKSUMS)
     down_transposed: bool = True  # down stored [F, H] (else the model's [H, F]; see record_layout)
 
-    def checksum_of(self, payload) -> int:
-        return CHECKSUMS[self.checksum]()(payload)
-
     @property
     def expert_nbytes(self) -> int:
         return self.stride

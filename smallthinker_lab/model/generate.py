@@ -238,18 +238,6 @@ def model_step(model, cache: KVCache) -> Callable[[torch.Tensor], torch.Tensor]:
     return step
 
 
-@torch.inference_mode()
-def prefill(model, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Run the prompt (B, T) through the model, filling ``cache``; returns the last logits (B, V)."""
-    return model(input_ids, cache=cache).logits[:, -1]
-
-
-@torch.inference_mode()
-def decode_one_token(model, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """One decode step: token (B,) or (B, 1) -> logits (B, V)."""
-    return model(token.view(-1, 1), cache=cache).logits[:, -1]
-
-
 def _tokenizer_of(model, tokenizer: Any) -> Any:
     return tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
 
