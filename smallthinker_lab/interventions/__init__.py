@@ -1,0 +1,13 @@
+"""Interventions: edit hooks on named points, expert ablation / forcing / scaling, the logit lens, and the causal
+specialisation measurement (docs in each module; the point names in ``smallthinker_lab.model.hooks.HOOK_POINTS``).
+
+    with sl.intervene(model, ablate={3: [5, 9]}):
+        sl.generate(model, ids)
+"""
+
+from ..model.hooks import HOOK_POINTS, hook_names, hook_points_table
+from .edit import hooks, resolve_names
+from .intervene import ABLATE_MODES, InterventionError, intervene
+
+__all__ = ["ABLATE_MODES", "HOOK_POINTS", "InterventionError", "hook_names", "hook_points_table", "hooks",
+           "intervene", "resolve_names"]
