@@ -18,6 +18,7 @@ from .instruments import (
     io_wait_share,
     kv_footprint,
     lru_hit_curve,
+    metrics,
     neuron_sparsity_by_expert,
     neuron_sparsity_by_layer,
     policy_hit_curve,
@@ -27,6 +28,7 @@ from .instruments import (
     time_breakdown,
     trace_from_recording,
 )
+from .interventions import hook_points_table, hooks, intervene
 from .model import (
     CausalLMOutput,
     CheckpointError,
@@ -62,6 +64,7 @@ __all__ += [
 ]
 __all__ += ["Engine", "EngineBusy", "EngineOptions", "MemoryLimitError", "convert"]
 __all__ += ["apply_chat_template", "load_tokenizer"]
+__all__ += ["hook_points_table", "hooks", "intervene", "metrics"]
 
 # analysis modules: imported when first named (they pull in matplotlib, ipywidgets and the report's dependencies)
 _SUBMODULES = ("plots", "tables", "widgets", "report", "quality")

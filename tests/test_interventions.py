@@ -336,3 +336,61 @@ def test_engine_explain_names_edit_hooks(engine):
             row = engine.explain().set_index("backend").loc[engine.backend]
             assert "edit hooks" in row["reason"]
     assert engine.hooks.edits == 0
+
+
+# ------------------------------------------------------------------------------------- token-level drill-down
+def test_recorded_token_ids_are_the_prompt_and_generated_tokens(model, engine):
+    prompt = _prompt(10, seed=6)[0]
+    with sl.record(model, kinds="experts") as rec:
+        out = generate(model, prompt, 6, stop_tokens=[]).tokens
+    # every forward's input: the prompt, then each generated token fed back (the last one is never fed)
+    assert rec["tokens.id"].tolist() == prompt.tolist() + out[:-1]
+    with sl.record(engine, kinds="experts") as erec:
+        eout = engine.generate(prompt, 6, stop_tokens=[]).tokens
+    assert erec["tokens.id"].tolist() == prompt.tolist() + eout[:-1]
+    ex = rec.to_dataframe("experts")
+    assert (ex["token_id"].to_numpy() == rec["tokens.id"][ex.index // model.config.top_k % len(rec["tokens.id"])]
+            ).all()
+
+
+def test_token_ids_of_a_batched_forward_and_after_concat_and_save(model, tmp_path):
+    ids = torch.stack([_prompt(5, seed=1)[0], _prompt(5, seed=2)[0]])
+    with torch.no_grad(), sl.record(model, kinds="experts") as rec:
+        model(ids)
+    assert rec["tokens.id"].tolist() == ids.reshape(-1).tolist()  # rows batch-major, as topk_ids
+    both = rec + rec
+    assert both["tokens.id"].tolist() == ids.reshape(-1).tolist() * 2
+    back = sl.Recording.load(rec.save(tmp_path / "rec"))
+    assert back["tokens.id"].tolist() == ids.reshape(-1).tolist()
+
+
+def test_top_tokens_count_the_tokens_routed_to_an_expert(model):
+    prompt = torch.tensor([5, 6, 5, 7, 5, 6, 9, 5, 6, 10, 11, 5])
+    with torch.no_grad(), sl.record(model, kinds="experts") as rec:
+        model(prompt[None])
+    ids, tok = rec["layers.1.moe.topk_ids"], rec["tokens.id"]
+    e = int(ids[0, 0])  # an expert token 5 routes to
+    top = sl.metrics.top_tokens(rec, 1, e, n=3)
+    hit = (ids == e).any(1)
+    for row in top.itertuples():
+        assert row.routed == int(((tok == row.token_id) & hit).sum())
+        assert row.occurrences == int((tok == row.token_id).sum())
+        assert row.rate == row.routed / row.occurrences
+    assert top["routed"].is_monotonic_decreasing and len(top) <= 3
+    with pytest.raises(KeyError, match="layer 7 is not in the recording"):
+        sl.metrics.top_tokens(rec, 7, 0)
+    with pytest.raises(ValueError, match=r"expert must be an integer in \[0, 8\), got 8"):
+        sl.metrics.top_tokens(rec, 1, 8)
+
+
+def test_token_pieces_from_the_default_models_tokenizer():
+    m = sl.load_model("default")
+    text = "def add(a, b):"
+    with sl.record(m, kinds="experts") as rec:
+        out = m.generate(text, 3, stop_tokens=[])
+    ids = rec["tokens.id"]
+    assert rec["tokens.piece"].tolist() == [m.tokenizer.decode([t]) for t in ids.tolist()]
+    assert "".join(rec["tokens.piece"][:len(ids) - 2]) == text
+    assert ids[-2:].tolist() == out.tokens[:2]
+    top = sl.metrics.top_tokens(rec, 0, int(rec["layers.0.moe.topk_ids"][0, 0]))
+    assert "token" in top.columns
