@@ -5,7 +5,7 @@ Domains are the four shipped prompt sets (gsm8k: math, humaneval: code, wiki-en:
 set the first ``--n-profile`` records choose the hottest ``--m`` experts per layer (activation frequency of a prefill
 of each text) and the next ``--n-eval`` records are scored (each truncated to ``--max-tokens`` tokens).
 
-    python -m benchmarks.causal_specialisation [--m 4] [--seeds 0 1 2] [--n-profile 50] [--n-eval 50]
+    python -m benchmarks.causal_specialisation [--m 4] [--seeds 0 1 2] [--n-profile 50] [--n-eval 40]
         [--max-tokens 256] [--out benchmarks/results/causal_specialisation]
 """
 
@@ -19,13 +19,22 @@ from pathlib import Path
 import torch
 
 
+def _markdown(df, index: bool = True) -> str:
+    """A pipe table of df (numbers as they are printed)."""
+    d = df.reset_index() if index else df
+    head = [str(c) for c in d.columns]
+    rows = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r] for r in d.itertuples(index=False)]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |"
+                                                                                    for r in rows])
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--m", type=int, default=4)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n-profile", type=int, default=50)
-    ap.add_argument("--n-eval", type=int, default=50)
+    ap.add_argument("--n-eval", type=int, default=40)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/causal_specialisation")
@@ -62,15 +71,15 @@ def main(argv=None) -> None:
         "",
         "## Perplexity / unablated perplexity (rows: experts ablated; columns: held-out text)",
         "",
-        r.matrix("ratio").round(3).to_markdown(),
+        _markdown(r.matrix("ratio")),
         "",
         "## Perplexity",
         "",
-        ppl.round(2).to_markdown(),
+        _markdown(ppl),
         "",
         "## Own domain's experts vs other domains' vs random",
         "",
-        r.summary().round(3).to_markdown(index=False),
+        _markdown(r.summary(), index=False),
         "",
         "## The ablated experts (hottest first) per layer",
         "",

@@ -28,7 +28,7 @@ from .instruments import (
     time_breakdown,
     trace_from_recording,
 )
-from .interventions import hook_points_table, hooks, intervene
+from .interventions import causal_specialisation, hook_points_table, hooks, intervene, logit_lens
 from .model import (
     CausalLMOutput,
     CheckpointError,
@@ -64,7 +64,7 @@ __all__ += [
 ]
 __all__ += ["Engine", "EngineBusy", "EngineOptions", "MemoryLimitError", "convert"]
 __all__ += ["apply_chat_template", "load_tokenizer"]
-__all__ += ["hook_points_table", "hooks", "intervene", "metrics"]
+__all__ += ["causal_specialisation", "hook_points_table", "hooks", "intervene", "logit_lens", "metrics"]
 
 # analysis modules: imported when first named (they pull in matplotlib, ipywidgets and the report's dependencies)
 _SUBMODULES = ("plots", "tables", "widgets", "report", "quality")

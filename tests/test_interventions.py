@@ -394,3 +394,69 @@ def test_token_pieces_from_the_default_models_tokenizer():
     assert ids[-2:].tolist() == out.tokens[:2]
     top = sl.metrics.top_tokens(rec, 0, int(rec["layers.0.moe.topk_ids"][0, 0]))
     assert "token" in top.columns
+
+
+# ---------------------------------------------------------------------------------------- logit lens, table
+def test_logit_lens_last_layer_is_the_models_output(model):
+    from smallthinker_lab.interventions import logit_lens
+
+    ids = _prompt(7, seed=8)[0]
+    df = logit_lens(model, ids, top=3)
+    L, V = model.config.num_hidden_layers, model.config.vocab_size
+    assert len(df) == L * 7 * 3 and set(df["layer"]) == set(range(L))
+    with torch.no_grad():
+        p = torch.softmax(model(ids[None]).logits[0].float(), -1)  # (T, V)
+    last = df[df["layer"] == L - 1]
+    top = p.topk(3, -1)
+    assert last["pred_id"].tolist() == top.indices.reshape(-1).tolist()
+    assert abs(last["prob"].to_numpy() - top.values.reshape(-1).numpy()).max() < 1e-5
+    nxt = last[last["rank"] == 0]["next_prob"].to_numpy()
+    assert abs(nxt[:-1] - p[torch.arange(6), ids[1:]].numpy()).max() < 1e-5 and torch.isnan(torch.tensor(nxt[-1]))
+    assert (df.groupby(["layer", "position"])["prob"].apply(lambda s: s.is_monotonic_decreasing)).all()
+    assert V >= 3
+
+
+def test_logit_lens_bad_arguments(model):
+    from smallthinker_lab.interventions import logit_lens
+
+    with pytest.raises(ValueError, match=r"layers \[4\] are out of range"):
+        logit_lens(model, [1, 2, 3], layers=[4])
+    with pytest.raises(ValueError, match="top must be an integer"):
+        logit_lens(model, [1, 2, 3], top=0)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        logit_lens(model, "text without a tokenizer")
+
+
+class _ByteTokenizer:  # a toy tokenizer for a random test model: bytes mod the vocabulary
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def __call__(self, text):
+        return {"input_ids": [3 + b % (self.vocab - 3) for b in text.encode()]}
+
+
+def test_causal_specialisation_table(model):
+    from smallthinker_lab.interventions import causal_specialisation
+
+    texts = {"a": ["hello world, " * 3 + str(i) for i in range(4)], "b": ["0123456789 " * 3 + str(i) for i in
+                                                                           range(4)]}
+    r = causal_specialisation(model, texts, m=2, seeds=(0, 1), n_profile=2, n_eval=2, max_tokens=24,
+                              tokenizer=_ByteTokenizer(model.config.vocab_size), progress=False)
+    t = r.table
+    assert list(dict.fromkeys(t["ablated"])) == ["none", "a", "b", "random (seed 0)", "random (seed 1)"]
+    assert (t[t["ablated"] == "none"]["ratio"] == 1).all() and len(t) == 10
+    assert all(len(v) == 2 for sets in r.hot.values() for v in sets.values())
+    assert r.random_sets[0] != r.random_sets[1]
+    # the hot set is the most frequent experts of the profile texts, and the perplexity is the intervened model's
+    f = r.frequency[(r.frequency["dataset"] == "a") & (r.frequency["layer"] == 0)]
+    assert r.hot["a"][0] == f.sort_values(["frequency", "expert"], ascending=[False, True])["expert"].head(2).tolist()
+    tok = _ByteTokenizer(model.config.vocab_size)
+    seqs = [torch.tensor(tok(x)["input_ids"][:24]) for x in texts["b"][2:]]
+    with torch.no_grad(), intervene(model, ablate=r.hot["a"]):
+        nll = sum(-torch.log_softmax(model(s[None, :-1]).logits[0], -1)[torch.arange(len(s) - 1), s[1:]].sum()
+                  for s in seqs)
+    row = t[(t["ablated"] == "a") & (t["domain"] == "b")].iloc[0]
+    assert abs(row["ppl"] - float(torch.exp(nll / sum(len(s) - 1 for s in seqs)))) < 1e-3 * row["ppl"]
+    assert set(r.summary()["domain"]) == {"a", "b"}
+    with pytest.raises(ValueError, match="m must be an integer in"):
+        causal_specialisation(model, texts, m=7, tokenizer=tok)

@@ -8,6 +8,8 @@ specialisation measurement (docs in each module; the point names in ``smallthink
 from ..model.hooks import HOOK_POINTS, hook_names, hook_points_table
 from .edit import hooks, resolve_names
 from .intervene import ABLATE_MODES, InterventionError, intervene
+from .lens import logit_lens
+from .specialisation import SpecialisationResult, causal_specialisation
 
-__all__ = ["ABLATE_MODES", "HOOK_POINTS", "InterventionError", "hook_names", "hook_points_table", "hooks",
-           "intervene", "resolve_names"]
+__all__ = ["ABLATE_MODES", "HOOK_POINTS", "InterventionError", "SpecialisationResult", "causal_specialisation",
+           "hook_names", "hook_points_table", "hooks", "intervene", "logit_lens", "resolve_names"]

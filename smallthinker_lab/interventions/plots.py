@@ -49,10 +49,13 @@ def plot_specialisation(table: pd.DataFrame, ax=None, value: str = "ratio"):
     grid = grid.loc[order, [c for c in table["domain"].drop_duplicates() if c in grid.columns]]
     if ax is None:
         _, ax = plt.subplots(figsize=(1.3 * grid.shape[1] + 3, 0.6 * grid.shape[0] + 1.8))
-    im = ax.imshow(grid.to_numpy(), aspect="auto", cmap="magma_r")
-    for (r, c), v in np.ndenumerate(grid.to_numpy()):
-        ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                color="white" if v > np.nanmean(grid.to_numpy()) else "black")
+    from matplotlib.colors import LogNorm
+
+    values = grid.to_numpy()
+    norm = LogNorm(vmin=max(np.nanmin(values), 1e-3), vmax=max(np.nanmax(values), np.nanmin(values) * 1.01))
+    im = ax.imshow(values, aspect="auto", cmap="magma_r", norm=norm)  # log: ratios span orders of magnitude
+    for (r, c), v in np.ndenumerate(values):
+        ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if norm(v) > 0.55 else "black")
     ax.set_xticks(range(grid.shape[1]), grid.columns)
     ax.set_yticks(range(grid.shape[0]), grid.index)
     ax.set_xlabel("held-out text of domain")
