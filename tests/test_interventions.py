@@ -460,3 +460,26 @@ def test_causal_specialisation_table(model):
     assert set(r.summary()["domain"]) == {"a", "b"}
     with pytest.raises(ValueError, match="m must be an integer in"):
         causal_specialisation(model, texts, m=7, tokenizer=tok)
+
+
+@pytest.mark.gpu
+def test_kernel_backend_steps_run_eager_under_an_intervention_and_explain_says_so():
+    from smallthinker_lab.engine import Engine
+    from smallthinker_lab.kernels import unavailable_reason
+
+    if unavailable_reason("cuda"):
+        pytest.skip(unavailable_reason("cuda"))
+    prompt, force = "def add(a, b):", {i: [0, 1, 2, 3] for i in range(8)}
+    with Engine.from_pretrained("default", memory_limit=None, device="cuda", dtype=torch.bfloat16,
+                                progress=False) as e:
+        assert e.backend == "kernels"
+        plain = e.generate(prompt, 12, stop_tokens=[]).tokens
+        assert e.explain().set_index("backend").loc["kernels", "reason"] is None
+        with intervene(e, force=force):
+            assert not e.decoder.usable()
+            assert "edit hooks" in e.explain().set_index("backend").loc["kernels", "reason"]
+            forced = e.generate(prompt, 12, stop_tokens=[]).tokens
+    with Engine.from_pretrained("default", memory_limit=None, device="cuda", dtype=torch.bfloat16, backend="eager",
+                                exact=True, progress=False) as eager, intervene(eager, force=force):
+        assert eager.generate(prompt, 12, stop_tokens=[]).tokens == forced
+    assert forced != plain
