@@ -9,6 +9,7 @@ import importlib
 
 from .engine import Engine, EngineBusy, EngineOptions, MemoryLimitError, convert
 from .instruments import Recording, profile, record
+from .interventions import causal_specialisation, hook_points_table, hooks, intervene, logit_lens
 from .model import (
     CheckpointError,
     ConfigError,
@@ -30,6 +31,7 @@ __all__ = [
     "Recording", "SmallThinkerConfig", "SmallThinkerForCausalLM", "convert", "generate", "kv_cache_bytes",
     "load_model", "load_tokenizer", "profile", "record", "save_pretrained", "stream_generate",
 ]
+__all__ += ["causal_specialisation", "hook_points_table", "hooks", "intervene", "logit_lens"]
 
 # analysis modules: imported when first named (they pull in matplotlib, ipywidgets and the report's dependencies)
 _SUBMODULES = {"plots": ".analysis.plots", "tables": ".analysis.tables", "widgets": ".analysis.widgets",

@@ -426,6 +426,9 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
         """Why a decode step of the chosen graph backend would run eager now, or None."""
         if self.decoder is None or self.decoder.usable():
             return None
+        if self.hooks.edits:
+            return ("decode steps run eager while edit hooks are registered (hooks() / intervene()): the graph and "
+                    "kernel decoders cannot run them")
         if len(self.hooks):
             return "decode steps run eager while hooks are registered (an instrument records)"
         if self.backend == "kernels":
@@ -505,7 +508,7 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
         if log:
             self.hooks.fire("cache_events", events=log, nbytes=self.cache.expert_nbytes)
         if observed:
-            self.hooks.fire("forward", phase=phase, start=start, tokens=T, cache=self.kv, seconds=dt)
+            self.hooks.fire("forward", phase=phase, start=start, tokens=T, cache=self.kv, seconds=dt, input_ids=ids)
         return logits
 
     __call__ = forward

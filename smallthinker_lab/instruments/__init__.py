@@ -26,6 +26,7 @@ from .metrics import (
     neuron_sparsity_by_layer,
     throughput,
     time_breakdown,
+    top_tokens,
 )
 from .profile import profile
 from .record import KINDS, record
@@ -35,6 +36,6 @@ __all__ = [
     "KINDS", "NAMES", "Recording", "cold_expert_share", "expert_frequency", "expert_usage_divergence",
     "hit_rate_curves", "hit_rates", "hot_expert_share", "io_wait_share", "js_divergence", "kv_footprint",
     "lru_hit_curve", "names_table", "neuron_sparsity_by_expert", "neuron_sparsity_by_layer", "policy_hit_curve",
-    "profile", "record", "stack_distances", "throughput", "time_breakdown",
+    "profile", "record", "stack_distances", "throughput", "time_breakdown", "top_tokens",
     "trace_from_recording", "trace_items",
 ]

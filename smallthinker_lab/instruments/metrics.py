@@ -208,6 +208,50 @@ def io_wait_share(timing_df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def top_tokens(rec, layer: int, expert: int, n: int = 10, dataset: str | None = None) -> pd.DataFrame:
+    """The tokens that route to ``expert`` of ``layer`` most often in recording ``rec`` (kinds "experts", with
+    ``tokens.id``): the drill-down of one heatmap cell.
+
+    One row per token id, most routed first (ties: the higher rate first, then the lower id): token_id, token (its
+    piece, when the recording has ``tokens.piece``), routed (rows of that token routed to the expert), occurrences
+    (rows of that token in the recording, at that layer), rate = routed / occurrences, share = routed / all rows
+    routed to the expert. The first ``n`` rows. ``dataset``: only the token rows of that dataset label.
+    """
+    if "experts" not in rec.kinds:
+        raise KeyError(f"top_tokens needs kind 'experts' in the recording (kinds recorded: {rec.kinds})")
+    if layer not in rec.layers:
+        raise KeyError(f"layer {layer} is not in the recording (layers recorded: {rec.layers})")
+    E = rec.config.num_experts
+    if isinstance(expert, bool) or not isinstance(expert, (int, np.integer)) or not 0 <= expert < E:
+        raise ValueError(f"expert must be an integer in [0, {E}), got {expert!r}")
+    if "tokens.id" not in rec:
+        raise KeyError("the recording has no tokens.id (recorded before token ids were kept, or its forwards did "
+                       "not report them): record it again")
+    ids, tok = rec[f"layers.{layer}.moe.topk_ids"], rec["tokens.id"]
+    pieces_all = rec["tokens.piece"] if "tokens.piece" in rec else None
+    if dataset is not None:
+        if dataset not in rec.datasets:
+            raise KeyError(f"dataset {dataset!r} is not in the recording (datasets: {rec.datasets})")
+        keep = rec["tokens.dataset"] == dataset
+        ids, tok = ids[keep], tok[keep]
+        pieces_all = pieces_all[keep] if pieces_all is not None else None
+    hit = (ids == expert).any(axis=1)
+    occurrences = pd.Series(tok).value_counts()
+    routed = pd.Series(tok[hit]).value_counts()
+    df = pd.DataFrame({"token_id": routed.index.to_numpy(dtype=np.int64), "routed": routed.to_numpy()})
+    df["occurrences"] = occurrences.loc[df["token_id"]].to_numpy()
+    df["rate"] = df["routed"] / df["occurrences"]
+    df["share"] = df["routed"] / max(int(hit.sum()), 1)
+    df = df.sort_values(["routed", "rate", "token_id"], ascending=[False, False, True]).head(n)
+    if pieces_all is not None:
+        pieces = dict(zip(tok.tolist(), pieces_all.tolist()))
+        df.insert(1, "token", [pieces[t] for t in df["token_id"]])
+    df = df.reset_index(drop=True)
+    df.attrs.update({"layer": layer, "expert": expert, "dataset": dataset, "routed_rows": int(hit.sum()),
+                     "rows": len(tok)})
+    return df
+
+
 # the cache's derived views live in curves.py; sl.metrics names them all in one place
 from .curves import (  # noqa: E402,F401
     compulsory_ceiling,

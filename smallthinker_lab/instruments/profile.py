@@ -52,7 +52,7 @@ def profile(target, prompts: str | Iterable[str | Sequence[int]], dataset: str |
     dataset = dataset if dataset is not None else getattr(prompts, "name", None) or "prompts"
     prompts = list(prompts)
     is_model = isinstance(target, SmallThinkerForCausalLM)
-    with record(target, kinds=kinds, layers=layers, full=full, dataset=dataset) as rec:
+    with record(target, kinds=kinds, layers=layers, full=full, dataset=dataset, tokenizer=tokenizer) as rec:
         for prompt in tqdm(prompts, desc=f"profile {dataset}", unit="prompt", disable=not progress):
             ids = encode_prompt(tokenizer, prompt, chat)
             if is_model:

@@ -117,6 +117,8 @@ class Recorder:
     timing_snaps: list[tuple] = field(default_factory=list)  # (step_row, engine step, cumulative clocks)
     timing_events: list[tuple] = field(default_factory=list)  # (step_row, engine_step, layer, part, seconds)
     dropped: int = 0
+    token_ids: list[torch.Tensor] = field(default_factory=list)  # per step: the forward's input ids, (B*T,)
+    tokenizer: Any = None  # decodes tokens.piece when the recording is read
     # engine: (engine step, cumulative seconds per (layer, part)) read at each forward's end: the attention / router /
     # MoE / LM head / I/O wait split without a hook call per layer and part
     timing_probe: Callable[[], tuple[int, tuple]] | None = None
@@ -171,7 +173,10 @@ class Recorder:
         if layer is None or layer < 0 or layer in self.layer_pos:
             self._timing.append((step, -1 if layer is None else layer, part, seconds))
 
-    def on_forward(self, phase: str, start: int, tokens: int, cache=None, seconds: float = 0.0, **_: Any) -> None:
+    def on_forward(self, phase: str, start: int, tokens: int, cache=None, seconds: float = 0.0,
+                   input_ids: torch.Tensor | None = None, **_: Any) -> None:
+        if input_ids is not None:  # a copy: a generation loop may reuse its token buffer; no host sync
+            self.token_ids.append(input_ids.detach().reshape(-1).clone())
         batch = 1
         if cache is not None and len(cache):
             batch = cache[0].batch
@@ -220,6 +225,8 @@ class Recorder:
             self._flush()
 
     def _flush(self) -> None:
+        if len(self.token_ids) > 1:
+            self.token_ids = [torch.cat(self.token_ids)]
         self._consolidate_router()
         self._reduce_single()
         self.since_flush = 0
@@ -370,6 +377,14 @@ class Recorder:
         a["steps.seconds"] = np.array([s.seconds for s in self.steps], dtype=np.float64)
         a["sequences.dataset"] = np.array([self.dataset] * self.sequences, dtype="<U64")
         notes: list[str] = []
+        ids = _cat_host(self.token_ids, (0,), torch.int64)
+        if len(ids) == self.token_rows:
+            a["tokens.id"] = ids
+            if self.tokenizer is not None:
+                a["tokens.piece"] = token_pieces(self.tokenizer, ids)
+        else:
+            notes.append(f"tokens: {len(ids)} of {self.token_rows} token ids were reported by the forwards; "
+                         f"tokens.id is missing")
         if "experts" in self.want:
             ids, w, lg = self._router_arrays()
             notes += self.router_notes
@@ -439,6 +454,19 @@ class Recorder:
         self._clear()
 
 
+def token_pieces(tokenizer, ids: np.ndarray) -> np.ndarray:
+    """The decoded piece of each token id (each distinct id decoded once); a tokenizer that fails on an id gives
+    ``<id N>``."""
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    pieces = []
+    for t in uniq.tolist():
+        try:
+            pieces.append(str(tokenizer.decode([t])))
+        except Exception:  # an id the tokenizer does not know (a random test model's vocabulary)
+            pieces.append(f"<id {t}>")
+    return np.array(pieces, dtype=str)[inverse] if len(uniq) else np.zeros(0, dtype="<U1")
+
+
 def _cat_host(tensors: list[torch.Tensor], empty_shape: tuple, dtype: torch.dtype, dim: int = 0) -> np.ndarray:
     """One concatenation on the device, one copy to the host."""
     if not tensors:
@@ -485,10 +513,12 @@ class record:  # noqa: N801  (a function-like context manager, as torch.no_grad)
     full: False keeps counters and small per-token arrays; True (or a subset of {"experts", "neurons"}) also keeps
       the raw router logits (N, E) and the pre-ReLU gate tensors (R, F).
     dataset: the label every row gets in ``to_dataframe``.
+    tokenizer: decodes ``tokens.piece`` (the piece of each recorded token id); default the target's own
+      (``target.tokenizer``), none: only ``tokens.id``.
     """
 
     def __init__(self, target, kinds: Iterable[str] = KINDS, layers=None, full: bool | Iterable[str] = False,
-                 dataset: str = "default") -> None:
+                 dataset: str = "default", tokenizer: Any = None) -> None:
         if not hasattr(target, "hooks") or not hasattr(target, "config"):
             raise TypeError(f"record() needs a model or an engine with .hooks and .config, got {type(target).__name__}")
         kinds = (kinds,) if isinstance(kinds, str) else tuple(dict.fromkeys(kinds))
@@ -503,6 +533,8 @@ class record:  # noqa: N801  (a function-like context manager, as torch.no_grad)
             config=cfg, kinds=kinds, layers=_layer_set(layers, cfg.num_hidden_layers), full=_full_set(full, kinds),
             dataset=str(dataset), target="model" if isinstance(target, SmallThinkerForCausalLM) else "engine",
         )
+        tokenizer = tokenizer if tokenizer is not None else getattr(target, "tokenizer", None)
+        self.recorder.tokenizer = tokenizer if hasattr(tokenizer, "decode") else None
         if self.recorder.target == "engine" and "timing" in kinds:
             self.recorder.timing_probe = _timing_probe(target)
         self.recording = Recording._live(self.recorder)

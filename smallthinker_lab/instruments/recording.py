@@ -54,6 +54,9 @@ NAMES: list[tuple[str, str, str, str, str]] = [
     ("steps.batch", "always", "[S]", "int64", "sequences in the batch (B)"),
     ("steps.seconds", "always", "[S]", "float64", "wall time of the forward, hooks included"),
     ("sequences.dataset", "always", "[Q]", "str", "dataset label of each sequence"),
+    ("tokens.id", "always", "[N]", "int64", "token id of each token row (the forward's input: prompt and fed-back "
+                                            "tokens)"),
+    ("tokens.piece", "with a tokenizer", "[N]", "str", "the decoded piece of each token row's id"),
     ("tokens.sequence", "always, derived", "[N]", "int64", "sequence of each token row"),
     ("tokens.step", "always, derived", "[N]", "int64", "step of each token row"),
     ("tokens.position", "always, derived", "[N]", "int64", "position of each token row"),
@@ -324,9 +327,12 @@ class Recording:
             ids = self._arrays[f"layers.{i}.moe.topk_ids"] if i is not None else np.zeros((0, K), np.int64)
             w = self._arrays[f"layers.{i}.moe.topk_weights"] if i is not None else np.zeros((0, K), np.float32)
             rows = np.repeat(np.arange(len(ids)), K)
-            return pd.DataFrame({**self._token_cols(rows), "layer": np.full(len(rows), i if i is not None else 0),
-                                 "slot": np.tile(np.arange(K), len(ids)), "expert": ids.reshape(-1),
-                                 "weight": w.reshape(-1)})
+            cols = {**self._token_cols(rows), "layer": np.full(len(rows), i if i is not None else 0),
+                    "slot": np.tile(np.arange(K), len(ids)), "expert": ids.reshape(-1), "weight": w.reshape(-1)}
+            for name, col in (("tokens.id", "token_id"), ("tokens.piece", "token")):  # the drill-down columns
+                if name in self._arrays:
+                    cols[col] = self._arrays[name][rows]
+            return pd.DataFrame(cols)
 
         return self._per_layer(build)
 

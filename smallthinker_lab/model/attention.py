@@ -35,6 +35,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.use_rope = config.uses_rope(layer_idx)
         self.window = config.sliding_window_size if config.is_sliding(layer_idx) else None
+        self.hooks = None  # the model's HookRegistry (edit points hook_q/k/v/pattern)
 
     @property
     def kind(self) -> str:
@@ -56,6 +57,11 @@ class Attention(nn.Module):
                 cache: LayerKVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x, rope)
+        hooks = self.hooks
+        edits = hooks is not None and hooks.edits
+        if edits:
+            name = f"blocks.{self.layer_idx}.attn.hook_"
+            q, k, v = hooks.edit(name + "q", q), hooks.edit(name + "k", k), hooks.edit(name + "v", v)
         if cache is not None:
             k, v, k_pos = cache.update(k, v, positions)  # (B, k, S, D)
         else:
@@ -64,5 +70,19 @@ class Attention(nn.Module):
             mask = None  # one query sees every cached key
         else:
             mask = attention_mask(positions, k_pos, self.window)  # (T, S)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
+        if edits and hooks.active(name + "pattern"):  # the pattern computed explicitly, so that a hook sees it
+            out = self._attend_with_pattern(q, k, v, mask, name + "pattern")
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, H)
+
+    def _attend_with_pattern(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                             name: str) -> torch.Tensor:
+        """softmax(q k^T / sqrt(D) + mask) v with the pattern (B, h, T, S) through the hook ``name`` (fp32 softmax)."""
+        rep = self.n_heads // self.n_kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, h, S, D)
+        scores = (q @ k.transpose(-1, -2)).float() / self.head_dim ** 0.5  # (B, h, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        pattern = self.hooks.edit(name, torch.softmax(scores, dim=-1).to(q.dtype))
+        return pattern @ v  # (B, h, T, D)

@@ -60,11 +60,24 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.block_sparse_moe = MoEBlock(config, layer_idx)
 
+    hooks: HookRegistry | None = None  # the model's registry (set by SmallThinkerForCausalLM.hooks)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
-        router_logits = self.block_sparse_moe.route(x)  # (B, T, E), before attention
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
-        x = x + self.block_sparse_moe(self.post_attention_layernorm(x), router_logits)
-        return x, router_logits
+        hooks = self.hooks
+        if hooks is None or not hooks.edits:  # no edit hook: the plain layer
+            router_logits = self.block_sparse_moe.route(x)  # (B, T, E), before attention
+            x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
+            x = x + self.block_sparse_moe(self.post_attention_layernorm(x), router_logits)
+            return x, router_logits
+        name, moe = f"blocks.{self.layer_idx}.", self.block_sparse_moe
+        x = hooks.edit(name + "hook_resid_pre", x)
+        router_logits = moe.route(x)  # (B, T, E), before attention
+        router_logits = moe.edit_logits(router_logits.view(-1, moe.num_experts)).view_as(router_logits)
+        x = hooks.edit(name + "hook_resid_mid",
+                       x + hooks.edit(name + "hook_attn_out",
+                                      self.self_attn(self.input_layernorm(x), positions, rope, cache)))
+        x = x + hooks.edit(name + "hook_moe_out", moe(self.post_attention_layernorm(x), router_logits))
+        return hooks.edit(name + "hook_resid_post", x), router_logits
 
 
 class SmallThinkerModel(nn.Module):
@@ -75,6 +88,7 @@ class SmallThinkerModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.hooks: HookRegistry | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                 output_router_logits: bool = False):
@@ -85,7 +99,10 @@ class SmallThinkerModel(nn.Module):
             x, router_logits = layer(x, positions, rope, cache[i] if cache is not None else None)
             if output_router_logits:
                 all_logits.append(router_logits.view(-1, router_logits.shape[-1]))  # (B*T, E)
-        return self.norm(x), all_logits
+        h = self.norm(x)
+        if self.hooks is not None and self.hooks.edits:
+            h = self.hooks.edit("hook_final_norm", h)
+        return h, all_logits
 
 
 class SmallThinkerForCausalLM(nn.Module):
@@ -97,8 +114,6 @@ class SmallThinkerForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.hooks = HookRegistry()
-        for layer in self.model.layers:
-            layer.block_sparse_moe.hooks = self.hooks
         self.name_or_path: str | None = None  # the folder it was loaded from (set by load_model)
         self._tokenizer: Any = None
         self._tokenizer_looked_up = False
@@ -111,6 +126,19 @@ class SmallThinkerForCausalLM(nn.Module):
         ``cache_dir``, ``local_files_only`` (True: never download; False lets huggingface_hub fetch the repo).
         """
         return CHECKPOINT_IO["load"](path_or_repo_id, **kwargs)
+
+    @property
+    def hooks(self) -> HookRegistry:
+        """The hook registry of the model's points (``smallthinker_lab.model.hooks``); assigning one (the engine
+        does) makes every layer, attention and MoE block fire into it."""
+        return self._hooks
+
+    @hooks.setter
+    def hooks(self, registry: HookRegistry) -> None:
+        self._hooks = registry
+        self.model.hooks = registry
+        for layer in self.model.layers:
+            layer.hooks = layer.self_attn.hooks = layer.block_sparse_moe.hooks = registry
 
     # ----------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
@@ -135,7 +163,7 @@ class SmallThinkerForCausalLM(nn.Module):
         logits = self.lm_head(hidden)  # (B, T, V)
         if observed:
             self.hooks.fire("forward", phase="prefill" if start == 0 else "decode", start=start, tokens=T,
-                            cache=cache, seconds=time.perf_counter() - t0)
+                            cache=cache, seconds=time.perf_counter() - t0, input_ids=input_ids)
         return CausalLMOutput(logits, tuple(router_logits) if output_router_logits else None)
 
     # --------------------------------------------------------------- utilities

@@ -49,9 +49,13 @@ class EagerSteps:
     def _layer(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rope, predicted: list[int] | None):
         cfg, hooks, clock = self.config, self.hooks, time.perf_counter
         moe = layer.block_sparse_moe
+        edits = hooks.edits  # edit hooks (smallthinker_lab.hooks / intervene): the model's points, in its order
+        name = f"blocks.{i}."
         t0 = clock()
-        logits = moe.route(x).reshape(-1, cfg.num_experts)  # (N, E), raw residual, before attention
-        ids, weights = moe.select(logits)  # (N, K)
+        if edits:
+            x = hooks.edit(name + "hook_resid_pre", x)
+        logits = moe.edit_logits(moe.route(x).reshape(-1, cfg.num_experts))  # (N, E), raw residual, before attention
+        ids, weights = moe.select(logits)  # (N, K), through the top-k edit hooks
         weights = weights.to(x.dtype)
         if hooks.active("router"):
             hooks.fire("router", layer=i, logits=logits, topk_ids=ids, topk_weights=weights)
@@ -67,13 +71,21 @@ class EagerSteps:
         if ahead and self._la_early:  # from this layer's input: a whole layer of lead
             nxt = self._speculate_next(i, x)
         t1 = clock()
-        x = x + layer.self_attn(layer.input_layernorm(x), positions, rope, self.kv[i])
+        attn = layer.self_attn(layer.input_layernorm(x), positions, rope, self.kv[i])
+        if edits:
+            x = hooks.edit(name + "hook_resid_mid", x + hooks.edit(name + "hook_attn_out", attn))
+        else:
+            x = x + attn
         t2 = clock()
         if ahead and not self._la_early:  # from the residual after attention: the MoE's time of lead
             nxt = self._speculate_next(i, x)
         t3 = clock()
         u = layer.post_attention_layernorm(x)
-        x = x + self._moe(work, u, weights).view_as(x)
+        y = self._moe(work, u, weights).view_as(x)
+        if edits:
+            x = hooks.edit(name + "hook_resid_post", x + hooks.edit(name + "hook_moe_out", y))
+        else:
+            x = x + y
         t4 = clock()
         self._t_router[i] += (t1 - t0) + (t3 - t2)
         self._t_attn[i] += t2 - t1
@@ -84,10 +96,16 @@ class EagerSteps:
         return x, nxt
 
     def _speculate_next(self, i: int, x: torch.Tensor) -> list[int]:
-        """Look-ahead: layer i+1's router on the residual x; its top-k start reading (cache.speculate)."""
+        """Look-ahead: layer i+1's router on the residual x; its top-k start reading (cache.speculate). The
+        ``intervene()`` rules of layer i+1 apply (ablated experts are not predicted, forced ones are); other edit
+        hooks see only the real routing."""
         cfg = self.config
-        nxt_logits = self._layers[i + 1].block_sparse_moe.route(x).reshape(-1, cfg.num_experts)
-        nxt = torch.topk(nxt_logits, cfg.top_k, dim=-1).indices[0].tolist()
+        moe = self._layers[i + 1].block_sparse_moe
+        nxt_logits = moe.route(x).reshape(-1, cfg.num_experts)
+        if self.hooks.edits:
+            nxt = moe.select(moe.edit_logits(nxt_logits, rules_only=True), rules_only=True)[0][0].tolist()
+        else:
+            nxt = torch.topk(nxt_logits, cfg.top_k, dim=-1).indices[0].tolist()
         for e in sorted(nxt):
             self.cache.speculate((i + 1, e))
         return nxt
@@ -176,6 +194,9 @@ class EagerSteps:
         shape = self.bundle.matrices["gate"].shape
         watch = self._watch_one or self._moe_seen is not None
         n = x.shape[0]
+        hooks = self.hooks
+        if hooks.edits and hooks.active(act := f"blocks.{layer}.moe.experts.{expert}.hook_act"):
+            return self._expert_hooked(entry, x, token, act, watch)
         if self.device.type == "cpu" and n > 2:  # rows from a bounded set of sizes (engine/shapes.py)
             rows = pad_index(token if token is not None else torch.arange(n), row_bucket(n))
             if rows.shape[0] > n:
@@ -251,6 +272,25 @@ class EagerSteps:
         self._neurons_total += shape[0]
         return y
 
+    def _expert_hooked(self, entry: Entry, x: torch.Tensor, token: torch.Tensor | None, name: str,
+                       watch: bool) -> torch.Tensor:
+        """An expert whose neurons are hooked (``hook_act``): dense, the model's ops, relu(gate) * up through the
+        edit hooks of ``name`` before down."""
+        layer, expert = entry.key
+        shape = self.bundle.matrices["gate"].shape  # (F, H)
+        if self._zero_copy:
+            wg, wu, wd = self._slot_views(entry.slot)  # exact: down in the model's [H, F]; else stored [F, H]
+            wd = wd if self.exact else wd.t()
+        else:
+            mat = self._slot_bytes(entry.slot)
+            wg, wu, wd = (self._codec.decode(mat[m], shape, self.dtype) for m in ("gate", "up", "down"))
+            wd = wd.t()
+        g = F.linear(x, wg)  # (n, F)
+        if watch:
+            self._fire_expert(layer, expert, token, g)
+        act = self.hooks.edit(name, F.linear(x, wu) * F.relu(g))  # (n, F)
+        return F.linear(act, wd)  # (n, H)
+
     def _slot_bytes(self, slot: int) -> dict[str, torch.Tensor]:
         buf = self.arena.tensor(slot)
         return {m: buf[sp.offset:sp.offset + sp.nbytes] for m, sp in self.bundle.matrices.items()}
@@ -278,6 +318,8 @@ class EagerSteps:
     def _lm_head(self, x: torch.Tensor, decode: bool) -> torch.Tensor:
         t0 = time.perf_counter()
         h = self.model.model.norm(x)  # (1, 1, H)
+        if self.hooks.edits:
+            h = self.hooks.edit("hook_final_norm", h)
         pred = self.lm_head_predictor
         if decode and pred is not None:  # rows the predictor skips get fill_value (default -inf: never sampled)
             from ..lm_head import sparse_lm_head
