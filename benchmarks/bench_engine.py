@@ -279,7 +279,6 @@ def _load_dequantised_experts(model, bundle_dir: Path) -> None:
     b = open_bundle(bundle_dir, model.config)
     codec = get_format(b.format)
     dtype = model.dtype
-    shape = b.matrices["gate"].shape
     with open(b.data_path, "rb") as f:
         for layer, block in enumerate(model.model.layers):
             for e, expert in enumerate(block.block_sparse_moe.experts):
@@ -287,8 +286,9 @@ def _load_dequantised_experts(model, bundle_dir: Path) -> None:
                 rec = torch.frombuffer(bytearray(f.read(b.stride)), dtype=torch.uint8)
                 mats = {m: rec[sp.offset:sp.offset + sp.nbytes] for m, sp in b.matrices.items()}
                 for m in ("gate", "up", "down"):
-                    w = codec.decode(mats[m], shape, dtype)
-                    w = w.t() if m == "down" else w  # stored [F, H]: the model's down is [H, F]
+                    w = codec.decode(mats[m], b.matrices[m].shape, dtype)
+                    # down stored [F, H] (rows per neuron) or, in the CPU kernel formats, the model's [H, F]
+                    w = w.t() if m == "down" and b.down_transposed else w
                     getattr(expert, m).weight = torch.nn.Parameter(
                         w.contiguous().to(model.device), requires_grad=False)
 
