@@ -228,8 +228,8 @@ def run_llama_bench(peer: Peer, model: Path, threads: int, n_prompt: int, n_gen:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         tail = (r.stderr or "").strip().splitlines()[-3:]
-        raise RuntimeError(f"llama-bench exited with {r.returncode} ({'segfault' if r.returncode == -11 else ''}): "
-                           f"{' / '.join(tail)}")
+        why = {-11: "segfault", -9: "killed: out of memory in its cgroup" if cgroup else "killed"}.get(r.returncode, "")
+        raise RuntimeError(f"llama-bench exited with {r.returncode} ({why}): {' / '.join(tail)}")
     tests = parse_llama_bench(r.stdout)
     out = {"tests": tests, "wall_seconds": time.perf_counter() - t0} | split_tests(tests)
     if cgroup is not None:
@@ -392,10 +392,17 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def _engine_options(quantization: str | None) -> dict:
+    """The CPU kernel formats run torch's int4 / int8 kernels, which the engine allows only with exact=False."""
+    from smallthinker_lab.engine.quant import KERNEL_FORMATS
+
+    return {"exact": False} if quantization in KERNEL_FORMATS else {}
+
+
 def _open_engine(row: Row, info, ctx, refs: dict, log) -> None:
     spec = be.ModeSpec("engine", info.key, "in memory" if row.limit is None else "full",
                        share=None if row.limit is None else 0.6, policy="lru", prefetch=True,
-                       quantization=row.quantization, threads=row.threads)
+                       quantization=row.quantization, threads=row.threads, options=_engine_options(row.quantization))
     row.spec = spec
     row.runner = be.EngineRunner(info, ctx, spec, row.limit)
     tokens = row.runner.generate(info.prompts[0], ctx.new_tokens)["tokens"]
@@ -600,7 +607,8 @@ def main(args, log=print) -> int:
             "gguf": {k: {"path": str(v), "bytes": v.stat().st_size} for k, v in ggufs.items()},
             "llama_bench": f"llama-bench -m GGUF -t T -p {args.prompt_tokens} -n {new_tokens - 1} -r 1 -o json "
                            f"--repack 1 (bf16) / 0 (Q4_0), one invocation per row per round (its own warm-up)",
-            "engine": f"Engine.from_pretrained(ckpt, quantization=Q, compute_threads=T, exact=True), every expert "
+            "engine": f"Engine.from_pretrained(ckpt, quantization=Q, compute_threads=T, exact=True; exact=False for "
+                      f"q4_0_cpu, whose kernels the exact path does not run), every expert "
                       f"read once before timing; one generation of {args.prompt_tokens} prompt + {new_tokens} new "
                       f"tokens per round, each round a new prompt",
             "interleaving": "round-robin: every round times each row of the block once, the order rotated by one "
@@ -628,7 +636,7 @@ def main(args, log=print) -> int:
             t = max(args.peer_threads)
             block = []
             for q, k in ((None, "bf16"), ("q4_0_cpu", "q4_0")):
-                lim = be.engine_limits(info, "cpu", q)
+                lim = be.engine_limits(info, "cpu", q, exact=not _engine_options(q))
                 limit, share = be.limit_for_share(lim, 0.6, info.config.top_k)
                 e = Row(f"engine {q or 'bf16'} at 60% of expert bytes, {t} thr", "engine", q, t, limit=limit)
                 e.extra["share"] = share
