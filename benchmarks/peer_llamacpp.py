@@ -538,8 +538,10 @@ def ratios(rows: list[dict]) -> list[dict]:
                 tgt = 3.0 if limited else target
                 for key, goal in (("decode_tok_s", tgt), ("prefill_tok_s", 1.0)):
                     v = e[key] / ll[key] if e.get(key) and ll.get(key) else math.nan
+                    fit = limited and not max(ll.get("cgroup_failcnt") or [1])
+                    note = " (llama.cpp's file fit in the cgroup, no limit hit: it ran in memory)" if fit else ""
                     out.append({"what": f"{key.split('_')[0]}: engine {what} / llama.cpp {lq.replace('none', 'bf16')}"
-                                        f" {where}, {t} thread{'s' if t > 1 else ''}",
+                                        f" {where}, {t} thread{'s' if t > 1 else ''}{note}",
                                 "engine": e["name"], "llama_cpp": ll["name"], "value": v, "threshold": goal,
                                 "met": None if v != v else v >= goal})
     return out

@@ -219,6 +219,10 @@ def peer_rows_table(rows: list[dict]) -> str:
             continue
         check = (r.get("checked") or "").split(" (")[0] if r.get("mode") == "engine" else (
             "--repack 0" if r.get("repack") is False else "")
+        peaks, hits = r.get("cgroup_max_usage_in_bytes"), r.get("cgroup_failcnt")
+        if peaks:  # did the limit bind? (peak charge of the group, times it hit the limit)
+            check += (f"{'; ' if check else ''}cgroup peak {max(peaks) / 2**30:.2f} GiB, limit hit "
+                      f"{max(hits or [0]):,} times" + ("" if max(hits or [0]) else " (the file fit: in memory)"))
         lines.append(
             f"| {r['name']} | {r.get('threads')} | {_gib(r.get('memory_limit'))} | {_f(r.get('prefill_tok_s'))} "
             f"({_f(r.get('prefill_tok_s_min'))}-{_f(r.get('prefill_tok_s_max'))}) | "
