@@ -279,7 +279,6 @@ def _load_dequantised_experts(model, bundle_dir: Path) -> None:
     b = open_bundle(bundle_dir, model.config)
     codec = get_format(b.format)
     dtype = model.dtype
-    shape = b.matrices["gate"].shape
     with open(b.data_path, "rb") as f:
         for layer, block in enumerate(model.model.layers):
             for e, expert in enumerate(block.block_sparse_moe.experts):
@@ -287,8 +286,9 @@ def _load_dequantised_experts(model, bundle_dir: Path) -> None:
                 rec = torch.frombuffer(bytearray(f.read(b.stride)), dtype=torch.uint8)
                 mats = {m: rec[sp.offset:sp.offset + sp.nbytes] for m, sp in b.matrices.items()}
                 for m in ("gate", "up", "down"):
-                    w = codec.decode(mats[m], shape, dtype)
-                    w = w.t() if m == "down" else w  # stored [F, H]: the model's down is [H, F]
+                    w = codec.decode(mats[m], b.matrices[m].shape, dtype)
+                    # down stored [F, H] (rows per neuron) or, in the CPU kernel formats, the model's [H, F]
+                    w = w.t() if m == "down" and b.down_transposed else w
                     getattr(expert, m).weight = torch.nn.Parameter(
                         w.contiguous().to(model.device), requires_grad=False)
 
@@ -384,16 +384,17 @@ def _preload(engine) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- limits
-def engine_limits(info: ModelInfo, device: str, quantization: str | None) -> dict:
+def engine_limits(info: ModelInfo, device: str, quantization: str | None, exact: bool = True) -> dict:
     """The engine's fixed bytes (everything but the expert cache), the slot size and the number of experts, from
-    the MemoryLimitError of a 1-byte limit (nothing is loaded)."""
+    the MemoryLimitError of a 1-byte limit (nothing is loaded). ``exact``: as the row is timed (the CPU kernel
+    formats run with exact=False)."""
     from smallthinker_lab.engine import Engine, MemoryLimitError
 
     cuda = torch.device(device).type == "cuda"
     kw = {"host_cache": True} if cuda else {}
     try:
         Engine.from_pretrained(info.ckpt, memory_limit=1, device=device, quantization=quantization,
-                               bundle_dir=info.bundles[quantization], progress=False, exact=True, **kw)  # as timed
+                               bundle_dir=info.bundles[quantization], progress=False, exact=exact, **kw)  # as timed
     except MemoryLimitError as e:
         minimum = e.minimum_bytes
     else:  # pragma: no cover
@@ -592,11 +593,11 @@ def _summarise(runs: list[dict], spec: ModeSpec, info: ModelInfo, ctx: Context, 
 
 def runner_expert_nbytes(info: ModelInfo, quantization: str | None) -> int:
     """Bytes of one expert's three matrices as the mode reads them (stored precision or the quantised record)."""
-    from smallthinker_lab.engine.bundle import record_layout
+    from smallthinker_lab.engine.bundle import down_transposed_for, record_layout
 
     c = info.config
     fmt = quantization or {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[info.dtype]
-    _, payload, _ = record_layout(c.hidden_size, c.moe_ffn_hidden_size, fmt)
+    _, payload, _ = record_layout(c.hidden_size, c.moe_ffn_hidden_size, fmt, down_transposed_for(fmt))
     return payload
 
 

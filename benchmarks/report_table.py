@@ -204,6 +204,84 @@ def plot_decode(res: dict, model: str, path: str | Path) -> Path | None:
     return path
 
 
+def peer_rows_table(rows: list[dict]) -> str:
+    """The peer comparison's rows (benchmarks/peer_llamacpp.py): every figure with its bound."""
+    if not rows:
+        return ""
+    head = ("| row | threads | memory limit | prefill tok/s (min-max) | prefill share of bound | decode tok/s "
+            "(min-max) | memory MiB/token | read GB/s | T_mem ms | measured ms | share of bound | check |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if r.get("error"):
+            err = r["error"][:110].replace("|", "/")
+            lines.append(f"| {r['name']} | {r.get('threads')} | {_gib(r.get('memory_limit'))} | | | {err} | | | | | "
+                         f"| |")
+            continue
+        check = (r.get("checked") or "").split(" (")[0] if r.get("mode") == "engine" else (
+            "--repack 0" if r.get("repack") is False else "")
+        peaks, hits = r.get("cgroup_max_usage_in_bytes"), r.get("cgroup_failcnt")
+        if peaks:  # did the limit bind? (peak charge of the group, times it hit the limit)
+            check += (f"{'; ' if check else ''}cgroup peak {max(peaks) / 2**30:.2f} GiB, limit hit "
+                      f"{max(hits or [0]):,} times" + ("" if max(hits or [0]) else " (the file fit: in memory)"))
+        lines.append(
+            f"| {r['name']} | {r.get('threads')} | {_gib(r.get('memory_limit'))} | {_f(r.get('prefill_tok_s'))} "
+            f"({_f(r.get('prefill_tok_s_min'))}-{_f(r.get('prefill_tok_s_max'))}) | "
+            f"{_f(r.get('prefill_bound_share'), '{:.0%}')} | {_f(r.get('decode_tok_s'))} "
+            f"({_f(r.get('decode_tok_s_min'))}-{_f(r.get('decode_tok_s_max'))}) | "
+            f"{_f((r.get('memory_bytes_per_token') or 0) / 2**20, '{:.0f}')} | "
+            f"{_f((r.get('bw_mem') or 0) / 1e9, '{:.1f}')} | {_f(r.get('t_mem_ms'), '{:.1f}')} | "
+            f"{_f(r.get('measured_ms'), '{:.1f}')} | {_f(r.get('bound_share'), '{:.0%}')} | {check} |")
+    return "\n".join(lines) + "\n"
+
+
+def ratios_table(ratios: list[dict]) -> str:
+    if not ratios:
+        return ""
+    lines = ["| engine / llama.cpp, same run | ratio (medians) | target | met |", "|---|---|---|---|"]
+    for x in ratios:
+        met = "n/a" if x.get("met") is None else ("yes" if x["met"] else "**no**")
+        lines.append(f"| {x['what']} | {_f(x.get('value'), '{:.2f}')} | {x['threshold']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_peer(res: dict, heading_level: int = 2, compact: bool = False) -> str:
+    """The markdown report of bench_cpu_peer.json (llama.cpp beside the engine)."""
+    h = "#" * heading_level
+    m, s, lc = res.get("machine", {}), res.get("settings", {}), res.get("llama_cpp", {})
+    v = res.get("versions", {})
+    out = [f"{h} Benchmark `cpu --peer llama.cpp`{' (dry run)' if res.get('dry_run') else ''}: {m.get('cpu')}, "
+           f"{res.get('created')}\n",
+           f"torch {v.get('torch')}, commit {(v.get('git_commit') or '')[:10]}; {m.get('cores')} cores; load average "
+           f"{res.get('load_before')} before, {res.get('load_after')} after; wall {res.get('wall_seconds', 0):.0f} s"
+           f"{'; PARTIAL' if res.get('partial') else ''}.\n"]
+    if lc.get("available"):
+        b = lc.get("build", {})
+        out.append(f"llama.cpp: `{b.get('version')}`, built from {b.get('sdist', '?')} (sha256 "
+                   f"{(b.get('sdist_sha256') or '?')[:12]}), vendored llama.cpp commit "
+                   f"{b.get('vendored_llama_cpp_commit', '?')}, flags {' '.join(b.get('cmake_flags') or [])}.\n")
+    else:
+        out.append(f"llama.cpp: **unavailable**: {lc.get('reason')}.\n")
+    if res.get("fatal"):
+        out.append(f"**FATAL**: {res['fatal']}\n")
+    if s:
+        model = s.get("model", {})
+        out.append(f"Model: {model.get('description')}. Prompt {s.get('prompt_tokens')} tokens (pp"
+                   f"{s.get('prompt_tokens')}), {s.get('decode_tokens')} decode tokens (tg{s.get('decode_tokens')}), "
+                   f"{s.get('rounds')} rounds in memory, {s.get('limited_rounds')} under the limit. "
+                   f"{s.get('interleaving')}. Memory cgroup: {s.get('memory_cgroup')}. {s.get('repack')}.\n")
+        if s.get("shape_note"):
+            out.append(f"Shape: {s['shape_note']}.\n")
+        if not compact:
+            out.append(f"llama.cpp rows: `{s.get('llama_bench')}`. Engine rows: {s.get('engine')}.\n")
+    out.append("Bound of a decode figure: bytes read from memory per token / read bandwidth measured at the row's "
+               "thread count in the same rounds (T_mem); share = T_mem / measured time. Prefill: every weight the "
+               "prompt touches read once / the same bandwidth.\n")
+    out.append(peer_rows_table(res.get("rows", [])))
+    out.append(f"{h}# Ratios\n")
+    out.append(ratios_table(res.get("ratios", [])))
+    return "\n".join(out) + "\n"
+
+
 def readme_section() -> str:
     parts = ["Generated by `python -m benchmarks.report_table` from `benchmarks/results/bench_*.json` "
              "(`python -m benchmarks.run --suite cpu|gpu`). The bound, as in the project's performance reference: "
@@ -218,6 +296,12 @@ def readme_section() -> str:
             parts.append(render_result(json.loads(f.read_text(encoding="utf-8")), heading_level=3, compact=True))
             parts.append(f"Full report (settings, decode-time profile, skipped modes): `benchmarks/results/"
                          f"bench_{suite}.md`.\n")
+    peer = RESULTS / "bench_cpu_peer.json"
+    if peer.exists():
+        found = True
+        parts.append(render_peer(json.loads(peer.read_text(encoding="utf-8")), heading_level=3, compact=True))
+        parts.append("Full report: `benchmarks/results/bench_cpu_peer.md` (`python -m benchmarks.run --suite cpu "
+                     "--peer llama.cpp`).\n")
     if not found:
         parts.append("No benchmark results yet.\n")
     return "\n".join(parts)

@@ -412,12 +412,24 @@ def parse_args(argv=None):
     p.add_argument("--no-readme", dest="readme", action="store_false")
     p.add_argument("--attn-out-scale", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=1, help="CPU: torch threads of the engine and the model in memory")
+    g = p.add_argument_group("peer", "--suite cpu --peer llama.cpp: llama.cpp beside the engine, round-robin "
+                             "(benchmarks/peer_llamacpp.py; results bench_cpu_peer.json / .md)")
+    g.add_argument("--peer", choices=("llama.cpp",), default=None)
+    g.add_argument("--layers", type=int, default=8, help="layers of the 4B shape (of 32; per-layer shape kept)")
+    g.add_argument("--rounds", type=int, default=5, help="round-robin rounds in memory")
+    g.add_argument("--limited-rounds", type=int, default=3, help="rounds at 60%% of expert bytes (0: skip)")
+    g.add_argument("--peer-threads", default="1,2", help="comma-separated thread counts")
+    g.add_argument("--build-peer", action="store_true", help="build llama.cpp into the cache when not found")
+    g.add_argument("--peer-cache", default=None, help="llama.cpp build cache (default ~/.cache/smallthinker-lab/"
+                   "llama.cpp; $LLAMA_CPP_DIR is looked at first)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars of checkpoint writing in the logs
     args = parse_args(argv)
+    if args.peer:
+        return _peer(args)
     suite = args.suite
     d = DEFAULTS[suite]
     args.prompt_tokens = args.prompt_tokens or d["prompt"]
@@ -561,6 +573,25 @@ def main(argv=None) -> int:
         log("README table regenerated")
     print(Path(md_path).read_text(encoding="utf-8"))
     return 1 if errors or result.get("fatal") else 0
+
+
+def _peer(args) -> int:
+    """``--peer llama.cpp``: the peer comparison instead of the suite's modes (benchmarks/peer_llamacpp.py)."""
+    from . import peer_llamacpp
+
+    if args.suite != "cpu":
+        raise SystemExit(f"--peer llama.cpp runs with --suite cpu (got --suite {args.suite})")
+    args.prompt_tokens = args.prompt_tokens or 32  # llama-bench pp32
+    args.tokens = args.tokens or 17  # tg16: 16 decode steps
+    args.peer_threads = [int(x) for x in str(args.peer_threads).split(",") if x.strip()]
+    args.peer_cache = args.peer_cache or str(peer_llamacpp.CACHE)
+    start = time.perf_counter()
+    code = peer_llamacpp.main(args, log=lambda m: print(f"[{time.perf_counter() - start:7.1f}s] {m}", flush=True))
+    if args.readme and not args.dry_run and Path(args.out).resolve() == RESULTS.resolve():
+        from .report_table import update_readme
+
+        update_readme()
+    return code
 
 
 def _finish(result, rows, skipped, suite, cuda, json_path: Path, md_path: Path, start, partial: bool) -> None:
