@@ -31,12 +31,16 @@ from .model import (
     CausalLMOutput,
     CheckpointError,
     ConfigError,
+    DenseConfig,
+    DenseForCausalLM,
+    DenseModelError,
     GenerationResult,
     GenerationStats,
     KVCache,
     SamplingConfig,
     SmallThinkerConfig,
     SmallThinkerForCausalLM,
+    SpeculativeStats,
     expected_tensors,
     generate,
     kv_cache_bytes,
@@ -50,8 +54,10 @@ from .model.tokenizer import apply_chat_template, load_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "CausalLMOutput", "CheckpointError", "ConfigError", "GenerationResult", "GenerationStats", "KVCache",
-    "SamplingConfig", "SmallThinkerConfig", "SmallThinkerForCausalLM", "expected_tensors", "generate",
+    "CausalLMOutput", "CheckpointError", "ConfigError", "DenseConfig", "DenseForCausalLM", "DenseModelError",
+    "GenerationResult", "GenerationStats", "KVCache",
+    "SamplingConfig", "SmallThinkerConfig", "SmallThinkerForCausalLM", "SpeculativeStats", "expected_tensors",
+    "generate",
     "kv_cache_bytes", "load_model", "save_pretrained", "stream_generate", "write_synthetic_checkpoint",
 ]
 __all__ += [
