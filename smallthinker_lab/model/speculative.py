@@ -181,3 +181,25 @@ def speculative_tokens(target: Any, draft: Any, input_ids: torch.Tensor, max_new
             yield t
         new += len(out)
         tok = out[-1]
+
+
+def layer_draft(model: Any, num_layers: int) -> Any:
+    """A draft made of ``model``'s first ``num_layers`` layers, its final norm and its head (early exit), sharing
+    the model's tensors (no memory of its own) and its tokenizer: a draft for any model, trained or not, whose
+    acceptance says how much of the next-token choice the first layers already make."""
+    cfg = model.config
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= cfg.num_hidden_layers:
+        raise ValueError(f"num_layers must be an integer in [1, {cfg.num_hidden_layers}], got {num_layers!r}")
+    per_layer = {key: getattr(cfg, key)[:num_layers] for key in ("rope_layout", "sliding_window_layout", "layer_types")
+                 if key in cfg.__dataclass_fields__ and getattr(cfg, key) is not None}
+    small = cfg.replace(num_hidden_layers=num_layers, **per_layer)
+    with torch.device("meta"):
+        draft = type(model)(small)
+    keep = set(draft.state_dict())
+    draft.load_state_dict({n: t for n, t in model.state_dict().items() if n in keep}, strict=True, assign=True)
+    if small.tie_word_embeddings:
+        draft.lm_head.weight = draft.model.embed_tokens.weight
+    draft.model.rotary = model.model.rotary
+    draft.name_or_path = f"{getattr(model, 'name_or_path', None) or 'model'} (first {num_layers} layers)"
+    draft.tokenizer = getattr(model, "tokenizer", None)
+    return draft.eval()
