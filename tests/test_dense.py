@@ -224,3 +224,48 @@ def test_shard_outside_the_folder_is_refused(folder):
         {"weight_map": {n: "../model-00001-of-00001.safetensors" for n in names}}))
     with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
         load_model(folder)
+
+
+# ------------------------------------------------------------------ dense against MoE
+def test_size_table_counts_match_the_released_models():
+    from smallthinker_lab.instruments.dense_moe import size_table
+
+    df = size_table({"3b": DenseConfig.from_name("smallthinker-3b-preview"),
+                     "4b": sl.SmallThinkerConfig.from_name("smallthinker-4b-a0.6b"),
+                     "21b": sl.SmallThinkerConfig.from_name("smallthinker-21b-a3b")}).set_index("model")
+    assert df.loc["3b", "params_total"] == 3_085_938_688
+    assert df.loc["3b", "params_active"] == 3_085_938_688 - 151936 * 2048  # dense: everything but the embedding
+    for name, total, active in (("4b", 4.0e9, 0.6e9), ("21b", 21.5e9, 3e9)):  # the names' "4B-A0.6B", "21B-A3B"
+        assert abs(df.loc[name, "params_total"] / total - 1) < 0.02
+        assert abs(df.loc[name, "params_active"] / active - 1) < 0.1
+    assert df.loc["3b", "ffn_share_active"] == 1.0 and df.loc["4b", "ffn_share_active"] == 4 / 32
+    assert df.loc["3b", "ffn_MiB_per_token_bf16"] == 36 * 3 * 2048 * 11008 * 2 / 2**20
+    assert df.loc["3b", "ffn_MiB_per_token_bf16"] > 5 * df.loc["4b", "ffn_MiB_per_token_bf16"]
+    # all 36 layers global: 2 (K, V) x 2 heads x 128 x 2 bytes per token and layer
+    assert df.loc["3b", "kv_MiB_32K"] == 36 * 2 * 2 * 128 * 2 * 32768 / 2**20 == 1152
+    assert df.loc["21b", "kv_MiB_32K"] < df.loc["21b", "layers"] * 2 * 4 * 128 * 2 * 32768 / 2**20  # sliding layers
+
+
+def test_silu_has_no_exact_zeros_where_reglu_has_many(tmp_path):
+    from smallthinker_lab.instruments.dense_moe import ffn_activation_sparsity
+
+    prompts = [IDS[0].tolist(), (IDS[0] * 3 % 96).tolist()]
+    hf, folder = write_hf(tmp_path, tie=True, bias=True)
+    dense_model = load_model(folder, dtype=torch.float32)
+    d = ffn_activation_sparsity(dense_model, prompts, thresholds=(0.0, 0.05, 0.5))
+    assert (d[d.threshold == 0.0].share == 0).all()  # SiLU is zero only at 0
+    gates = []  # the same share computed from transformers' own MLP inputs
+    hook = hf.model.layers[1].mlp.gate_proj.register_forward_hook(lambda m, i, o: gates.append(o))
+    with torch.no_grad():
+        for p in prompts:
+            hf(torch.tensor([p]))
+    hook.remove()
+    act = torch.nn.functional.silu(torch.cat([g.reshape(-1) for g in gates]))
+    got = d[(d.layer == 1) & (d.threshold == 0.5)].share.item()
+    assert abs(got - (act.abs() <= 0.5).double().mean().item()) < 1e-6
+    moe = sl.load_model("default", dtype=torch.float32)
+    m = ffn_activation_sparsity(moe, prompts, thresholds=(0.0, 0.05))
+    assert (m[m.threshold == 0.0].share > 0.3).all()  # ReGLU: every negative gate is an exact zero
+    for df in (d, m):
+        wide = df.pivot(index="layer", columns="threshold", values="share")
+        assert (wide.diff(axis=1).iloc[:, 1:] >= 0).all().all()  # more values fall under a larger threshold
