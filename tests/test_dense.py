@@ -269,3 +269,18 @@ def test_silu_has_no_exact_zeros_where_reglu_has_many(tmp_path):
     for df in (d, m):
         wide = df.pivot(index="layer", columns="threshold", values="share")
         assert (wide.diff(axis=1).iloc[:, 1:] >= 0).all().all()  # more values fall under a larger threshold
+
+
+def test_record_on_a_dense_model_keeps_the_kinds_that_apply():
+    model = DenseForCausalLM(DenseConfig.from_name("dense-test")).init_weights(0).eval()
+    with sl.record(model) as rec:  # default kinds: the dense model's kv and timing
+        sl.generate(model, [1, 2, 3, 4], max_new_tokens=5, stop_tokens=[])
+    kv = rec.to_dataframe("kv")
+    assert set(kv.layer) == {0, 1, 2} and (kv.attention == "global").all()
+    last = kv[kv.step == kv.step.max()]
+    per_layer = sl.kv_cache_bytes(model.config, 8, dtype=torch.float32) // 3  # 4 prompt + 4 decoded positions
+    assert (last.context == 8).all() and (last["bytes"] == per_layer).all()
+    assert len(rec.to_dataframe("timing")) == 5
+    for kinds in (["experts"], ["neurons", "kv"], ["cache"]):
+        with pytest.raises(ValueError, match=r"a dense model has no experts.*ffn_activation_sparsity"):
+            sl.record(model, kinds=kinds)

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 KINDS = ("experts", "neurons", "kv", "cache", "timing")
+DENSE_LACKS = ("experts", "neurons", "cache")  # the kinds a dense model (DenseForCausalLM) has nothing for
+DENSE_KINDS = tuple(k for k in KINDS if k not in DENSE_LACKS)
 FORMAT_VERSION = 1
 
 
@@ -358,7 +360,6 @@ class Recorder:
     def build(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """(meta, arrays) for a Recording (pending expert events are reduced first)."""
         cfg = self.config
-        E, F = cfg.num_experts, cfg.moe_ffn_hidden_size
         S = len(self.steps)
         a: dict[str, np.ndarray] = {}
         a["steps.sequence"] = np.array([s.sequence for s in self.steps], dtype=np.int64)
@@ -379,6 +380,7 @@ class Recorder:
                 if lg is not None:
                     a[f"layers.{layer}.moe.router_logits"] = lg[j]
         if "neurons" in self.want:
+            E, F = cfg.num_experts, cfg.moe_ffn_hidden_size
             self._reduce_single()
             key = _cat_host([r[0] for r in self.routed], (0,), torch.int64)
             tok = np.concatenate([np.zeros(0, np.int64)] + [r[1] if isinstance(r[1], np.ndarray) else
@@ -491,19 +493,28 @@ class record:  # noqa: N801  (a function-like context manager, as torch.no_grad)
                  dataset: str = "default") -> None:
         from .recording import Recording
 
+        explicit = kinds is not KINDS
         if not hasattr(target, "hooks") or not hasattr(target, "config"):
             raise TypeError(f"record() needs a model or an engine with .hooks and .config, got {type(target).__name__}")
         kinds = (kinds,) if isinstance(kinds, str) else tuple(dict.fromkeys(kinds))
         unknown = set(kinds) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown kinds {sorted(unknown)}; known kinds: {', '.join(KINDS)}")
-        from ..model import SmallThinkerForCausalLM
+        from ..model import DenseForCausalLM, SmallThinkerForCausalLM
 
+        if isinstance(target, DenseForCausalLM):  # no router, no experts, no expert cache
+            moe_only = [k for k in kinds if k in DENSE_LACKS]
+            if moe_only and explicit:
+                raise ValueError(f"record(kinds={list(kinds)}): a dense model has no experts, so the kinds "
+                                 f"{moe_only} do not apply to it (it records {', '.join(DENSE_KINDS)}); for its FFN "
+                                 f"neurons use smallthinker_lab.instruments.dense_moe.ffn_activation_sparsity")
+            kinds = tuple(k for k in kinds if k not in DENSE_LACKS)
         self.target = target
         cfg = target.config
         self.recorder = Recorder(
             config=cfg, kinds=kinds, layers=_layer_set(layers, cfg.num_hidden_layers), full=_full_set(full, kinds),
-            dataset=str(dataset), target="model" if isinstance(target, SmallThinkerForCausalLM) else "engine",
+            dataset=str(dataset),
+            target="model" if isinstance(target, (SmallThinkerForCausalLM, DenseForCausalLM)) else "engine",
         )
         if self.recorder.target == "engine" and "timing" in kinds:
             self.recorder.timing_probe = _timing_probe(target)
