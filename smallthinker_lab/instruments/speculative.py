@@ -82,15 +82,15 @@ def measure_speculative(target: Any, draft: Any, prompts, draft_tokens: Sequence
 
 def speculative_summary(df: pd.DataFrame, by: Sequence[str] = ("mode",)) -> pd.DataFrame:
     """Per ``by`` group of :func:`measure_speculative`'s rows: median decode tok/s, median speed-up over the target
-    alone, acceptance (kept over checked draft tokens, pooled), tokens per target forward, and whether every greedy
-    output equalled the target's."""
+    alone, acceptance (kept over checked draft tokens, pooled), tokens per target forward, and ``same_tokens``: the
+    share of runs whose greedy output equalled the target alone's."""
     by = list(by)
     out = []
     for key, g in df.groupby(by, sort=False):
         key = key if isinstance(key, tuple) else (key,)
         row = dict(zip(by, key))
         row.update(runs=len(g), decode_tok_s=g["decode_tok_s"].median(), speedup=g["speedup"].median(),
-                   same_tokens=bool(g["same_tokens"].all()))
+                   same_tokens=float(g["same_tokens"].mean()))
         reached = [c for c in g.columns if c.startswith("reached_")]
         if reached and g["draft_tokens"].max() > 0:
             checked = g[reached].sum().sum()

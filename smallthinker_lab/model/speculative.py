@@ -2,7 +2,9 @@
 
 Greedy: draft tokens are kept while each equals the target's argmax at its position, then the target's own token
 follows (the correction, or a bonus token when all k were kept), so the output is the target's greedy output token for
-token. Sampling: a draft token d drawn from the draft's q is kept with probability min(1, p(d) / q(d)); the first one
+token. That holds in fp32; in bf16 a (k+1)-token forward rounds differently from a one-token forward, so where the
+target's top two logits nearly tie the outputs can part (measured: benchmarks/results/speculative.md).
+Sampling: a draft token d drawn from the draft's q is kept with probability min(1, p(d) / q(d)); the first one
 rejected is replaced by a draw from max(0, p - q) renormalised (the standard speculative rejection rule), so every
 output token is distributed as the target's p (after the same temperature, top_k and top_p).
 Both KV caches are rolled back past rejected tokens (:meth:`KVCache.truncate`). Batch 1.
@@ -77,6 +79,10 @@ def check_draft(target: Any, draft: Any, draft_tokens: int) -> int:
         if getattr(m, "new_cache", None) is None:
             raise ValueError(f"{name} is not an in-memory model (it has no new_cache()): speculative decoding runs "
                              f"on load_model() models")
+        cfg = m.config
+        if any(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)) and draft_tokens + 1 > cfg.sliding_window_size:
+            raise ValueError(f"draft_tokens={draft_tokens}: a round writes draft_tokens + 1 positions, more than the "
+                             f"sliding window ({cfg.sliding_window_size}) of {name} can roll back")
     return draft_tokens
 
 
