@@ -284,3 +284,21 @@ def test_record_on_a_dense_model_keeps_the_kinds_that_apply():
     for kinds in (["experts"], ["neurons", "kv"], ["cache"]):
         with pytest.raises(ValueError, match=r"a dense model has no experts.*ffn_activation_sparsity"):
             sl.record(model, kinds=kinds)
+
+
+def test_readme_dense_example_runs(tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"<!-- dense-example -->\n```python\n(.+?)\n```", readme, re.S).group(1)
+    script = tmp_path / "dense_example.py"
+    script.write_text("import torch\ntorch.set_num_threads(1)\n" + code)
+    env = {**os.environ, "PYTHONPATH": str(repo)}  # this checkout's package, whichever one the venv installed
+    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "3085938688" in res.stdout
