@@ -25,12 +25,15 @@ SMALL = {
     "04_kv_cache": dict(MAX_PROMPTS=1, MAX_NEW_TOKENS=8),
     "05_offloading_throughput": dict(PROMPT_SETS=["gsm8k", "zh-news"], BENCH_PROMPTS=1, MAX_NEW_TOKENS=4),
     "06_memory_limit_explorer": dict(PROMPT_SETS=["gsm8k", "humaneval"], MAX_PROMPTS=1, MAX_NEW_TOKENS=4),
+    "08_dense_vs_moe_and_drafting": dict(PROMPT_SETS=["gsm8k", "zh-news"], MAX_PROMPTS=1, MAX_NEW_TOKENS=8,
+                                         DRAFT_TOKENS=[2]),
 }
 # text a notebook must print when it runs: the properties it shows a user
 EXPECT = {
     "01_tour": ["same tokens as in memory: True"],
     "03_neuron_sparsity": ["same tokens dense and sparse: True"],
     "04_kv_cache": ["recorded bytes equal the analytic formula at every step: True"],
+    "08_dense_vs_moe_and_drafting": ["greedy outputs equal the target's: True"],
 }
 
 
