@@ -302,3 +302,20 @@ def test_readme_dense_example_runs(tmp_path):
                          env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "3085938688" in res.stdout
+
+
+def test_cli_generates_with_a_dense_model_in_memory_and_with_a_draft(tmp_path, capsys):
+    from smallthinker_lab.cli import main
+    from smallthinker_lab.resources import default_model_dir
+
+    cfg = DenseConfig.from_name("dense-test", vocab_size=8192, eos_token_id=[0, 2])  # the default tokenizer's ids
+    folder = sl.write_synthetic_checkpoint(tmp_path / "dense", cfg, dtype=torch.float32, tokenizer=default_model_dir())
+    assert main(["generate", "--model", str(folder), "def f(x):", "--max-new-tokens", "6", "--no-echo"]) == 0
+    plain = capsys.readouterr()
+    assert "in memory (cpu)" in plain.err  # not the engine: a dense model has no experts to offload
+    assert main(["generate", "--model", str(folder), "def f(x):", "--max-new-tokens", "6", "--no-echo",
+                 "--draft", "1", "--draft-tokens", "3"]) == 0
+    drafted = capsys.readouterr()
+    assert drafted.out == plain.out and "of draft tokens kept" in drafted.err
+    assert main(["generate", "--model", str(folder), "x", "--draft", "1", "--memory-limit", "1GiB"]) == 2
+    assert "--draft runs the model in memory" in capsys.readouterr().err
