@@ -319,3 +319,10 @@ def test_cli_generates_with_a_dense_model_in_memory_and_with_a_draft(tmp_path, c
     assert drafted.out == plain.out and "of draft tokens kept" in drafted.err
     assert main(["generate", "--model", str(folder), "x", "--draft", "1", "--memory-limit", "1GiB"]) == 2
     assert "--draft runs the model in memory" in capsys.readouterr().err
+
+
+def test_from_pretrained_loads_dense_and_refuses_smallthinker(tmp_path):
+    folder = write_hf(tmp_path, tie=True, bias=True)[1]
+    assert isinstance(DenseForCausalLM.from_pretrained(folder), DenseForCausalLM)
+    with pytest.raises(ValueError, match=r"holds a SmallThinkerForCausalLM .*not a dense Qwen2 model"):
+        DenseForCausalLM.from_pretrained("default")

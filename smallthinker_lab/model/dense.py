@@ -125,6 +125,18 @@ class DenseForCausalLM(nn.Module):
         self._tokenizer: Any = None
         self._tokenizer_looked_up = False
 
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, **kwargs) -> DenseForCausalLM:
+        """The model of a Qwen2 checkpoint folder or repo id in the local hub cache (:func:`load_model`'s keywords);
+        a folder of another model_type raises ValueError naming it."""
+        from .checkpoint import load_model
+
+        model = load_model(path_or_repo_id, **kwargs)
+        if not isinstance(model, cls):
+            raise ValueError(f"{path_or_repo_id} holds a {type(model).__name__} (model_type "
+                             f"{model.config.model_type!r}), not a dense Qwen2 model: use load_model")
+        return model
+
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None) -> CausalLMOutput:
         """``.logits`` (B, T, V) for input_ids (B, T); with ``cache``, continue after the cached positions."""
