@@ -13,6 +13,9 @@ from .interventions import causal_specialisation, hook_points_table, hooks, inte
 from .model import (
     CheckpointError,
     ConfigError,
+    DenseConfig,
+    DenseForCausalLM,
+    DenseModelError,
     GenerationResult,
     SmallThinkerConfig,
     SmallThinkerForCausalLM,
@@ -27,9 +30,10 @@ from .model.tokenizer import load_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "Engine", "EngineBusy", "EngineOptions", "GenerationResult", "MemoryLimitError",
-    "Recording", "SmallThinkerConfig", "SmallThinkerForCausalLM", "convert", "generate", "kv_cache_bytes",
-    "load_model", "load_tokenizer", "profile", "record", "save_pretrained", "stream_generate",
+    "CheckpointError", "ConfigError", "DenseConfig", "DenseForCausalLM", "DenseModelError", "Engine",
+    "EngineBusy", "EngineOptions", "GenerationResult", "MemoryLimitError", "Recording", "SmallThinkerConfig",
+    "SmallThinkerForCausalLM", "convert", "generate", "kv_cache_bytes", "load_model", "load_tokenizer", "profile",
+    "record", "save_pretrained", "stream_generate",
 ]
 __all__ += ["causal_specialisation", "hook_points_table", "hooks", "intervene", "logit_lens"]
 

@@ -26,6 +26,8 @@ SMALL = {
     "05_offloading_throughput": dict(PROMPT_SETS=["gsm8k", "zh-news"], BENCH_PROMPTS=1, MAX_NEW_TOKENS=4),
     "06_memory_limit_explorer": dict(PROMPT_SETS=["gsm8k", "humaneval"], MAX_PROMPTS=1, MAX_NEW_TOKENS=4),
     "07_interventions": dict(M=2, SEEDS=[0], N_PROFILE=2, N_EVAL=2, MAX_TOKENS=32, MAX_NEW_TOKENS=6),
+    "08_dense_vs_moe_and_drafting": dict(PROMPT_SETS=["gsm8k", "zh-news"], MAX_PROMPTS=1, MAX_NEW_TOKENS=8,
+                                         DRAFT_TOKENS=[2]),
 }
 # text a notebook must print when it runs: the properties it shows a user
 EXPECT = {
@@ -34,6 +36,7 @@ EXPECT = {
     "04_kv_cache": ["recorded bytes equal the analytic formula at every step: True"],
     "07_interventions": ["identity hook leaves logits bit-identical: True",
                          "routing recorded equals the forced experts: True"],
+    "08_dense_vs_moe_and_drafting": ["greedy outputs equal the target's: True"],
 }
 
 

@@ -44,6 +44,8 @@ import torch
 
 from ..model.checkpoint import CONFIG_FILE, INDEX_FILE, CheckpointError, read_checkpoint, resolve_path
 from ..model.config import SmallThinkerConfig
+from ..model.dense import DenseModelError
+from ..model.dense_config import DenseConfig
 from .errors import BundleError, ExpertReadError  # noqa: F401
 from .files import (  # noqa: F401
     _LIVE_LOCK,
@@ -193,6 +195,11 @@ def checkpoint_tensors(folder: str | os.PathLike) -> tuple[SmallThinkerConfig, d
     against the stored tensors, every tensor expected with its shape and a floating-point dtype. A tied
     checkpoint's stored ``lm_head.weight`` is left out. Raises CheckpointError (FileNotFoundError: no weights)."""
     checked = read_checkpoint(folder, strict=True, experts_elsewhere=_bundle_only_experts(folder))
+    if isinstance(checked.config, DenseConfig):
+        raise DenseModelError(
+            f"{checked.config_file} describes a dense Qwen2 model (model_type 'qwen2'): it has no experts to offload, "
+            f"so the engine and convert do not apply. Load it in memory with "
+            f"smallthinker_lab.load_model({str(checked.folder)!r}) and generate with smallthinker_lab.generate")
     return checked.config, {n: (i.file, i.dtype) for n, i in checked.stored.items()}
 
 

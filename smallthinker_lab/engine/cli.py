@@ -8,6 +8,7 @@ Triton kernels). Text streams to stdout; one line of statistics goes to stderr a
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -65,6 +66,9 @@ def register(subparsers) -> None:
     g.add_argument("--bypass-page-cache", action="store_true", help="O_DIRECT / fadvise reads")
     g.add_argument("--io-threads", type=int, default=4, help="threads reading experts from storage (engine)")
     g.add_argument("--threads", type=int, default=None, help="torch compute threads (default: torch's)")
+    g.add_argument("--draft", default=None, help="speculative decoding in memory: a draft checkpoint of the same "
+                   "tokenizer, or N for the model's own first N layers")
+    g.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per target forward")
     g.set_defaults(func=run_generate)
 
 
@@ -78,7 +82,27 @@ def run_convert(args) -> int:
 
 
 def _uses_engine(args) -> bool:
+    if getattr(args, "draft", None) is not None:  # speculative decoding runs on in-memory models
+        flags = [f"--{f.replace('_', '-')}" for f in ENGINE_FLAGS if getattr(args, f) not in (None, False)]
+        if flags:
+            raise ValueError(f"--draft runs the model in memory; it does not combine with the engine's {flags}")
+        return False
+    if _is_dense(args.model):  # a dense model has no experts to offload: it runs in memory
+        return False
     return args.device == "cuda" or any(getattr(args, f) not in (None, False) for f in ENGINE_FLAGS)
+
+
+def _is_dense(path) -> bool:
+    from ..model.checkpoint import CONFIG_FILE, resolve_path
+    from ..model.dense_config import MODEL_TYPE
+
+    try:
+        if str(path).lower().endswith(".gguf"):
+            return False
+        raw = json.loads((resolve_path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # the loader names what is wrong
+    return isinstance(raw, dict) and raw.get("model_type") == MODEL_TYPE
 
 
 def _prompt_ids(tokenizer, args) -> list[int]:
@@ -159,10 +183,21 @@ def run_generate(args) -> int:
     ids = _prompt_ids(tokenizer, args)
     _echo_prompt(args)
     stats = GenerationStats()
+    draft = None
+    if args.draft is not None:
+        from ..model.speculative import layer_draft
+
+        draft = (layer_draft(model, int(args.draft)) if args.draft.isdigit()
+                 else load_model(args.draft, dtype=args.dtype, device=args.device))
+        sampling.update(draft=draft, draft_tokens=args.draft_tokens)
     t0 = time.perf_counter()
     _print_stream(tokenizer, stream_generate(model, ids, stats=stats, **sampling))
     print(f"in memory ({args.device}): prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.2f} "
           f"tok/s, {stats.new_tokens} tokens in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    if draft is not None:
+        spec = stats.speculative
+        print(f"draft {draft.name_or_path}: {100 * spec.acceptance_rate:.1f}% of draft tokens kept, "
+              f"{spec.tokens_per_target_forward:.2f} tokens per target forward", file=sys.stderr)
     return 0
 
 

@@ -35,6 +35,9 @@ import torch
 from .names import FORMAT_VERSION, KINDS  # noqa: F401  (re-exported)
 from .recording import Recording
 
+DENSE_LACKS = ("experts", "neurons", "cache")  # the kinds a dense model (DenseForCausalLM) has nothing for
+DENSE_KINDS = tuple(k for k in KINDS if k not in DENSE_LACKS)
+
 
 def _layer_set(layers, num_layers: int) -> list[int]:
     """None | int | "layers.3" | list / tuple / range / set of those | callable(layer) -> bool  ->  sorted layer ids."""
@@ -365,7 +368,6 @@ class Recorder:
     def build(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """(meta, arrays) for a Recording (pending expert events are reduced first)."""
         cfg = self.config
-        E, F = cfg.num_experts, cfg.moe_ffn_hidden_size
         S = len(self.steps)
         a: dict[str, np.ndarray] = {}
         a["steps.sequence"] = np.array([s.sequence for s in self.steps], dtype=np.int64)
@@ -394,6 +396,7 @@ class Recorder:
                 if lg is not None:
                     a[f"layers.{layer}.moe.router_logits"] = lg[j]
         if "neurons" in self.want:
+            E, F = cfg.num_experts, cfg.moe_ffn_hidden_size
             self._reduce_single()
             key = _cat_host([r[0] for r in self.routed], (0,), torch.int64)
             tok = np.concatenate([np.zeros(0, np.int64)] + [r[1] if isinstance(r[1], np.ndarray) else
@@ -519,19 +522,28 @@ class record:  # noqa: N801  (a function-like context manager, as torch.no_grad)
 
     def __init__(self, target, kinds: Iterable[str] = KINDS, layers=None, full: bool | Iterable[str] = False,
                  dataset: str = "default", tokenizer: Any = None) -> None:
+        explicit = kinds is not KINDS
         if not hasattr(target, "hooks") or not hasattr(target, "config"):
             raise TypeError(f"record() needs a model or an engine with .hooks and .config, got {type(target).__name__}")
         kinds = (kinds,) if isinstance(kinds, str) else tuple(dict.fromkeys(kinds))
         unknown = set(kinds) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown kinds {sorted(unknown)}; known kinds: {', '.join(KINDS)}")
-        from ..model import SmallThinkerForCausalLM
+        from ..model import DenseForCausalLM, SmallThinkerForCausalLM
 
+        if isinstance(target, DenseForCausalLM):  # no router, no experts, no expert cache
+            moe_only = [k for k in kinds if k in DENSE_LACKS]
+            if moe_only and explicit:
+                raise ValueError(f"record(kinds={list(kinds)}): a dense model has no experts, so the kinds "
+                                 f"{moe_only} do not apply to it (it records {', '.join(DENSE_KINDS)}); for its FFN "
+                                 f"neurons use smallthinker_lab.instruments.dense_moe.ffn_activation_sparsity")
+            kinds = tuple(k for k in kinds if k not in DENSE_LACKS)
         self.target = target
         cfg = target.config
         self.recorder = Recorder(
             config=cfg, kinds=kinds, layers=_layer_set(layers, cfg.num_hidden_layers), full=_full_set(full, kinds),
-            dataset=str(dataset), target="model" if isinstance(target, SmallThinkerForCausalLM) else "engine",
+            dataset=str(dataset),
+            target="model" if isinstance(target, (SmallThinkerForCausalLM, DenseForCausalLM)) else "engine",
         )
         tokenizer = tokenizer if tokenizer is not None else getattr(target, "tokenizer", None)
         self.recorder.tokenizer = tokenizer if hasattr(tokenizer, "decode") else None

@@ -185,14 +185,15 @@ class Recording(RecordingFrames):
 
     @property
     def config(self):
-        from ..model import SmallThinkerConfig
+        from ..model import DenseConfig, SmallThinkerConfig
 
-        return SmallThinkerConfig.from_dict(self.meta["config"])
+        c = self.meta["config"]
+        return (DenseConfig if c.get("model_type") == "qwen2" else SmallThinkerConfig).from_dict(c)
 
     def _attrs(self) -> dict[str, Any]:
         c = self.meta["config"]
-        return {"num_experts": c["moe_num_primary_experts"], "top_k": c["moe_num_active_primary_experts"],
-                "moe_ffn_hidden_size": c["moe_ffn_hidden_size"], "num_hidden_layers": c["num_hidden_layers"],
+        return {"num_experts": c.get("moe_num_primary_experts", 0), "top_k": c.get("moe_num_active_primary_experts", 0),
+                "moe_ffn_hidden_size": c.get("moe_ffn_hidden_size", 0), "num_hidden_layers": c["num_hidden_layers"],
                 "layers": self.layers, "kv_itemsize": self.meta.get("kv_itemsize")}
 
     # -------------------------------------------------------------- dict-like

@@ -24,13 +24,14 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: SmallThinkerConfig, layer_idx: int) -> None:
+    def __init__(self, config: SmallThinkerConfig, layer_idx: int, qkv_bias: bool = False) -> None:
+        """``qkv_bias``: biases on the q/k/v projections (Qwen2's dense models have them, SmallThinker none)."""
         super().__init__()
         H, h, k, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.n_heads, self.n_kv, self.head_dim = h, k, D
-        self.q_proj = nn.Linear(H, h * D, bias=False)
-        self.k_proj = nn.Linear(H, k * D, bias=False)
-        self.v_proj = nn.Linear(H, k * D, bias=False)
+        self.q_proj = nn.Linear(H, h * D, bias=qkv_bias)
+        self.k_proj = nn.Linear(H, k * D, bias=qkv_bias)
+        self.v_proj = nn.Linear(H, k * D, bias=qkv_bias)
         self.o_proj = nn.Linear(h * D, H, bias=False)
         self.layer_idx = layer_idx
         self.use_rope = config.uses_rope(layer_idx)

@@ -27,7 +27,10 @@ from pathlib import Path
 import torch
 
 from ..resources import default_model_dir
-from .config import SmallThinkerConfig
+from .config import ConfigError, SmallThinkerConfig
+from .dense import DenseForCausalLM, dense_expected_tensors
+from .dense_config import MODEL_TYPE as DENSE_MODEL_TYPE
+from .dense_config import DenseConfig
 from .layers import RotaryEmbedding
 from .model import CHECKPOINT_IO, SmallThinkerForCausalLM
 
@@ -68,8 +71,11 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
-def expected_tensors(config: SmallThinkerConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor of the HF layout, in file order; no ``lm_head.weight`` when tied."""
+def expected_tensors(config: SmallThinkerConfig | DenseConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the HF layout, in file order; no ``lm_head.weight`` when tied (a dense
+    Qwen2 config: :func:`~.dense.dense_expected_tensors`)."""
+    if isinstance(config, DenseConfig):
+        return dense_expected_tensors(config)
     H, D, E, F = config.hidden_size, config.head_dim, config.num_experts, config.moe_ffn_hidden_size
     q, kv = config.num_attention_heads * D, config.num_key_value_heads * D
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, H)}
@@ -286,29 +292,32 @@ def check_config_sizes(config_file: Path, raw: object, stored: dict[str, TensorI
     most of a model). Anything else about the keys (types, ranges) is :class:`SmallThinkerConfig`'s to check."""
     if not isinstance(raw, dict):
         return
+    dense = raw.get("model_type") == DENSE_MODEL_TYPE  # Qwen2: 12 tensors per layer (9 without q/k/v biases)
     layers = {int(m.group(1)) for n in stored if (m := _LAYER_RE.match(n))}
     experts = {int(m.group(1)) for n in stored if (m := _EXPERT_RE.search(n))}
     n_stored = len(stored)
     if experts_elsewhere is not None:  # the experts' tensors are in an expert bundle: its counts bound the config
         layers, experts = set(range(int(experts_elsewhere[0]))), set(range(int(experts_elsewhere[1])))
         n_stored += 3 * len(layers) * len(experts)
-    default = SmallThinkerConfig.__dataclass_fields__
+    default = (DenseConfig if dense else SmallThinkerConfig).__dataclass_fields__
 
     def number(key: str):
         v = raw.get(key, default[key].default)
         return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
-    L, E = number("num_hidden_layers"), number("moe_num_primary_experts")
+    L, E = number("num_hidden_layers"), None if dense else number("moe_num_primary_experts")
     for key, value, have, what in (("num_hidden_layers", L, len(layers), "layers"),
                                    ("moe_num_primary_experts", E, len(experts), "experts")):
         if value is not None and value > have:
             raise CheckpointError(f"{config_file}: {key} is {value!r}, but the weights ({listing}) hold tensors of "
                                   f"only {have} {what}: refusing to build a model of that size")
-    if L is not None and E is not None:
-        described = 3 + L * (7 + 3 * E)
+    if L is not None and (E is not None or dense):
+        described = 3 + L * (12 if dense else 7 + 3 * E)
         if described > 2 * n_stored + 16:
-            raise CheckpointError(f"{config_file}: num_hidden_layers={L!r} x moe_num_primary_experts={E!r} "
-                                  f"describe {described:.0f} tensors, but the weights ({listing}) hold only "
+            what = f"num_hidden_layers={L!r}" + ("" if dense else f" x moe_num_primary_experts={E!r}")
+            verb = "describes" if dense else "describe"
+            raise CheckpointError(f"{config_file}: {what} {verb} {described:.0f} tensors, but the weights ({listing}) "
+                                  f"hold only "
                                   f"{n_stored}: refusing to build a model of that size")
 
 
@@ -329,7 +338,7 @@ def _config_hint(config: SmallThinkerConfig, unexpected: list[str]) -> str:
     if layers and max(layers) >= config.num_hidden_layers:
         hints.append(f"the weights have tensors for {max(layers) + 1} layers but config.json says "
                      f"num_hidden_layers={config.num_hidden_layers}")
-    if experts and max(experts) >= config.num_experts:
+    if experts and isinstance(config, SmallThinkerConfig) and max(experts) >= config.num_experts:
         hints.append(f"the weights have {max(experts) + 1} experts per layer but config.json says "
                      f"moe_num_primary_experts={config.num_experts}")
     return f" ({'; '.join(hints)})" if hints else ""
@@ -453,12 +462,16 @@ def read_checkpoint(path: str | os.PathLike = "default", strict: bool = True,
     except (ValueError, UnicodeDecodeError, RecursionError):
         SmallThinkerConfig.from_json(config_file)  # names what is wrong with config.json
         raise
+    if isinstance(raw, dict) and raw.get("model_type", "smallthinker") not in ("smallthinker", DENSE_MODEL_TYPE):
+        raise ConfigError(f"{config_file}: unknown model_type {raw['model_type']!r}: smallthinker_lab loads model_type "
+                          f"'smallthinker' (MoE) and '{DENSE_MODEL_TYPE}' (dense)")
     stored, listing = _stored_tensors(folder)
     check_config_sizes(config_file, raw, stored, listing, experts_elsewhere)
-    config = SmallThinkerConfig.from_json(config_file)
-    check_config_sizes(config_file, {"num_hidden_layers": config.num_hidden_layers,
-                                     "moe_num_primary_experts": config.num_experts}, stored, listing,
-                       experts_elsewhere)
+    dense = isinstance(raw, dict) and raw.get("model_type") == DENSE_MODEL_TYPE
+    config = (DenseConfig if dense else SmallThinkerConfig).from_json(config_file)
+    check_config_sizes(config_file, {"model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
+                                     "moe_num_primary_experts": getattr(config, "num_experts", None)}, stored,
+                       listing, experts_elsewhere)
     expected = expected_tensors(config)
     if experts_elsewhere is not None:
         expected = {n: s for n, s in expected.items() if not _EXPERT_RE.search(n)}
@@ -469,7 +482,8 @@ def read_checkpoint(path: str | os.PathLike = "default", strict: bool = True,
     missing = [n for n in expected if n not in stored]
     unexpected = [n for n in stored if n not in expected]
     if unexpected:
-        msg = (f"{listing}: {len(unexpected)} unexpected tensor(s) that a SmallThinker model of this "
+        kind = "Qwen2 (dense)" if dense else "SmallThinker"
+        msg = (f"{listing}: {len(unexpected)} unexpected tensor(s) that a {kind} model of this "
                f"config.json does not have{_config_hint(config, unexpected)}: {_names(unexpected)}")
         if strict:
             raise CheckpointError(msg)
@@ -512,8 +526,9 @@ def read_tensors(file: Path, names: Iterable[str]) -> Iterator[tuple[str, torch.
 def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | None = None,
                device: torch.device | str = "cpu", strict: bool = True, check_finite: bool = False, *,
                revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-               local_files_only: bool = True) -> SmallThinkerForCausalLM:
-    """A SmallThinkerForCausalLM in eval mode from a folder in the Hugging Face layout.
+               local_files_only: bool = True) -> SmallThinkerForCausalLM | DenseForCausalLM:
+    """A SmallThinkerForCausalLM in eval mode from a folder in the Hugging Face layout; a DenseForCausalLM when
+    config.json says model_type "qwen2" (Qwen2ForCausalLM's files, e.g. SmallThinker-3B-Preview's), checked the same.
 
     ``path``: ``"default"`` (the shipped tiny model), a folder, a ``.gguf`` file, or a Hugging Face repo id such
     as ``"PowerInfer/SmallThinker-4BA0.6B-Instruct"``, found in the local hub cache (``cache_dir``, else
@@ -556,7 +571,7 @@ def load_model(path: str | os.PathLike = "default", dtype: torch.dtype | str | N
     device = torch.device(device)
 
     with torch.device("meta"):
-        model = SmallThinkerForCausalLM(config)
+        model = (DenseForCausalLM if isinstance(config, DenseConfig) else SmallThinkerForCausalLM)(config)
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name in expected:
@@ -594,7 +609,7 @@ def _initialised(config: SmallThinkerConfig, names: list[str], shapes: dict[str,
     out = {}
     for n in names:
         shape = shapes[n]
-        t = (torch.ones(shape) if len(shape) == 1
+        t = (torch.zeros(shape) if n.endswith(".bias") else torch.ones(shape) if len(shape) == 1
              else torch.empty(shape).normal_(0.0, config.initializer_range, generator=gen))
         out[n] = t.to(device=device, dtype=dtype)
     return out
@@ -750,7 +765,7 @@ def save_pretrained(model: SmallThinkerForCausalLM, path: str | os.PathLike, max
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     if set(state) != set(expected):
-        raise CheckpointError(f"model state does not match the SmallThinker layout: missing "
+        raise CheckpointError(f"model state does not match the {type(model).__name__} layout: missing "
                               f"{_names(set(expected) - set(state))}, extra {_names(set(state) - set(expected))}")
     for name, t in state.items():
         if tuple(t.shape) != expected[name]:
@@ -824,9 +839,9 @@ def _tensor_seed(seed: int, name: str) -> int:
 
 def synthetic_tensor_chunks(name: str, shape: tuple[int, ...], seed: int, std: float,
                             dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """The data of one synthetic tensor in row-major chunks: ones for norms (1-D), else N(0, std)."""
+    """The data of one synthetic tensor in row-major chunks: ones for norms (1-D), else N(0, std) (biases too)."""
     n = math.prod(shape)
-    if len(shape) == 1:
+    if len(shape) == 1 and not name.endswith(".bias"):
         yield torch.ones(n, dtype=dtype)
         return
     gen = torch.Generator().manual_seed(_tensor_seed(seed, name))

@@ -130,7 +130,8 @@ class SmallThinkerConfig:
         self._check_types()
         if self.model_type != "smallthinker":
             raise ConfigError(
-                f"unknown model_type {self.model_type!r}: smallthinker_lab loads model_type 'smallthinker' only"
+                f"unknown model_type {self.model_type!r}: smallthinker_lab loads model_type 'smallthinker' "
+                f"(MoE) and 'qwen2' (dense, DenseConfig)"
             )
         for name in _POSITIVE_INTS:
             v = getattr(self, name)

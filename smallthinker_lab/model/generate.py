@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .kv_cache import KVCache
+from .speculative import SpeculativeStats, check_draft, speculative_tokens
 
 
 def token_ids(ids, vocab_size: int | None = None) -> torch.Tensor:
@@ -109,9 +110,14 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) -> token ids (B,)."""
-        cfg = self.cfg
-        if cfg.temperature == 0:
+        if self.cfg.temperature == 0:
             return torch.argmax(logits, dim=-1)
+        return torch.multinomial(self.probs(logits), 1, generator=self.generator).squeeze(-1)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution a sample is drawn from: logits (..., V) -> probabilities (..., V), after temperature,
+        top_k and top_p (speculative decoding compares the target's and the draft's)."""
+        cfg = self.cfg
         logits = logits.float() / cfg.temperature
         if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
             kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1, None]
@@ -123,7 +129,7 @@ class Sampler:
             drop = cum - sorted_p > cfg.top_p  # keep the smallest prefix whose mass reaches top_p
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return probs
 
 
 @dataclass
@@ -133,6 +139,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_token_seconds: list[float] = field(default_factory=list)
+    speculative: SpeculativeStats | None = None  # with a draft model: acceptance and forwards
 
     @property
     def prefill_tok_s(self) -> float:
@@ -244,10 +251,13 @@ def _tokenizer_of(model, tokenizer: Any) -> Any:
 
 def stream_generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                     top_p: float | None = None, seed: int | None = None, stop_tokens: Sequence[int] | None = None,
-                    stats: GenerationStats | None = None, tokenizer: Any = None) -> Iterator[int]:
+                    stats: GenerationStats | None = None, tokenizer: Any = None, draft: Any = None,
+                    draft_tokens: int = 4) -> Iterator[int]:
     """Yield the new token ids one by one; ``prompt`` and the keywords as in :func:`generate`. The arguments are
     checked when called, before any work: non-integer or out-of-vocabulary ids, ``max_new_tokens`` < 1 and bad
-    sampling values raise ValueError, as :meth:`Engine.stream` does."""
+    sampling values raise ValueError, as :meth:`Engine.stream` does; a draft of another tokenizer too."""
+    if draft is not None:
+        draft_tokens = check_draft(model, draft, draft_tokens)
     name = getattr(model, "name_or_path", None) or "the model"
     if isinstance(prompt, str):
         prompt = prompt_ids(prompt, _tokenizer_of(model, tokenizer), "cpu", name)
@@ -263,6 +273,11 @@ def stream_generate(model, prompt, max_new_tokens: int = 32, temperature: float 
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     sampling = SamplingConfig(temperature, top_k, top_p, seed)
     stop = model.config.eos_ids() if stop_tokens is None else stop_tokens
+    if draft is not None:
+        stats = stats if stats is not None else GenerationStats()
+        stats.speculative = SpeculativeStats()
+        return speculative_tokens(model, draft, ids, max_new_tokens, draft_tokens, Sampler(sampling, ids.device),
+                                  stop, stats, stats.speculative)
     return stream_tokens(model_step(model, model.new_cache()), ids, max_new_tokens, sampling, stop, stats)
 
 
@@ -271,7 +286,10 @@ def generate(model, prompt, max_new_tokens: int = 32, *, tokenizer: Any = None, 
     """Generate from ``prompt`` (a string, a list of token ids or a tensor) on the in-memory model; batch 1.
 
     Greedy by default; ``temperature``, ``top_k``, ``top_p``, ``seed`` sample, ``stop_tokens`` (default the
-    config's end-of-text ids) end early. Text prompts are encoded, and the result decoded, with ``tokenizer``
+    config's end-of-text ids) end early. ``draft=`` a smaller model of the same tokenizer decodes speculatively
+    (:mod:`.speculative`): ``draft_tokens`` proposals per round checked by one target forward; greedy tokens are the
+    target's own, sampled ones follow its distribution; ``result.stats.speculative`` holds the acceptance counters.
+    Text prompts are encoded, and the result decoded, with ``tokenizer``
     or the model's own (``model.tokenizer``: the one in its checkpoint folder).
     Returns a :class:`GenerationResult`: the new token ids (prompt excluded), their text and timings.
     """

@@ -123,6 +123,30 @@ class LayerKVCache:
         self.length += T
         return k_all, v_all, p_all
 
+    def save_overwritable(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """What writing ``tokens`` more positions may overwrite, for :meth:`truncate` to put back: on a sliding layer
+        whose ring is full, its ``tokens`` oldest entries (positions, keys, values); None when nothing can be lost."""
+        if self.window is None or self.length + tokens <= self.window:
+            return None
+        if tokens > self.window:
+            raise ValueError(f"cannot keep {tokens} tokens for a rollback on a sliding layer of window {self.window}")
+        lo, hi = self.length - self.window, self.length - self.window + tokens
+        held = (self.pos >= lo) & (self.pos < hi)  # (C,)
+        return self.pos[held].clone(), self.k[:, :, held].clone(), self.v[:, :, held].clone()
+
+    def truncate(self, length: int, saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Forget every position >= ``length`` (a rejected speculative draft). On a sliding layer, entries the
+        forgotten positions overwrote come back from ``saved`` (:meth:`save_overwritable`, taken before writing)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a KV cache of {self.length} positions to {length}")
+        self.pos[self.pos >= length] = -1
+        if saved is not None:
+            pos, k, v = saved
+            back = pos >= length - self.window  # still inside the window after the rollback
+            slots = pos[back] % self.capacity
+            self.k[:, :, slots], self.v[:, :, slots], self.pos[slots] = k[:, :, back], v[:, :, back], pos[back]
+        self.length = length
+
 
 class KVCache:
     """One LayerKVCache per layer; reports bytes per layer."""
@@ -152,6 +176,15 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(self.bytes_per_layer())
+
+    def save_overwritable(self, tokens: int) -> list:
+        """Per layer, what writing ``tokens`` more positions may overwrite (:meth:`LayerKVCache.save_overwritable`)."""
+        return [layer.save_overwritable(tokens) for layer in self.layers]
+
+    def truncate(self, length: int, saved: list | None = None) -> None:
+        """Keep the first ``length`` positions of every layer, restoring what ``saved`` kept of sliding layers."""
+        for i, layer in enumerate(self.layers):
+            layer.truncate(length, saved[i] if saved is not None else None)
 
     def reset(self) -> None:
         for layer in self.layers:
