@@ -143,7 +143,8 @@ def test_synthetic_checkpoint_and_save_pretrained_round_trip(tmp_path):
 
 
 def test_engine_refuses_a_dense_model_with_a_clear_error(tmp_path):
-    folder = sl.model.write_synthetic_checkpoint(tmp_path / "syn", DenseConfig.from_name("dense-test"), dtype=torch.float32)
+    folder = sl.model.write_synthetic_checkpoint(tmp_path / "syn", DenseConfig.from_name("dense-test"),
+                                                 dtype=torch.float32)
     with pytest.raises(sl.DenseModelError, match=r"dense Qwen2 model.*no experts to offload.*load_model"):
         sl.Engine.from_pretrained(folder, memory_limit=None)
     with pytest.raises(sl.DenseModelError, match="no experts to offload"):
@@ -309,7 +310,8 @@ def test_cli_generates_with_a_dense_model_in_memory_and_with_a_draft(tmp_path, c
     from smallthinker_lab.resources import default_model_dir
 
     cfg = DenseConfig.from_name("dense-test", vocab_size=8192, eos_token_id=[0, 2])  # the default tokenizer's ids
-    folder = sl.model.write_synthetic_checkpoint(tmp_path / "dense", cfg, dtype=torch.float32, tokenizer=default_model_dir())
+    folder = sl.model.write_synthetic_checkpoint(tmp_path / "dense", cfg, dtype=torch.float32,
+                                                 tokenizer=default_model_dir())
     assert main(["generate", "--model", str(folder), "def f(x):", "--max-new-tokens", "6", "--no-echo"]) == 0
     plain = capsys.readouterr()
     assert "in memory (cpu)" in plain.err  # not the engine: a dense model has no experts to offload
