@@ -23,7 +23,7 @@ from smallthinker_lab import (
     save_pretrained,
 )
 from smallthinker_lab.model import checkpoint as ckpt
-from smallthinker_lab.model import expected_tensors, write_synthetic_checkpoint
+from smallthinker_lab.model import checkpoint_files, expected_tensors, write_synthetic_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = torch.tensor([[3, 17, 99, 5, 64, 2, 127, 40, 8, 8, 31, 77, 0, 12, 90, 6, 55, 101, 23, 19]])
@@ -317,7 +317,7 @@ def test_both_single_file_and_index(single, sharded):
 
 
 def test_default_path_without_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt, "DEFAULT_MODEL_DIR", tmp_path / "smallthinker-tiny")
+    monkeypatch.setattr(checkpoint_files, "DEFAULT_MODEL_DIR", tmp_path / "smallthinker-tiny")
     with pytest.raises(FileNotFoundError, match="default model .*smallthinker-tiny has no weights yet"):
         load_model()
     write_synthetic_checkpoint(tmp_path / "smallthinker-tiny", config())
