@@ -420,7 +420,8 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
                 why = self._step_fallback()
             rows.append({"backend": name, "can_run": self._backend_reasons.get(name) is None,
                          "chosen": name == self.backend, "reason": why})
-        return pd.DataFrame(rows)
+        table = pd.DataFrame(rows, dtype=object)  # object: a reason of None stays None (no NaN)
+        return table.astype({"can_run": bool, "chosen": bool})
 
     def _step_fallback(self) -> str | None:
         """Why a decode step of the chosen graph backend would run eager now, or None."""
