@@ -35,6 +35,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..model.atomic import pid_alive
+
 __all__ = [
     "SOURCES",
     "ChecksumError",
@@ -293,21 +295,11 @@ def _run(cmd: list[str], cwd: Path | None = None) -> None:
         raise FetchError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale(folder: Path, pattern: str) -> None:
     """Remove ``<name><pattern><pid>`` temporaries of processes that died while writing them."""
     for p in folder.glob(f"*{pattern}*"):
         pid = p.name.rsplit(pattern, 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:

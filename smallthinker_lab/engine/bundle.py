@@ -54,7 +54,6 @@ from .files import (  # noqa: F401
     _create_exclusive,
     _fsync_dir,
     _open_lock,
-    _pid_alive,
     remove_stale_temporaries,
 )
 from .quant import KERNEL_FORMATS, get_format, int4pack_layout

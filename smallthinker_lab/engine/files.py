@@ -10,6 +10,7 @@ import stat
 import threading
 from pathlib import Path
 
+from ..model.atomic import pid_alive
 from .errors import BundleError
 
 # 3: the kernel formats and "packing" (2: per-expert "checksum" with the algorithm named in the index; 1: crc32 only)
@@ -23,20 +24,6 @@ _LIVE_TEMPS: set[str] = set()  # the temporaries conversions of this process are
 
 
 _LIVE_LOCK = threading.Lock()
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:  # os.kill(0, ...) would signal our own process group; no process writes a temporary as pid 0
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    except OverflowError:
-        return False
-    return True
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
@@ -56,7 +43,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
             continue
         pid = int(m.group(1))
         with _LIVE_LOCK:
-            if str(p) in _LIVE_TEMPS or (pid != os.getpid() and _pid_alive(pid)):
+            if str(p) in _LIVE_TEMPS or (pid != os.getpid() and pid_alive(pid)):
                 continue
         try:
             p.unlink()

@@ -65,6 +65,8 @@ def pid_alive(pid: int) -> bool:
         return False
     except OSError:  # EPERM: someone else's live process
         return True
+    except OverflowError:  # a PID no process can have
+        return False
     return True
 
 

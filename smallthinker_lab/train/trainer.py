@@ -53,6 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..model.atomic import pid_alive
 from ..model.checkpoint import CheckpointError
 from ..model.config import SmallThinkerConfig
 from ..model.layers import RMSNorm
@@ -463,19 +464,9 @@ def _remove_stale_temporaries(path: Path) -> None:
     ``<stem>.pt.tmp`` of older versions)."""
     for p in path.parent.glob(f"{path.name}.tmp-*"):
         pid = p.name.rsplit("-", 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             p.unlink(missing_ok=True)
     path.with_suffix(".pt.tmp").unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_atomic(path: Path, state: dict) -> None:
