@@ -356,3 +356,19 @@ def test_cli_trains(corpus, tmp_path):
     assert args.func(args) == 0
     assert len(rows(tmp_path / "train_log.jsonl")) == 2
     assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_a_failing_compile_falls_back_to_eager(corpus, straight, tmp_path, monkeypatch, capsys):
+    import smallthinker_lab.train.trainer as trainer
+
+    def broken(model):
+        def compiled(*args, **kwargs):
+            raise RuntimeError("no C++ compiler on this machine")
+        return compiled
+
+    monkeypatch.setattr(trainer.torch, "compile", broken)
+    summary = train("smallthinker-test", corpus, tmp_path, stop_at=3, **{**RUN, "compile": True})
+    assert summary["compiled"] is False and summary["steps_done"] == 3
+    assert "torch.compile failed (RuntimeError: no C++ compiler" in capsys.readouterr().err
+    out, _ = straight  # the eager run: the fallback trained exactly as it does
+    assert without_timing(rows(tmp_path / "train_log.jsonl")) == without_timing(rows(out / "train_log.jsonl"))[:3]

@@ -139,14 +139,18 @@ def probe(a: argparse.Namespace) -> dict:
     from .trainer import read_log
 
     tps = [read_log(folder / f"p{i}" / "train_log.jsonl")[-1]["tokens_per_s"] for i in range(P)]
-    per_run = min(tps)
+    per_run, tokens_per_step = min(tps), a.batch_size * a.seq_len
     waves = -(-len(runs) // P)
-    steps = int(a.train_s / waves * per_run // (a.batch_size * a.seq_len))
+    # what a run spends outside steady-state steps (start-up, first steps, final validation), paid once per wave
+    overhead = max(0.0, wall - a.probe_steps * tokens_per_step / per_run)
+    steps = int(max(0.0, a.train_s / waves - overhead) * per_run // tokens_per_step)
     out = {"parallel": P, "probe_steps": a.probe_steps, "tokens_per_s_per_process": tps,
-           "tokens_per_s_total": sum(tps), "probe_wall_s": round(wall, 1), "waves": waves, "train_s": a.train_s,
-           "planned_steps": steps, "planned_tokens_per_run": steps * a.batch_size * a.seq_len}
-    print(f"probe: {P} processes at {[round(t) for t in tps]} tokens/s each ({wall:.0f}s); {waves} waves in "
-          f"{a.train_s:.0f}s -> {steps} steps per run ({out['planned_tokens_per_run']:,} tokens)", flush=True)
+           "tokens_per_s_total": sum(tps), "probe_wall_s": round(wall, 1), "overhead_s": round(overhead, 1),
+           "waves": waves, "train_s": a.train_s, "planned_steps": steps,
+           "planned_tokens_per_run": steps * tokens_per_step}
+    print(f"probe: {P} processes at {[round(t) for t in tps]} tokens/s each ({wall:.0f}s, {overhead:.0f}s outside "
+          f"steady steps); {waves} waves in {a.train_s:.0f}s -> {steps} steps per run "
+          f"({out['planned_tokens_per_run']:,} tokens)", flush=True)
     return out
 
 
@@ -253,14 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--eval-windows", type=int, default=64, help="validation windows per domain at the end")
     p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--parallel", type=int, default=5, help="training processes at once on the GPU")
-    p.add_argument("--train-s", type=float, default=390.0,
+    p.add_argument("--parallel", type=int, default=8, help="training processes at once on the GPU")
+    p.add_argument("--train-s", type=float, default=360.0,
                    help="wall seconds for all training (the probe plans the steps from it)")
     p.add_argument("--max-time", type=float, default=None,
                    help="per-run time guard (default: 1.15 x a wave's share of --train-s when planned by the probe)")
     p.add_argument("--probe-steps", type=int, default=40)
-    p.add_argument("--prompt-limit", type=int, default=40, help="prompts per set for the routing measurements")
-    p.add_argument("--hit-prompts", type=int, default=20, help="prompts per set for the LRU hit rate (4 warm-up)")
+    p.add_argument("--prompt-limit", type=int, default=24, help="prompts per set for the routing measurements")
+    p.add_argument("--hit-prompts", type=int, default=12, help="prompts per set for the LRU hit rate (4 warm-up)")
     p.add_argument("--cache-share", type=float, default=0.25, help="the engine's expert cache: share of experts")
     p.add_argument("--new-tokens", type=int, default=8, help="greedy tokens after each prompt")
     p.add_argument("--measure-threads", type=int, default=1)

@@ -113,7 +113,7 @@ def training_measures(run_dir: Path, last: int = 50) -> dict[str, float]:
 
 
 def measure_run(run_dir: str | Path, prompts_dir: str | Path = "data/prompts", sets: Sequence[str] = SETS,
-                prompt_limit: int = 40, hit_prompts: int = 20, cache_share: float = 0.25,
+                prompt_limit: int = 24, hit_prompts: int = 12, cache_share: float = 0.25,
                 new_tokens: int = 8) -> dict:
     """Every measurement of one trained run (its exported model in ``<run>/model``); also written to
     ``<run>/measure.json`` with the settings and seconds taken."""
@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Measure one sweep run into <run>/measure.json.")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--prompts", type=Path, default=Path("data/prompts"))
-    p.add_argument("--prompt-limit", type=int, default=40)
-    p.add_argument("--hit-prompts", type=int, default=20)
+    p.add_argument("--prompt-limit", type=int, default=24)
+    p.add_argument("--hit-prompts", type=int, default=12)
     p.add_argument("--cache-share", type=float, default=0.25)
     p.add_argument("--new-tokens", type=int, default=8)
     a = p.parse_args(argv)
