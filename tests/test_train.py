@@ -372,3 +372,20 @@ def test_a_failing_compile_falls_back_to_eager(corpus, straight, tmp_path, monke
     assert "torch.compile failed (RuntimeError: no C++ compiler" in capsys.readouterr().err
     out, _ = straight  # the eager run: the fallback trained exactly as it does
     assert without_timing(rows(tmp_path / "train_log.jsonl")) == without_timing(rows(out / "train_log.jsonl"))[:3]
+
+
+def test_the_wide_preset_has_smallthinker_proportions():
+    from smallthinker_lab.model.config import SmallThinkerConfig
+
+    cfg = SmallThinkerConfig.from_name("smallthinker-tiny-wide")
+    assert cfg.moe_ffn_hidden_size >= 128 and cfg.moe_ffn_hidden_size == cfg.hidden_size // 2  # half the hidden
+    assert cfg.num_experts >= 16 and cfg.top_k >= 2 and cfg.top_k / cfg.num_experts == 4 / 32  # the 4B's share
+    assert not cfg.moe_primary_router_apply_softmax  # sigmoid routing
+    assert cfg.num_key_value_heads < cfg.num_attention_heads  # GQA
+    L = cfg.num_hidden_layers
+    pattern = [i % 4 != 0 for i in range(L)]  # 1 NoPE-global : 3 RoPE-window
+    assert [cfg.is_sliding(i) for i in range(L)] == [cfg.uses_rope(i) for i in range(L)] == pattern
+    assert cfg.sliding_window_size <= 64  # shorter than most prompts (median 66-146 tokens)
+    with torch.device("meta"):
+        n = SmallThinkerForCausalLM(cfg).num_parameters()
+    assert n == 16_290_048 and 2 * n <= 48e6  # bf16 weights, tied embedding counted once
