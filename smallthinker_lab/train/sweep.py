@@ -37,12 +37,10 @@ import sys
 import time
 from pathlib import Path
 
+from .sweep_measure import run_name, write_tables
+
 ARMS = ("1", "4", "16", "64", "micro-batch")
 SEEDS = (0, 1, 2)
-
-
-def run_name(arm: str, seed: int) -> str:
-    return f"{'microbatch' if arm == 'micro-batch' else 'g' + arm}-s{seed}"
 
 
 def parse_arms(text: str) -> list[str]:
@@ -278,8 +276,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("parallel", "batch_size", "seq_len", "measure_parallel", "probe_steps"):
         if getattr(a, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
-    from .sweep_measure import write_tables
-
     a.plan_from_probe = False
     if a.phase in ("all", "probe") and a.steps is None:
         res = probe(a)

@@ -38,6 +38,11 @@ MAIN = ("js_mean", "hot_share", "cold_share", "usage_entropy", "sparsity_median"
         "lru_hit_warm", "train_ce", "train_load_entropy", "tokens_per_s", "mfu")
 
 
+def run_name(arm: str, seed: int) -> str:
+    """A run's folder name: g<sequences>-s<seed>, or microbatch-s<seed>."""
+    return f"{'microbatch' if arm == 'micro-batch' else 'g' + arm}-s{seed}"
+
+
 def _mean(xs) -> float:
     xs = [float(x) for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return sum(xs) / len(xs) if xs else float("nan")
@@ -142,8 +147,6 @@ def measure_run(run_dir: str | Path, prompts_dir: str | Path = "data/prompts", s
 # ------------------------------------------------------------------ across runs
 def collect(out_dir: str | Path, arms: Sequence[str], seeds: Sequence[int]) -> pd.DataFrame:
     """One row per measured run: arm, seed, run, then every measurement."""
-    from .sweep import run_name
-
     rows = []
     for arm in arms:
         for s in seeds:
