@@ -88,3 +88,29 @@ def test_a_trained_run_is_measured_for_real(tmp_path):
     ev = read_log(run / "eval_log.jsonl")
     assert res["val_ce"] == pytest.approx(np.mean([r["ce"] for r in ev if r["step"] == 3]))
     assert res["steps"] == 3 and res["tokens"] == 3 * 4 * 32
+
+
+def test_the_sweep_command_trains_measures_and_tabulates_then_skips_what_is_done(tmp_path, capsys):
+    from smallthinker_lab.train.sweep import main
+
+    cfg = SmallThinkerConfig.from_name(
+        "smallthinker-tiny-wide", hidden_size=32, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, moe_num_primary_experts=8, moe_ffn_hidden_size=16, sliding_window_size=8,
+        rope_layout=[0, 1, 1, 1], sliding_window_layout=[0, 1, 1, 1], torch_dtype="float32")
+    cfg_path = cfg.save(tmp_path / "cfg")
+    argv = ["all", "--out", str(tmp_path / "sweep"), "--data", str(_micro_corpus(tmp_path / "tokens")),
+            "--config", str(cfg_path), "--arms", "4", "--seeds", "0", "--steps", "2", "--batch-size", "4",
+            "--seq-len", "32", "--device", "cpu", "--eval-windows", "2", "--prompt-limit", "2", "--hit-prompts", "5",
+            "--new-tokens", "1"]
+    assert main(argv) == 0
+    run = tmp_path / "sweep" / "runs" / "g4-s0"
+    assert read_log(run / "train_log.jsonl")[-1]["step"] == 1 and (run / "measure.json").exists()
+    plan = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    cmd = plan["runs"]["g4-s0"]["command"]
+    assert plan["steps"] == 2 and cmd[cmd.index("--balance-group") + 1] == "4" and cmd[cmd.index("--steps") + 1] == "2"
+    assert "| 4 | " in (tmp_path / "sweep" / "sweep_table.md").read_text()
+    before = (run / "train.out").stat().st_size, (run / "measure.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 0  # done runs are neither retrained nor remeasured
+    assert ((run / "train.out").stat().st_size, (run / "measure.json").stat().st_mtime_ns) == before
+    assert "train g4-s0" not in capsys.readouterr().out
