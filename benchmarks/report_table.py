@@ -101,6 +101,8 @@ ROWS_COLUMNS = ["mode", "memory limit", "expert share", "prefill tok/s", "decode
 
 def rows_table(rows: list[dict], model: str) -> str:
     sub = [r for r in rows if r.get("model") == model]
+    if not sub:
+        return ""
     mem = [r["decode_tok_s"] for r in sub if not r.get("error") and r.get("variant") == "in memory"
            and r.get("quantization") in (None, "none") and not r.get("instruments") and r.get("decode_tok_s")]
     best = max(mem) if mem else float("nan")
