@@ -228,3 +228,10 @@ def test_report_tables_read_back_cell_by_cell():
     header, cells = _cells(report_table.verdict_table(items, ("target", "target"), ("value", "{:.3g}"), "threshold"))
     assert header == ["target", "value", "threshold", "met"]
     assert cells == [["a", "1.23", ">= 1", "yes"], ["b|c", "", "< 2", "n/a"], ["d", "3", "< 2", "**no**"]]
+    from benchmarks.profile_decode import PARTS, profile_markdown
+
+    rec = {"name": "engine | lru", "decode_ms_per_token": 12.34, **{p + "_ms": 1.0 for p in PARTS},
+           **{p + "_share": 0.1 for p in PARTS}}
+    header, cells = _cells(profile_markdown([rec]))
+    assert header == ["mode", "ms/token", *(p.replace("_", " ") for p in PARTS)]
+    assert cells == [["engine | lru", "12.3", *["1.0 (10%)"] * len(PARTS)]]
