@@ -141,14 +141,24 @@ def write_readme(out_dir: str | Path = "data", corpus_dir: str | Path = "data/co
         L += ["", "Validation (`split: val`, written last in each file) is held out by source, not only by "
               "document: math validation is the problems of generators 45-49, templates no training document comes "
               "from; in the other domains whole groups (a Wikipedia article with every BoolQ passage of it, a "
-              "standard-library package, four consecutive People's Daily documents) are either training or "
-              "validation, about 1% of the documents and of the characters.",
+              "standard-library or SymPy subpackage, a section of the Python docs, four consecutive FOLDOC, People's "
+              "Daily or chinese-poetry documents; otherwise the document) are either training or validation, "
+              "about 1% of the documents and of the characters.",
               "", "Token files (`corpus/tokens/{domain}.bin` train, `{domain}.val.bin` validation): "
               "flat `uint16` ids, each document followed by "
               "`<|endoftext|>` (id 0); read with `np.memmap(path, dtype=np.uint16, mode='r')`. Tokenizer: "
               f"`{_rel(tok.get('tokenizer', 'models/smallthinker-tiny'), out_dir)}` (byte-level BPE, vocab "
               f"{tok.get('vocab_size', 8192):,})."]
 
+    pk_path = corpus_dir / "packed" / "manifest.json"
+    if pk_path.exists():
+        pk = json.loads(pk_path.read_text())
+        n_parts = sum(len(e["parts"]) for e in pk["files"].values())
+        L += ["", f"Packed for carrying (`smallthinker-lab data tokenize --pack`, `corpus/packed/`): the token files "
+              f"as {n_parts} xz parts of at most {pk['max_part_bytes'] / 1e6:g} MB, {pk['compressed_bytes'] / 1e6:.1f} "
+              f"MB in all for {pk['raw_bytes'] / 1e6:.1f} MB of uint16 tokens; the trainer reads the folder as it "
+              "is (`smallthinker_lab.train.data.load_tokens`), `smallthinker_lab.data.pack.unpack_tokens` restores "
+              "the `.bin` files."]
     L += ["", "## Pinned sources", "",
           "| package | version | registry | licence | file read | sha256 |", "|---|---|---|---|---|---|"]
     for s in SOURCES.values():
