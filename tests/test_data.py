@@ -31,7 +31,7 @@ from smallthinker_lab.data.prepare import choose_heldout_articles, choose_heldou
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 PROMPTS = DATA / "prompts"
-EXPECTED_COUNTS = {"gsm8k": 100, "humaneval": 164, "wiki-en": 100, "zh-news": 100}
+EXPECTED_COUNTS = {"gsm8k": 50, "humaneval": 164, "wiki-en": 100, "zh-news": 100}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,8 +60,9 @@ def test_gsm8k_records(prompt_sets):
         assert re.search(r"\n#### -?[\d,]*\.?\d+$", r["answer"]), r["id"]
         assert r["answer"].rsplit("####", 1)[1].strip() == r["final_answer"]
         assert r["text"] == f"Question: {r['question']}\nAnswer:"
-    first = prompt_sets["gsm8k"][0]
-    assert first["question"].startswith("Benny saw a 10-foot shark")
+    first = prompt_sets["gsm8k"][0]  # 0000.toml: its template is generator 74, which no training text comes from
+    assert first["id"] == "gsm8k-0000" and first["question"].startswith("Benny saw a 10-foot shark")
+    assert first["template_generator"] == "reasoning-gym gsm_symbolic generate_74"
 
 
 def test_humaneval_records(prompt_sets):

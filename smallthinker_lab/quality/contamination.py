@@ -3,63 +3,12 @@ facts of the trainer's TRAINING.md."""
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
-from .common import PROMPT_SETS
-from .phenomena import read_prompts
-
-SET_DOMAIN = {"gsm8k": "math", "humaneval": "code", "wiki-en": "en", "zh-news": "zh"}
-
-
-OVERLAP_N = {"words": 8, "chars": 12}
-
-
-def _grams(text: str, chars: bool) -> set[str]:
-    """Word 8-grams (or, for Chinese, 12-grams of non-space characters) with every digit run masked as 0."""
-    t = re.sub(r"\d+", "0", text)
-    if chars:
-        u = "".join(t.split())
-        n = OVERLAP_N["chars"]
-        return {u[i: i + n] for i in range(len(u) - n + 1)}
-    w = t.split()
-    n = OVERLAP_N["words"]
-    return {" ".join(w[i: i + n]) for i in range(len(w) - n + 1)}
-
-
-def prompt_overlap(prompts_dir: str | Path, corpus_dir: str | Path, sets: Sequence[str] = PROMPT_SETS,
-                   limit: int | None = None) -> pd.DataFrame:
-    """How held out the prompt sets are: per set, the share of each prompt's n-grams (digits masked, so a copy
-    with other numbers counts) that occur anywhere in its domain's training text ``{corpus_dir}/{domain}.jsonl``.
-
-    Columns: set, domain, prompts, ngram, mean_overlap (mean over prompts), over_half (share of prompts with more
-    than half of their n-grams in the corpus). Sets whose corpus file is missing are left out.
-    """
-    rows = []
-    for s in sets:
-        domain = SET_DOMAIN.get(s)
-        path = Path(corpus_dir) / f"{domain}.jsonl"
-        if domain is None or not path.exists():
-            continue
-        chars = domain == "zh"
-        grams = [_grams(r["text"], chars) for r in read_prompts(Path(prompts_dir) / f"{s}.jsonl", limit)]
-        wanted = set().union(*grams)
-        found: set[str] = set()
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    found |= _grams(json.loads(line)["text"], chars) & wanted
-        shares = np.array([len(g & found) / len(g) if g else 0.0 for g in grams])
-        unit = f"{OVERLAP_N['chars']}-character grams" if chars else f"word {OVERLAP_N['words']}-grams"
-        rows.append({"set": s, "domain": domain, "prompts": len(grams), "ngram": unit,
-                     "mean_overlap": float(shares.mean()), "over_half": float((shares > 0.5).mean())})
-    return pd.DataFrame(rows, columns=["set", "domain", "prompts", "ngram", "mean_overlap", "over_half"])
+# one implementation of the held-out measurement, shared with the corpus builder and its committed index
+from ..data.overlap import OVERLAP_N, SET_DOMAIN, prompt_overlap  # noqa: F401
 
 
 # ============================================================================================ training facts

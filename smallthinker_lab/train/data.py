@@ -13,6 +13,7 @@ sampler state. Shape letters: B sequences, T tokens.
 
 from __future__ import annotations
 
+import lzma
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,24 +22,48 @@ import numpy as np
 import torch
 
 
-def load_tokens(path: str | os.PathLike) -> np.memmap:
-    """A flat uint16 token file, memory-mapped read-only."""
+def packed_parts(path: str | os.PathLike) -> list[Path]:
+    """The xz parts ``{name}.000.xz, {name}.001.xz, ...`` that stand for token file ``path`` (empty if none)."""
+    path = Path(path)
+    parts = []
+    while (p := path.with_name(f"{path.name}.{len(parts):03d}.xz")).exists():
+        parts.append(p)
+    return parts
+
+
+def load_tokens(path: str | os.PathLike) -> np.ndarray:
+    """A flat uint16 token file, memory-mapped read-only; or, where only its packed xz parts are there
+    (``smallthinker-lab data tokenize --pack``), those parts decompressed and concatenated in memory."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no token file at {path}")
+        parts = packed_parts(path)
+        if not parts:
+            raise FileNotFoundError(f"no token file at {path} (nor its packed parts {path.name}.000.xz, ...)")
+        chunks = []
+        for p in parts:
+            try:
+                chunks.append(lzma.decompress(p.read_bytes()))
+            except lzma.LZMAError as e:
+                raise ValueError(f"{p} is not a complete xz stream: {e}") from e
+        data = b"".join(chunks)
+        if len(data) % 2:
+            raise ValueError(f"the packed parts of {path} hold an odd number of bytes: not uint16 tokens")
+        return np.frombuffer(data, dtype=np.uint16)
     if path.stat().st_size % 2:
         raise ValueError(f"{path} has an odd number of bytes: not a uint16 token file")
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
 def discover_domains(data_dir: str | os.PathLike) -> list[str]:
-    """Domain names of the ``{domain}.bin`` training files in ``data_dir``, sorted."""
+    """Domain names of the ``{domain}.bin`` training files (or their packed parts) in ``data_dir``, sorted."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"no token folder at {data_dir}")
-    names = sorted(p.name[: -len(".bin")] for p in data_dir.glob("*.bin") if not p.name.endswith(".val.bin"))
+    files = [p.name for p in data_dir.glob("*.bin")]
+    files += [p.name[: -len(".000.xz")] for p in data_dir.glob("*.bin.000.xz")]
+    names = sorted({n[: -len(".bin")] for n in files if not n.endswith(".val.bin")})
     if not names:
-        raise FileNotFoundError(f"no {{domain}}.bin token files in {data_dir}")
+        raise FileNotFoundError(f"no {{domain}}.bin token files (nor packed parts) in {data_dir}")
     return names
 
 
@@ -126,7 +151,7 @@ def validation_windows(path: str | os.PathLike, seq_len: int, max_windows: int |
 
 def validation_sets(data_dir: str | os.PathLike, domains: list[str], seq_len: int,
                     max_windows: int | None = None) -> dict[str, torch.Tensor]:
-    """{domain: windows} for the domains that have a ``{domain}.val.bin`` file."""
+    """{domain: windows} for the domains that have a ``{domain}.val.bin`` file (or its packed parts)."""
     data_dir = Path(data_dir)
     return {d: validation_windows(data_dir / f"{d}.val.bin", seq_len, max_windows)
-            for d in domains if (data_dir / f"{d}.val.bin").exists()}
+            for d in domains if (data_dir / f"{d}.val.bin").exists() or packed_parts(data_dir / f"{d}.val.bin")}
