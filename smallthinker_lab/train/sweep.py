@@ -158,7 +158,7 @@ def train_all(a: argparse.Namespace, steps: int, measure: bool = True) -> None:
     (``--measure-threads`` threads each) while the other runs train."""
     runs = _runs(a)
     wave_s = a.train_s / max(1, -(-len(runs) // min(a.parallel, len(runs))))
-    max_time = a.max_time if a.max_time is not None else 1.15 * wave_s if a.plan_from_probe else None
+    max_time = a.max_time if a.max_time is not None else 1.3 * wave_s if a.plan_from_probe else None
     plan = _read_plan(a)
     plan["runs"] = {run_name(arm, s): {"arm": arm, "seed": s, "dir": str(d),
                                        "command": train_command(a, arm, s, d, steps, max_time)[1:]}
@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-s", type=float, default=360.0,
                    help="wall seconds for all training (the probe plans the steps from it)")
     p.add_argument("--max-time", type=float, default=None,
-                   help="per-run time guard (default: 1.15 x a wave's share of --train-s when planned by the probe)")
+                   help="per-run time guard (default: 1.3 x a wave's share of --train-s when planned by the probe)")
     p.add_argument("--probe-steps", type=int, default=40)
     p.add_argument("--prompt-limit", type=int, default=24, help="prompts per set for the routing measurements")
     p.add_argument("--hit-prompts", type=int, default=12, help="prompts per set for the LRU hit rate (4 warm-up)")
