@@ -43,6 +43,7 @@ def test_the_table_gives_mean_std_and_range_per_arm(tmp_path):
         d.mkdir(parents=True)
         (d / "measure.json").write_text(json.dumps({"measures": {"js_mean": v, "val_ce": 2 * v, "mfu": None}}))
     paths = write_tables(tmp_path, ["1", "64"], [0, 1, 2])
+    assert "delta" not in pd.read_csv(paths[1]).columns  # no micro-batch arm measured: nothing to compare with
     t = pd.read_csv(paths[1], dtype={"arm": str}).set_index(["arm", "measure"])
     assert t.loc[("1", "js_mean"), "runs"] == 3 and t.loc[("64", "js_mean"), "runs"] == 2
     assert t.loc[("1", "js_mean"), "mean"] == pytest.approx(0.2)
@@ -52,6 +53,16 @@ def test_the_table_gives_mean_std_and_range_per_arm(tmp_path):
     md = paths[2].read_text()
     assert "| 1 | 0.2000 ± 0.1000 [0.1000, 0.3000] |" in md and "runs per arm: 1 3, 64 2" in md
     assert len(pd.read_csv(paths[0])) == 5
+
+
+def test_arms_are_compared_with_the_micro_batch_arm_in_seed_spreads():
+    runs = pd.DataFrame({"arm": ["64"] * 3 + ["micro-batch"] * 3, "seed": [0, 1, 2] * 2,
+                         "run": [f"r{i}" for i in range(6)], "js_mean": [0.30, 0.32, 0.34, 0.10, 0.11, 0.12]})
+    t = arm_table(runs).set_index("arm")
+    pooled = ((0.02 ** 2 + 0.01 ** 2) / 2) ** 0.5
+    assert t.loc["64", "delta"] == pytest.approx(0.21)
+    assert t.loc["64", "delta_over_spread"] == pytest.approx(0.21 / pooled)
+    assert t.loc["micro-batch", "delta"] == 0
 
 
 def test_one_seed_has_no_spread():

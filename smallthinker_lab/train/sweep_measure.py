@@ -158,14 +158,21 @@ def collect(out_dir: str | Path, arms: Sequence[str], seeds: Sequence[int]) -> p
     return pd.DataFrame(rows)
 
 
-def arm_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per arm and measurement: runs (seeds measured), mean, std (ddof 1; NaN with one run), min, max."""
+def arm_table(runs: pd.DataFrame, reference: str = "micro-batch") -> pd.DataFrame:
+    """Per arm and measurement: runs (seeds measured), mean, std (ddof 1; NaN with one run), min, max, and against
+    the ``reference`` arm (when measured): delta = mean - the reference's mean, and delta_over_spread = delta over
+    the pooled seed std of the two arms (sqrt of the mean of their variances): how many seed spreads apart."""
     metrics = [c for c in runs.columns if c not in ("arm", "seed", "run")]
     long = runs.melt(id_vars=["arm", "seed"], value_vars=metrics, var_name="measure").dropna(subset=["value"])
     long["value"] = long["value"].astype(float)
     order = {a: i for i, a in enumerate(pd.unique(runs["arm"]))}
     g = long.groupby(["arm", "measure"], sort=False)["value"]
     table = g.agg(runs="count", mean="mean", std="std", min="min", max="max").reset_index()
+    ref = table[table["arm"] == reference].set_index("measure")
+    if len(ref):
+        r_mean, r_std = table["measure"].map(ref["mean"]), table["measure"].map(ref["std"])
+        table["delta"] = table["mean"] - r_mean
+        table["delta_over_spread"] = table["delta"] / ((table["std"] ** 2 + r_std ** 2) / 2) ** 0.5
     table["_o"] = table["arm"].map(order)
     return table.sort_values(["_o", "measure"], kind="stable").drop(columns="_o").reset_index(drop=True)
 
@@ -192,6 +199,13 @@ def write_tables(out_dir: str | Path, arms: Sequence[str], seeds: Sequence[int])
              + ", ".join(f"{a} {int(n.get(a, 0))}" for a in wide.index) + ".", "",
              "| arm | " + " | ".join(wide.columns) + " |", "|" + " --- |" * (len(wide.columns) + 1)]
     lines += [f"| {a} | " + " | ".join(str(wide.loc[a, c]) for c in wide.columns) + " |" for a in wide.index]
+    if "delta" in main.columns:
+        d = main.pivot(index="arm", columns="measure", values="delta_over_spread")
+        d = d.reindex(index=[a for a in wide.index if a != "micro-batch"], columns=list(wide.columns))
+        lines += ["", "Against the micro-batch arm: (arm mean - micro-batch mean) / pooled seed std of the two arms.",
+                  "", "| arm | " + " | ".join(d.columns) + " |", "|" + " --- |" * (len(d.columns) + 1)]
+        lines += [f"| {a} | " + " | ".join("" if pd.isna(v) else f"{v:+.1f}" for v in d.loc[a]) + " |"
+                  for a in d.index]
     paths[2].write_text("\n".join(lines) + "\n")
     return paths
 
