@@ -7,18 +7,20 @@
 # 1. a 40-step probe measures the throughput (tokens/s over steps 21-40, past start-up); with COMPILE=auto (the
 #    default) a second probe measures it under torch.compile, and the faster of the two trains;
 # 2. steps = min(MAX_PASSES x the training tokens, BUDGET_S x measured tokens/s) / (BATCH x SEQ);
-# 3. the run trains (max-time guard MAX_TIME_S), validates every ~10%, exports the bf16 model;
+# 3. the run trains (steps planned from BUDGET_S of steady steps; MAX_TIME_S is only a guard, which start-up,
+#    compiling and the validations every ~10% (EVAL_WINDOWS windows per domain) must fit under), exports bf16;
 # 4. logs, plan and model (no checkpoint) are packed into $OUT/pack.tgz.part-NN (under the 16 MiB/file limit) with
 #    its sha256; unpack with:  cat pack.tgz.part-* > pack.tgz && sha256sum -c pack.sha256 && tar xzf pack.tgz
 # Environment overrides: CONFIG BATCH SEQ LR GROUP COEF SEED MAX_PASSES BUDGET_S MAX_TIME_S COMPILE (auto, 1, 0)
-# PEAK_TFLOPS; for a dry run on a CPU: DEVICE=cpu PY=.venv/bin/python MIN_STEPS=5 BATCH=4 SEQ=64 GROUP=4.
+# EVAL_WINDOWS PEAK_TFLOPS; for a dry run on a CPU: DEVICE=cpu PY=.venv/bin/python MIN_STEPS=5 BATCH=4 SEQ=64 GROUP=4.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_job_out}
 mkdir -p "$OUT"
 CONFIG=${CONFIG:-smallthinker-tiny-wide} BATCH=${BATCH:-64} SEQ=${SEQ:-512} LR=${LR:-1e-3} SEED=${SEED:-0}
 COEF=${COEF:-0.01} GROUP=${GROUP:-$BATCH} MAX_PASSES=${MAX_PASSES:-4}
-BUDGET_S=${BUDGET_S:-300} MAX_TIME_S=${MAX_TIME_S:-340} COMPILE=${COMPILE:-auto} PEAK_TFLOPS=${PEAK_TFLOPS:-}
+BUDGET_S=${BUDGET_S:-270} MAX_TIME_S=${MAX_TIME_S:-420} COMPILE=${COMPILE:-auto} EVAL_WINDOWS=${EVAL_WINDOWS:-256}
+PEAK_TFLOPS=${PEAK_TFLOPS:-}
 DEVICE=${DEVICE:-cuda} PY=${PY:-python3} MIN_STEPS=${MIN_STEPS:-50}
 DATA=${DATA:-data/corpus/tokens} TOKENIZER=data/models/smallthinker-tiny WORK=${WORK:-/tmp/gpu_job}
 rm -rf "$WORK" && mkdir -p "$WORK"
@@ -76,7 +78,7 @@ echo "plan: steps $STEPS warmup $WARMUP eval every $EVAL_EVERY, batch $BATCH x $
      "(t=$(( $(date +%s) - T0 ))s)"
 
 # 2. the run
-train --out "$WORK/run" --steps "$STEPS" --warmup "$WARMUP" --eval-every "$EVAL_EVERY" --eval-windows 100000 \
+train --out "$WORK/run" --steps "$STEPS" --warmup "$WARMUP" --eval-every "$EVAL_EVERY" --eval-windows "$EVAL_WINDOWS" \
       --log-every 25 --max-time "$MAX_TIME_S" --tokenizer "$TOKENIZER" --no-resume > "$WORK/run.log" 2>&1
 echo "run exit $? (t=$(( $(date +%s) - T0 ))s)"; tail -n 5 "$WORK/run.log"
 
