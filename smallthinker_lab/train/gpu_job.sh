@@ -39,7 +39,8 @@ train() { "$PY" -m smallthinker_lab.train.cli train "${COMMON[@]}" "$@"; }
 probe() {  # probe NAME [train flags]: 40 steps; tokens/s of steps 21-40 in $WORK/NAME/train_log.jsonl
   local name=$1; shift
   train --out "$WORK/$name" --steps 40 --warmup 1000 --log-every 20 --eval-windows 1 --no-export --no-progress \
-        --no-resume "$@" > "$WORK/$name.log" 2>&1 || { echo "probe $name failed"; tail -n 30 "$WORK/$name.log"; exit 1; }
+        --no-resume "$@" > "$WORK/$name.log" 2>&1 \
+    || { echo "probe $name failed"; tail -n 30 "$WORK/$name.log"; exit 1; }
 }
 
 # 1. probe(s)
