@@ -9,7 +9,7 @@ import pytest
 
 from smallthinker_lab.model.config import SmallThinkerConfig
 from smallthinker_lab.train import read_log, train
-from smallthinker_lab.train.sweep import build_parser, parse_arms, parse_seeds, run_name, train_command
+from smallthinker_lab.train.sweep import build_parser, parse_arms, parse_seeds, plan_steps, run_name, train_command
 from smallthinker_lab.train.sweep_measure import SETS, arm_table, measure_run, write_tables
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,6 +34,14 @@ def test_the_arms_commands_differ_only_in_the_group(tmp_path):
     diff = [(x, y) for x, y in zip(cmds["4"], cmds["micro-batch"]) if x != y]
     assert diff == [(str(tmp_path / "g4-s1"), str(tmp_path / "microbatch-s1")), ("4", "micro-batch")]
     assert cmds["4"][cmds["4"].index("--seed") + 1] == "1" and "--config" in cmds["4"]
+
+
+def test_the_plan_fits_the_waves_in_the_training_time():
+    # 40 probe steps of 32,768 tokens at 131,072 tokens/s = 10 s of steady steps in a 30 s probe: 20 s overhead
+    steps, overhead = plan_steps(131_072, 30.0, 40, 32_768, train_s=360.0, waves=2)
+    assert overhead == pytest.approx(20.0)
+    assert steps == (180 - 20) * 4  # each wave: 180 s, of which 160 s at 4 steps/s
+    assert plan_steps(131_072, 30.0, 40, 32_768, train_s=30.0, waves=2)[0] == 0  # no time left for steps
 
 
 def test_the_table_gives_mean_std_and_range_per_arm(tmp_path):

@@ -117,6 +117,15 @@ def _launch(cmd: list[str], log: Path, threads: int | None = None) -> subprocess
 
 
 # ------------------------------------------------------------------ probe
+def plan_steps(tokens_per_s: float, probe_wall_s: float, probe_steps: int, tokens_per_step: int, train_s: float,
+               waves: int) -> tuple[int, float]:
+    """(steps per run, overhead seconds): the overhead is what a probe run spent outside steady-state steps
+    (start-up, compiling, the first steps, the final validation), paid once per wave; the steps fill the rest of a
+    wave's share of ``train_s`` at the probe's steady rate."""
+    overhead = max(0.0, probe_wall_s - probe_steps * tokens_per_step / tokens_per_s)
+    return int(max(0.0, train_s / waves - overhead) * tokens_per_s // tokens_per_step), overhead
+
+
 def probe(a: argparse.Namespace) -> dict:
     """``--parallel`` concurrent runs of ``--probe-steps`` steps (the first arms); tokens/s per process over the
     last logged steps, and the steps that fit ``--train-s`` for every run in waves of ``--parallel``."""
@@ -139,9 +148,7 @@ def probe(a: argparse.Namespace) -> dict:
     tps = [read_log(folder / f"p{i}" / "train_log.jsonl")[-1]["tokens_per_s"] for i in range(P)]
     per_run, tokens_per_step = min(tps), a.batch_size * a.seq_len
     waves = -(-len(runs) // P)
-    # what a run spends outside steady-state steps (start-up, first steps, final validation), paid once per wave
-    overhead = max(0.0, wall - a.probe_steps * tokens_per_step / per_run)
-    steps = int(max(0.0, a.train_s / waves - overhead) * per_run // tokens_per_step)
+    steps, overhead = plan_steps(per_run, wall, a.probe_steps, tokens_per_step, a.train_s, waves)
     out = {"parallel": P, "probe_steps": a.probe_steps, "tokens_per_s_per_process": tps,
            "tokens_per_s_total": sum(tps), "probe_wall_s": round(wall, 1), "overhead_s": round(overhead, 1),
            "waves": waves, "train_s": a.train_s, "planned_steps": steps,
