@@ -8,7 +8,8 @@ Per run (``measure_run``, written to ``<run>/measure.json``), all with the proje
   pairs; ``js_mean``: mean over layers), the hot (>= 0.4) and cold (< 0.14) expert shares and the usage entropy
   per set (``hot_share_<set>`` ...; ``hot_share`` etc.: mean over sets), and neuron sparsity per (token, expert)
   pair (``sparsity_median_layer_<l>``: the median over the layer's pairs, all sets pooled; ``sparsity_median``:
-  mean over layers);
+  mean over layers) and per expert (``sparsity_expert_median_layer_<l>``: the median over the layer's experts of
+  each expert's mean over its routed tokens; ``sparsity_expert_median``: mean over layers);
 - validation cross-entropy per domain (``val_ce_<domain>``, ``val_ce``: mean): the trainer's last evaluation on
   ``{domain}.val.bin`` (eval_log.jsonl), computed on the training device right after the last step;
 - the engine's LRU hit rate at a fixed expert cache (``cache_share`` of all experts) per prompt set
@@ -34,8 +35,8 @@ from pathlib import Path
 import pandas as pd
 
 SETS = ("gsm8k", "humaneval", "wiki-en", "zh-news")
-MAIN = ("js_mean", "hot_share", "cold_share", "usage_entropy", "sparsity_median", "val_ce", "lru_hit_cold",
-        "lru_hit_warm", "train_ce", "train_load_entropy", "tokens_per_s", "mfu")
+MAIN = ("js_mean", "hot_share", "cold_share", "usage_entropy", "sparsity_median", "sparsity_expert_median", "val_ce",
+        "lru_hit_cold", "lru_hit_warm", "train_ce", "train_load_entropy", "tokens_per_s", "mfu")
 
 
 def run_name(arm: str, seed: int) -> str:
@@ -68,6 +69,12 @@ def routing_measures(model, tokenizer, prompts_dir: str | Path, sets: Sequence[s
     med = sp[sp["dataset"] == "all"].set_index("layer")["median"]
     out.update({f"sparsity_median_layer_{int(layer)}": float(v) for layer, v in med.items()})
     out["sparsity_median"] = float(med.mean())
+    from ..instruments import neuron_sparsity_by_expert
+
+    per_expert = neuron_sparsity_by_expert(ph["_neurons"].assign(dataset="all"))
+    med_e = per_expert.groupby("layer")["sparsity"].median()
+    out.update({f"sparsity_expert_median_layer_{int(layer)}": float(v) for layer, v in med_e.items()})
+    out["sparsity_expert_median"] = float(med_e.mean())
     return out
 
 
