@@ -24,6 +24,10 @@ def test_arms_and_seeds_are_checked_and_named():
             parse_arms(bad)
     with pytest.raises(ValueError, match="seeds"):
         parse_seeds("0,x")
+    from smallthinker_lab.train.sweep import main
+
+    with pytest.raises(SystemExit, match="arm 'global' is neither"):
+        main(["table", "--arms", "1,global"])
 
 
 def test_the_arms_commands_differ_only_in_the_group(tmp_path):

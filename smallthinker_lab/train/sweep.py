@@ -279,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    parse_arms(a.arms), parse_seeds(a.seeds)
+    try:
+        parse_arms(a.arms), parse_seeds(a.seeds)
+    except ValueError as e:
+        raise SystemExit(f"sweep: {e}") from None
     for name in ("parallel", "batch_size", "seq_len", "measure_parallel", "probe_steps"):
         if getattr(a, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
