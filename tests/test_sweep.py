@@ -9,7 +9,7 @@ import pytest
 
 from smallthinker_lab.model.config import SmallThinkerConfig
 from smallthinker_lab.train import read_log, train
-from smallthinker_lab.train.sweep import build_parser, parse_arms, parse_seeds, run_name, train_command
+from smallthinker_lab.train.sweep import build_parser, parse_arms, parse_seeds, plan_steps, run_name, train_command
 from smallthinker_lab.train.sweep_measure import SETS, arm_table, measure_run, write_tables
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,6 +24,10 @@ def test_arms_and_seeds_are_checked_and_named():
             parse_arms(bad)
     with pytest.raises(ValueError, match="seeds"):
         parse_seeds("0,x")
+    from smallthinker_lab.train.sweep import main
+
+    with pytest.raises(SystemExit, match="arm 'global' is neither"):
+        main(["table", "--arms", "1,global"])
 
 
 def test_the_arms_commands_differ_only_in_the_group(tmp_path):
@@ -36,6 +40,14 @@ def test_the_arms_commands_differ_only_in_the_group(tmp_path):
     assert cmds["4"][cmds["4"].index("--seed") + 1] == "1" and "--config" in cmds["4"]
 
 
+def test_the_plan_fits_the_waves_in_the_training_time():
+    # 40 probe steps of 32,768 tokens at 131,072 tokens/s = 10 s of steady steps in a 30 s probe: 20 s overhead
+    steps, overhead = plan_steps(131_072, 30.0, 40, 32_768, train_s=360.0, waves=2)
+    assert overhead == pytest.approx(20.0)
+    assert steps == (180 - 20) * 4  # each wave: 180 s, of which 160 s at 4 steps/s
+    assert plan_steps(131_072, 30.0, 40, 32_768, train_s=30.0, waves=2)[0] == 0  # no time left for steps
+
+
 def test_the_table_gives_mean_std_and_range_per_arm(tmp_path):
     values = {("1", 0): 0.1, ("1", 1): 0.3, ("1", 2): 0.2, ("64", 0): 0.5, ("64", 1): 0.7}
     for (arm, seed), v in values.items():
@@ -43,6 +55,7 @@ def test_the_table_gives_mean_std_and_range_per_arm(tmp_path):
         d.mkdir(parents=True)
         (d / "measure.json").write_text(json.dumps({"measures": {"js_mean": v, "val_ce": 2 * v, "mfu": None}}))
     paths = write_tables(tmp_path, ["1", "64"], [0, 1, 2])
+    assert "delta" not in pd.read_csv(paths[1]).columns  # no micro-batch arm measured: nothing to compare with
     t = pd.read_csv(paths[1], dtype={"arm": str}).set_index(["arm", "measure"])
     assert t.loc[("1", "js_mean"), "runs"] == 3 and t.loc[("64", "js_mean"), "runs"] == 2
     assert t.loc[("1", "js_mean"), "mean"] == pytest.approx(0.2)
@@ -52,6 +65,16 @@ def test_the_table_gives_mean_std_and_range_per_arm(tmp_path):
     md = paths[2].read_text()
     assert "| 1 | 0.2000 ± 0.1000 [0.1000, 0.3000] |" in md and "runs per arm: 1 3, 64 2" in md
     assert len(pd.read_csv(paths[0])) == 5
+
+
+def test_arms_are_compared_with_the_micro_batch_arm_in_seed_spreads():
+    runs = pd.DataFrame({"arm": ["64"] * 3 + ["micro-batch"] * 3, "seed": [0, 1, 2] * 2,
+                         "run": [f"r{i}" for i in range(6)], "js_mean": [0.30, 0.32, 0.34, 0.10, 0.11, 0.12]})
+    t = arm_table(runs).set_index("arm")
+    pooled = ((0.02 ** 2 + 0.01 ** 2) / 2) ** 0.5
+    assert t.loc["64", "delta"] == pytest.approx(0.21)
+    assert t.loc["64", "delta_over_spread"] == pytest.approx(0.21 / pooled)
+    assert t.loc["micro-batch", "delta"] == 0
 
 
 def test_one_seed_has_no_spread():
@@ -84,7 +107,8 @@ def test_a_trained_run_is_measured_for_real(tmp_path):
         assert 0 <= res[f"hot_share_{s}"] <= 1 and 0 <= res[f"cold_share_{s}"] <= 1
         assert 0 < res[f"usage_entropy_{s}"] <= 1
         assert 0 <= res[f"lru_hit_cold_{s}"] <= 1 and 0 <= res[f"lru_hit_warm_{s}"] <= 1
-    assert 0 <= res["sparsity_median"] <= 1 and res["cache_experts"] == 8  # 25% of 4 layers x 8 experts
+    assert 0 <= res["sparsity_median"] <= 1 and 0 <= res["sparsity_expert_median"] <= 1
+    assert res["cache_experts"] == 8  # 25% of 4 layers x 8 experts
     ev = read_log(run / "eval_log.jsonl")
     assert res["val_ce"] == pytest.approx(np.mean([r["ce"] for r in ev if r["step"] == 3]))
     assert res["steps"] == 3 and res["tokens"] == 3 * 4 * 32

@@ -40,11 +40,13 @@ echo "sweep exit ${PIPESTATUS[0]} (t=$(( $(date +%s) - T0 ))s)"
 cd "$WORK" || exit 1
 LIST=$(ls sweep.json sweep_runs.csv sweep_table.csv sweep_table.md sweep.out nvidia_smi.txt probe/*.out 2>/dev/null)
 for d in runs/*/; do
-  for f in train_log.jsonl eval_log.jsonl summary.json args.json measure.json train.out measure.out model/config.json; do
+  for f in train_log.jsonl eval_log.jsonl summary.json args.json measure.json train.out measure.out \
+           model/config.json; do
     [ -f "$d$f" ] && LIST="$LIST $d$f"
   done
 done
-[ -n "$COMPARE" ] && [ -f "runs/$COMPARE/model/model.safetensors" ] && LIST="$LIST runs/$COMPARE/model/model.safetensors"
+W=runs/$COMPARE/model/model.safetensors
+[ -n "$COMPARE" ] && [ -f "$W" ] && LIST="$LIST $W"
 # shellcheck disable=SC2086
 tar czf "$WORK/pack.tgz" $LIST
 sha256sum pack.tgz > "$OUT/pack.sha256"

@@ -27,8 +27,9 @@ The two losses differ only in the set S the statistics are pooled over:
   single-process trainer a group is g consecutive sequences of the batch; g = None means the whole batch.
 
 A group of g sequences pools exactly the same statistics as a micro-batch of g sequences, so
-``global_balance_loss(x, k, g) == microbatch_balance_loss(x, k, g)``: the comparison the issue asks for is a
-small micro-batch (1 sequence by default) against a large group (the whole batch by default).
+``global_balance_loss(x, k, g) == microbatch_balance_loss(x, k, g)``: what separates the conventional loss from the
+DP-group loss is only how many sequences share the statistics, a small micro-batch (1 sequence by default)
+against a larger group (up to the whole batch).
 
 ``balance_loss(..., group)``: what the trainer optimises, by its ``balance_group`` argument: an int g (groups of g
 sequences, the DP-group loss), "batch" (one group: the whole batch) or "micro-batch" (the conventional loss per

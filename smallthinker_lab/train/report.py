@@ -126,8 +126,8 @@ def render(model_dir: str | Path, training_dir: str | Path, name: str | None = N
             "## Hardware and time", "",
             f"Device: {summary['device']}" + (f" (`nvidia-smi`: {smi})" if smi else "") + ". "
             f"Training loop wall time {summary['wall_s_this_run']:,.1f} s at {summary['tokens_per_s_this_run']:,.0f} "
-            f"tokens/s" + (f" (the probe before it measured {plan['probe_tokens_per_s']:,.0f})" if plan else "") + ".",
-            "",
+            f"tokens/s" + (f" (the probe before it measured {plan['probe_tokens_per_s']:,.0f})" if plan else "") + "."
+            + _probes(plan), "",
             f"Model FLOPs per token ({T}-token windows, `smallthinker_lab/train/flops.py`): 6 x "
             f"{fl['active_matmul_params']:,.0f} active matmul parameters = {fl['dense']:,.0f}, plus attention "
             f"{fl['attention']:,.0f} = {fl['total']:,.0f}. "]
@@ -181,6 +181,16 @@ def _wrap(lines: list[str], width: int = 115) -> list[str]:
             else:
                 wrapped.extend(textwrap.wrap(part, width, break_long_words=False, break_on_hyphens=False))
     return wrapped
+
+
+def _probes(plan: dict) -> str:
+    """The eager / torch.compile probes of the GPU job, when it ran both: what decided ``--compile``."""
+    probes, compiled = plan.get("probes_tokens_per_s") or {}, plan.get("probes_compiled") or {}
+    if len(probes) < 2:
+        return ""
+    parts = [f"{'compiled' if compiled.get(n) else 'eager'} {v:,.0f}" for n, v in probes.items()]
+    return (f" The job's 40-step probes measured {', '.join(parts)} tokens/s (steps 21-40) and trained "
+            f"{'compiled' if plan.get('compile') else 'eagerly'}.")
 
 
 def _config_arg(args: dict) -> str:

@@ -117,6 +117,15 @@ def _launch(cmd: list[str], log: Path, threads: int | None = None) -> subprocess
 
 
 # ------------------------------------------------------------------ probe
+def plan_steps(tokens_per_s: float, probe_wall_s: float, probe_steps: int, tokens_per_step: int, train_s: float,
+               waves: int) -> tuple[int, float]:
+    """(steps per run, overhead seconds): the overhead is what a probe run spent outside steady-state steps
+    (start-up, compiling, the first steps, the final validation), paid once per wave; the steps fill the rest of a
+    wave's share of ``train_s`` at the probe's steady rate."""
+    overhead = max(0.0, probe_wall_s - probe_steps * tokens_per_step / tokens_per_s)
+    return int(max(0.0, train_s / waves - overhead) * tokens_per_s // tokens_per_step), overhead
+
+
 def probe(a: argparse.Namespace) -> dict:
     """``--parallel`` concurrent runs of ``--probe-steps`` steps (the first arms); tokens/s per process over the
     last logged steps, and the steps that fit ``--train-s`` for every run in waves of ``--parallel``."""
@@ -139,9 +148,7 @@ def probe(a: argparse.Namespace) -> dict:
     tps = [read_log(folder / f"p{i}" / "train_log.jsonl")[-1]["tokens_per_s"] for i in range(P)]
     per_run, tokens_per_step = min(tps), a.batch_size * a.seq_len
     waves = -(-len(runs) // P)
-    # what a run spends outside steady-state steps (start-up, first steps, final validation), paid once per wave
-    overhead = max(0.0, wall - a.probe_steps * tokens_per_step / per_run)
-    steps = int(max(0.0, a.train_s / waves - overhead) * per_run // tokens_per_step)
+    steps, overhead = plan_steps(per_run, wall, a.probe_steps, tokens_per_step, a.train_s, waves)
     out = {"parallel": P, "probe_steps": a.probe_steps, "tokens_per_s_per_process": tps,
            "tokens_per_s_total": sum(tps), "probe_wall_s": round(wall, 1), "overhead_s": round(overhead, 1),
            "waves": waves, "train_s": a.train_s, "planned_steps": steps,
@@ -158,7 +165,7 @@ def train_all(a: argparse.Namespace, steps: int, measure: bool = True) -> None:
     (``--measure-threads`` threads each) while the other runs train."""
     runs = _runs(a)
     wave_s = a.train_s / max(1, -(-len(runs) // min(a.parallel, len(runs))))
-    max_time = a.max_time if a.max_time is not None else 1.15 * wave_s if a.plan_from_probe else None
+    max_time = a.max_time if a.max_time is not None else 1.3 * wave_s if a.plan_from_probe else None
     plan = _read_plan(a)
     plan["runs"] = {run_name(arm, s): {"arm": arm, "seed": s, "dir": str(d),
                                        "command": train_command(a, arm, s, d, steps, max_time)[1:]}
@@ -259,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-s", type=float, default=360.0,
                    help="wall seconds for all training (the probe plans the steps from it)")
     p.add_argument("--max-time", type=float, default=None,
-                   help="per-run time guard (default: 1.15 x a wave's share of --train-s when planned by the probe)")
+                   help="per-run time guard (default: 1.3 x a wave's share of --train-s when planned by the probe)")
     p.add_argument("--probe-steps", type=int, default=40)
     p.add_argument("--prompt-limit", type=int, default=24, help="prompts per set for the routing measurements")
     p.add_argument("--hit-prompts", type=int, default=12, help="prompts per set for the LRU hit rate (4 warm-up)")
@@ -272,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    parse_arms(a.arms), parse_seeds(a.seeds)
+    try:
+        parse_arms(a.arms), parse_seeds(a.seeds)
+    except ValueError as e:
+        raise SystemExit(f"sweep: {e}") from None
     for name in ("parallel", "batch_size", "seq_len", "measure_parallel", "probe_steps"):
         if getattr(a, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")

@@ -8,7 +8,8 @@ Per run (``measure_run``, written to ``<run>/measure.json``), all with the proje
   pairs; ``js_mean``: mean over layers), the hot (>= 0.4) and cold (< 0.14) expert shares and the usage entropy
   per set (``hot_share_<set>`` ...; ``hot_share`` etc.: mean over sets), and neuron sparsity per (token, expert)
   pair (``sparsity_median_layer_<l>``: the median over the layer's pairs, all sets pooled; ``sparsity_median``:
-  mean over layers);
+  mean over layers) and per expert (``sparsity_expert_median_layer_<l>``: the median over the layer's experts of
+  each expert's mean over its routed tokens; ``sparsity_expert_median``: mean over layers);
 - validation cross-entropy per domain (``val_ce_<domain>``, ``val_ce``: mean): the trainer's last evaluation on
   ``{domain}.val.bin`` (eval_log.jsonl), computed on the training device right after the last step;
 - the engine's LRU hit rate at a fixed expert cache (``cache_share`` of all experts) per prompt set
@@ -34,8 +35,8 @@ from pathlib import Path
 import pandas as pd
 
 SETS = ("gsm8k", "humaneval", "wiki-en", "zh-news")
-MAIN = ("js_mean", "hot_share", "cold_share", "usage_entropy", "sparsity_median", "val_ce", "lru_hit_cold",
-        "lru_hit_warm", "train_ce", "train_load_entropy", "tokens_per_s", "mfu")
+MAIN = ("js_mean", "hot_share", "cold_share", "usage_entropy", "sparsity_median", "sparsity_expert_median", "val_ce",
+        "lru_hit_cold", "lru_hit_warm", "train_ce", "train_load_entropy", "tokens_per_s", "mfu")
 
 
 def run_name(arm: str, seed: int) -> str:
@@ -68,6 +69,12 @@ def routing_measures(model, tokenizer, prompts_dir: str | Path, sets: Sequence[s
     med = sp[sp["dataset"] == "all"].set_index("layer")["median"]
     out.update({f"sparsity_median_layer_{int(layer)}": float(v) for layer, v in med.items()})
     out["sparsity_median"] = float(med.mean())
+    from ..instruments import neuron_sparsity_by_expert
+
+    per_expert = neuron_sparsity_by_expert(ph["_neurons"].assign(dataset="all"))
+    med_e = per_expert.groupby("layer")["sparsity"].median()
+    out.update({f"sparsity_expert_median_layer_{int(layer)}": float(v) for layer, v in med_e.items()})
+    out["sparsity_expert_median"] = float(med_e.mean())
     return out
 
 
@@ -158,14 +165,21 @@ def collect(out_dir: str | Path, arms: Sequence[str], seeds: Sequence[int]) -> p
     return pd.DataFrame(rows)
 
 
-def arm_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per arm and measurement: runs (seeds measured), mean, std (ddof 1; NaN with one run), min, max."""
+def arm_table(runs: pd.DataFrame, reference: str = "micro-batch") -> pd.DataFrame:
+    """Per arm and measurement: runs (seeds measured), mean, std (ddof 1; NaN with one run), min, max, and against
+    the ``reference`` arm (when measured): delta = mean - the reference's mean, and delta_over_spread = delta over
+    the pooled seed std of the two arms (sqrt of the mean of their variances): how many seed spreads apart."""
     metrics = [c for c in runs.columns if c not in ("arm", "seed", "run")]
     long = runs.melt(id_vars=["arm", "seed"], value_vars=metrics, var_name="measure").dropna(subset=["value"])
     long["value"] = long["value"].astype(float)
     order = {a: i for i, a in enumerate(pd.unique(runs["arm"]))}
     g = long.groupby(["arm", "measure"], sort=False)["value"]
     table = g.agg(runs="count", mean="mean", std="std", min="min", max="max").reset_index()
+    ref = table[table["arm"] == reference].set_index("measure")
+    if len(ref):
+        r_mean, r_std = table["measure"].map(ref["mean"]), table["measure"].map(ref["std"])
+        table["delta"] = table["mean"] - r_mean
+        table["delta_over_spread"] = table["delta"] / ((table["std"] ** 2 + r_std ** 2) / 2) ** 0.5
     table["_o"] = table["arm"].map(order)
     return table.sort_values(["_o", "measure"], kind="stable").drop(columns="_o").reset_index(drop=True)
 
@@ -192,6 +206,13 @@ def write_tables(out_dir: str | Path, arms: Sequence[str], seeds: Sequence[int])
              + ", ".join(f"{a} {int(n.get(a, 0))}" for a in wide.index) + ".", "",
              "| arm | " + " | ".join(wide.columns) + " |", "|" + " --- |" * (len(wide.columns) + 1)]
     lines += [f"| {a} | " + " | ".join(str(wide.loc[a, c]) for c in wide.columns) + " |" for a in wide.index]
+    if "delta" in main.columns:
+        d = main.pivot(index="arm", columns="measure", values="delta_over_spread")
+        d = d.reindex(index=[a for a in wide.index if a != "micro-batch"], columns=list(wide.columns))
+        lines += ["", "Against the micro-batch arm: (arm mean - micro-batch mean) / pooled seed std of the two arms.",
+                  "", "| arm | " + " | ".join(d.columns) + " |", "|" + " --- |" * (len(d.columns) + 1)]
+        lines += [f"| {a} | " + " | ".join("" if pd.isna(v) else f"{v:+.1f}" for v in d.loc[a]) + " |"
+                  for a in d.index]
     paths[2].write_text("\n".join(lines) + "\n")
     return paths
 

@@ -29,7 +29,7 @@ seed, and a run stopped (``stop_at``) and resumed reproduces the uninterrupted r
 Speed: training swaps in two forwards that compute the same function as the model's (tested equal).
 On CUDA the MoE runs as three dense matmuls over all experts' concatenated weights, with the top-k weights
 scattered into an (N, E) matrix: non-routed experts get weight 0, so outputs and gradients equal the sparse
-loop's, and for E*F = 2048 this beats looping over 32 experts with gathers, index_add and host syncs (on CPU the
+loop's, and for E*F = 2048 this beats looping over the experts with gathers, index_add and host syncs (on CPU the
 model's sparse loop is faster and is kept). Attention repeats the KV heads so that global layers run as plain
 causal SDPA (flash kernels on CUDA). Per-step statistics stay on the device and are fetched every ``log_every``
 steps, so the host does not wait for the GPU each step.
@@ -78,7 +78,6 @@ from .losses import (
 
 TRAIN_COLUMNS = ["step", "tokens", "lr", "loss", "ce", "balance", "bal_sequence", "bal_batch", "z_loss",
                  "load_entropy", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"]
-EVAL_COLUMNS = ["step", "tokens", "domain", "ce", "ppl"]
 # arguments that may change between a run and its resumption; the others must match the checkpoint
 _RESUMABLE = {"stop_at", "max_time_s", "eval_every", "eval_windows", "ckpt_every", "log_every", "progress",
               "tokenizer_dir", "export_dtype", "export", "resume", "compile", "device", "fast", "dense_moe",
@@ -107,7 +106,7 @@ class TrainArgs:
     eval_every: int = 0  # 0: only at the end
     eval_windows: int = 32  # validation windows of seq_len per domain
     ckpt_every: int = 0  # 0: only at the end (and at stop_at / max_time_s)
-    log_every: int = 10  # steps between CSV flushes / progress updates (one host sync each)
+    log_every: int = 10  # steps between log flushes / progress updates (one host sync each)
     resume: bool = True
     compile: bool = False  # torch.compile the model; falls back to eager (with a warning) if compiling fails
     peak_tflops: float | None = None  # the peak MFU is measured against; None: the GPU's dense bf16 spec
