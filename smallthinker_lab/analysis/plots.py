@@ -10,7 +10,6 @@ and the optimal-policy curve, so a dark style (``plt.style.use("dark_background"
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -76,13 +75,18 @@ def _frequency_matrices(freq_df: pd.DataFrame, datasets: Sequence[str], sort_exp
 
 
 def plot_expert_heatmaps(freq_df: pd.DataFrame, datasets: Sequence[str] | None = None, axes: Any = None,
-                         vmax: float | None = None, cmap: str = "rocket_r", sort_experts: bool = False,
+                         vmax: float | None = None, cmap: str | None = None, sort_experts: bool = False,
                          n_experts: int | None = None, ncols: int | None = None, cbar: bool = True,
-                         dataset: str = "dataset",
+                         uniform: float | str | None = "auto", dataset: str = "dataset",
                          layer: str = "layer", expert: str = "expert", frequency: str = "frequency"):
     """Expert activation frequency, layer x expert, one panel per dataset (the paper's Figures 4-5).
 
     All panels share one colour scale (0 to ``vmax``, by default the largest frequency shown) and one colour bar.
+    The scale is centred on uniform routing: a diverging map (``cmap``, default "RdBu_r") with its middle, white,
+    at ``uniform`` = k/E (a ``TwoSlopeNorm``), so a cold expert (blue) and an expert used as often as uniform
+    routing would use it (white) look different; hot ones are red. ``uniform="auto"``: k/E from the frame's attrs
+    (``top_k``, ``num_experts``), else the mean frequency of a layer (k/E when every expert is listed);
+    ``uniform=None``: a sequential map from 0 (default "rocket_r").
     ``sort_experts=True`` orders the experts of each layer by their frequency summed over the datasets shown
     (the same order in every panel), so the x axis becomes the expert's rank. ``n_experts`` adds experts that
     no token reached. ``ncols``: panels per row of a new figure (all in one row by default). ``axes``: a sequence
@@ -95,6 +99,18 @@ def plot_expert_heatmaps(freq_df: pd.DataFrame, datasets: Sequence[str] | None =
     mats = _frequency_matrices(freq_df, datasets, sort_experts, n_experts, dataset, layer, expert, frequency)
     if vmax is None:
         vmax = max(float(m.to_numpy().max()) for m in mats.values()) or 1.0
+    if isinstance(uniform, str):
+        if uniform != "auto":
+            raise ValueError(f"uniform= takes a frequency, 'auto' or None, got {uniform!r}")
+        k, E = freq_df.attrs.get("top_k"), freq_df.attrs.get("num_experts")
+        uniform = (k / E if k and E else
+                   float(freq_df.groupby([dataset, layer])[frequency].mean().mean()) if len(freq_df) else None)
+    norm = None
+    if uniform is not None and 0.0 < uniform < vmax:
+        from matplotlib.colors import TwoSlopeNorm
+
+        norm = TwoSlopeNorm(vcenter=uniform, vmin=0.0, vmax=vmax)
+    cmap = cmap or ("RdBu_r" if norm is not None else "rocket_r")
     n_layers, n_exp = next(iter(mats.values())).shape
     if axes is None:
         ncols = min(ncols or len(datasets), len(datasets))
@@ -117,16 +133,22 @@ def plot_expert_heatmaps(freq_df: pd.DataFrame, datasets: Sequence[str] | None =
         aspect = 25
     xstep, ystep = _tick_step(n_exp, 8), _tick_step(n_layers, 13)
     for i, (ax, ds) in enumerate(zip(axes, datasets)):
-        sns.heatmap(mats[ds], ax=ax, vmin=0.0, vmax=vmax, cmap=cmap, cbar=False, square=False,
-                    xticklabels=xstep, yticklabels=ystep)
+        scale = {"norm": norm} if norm is not None else {"vmin": 0.0, "vmax": vmax}
+        sns.heatmap(mats[ds], ax=ax, cmap=cmap, cbar=False, square=False, xticklabels=xstep, yticklabels=ystep,
+                    **scale)
         ax.set_title(str(ds))
         ax.set_xlabel("expert (by overall frequency)" if sort_experts else "expert")
         ax.set_ylabel(layer if first_col[i] else "")
         ax.tick_params(axis="x", labelrotation=0)
         ax.tick_params(axis="y", labelrotation=0)
     if cbar:
-        fig.colorbar(axes[0].collections[0], ax=list(axes), label="activation frequency", shrink=0.9, pad=0.02,
-                     aspect=aspect)
+        label = "activation frequency" + (f"\n(white: uniform routing, k/E = {uniform:.3g})" if norm else "")
+        bar = fig.colorbar(axes[0].collections[0], ax=list(axes), label=label, shrink=0.9, pad=0.02, aspect=aspect)
+        if norm is not None:
+            ticks = sorted({0.0, float(uniform), *[t for t in np.linspace(0, vmax, 5)[1:]
+                                                   if abs(t - uniform) > 0.08 * vmax]})
+            bar.set_ticks(ticks)
+            bar.set_ticklabels([f"{t:.3g}" for t in ticks])
     return fig
 
 
@@ -156,33 +178,97 @@ def plot_expert_frequency_distribution(freq_df: pd.DataFrame, threshold: float =
 
 
 # ---------------------------------------------------------------------------------------------- neurons
-def plot_sparsity_boxplots(neurons_df: pd.DataFrame, ax: Any = None, value: str = "sparsity", by: str = "layer",
-                           reference: float | None = 0.6, palette: str = "viridis"):
-    """Neuron sparsity (share of a routed expert's neurons with relu(gate) <= 0) per layer, as the paper's
-    Figure 6: one box per layer, median line, whiskers to the minimum and maximum, early-to-late colours,
-    y from 0 to 1, and a dashed line at ``reference`` (the paper's median, 0.6)."""
-    import seaborn as sns
+_BOX_STATS = ("min", "q1", "median", "q3", "max")
 
-    layers = sorted(neurons_df[by].unique())
-    ax = _new_ax(ax, (max(5.0, 1.5 + 0.22 * len(layers)), 3.8))
-    df = neurons_df[[by, value]].assign(**{by: neurons_df[by].astype(int).astype(str)})
-    order = [str(int(x)) for x in layers]
-    with warnings.catch_warnings():  # seaborn 0.13 passes bxp(vert=...), deprecated in matplotlib 3.11
-        warnings.filterwarnings("ignore", message=".*vert: bool", category=DeprecationWarning)
-        sns.boxplot(data=df, x=by, y=value, hue=by, order=order, hue_order=order, palette=palette, whis=(0, 100),
-                    showfliers=False, linewidth=0.8, medianprops={"color": _ink(), "linewidth": 1.2}, legend=False,
-                    ax=ax)
+
+def _box_stats(data: pd.DataFrame, by: str, value: str) -> pd.DataFrame:
+    """Per ``by``: min, q1, median, q3, max, samples; from raw values (column ``value``) or a summary that has
+    them already (e.g. ``neuron_sparsity_definitions`` of one definition and one dataset)."""
+    if all(c in data for c in _BOX_STATS):
+        if data[by].duplicated().any():
+            raise ValueError(f"the summary has several rows per {by}: filter it to one definition and one dataset")
+        out = data.set_index(by)[[*_BOX_STATS] + (["samples"] if "samples" in data else [])]
+        return out.sort_index()
+    if value not in data:
+        raise KeyError(f"plot_sparsity_boxplots needs a column {value!r} (raw values) or the columns "
+                       f"{list(_BOX_STATS)} (a summary); got {list(data.columns)}")
+    g = data.groupby(by)[value]
+    return pd.DataFrame({"min": g.min(), "q1": g.quantile(0.25), "median": g.median(), "q3": g.quantile(0.75),
+                         "max": g.max(), "samples": g.size()}).sort_index()
+
+
+def plot_sparsity_boxplots(data: pd.DataFrame, ax: Any = None, value: str = "sparsity", by: str = "layer",
+                           reference: float | None = 0.6, palette: str = "viridis",
+                           baseline: pd.DataFrame | None = None, baseline_label: str = "random init (chance)",
+                           show_n: bool = True,
+                           ylabel: str = "neuron sparsity"):
+    """Neuron sparsity per layer, as the paper's Figure 6: one box per layer (quartiles, median line, whiskers to
+    the minimum and maximum), early-to-late colours, y from 0 to 1, and a dashed line at ``reference`` (the
+    paper's median, 0.6).
+
+    ``data``: raw values, one row per sample with columns ``by`` and ``value`` (``rec.to_dataframe("neurons")``
+    gives per-pair sparsity, ``neuron_sparsity_by_neuron`` per-neuron sparsity), or a summary with one row per
+    ``by`` and the columns min, q1, median, q3, max (and samples). ``baseline``: the same for a reference model,
+    e.g. the random initialisation of the same config (what chance gives), drawn as a hollow box beside each
+    box. ``show_n``: the number of samples per box under the layer's tick label (with many layers, their range
+    in the x label).
+    """
+    import matplotlib as mpl
+    from matplotlib.patches import Patch
+
+    stats = _box_stats(data, by, value)
+    base = _box_stats(baseline, by, value) if baseline is not None else None
+    layers = list(stats.index)
+    ax = _new_ax(ax, (max(5.0, 1.5 + (0.42 if base is not None else 0.26) * len(layers)), 3.8))
+    cmap = mpl.colormaps[palette]
+    colors = [cmap(x) for x in (np.linspace(0, 1, len(layers)) if len(layers) > 1 else [0.5])]
+    pos = np.arange(len(layers), dtype=float)
+    width, shift = (0.36, 0.2) if base is not None else (0.6, 0.0)
+
+    def bxp(st: pd.DataFrame, where, props: dict, **kw):
+        boxes = [{"med": r["median"], "q1": r["q1"], "q3": r["q3"], "whislo": r["min"], "whishi": r["max"],
+                  "fliers": [], "label": ""} for _, r in st.iterrows()]
+        return ax.bxp(boxes, positions=where, widths=width, patch_artist=True, showfliers=False,
+                      manage_ticks=False, boxprops=props, whiskerprops={"color": props["edgecolor"], "linewidth": 0.8},
+                      capprops={"color": props["edgecolor"], "linewidth": 0.8}, **kw)
+
+    out = bxp(stats, pos - shift, {"edgecolor": _ink(0.8), "linewidth": 0.8},
+              medianprops={"color": _ink(), "linewidth": 1.2})
+    for patch, color in zip(out["boxes"], colors):
+        patch.set_facecolor(color)
+    handles = []
+    if base is not None:
+        base = base.reindex(layers)
+        have = base["median"].notna().to_numpy()
+        bxp(base[have], (pos + shift)[have], {"edgecolor": _ink(0.55), "facecolor": "none", "linewidth": 0.9,
+                                               "hatch": "///"},
+            medianprops={"color": _ink(0.55), "linewidth": 1.2})
+        handles.append(Patch(facecolor="none", edgecolor=_ink(0.55), hatch="///", label=baseline_label))
     if reference is not None:
-        ax.axhline(reference, color=_ink(0.7), linestyle="--", linewidth=1, zorder=0.5,
-                   label=f"paper's median ({reference:g})")
-        ax.legend(loc="lower left", frameon=False, fontsize="small")
-    step = _tick_step(len(order), 26)
-    for i, lab in enumerate(ax.get_xticklabels()):
-        lab.set_visible(i % step == 0)
+        line = ax.axhline(reference, color=_ink(0.7), linestyle="--", linewidth=1, zorder=0.5,
+                          label=f"paper's median ({reference:g})")
+        handles.insert(0, line)
+    if handles:
+        ax.legend(handles=handles, loc="lower left", frameon=False, fontsize="small")
+    names = [str(int(x)) if isinstance(x, (int, np.integer, float)) and float(x).is_integer() else str(x)
+             for x in layers]
+    step = _tick_step(len(layers), 26)
+    xlabel = by
+    if show_n and "samples" in stats and len(layers) <= 16:
+        n = stats["samples"].astype(int).to_numpy()
+        names = [f"{name}\nn={v:,}" for name, v in zip(names, n)]
+        if base is not None and "samples" in base:
+            xlabel += f" (n: samples per box; hatched boxes: n={int(base['samples'].min()):,}"
+            xlabel += "" if base["samples"].min() == base["samples"].max() else f"-{int(base['samples'].max()):,}"
+            xlabel += ")"
+    elif show_n and "samples" in stats:
+        xlabel += f" (samples per box: {int(stats['samples'].min()):,}-{int(stats['samples'].max()):,})"
+    ax.set_xticks(pos[::step], names[::step], fontsize="small" if len(layers) > 8 else None)
+    ax.set_xlim(-0.6, len(layers) - 0.4)
     ax.set_ylim(0, 1.02)  # a little room so boxes and whiskers at 1.0 stay visible
     ax.set_yticks(np.linspace(0, 1, 6))
-    ax.set_xlabel(by)
-    ax.set_ylabel("neuron sparsity")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     return ax
 
 
@@ -382,29 +468,70 @@ def bench_labels(bench_df: pd.DataFrame) -> list[str]:
     return labels
 
 
-def plot_throughput(bench_df: pd.DataFrame, ax: Any = None, value: str = "decode_tok_s",
-                    bound_share: str = "bound_share", mode: str = "mode"):
-    """Decode tokens/s per benchmark run, horizontal bars coloured by mode, each annotated with its tok/s and the
-    share of the bound reached (bound time / measured time)."""
+def _by_memory_limit(df: pd.DataFrame, memory_limit: str = "memory_limit") -> pd.DataFrame:
+    """Rows in memory first, then by memory limit, largest first (stable within one limit)."""
+    if memory_limit not in df:
+        return df
+    key = pd.to_numeric(df[memory_limit], errors="coerce").where(~is_in_memory(df).to_numpy(), np.inf)
+    order = np.argsort(-key.fillna(np.inf).to_numpy(dtype=float), kind="stable")
+    return df.iloc[order].reset_index(drop=True)
 
-    df = bench_df.reset_index(drop=True)
-    labels = bench_labels(df)
-    ax = _new_ax(ax, (7, 0.9 + 0.42 * len(df)))
-    modes = list(pd.unique(df[mode].astype(str))) if mode in df else [""]
+
+def plot_throughput(bench_df: pd.DataFrame, ax: Any = None, value: str = "decode_tok_s",
+                    bound_share: str = "bound_share", mode: str = "mode", error: str | None = None,
+                    log: bool | str = "auto", sort: bool = True):
+    """Decode tokens/s per benchmark run, horizontal bars coloured by mode, each annotated with its tok/s and the
+    share of the bound reached (bound time / measured time).
+
+    Rows with the same label (the same settings, run several times) are one bar at their mean with an error bar
+    from their minimum to their maximum and "mean of n" in the annotation; ``error``: a column of +- errors to
+    draw instead (e.g. a standard deviation measured elsewhere). ``sort``: in-memory rows first, then by memory
+    limit, largest first. ``log="auto"``: a log x axis when the bars span more than 30x.
+    """
+    df = _by_memory_limit(bench_df.reset_index(drop=True)) if sort else bench_df.reset_index(drop=True)
+    df = df.assign(bar_label=bench_labels(df), bar_mode=df[mode].astype(str) if mode in df else "")
+    g = df.groupby(["bar_label", "bar_mode"], sort=False)
+    agg = g.agg(v=(value, "mean"), lo=(value, "min"), hi=(value, "max"), n=(value, "size")).reset_index()
+    if bound_share in df:
+        agg["b"] = g[bound_share].mean().to_numpy()
+    if error is not None:
+        if error not in df:
+            raise KeyError(f"error={error!r} is not a column of the benchmark frame ({list(df.columns)})")
+        agg["e"] = g[error].mean().to_numpy()
+    ax = _new_ax(ax, (7.5, 0.9 + 0.42 * len(agg)))
+    modes = list(pd.unique(agg["bar_mode"]))
     colors = dict(zip(modes, _palette(len(modes))))
-    ypos = np.arange(len(df))
-    bar_colors = [colors[str(m)] for m in (df[mode] if mode in df else [""] * len(df))]
-    ax.barh(ypos, df[value], color=bar_colors, height=0.7)
-    vmax = float(df[value].max())
-    for y, (_, row) in zip(ypos, df.iterrows()):
-        text = f"{row[value]:.1f} tok/s"
-        if bound_share in df and pd.notna(row[bound_share]):
-            text += f" · {row[bound_share]:.0%} of bound"
-        ax.text(row[value] + 0.01 * vmax, y, text, va="center", ha="left", fontsize="small")
-    ax.set_yticks(ypos, labels)
+    ypos = np.arange(len(agg))
+    v = agg["v"].to_numpy(dtype=float)
+    if error is not None:
+        xerr = np.vstack([agg["e"].to_numpy(dtype=float)] * 2)
+    elif (agg["n"] > 1).any():
+        xerr = np.vstack([v - agg["lo"].to_numpy(dtype=float), agg["hi"].to_numpy(dtype=float) - v])
+    else:
+        xerr = None
+    ax.barh(ypos, v, color=[colors[m] for m in agg["bar_mode"]], height=0.7, xerr=xerr,
+            error_kw={"ecolor": _ink(0.75), "capsize": 3, "elinewidth": 1})
+    positive = v[np.isfinite(v) & (v > 0)]
+    use_log = (log is True or (log == "auto" and len(positive) > 1 and positive.max() / positive.min() > 30))
+    vmax = float(np.nanmax(v)) if len(v) else 1.0
+    right = np.nanmax(v + (xerr[1] if xerr is not None else 0)) if len(v) else 1.0
+    for y, r in zip(ypos, agg.itertuples()):
+        text = f"{r.v:.1f} tok/s"
+        if r.n > 1 and error is None:
+            text += f" (mean of {r.n})"
+        if bound_share in df and pd.notna(r.b):
+            text += f" · {r.b:.0%} of bound"
+        x = (r.hi if error is None else r.v + r.e) if np.isfinite(r.v) else 0.0
+        ax.text(x * 1.08 if use_log else x + 0.01 * vmax, y, text, va="center", ha="left", fontsize="small")
+    ax.set_yticks(ypos, agg["bar_label"])
     ax.invert_yaxis()
-    ax.set_xlim(0, vmax * 1.75)  # room for the annotations
-    ax.set_xlabel("decode tokens/s" if value == "decode_tok_s" else value)
+    if use_log:
+        ax.set_xscale("log")
+        ax.set_xlim(positive.min() / 2, right * 40)  # room for the annotations on a log axis
+    else:
+        ax.set_xlim(0, right * 1.75)
+    label = "decode tokens/s" if value == "decode_tok_s" else value
+    ax.set_xlabel(label + (" (log scale)" if use_log else ""))
     if len(modes) > 1:
         from matplotlib.patches import Patch
 
