@@ -313,6 +313,12 @@ def test_throughput_sorted_by_memory_limit_with_repeats_and_log_axis(tmp_path):
     np.testing.assert_allclose([s[1][0] - s[0][0] for s in segs], [2.0, 2.0, 2.0])
     with pytest.raises(KeyError, match="error"):
         plots.plot_throughput(bench, error="nope")
+    # the suites' rows carry the range of their repeats: asymmetric bars from min to max
+    ranged = bench.iloc[[1, 2, 0]].assign(decode_tok_s_min=[290.0, 18.0, 1.5], decode_tok_s_max=[305.0, 23.0, 2.2])
+    ax4 = plots.plot_throughput(ranged)
+    segs = [c for c in ax4.containers if hasattr(c, "errorbar")][0].errorbar.lines[2][0].get_segments()
+    np.testing.assert_allclose([(s[0][0], s[1][0]) for s in segs], [(290, 305), (18, 23), (1.5, 2.2)])
+    assert [t.get_text() for t in ax4.get_yticklabels()] == ["in memory", "offload, 4 GiB", "offload, 1 GiB"]
     assert_not_blank(ax.figure, tmp_path)
 
 

@@ -478,33 +478,43 @@ def _by_memory_limit(df: pd.DataFrame, memory_limit: str = "memory_limit") -> pd
 
 
 def plot_throughput(bench_df: pd.DataFrame, ax: Any = None, value: str = "decode_tok_s",
-                    bound_share: str = "bound_share", mode: str = "mode", error: str | None = None,
-                    log: bool | str = "auto", sort: bool = True):
+                    bound_share: str = "bound_share", mode: str = "mode",
+                    error: str | tuple[str, str] | None = "auto", log: bool | str = "auto", sort: bool = True):
     """Decode tokens/s per benchmark run, horizontal bars coloured by mode, each annotated with its tok/s and the
     share of the bound reached (bound time / measured time).
 
-    Rows with the same label (the same settings, run several times) are one bar at their mean with an error bar
-    from their minimum to their maximum and "mean of n" in the annotation; ``error``: a column of +- errors to
-    draw instead (e.g. a standard deviation measured elsewhere). ``sort``: in-memory rows first, then by memory
-    limit, largest first. ``log="auto"``: a log x axis when the bars span more than 30x.
+    Error bars: ``error="auto"`` draws the range of the repeats a row was measured over, from the columns
+    ``{value}_min`` and ``{value}_max`` when the frame has them (the benchmark suites' rows do); rows with the same
+    label (the same settings, run several times) are one bar at their mean with an error bar from their minimum
+    to their maximum and "mean of n" in the annotation. ``error``: a column of +- errors, or a (low, high) pair of
+    columns, to draw instead; None: no error bars. ``sort``: in-memory rows first, then by memory limit, largest
+    first. ``log="auto"``: a log x axis when the bars span more than 30x.
     """
     df = _by_memory_limit(bench_df.reset_index(drop=True)) if sort else bench_df.reset_index(drop=True)
+    if error == "auto":
+        pair = (f"{value}_min", f"{value}_max")
+        error = pair if all(c in df and df[c].notna().any() for c in pair) else None
+    for col in ([error] if isinstance(error, str) else list(error or [])):
+        if col not in df:
+            raise KeyError(f"error column {col!r} is not in the benchmark frame ({list(df.columns)})")
     df = df.assign(bar_label=bench_labels(df), bar_mode=df[mode].astype(str) if mode in df else "")
     g = df.groupby(["bar_label", "bar_mode"], sort=False)
     agg = g.agg(v=(value, "mean"), lo=(value, "min"), hi=(value, "max"), n=(value, "size")).reset_index()
     if bound_share in df:
         agg["b"] = g[bound_share].mean().to_numpy()
-    if error is not None:
-        if error not in df:
-            raise KeyError(f"error={error!r} is not a column of the benchmark frame ({list(df.columns)})")
-        agg["e"] = g[error].mean().to_numpy()
+    if isinstance(error, str):
+        agg["e_lo"] = agg["e_hi"] = g[error].mean().to_numpy()
+    elif error is not None:
+        agg["e_lo"] = agg["v"] - g[error[0]].min().to_numpy()
+        agg["e_hi"] = g[error[1]].max().to_numpy() - agg["v"]
     ax = _new_ax(ax, (7.5, 0.9 + 0.42 * len(agg)))
     modes = list(pd.unique(agg["bar_mode"]))
     colors = dict(zip(modes, _palette(len(modes))))
     ypos = np.arange(len(agg))
     v = agg["v"].to_numpy(dtype=float)
     if error is not None:
-        xerr = np.vstack([agg["e"].to_numpy(dtype=float)] * 2)
+        xerr = np.vstack([agg["e_lo"].to_numpy(dtype=float), agg["e_hi"].to_numpy(dtype=float)])
+        xerr = np.where(np.isfinite(xerr), np.maximum(xerr, 0.0), 0.0)
     elif (agg["n"] > 1).any():
         xerr = np.vstack([v - agg["lo"].to_numpy(dtype=float), agg["hi"].to_numpy(dtype=float) - v])
     else:
@@ -517,12 +527,13 @@ def plot_throughput(bench_df: pd.DataFrame, ax: Any = None, value: str = "decode
     right = np.nanmax(v + (xerr[1] if xerr is not None else 0)) if len(v) else 1.0
     for y, r in zip(ypos, agg.itertuples()):
         text = f"{r.v:.1f} tok/s"
-        if r.n > 1 and error is None:
+        if r.n > 1:
             text += f" (mean of {r.n})"
         if bound_share in df and pd.notna(r.b):
             text += f" · {r.b:.0%} of bound"
-        x = (r.hi if error is None else r.v + r.e) if np.isfinite(r.v) else 0.0
-        ax.text(x * 1.08 if use_log else x + 0.01 * vmax, y, text, va="center", ha="left", fontsize="small")
+        x = (r.hi if error is None else r.v + r.e_hi) if np.isfinite(r.v) else 0.0
+        x = x if np.isfinite(x) else r.v
+        ax.text(x * 1.1 if use_log else x + 0.02 * vmax, y, text, va="center", ha="left", fontsize="small")
     ax.set_yticks(ypos, agg["bar_label"])
     ax.invert_yaxis()
     if use_log:
