@@ -25,8 +25,6 @@ from .metrics import (
     io_wait_share,
     js_divergence,
     kv_footprint,
-    neuron_sparsity_by_expert,
-    neuron_sparsity_by_layer,
     throughput,
     time_breakdown,
     top_tokens,
@@ -36,6 +34,8 @@ from .record import KINDS, record
 from .recording import NAMES, Recording, names_table
 from .sparsity import (
     dead_neurons,
+    neuron_sparsity_by_expert,
+    neuron_sparsity_by_layer,
     neuron_sparsity_by_neuron,
     neuron_sparsity_by_pair,
     neuron_sparsity_definitions,

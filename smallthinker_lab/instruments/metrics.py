@@ -165,24 +165,6 @@ def expert_usage_divergence(freq_df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["layer", "dataset_a", "dataset_b", "js_divergence"])
 
 
-def neuron_sparsity_by_layer(neurons_df: pd.DataFrame) -> pd.DataFrame:
-    """Distribution of neuron sparsity (share of a routed expert's neurons with relu(gate) <= 0) per (dataset, layer).
-
-    Columns: dataset, layer, pairs (routed token-expert pairs), mean, min, q1, median, q3, max.
-    The paper: median above 0.6 in every layer, 0.9-1.0 in the first layers.
-    """
-    g = neurons_df.groupby(["dataset", "layer"])["sparsity"]
-    out = pd.DataFrame({"pairs": g.size(), "mean": g.mean(), "min": g.min(), "q1": g.quantile(0.25),
-                        "median": g.median(), "q3": g.quantile(0.75), "max": g.max()})
-    return out.reset_index()
-
-
-def neuron_sparsity_by_expert(neurons_df: pd.DataFrame) -> pd.DataFrame:
-    """Mean sparsity per (dataset, layer, expert) over its routed tokens: dataset, layer, expert, tokens, sparsity."""
-    g = neurons_df.groupby(["dataset", "layer", "expert"])["sparsity"]
-    return pd.DataFrame({"tokens": g.size(), "sparsity": g.mean()}).reset_index()
-
-
 def _dtype_of_itemsize(itemsize: int):
     import torch
 
@@ -333,6 +315,8 @@ from .curves import (  # noqa: E402,F401
 from .sparsity import (  # noqa: E402,F401
     DEFINITIONS,
     dead_neurons,
+    neuron_sparsity_by_expert,
+    neuron_sparsity_by_layer,
     neuron_sparsity_by_neuron,
     neuron_sparsity_by_pair,
     neuron_sparsity_definitions,

@@ -40,6 +40,24 @@ def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
         raise KeyError(f"{what} needs the columns {list(columns)}; missing {missing} (columns: {list(df.columns)})")
 
 
+def neuron_sparsity_by_layer(neurons_df: pd.DataFrame) -> pd.DataFrame:
+    """Distribution of neuron sparsity (share of a routed expert's neurons with relu(gate) <= 0) per (dataset, layer).
+
+    Columns: dataset, layer, pairs (routed token-expert pairs), mean, min, q1, median, q3, max.
+    The paper: median above 0.6 in every layer, 0.9-1.0 in the first layers.
+    """
+    g = neurons_df.groupby(["dataset", "layer"])["sparsity"]
+    out = pd.DataFrame({"pairs": g.size(), "mean": g.mean(), "min": g.min(), "q1": g.quantile(0.25),
+                        "median": g.median(), "q3": g.quantile(0.75), "max": g.max()})
+    return out.reset_index()
+
+
+def neuron_sparsity_by_expert(neurons_df: pd.DataFrame) -> pd.DataFrame:
+    """Mean sparsity per (dataset, layer, expert) over its routed tokens: dataset, layer, expert, tokens, sparsity."""
+    g = neurons_df.groupby(["dataset", "layer", "expert"])["sparsity"]
+    return pd.DataFrame({"tokens": g.size(), "sparsity": g.mean()}).reset_index()
+
+
 def neuron_sparsity_by_neuron(counts_df: pd.DataFrame) -> pd.DataFrame:
     """Per-neuron sparsity: for each neuron, the share of its expert's routed tokens for which relu(gate) = 0.
 
@@ -88,8 +106,6 @@ def neuron_sparsity_definitions(neurons_df: pd.DataFrame, counts_df: pd.DataFram
     never active; left out of the "neuron" values), neurons (all neurons of reached experts). Pass frames with
     ``dataset="all"`` assigned to pool the datasets (the per-neuron counts are then summed before dividing).
     """
-    from .metrics import neuron_sparsity_by_expert
-
     by = [by] if isinstance(by, str) else list(by)
     bad = [c for c in by if c not in ("dataset", "layer", "expert")]
     if bad:

@@ -73,14 +73,16 @@ def _baseline_label(result: QualityResult) -> str:
     return result.settings.get("baseline", {}).get("label", "random init")
 
 
-def _median_sparsity(m: ModelQuality) -> float:
-    """The median over layers of the per-layer median: per neuron when measured, else per routed pair."""
-    s = medians(m.sparsity_definitions, "neuron")
-    return float(s.median()) if len(s) else float(_sparsity_all(m)["median"].median())
+def _sparsity_name(models) -> str:
+    """The definition every one of ``models`` was measured under: per neuron when all have it, else per pair."""
+    return "per-neuron" if all(len(medians(m.sparsity_definitions, "neuron")) for m in models) else "per-pair"
 
 
-def _sparsity_name(m: ModelQuality) -> str:
-    return "per-neuron" if len(medians(m.sparsity_definitions, "neuron")) else "per-pair"
+def _median_sparsity(m: ModelQuality, name: str) -> float:
+    """The median over layers of the per-layer median sparsity under ``name`` (see :func:`_sparsity_name`)."""
+    if name == "per-neuron":
+        return float(medians(m.sparsity_definitions, "neuron").median())
+    return float(_sparsity_all(m)["median"].median())
 
 
 def _overlapping(result: QualityResult, threshold: float = 0.2) -> list:
@@ -144,7 +146,8 @@ def findings(result: QualityResult) -> list[str]:
         js2, _, _, floor2 = _js_summary(cmp)
         h1, h2 = float(main.skew["hot_share"].mean()), float(cmp.skew["hot_share"].mean())
         e1, e2 = float(main.skew["entropy"].mean()), float(cmp.skew["entropy"].mean())
-        m1, m2 = _median_sparsity(main), _median_sparsity(cmp)
+        sname = _sparsity_name([main, cmp])
+        m1, m2 = _median_sparsity(main, sname), _median_sparsity(cmp, sname)
         dp = (main.perplexity.set_index("domain")["ppl"] / cmp.perplexity.set_index("domain")["ppl"] - 1) * 100
         noise = max(floor, floor2)
         if abs(js - js2) <= noise:
@@ -162,7 +165,7 @@ def findings(result: QualityResult) -> list[str]:
         out.append(
             f"{main.label} vs {cmp.label} balance loss: JS between sets {fmt_js(js)} vs {fmt_js(js2)}; hot share "
             f"(mean over sets) {fmt_share(h1)} vs {fmt_share(h2)}; usage entropy {e1:.3f} vs {e2:.3f} (1 = uniform); "
-            f"median {_sparsity_name(main)} sparsity {fmt_sparsity(m1)} vs {fmt_sparsity(m2)}; perplexity "
+            f"median {sname} sparsity {fmt_sparsity(m1)} vs {fmt_sparsity(m2)}; perplexity "
             + ", ".join(f"{d} {v:+.1f}%" for d, v in dp.items()) + f" relative to {cmp.label}. " + verdict)
     return out
 
@@ -347,6 +350,7 @@ def write_card(result: QualityResult, out_dir: str | Path, model_name: str | Non
     L += ["### What the DP-group balance loss changes", ""]
     if len(result.models) > 1:
         rows = []
+        sname = _sparsity_name(result.models)
         for m in result.models:
             js, _, _, floor = _js_summary(m)
             rows.append({"model": m.label, "mean ppl ratio unigram/model":
@@ -355,8 +359,7 @@ def write_card(result: QualityResult, out_dir: str | Path, model_name: str | Non
                          f"under {COLD} (mean of sets)": fmt_share(float(m.skew["cold_share"].mean())),
                          f"{HOT} or above (mean of sets)": fmt_share(float(m.skew["hot_share"].mean())),
                          "usage entropy": f"{float(m.skew['entropy'].mean()):.3f}",
-                         f"median {_sparsity_name(m)} sparsity (median of layers)":
-                         fmt_sparsity(_median_sparsity(m))})
+                         f"median {sname} sparsity (median of layers)": fmt_sparsity(_median_sparsity(m, sname))})
         L += _table(pd.DataFrame(rows)) + ["", findings(result)[-1], ""]
     else:
         L += ["No comparison model was given.", ""]
@@ -398,8 +401,11 @@ def write_card(result: QualityResult, out_dir: str | Path, model_name: str | Non
     if len(result.models) > 1:
         args += f" --compare {_rel(result.models[1].path)}"
     L += ["## Reproduce", "", "```bash", f"python -m smallthinker_lab.quality {args} --out {_rel(out)}", "```", "",
-          f"Settings: {json.dumps({k: st[k] for k in SETTING_KEYS})}.",
-          ""]
+          f"Settings: {json.dumps({k: st[k] for k in SETTING_KEYS})}.", "",
+          "`--phenomena-only` measures again only the prompt-set phenomena (routing, the sparsity definitions, the "
+          "frequency normalisations) and the random-initialisation baseline, keeping the saved perplexity and "
+          "continuations (no corpus needed); `--card-only` redraws the figures and rewrites this card from the saved "
+          "tables alone, the same bytes each time.", ""]
     path = out / "README.md"
     path.write_text("\n".join(L), encoding="utf-8")
     return path

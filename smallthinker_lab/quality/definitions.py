@@ -145,6 +145,8 @@ def sparsity_section(models, baseline: pd.DataFrame | None, baseline_label: str,
          f"{baseline_label} of the same config (`init_weights`, as the trainer starts), on the same prompts. "
          "Medians per layer over all four sets (`quality_sparsity_definitions.csv`, "
          "`quality_baseline_sparsity.csv`):", ""]
+    missing = [m.label for m in models if m.sparsity_definitions is None or not len(m.sparsity_definitions)]
+    models = [m for m in models if m.label not in missing]
     d0 = main.sparsity_definitions
     layers = sorted(d0[d0["dataset"] == "all"]["layer"].unique())
     dead = _dead(d0)
@@ -162,7 +164,9 @@ def sparsity_section(models, baseline: pd.DataFrame | None, baseline_label: str,
                 row[f"{baseline_label} {DEFINITION_NAMES[name]}"] = fmt_sparsity(s.get(layer, float("nan")))
         rows.append(row)
     n = d0[(d0["dataset"] == "all")].groupby("definition")["samples"].sum()
+    note = (f" Not measured under these definitions: {', '.join(missing)} (its weights were not here when the "
+            f"prompt sets were measured again; its per-pair figures are below)." if missing else "")
     return L + _table(pd.DataFrame(rows)) + [
         "", f"Samples of {main.label}, all layers: {fmt_int(n.get('pair', 0))} routed pairs, "
-        f"{fmt_int(n.get('expert', 0))} (layer, expert) pairs reached, {fmt_int(n.get('neuron', 0))} live neurons.",
-        ""]
+        f"{fmt_int(n.get('expert', 0))} (layer, expert) pairs reached, {fmt_int(n.get('neuron', 0))} live neurons."
+        + note, ""]

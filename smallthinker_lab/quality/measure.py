@@ -280,7 +280,7 @@ def plot_figures(result: QualityResult, out_dir: str | Path, dpi: int = 110) -> 
         base = result.baseline
         base_all = None if base is None else base[(base["dataset"] == "all") & (base["definition"] == "neuron")]
         label = result.settings.get("baseline", {}).get("label", "random init")  # hatched: chance
-        fig, axes = plt.subplots(1, len(have), figsize=(6.5 * len(have), 4.4), layout="constrained", squeeze=False,
+        fig, axes = plt.subplots(1, len(have), figsize=(8.0 * len(have), 4.6), layout="constrained", squeeze=False,
                                  sharey=True)
         for ax, m in zip(axes[0], have):
             d = m.sparsity_definitions
@@ -289,7 +289,7 @@ def plot_figures(result: QualityResult, out_dir: str | Path, dpi: int = 110) -> 
                                    baseline_label=f"{label}, chance")
             ax.set_title(f"{Path(m.path).name} ({m.label})", fontsize="medium")
             ax.set_ylabel("per-neuron sparsity (share of the expert's\nrouted tokens with relu(gate) = 0)")
-        fig.suptitle("Neuron sparsity per layer, per-neuron reading (dead neurons left out), all prompt sets: "
+        fig.suptitle("Neuron sparsity per layer, per-neuron reading (dead neurons left out)\nall prompt sets: "
                      + ", ".join(result.settings["sets"]), fontsize="medium")
         p = out / "quality_sparsity.png"
         fig.savefig(p, dpi=dpi)
