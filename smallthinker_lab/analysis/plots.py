@@ -187,7 +187,9 @@ def plot_sparsity_boxplots(data: pd.DataFrame, ax: Any = None, value: str = "spa
     stats = _box_stats(data, by, value)
     base = _box_stats(baseline, by, value) if baseline is not None else None
     layers = list(stats.index)
-    ax = _new_ax(ax, (max(5.0, 1.5 + (0.42 if base is not None else 0.26) * len(layers)), 3.8))
+    per_box = (0.8 if base is not None else 0.55) if show_n and len(layers) <= 16 else (0.42 if base is not None
+                                                                                      else 0.26)
+    ax = _new_ax(ax, (max(5.0, 1.5 + per_box * len(layers)), 3.8))
     cmap = mpl.colormaps[palette]
     colors = [cmap(x) for x in (np.linspace(0, 1, len(layers)) if len(layers) > 1 else [0.5])]
     pos = np.arange(len(layers), dtype=float)
@@ -216,8 +218,10 @@ def plot_sparsity_boxplots(data: pd.DataFrame, ax: Any = None, value: str = "spa
         line = ax.axhline(reference, color=_ink(0.7), linestyle="--", linewidth=1, zorder=0.5,
                           label=f"paper's median ({reference:g})")
         handles.insert(0, line)
-    if handles:
-        ax.legend(handles=handles, loc="lower left", frameon=False, fontsize="small")
+    if handles:  # a light frame: the legend may sit over a whisker
+        legend = ax.legend(handles=handles, loc="lower left", frameon=True, framealpha=0.85, fontsize="small")
+        legend.get_frame().set_edgecolor("none")
+        legend.get_frame().set_facecolor(_paper())
     names = [str(int(x)) if isinstance(x, (int, np.integer, float)) and float(x).is_integer() else str(x)
              for x in layers]
     step = _tick_step(len(layers), 26)
@@ -231,7 +235,7 @@ def plot_sparsity_boxplots(data: pd.DataFrame, ax: Any = None, value: str = "spa
             xlabel += ")"
     elif show_n and "samples" in stats:
         xlabel += f" (samples per box: {int(stats['samples'].min()):,}-{int(stats['samples'].max()):,})"
-    ax.set_xticks(pos[::step], names[::step], fontsize="small" if len(layers) > 8 else None)
+    ax.set_xticks(pos[::step], names[::step], fontsize="small" if len(layers) > 8 or show_n else None)
     ax.set_xlim(-0.6, len(layers) - 0.4)
     ax.set_ylim(0, 1.02)  # a little room so boxes and whiskers at 1.0 stay visible
     ax.set_yticks(np.linspace(0, 1, 6))

@@ -148,3 +148,17 @@ def dead_neurons(counts_df: pd.DataFrame, by: Sequence[str] = ("dataset", "layer
     ex = counts_df.groupby([*by, "expert"])["tokens"].max().groupby(by).apply(lambda s: int((s == 0).sum()))
     out["unreached_experts"] = ex.reindex(out.index).fillna(0).astype(int)
     return out.reset_index()
+
+
+def chance_recording(config, prompts: dict[str, Sequence], seed: int = 0, max_new_tokens: int = 8, tokenizer=None,
+                     progress: bool = False):
+    """A Recording (kind "neurons") of the random initialisation of ``config`` (``init_weights(seed)``, as the
+    trainer starts) over ``prompts`` ({dataset: prompts, as :func:`~smallthinker_lab.instruments.profile` takes
+    them}): the sparsity that chance gives, to draw beside a trained model's."""
+    from ..model import SmallThinkerForCausalLM
+    from .profile import profile
+    from .recording import Recording
+
+    model = SmallThinkerForCausalLM(config).init_weights(seed=seed).eval()
+    return Recording.concat([profile(model, ps, dataset=name, max_new_tokens=max_new_tokens, kinds=("neurons",),
+                                     tokenizer=tokenizer, progress=progress) for name, ps in prompts.items()])
