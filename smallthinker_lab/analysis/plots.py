@@ -42,7 +42,7 @@ def _frequency_matrices(freq_df: pd.DataFrame, datasets: Sequence[str], sort_exp
 def plot_expert_heatmaps(freq_df: pd.DataFrame, datasets: Sequence[str] | None = None, axes: Any = None,
                          vmax: float | None = None, cmap: str | None = None, sort_experts: bool = False,
                          n_experts: int | None = None, ncols: int | None = None, cbar: bool = True,
-                         uniform: float | str | None = "auto", dataset: str = "dataset",
+                         uniform: float | str | None = "auto", title: str | None = None, dataset: str = "dataset",
                          layer: str = "layer", expert: str = "expert", frequency: str = "frequency"):
     """Expert activation frequency, layer x expert, one panel per dataset (the paper's Figures 4-5).
 
@@ -51,7 +51,8 @@ def plot_expert_heatmaps(freq_df: pd.DataFrame, datasets: Sequence[str] | None =
     at ``uniform`` = k/E (a ``TwoSlopeNorm``), so a cold expert (blue) and an expert used as often as uniform
     routing would use it (white) look different; hot ones are red. ``uniform="auto"``: k/E from the frame's attrs
     (``top_k``, ``num_experts``), else the mean frequency of a layer (k/E when every expert is listed);
-    ``uniform=None``: a sequential map from 0 (default "rocket_r").
+    ``uniform=None``: a sequential map from 0 (default "rocket_r"). ``title``: the figure's title (say the model
+    and the prompt sets).
     ``sort_experts=True`` orders the experts of each layer by their frequency summed over the datasets shown
     (the same order in every panel), so the x axis becomes the expert's rank. ``n_experts`` adds experts that
     no token reached. ``ncols``: panels per row of a new figure (all in one row by default). ``axes``: a sequence
@@ -117,6 +118,8 @@ def plot_expert_heatmaps(freq_df: pd.DataFrame, datasets: Sequence[str] | None =
                                                    if uniform + 0.08 * vmax < t <= vmax * (1 + 1e-9)]})
             bar.set_ticks(ticks)
             bar.set_ticklabels([f"{t:.3g}" for t in ticks])
+    if title:
+        fig.suptitle(title, fontsize="medium")
     return fig
 
 
@@ -168,8 +171,7 @@ def _box_stats(data: pd.DataFrame, by: str, value: str) -> pd.DataFrame:
 def plot_sparsity_boxplots(data: pd.DataFrame, ax: Any = None, value: str = "sparsity", by: str = "layer",
                            reference: float | None = 0.6, palette: str = "viridis",
                            baseline: pd.DataFrame | None = None, baseline_label: str = "random init (chance)",
-                           show_n: bool = True,
-                           ylabel: str = "neuron sparsity"):
+                           show_n: bool = True, ylabel: str = "neuron sparsity", title: str | None = None):
     """Neuron sparsity per layer, as the paper's Figure 6: one box per layer (quartiles, median line, whiskers to
     the minimum and maximum), early-to-late colours, y from 0 to 1, and a dashed line at ``reference`` (the
     paper's median, 0.6).
@@ -179,7 +181,7 @@ def plot_sparsity_boxplots(data: pd.DataFrame, ax: Any = None, value: str = "spa
     ``by`` and the columns min, q1, median, q3, max (and samples). ``baseline``: the same for a reference model,
     e.g. the random initialisation of the same config (what chance gives), drawn as a hollow box beside each
     box. ``show_n``: the number of samples per box under the layer's tick label (with many layers, their range
-    in the x label).
+    in the x label). ``title``: the axes' title (say the model and the prompt sets).
     """
     import matplotlib as mpl
     from matplotlib.patches import Patch
@@ -241,6 +243,8 @@ def plot_sparsity_boxplots(data: pd.DataFrame, ax: Any = None, value: str = "spa
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize="medium")
     return ax
 
 

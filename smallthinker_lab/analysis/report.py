@@ -444,16 +444,19 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
     measured = bench[bench["mode"] == "offload"].assign(
         capacity_bytes=lambda d: d["capacity_experts"] * plan["expert_slot_bytes"])
     measured = measured[measured["variant"] != "all experts cached"]
+    shown = Path(str(model)).name if str(model) != "default" else "smallthinker-tiny (default)"
+    on = f"up to {max_prompts} prompts of each of {', '.join(names)}"
     figures = {
         "expert_heatmaps.png": ("Expert activation frequency (Figures 4-5)",
                                 lambda: plots.plot_expert_heatmaps(freq, datasets=names, n_experts=config.num_experts,
-                                                                   ncols=2)),
+                                                                   ncols=2, title=f"{shown}: {on}")),
         "expert_frequency_distribution.png": ("Expert frequency distribution",
                                               lambda: plots.plot_expert_frequency_distribution(freq)),
         "sparsity_boxplots.png": ("Per-neuron sparsity per layer (Figure 6), hatched: the random initialisation",
                                   lambda: plots.plot_sparsity_boxplots(live[0], baseline=live[1],
                                                                        baseline_label="random init (seed 0)",
-                                                                       ylabel="per-neuron sparsity")),
+                                                                       ylabel="per-neuron sparsity",
+                                                                       title=f"{shown}: {on}")),
         "kv_per_layer.png": ("KV-cache bytes per layer (measured)", lambda: plots.plot_kv_per_layer(kv)),
         "kv_vs_context.png": ("KV cache against context: hybrid vs all-global (released shapes; this model)",
                               lambda: _kv_vs_context(plots, kv_configs, kv_contexts)),
