@@ -194,10 +194,19 @@ def render_result(res: dict, heading_level: int = 2, compact: bool = False) -> s
 
 def plot_decode(res: dict, model: str, path: str | Path) -> Path | None:
     """Decode tokens/s of every row of ``model`` (smallthinker_lab.analysis.plots.plot_throughput), coloured by ablation
-    variant, annotated with the share of the bound; a PNG at ``path``."""
+    variant, annotated with the share of the bound, with the min-max range over the row's repeats; rows sorted by
+    memory limit (in memory first, then the largest share of the expert bytes); a PNG at ``path``."""
     rows = [r for r in res.get("rows", []) if r.get("model") == model and not r.get("error") and r.get("decode_tok_s")]
     if not rows:
         return None
+
+    def limit_share(r: dict) -> float:
+        if r.get("mode") == "in_memory" or r.get("variant") == "in memory":
+            return float("inf")
+        share = r.get("limit_share_of_expert_bytes")
+        return float(share) if share is not None else float("-inf")
+
+    rows = sorted(rows, key=limit_share, reverse=True)  # stable: the suite's order within one limit
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,16 +216,20 @@ def plot_decode(res: dict, model: str, path: str | Path) -> Path | None:
 
     df = pd.DataFrame({"mode": [label(r) for r in rows], "variant": [r.get("variant") for r in rows],
                        "decode_tok_s": [r["decode_tok_s"] for r in rows],
+                       "decode_tok_s_min": [r.get("decode_tok_s_min", r["decode_tok_s"]) for r in rows],
+                       "decode_tok_s_max": [r.get("decode_tok_s_max", r["decode_tok_s"]) for r in rows],
                        "bound_share": [r.get("bound_share") for r in rows]})
     _, ax = plt.subplots(figsize=(11, 1.2 + 0.42 * len(df)), layout="constrained")
-    plot_throughput(df, ax=ax, mode="variant")
+    plot_throughput(df, ax=ax, mode="variant", sort=False)
     leg = ax.get_legend()
     if leg is not None:  # outside the bars and their annotations
         ax.legend(handles=leg.legend_handles, title="variant", loc="upper left", bbox_to_anchor=(1.01, 1.0),
                   frameon=False, fontsize="small")
     m = res.get("machine", {})
+    reps = sorted({int(r["repeats"]) for r in rows if r.get("repeats")})
+    rep = f"; error bars: min-max over {'/'.join(map(str, reps))} repeats" if reps else ""
     ax.set_title(f"{model} on {res.get('device')} ({m.get('gpu') or m.get('cpu')})\ndecode tokens/s and share of "
-                 f"the bound max(T_mem, T_io)", fontsize="medium")
+                 f"the bound max(T_mem, T_io)\nsorted by memory limit (in memory first){rep}", fontsize="medium")
     path = Path(path)
     ax.figure.savefig(path, dpi=110)
     plt.close(ax.figure)

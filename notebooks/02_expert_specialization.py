@@ -68,9 +68,16 @@ freq.head()
 
 # %% [markdown]
 # ## Activation frequency, layer x expert, per domain (one colour scale)
+#
+# The colour scale is centred on uniform routing, k/E (white): blue experts are used less often than uniform routing
+# would use them, red ones more, so a cold expert and an evenly used one look different.
 
 # %%
-plots.plot_expert_heatmaps(freq, ncols=2);
+cfg = sl.load_model(MODEL).config
+k, E = cfg.top_k, cfg.num_experts
+fig = plots.plot_expert_heatmaps(freq, ncols=2, uniform=k / E)
+fig.suptitle(f"{resolve_path(MODEL).name}: expert activation frequency, {MAX_PROMPTS} prompts per set, "
+             f"uniform k/E = {k / E:.3f}");
 
 # %% [markdown]
 # ## Drill-down: the tokens behind one cell
@@ -96,6 +103,32 @@ plots.plot_expert_frequency_distribution(freq, threshold=THRESHOLD);
 # %%
 div = sl.metrics.expert_usage_divergence(freq)
 tables.expert_usage_table(freq, threshold=THRESHOLD, js=div)
+
+# %% [markdown]
+# ## Which frequency? The cap of the per-token definition
+#
+# Per token (the share of a set's tokens routed to the expert, as above), the E frequencies of a layer sum to k: at
+# most k / 0.4 experts can reach 0.4, so the share of experts at 0.4 or above is capped at k / (0.4 E). For the
+# paper's 21B (E = 64, k = 6) that is 23.4%, the bottom of its "20-30% of experts at 0.4-0.6". So which
+# normalisation gives that figure? Measured here under four: per token; per routed slot (per token / k, a layer sums
+# to 1); relative to the layer's hottest expert (the hottest is 1); per sequence (the share of prompts in which at
+# least one token used the expert).
+
+# %%
+print(f"hot-share cap k / (0.4 E): this model (E = {E}, k = {k}) {sl.metrics.hot_share_cap(k, E):.1%}, "
+      f"the 21B (E = 64, k = 6) {sl.metrics.hot_share_cap(6, 64):.1%}")
+norm = sl.metrics.frequency_normalisations(rec.to_dataframe("experts"), E)
+per_token = norm[norm["normalisation"] == "per_token"]
+assert ((per_token.groupby(["dataset", "layer"])["frequency"].sum() - k).abs() < 1e-9).all()
+print("per-token frequencies sum to k in every (set, layer): True")
+shares = sl.metrics.frequency_shares(norm, cold=THRESHOLD, hot=(0.4, 0.6))
+shares.pivot(index="normalisation", columns="dataset", values="band_share").loc[
+    list(sl.metrics.FREQUENCY_NORMALISATIONS)].style.format("{:.1%}").set_caption(
+    "share of (layer, expert) at 0.4-0.6 (the paper: 20-30%)")
+
+# %%
+shares.groupby("normalisation", sort=False)[["cold_share", "hot_share", "band_share"]].mean().style.format(
+    "{:.1%}").set_caption(f"mean over the sets: under {THRESHOLD}, at 0.4 or above, at 0.4-0.6")
 
 # %% [markdown]
 # ## Cross-domain similarity

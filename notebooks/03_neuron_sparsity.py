@@ -15,10 +15,12 @@
 # %% [markdown]
 # # Neuron sparsity of the ReGLU experts
 #
-# In a routed expert, a neuron whose gate is <= 0 contributes nothing (ReGLU: up(x) * relu(gate(x))). The share of
-# such neurons per (token, expert) is the sparsity; the paper's Figure 6 shows its distribution per layer (median
-# above 0.6, early layers near 1). Then what skipping them saves: FLOPs counted from the recording, and time
-# measured in the engine, dense against sparse (same tokens).
+# In a routed expert, a neuron whose gate is <= 0 contributes nothing (ReGLU: up(x) * relu(gate(x))). The paper's
+# Figure 6 shows "neuron sparsity" per layer (median above 0.6, early layers near 1). The recording gives, per
+# layer, a 0/1 matrix (routed (token, expert) pairs x the expert's neurons, 1 where relu(gate) = 0), and there are
+# three ways to read it: per pair, per expert and per neuron. All three here, against the same measurement on the
+# random initialisation of the same config (what chance gives). Then what skipping the inactive neurons saves:
+# FLOPs counted from the recording, and time measured in the engine, dense against sparse (same tokens).
 
 # %% tags=["parameters"]
 MODEL = "default"
@@ -36,6 +38,7 @@ import smallthinker_lab as sl
 from smallthinker_lab import plots, tables
 from smallthinker_lab.analysis.widgets import load_prompt_sets
 from smallthinker_lab.engine import Engine
+from smallthinker_lab.model.checkpoint import resolve_path
 from smallthinker_lab.model.tokenizer import load_tokenizer
 
 if THREADS:
@@ -48,14 +51,70 @@ prompts = load_prompt_sets(PROMPT_SETS, MAX_PROMPTS)
 tok = load_tokenizer(MODEL)
 rec = sl.Recording.concat([sl.profile(model, ps, dataset=name, kinds=("neurons",), max_new_tokens=MAX_NEW_TOKENS,
                                       tokenizer=tok) for name, ps in prompts.items()])
-neurons = rec.to_dataframe("neurons")
+neurons, counts = rec.to_dataframe("neurons"), rec.to_dataframe("neuron_counts")
+
+# chance: the same config, weights as the trainer initialises them (seed 0), the same prompts
+chance_model = sl.SmallThinkerForCausalLM(cfg).init_weights(seed=0).eval()
+chance = sl.Recording.concat([sl.profile(chance_model, ps, dataset=name, kinds=("neurons",),
+                                         max_new_tokens=MAX_NEW_TOKENS, tokenizer=tok)
+                              for name, ps in prompts.items()])
 neurons.head()
 
 # %% [markdown]
-# ## Sparsity per layer (Figure 6)
+# ## Three definitions, side by side
+#
+# - **per pair**: for one routed token, the share of the expert's neurons with relu(gate) = 0 (a row of the matrix);
+# - **per expert**: the mean of that over the expert's routed tokens;
+# - **per neuron**: for one neuron, the share of its expert's routed tokens for which it is inactive (a column); the
+#   reading that fits Figure 6's caption, "most neurons ... exhibit sparsity levels exceeding 0.6".
+#
+# Dead neurons (in an expert some token reached, active for none of its tokens) have per-neuron sparsity 1 by
+# construction: they are counted apart and left out of the per-neuron figures.
 
 # %%
-plots.plot_sparsity_boxplots(neurons);
+def definitions(r):
+    return sl.metrics.neuron_sparsity_definitions(r.to_dataframe("neurons").assign(dataset="all"),
+                                                  r.to_dataframe("neuron_counts").assign(dataset="all"))
+
+
+defs, defs_chance = definitions(rec), definitions(chance)
+side = defs.pivot(index="layer", columns="definition", values="median")[["pair", "expert", "neuron"]]
+side["dead neurons"] = defs[defs.definition == "neuron"].set_index("layer")["dead"]
+side["random init: pair"] = defs_chance[defs_chance.definition == "pair"].set_index("layer")["median"]
+side["random init: neuron"] = defs_chance[defs_chance.definition == "neuron"].set_index("layer")["median"]
+side.style.format("{:.3f}", subset=["pair", "expert", "neuron", "random init: pair", "random init: neuron"]) \
+    .set_caption("median neuron sparsity per layer, all prompt sets")
+
+# %% [markdown]
+# They differ because they average the same zeros along different axes: weighted by routed tokens all three have the
+# same mean, but a row mixes an expert's always-on and rarely-on neurons into one share near that mean, while the
+# columns keep those neurons apart, so the per-neuron distribution is as wide as the neurons' behaviours are.
+
+# %%
+per_neuron = sl.metrics.neuron_sparsity_by_neuron(counts.assign(dataset="all"))
+weighted = (per_neuron.sparsity * per_neuron.tokens).groupby(per_neuron.layer).sum() \
+    / per_neuron.groupby("layer").tokens.sum()
+pair_mean = defs[defs.definition == "pair"].set_index("layer")["mean"]
+print("token-weighted means agree across definitions:", bool(((weighted - pair_mean).abs() < 1e-9).all()))
+
+# %% [markdown]
+# ## Sparsity per layer (Figure 6), per-neuron reading, with chance beside it
+
+# %%
+chance_neurons = sl.metrics.neuron_sparsity_by_neuron(chance.to_dataframe("neuron_counts").assign(dataset="all"))
+ax = plots.plot_sparsity_boxplots(per_neuron[~per_neuron.dead], baseline=chance_neurons[~chance_neurons.dead],
+                                  baseline_label="random init (seed 0), chance")
+ax.set_title(f"{resolve_path(MODEL).name}, per-neuron sparsity, {MAX_PROMPTS} prompts of each of "
+             f"{', '.join(PROMPT_SETS)}", fontsize="medium")
+ax.set_ylabel("per-neuron sparsity");
+
+# %% [markdown]
+# The per-pair reading of the same recording, for contrast (one sample per routed (token, expert) pair):
+
+# %%
+ax = plots.plot_sparsity_boxplots(neurons, baseline=chance.to_dataframe("neurons"),
+                                  baseline_label="random init (seed 0), chance")
+ax.set_title(f"{resolve_path(MODEL).name}, per-pair sparsity", fontsize="medium");
 
 # %%
 tables.sparsity_table(neurons)

@@ -34,7 +34,8 @@ SMALL = {
 # text a notebook must print when it runs: the properties it shows a user
 EXPECT = {
     "01_tour": ["same tokens as in memory: True"],
-    "03_neuron_sparsity": ["same tokens dense and sparse: True"],
+    "02_expert_specialization": ["per-token frequencies sum to k in every (set, layer): True"],
+    "03_neuron_sparsity": ["same tokens dense and sparse: True", "token-weighted means agree across definitions: True"],
     "04_kv_cache": ["recorded bytes equal the analytic formula at every step: True"],
     "07_interventions": ["identity hook leaves logits bit-identical: True",
                          "routing recorded equals the forced experts: True"],

@@ -119,8 +119,35 @@ def test_expert_heatmaps_one_panel_per_dataset_shared_scale(tmp_path):
     limits = {m.get_clim() for m in meshes}
     assert len(limits) == 1 and limits.pop() == (0.0, pytest.approx(freq["frequency"].max()))
     colorbars = [ax for ax in fig.axes if ax not in heat_axes]
-    assert len(colorbars) == 1 and colorbars[0].get_ylabel() == "activation frequency"
+    assert len(colorbars) == 1 and colorbars[0].get_ylabel().startswith("activation frequency")
+    assert "k/E = 0.125" in colorbars[0].get_ylabel()
     assert_not_blank(fig, tmp_path)
+
+
+def test_expert_heatmaps_centre_the_colour_scale_on_uniform_routing():
+    from matplotlib.colors import TwoSlopeNorm
+
+    freq = make_freq(datasets=("a",))
+    freq.attrs.update({"top_k": 4, "num_experts": 32})
+    fig = plots.plot_expert_heatmaps(freq)
+    mesh = fig.axes[0].collections[0]
+    norm = mesh.norm
+    assert isinstance(norm, TwoSlopeNorm) and norm.vcenter == pytest.approx(4 / 32)
+    # a uniform expert sits in the middle of the map (white for RdBu_r), a cold one (0) and a hot one at the ends
+    assert norm(4 / 32) == pytest.approx(0.5) and norm(0.0) == 0.0 and norm(freq["frequency"].max()) == 1.0
+    white = np.array(mesh.cmap(0.5)[:3])
+    assert white.min() > 0.9
+    cold, hot = np.array(mesh.cmap(norm(0.0))[:3]), np.array(mesh.cmap(norm(0.6))[:3])
+    assert cold[2] > cold[0] and hot[0] > hot[2]  # blue below uniform, red above
+    # the uniform value is a tick of the colour bar
+    bar = fig.axes[-1]
+    assert any(abs(t - 0.125) < 1e-9 for t in bar.get_yticks())
+    # sequential from 0 when asked
+    fig2 = plots.plot_expert_heatmaps(freq, uniform=None)
+    assert not isinstance(fig2.axes[0].collections[0].norm, TwoSlopeNorm)
+    assert fig2.axes[0].collections[0].get_clim()[0] == 0.0
+    with pytest.raises(ValueError, match="uniform"):
+        plots.plot_expert_heatmaps(freq, uniform="flat")
 
 
 def test_expert_heatmaps_on_given_axes_sorted_and_vmax():
@@ -224,6 +251,75 @@ def test_hit_rate_curves_belady_is_the_dashed_ceiling(tmp_path):
     small = curves.assign(capacity_bytes=curves.capacity_experts * 1024)
     ax3 = plots.plot_hit_rate_curves(small, unit="auto")
     assert ax3.get_xlabel().endswith("(KiB)") and ax3.get_lines()[0].get_xdata().max() == 128
+
+
+def test_sparsity_boxplots_from_summaries_with_a_baseline_and_sample_counts(tmp_path):
+    neurons = make_neurons(n_layers=4)
+    g = neurons.groupby("layer")["sparsity"]
+    summary = pd.DataFrame({"layer": range(4), "min": g.min().values, "q1": g.quantile(0.25).values,
+                            "median": g.median().values, "q3": g.quantile(0.75).values, "max": g.max().values,
+                            "samples": g.size().values})
+    base = summary.assign(min=0.3, q1=0.45, median=0.5, q3=0.55, max=0.7, samples=1000)
+    fig, ax = plt.subplots()
+    plots.plot_sparsity_boxplots(summary, ax=ax, baseline=base, baseline_label="random init")
+    assert len(ax.patches) == 8  # a box per layer and a hollow baseline box beside it
+    hollow = [p for p in ax.patches if p.get_facecolor()[3] == 0]
+    assert len(hollow) == 4 and all(p.get_hatch() == "///" for p in hollow)
+    medians = [line.get_ydata()[0] for line in ax.get_lines() if len(line.get_xdata()) == 2
+               and line.get_ydata()[0] == line.get_ydata()[1] and line.get_linestyle() == "-"]
+    for m in summary["median"]:
+        assert any(np.isclose(m, y) for y in medians)
+    assert sum(np.isclose(y, 0.5) for y in medians) >= 4
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels[0] == "0\nn=60" and "hatched boxes: n=1,000" in ax.get_xlabel()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["paper's median (0.6)", "random init"]
+    # the same boxes from raw values and from their summary
+    fig2, ax2 = plt.subplots()
+    plots.plot_sparsity_boxplots(neurons[neurons.layer < 4], ax=ax2)
+    ys = sorted(y for line in ax2.get_lines() for y in line.get_ydata() if line.get_linestyle() == "-")
+    fig3, ax3 = plt.subplots()
+    plots.plot_sparsity_boxplots(summary, ax=ax3)
+    ys3 = sorted(y for line in ax3.get_lines() for y in line.get_ydata() if line.get_linestyle() == "-")
+    np.testing.assert_allclose(ys, ys3)
+    with pytest.raises(ValueError, match="several rows"):
+        plots.plot_sparsity_boxplots(pd.concat([summary, summary]))
+    with pytest.raises(KeyError, match="sparsity"):
+        plots.plot_sparsity_boxplots(neurons.drop(columns="sparsity"))
+    assert_not_blank(fig, tmp_path)
+
+
+def test_throughput_sorted_by_memory_limit_with_repeats_and_log_axis(tmp_path):
+    gib = 2**30
+    bench = pd.DataFrame({
+        "mode": ["offload", "in_memory", "offload", "offload", "in_memory", "offload"],
+        "memory_limit": [gib, None, 4 * gib, gib, None, 4 * gib],
+        "policy": ["lru", None, "lru", "lru", None, "lru"],
+        "decode_tok_s": [2.0, 300.0, 20.0, 3.0, 310.0, 22.0],
+    })
+    ax = plots.plot_throughput(bench)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["in memory", "offload, 4 GiB", "offload, 1 GiB"]  # in memory first, then the larger limit
+    assert [p.get_width() for p in ax.patches] == [305.0, 21.0, 2.5]  # the mean of the two repeats
+    assert ax.get_xscale() == "log"  # 2.5 to 305 tok/s: more than 30x
+    bars = [c for c in ax.containers if hasattr(c, "errorbar")][0]
+    segs = bars.errorbar.lines[2][0].get_segments()
+    np.testing.assert_allclose([(s[0][0], s[1][0]) for s in segs], [(300, 310), (20, 22), (2, 3)])
+    assert ax.texts[0].get_text() == "305.0 tok/s (mean of 2)"
+    ax2 = plots.plot_throughput(bench.assign(decode_tok_s=[2.0, 3.0, 2.5, 2.0, 3.0, 2.5]), log="auto")
+    assert ax2.get_xscale() == "linear"
+    ax3 = plots.plot_throughput(bench.assign(sd=1.0), error="sd")
+    segs = [c for c in ax3.containers if hasattr(c, "errorbar")][0].errorbar.lines[2][0].get_segments()
+    np.testing.assert_allclose([s[1][0] - s[0][0] for s in segs], [2.0, 2.0, 2.0])
+    with pytest.raises(KeyError, match="error"):
+        plots.plot_throughput(bench, error="nope")
+    # the suites' rows carry the range of their repeats: asymmetric bars from min to max
+    ranged = bench.iloc[[1, 2, 0]].assign(decode_tok_s_min=[290.0, 18.0, 1.5], decode_tok_s_max=[305.0, 23.0, 2.2])
+    ax4 = plots.plot_throughput(ranged)
+    segs = [c for c in ax4.containers if hasattr(c, "errorbar")][0].errorbar.lines[2][0].get_segments()
+    np.testing.assert_allclose([(s[0][0], s[1][0]) for s in segs], [(290, 305), (18, 23), (1.5, 2.2)])
+    assert [t.get_text() for t in ax4.get_yticklabels()] == ["in memory", "offload, 4 GiB", "offload, 1 GiB"]
+    assert_not_blank(ax.figure, tmp_path)
 
 
 def test_throughput_bars_with_bound_share(tmp_path):

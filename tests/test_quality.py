@@ -179,7 +179,43 @@ def test_card_holds_every_section_and_number(tmp_path):
     assert "The gsm8k prompts are NOT independent of the training data: 100.0%" in card
     assert res.overlap is not None and list(res.overlap["set"]) == ["gsm8k", "wiki-en"]
 
-    # --card-only rewrites the same card from the saved tables
+    # the three sparsity definitions and the random-init baseline (chance), per layer, in the card
+    assert res.baseline is not None and res.settings["baseline"] == {"label": "random init (seed 0)", "seed": 0}
+    for m in res.models:
+        d = m.sparsity_definitions
+        assert set(d["definition"]) == {"pair", "expert", "neuron"} and set(d["dataset"]) == {"all", *q.PROMPT_SETS}
+    d = res.models[0].sparsity_definitions
+    d = d[d["dataset"] == "all"]
+    base = res.baseline[res.baseline["dataset"] == "all"]
+    for frame in (d, base[base["definition"].isin(["pair", "neuron"])]):
+        for r in frame.itertuples():
+            assert q.fmt_sparsity(r.median) in card
+    assert "random init (seed 0) per neuron" in card and "dead neurons" in card
+    # the chance model is the trainer's start: init_weights(0) of the same config, not the trained weights
+    pairs = d[d["definition"] == "pair"].set_index("layer")["median"]
+    assert not np.allclose(pairs, base[base["definition"] == "pair"].set_index("layer")["median"])
+    # frequency normalisations and the hot-share cap k / (0.4 E)
+    cfg = model.config
+    cap = q.fmt_share(min(1.0, cfg.top_k / (0.4 * cfg.num_experts)))
+    assert f"at most k / (0.4 E) = {cap}" in card and "23.4%" in card
+    fs = res.models[0].frequency_shares
+    assert set(fs["normalisation"]) == {"per_token", "per_slot", "max_normalised", "per_sequence"}
+    per_token = fs[fs["normalisation"] == "per_token"].set_index("dataset")["hot_share"]
+    np.testing.assert_allclose(per_token.loc[list(q.PROMPT_SETS)], res.models[0].skew.set_index("dataset")
+                               .loc[list(q.PROMPT_SETS), "hot_share"])
+
+    # --card-only rewrites the same card and the same figures from the saved tables
+    pngs = {p.name: p.read_bytes() for p in out.glob("*.png")}
     (out / "README.md").unlink()
+    for p in out.glob("*.png"):
+        p.unlink()
     assert q.main(["--model", str(main), "--out", str(out), "--card-only", "--corpus", str(tmp_path / "none")]) == 0
+    assert (out / "README.md").read_text(encoding="utf-8") == card
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == pngs
+
+    # --phenomena-only measures the prompt sets again: the same tables (deterministic), perplexity kept
+    tables = {p.name: p.read_bytes() for p in out.glob("quality_*.csv")}
+    assert q.main(["--model", str(main), "--compare", str(cmp_), "--out", str(out), "--prompts", str(prompts),
+                   "--corpus", str(tmp_path / "none"), "--new-tokens", "3", "--phenomena-only", "--no-progress"]) == 0
+    assert {p.name: p.read_bytes() for p in out.glob("quality_*.csv")} == tables
     assert (out / "README.md").read_text(encoding="utf-8") == card

@@ -10,53 +10,17 @@ and the optimal-policy curve, so a dark style (``plt.style.use("dark_background"
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .tables import DEFAULT_CONTEXTS, MiB, format_bytes, format_context, is_in_memory, torch_dtype_of
+from .plot_style import _ink, _new_ax, _palette, _paper, _tick_step  # noqa: F401  (the plot modules' helpers)
+from .plot_throughput import bench_labels, plot_throughput  # noqa: F401  (re-exported)
+from .tables import DEFAULT_CONTEXTS, MiB, format_bytes, format_context, torch_dtype_of
 
 OPTIMAL_POLICIES = ("belady", "optimal", "opt", "min")
-
-
-def _new_ax(ax: Any, figsize: tuple[float, float]):
-    if ax is not None:
-        return ax
-    import matplotlib.pyplot as plt
-
-    _, ax = plt.subplots(figsize=figsize, layout="constrained")
-    return ax
-
-
-def _palette(n: int) -> list:
-    """``n`` colours of the active style's colour cycle (``axes.prop_cycle``), repeated when it has fewer."""
-    import matplotlib as mpl
-
-    cycle = mpl.rcParams["axes.prop_cycle"].by_key().get("color") or ["C0"]
-    return [cycle[i % len(cycle)] for i in range(max(0, n))]
-
-
-def _ink(alpha: float = 1.0) -> Any:
-    """The active style's foreground (its text colour: black on light styles, white on dark ones) at ``alpha``."""
-    import matplotlib as mpl
-
-    color = mpl.rcParams["text.color"]
-    return color if alpha == 1.0 else mpl.colors.to_rgba(color, alpha)
-
-
-def _paper() -> Any:
-    """The active style's axes background, for marker edges that separate a point from the lines under it."""
-    import matplotlib as mpl
-
-    return mpl.rcParams["axes.facecolor"]
-
-
-def _tick_step(n: int, max_labels: int) -> int:
-    """The smallest of 1, 2, 4, 8, ... that shows at most ``max_labels`` of ``n`` tick labels."""
-    return 2 ** max(0, math.ceil(math.log2(max(1.0, n / max_labels))))
 
 
 # ---------------------------------------------------------------------------------------------- experts
@@ -76,13 +40,19 @@ def _frequency_matrices(freq_df: pd.DataFrame, datasets: Sequence[str], sort_exp
 
 
 def plot_expert_heatmaps(freq_df: pd.DataFrame, datasets: Sequence[str] | None = None, axes: Any = None,
-                         vmax: float | None = None, cmap: str = "rocket_r", sort_experts: bool = False,
+                         vmax: float | None = None, cmap: str | None = None, sort_experts: bool = False,
                          n_experts: int | None = None, ncols: int | None = None, cbar: bool = True,
-                         dataset: str = "dataset",
+                         uniform: float | str | None = "auto", title: str | None = None, dataset: str = "dataset",
                          layer: str = "layer", expert: str = "expert", frequency: str = "frequency"):
     """Expert activation frequency, layer x expert, one panel per dataset (the paper's Figures 4-5).
 
     All panels share one colour scale (0 to ``vmax``, by default the largest frequency shown) and one colour bar.
+    The scale is centred on uniform routing: a diverging map (``cmap``, default "RdBu_r") with its middle, white,
+    at ``uniform`` = k/E (a ``TwoSlopeNorm``), so a cold expert (blue) and an expert used as often as uniform
+    routing would use it (white) look different; hot ones are red. ``uniform="auto"``: k/E from the frame's attrs
+    (``top_k``, ``num_experts``), else the mean frequency of a layer (k/E when every expert is listed);
+    ``uniform=None``: a sequential map from 0 (default "rocket_r"). ``title``: the figure's title (say the model
+    and the prompt sets).
     ``sort_experts=True`` orders the experts of each layer by their frequency summed over the datasets shown
     (the same order in every panel), so the x axis becomes the expert's rank. ``n_experts`` adds experts that
     no token reached. ``ncols``: panels per row of a new figure (all in one row by default). ``axes``: a sequence
@@ -95,6 +65,18 @@ def plot_expert_heatmaps(freq_df: pd.DataFrame, datasets: Sequence[str] | None =
     mats = _frequency_matrices(freq_df, datasets, sort_experts, n_experts, dataset, layer, expert, frequency)
     if vmax is None:
         vmax = max(float(m.to_numpy().max()) for m in mats.values()) or 1.0
+    if isinstance(uniform, str):
+        if uniform != "auto":
+            raise ValueError(f"uniform= takes a frequency, 'auto' or None, got {uniform!r}")
+        k, E = freq_df.attrs.get("top_k"), freq_df.attrs.get("num_experts")
+        uniform = (k / E if k and E else
+                   float(freq_df.groupby([dataset, layer])[frequency].mean().mean()) if len(freq_df) else None)
+    norm = None
+    if uniform is not None and 0.0 < uniform < vmax:
+        from matplotlib.colors import TwoSlopeNorm
+
+        norm = TwoSlopeNorm(vcenter=uniform, vmin=0.0, vmax=vmax)
+    cmap = cmap or ("RdBu_r" if norm is not None else "rocket_r")
     n_layers, n_exp = next(iter(mats.values())).shape
     if axes is None:
         ncols = min(ncols or len(datasets), len(datasets))
@@ -117,16 +99,27 @@ def plot_expert_heatmaps(freq_df: pd.DataFrame, datasets: Sequence[str] | None =
         aspect = 25
     xstep, ystep = _tick_step(n_exp, 8), _tick_step(n_layers, 13)
     for i, (ax, ds) in enumerate(zip(axes, datasets)):
-        sns.heatmap(mats[ds], ax=ax, vmin=0.0, vmax=vmax, cmap=cmap, cbar=False, square=False,
-                    xticklabels=xstep, yticklabels=ystep)
+        scale = {"norm": norm} if norm is not None else {"vmin": 0.0, "vmax": vmax}
+        sns.heatmap(mats[ds], ax=ax, cmap=cmap, cbar=False, square=False, xticklabels=xstep, yticklabels=ystep,
+                    **scale)
         ax.set_title(str(ds))
         ax.set_xlabel("expert (by overall frequency)" if sort_experts else "expert")
         ax.set_ylabel(layer if first_col[i] else "")
         ax.tick_params(axis="x", labelrotation=0)
         ax.tick_params(axis="y", labelrotation=0)
     if cbar:
-        fig.colorbar(axes[0].collections[0], ax=list(axes), label="activation frequency", shrink=0.9, pad=0.02,
-                     aspect=aspect)
+        label = "activation frequency" + (f"\n(white: uniform routing, k/E = {uniform:.3g})" if norm else "")
+        bar = fig.colorbar(axes[0].collections[0], ax=list(axes), label=label, shrink=0.9, pad=0.02, aspect=aspect)
+        if norm is not None:
+            from matplotlib.ticker import MaxNLocator
+
+            above = MaxNLocator(4).tick_values(uniform, vmax)
+            ticks = sorted({0.0, float(uniform), *[float(t) for t in above
+                                                   if uniform + 0.08 * vmax < t <= vmax * (1 + 1e-9)]})
+            bar.set_ticks(ticks)
+            bar.set_ticklabels([f"{t:.3g}" for t in ticks])
+    if title:
+        fig.suptitle(title, fontsize="medium")
     return fig
 
 
@@ -156,33 +149,102 @@ def plot_expert_frequency_distribution(freq_df: pd.DataFrame, threshold: float =
 
 
 # ---------------------------------------------------------------------------------------------- neurons
-def plot_sparsity_boxplots(neurons_df: pd.DataFrame, ax: Any = None, value: str = "sparsity", by: str = "layer",
-                           reference: float | None = 0.6, palette: str = "viridis"):
-    """Neuron sparsity (share of a routed expert's neurons with relu(gate) <= 0) per layer, as the paper's
-    Figure 6: one box per layer, median line, whiskers to the minimum and maximum, early-to-late colours,
-    y from 0 to 1, and a dashed line at ``reference`` (the paper's median, 0.6)."""
-    import seaborn as sns
+_BOX_STATS = ("min", "q1", "median", "q3", "max")
 
-    layers = sorted(neurons_df[by].unique())
-    ax = _new_ax(ax, (max(5.0, 1.5 + 0.22 * len(layers)), 3.8))
-    df = neurons_df[[by, value]].assign(**{by: neurons_df[by].astype(int).astype(str)})
-    order = [str(int(x)) for x in layers]
-    with warnings.catch_warnings():  # seaborn 0.13 passes bxp(vert=...), deprecated in matplotlib 3.11
-        warnings.filterwarnings("ignore", message=".*vert: bool", category=DeprecationWarning)
-        sns.boxplot(data=df, x=by, y=value, hue=by, order=order, hue_order=order, palette=palette, whis=(0, 100),
-                    showfliers=False, linewidth=0.8, medianprops={"color": _ink(), "linewidth": 1.2}, legend=False,
-                    ax=ax)
+
+def _box_stats(data: pd.DataFrame, by: str, value: str) -> pd.DataFrame:
+    """Per ``by``: min, q1, median, q3, max, samples; from raw values (column ``value``) or a summary that has
+    them already (e.g. ``neuron_sparsity_definitions`` of one definition and one dataset)."""
+    if all(c in data for c in _BOX_STATS):
+        if data[by].duplicated().any():
+            raise ValueError(f"the summary has several rows per {by}: filter it to one definition and one dataset")
+        out = data.set_index(by)[[*_BOX_STATS] + (["samples"] if "samples" in data else [])]
+        return out.sort_index()
+    if value not in data:
+        raise KeyError(f"plot_sparsity_boxplots needs a column {value!r} (raw values) or the columns "
+                       f"{list(_BOX_STATS)} (a summary); got {list(data.columns)}")
+    g = data.groupby(by)[value]
+    return pd.DataFrame({"min": g.min(), "q1": g.quantile(0.25), "median": g.median(), "q3": g.quantile(0.75),
+                         "max": g.max(), "samples": g.size()}).sort_index()
+
+
+def plot_sparsity_boxplots(data: pd.DataFrame, ax: Any = None, value: str = "sparsity", by: str = "layer",
+                           reference: float | None = 0.6, palette: str = "viridis",
+                           baseline: pd.DataFrame | None = None, baseline_label: str = "random init (chance)",
+                           show_n: bool = True, ylabel: str = "neuron sparsity", title: str | None = None):
+    """Neuron sparsity per layer, as the paper's Figure 6: one box per layer (quartiles, median line, whiskers to
+    the minimum and maximum), early-to-late colours, y from 0 to 1, and a dashed line at ``reference`` (the
+    paper's median, 0.6).
+
+    ``data``: raw values, one row per sample with columns ``by`` and ``value`` (``rec.to_dataframe("neurons")``
+    gives per-pair sparsity, ``neuron_sparsity_by_neuron`` per-neuron sparsity), or a summary with one row per
+    ``by`` and the columns min, q1, median, q3, max (and samples). ``baseline``: the same for a reference model,
+    e.g. the random initialisation of the same config (what chance gives), drawn as a hollow box beside each
+    box. ``show_n``: the number of samples per box under the layer's tick label (with many layers, their range
+    in the x label). ``title``: the axes' title (say the model and the prompt sets).
+    """
+    import matplotlib as mpl
+    from matplotlib.patches import Patch
+
+    stats = _box_stats(data, by, value)
+    base = _box_stats(baseline, by, value) if baseline is not None else None
+    layers = list(stats.index)
+    per_box = (0.8 if base is not None else 0.55) if show_n and len(layers) <= 16 else (0.42 if base is not None
+                                                                                      else 0.26)
+    ax = _new_ax(ax, (max(5.0, 1.5 + per_box * len(layers)), 3.8))
+    cmap = mpl.colormaps[palette]
+    colors = [cmap(x) for x in (np.linspace(0, 1, len(layers)) if len(layers) > 1 else [0.5])]
+    pos = np.arange(len(layers), dtype=float)
+    width, shift = (0.36, 0.2) if base is not None else (0.6, 0.0)
+
+    def bxp(st: pd.DataFrame, where, props: dict, **kw):
+        boxes = [{"med": r["median"], "q1": r["q1"], "q3": r["q3"], "whislo": r["min"], "whishi": r["max"],
+                  "fliers": [], "label": ""} for _, r in st.iterrows()]
+        return ax.bxp(boxes, positions=where, widths=width, patch_artist=True, showfliers=False,
+                      manage_ticks=False, boxprops=props, whiskerprops={"color": props["edgecolor"], "linewidth": 0.8},
+                      capprops={"color": props["edgecolor"], "linewidth": 0.8}, **kw)
+
+    out = bxp(stats, pos - shift, {"edgecolor": _ink(0.8), "linewidth": 0.8},
+              medianprops={"color": _ink(), "linewidth": 1.2})
+    for patch, color in zip(out["boxes"], colors):
+        patch.set_facecolor(color)
+    handles = []
+    if base is not None:
+        base = base.reindex(layers)
+        have = base["median"].notna().to_numpy()
+        bxp(base[have], (pos + shift)[have], {"edgecolor": _ink(0.55), "facecolor": "none", "linewidth": 0.9,
+                                               "hatch": "///"},
+            medianprops={"color": _ink(0.55), "linewidth": 1.2})
+        handles.append(Patch(facecolor="none", edgecolor=_ink(0.55), hatch="///", label=baseline_label))
     if reference is not None:
-        ax.axhline(reference, color=_ink(0.7), linestyle="--", linewidth=1, zorder=0.5,
-                   label=f"paper's median ({reference:g})")
-        ax.legend(loc="lower left", frameon=False, fontsize="small")
-    step = _tick_step(len(order), 26)
-    for i, lab in enumerate(ax.get_xticklabels()):
-        lab.set_visible(i % step == 0)
+        line = ax.axhline(reference, color=_ink(0.7), linestyle="--", linewidth=1, zorder=0.5,
+                          label=f"paper's median ({reference:g})")
+        handles.insert(0, line)
+    if handles:  # a light frame: the legend may sit over a whisker
+        legend = ax.legend(handles=handles, loc="lower left", frameon=True, framealpha=0.85, fontsize="small")
+        legend.get_frame().set_edgecolor("none")
+        legend.get_frame().set_facecolor(_paper())
+    names = [str(int(x)) if isinstance(x, (int, np.integer, float)) and float(x).is_integer() else str(x)
+             for x in layers]
+    step = _tick_step(len(layers), 26)
+    xlabel = by
+    if show_n and "samples" in stats and len(layers) <= 16:
+        n = stats["samples"].astype(int).to_numpy()
+        names = [f"{name}\nn={v:,}" for name, v in zip(names, n)]
+        if base is not None and "samples" in base:
+            xlabel += f" (n: samples per box; hatched boxes: n={int(base['samples'].min()):,}"
+            xlabel += "" if base["samples"].min() == base["samples"].max() else f"-{int(base['samples'].max()):,}"
+            xlabel += ")"
+    elif show_n and "samples" in stats:
+        xlabel += f" (samples per box: {int(stats['samples'].min()):,}-{int(stats['samples'].max()):,})"
+    ax.set_xticks(pos[::step], names[::step], fontsize="small" if len(layers) > 8 or show_n else None)
+    ax.set_xlim(-0.6, len(layers) - 0.4)
     ax.set_ylim(0, 1.02)  # a little room so boxes and whiskers at 1.0 stay visible
     ax.set_yticks(np.linspace(0, 1, 6))
-    ax.set_xlabel(by)
-    ax.set_ylabel("neuron sparsity")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize="medium")
     return ax
 
 
@@ -352,64 +414,6 @@ def plot_hit_rate_curves(curves_df: pd.DataFrame, measured: pd.DataFrame | None 
         t = float(total_bytes) / scale
         top = ax.secondary_xaxis("top", functions=(lambda v: v / t, lambda s: s * t))
         top.set_xlabel("share of all expert bytes")
-    return ax
-
-
-# ---------------------------------------------------------------------------------------------- throughput
-def bench_labels(bench_df: pd.DataFrame) -> list[str]:
-    """A short label per benchmark row from the columns that differ between rows (mode, device, limit, ...)."""
-    cols = [c for c in ("device", "mode", "memory_limit", "policy", "prefetch")
-            if c in bench_df and bench_df[c].astype(str).nunique() > 1]
-    mem = is_in_memory(bench_df)
-    labels = []
-    for (_, row), in_mem in zip(bench_df.iterrows(), mem):
-        parts = []
-        for c in cols:
-            v = row[c]
-            if c == "memory_limit":
-                parts.append(format_bytes(v))
-            elif c == "prefetch":
-                if not in_mem:
-                    parts.append("prefetch" if v is True or v == "on" or v == 1 else "no prefetch")
-            elif c == "policy":
-                if not in_mem:
-                    parts.append("no cache" if str(v).lower() in ("none", "off", "nan", "") else str(v))
-            elif c == "mode" and in_mem and "memory_limit" in cols:
-                continue
-            elif not (isinstance(v, float) and math.isnan(v)) and v is not None:
-                parts.append(str(v))
-        labels.append(", ".join(parts) or str(row.get("mode", "")))
-    return labels
-
-
-def plot_throughput(bench_df: pd.DataFrame, ax: Any = None, value: str = "decode_tok_s",
-                    bound_share: str = "bound_share", mode: str = "mode"):
-    """Decode tokens/s per benchmark run, horizontal bars coloured by mode, each annotated with its tok/s and the
-    share of the bound reached (bound time / measured time)."""
-
-    df = bench_df.reset_index(drop=True)
-    labels = bench_labels(df)
-    ax = _new_ax(ax, (7, 0.9 + 0.42 * len(df)))
-    modes = list(pd.unique(df[mode].astype(str))) if mode in df else [""]
-    colors = dict(zip(modes, _palette(len(modes))))
-    ypos = np.arange(len(df))
-    bar_colors = [colors[str(m)] for m in (df[mode] if mode in df else [""] * len(df))]
-    ax.barh(ypos, df[value], color=bar_colors, height=0.7)
-    vmax = float(df[value].max())
-    for y, (_, row) in zip(ypos, df.iterrows()):
-        text = f"{row[value]:.1f} tok/s"
-        if bound_share in df and pd.notna(row[bound_share]):
-            text += f" · {row[bound_share]:.0%} of bound"
-        ax.text(row[value] + 0.01 * vmax, y, text, va="center", ha="left", fontsize="small")
-    ax.set_yticks(ypos, labels)
-    ax.invert_yaxis()
-    ax.set_xlim(0, vmax * 1.75)  # room for the annotations
-    ax.set_xlabel("decode tokens/s" if value == "decode_tok_s" else value)
-    if len(modes) > 1:
-        from matplotlib.patches import Patch
-
-        ax.legend(handles=[Patch(color=colors[m], label=m) for m in modes], title=mode, frameon=False,
-                  fontsize="small", loc="lower right")
     return ax
 
 

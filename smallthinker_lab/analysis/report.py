@@ -349,8 +349,11 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
         io_wait_share,
         kv_footprint,
         neuron_sparsity_by_layer,
+        neuron_sparsity_by_neuron,
+        neuron_sparsity_definitions,
         throughput,
     )
+    from ..instruments.sparsity import chance_recording
     from ..model.config import SmallThinkerConfig
     from . import plots, tables
 
@@ -390,7 +393,9 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
     # 3. frames and tables
     experts = rec.to_dataframe("experts")
     freq = expert_frequency(experts, config.num_experts)
-    neurons = rec.to_dataframe("neurons")
+    neurons, counts = rec.to_dataframe("neurons"), rec.to_dataframe("neuron_counts")
+    chance = chance_recording(config, {n: ids[n] for n in names}, 0, max_new_tokens).to_dataframe("neuron_counts")
+    live = [d[~d["dead"]] for d in (neuron_sparsity_by_neuron(c.assign(dataset="all")) for c in (counts, chance))]
     kv = rec.to_dataframe("kv")
     cache = rec.to_dataframe("cache")
     timing = rec.to_dataframe("timing")
@@ -413,6 +418,7 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
         "expert_usage_divergence.csv": (expert_usage_divergence(freq), None),
         "sparsity_table.csv": (tables.sparsity_table(neurons), "Neuron sparsity per layer"),
         "sparsity_by_layer.csv": (neuron_sparsity_by_layer(neurons), None),
+        "sparsity_definitions.csv": (neuron_sparsity_definitions(neurons, counts), None),
         "kv_table.csv": (tables.kv_table(kv_configs, kv_contexts), "KV cache: hybrid vs all-global"),
         "kv_footprint.csv": (kv_footprint(kv, config), None),
         "hit_rates_per_layer.csv": (hit_rates(cache), "Hit rate per layer (profile run)"),
@@ -437,14 +443,19 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
     measured = bench[bench["mode"] == "offload"].assign(
         capacity_bytes=lambda d: d["capacity_experts"] * plan["expert_slot_bytes"])
     measured = measured[measured["variant"] != "all experts cached"]
+    shown = Path(str(model)).name if str(model) != "default" else "smallthinker-tiny (default)"
+    on = f"up to {max_prompts} prompts of each of {', '.join(names)}"
     figures = {
         "expert_heatmaps.png": ("Expert activation frequency (Figures 4-5)",
                                 lambda: plots.plot_expert_heatmaps(freq, datasets=names, n_experts=config.num_experts,
-                                                                   ncols=2)),
+                                                                   ncols=2, title=f"{shown}: {on}")),
         "expert_frequency_distribution.png": ("Expert frequency distribution",
                                               lambda: plots.plot_expert_frequency_distribution(freq)),
-        "sparsity_boxplots.png": ("Neuron sparsity per layer (Figure 6)",
-                                  lambda: plots.plot_sparsity_boxplots(neurons)),
+        "sparsity_boxplots.png": ("Per-neuron sparsity per layer (Figure 6), hatched: the random initialisation",
+                                  lambda: plots.plot_sparsity_boxplots(live[0], baseline=live[1],
+                                                                       baseline_label="random init (seed 0)",
+                                                                       ylabel="per-neuron sparsity",
+                                                                       title=f"{shown}: {on}")),
         "kv_per_layer.png": ("KV-cache bytes per layer (measured)", lambda: plots.plot_kv_per_layer(kv)),
         "kv_vs_context.png": ("KV cache against context: hybrid vs all-global (released shapes; this model)",
                               lambda: _kv_vs_context(plots, kv_configs, kv_contexts)),

@@ -17,13 +17,14 @@ from .metrics import (
     cold_expert_share,
     expert_frequency,
     expert_usage_divergence,
+    frequency_normalisations,
+    frequency_shares,
     hit_rates,
     hot_expert_share,
+    hot_share_cap,
     io_wait_share,
     js_divergence,
     kv_footprint,
-    neuron_sparsity_by_expert,
-    neuron_sparsity_by_layer,
     throughput,
     time_breakdown,
     top_tokens,
@@ -31,11 +32,21 @@ from .metrics import (
 from .profile import profile
 from .record import KINDS, record
 from .recording import NAMES, Recording, names_table
+from .sparsity import (
+    dead_neurons,
+    neuron_sparsity_by_expert,
+    neuron_sparsity_by_layer,
+    neuron_sparsity_by_neuron,
+    neuron_sparsity_by_pair,
+    neuron_sparsity_definitions,
+)
 
 __all__ = [
-    "KINDS", "NAMES", "Recording", "cold_expert_share", "expert_frequency", "expert_usage_divergence",
-    "hit_rate_curves", "hit_rates", "hot_expert_share", "io_wait_share", "js_divergence", "kv_footprint",
-    "lru_hit_curve", "names_table", "neuron_sparsity_by_expert", "neuron_sparsity_by_layer", "policy_hit_curve",
+    "KINDS", "NAMES", "Recording", "cold_expert_share", "dead_neurons", "expert_frequency", "expert_usage_divergence",
+    "frequency_normalisations", "frequency_shares", "hit_rate_curves", "hit_rates", "hot_expert_share",
+    "hot_share_cap", "io_wait_share", "js_divergence", "kv_footprint", "lru_hit_curve", "names_table",
+    "neuron_sparsity_by_expert", "neuron_sparsity_by_layer", "neuron_sparsity_by_neuron", "neuron_sparsity_by_pair",
+    "neuron_sparsity_definitions", "policy_hit_curve",
     "profile", "record", "stack_distances", "throughput", "time_breakdown", "top_tokens",
     "trace_from_recording", "trace_items",
 ]

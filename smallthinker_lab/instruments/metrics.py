@@ -8,6 +8,7 @@ in every layer and 0.9-1.0 in the first layers; on the 21B model the sliding-win
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import combinations
 
 import numpy as np
@@ -65,6 +66,74 @@ def hot_expert_share(freq_df: pd.DataFrame, threshold: float = 0.4, by=("dataset
     return _share(freq_df, freq_df["frequency"] >= threshold, by, "hot")
 
 
+FREQUENCY_NORMALISATIONS = ("per_token", "per_slot", "max_normalised", "per_sequence")
+
+
+def hot_share_cap(top_k: int, num_experts: int, threshold: float = 0.4) -> float:
+    """The largest possible share of a layer's experts with per-token frequency >= ``threshold``.
+
+    Per-token frequencies of a layer sum to ``top_k``, so at most top_k / threshold experts reach it:
+    min(1, top_k / (threshold * num_experts)). The paper's 21B (E=64, k=6) at 0.4: 23.4%.
+    """
+    if top_k <= 0 or num_experts <= 0 or not 0 < threshold:
+        raise ValueError(f"hot_share_cap needs top_k > 0, num_experts > 0 and threshold > 0, got {top_k}, "
+                         f"{num_experts}, {threshold}")
+    return min(1.0, top_k / (threshold * num_experts))
+
+
+def frequency_normalisations(experts_df: pd.DataFrame, num_experts: int | None = None) -> pd.DataFrame:
+    """Activation frequency of every (dataset, layer, expert) under four normalisations, long format.
+
+    per_token: share of the layer's tokens routed to the expert (:func:`expert_frequency`; the E values of a layer
+    sum to k); per_slot: per_token / k (share of the routed slots; sums to 1); max_normalised: per_token / the
+    layer's largest per_token (the hottest expert is 1); per_sequence: share of the sequences (prompts) in which
+    at least one token was routed to the expert. ``experts_df``: ``rec.to_dataframe("experts")`` (needs the
+    sequence column). Columns: dataset, layer, expert, normalisation, frequency.
+    """
+    if "sequence" not in experts_df.columns:
+        raise KeyError("frequency_normalisations needs the experts frame's sequence column "
+                       f"(columns: {list(experts_df.columns)})")
+    freq = expert_frequency(experts_df, num_experts)
+    E = int(freq["expert"].max()) + 1 if len(freq) else 0
+    K = experts_df.attrs.get("top_k") or (int(experts_df["slot"].max()) + 1 if len(experts_df) else 1)
+    keys = ["dataset", "layer", "expert"]
+    base = freq[keys].reset_index(drop=True)
+    per_token = freq["frequency"].to_numpy(dtype=float)
+    layer_max = freq.groupby(["dataset", "layer"])["frequency"].transform("max").to_numpy(dtype=float)
+    df = experts_df[experts_df["expert"] >= 0]
+    seqs = df.groupby("dataset")["sequence"].nunique()
+    used = df.drop_duplicates(["dataset", "layer", "expert", "sequence"]).groupby(keys).size()
+    used = used.reindex(pd.MultiIndex.from_frame(base), fill_value=0).to_numpy()
+    per_seq = used / seqs.reindex(base["dataset"]).to_numpy(dtype=float)
+    values = {"per_token": per_token, "per_slot": per_token / K,
+              "max_normalised": np.divide(per_token, layer_max, out=np.zeros_like(per_token), where=layer_max > 0),
+              "per_sequence": per_seq}
+    out = pd.concat([base.assign(normalisation=n, frequency=v) for n, v in values.items()], ignore_index=True)
+    out.attrs.update({"num_experts": E, "top_k": K})
+    return out
+
+
+def frequency_shares(norm_df: pd.DataFrame, cold: float = 0.14, hot: tuple[float, float] = (0.4, 0.6),
+                     by: Sequence[str] = ("dataset",)) -> pd.DataFrame:
+    """Per (*by, normalisation): the share of (layer, expert) pairs under ``cold``, at ``hot[0]`` or above, and in
+    [hot[0], hot[1]] (the paper: 70-80% under 0.14, 20-30% at 0.4-0.6), from :func:`frequency_normalisations`.
+
+    Columns: *by, normalisation, experts, cold_share, hot_share, band_share.
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    lo, hi = hot
+    if cold < 0 or lo > hi:
+        raise ValueError(f"frequency_shares needs cold >= 0 and hot[0] <= hot[1], got {cold}, {hot}")
+    f = norm_df["frequency"]
+    df = norm_df.assign(_cold=f < cold, _hot=f >= lo, _band=(f >= lo) & (f <= hi))
+    g = df.groupby([*by, "normalisation"], sort=False)
+    out = pd.DataFrame({"experts": g.size(), "cold_share": g["_cold"].mean(), "hot_share": g["_hot"].mean(),
+                        "band_share": g["_band"].mean()}).reset_index()
+    order = {n: i for i, n in enumerate(FREQUENCY_NORMALISATIONS)}
+    out = out.assign(_o=out["normalisation"].map(order)).sort_values([*by, "_o"], kind="stable")
+    return out.drop(columns="_o").reset_index(drop=True)
+
+
 def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
     """Jensen-Shannon divergence in bits (base 2, in [0, 1]) of two non-negative vectors, normalised first."""
     p = np.asarray(p, dtype=np.float64)
@@ -94,24 +163,6 @@ def expert_usage_divergence(freq_df: pd.DataFrame) -> pd.DataFrame:
                 rows.append({"layer": layer, "dataset_a": a, "dataset_b": b, "js_divergence": js_divergence(vec[a],
                                                                                                          vec[b])})
     return pd.DataFrame(rows, columns=["layer", "dataset_a", "dataset_b", "js_divergence"])
-
-
-def neuron_sparsity_by_layer(neurons_df: pd.DataFrame) -> pd.DataFrame:
-    """Distribution of neuron sparsity (share of a routed expert's neurons with relu(gate) <= 0) per (dataset, layer).
-
-    Columns: dataset, layer, pairs (routed token-expert pairs), mean, min, q1, median, q3, max.
-    The paper: median above 0.6 in every layer, 0.9-1.0 in the first layers.
-    """
-    g = neurons_df.groupby(["dataset", "layer"])["sparsity"]
-    out = pd.DataFrame({"pairs": g.size(), "mean": g.mean(), "min": g.min(), "q1": g.quantile(0.25),
-                        "median": g.median(), "q3": g.quantile(0.75), "max": g.max()})
-    return out.reset_index()
-
-
-def neuron_sparsity_by_expert(neurons_df: pd.DataFrame) -> pd.DataFrame:
-    """Mean sparsity per (dataset, layer, expert) over its routed tokens: dataset, layer, expert, tokens, sparsity."""
-    g = neurons_df.groupby(["dataset", "layer", "expert"])["sparsity"]
-    return pd.DataFrame({"tokens": g.size(), "sparsity": g.mean()}).reset_index()
 
 
 def _dtype_of_itemsize(itemsize: int):
@@ -252,7 +303,7 @@ def top_tokens(rec, layer: int, expert: int, n: int = 10, dataset: str | None = 
     return df
 
 
-# the cache's derived views live in curves.py; sl.metrics names them all in one place
+# the sparsity definitions live in sparsity.py, the cache's derived views in curves.py; sl.metrics names them all
 from .curves import (  # noqa: E402,F401
     compulsory_ceiling,
     hit_rate_curves,
@@ -260,4 +311,13 @@ from .curves import (  # noqa: E402,F401
     miss_breakdown,
     policy_hit_curve,
     trace_from_recording,
+)
+from .sparsity import (  # noqa: E402,F401
+    DEFINITIONS,
+    dead_neurons,
+    neuron_sparsity_by_expert,
+    neuron_sparsity_by_layer,
+    neuron_sparsity_by_neuron,
+    neuron_sparsity_by_pair,
+    neuron_sparsity_definitions,
 )

@@ -4,7 +4,6 @@ baselines."""
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from .common import (
     REPO,
     SETTING_KEYS,
     _slug,
+    _table,
     _uniform,
     fmt_int,
     fmt_js,
@@ -28,19 +28,11 @@ from .common import (
     fmt_sparsity,
 )
 from .contamination import _fact
+from .definitions import frequency_finding, frequency_section, medians, sparsity_finding, sparsity_section
 from .measure import ModelQuality, QualityResult, _rel
 
 
 # ============================================================================================ the card
-def _table(df: pd.DataFrame) -> list[str]:
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-                                       for v in row) + " |")
-    return lines
-
-
 def _fence(text: str) -> str:
     longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
     return "`" * max(3, longest + 1)
@@ -75,6 +67,22 @@ def _js_summary(m: ModelQuality) -> tuple[float, pd.Series, pd.Series, float]:
 def _sparsity_all(m: ModelQuality) -> pd.DataFrame:
     s = m.sparsity
     return s[s["dataset"] == "all"].sort_values("layer").reset_index(drop=True)
+
+
+def _baseline_label(result: QualityResult) -> str:
+    return result.settings.get("baseline", {}).get("label", "random init")
+
+
+def _sparsity_name(models) -> str:
+    """The definition every one of ``models`` was measured under: per neuron when all have it, else per pair."""
+    return "per-neuron" if all(len(medians(m.sparsity_definitions, "neuron")) for m in models) else "per-pair"
+
+
+def _median_sparsity(m: ModelQuality, name: str) -> float:
+    """The median over layers of the per-layer median sparsity under ``name`` (see :func:`_sparsity_name`)."""
+    if name == "per-neuron":
+        return float(medians(m.sparsity_definitions, "neuron").median())
+    return float(_sparsity_all(m)["median"].median())
 
 
 def _overlapping(result: QualityResult, threshold: float = 0.2) -> list:
@@ -119,19 +127,27 @@ def findings(result: QualityResult) -> list[str]:
         + ("the model shows the paper's skew." if shows else
            "the model's skew is weaker than the paper's." if hot_hi < PAPER_HOT[0] else
            "the model shows a skew of the paper's kind, but not of its size in every set."))
-    sa = _sparsity_all(main)
-    med = sa["median"]
-    n_above = int((med > PAPER_SPARSITY_MEDIAN).sum())
-    out.append(f"Neuron sparsity: median per layer {fmt_sparsity(med.min())}-{fmt_sparsity(med.max())}; above the "
-               f"paper's {PAPER_SPARSITY_MEDIAN} in {n_above} of {len(med)} layers"
-               + ("." if n_above == len(med) else
-                  f" (the paper: above {PAPER_SPARSITY_MEDIAN} in every layer)."))
+    cfg = main.info["config"]
+    freq = frequency_finding(main, cfg["moe_num_active_primary_experts"], cfg["moe_num_primary_experts"])
+    if freq:
+        out.append(freq)
+    by_neuron = sparsity_finding(main, result.baseline, _baseline_label(result))
+    if by_neuron:
+        out.append(by_neuron)
+    else:
+        med = _sparsity_all(main)["median"]
+        n_above = int((med > PAPER_SPARSITY_MEDIAN).sum())
+        out.append(f"Neuron sparsity (per routed pair): median per layer {fmt_sparsity(med.min())}-"
+                   f"{fmt_sparsity(med.max())}; above the paper's {PAPER_SPARSITY_MEDIAN} in {n_above} of {len(med)} "
+                   "layers" + ("." if n_above == len(med) else
+                               f" (the paper: above {PAPER_SPARSITY_MEDIAN} in every layer)."))
     if len(result.models) > 1:
         cmp = result.models[1]
         js2, _, _, floor2 = _js_summary(cmp)
         h1, h2 = float(main.skew["hot_share"].mean()), float(cmp.skew["hot_share"].mean())
         e1, e2 = float(main.skew["entropy"].mean()), float(cmp.skew["entropy"].mean())
-        m1, m2 = float(_sparsity_all(main)["median"].median()), float(_sparsity_all(cmp)["median"].median())
+        sname = _sparsity_name([main, cmp])
+        m1, m2 = _median_sparsity(main, sname), _median_sparsity(cmp, sname)
         dp = (main.perplexity.set_index("domain")["ppl"] / cmp.perplexity.set_index("domain")["ppl"] - 1) * 100
         noise = max(floor, floor2)
         if abs(js - js2) <= noise:
@@ -149,7 +165,7 @@ def findings(result: QualityResult) -> list[str]:
         out.append(
             f"{main.label} vs {cmp.label} balance loss: JS between sets {fmt_js(js)} vs {fmt_js(js2)}; hot share "
             f"(mean over sets) {fmt_share(h1)} vs {fmt_share(h2)}; usage entropy {e1:.3f} vs {e2:.3f} (1 = uniform); "
-            f"median sparsity {fmt_sparsity(m1)} vs {fmt_sparsity(m2)}; perplexity "
+            f"median {sname} sparsity {fmt_sparsity(m1)} vs {fmt_sparsity(m2)}; perplexity "
             + ", ".join(f"{d} {v:+.1f}%" for d, v in dp.items()) + f" relative to {cmp.label}. " + verdict)
     return out
 
@@ -309,12 +325,14 @@ def write_card(result: QualityResult, out_dir: str | Path, model_name: str | Non
                          f"{HOT} or above": fmt_share(r.hot_share), "max frequency": f"{r.max_frequency:.3f}",
                          "usage entropy": f"{r.entropy:.3f}"})
     L += _table(pd.DataFrame(rows)) + ["", "![frequency distribution](quality_expert_frequency_ecdf.png)", ""]
+    L += frequency_section(result.models, cfg.top_k, cfg.num_experts)
     # sparsity
     L += ["### ReGLU neuron sparsity", "",
-          f"For every routed (token, expert) pair: the share of the expert's {cfg.moe_ffn_hidden_size} neurons with "
-          f"relu(gate) = 0, i.e. whose up and down rows do not contribute. Per layer over the routed pairs of all "
-          f"four sets: median (min-max). The paper: median above {PAPER_SPARSITY_MEDIAN} in every layer, 0.9-1.0 "
-          f"in the first layers. Per-set figures are in `quality_sparsity.csv`.", ""]
+          f"The paper: median above {PAPER_SPARSITY_MEDIAN} in every layer, 0.9-1.0 in the first layers.", ""]
+    L += sparsity_section(result.models, result.baseline, _baseline_label(result), cfg.moe_ffn_hidden_size)
+    L += [f"Per routed (token, expert) pair, the share of the expert's {cfg.moe_ffn_hidden_size} neurons with "
+          f"relu(gate) = 0, per layer over the routed pairs of all four sets: median (min-max). Per-set figures "
+          f"are in `quality_sparsity.csv`.", ""]
     rows = []
     base = _sparsity_all(main)
     for i, r in enumerate(base.itertuples()):
@@ -325,21 +343,23 @@ def write_card(result: QualityResult, out_dir: str | Path, model_name: str | Non
             row[f"{m.label} min-max"] = f"{fmt_sparsity(s['min'])}-{fmt_sparsity(s['max'])}"
             row[f"{m.label} routed pairs"] = fmt_int(s["pairs"])
         rows.append(row)
-    L += _table(pd.DataFrame(rows)) + ["", "![neuron sparsity](quality_sparsity.png)", ""]
+    L += _table(pd.DataFrame(rows)) + ["", "The figure (the paper's Figure 6) shows the per-neuron reading, with the "
+                                       "random initialisation beside each box:", "",
+                                       "![neuron sparsity](quality_sparsity.png)", ""]
     # comparison
     L += ["### What the DP-group balance loss changes", ""]
     if len(result.models) > 1:
         rows = []
+        sname = _sparsity_name(result.models)
         for m in result.models:
             js, _, _, floor = _js_summary(m)
-            sa = _sparsity_all(m)
             rows.append({"model": m.label, "mean ppl ratio unigram/model":
                          f"{float((m.perplexity['unigram_ppl'] / m.perplexity['ppl']).mean()):.2f}",
                          "JS between sets": fmt_js(js), "JS split-half": fmt_js(floor),
                          f"under {COLD} (mean of sets)": fmt_share(float(m.skew["cold_share"].mean())),
                          f"{HOT} or above (mean of sets)": fmt_share(float(m.skew["hot_share"].mean())),
                          "usage entropy": f"{float(m.skew['entropy'].mean()):.3f}",
-                         "median sparsity (median of layers)": fmt_sparsity(float(sa["median"].median()))})
+                         f"median {sname} sparsity (median of layers)": fmt_sparsity(_median_sparsity(m, sname))})
         L += _table(pd.DataFrame(rows)) + ["", findings(result)[-1], ""]
     else:
         L += ["No comparison model was given.", ""]
@@ -381,8 +401,11 @@ def write_card(result: QualityResult, out_dir: str | Path, model_name: str | Non
     if len(result.models) > 1:
         args += f" --compare {_rel(result.models[1].path)}"
     L += ["## Reproduce", "", "```bash", f"python -m smallthinker_lab.quality {args} --out {_rel(out)}", "```", "",
-          f"Settings: {json.dumps({k: st[k] for k in SETTING_KEYS})}.",
-          ""]
+          f"Settings: {json.dumps({k: st[k] for k in SETTING_KEYS})}.", "",
+          "`--phenomena-only` measures again only the prompt-set phenomena (routing, the sparsity definitions, the "
+          "frequency normalisations) and the random-initialisation baseline, keeping the saved perplexity and "
+          "continuations (no corpus needed); `--card-only` redraws the figures and rewrites this card from the saved "
+          "tables alone, the same bytes each time.", ""]
     path = out / "README.md"
     path.write_text("\n".join(L), encoding="utf-8")
     return path

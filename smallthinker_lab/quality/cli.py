@@ -8,8 +8,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .card import findings, write_card
+from .common import BASELINE_SEED
 from .contamination import prompt_overlap, read_training
-from .measure import QualityResult, measure, plot_figures
+from .measure import QualityResult, measure, plot_figures, remeasure_phenomena
 
 
 # ============================================================================================ CLI
@@ -35,7 +36,13 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is fastest for this small model on a busy machine)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--baseline-seed", type=int, default=BASELINE_SEED,
+                    help="seed of the random initialisation measured as the sparsity baseline (chance)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the random-initialisation baseline")
     ap.add_argument("--card-only", action="store_true", help="rewrite README.md from the saved quality_*.csv")
+    ap.add_argument("--phenomena-only", action="store_true",
+                    help="measure again only the prompt-set phenomena (routing, sparsity definitions, frequency "
+                         "normalisations) and the random-init baseline; keep the saved perplexity and continuations")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(list(argv) if argv is not None else None)
 
@@ -52,20 +59,31 @@ def main(argv: Iterable[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*rope_scaling.*", category=FutureWarning)
-            if not args.card_only:
-                result, neurons = measure(
+            if args.phenomena_only and not args.card_only:
+                result = QualityResult.load(out)
+                folders = {args.label: args.model, **({args.compare_label: args.compare} if args.compare else {})}
+                result = remeasure_phenomena(result, folders, args.prompts,
+                                             None if args.no_baseline else args.baseline_seed,
+                                             not args.no_progress, log)
+                for p in result.save(out):
+                    log(f"wrote {p} ({p.stat().st_size / 1e3:.0f} kB)")
+            elif not args.card_only:
+                result = measure(
                     args.model, args.compare, args.tokens, args.prompts, args.label, args.compare_label,
                     max_tokens=args.max_tokens or None, window=args.window, stride=args.stride,
                     batch_size=args.batch_size, new_tokens=args.new_tokens, prompt_limit=args.prompt_limit,
                     continuation_tokens=args.continuation_tokens, device=args.device,
+                    baseline_seed=None if args.no_baseline else args.baseline_seed,
                     progress=not args.no_progress, log=log)
-                for p in result.save(out) + plot_figures(result, neurons, out):
+                for p in result.save(out):
                     log(f"wrote {p} ({p.stat().st_size / 1e3:.0f} kB)")
     finally:
         torch.set_num_threads(threads)
         transformers.logging.set_verbosity(verbosity)
-    # the card is always written from the saved tables, so --card-only gives the same file
+    # the figures and the card are always drawn from the saved tables, so --card-only gives the same files
     result = QualityResult.load(out)
+    for p in plot_figures(result, out):
+        log(f"wrote {p} ({p.stat().st_size / 1e3:.0f} kB)")
     result.training = read_training(args.model)
     if Path(args.corpus).is_dir():  # model-independent and cheap: recomputed whenever the corpus is here
         ov = prompt_overlap(args.prompts, args.corpus, result.settings["sets"], result.settings.get("prompt_limit"))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
+
+import pandas as pd
 
 DOMAINS = ("math", "code", "en", "zh")
 
@@ -25,6 +28,15 @@ PAPER_COLD = (0.70, 0.80)
 
 
 PAPER_HOT = (0.20, 0.30)
+
+
+PAPER_HOT_BAND = (0.4, 0.6)  # the paper's hot experts have activation frequencies in this band
+
+
+PAPER_21B = {"num_experts": 64, "top_k": 6}  # SmallThinker-21B-A3B, for the hot-share cap k / (0.4 E)
+
+
+BASELINE_SEED = 0  # the random initialisation measured as chance: the trainer's seed, so the trained model's start
 
 
 PAPER_SPARSITY_MEDIAN = 0.6
@@ -62,6 +74,16 @@ def fmt_int(x: float) -> str:
 
 def fmt_range(r: tuple[float, float]) -> str:
     return f"{100 * r[0]:.0f}-{100 * r[1]:.0f}%"
+
+
+def _table(df: pd.DataFrame) -> list[str]:
+    """A markdown table of ``df`` (NaN and None as empty cells)."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+                                       for v in row) + " |")
+    return lines
 
 
 def _slug(label: str) -> str:

@@ -12,7 +12,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .common import COLD, CONTINUATION_PROMPTS, DOMAINS, PAPER_SPARSITY_MEDIAN, PROMPT_SETS, REPO, _slug, _uniform
+from .common import (
+    BASELINE_SEED,
+    COLD,
+    CONTINUATION_PROMPTS,
+    DOMAINS,
+    PAPER_SPARSITY_MEDIAN,
+    PROMPT_SETS,
+    REPO,
+    _slug,
+    _uniform,
+)
 from .contamination import read_training
 from .perplexity import domain_perplexity
 from .phenomena import continuations, phenomena, profile_prompt_sets, read_prompts
@@ -33,6 +43,8 @@ class ModelQuality:
     skew: pd.DataFrame
     sparsity: pd.DataFrame
     continuations: list[dict] = field(default_factory=list)
+    sparsity_definitions: pd.DataFrame = field(default_factory=pd.DataFrame)
+    frequency_shares: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 @dataclass
@@ -41,8 +53,12 @@ class QualityResult:
     models: list[ModelQuality]
     training: dict[str, Any] = field(default_factory=dict)
     overlap: pd.DataFrame | None = None  # prompt_overlap(), model-independent
+    # sparsity definitions of the random initialisation of the main model's config (chance), settings["baseline"]
+    baseline: pd.DataFrame | None = None
 
-    TABLES = ("perplexity", "frequency", "divergence", "split_half", "skew", "sparsity")
+    TABLES = ("perplexity", "frequency", "divergence", "split_half", "skew", "sparsity", "sparsity_definitions",
+              "frequency_shares")
+    OPTIONAL = ("sparsity_definitions", "frequency_shares")  # absent from folders measured before they existed
 
     def save(self, out_dir: str | Path) -> list[Path]:
         """quality_{table}.csv (a ``model`` column) and quality.json (settings, model info, continuations)."""
@@ -62,6 +78,10 @@ class QualityResult:
             p = out / "quality_prompt_overlap.csv"
             self.overlap.to_csv(p, index=False, float_format="%.6g")
             paths.append(p)
+        if self.baseline is not None:
+            p = out / "quality_baseline_sparsity.csv"
+            self.baseline.to_csv(p, index=False, float_format="%.6g")
+            paths.append(p)
         p = out / "quality.json"
         p.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return [*paths, p]
@@ -70,14 +90,16 @@ class QualityResult:
     def load(cls, out_dir: str | Path) -> QualityResult:
         out = Path(out_dir)
         meta = json.loads((out / "quality.json").read_text(encoding="utf-8"))
-        tables = {t: pd.read_csv(out / f"quality_{t}.csv") for t in cls.TABLES}
+        tables = {t: pd.read_csv(out / f"quality_{t}.csv") for t in cls.TABLES
+                  if t not in cls.OPTIONAL or (out / f"quality_{t}.csv").exists()}
         models = []
         for m in meta["models"]:
-            kw = {t: tables[t][tables[t]["model"] == m["label"]].drop(columns="model").reset_index(drop=True)
-                  for t in cls.TABLES}
+            kw = {t: df[df["model"] == m["label"]].drop(columns="model").reset_index(drop=True)
+                  for t, df in tables.items()}
             models.append(ModelQuality(m["label"], m["path"], m["info"], continuations=m["continuations"], **kw))
-        ov = out / "quality_prompt_overlap.csv"
-        return cls(meta["settings"], models, {}, pd.read_csv(ov) if ov.exists() else None)
+        ov, base = out / "quality_prompt_overlap.csv", out / "quality_baseline_sparsity.csv"
+        return cls(meta["settings"], models, {}, pd.read_csv(ov) if ov.exists() else None,
+                   pd.read_csv(base) if base.exists() else None)
 
 
 def model_info(model, folder: str | Path) -> dict[str, Any]:
@@ -100,8 +122,8 @@ def _rel(path: str | Path, base: Path = REPO) -> str:
 
 def measure_model(folder: str | Path, label: str, tokens_dir: str | Path, prompts_dir: str | Path,
                   settings: dict[str, Any], unigram: dict | None = None, with_continuations: bool = True,
-                  progress: bool = True, log=print) -> tuple[ModelQuality, pd.DataFrame]:
-    """Load ``folder`` (fp32 on CPU) and measure everything; returns the result and the raw neurons frame."""
+                  progress: bool = True, log=print) -> ModelQuality:
+    """Load ``folder`` (fp32 on CPU) and measure everything."""
     import torch
 
     from ..model import load_model
@@ -125,8 +147,28 @@ def measure_model(folder: str | Path, label: str, tokens_dir: str | Path, prompt
                               settings["continuation_tokens"])
         log(f"[{label}] continuations done in {time.perf_counter() - t0:.0f}s")
     mq = ModelQuality(label, _rel(folder), model_info(model, folder), ppl, ph["frequency"], ph["divergence"],
-                      ph["split_half"], ph["skew"], ph["sparsity"], conts)
-    return mq, ph["_neurons"]
+                      ph["split_half"], ph["skew"], ph["sparsity"], conts, ph["sparsity_definitions"],
+                      ph["frequency_shares"])
+    return mq
+
+
+def measure_baseline(folder: str | Path, prompts_dir: str | Path, settings: dict[str, Any], seed: int = BASELINE_SEED,
+                     progress: bool = True, log=print) -> pd.DataFrame:
+    """The sparsity definitions of the random initialisation of ``folder``'s config (``init_weights(seed)``, as
+    the trainer starts), on the same prompt sets as the models: what chance gives."""
+    import torch
+
+    from ..model import SmallThinkerForCausalLM, load_model
+    from ..model.tokenizer import load_tokenizer
+
+    config = load_model(folder, dtype=torch.float32, device="cpu").config
+    model = SmallThinkerForCausalLM(config).init_weights(seed=seed).to(settings.get("device", "cpu")).eval()
+    t0 = time.perf_counter()
+    rec = profile_prompt_sets(model, load_tokenizer(folder), prompts_dir, settings["sets"], settings["new_tokens"],
+                              settings.get("prompt_limit"), progress)
+    ph = phenomena(rec, settings["sets"])
+    log(f"[random init, seed {seed}] prompt sets profiled in {time.perf_counter() - t0:.0f}s")
+    return ph["sparsity_definitions"]
 
 
 def measure(model_dir: str | Path, compare_dir: str | Path | None = None, tokens_dir: str | Path = "data/corpus/tokens",
@@ -135,8 +177,10 @@ def measure(model_dir: str | Path, compare_dir: str | Path | None = None, tokens
             max_tokens: int | None = 50_000, window: int = 512, stride: int = 256, batch_size: int = 4,
             new_tokens: int = 8, prompt_limit: int | None = None,
             which: Sequence[tuple[str, int]] = CONTINUATION_PROMPTS, continuation_tokens: int = 64,
-            device: str = "cpu", progress: bool = True, log=print) -> tuple[QualityResult, dict[str, pd.DataFrame]]:
-    """Measure the model (and the comparison model): the QualityResult and the raw neurons frames by label."""
+            device: str = "cpu", baseline_seed: int | None = BASELINE_SEED, progress: bool = True,
+            log=print) -> QualityResult:
+    """Measure the model (and the comparison model) and, unless ``baseline_seed`` is None, the sparsity of the
+    random initialisation of the model's config with that seed."""
     import torch
 
     settings = {"domains": list(domains), "sets": list(sets), "max_tokens": max_tokens, "window": window,
@@ -146,23 +190,59 @@ def measure(model_dir: str | Path, compare_dir: str | Path | None = None, tokens
                 "tokens_dir": _rel(tokens_dir), "prompts_dir": _rel(prompts_dir),
                 "prompt_counts": {s: len(read_prompts(Path(prompts_dir) / f"{s}.jsonl", prompt_limit)) for s in sets}}
     unigram: dict[str, np.ndarray] = {}
-    models, neurons = [], {}
+    models = []
     t0 = time.perf_counter()
     for folder, lab, conts in ((model_dir, label, True), (compare_dir, compare_label, False)):
         if folder is None:
             continue
-        mq, nf = measure_model(folder, lab, tokens_dir, prompts_dir, settings, unigram, conts, progress, log)
-        models.append(mq)
-        neurons[lab] = nf
+        models.append(measure_model(folder, lab, tokens_dir, prompts_dir, settings, unigram, conts, progress, log))
+    baseline = None
+    if baseline_seed is not None:
+        baseline = measure_baseline(model_dir, prompts_dir, settings, baseline_seed, progress, log)
+        settings["baseline"] = {"label": f"random init (seed {baseline_seed})", "seed": baseline_seed}
     settings["seconds"] = round(time.perf_counter() - t0, 1)
-    return QualityResult(settings, models, read_training(model_dir)), neurons
+    return QualityResult(settings, models, read_training(model_dir), baseline=baseline)
+
+
+def remeasure_phenomena(result: QualityResult, folders: dict[str, str | Path], prompts_dir: str | Path,
+                        baseline_seed: int | None = BASELINE_SEED, progress: bool = True, log=print) -> QualityResult:
+    """Measure again the prompt-set phenomena (frequency, divergence, skew, the three sparsity definitions, the
+    frequency normalisations) of every model of ``result`` whose weights are in ``folders[label]``, and the
+    random-initialisation baseline; the saved perplexity and continuations are kept (they need the corpus and
+    take the most time). A model whose weights are absent keeps its saved tables, without the new ones."""
+    import torch
+
+    from ..model import load_model
+    from ..model.tokenizer import load_tokenizer
+
+    st = result.settings
+    t0 = time.perf_counter()
+    for m in result.models:
+        folder = folders.get(m.label)
+        if folder is None or not any(Path(folder).glob("*.safetensors")):
+            log(f"[{m.label}] no weights in {folder}: its saved tables are kept as they are")
+            continue
+        model = load_model(folder, dtype=torch.float32, device=st.get("device", "cpu"))
+        rec = profile_prompt_sets(model, load_tokenizer(folder), prompts_dir, st["sets"], st["new_tokens"],
+                                  st.get("prompt_limit"), progress)
+        ph = phenomena(rec, st["sets"])
+        for name in ("frequency", "divergence", "split_half", "skew", "sparsity", "sparsity_definitions",
+                     "frequency_shares"):
+            setattr(m, name, ph[name])
+        log(f"[{m.label}] prompt sets profiled in {time.perf_counter() - t0:.0f}s")
+    if baseline_seed is not None:
+        result.baseline = measure_baseline(folders[result.models[0].label], prompts_dir, st, baseline_seed,
+                                           progress, log)
+        st["baseline"] = {"label": f"random init (seed {baseline_seed})", "seed": baseline_seed}
+    return result
 
 
 # ============================================================================================ figures
-def plot_figures(result: QualityResult, neurons: dict[str, pd.DataFrame], out_dir: str | Path,
-                 dpi: int = 110) -> list[Path]:
-    """Expert heatmaps (one PNG per model, one colour scale for all), the frequency ECDFs and the sparsity box
-    plots (one panel per model)."""
+def plot_figures(result: QualityResult, out_dir: str | Path, dpi: int = 110) -> list[Path]:
+    """The card's figures, from the saved tables alone (so ``--card-only`` redraws the same PNGs): expert heatmaps
+    (one PNG per model, one colour scale for all, centred on uniform routing k/E), the frequency ECDFs, and the
+    per-neuron sparsity box plots (the paper's Figure 6; one panel per model) with the random initialisation
+    beside each box."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,29 +254,45 @@ def plot_figures(result: QualityResult, neurons: dict[str, pd.DataFrame], out_di
     paths = []
     vmax = max(float(m.frequency["frequency"].max()) for m in result.models)
     for m in result.models:
-        fig = plot_expert_heatmaps(m.frequency, datasets=result.settings["sets"], vmax=vmax, ncols=2)
-        fig.suptitle(f"expert activation frequency, {m.label} balance loss (uniform: "
-                     f"{_uniform(m):.3f})")
+        fig = plot_expert_heatmaps(m.frequency, datasets=result.settings["sets"], vmax=vmax, ncols=2,
+                                   uniform=_uniform(m))
+        fig.suptitle(f"Expert activation frequency (share of a set's tokens routed to the expert)\n"
+                     f"{Path(m.path).name} ({m.label} balance loss)\nprompt sets: "
+                     + ", ".join(result.settings["sets"]), fontsize="medium")
         p = out / f"quality_experts_{_slug(m.label)}.png"
         fig.savefig(p, dpi=dpi)
         plt.close(fig)
         paths.append(p)
     n = len(result.models)
-    fig, axes = plt.subplots(1, n, figsize=(6 * n, 4), layout="constrained", squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.2), layout="constrained", squeeze=False)
     for ax, m in zip(axes[0], result.models):
         plot_expert_frequency_distribution(m.frequency, COLD, ax=ax, datasets=result.settings["sets"])
         ax.axvline(_uniform(m), color="0.6", linestyle=":", linewidth=1)
-        ax.set_title(f"{m.label} (dotted: uniform {_uniform(m):.3f})")
+        ax.set_title(f"{Path(m.path).name} ({m.label})\ndotted: uniform routing k/E = {_uniform(m):.3f}",
+                     fontsize="medium")
+    fig.suptitle("Expert activation frequency, every (layer, expert) of each prompt set", fontsize="medium")
     p = out / "quality_expert_frequency_ecdf.png"
     fig.savefig(p, dpi=dpi)
     plt.close(fig)
     paths.append(p)
-    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 3.8), layout="constrained", squeeze=False, sharey=True)
-    for ax, m in zip(axes[0], result.models):
-        plot_sparsity_boxplots(neurons[m.label], ax=ax, reference=PAPER_SPARSITY_MEDIAN)
-        ax.set_title(f"{m.label}: all four prompt sets")
-    p = out / "quality_sparsity.png"
-    fig.savefig(p, dpi=dpi)
-    plt.close(fig)
-    paths.append(p)
+    have = [m for m in result.models if len(m.sparsity_definitions)]
+    if have:
+        base = result.baseline
+        base_all = None if base is None else base[(base["dataset"] == "all") & (base["definition"] == "neuron")]
+        label = result.settings.get("baseline", {}).get("label", "random init")  # hatched: chance
+        fig, axes = plt.subplots(1, len(have), figsize=(8.0 * len(have), 4.6), layout="constrained", squeeze=False,
+                                 sharey=True)
+        for ax, m in zip(axes[0], have):
+            d = m.sparsity_definitions
+            plot_sparsity_boxplots(d[(d["dataset"] == "all") & (d["definition"] == "neuron")], ax=ax,
+                                   reference=PAPER_SPARSITY_MEDIAN, baseline=base_all,
+                                   baseline_label=f"{label}, chance")
+            ax.set_title(f"{Path(m.path).name} ({m.label})", fontsize="medium")
+            ax.set_ylabel("per-neuron sparsity (share of the expert's\nrouted tokens with relu(gate) = 0)")
+        fig.suptitle("Neuron sparsity per layer, per-neuron reading (dead neurons left out)\nall prompt sets: "
+                     + ", ".join(result.settings["sets"]), fontsize="medium")
+        p = out / "quality_sparsity.png"
+        fig.savefig(p, dpi=dpi)
+        plt.close(fig)
+        paths.append(p)
     return paths

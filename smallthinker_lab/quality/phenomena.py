@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .common import COLD, CONTINUATION_PROMPTS, HOT, PROMPT_SETS
+from .common import COLD, CONTINUATION_PROMPTS, HOT, PAPER_HOT_BAND, PROMPT_SETS
 
 
 # ============================================================================================ prompt sets
@@ -59,14 +59,21 @@ def phenomena(rec, sets: Sequence[str] | None = None) -> dict[str, pd.DataFrame]
     divergence: layer, dataset_a, dataset_b, js_divergence (between sets);
     split_half: dataset, layer, js_divergence between the even and the odd prompts of one set (noise floor);
     skew: dataset, experts, cold_share (< 0.14), hot_share (>= 0.4), max_frequency, entropy (mean over layers);
-    sparsity: dataset (and "all"), layer, pairs, mean, min, q1, median, q3, max (neuron_sparsity_by_layer).
+    sparsity: dataset (and "all"), layer, pairs, mean, min, q1, median, q3, max (neuron_sparsity_by_layer);
+    sparsity_definitions: dataset (and "all"), layer, definition (pair, expert, neuron), samples, mean, min, q1,
+    median, q3, max, dead, neurons (neuron_sparsity_definitions);
+    frequency_shares: dataset, normalisation (per_token, per_slot, max_normalised, per_sequence), experts,
+    cold_share (< 0.14), hot_share (>= 0.4), band_share (0.4-0.6) (frequency_shares).
     """
     from ..instruments import (
         cold_expert_share,
         expert_frequency,
         expert_usage_divergence,
+        frequency_normalisations,
+        frequency_shares,
         hot_expert_share,
         neuron_sparsity_by_layer,
+        neuron_sparsity_definitions,
     )
 
     experts = rec.to_dataframe("experts")
@@ -96,12 +103,18 @@ def phenomena(rec, sets: Sequence[str] | None = None) -> dict[str, pd.DataFrame]
                          "max_frequency": freq.groupby("dataset")["frequency"].max(), "entropy": ent})
     skew = skew.reindex(order).reset_index()
 
-    neurons = rec.to_dataframe("neurons")
+    shares = frequency_shares(frequency_normalisations(experts, E), COLD, (HOT, PAPER_HOT_BAND[1]))
+    shares = shares.assign(dataset=pd.Categorical(shares["dataset"], order)).sort_values("dataset", kind="stable")
+    shares = shares.assign(dataset=shares["dataset"].astype(str)).reset_index(drop=True)
+
+    neurons, counts = rec.to_dataframe("neurons"), rec.to_dataframe("neuron_counts")
     per_set = neuron_sparsity_by_layer(neurons)
     pooled = neuron_sparsity_by_layer(neurons.assign(dataset="all"))
     sparsity = pd.concat([pooled, per_set], ignore_index=True)
+    definitions = pd.concat([neuron_sparsity_definitions(neurons.assign(dataset="all"), counts.assign(dataset="all")),
+                             neuron_sparsity_definitions(neurons, counts)], ignore_index=True)
     return {"frequency": freq, "divergence": div, "split_half": split_df, "skew": skew, "sparsity": sparsity,
-            "_neurons": neurons}
+            "sparsity_definitions": definitions, "frequency_shares": shares}
 
 
 # ============================================================================================ continuations
