@@ -78,8 +78,8 @@ def check_draft(target: Any, draft: Any, draft_tokens: int) -> int:
     if tt is not None and dt is not None and tt is not dt and tt.get_vocab() != dt.get_vocab():
         raise ValueError(f"the draft model cannot draft for the target: their tokenizers differ ({names[0]} and "
                          f"{names[1]} map tokens to different ids); a draft must use the target's tokenizer")
-    for m, name in zip((target, draft), names):
-        scores = m is target and callable(getattr(m, "truncate", None))  # the engine: forward(all_logits=True)
+    for i, (m, name) in enumerate(zip((target, draft), names)):
+        scores = i == 0 and callable(getattr(m, "truncate", None))  # the engine: forward(all_logits=True)
         if getattr(m, "new_cache", None) is None and not scores:
             raise ValueError(f"{name} is not an in-memory model (it has no new_cache()): a draft is a load_model() "
                              f"model; the target a load_model() model or an Engine")
