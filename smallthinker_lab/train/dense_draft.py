@@ -189,12 +189,20 @@ def train_draft(args: DraftArgs, progress: bool = True) -> dict:
             "tokens_per_s": args.steps * tokens_per_step / wall,
             "train_loss_last": sum(r["loss"] for r in last) / len(last),
             "val_ce_initial": first_eval, "val_ce_final": final, "threads": args.threads,
-            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "target": str(target_dir),
+            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "target": _shown(target_dir),
         }
         (logs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
     finally:
         torch.set_num_threads(threads)
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working folder when it is inside it (logs that do not name the machine)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
