@@ -165,12 +165,12 @@ def train_draft(args: DraftArgs, progress: bool = True) -> dict:
                 if step % args.log_every == 0 or step == args.steps:
                     now = time.perf_counter()
                     n = args.log_every if step % args.log_every == 0 else step % args.log_every
-                    rows.append({"step": step, "tokens": step * tokens_per_step, "lr": lr, "loss": float(loss),
+                    rows.append({"step": step, "tokens": step * tokens_per_step, "lr": lr, "loss": loss.item(),
                                  "grad_norm": gnorm, "tokens_per_s": n * tokens_per_step / (now - t_log),
                                  "elapsed_s": now - t_start})
                     t_log = now
                     if bar is not None:
-                        bar.set_postfix(loss=f"{float(loss):.3f}")
+                        bar.set_postfix(loss=f"{loss.item():.3f}")
                 if bar is not None:
                     bar.update(1)
         if bar is not None:
