@@ -1,4 +1,5 @@
-"""Build hook: the default model and the prompt sets go into the wheel as package data.
+"""Build hook: the default model, its small speculative-decoding draft and the prompt sets go into the wheel as
+package data.
 
 They live in the repository's ``data/`` folder (where ``smallthinker-lab data prepare`` and training write them)
 and are copied into ``smallthinker_lab/_data`` of the built package, where ``smallthinker_lab.resources`` finds
@@ -13,7 +14,8 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 DATA = ROOT / "data"
 # (folder under data/, file pattern): the files shipped; sub-folders (training logs, expert bundles) are not
-SHIPPED = [(".", "README.md"), ("prompts", "*.jsonl"), ("models/smallthinker-tiny", "*")]
+SHIPPED = [(".", "README.md"), ("prompts", "*.jsonl"), ("models/smallthinker-tiny", "*"),
+           ("models/smallthinker-tiny-draft", "*")]
 REQUIRED = ["models/smallthinker-tiny/config.json", "models/smallthinker-tiny/model.safetensors",
             "models/smallthinker-tiny/tokenizer.json", "prompts/gsm8k.jsonl"]
 

@@ -1,5 +1,5 @@
 """A built wheel works anywhere: installed into a fresh venv, run from an empty folder, it finds the default model
-and the prompt sets in its package data and generates through the engine.
+and the prompt sets in its package data and generates through the engine, with the shipped draft too.
 
 smallthinker_lab comes only from the wheel: the fresh venv reaches the shared venv's site-packages (torch and the
 other dependencies) through a .pth line, which puts that folder on sys.path without running its .pth files, so
@@ -29,9 +29,12 @@ import smallthinker_lab as sl
 from smallthinker_lab.analysis.widgets import load_prompt_set
 model = sl.load_model("default")
 prompts = load_prompt_set("gsm8k", 2)
+draft = sl.load_model("smallthinker-tiny-draft")
 with sl.Engine.from_pretrained("default", memory_limit="40MiB", progress=False) as engine:
     out = engine.generate(prompts[0][:200], 4, stop_tokens=[])
+    spec = engine.generate(prompts[0][:200], 4, stop_tokens=[], draft=draft, draft_tokens=2)
 print(json.dumps({"package": sl.__file__, "model": model.name_or_path, "layers": model.config.num_hidden_layers,
+                  "draft": draft.name_or_path, "draft_tokens": len(spec.tokens),
                   "prompts": len(prompts), "first": prompts[0][:9], "sets": sorted(sl.resources.PROMPT_SETS),
                   "tokens": len(out.tokens), "text": out.text, "path": sys.path}))
 """
@@ -61,6 +64,8 @@ def test_wheel_in_a_fresh_venv_runs_from_any_folder(tmp_path):
     data = "smallthinker_lab/_data/"
     assert data + "models/smallthinker-tiny/model.safetensors" in names
     assert data + "models/smallthinker-tiny/tokenizer.json" in names
+    assert data + "models/smallthinker-tiny-draft/model.safetensors" in names
+    assert data + "models/smallthinker-tiny-draft/tokenizer.json" in names
     assert {data + f"prompts/{s}.jsonl" for s in ("gsm8k", "humaneval", "wiki-en", "zh-news")} <= set(names)
     assert not [n for n in names if "expert_bundle" in n or "/training/" in n]
 
@@ -79,6 +84,8 @@ def test_wheel_in_a_fresh_venv_runs_from_any_folder(tmp_path):
     assert not [p for p in got["path"] if p.startswith(str(ROOT)) and not p.startswith(shared)]
     assert got["model"] == str(site / "smallthinker_lab" / "_data" / "models" / "smallthinker-tiny")
     assert got["layers"] == 8 and got["prompts"] == 2 and got["first"] == "Question:"
+    assert got["draft"] == str(site / "smallthinker_lab" / "_data" / "models" / "smallthinker-tiny-draft")
+    assert got["draft_tokens"] == 4
     assert got["tokens"] == 4 and isinstance(got["text"], str)
 
     version = _run([venv / "bin" / "smallthinker-lab", "--version"], cwd=work, env=env).strip()

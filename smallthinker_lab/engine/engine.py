@@ -259,6 +259,7 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
         self._forward_thread: int | None = None  # thread inside forward()
         self._unverified: list[Future] = []  # read futures of experts computed before their checksum completed
         self._generation = 0
+        self._rollback: tuple[int, list] | None = None  # (start, saved ring entries) of the last all_logits forward
         self.reader = self.transfer = self.arena = self.cache = None
         self._open_io()
         self.reset_stats()
@@ -443,15 +444,18 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
 
     # ------------------------------------------------------------------ forward
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (1, 1, V) of the last token of ``input_ids`` (1, T), continuing after the KV cache."""
+    def forward(self, input_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Logits (1, 1, V) of the last token of ``input_ids`` (1, T), continuing after the KV cache; with
+        ``all_logits=True`` the logits (1, T, V) of every position (one forward scoring T tokens, as speculative
+        decoding verifies a draft; :meth:`truncate` rolls the KV cache back past rejected ones). Such a forward
+        that continues a sequence counts in the ``verify_*`` counters of :meth:`stats`, not as prefill or decode."""
         self._check_open()
         me = threading.get_ident()
         with self._lock:
             self._refuse_other_thread(me, "forward()")
             self._forward_thread = me
         try:
-            return self._forward(input_ids)
+            return self._forward(input_ids, bool(all_logits))
         finally:
             self._forward_thread = None
 
@@ -462,19 +466,21 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
                 raise EngineBusy(f"{what} on an engine that another thread (id {other}) is using for {doing}: one "
                                  f"engine serves one generation at a time; wait for it, or open a second engine")
 
-    def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         ids = input_ids.to(self.device).view(1, -1)
         T = ids.shape[1]
         start = self.kv.seq_len
         if start + T > self.max_context:
             raise ValueError(f"sequence too long: {start + T} tokens exceeds max_context={self.max_context}")
+        # what truncate() needs to roll these positions back (entries of full sliding rings they overwrite)
+        self._rollback = (start, self.kv.save_overwritable(T)) if all_logits else None
         observed = self.hooks.active("forward")
         self.cache.hook = self._cache_event if self.hooks.active("cache") else None
         log = self.cache.log = [] if self.hooks.active("cache_events") else None  # the forward's events, one call
         self._timing = self.hooks.active("timing")
         self._watch_one = self.hooks.active("expert")  # "expert": one event per expert; "moe": one per layer
         self._moe_seen = ([], [], []) if self.hooks.active("moe") else None
-        phase = "prefill" if T > 1 or start == 0 else "decode"
+        phase = "verify" if all_logits and start > 0 else "prefill" if T > 1 or start == 0 else "decode"
         bytes0 = self.cache.stats.bytes_read
         threads = torch.get_num_threads()
         if self.compute_threads is not None and self.compute_threads != threads:
@@ -487,11 +493,15 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
             else:
                 if self.decoder is not None:
                     self.decoder.flush()  # the last kernel step's counters before this step's
-                for c0 in range(0, T, self.prefill_chunk):
-                    x = self._run(ids[:, c0:c0 + self.prefill_chunk], start + c0)
-                # exact: the LM head over every position of the (last) chunk, as the model's forward does, so
-                # that the last row comes from the same kernel (a GEMM over T rows may round differently)
-                logits = self._lm_head(x if self.exact and x.shape[1] > 1 else x[:, -1:], decode=T == 1)[:, -1:]
+                xs = [self._run(ids[:, c0:c0 + self.prefill_chunk], start + c0)
+                      for c0 in range(0, T, self.prefill_chunk)]  # (1, chunk, H) each
+                x = xs[-1]
+                if all_logits:
+                    logits = self._all_logits(torch.cat(xs, dim=1), decode=phase == "verify")  # (1, T, V)
+                else:
+                    # exact: the LM head over every position of the (last) chunk, as the model's forward does, so
+                    # that the last row comes from the same kernel (a GEMM over T rows may round differently)
+                    logits = self._lm_head(x if self.exact and x.shape[1] > 1 else x[:, -1:], decode=T == 1)[:, -1:]
             self._check_unverified()
         except BaseException:
             self._unverified.clear()
@@ -502,6 +512,8 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
         self._count(phase, T, 0.0, self.cache.stats.bytes_read - bytes0)
+        if phase == "verify":
+            self._stats["verify_forwards"] += 1
         if graph_step:
             self.decoder.wait()  # the bookkeeping above ran while the device computed the step
         dt = time.perf_counter() - t0

@@ -23,7 +23,8 @@ class EngineStats:
         self.cache.reset_stats()
         self._step = 0
         self._stats = {k: 0 for k in ("prefill_tokens", "prefill_seconds", "prefill_bytes", "decode_tokens",
-                                      "decode_seconds", "decode_bytes")}
+                                      "decode_seconds", "decode_bytes", "verify_tokens", "verify_seconds",
+                                      "verify_bytes", "verify_forwards", "rolled_back_tokens")}
         self._t_router, self._t_attn, self._t_moe = [0.0] * L, [0.0] * L, [0.0] * L
         self._t_lm_head = 0.0
         self._lm_rows = self._lm_calls = 0
@@ -32,11 +33,18 @@ class EngineStats:
         self._peak_accounted = self.resident_bytes()
 
     def stats(self) -> dict:
+        """The counters since the last reset. Tokens are positions computed: ``prefill_*`` the forwards that start
+        a sequence or add several tokens, ``decode_*`` one-token steps, ``verify_*`` the forwards of
+        ``forward(all_logits=True)`` that continue a sequence (speculative decoding's verification of k draft
+        tokens plus one: all k + 1 positions count, rejected ones included; ``verify_forwards`` how many), and
+        ``rolled_back_tokens`` the positions :meth:`truncate` discarded since. Expert requests, hits, misses and
+        bytes count what each forward asked of the cache (a verify forward requests the union of its positions'
+        experts once per layer), whatever happens to its positions later."""
         if self.decoder is not None:
             self.decoder.flush()
         c, s = self.cache.stats, self._stats
         predicted, correct = sum(self._la_predicted), sum(self._la_correct)
-        tokens = s["prefill_tokens"] + s["decode_tokens"]
+        tokens = s["prefill_tokens"] + s["decode_tokens"] + s["verify_tokens"]
         return {
             "requests": c.requests, "hits": c.hits, "misses": c.misses, "hit_rate": c.hit_rate,
             "compulsory_misses": c.compulsory_misses, "capacity_misses": c.capacity_misses, "preloads": c.preloads,
@@ -55,6 +63,9 @@ class EngineStats:
             "prefill_tok_s": s["prefill_tokens"] / s["prefill_seconds"] if s["prefill_seconds"] else float("nan"),
             "decode_tokens": s["decode_tokens"], "decode_seconds": s["decode_seconds"],
             "decode_tok_s": s["decode_tokens"] / s["decode_seconds"] if s["decode_seconds"] else float("nan"),
+            "verify_forwards": s["verify_forwards"], "verify_tokens": s["verify_tokens"],
+            "verify_seconds": s["verify_seconds"], "verify_bytes": s["verify_bytes"],
+            "rolled_back_tokens": s["rolled_back_tokens"],
             "neuron_sparsity": (1 - self._neurons_active / self._neurons_total if self._neurons_total
                                 else float("nan")),
             "capacity_experts": self.cache.capacity_experts, "expert_nbytes": self.cache.expert_nbytes,

@@ -3,6 +3,7 @@
 Every prompt runs the target alone and then with the draft at each ``draft_tokens``, greedy, in the same round, and
 rounds repeat, so a shared machine's drift reaches both sides alike; a row's speed-up is its decode tok/s over the
 target-alone row of the same prompt and round. Greedy tokens with the draft are checked equal to the target's.
+The target is an in-memory model or an :class:`~smallthinker_lab.Engine` (experts offloaded, the draft in memory).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..resources import default_model_dir
+from ..resources import default_model_dir, shipped_model_dir
 from .config import SmallThinkerConfig
 from .dense import dense_expected_tensors
 from .dense_config import MODEL_TYPE as DENSE_MODEL_TYPE
@@ -392,7 +392,8 @@ def resolve_path(path: str | os.PathLike, revision: str | None = None, cache_dir
                  local_files_only: bool = True) -> Path:
     """The checkpoint folder for ``path``.
 
-    ``"default"`` is the shipped tiny model; an existing folder (or a ``.safetensors`` file in one) is itself;
+    ``"default"`` is the shipped tiny model; an existing folder (or a ``.safetensors`` file in one) is itself; a
+    shipped model's name (``"smallthinker-tiny-draft"``: resources.SHIPPED_MODELS) is its folder in the package data;
     otherwise an ``owner/name`` repo id is looked up in the local Hugging Face hub cache (:func:`hub_snapshot`).
     """
     if str(path) == "default":
@@ -410,6 +411,12 @@ def resolve_path(path: str | os.PathLike, revision: str | None = None, cache_dir
         folder = folder.parent
     if folder.is_dir():
         return folder
+    shipped = shipped_model_dir(str(path))
+    if shipped is not None:
+        if not (shipped / SINGLE_FILE).exists():
+            raise FileNotFoundError(f"the shipped model {str(path)!r} has no weights at {shipped}: this install of "
+                                    f"smallthinker-lab lacks its package data (reinstall it from a complete checkout)")
+        return shipped
     if isinstance(path, str) and _is_repo_id(path):
         return hub_snapshot(path, revision, cache_dir, local_files_only)
     raise FileNotFoundError(f"no checkpoint folder at {folder}")

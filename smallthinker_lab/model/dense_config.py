@@ -262,7 +262,20 @@ def _preset_test() -> dict:
     )
 
 
+def _preset_tiny_draft() -> dict:
+    # the draft shipped beside the default model (data/models/smallthinker-tiny-draft): its vocabulary, special ids,
+    # hidden size (so it can start from the target's embedding) and attention shape, 2 layers with a dense
+    # SiLU MLP, every layer over a sliding window of the 128 tokens it is trained on
+    return dict(
+        vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-6,
+        use_sliding_window=True, sliding_window=128, max_window_layers=0, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=[0, 2], pad_token_id=0, torch_dtype="bfloat16",
+    )
+
+
 DENSE_PRESETS = {
     "smallthinker-3b-preview": _preset_3b_preview,
+    "smallthinker-tiny-draft": _preset_tiny_draft,
     "dense-test": _preset_test,
 }

@@ -245,6 +245,12 @@ def model_step(model, cache: KVCache) -> Callable[[torch.Tensor], torch.Tensor]:
     return step
 
 
+def _is_engine(model) -> bool:
+    """The offloading engine (not a torch module, and it streams and rolls back its own KV cache)."""
+    return not isinstance(model, torch.nn.Module) and callable(getattr(model, "stream", None)) and \
+        callable(getattr(model, "truncate", None))
+
+
 def _tokenizer_of(model, tokenizer: Any) -> Any:
     return tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
 
@@ -255,7 +261,13 @@ def stream_generate(model, prompt, max_new_tokens: int = 32, temperature: float 
                     draft_tokens: int = 4) -> Iterator[int]:
     """Yield the new token ids one by one; ``prompt`` and the keywords as in :func:`generate`. The arguments are
     checked when called, before any work: non-integer or out-of-vocabulary ids, ``max_new_tokens`` < 1 and bad
-    sampling values raise ValueError, as :meth:`Engine.stream` does; a draft of another tokenizer too."""
+    sampling values raise ValueError, as :meth:`Engine.stream` does; a draft of another tokenizer too. An
+    offloading engine as ``model`` runs its own :meth:`Engine.stream` (draft included)."""
+    if _is_engine(model):
+        if tokenizer is not None:
+            raise ValueError("an engine encodes text with its checkpoint's tokenizer: leave tokenizer=None")
+        return model.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, stats, draft,
+                            draft_tokens)
     if draft is not None:
         draft_tokens = check_draft(model, draft, draft_tokens)
     name = getattr(model, "name_or_path", None) or "the model"
@@ -283,7 +295,8 @@ def stream_generate(model, prompt, max_new_tokens: int = 32, temperature: float 
 
 def generate(model, prompt, max_new_tokens: int = 32, *, tokenizer: Any = None, stats: GenerationStats | None = None,
              **sampling) -> GenerationResult:
-    """Generate from ``prompt`` (a string, a list of token ids or a tensor) on the in-memory model; batch 1.
+    """Generate from ``prompt`` (a string, a list of token ids or a tensor) on the in-memory model or an
+    :class:`~smallthinker_lab.Engine`; batch 1.
 
     Greedy by default; ``temperature``, ``top_k``, ``top_p``, ``seed`` sample, ``stop_tokens`` (default the
     config's end-of-text ids) end early. ``draft=`` a smaller model of the same tokenizer decodes speculatively

@@ -8,6 +8,8 @@ Sampling: a draft token d drawn from the draft's q is kept with probability min(
 rejected is replaced by a draw from max(0, p - q) renormalised (the standard speculative rejection rule), so every
 output token is distributed as the target's p (after the same temperature, top_k and top_p).
 Both KV caches are rolled back past rejected tokens (:meth:`KVCache.truncate`). Batch 1.
+The target is an in-memory model (:class:`ModelTarget` wraps it) or anything with the same four members
+(``prefill``, ``score``, ``truncate``, ``length``): the offloading engine is one (``Engine.generate(draft=...)``).
 Shape letters: T tokens, V vocabulary, k draft tokens.
 """
 
@@ -66,7 +68,8 @@ def check_draft(target: Any, draft: Any, draft_tokens: int) -> int:
     size and, where both have a tokenizer, the same vocabulary (token -> id); else ValueError naming both."""
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
         raise ValueError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
-    names = (getattr(target, "name_or_path", None) or "the target", getattr(draft, "name_or_path", None) or "the draft")
+    names = (str(getattr(target, "name_or_path", None) or getattr(target, "checkpoint_dir", None) or "the target"),
+             getattr(draft, "name_or_path", None) or "the draft")
     tv, dv = target.config.vocab_size, draft.config.vocab_size
     if tv != dv:
         raise ValueError(f"the draft model cannot draft for the target: they do not share a tokenizer ({names[0]} has "
@@ -75,10 +78,11 @@ def check_draft(target: Any, draft: Any, draft_tokens: int) -> int:
     if tt is not None and dt is not None and tt is not dt and tt.get_vocab() != dt.get_vocab():
         raise ValueError(f"the draft model cannot draft for the target: their tokenizers differ ({names[0]} and "
                          f"{names[1]} map tokens to different ids); a draft must use the target's tokenizer")
-    for m, name in zip((target, draft), names):
-        if getattr(m, "new_cache", None) is None:
-            raise ValueError(f"{name} is not an in-memory model (it has no new_cache()): speculative decoding runs "
-                             f"on load_model() models")
+    for i, (m, name) in enumerate(zip((target, draft), names)):
+        scores = i == 0 and callable(getattr(m, "truncate", None))  # the engine: forward(all_logits=True)
+        if getattr(m, "new_cache", None) is None and not scores:
+            raise ValueError(f"{name} is not an in-memory model (it has no new_cache()): a draft is a load_model() "
+                             f"model; the target a load_model() model or an Engine")
         cfg = m.config
         if any(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers)) and draft_tokens + 1 > cfg.sliding_window_size:
             raise ValueError(f"draft_tokens={draft_tokens}: a round writes draft_tokens + 1 positions, more than the "
@@ -90,12 +94,38 @@ def _normalised(p: torch.Tensor) -> torch.Tensor:
     return p / p.sum()
 
 
+class ModelTarget:
+    """An in-memory model as the target of speculative decoding, over a KV cache of its own: ``prefill`` (the
+    logits (V,) of a prompt's last position), ``score`` (the logits (T, V) of every position of T new tokens,
+    keeping what :meth:`truncate` needs to roll them back), ``truncate`` and ``length`` (positions cached)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.cache = model, model.new_cache()
+        self._saved: list | None = None
+
+    @property
+    def length(self) -> int:
+        return self.cache.seq_len
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self._saved = None
+        return self.model(input_ids, cache=self.cache).logits[0, -1]  # (V,)
+
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self._saved = self.cache.save_overwritable(input_ids.shape[1])
+        return self.model(input_ids, cache=self.cache).logits[0]  # (T, V)
+
+    def truncate(self, length: int) -> None:
+        self.cache.truncate(length, self._saved)
+
+
 @torch.inference_mode()
 def speculative_tokens(target: Any, draft: Any, input_ids: torch.Tensor, max_new_tokens: int, draft_tokens: int,
                        sampler: Any, stop_tokens: Sequence[int] = (), stats: Any = None,
                        spec: SpeculativeStats | None = None) -> Iterator[int]:
     """Yield the new token ids (batch 1) of ``target`` decoding ``input_ids`` (1, T) with ``draft`` proposing
-    ``draft_tokens`` per round. ``sampler``: a :class:`~.generate.Sampler` (temperature 0: greedy); ``stats``: a
+    ``draft_tokens`` per round. ``target``: an in-memory model or an object with :class:`ModelTarget`'s members
+    (it starts empty); ``sampler``: a :class:`~.generate.Sampler` (temperature 0: greedy); ``stats``: a
     GenerationStats filled with times; ``spec``: a SpeculativeStats filled with the counters."""
     k_max = draft_tokens
     spec = spec if spec is not None else SpeculativeStats()
@@ -104,13 +134,14 @@ def speculative_tokens(target: Any, draft: Any, input_ids: torch.Tensor, max_new
     gen = sampler.generator
     stop = {int(t) for t in stop_tokens}
     dev = input_ids.device
-    tcache, dcache = target.new_cache(), draft.new_cache()
+    tgt = target if callable(getattr(target, "score", None)) else ModelTarget(target)
+    dcache = draft.new_cache()
 
     def pick(logits: torch.Tensor) -> int:  # the target's own choice at one position: logits (V,)
         return int(torch.argmax(logits)) if greedy else int(torch.multinomial(sampler.probs(logits), 1, generator=gen))
 
     t0 = time.perf_counter()
-    logits = target(input_ids, cache=tcache).logits[0, -1]  # (V,)
+    logits = tgt.prefill(input_ids)  # (V,)
     draft(input_ids, cache=dcache)
     seq = input_ids[0].tolist()
     tok = pick(logits)
@@ -124,7 +155,7 @@ def speculative_tokens(target: Any, draft: Any, input_ids: torch.Tensor, max_new
     while new < max_new_tokens and tok not in stop:
         t0 = time.perf_counter()
         k = min(k_max, max_new_tokens - new - 1)  # a round gives at most k + 1 tokens
-        base = tcache.seq_len  # == len(seq) - 1: the last token is not in the target's cache yet
+        base = tgt.length  # == len(seq) - 1: the last token is not in the target's cache yet
         proposals: list[int] = []
         qs: list[torch.Tensor] = []
         if k:
@@ -143,8 +174,7 @@ def speculative_tokens(target: Any, draft: Any, input_ids: torch.Tensor, max_new
                 if j < k - 1:
                     x = torch.tensor([[d]], device=dev)
             spec.draft_forwards += k
-        tsaved = tcache.save_overwritable(k + 1)
-        tl = target(torch.tensor([[seq[-1], *proposals]], device=dev), cache=tcache).logits[0]  # (k+1, V)
+        tl = tgt.score(torch.tensor([[seq[-1], *proposals]], device=dev))  # (k+1, V)
         spec.target_forwards += 1
         n = 0
         nxt = None
@@ -172,7 +202,7 @@ def speculative_tokens(target: Any, draft: Any, input_ids: torch.Tensor, max_new
             if t in stop:
                 out = out[:i + 1]
                 break
-        tcache.truncate(base + len(out), tsaved)  # keeps seq[-1] and the kept drafts; the last token is pending
+        tgt.truncate(base + len(out))  # keeps seq[-1] and the kept drafts; the last token is pending
         if k:
             dcache.truncate(min(dcache.seq_len, base + len(out)), dsaved)
         seq.extend(out)

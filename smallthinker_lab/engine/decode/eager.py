@@ -315,6 +315,13 @@ class EagerSteps:
             self.hooks.fire("expert", layer=layer, expert=expert, token_index=token if token is not None else
                             torch.arange(g.shape[0], device=g.device), gate=g)
 
+    def _all_logits(self, x: torch.Tensor, decode: bool) -> torch.Tensor:
+        """Logits (1, T, V) of every position of x (1, T, H). ``decode`` (verifying draft tokens): each row as a
+        one-token decode step computes it (with a predictor, the sparse LM head's rows of that token alone)."""
+        if decode and self.lm_head_predictor is not None:
+            return torch.cat([self._lm_head(x[:, j:j + 1], decode=True) for j in range(x.shape[1])], dim=1)
+        return self._lm_head(x, decode=False)
+
     def _lm_head(self, x: torch.Tensor, decode: bool) -> torch.Tensor:
         t0 = time.perf_counter()
         h = self.model.model.norm(x)  # (1, 1, H)
