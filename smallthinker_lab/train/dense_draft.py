@@ -1,4 +1,4 @@
-"""Train a small dense (Qwen2-shaped) draft model for a target, on the target's token files and tokenizer, on CPU.
+"""Train a small dense (Qwen2-shaped) draft model for a target, on the target's token files and tokenizer.
 
 The draft shares the target's vocabulary (it is trained on the same token ids) and, by default, starts from the
 target's trained token embedding (tied to its LM head), kept frozen: the draft then only learns its few layers,
@@ -6,8 +6,9 @@ which is what a short CPU run can afford. Every layer attends over a sliding win
 length it is trained on, so at any context length it sees what it saw in training.
 
 Recipe: AdamW (0.9, 0.95), weight decay 0.1 on the layers' matrices, linear warmup then cosine decay to 10%,
-plain cross-entropy, fp32 on CPU; batches from :class:`~.data.WindowSampler` (balanced over the domains, a pure
-function of (seed, step)). Re-create the shipped draft with::
+plain cross-entropy, fp32 on a CPU or bf16 autocast on a GPU (``--device cuda``); batches from
+:class:`~.data.WindowSampler` (balanced over the domains, a pure function of (seed, step)). Re-create the shipped
+draft with::
 
     python -m smallthinker_lab.train.dense_draft --data data/corpus/tokens --out data/models/smallthinker-tiny-draft
 
@@ -60,6 +61,7 @@ class DraftArgs:
     freeze_embedding: bool = True  # ... and keep it fixed
     eval_windows: int = 32  # validation windows of seq_len tokens per domain
     log_every: int = 10
+    device: str = "cpu"  # "cuda": bf16 autocast on the GPU, fp32 master weights
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "threads", "eval_windows", "log_every"):
@@ -109,14 +111,16 @@ def build_draft(args: DraftArgs) -> tuple[DenseForCausalLM, Path]:
 @torch.no_grad()
 def evaluate(model: DenseForCausalLM, val: dict[str, torch.Tensor], batch_size: int = 16) -> dict[str, float]:
     """Mean next-token cross-entropy (nats) per domain over the validation windows (N, T + 1)."""
+    device = next(model.parameters()).device
     model.eval()
     out = {}
     with training_forwards(model, dense_moe=False):
         for domain, windows in val.items():
             total, n = 0.0, 0
             for i in range(0, len(windows), batch_size):
-                w = windows[i:i + batch_size]
-                logits = model(w[:, :-1]).logits  # (B, T, V)
+                w = windows[i:i + batch_size].to(device)
+                with _autocast(device):
+                    logits = model(w[:, :-1]).logits.float()  # (B, T, V)
                 total += float(F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
                 n += w[:, 1:].numel()
             out[domain] = total / n
@@ -133,6 +137,10 @@ def train_draft(args: DraftArgs, progress: bool = True) -> dict:
     torch.set_num_threads(args.threads)
     try:
         model, target_dir = build_draft(args)
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch sees no CUDA device")
+        model = model.to(device)
         sampler = WindowSampler(args.data_dir, args.seq_len, args.batch_size, seed=args.seed)
         val = validation_sets(args.data_dir, sampler.domains, args.seq_len, args.eval_windows)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -155,9 +163,10 @@ def train_draft(args: DraftArgs, progress: bool = True) -> dict:
                 lr = lr_at(step - 1, args.lr, args.warmup, args.steps)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                tokens = sampler.batch(step).tokens  # (B, T + 1)
-                logits = model(tokens[:, :-1]).logits  # (B, T, V)
-                loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+                tokens = sampler.batch(step).tokens.to(device)  # (B, T + 1)
+                with _autocast(device):
+                    logits = model(tokens[:, :-1]).logits  # (B, T, V)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip))
@@ -180,7 +189,7 @@ def train_draft(args: DraftArgs, progress: bool = True) -> dict:
         evals.append({"step": args.steps, "tokens": args.steps * tokens_per_step, **final})
         _write_csv(logs / "train_log.csv", rows)
         _write_csv(logs / "eval_log.csv", evals)
-        export_model(model, out, dtype="bfloat16", tokenizer_dir=target_dir)
+        export_model(model.cpu(), out, dtype="bfloat16", tokenizer_dir=target_dir)
         last = rows[-min(len(rows), 5):]
         summary = {
             "parameters": model.num_parameters(), "trainable_parameters": sum(p.numel() for p in trainable),
@@ -190,11 +199,19 @@ def train_draft(args: DraftArgs, progress: bool = True) -> dict:
             "train_loss_last": sum(r["loss"] for r in last) / len(last),
             "val_ce_initial": first_eval, "val_ce_final": final, "threads": args.threads,
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "target": _shown(target_dir),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         }
         (logs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
     finally:
         torch.set_num_threads(threads)
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on a GPU (fp32 master weights); plain fp32 on the CPU."""
+    import contextlib
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _shown(path: Path) -> str:
@@ -227,11 +244,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     p.add_argument("--train-embedding", action="store_true", help="train the embedding taken from the target")
     p.add_argument("--random-embedding", action="store_true", help="do not start from the target's embedding")
+    p.add_argument("--device", default=defaults.device, help="cpu, or cuda (bf16 autocast)")
     a = p.parse_args(argv)
     args = DraftArgs(data_dir=a.data, out_dir=a.out, target=a.target, preset=a.preset, steps=a.steps,
                      batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, warmup=a.warmup, seed=a.seed,
                      threads=a.threads, eval_windows=a.eval_windows, init_embedding=not a.random_embedding,
-                     freeze_embedding=not (a.train_embedding or a.random_embedding))
+                     freeze_embedding=not (a.train_embedding or a.random_embedding), device=a.device)
     summary = train_draft(args)
     print(json.dumps({k: summary[k] for k in ("parameters", "steps", "train_seconds", "train_loss_last",
                                                "val_ce_final")}, indent=1))
