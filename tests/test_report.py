@@ -124,3 +124,15 @@ def test_threads_auto():
     assert resolve_threads("auto", "default") == 1  # hidden size 256: one thread
     assert resolve_threads(4, "default") == 4 and resolve_threads("3", "default") == 3
     assert resolve_threads(None, "default") is None
+
+
+def test_report_says_what_locality_buys(report):
+    """The locality table (trained vs uniform routing at the report's limit, cold) and its paragraph, with the
+    table's measured hit rates."""
+    out, _ = report
+    df = pd.read_csv(out / "locality_table.csv").set_index("routing")
+    assert list(df.index) == ["trained", "uniform"]
+    assert ((df["hit_rate"] + df["compulsory_share"] + df["capacity_share"]).round(9) == 1.0).all()
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "What locality buys" in html
+    assert f"{df.loc['trained', 'hit_rate']:.1%}" in html and f"{df.loc['uniform', 'hit_rate']:.1%}" in html

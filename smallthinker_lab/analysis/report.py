@@ -354,6 +354,7 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
     )
     from ..model.config import SmallThinkerConfig
     from . import plots, tables
+    from .locality import benchmark_routing_rows, locality_paragraph, locality_table
 
     t_start = time.perf_counter()
     check_limit(memory_limit)
@@ -387,6 +388,7 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
     bench_result = bench_runs(model, bench_ids, max_new_tokens, plan, limit, device=device, progress=progress,
                               backend=backend)
     bench, trace, main_layers = bench_result.rows, bench_result.trace, bench_result.main_layers
+    locality = locality_table(model, bench_ids, max_new_tokens, limit, device=device)  # trained vs uniform routing
 
     # 3. frames and tables
     experts = rec.to_dataframe("experts")
@@ -421,12 +423,17 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
                                "Hit rate and misses per run, from a cold cache: compulsory (first touch), capacity "
                                "(evicted earlier), the policy's gap to Belady, the cold-start ceiling"),
         "hit_rate_curves.csv": (curves, None),
+        "locality_table.csv": (locality, "What locality buys: the same limit and prompts on the model's routing and "
+                                         "on uniform random routing (replayed), cold"),
         "instrumented_throughput.csv": (throughput(timing), None),
         "io_wait_share.csv": (io_wait_share(timing), None),
         "memory_plan.csv": (main_plan.reset_index(), "Memory plan under the limit"),
     }
     if main_layers is not None:
         csvs["engine_stats_per_layer.csv"] = (main_layers.reset_index(), None)
+    if len(routed := benchmark_routing_rows()):  # the repository's benchmark result, when there is one
+        csvs["benchmark_routing.csv"] = (routed, f"Big synthetic shape, uniform vs trained routing "
+                                                 f"({routed.attrs['source']})")
     for fname, (df, _) in csvs.items():
         if not isinstance(df.index, pd.RangeIndex):  # e.g. per layer, indexed by layer
             df = df.reset_index()
@@ -472,6 +479,7 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
         "prompt sets": ", ".join(f"{n} ({len(ids[n])})" for n in names),
         "new tokens per prompt": max_new_tokens, "bench prompts per set": bench_prompts,
         "profile hit rate": f"{profile_stats['hit_rate']:.1%}",
+        "what locality buys": locality_paragraph(locality),
         "non-finite logits": (f"WARNING: {watch.non_finite} of {watch.steps} forward steps (first at step "
                               f"{watch.first_step}: {watch.first_detail}); results are not meaningful"
                               if watch.non_finite else f"none ({watch.steps} forward steps checked)"),
