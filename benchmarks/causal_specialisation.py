@@ -20,12 +20,10 @@ import torch
 
 
 def _markdown(df, index: bool = True) -> str:
-    """A pipe table of df (numbers as they are printed)."""
-    d = df.reset_index() if index else df
-    head = [str(c) for c in d.columns]
-    rows = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r] for r in d.itertuples(index=False)]
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |"
-                                                                                    for r in rows])
+    """A pipe table of df, floats to 3 decimals (smallthinker_lab.analysis.tables.to_markdown)."""
+    from smallthinker_lab.analysis.tables import to_markdown
+
+    return to_markdown(df.reset_index() if index else df, floatfmt=".3f", index=False).rstrip("\n")
 
 
 def main(argv=None) -> None:

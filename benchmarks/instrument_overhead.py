@@ -22,6 +22,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from smallthinker_lab import SmallThinkerConfig, SmallThinkerForCausalLM, record, stream_generate
@@ -167,17 +168,21 @@ def markdown(results: dict) -> str:
              "p25 token: the 25th percentile of the per-token decode times, against none's (contention only adds "
              "time, so a low percentile is the steadier estimate on a shared machine).\n",
              "Time in hooks: the share of a generation's wall time spent inside `hooks.fire` (dispatch + the "
-             "recorder's callbacks), timed directly in separate runs.\n",
-             "| target | configuration | kinds | full | decode tok/s (median) | min - max | overhead vs none "
-             "| p25 token (ms) | p25 overhead | time in hooks |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "recorder's callbacks), timed directly in separate runs.\n"]
+    cols = ["target", "configuration", "kinds", "full", "decode tok/s (median)", "min - max", "overhead vs none",
+            "p25 token (ms)", "p25 overhead", "time in hooks"]
+    table = []
     for target, rows in results["targets"].items():
         for name, r in rows.items():
             ov = "-" if name == "none" else f"{100 * r['overhead_median']:+.1f}%"
             ov25 = "-" if name == "none" else f"{100 * r['overhead_p25']:+.1f}%"
-            lines.append(f"| {target} | {name} | {r['kinds']} | {'yes' if r['full'] else 'no'} | "
-                         f"{r['decode_tok_s_median']:.1f} | {r['decode_tok_s_min']:.1f} - {r['decode_tok_s_max']:.1f}"
-                         f" | {ov} | {1e3 * r['token_seconds_p25']:.3f} | {ov25} | {100 * r['hook_share']:.1f}% |")
+            table.append([target, name, str(r["kinds"]), "yes" if r["full"] else "no",
+                          f"{r['decode_tok_s_median']:.1f}",
+                          f"{r['decode_tok_s_min']:.1f} - {r['decode_tok_s_max']:.1f}", ov,
+                          f"{1e3 * r['token_seconds_p25']:.3f}", ov25, f"{100 * r['hook_share']:.1f}%"])
+    # the text is final: tabulate lays it out, the figures right-aligned
+    lines.append(pd.DataFrame(table, columns=cols, dtype=object).to_markdown(
+        index=False, tablefmt="pipe", disable_numparse=True, colalign=["left"] * 4 + ["right"] * 6))
     lines.append("")
     for target, ok in results["default_within_5pct"].items():
         d = results["targets"][target]["default"]

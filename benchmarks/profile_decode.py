@@ -44,14 +44,16 @@ def profile_rows(rows: list[dict]) -> list[dict]:
 
 
 def profile_markdown(profile: list[dict]) -> str:
+    """Decode time per token of each engine row, split into PARTS: ms and share (a table through report_table)."""
     if not profile:
         return "(no engine rows)\n"
-    head = "| mode | ms/token | " + " | ".join(p.replace("_", " ") for p in PARTS) + " |"
-    lines = [head, "|" + "---|" * (len(PARTS) + 2)]
-    for rec in profile:
-        cells = [f"{rec[p + '_ms']:.1f} ({rec[p + '_share']:.0%})" for p in PARTS]
-        lines.append(f"| {rec['name']} | {rec['decode_ms_per_token']:.1f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    from .report_table import table
+
+    columns = ["mode", "ms/token", *(p.replace("_", " ") for p in PARTS)]
+    rows = [dict(zip(columns, [rec["name"], f"{rec['decode_ms_per_token']:.1f}",
+                               *(f"{rec[p + '_ms']:.1f} ({rec[p + '_share']:.0%})" for p in PARTS)]))
+            for rec in profile]
+    return table(rows, columns)
 
 
 def torch_profile_step(engine, prompt: list[int], row_limit: int = 15) -> str:

@@ -15,6 +15,8 @@ import math
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
@@ -81,6 +83,27 @@ def _gib(x) -> str:
     return "none" if _nan(x) else f"{x / 2**30:.2f} GiB"
 
 
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A GitHub markdown table of ``rows`` (column -> text; a missing cell is empty, other keys are left out),
+    laid out by ``DataFrame.to_markdown`` (smallthinker_lab.analysis.tables.to_markdown); '' without rows."""
+    if not rows:
+        return ""
+    from smallthinker_lab.analysis.tables import to_markdown
+
+    return to_markdown(pd.DataFrame(rows, columns=columns, dtype=object), index=False)
+
+
+def _error_row(first: tuple[str, str], r: dict, where: str, text: str) -> dict:
+    """A row that failed: its name (``first``: column, text), threads and memory limit, ``text`` in ``where``."""
+    return {first[0]: first[1], "threads": str(r.get("threads")), "memory limit": _gib(r.get("memory_limit")),
+            where: text}
+
+
+ROWS_COLUMNS = ["mode", "memory limit", "expert share", "prefill tok/s", "decode tok/s (min-max)",
+                "vs best in memory", "decode hit rate", "MiB read/token", "memory MiB/token", "T_mem ms", "T_io ms",
+                "measured ms", "share of bound"]
+
+
 def rows_table(rows: list[dict], model: str) -> str:
     sub = [r for r in rows if r.get("model") == model]
     if not sub:
@@ -89,33 +112,30 @@ def rows_table(rows: list[dict], model: str) -> str:
            and r.get("quantization") in (None, "none") and not r.get("instruments") and r.get("decode_tok_s")
            and not r.get("routing")]
     best = max(mem) if mem else float("nan")
-    head = ("| mode | memory limit | expert share | prefill tok/s | decode tok/s (min-max) | vs best in memory | "
-            "decode hit rate | MiB read/token | memory MiB/token | T_mem ms | T_io ms | measured ms | share of bound |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    out = []
     for r in sub:
         if r.get("error"):
-            err = r["error"][:90].replace("|", "/")
-            lines.append(f"| {label(r)} | {_gib(r.get('memory_limit'))} | | | ERROR: {err} | | | | | | | | |")
+            out.append(_error_row(("mode", label(r)), r, "decode tok/s (min-max)", f"ERROR: {r['error'][:90]}"))
             continue
-        lines.append(
-            f"| {label(r)} | {_gib(r.get('memory_limit'))} | {_f(r.get('limit_share_of_expert_bytes'), '{:.0%}')} | "
-            f"{_f(r.get('prefill_tok_s'))} | {_f(r.get('decode_tok_s'))} ({_f(r.get('decode_tok_s_min'))}-"
-            f"{_f(r.get('decode_tok_s_max'))}) | {_f(r['decode_tok_s'] / best if best == best else None, '{:.2f}')} | "
-            f"{_f(r.get('hit_rate'), '{:.2f}')} | {_f((r.get('bytes_read_per_token') or 0) / 2**20, '{:.0f}')} | "
-            f"{_f((r.get('memory_bytes_per_token') or 0) / 2**20, '{:.0f}')} | {_f(r.get('t_mem_ms'), '{:.1f}')} | "
-            f"{_f(r.get('t_io_ms'), '{:.1f}')} | {_f(r.get('measured_ms'), '{:.1f}')} | "
-            f"{_f(r.get('bound_share'), '{:.0%}')} |")
-    return "\n".join(lines) + "\n"
+        out.append(dict(zip(ROWS_COLUMNS, [
+            label(r), _gib(r.get("memory_limit")), _f(r.get("limit_share_of_expert_bytes"), "{:.0%}"),
+            _f(r.get("prefill_tok_s")),
+            f"{_f(r.get('decode_tok_s'))} ({_f(r.get('decode_tok_s_min'))}-{_f(r.get('decode_tok_s_max'))})",
+            _f(r["decode_tok_s"] / best if best == best else None, "{:.2f}"), _f(r.get("hit_rate"), "{:.2f}"),
+            _f((r.get("bytes_read_per_token") or 0) / 2**20, "{:.0f}"),
+            _f((r.get("memory_bytes_per_token") or 0) / 2**20, "{:.0f}"), _f(r.get("t_mem_ms"), "{:.1f}"),
+            _f(r.get("t_io_ms"), "{:.1f}"), _f(r.get("measured_ms"), "{:.1f}"), _f(r.get("bound_share"), "{:.0%}")])))
+    return table(out, ROWS_COLUMNS)
 
 
-def targets_table(targets: list[dict]) -> str:
-    if not targets:
-        return ""
-    lines = ["| target | value | threshold | met |", "|---|---|---|---|"]
-    for t in targets:
-        met = "n/a" if t.get("met") is None else ("yes" if t["met"] else "**no**")
-        lines.append(f"| {t['target']} | {_f(t.get('value'), '{:.3g}')} | {t['threshold']} | {met} |")
-    return "\n".join(lines) + "\n"
+def verdict_table(items: list[dict], name: tuple[str, str], value: tuple[str, str], threshold: str) -> str:
+    """Figures against their thresholds, one a row (the targets; the ratios to llama.cpp): ``name`` = (header, key
+    of the item), ``value`` = (header, format), ``threshold`` its header, then whether it is met (yes, **no**, or
+    n/a when it could not be judged)."""
+    met = {None: "n/a", True: "yes", False: "**no**"}
+    rows = [{name[0]: x[name[1]], value[0]: _f(x.get("value"), value[1]), threshold: str(x["threshold"]),
+             "met": met[None if x.get("met") is None else bool(x["met"])]} for x in items]
+    return table(rows, [name[0], value[0], threshold, "met"])
 
 
 def ceilings_line(c: dict) -> str:
@@ -175,7 +195,7 @@ def render_result(res: dict, heading_level: int = 2, compact: bool = False) -> s
                        f"timings of the machine named above.\n")
             out.append(table)
     out.append(f"{h}# Targets\n")
-    out.append(targets_table(res.get("targets", [])))
+    out.append(verdict_table(res.get("targets", []), ("target", "target"), ("value", "{:.3g}"), "threshold"))
     if compact:
         return "\n".join(out) + "\n"
     out.append(f"{h}# Decode time per token (engine clocks; ms and share)\n")
@@ -200,7 +220,6 @@ def plot_decode(res: dict, model: str, path: str | Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pandas as pd
 
     from smallthinker_lab.analysis.plots import plot_throughput
 
@@ -222,18 +241,17 @@ def plot_decode(res: dict, model: str, path: str | Path) -> Path | None:
     return path
 
 
+PEER_COLUMNS = ["row", "threads", "memory limit", "prefill tok/s (min-max)", "prefill share of bound",
+                "decode tok/s (min-max)", "memory MiB/token", "read GB/s", "T_mem ms", "measured ms", "share of bound",
+                "check"]
+
+
 def peer_rows_table(rows: list[dict]) -> str:
     """The peer comparison's rows (benchmarks/peer_llamacpp.py): every figure with its bound."""
-    if not rows:
-        return ""
-    head = ("| row | threads | memory limit | prefill tok/s (min-max) | prefill share of bound | decode tok/s "
-            "(min-max) | memory MiB/token | read GB/s | T_mem ms | measured ms | share of bound | check |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    out = []
     for r in rows:
         if r.get("error"):
-            err = r["error"][:110].replace("|", "/")
-            lines.append(f"| {r['name']} | {r.get('threads')} | {_gib(r.get('memory_limit'))} | | | {err} | | | | | "
-                         f"| |")
+            out.append(_error_row(("row", r["name"]), r, "decode tok/s (min-max)", r["error"][:110]))
             continue
         check = (r.get("checked") or "").split(" (")[0] if r.get("mode") == "engine" else (
             "--repack 0" if r.get("repack") is False else "")
@@ -241,25 +259,15 @@ def peer_rows_table(rows: list[dict]) -> str:
         if peaks:  # did the limit bind? (peak charge of the group, times it hit the limit)
             check += (f"{'; ' if check else ''}cgroup peak {max(peaks) / 2**30:.2f} GiB, limit hit "
                       f"{max(hits or [0]):,} times" + ("" if max(hits or [0]) else " (the file fit: in memory)"))
-        lines.append(
-            f"| {r['name']} | {r.get('threads')} | {_gib(r.get('memory_limit'))} | {_f(r.get('prefill_tok_s'))} "
-            f"({_f(r.get('prefill_tok_s_min'))}-{_f(r.get('prefill_tok_s_max'))}) | "
-            f"{_f(r.get('prefill_bound_share'), '{:.0%}')} | {_f(r.get('decode_tok_s'))} "
-            f"({_f(r.get('decode_tok_s_min'))}-{_f(r.get('decode_tok_s_max'))}) | "
-            f"{_f((r.get('memory_bytes_per_token') or 0) / 2**20, '{:.0f}')} | "
-            f"{_f((r.get('bw_mem') or 0) / 1e9, '{:.1f}')} | {_f(r.get('t_mem_ms'), '{:.1f}')} | "
-            f"{_f(r.get('measured_ms'), '{:.1f}')} | {_f(r.get('bound_share'), '{:.0%}')} | {check} |")
-    return "\n".join(lines) + "\n"
-
-
-def ratios_table(ratios: list[dict]) -> str:
-    if not ratios:
-        return ""
-    lines = ["| engine / llama.cpp, same run | ratio (medians) | target | met |", "|---|---|---|---|"]
-    for x in ratios:
-        met = "n/a" if x.get("met") is None else ("yes" if x["met"] else "**no**")
-        lines.append(f"| {x['what']} | {_f(x.get('value'), '{:.2f}')} | {x['threshold']} | {met} |")
-    return "\n".join(lines) + "\n"
+        out.append(dict(zip(PEER_COLUMNS, [
+            r["name"], str(r.get("threads")), _gib(r.get("memory_limit")),
+            f"{_f(r.get('prefill_tok_s'))} ({_f(r.get('prefill_tok_s_min'))}-{_f(r.get('prefill_tok_s_max'))})",
+            _f(r.get("prefill_bound_share"), "{:.0%}"),
+            f"{_f(r.get('decode_tok_s'))} ({_f(r.get('decode_tok_s_min'))}-{_f(r.get('decode_tok_s_max'))})",
+            _f((r.get("memory_bytes_per_token") or 0) / 2**20, "{:.0f}"), _f((r.get("bw_mem") or 0) / 1e9, "{:.1f}"),
+            _f(r.get("t_mem_ms"), "{:.1f}"), _f(r.get("measured_ms"), "{:.1f}"), _f(r.get("bound_share"), "{:.0%}"),
+            check])))
+    return table(out, PEER_COLUMNS)
 
 
 def render_peer(res: dict, heading_level: int = 2, compact: bool = False) -> str:
@@ -296,7 +304,8 @@ def render_peer(res: dict, heading_level: int = 2, compact: bool = False) -> str
                "prompt touches read once / the same bandwidth.\n")
     out.append(peer_rows_table(res.get("rows", [])))
     out.append(f"{h}# Ratios\n")
-    out.append(ratios_table(res.get("ratios", [])))
+    out.append(verdict_table(res.get("ratios", []), ("engine / llama.cpp, same run", "what"),
+                              ("ratio (medians)", "{:.2f}"), "target"))
     return "\n".join(out) + "\n"
 
 

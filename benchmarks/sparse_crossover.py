@@ -183,20 +183,23 @@ def summarise(points: list[dict]) -> list[dict]:
 
 
 def markdown(points: list[dict], summary: list[dict]) -> str:
-    lines = ["| cache | shape | dtype | n | sparsity | dense us (median) | sparse us (median) | sparse/dense |",
-             "|---|---|---|---|---|---|---|---|"]
+    """The points and the crossovers, two tables (benchmarks/report_table.table)."""
+    from .report_table import table
+
+    head = ["cache", "shape", "dtype", "n"]
+    cols = [*head, "sparsity", "dense us (median)", "sparse us (median)", "sparse/dense"]
+    rows = []
     for p in points:
         d, s = p["dense"]["median_us"], p["sparse"]["median_us"]
-        lines.append(f"| {p['cache']} | {p['shape']} | {p['dtype']} | {p['n']} | {p['sparsity']:.2f} | {d:.1f} "
-                     f"| {s:.1f} | {s / d:.2f} |")
-    lines += ["", "| cache | shape | dtype | n | crossover (grid) | crossover (interp.) | dense us | a@wd_t us "
-              "| F.linear(down) us | speedup at 0.98 |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in summary:
-        c = r["crossover"]
-        lines.append(f"| {r['cache']} | {r['shape']} | {r['dtype']} | {r['n']} | {c['grid']} | {c['interpolated']} "
-                     f"| {r['dense_median_us']:.1f} | {r['dense_matmul_median_us']:.1f} "
-                     f"| {r['dense_linear_median_us']:.1f} | {r['speedup_at_0.98']} |")
-    return "\n".join(lines)
+        rows.append(dict(zip(cols, [*(str(p[k]) for k in head), f"{p['sparsity']:.2f}", f"{d:.1f}", f"{s:.1f}",
+                                    f"{s / d:.2f}"])))
+    cols2 = [*head, "crossover (grid)", "crossover (interp.)", "dense us", "a@wd_t us", "F.linear(down) us",
+             "speedup at 0.98"]
+    rows2 = [dict(zip(cols2, [*(str(r[k]) for k in head), str(r["crossover"]["grid"]),
+                              str(r["crossover"]["interpolated"]), f"{r['dense_median_us']:.1f}",
+                              f"{r['dense_matmul_median_us']:.1f}", f"{r['dense_linear_median_us']:.1f}",
+                              str(r["speedup_at_0.98"])])) for r in summary]
+    return table(rows, cols) + "\n" + table(rows2, cols2)
 
 
 def main(argv: list[str] | None = None) -> None:

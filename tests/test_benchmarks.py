@@ -6,6 +6,7 @@ markers.
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_smoke_suite_runs_end_to_end_and_writes_valid_json(smoke):
     assert res["profile"] and all(p["decode_ms_per_token"] > 0 for p in res["profile"])
     assert any(t["target"].startswith("CPU 4B: offloaded decode") for t in res["targets"])
     md = (base / "out" / "bench_smoke.md").read_text()
-    assert "| mode |" in md and "Targets" in md
+    assert re.search(r"^\| mode +\| memory limit +\|", md, re.M) and "Targets" in md
 
 
 @pytest.mark.slow
@@ -215,3 +216,42 @@ def test_render_result_handles_errors_and_missing_values():
     md = report_table.render_result(res)
     assert "ERROR: tokens differ" in md and "model in memory" in md
     assert not math.isnan(len(md))
+
+
+def _cells(md: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a GitHub table, cells unescaped."""
+    lines = md.strip().splitlines()
+    assert set(lines[1]) <= set("|:-"), lines[1]
+    split = lambda line: [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+    return split(lines[0]), [split(line) for line in lines[2:]]
+
+
+def test_report_tables_read_back_cell_by_cell():
+    rows = [{"name": "e", "mode": "engine", "model": "m", "variant": "full", "memory_limit": 2**30, "policy": "lru",
+             "limit_share_of_expert_bytes": 0.5, "prefetch": True, "prefill_tok_s": 12.345, "decode_tok_s": 4.0,
+             "decode_tok_s_min": 3.5, "decode_tok_s_max": 4.5, "hit_rate": 0.5, "bytes_read_per_token": 3 * 2**20,
+             "memory_bytes_per_token": 10 * 2**20, "t_mem_ms": 1.25, "t_io_ms": 2.0, "measured_ms": 250.0,
+             "bound_share": 0.008},
+            {"name": "m", "mode": "in_memory", "model": "m", "variant": "in memory", "decode_tok_s": 8.0},
+            {"name": "x", "mode": "engine", "model": "m", "variant": "full", "error": "a | b", "memory_limit": None,
+             "policy": "lfu", "limit_share_of_expert_bytes": 0.25}]
+    header, cells = _cells(report_table.rows_table(rows, "m"))
+    assert header == report_table.ROWS_COLUMNS
+    assert cells[0] == ["engine 50% LRU prefetch", "1.00 GiB", "50%", "12.3", "4 (3.5-4.5)", "0.50", "0.50", "3",
+                        "10", "1.2", "2.0", "250.0", "1%"]
+    assert cells[2][:2] == ["engine 25% LFU no prefetch", "none"] and cells[2][4] == "ERROR: a | b"
+    assert all(c == "" for c in cells[2][2:4] + cells[2][5:])
+    assert report_table.rows_table(rows, "other model") == ""
+    items = [{"target": "a", "value": 1.23456, "threshold": ">= 1", "met": True},
+             {"target": "b|c", "value": None, "threshold": "< 2", "met": None},
+             {"target": "d", "value": 3.0, "threshold": "< 2", "met": False}]
+    header, cells = _cells(report_table.verdict_table(items, ("target", "target"), ("value", "{:.3g}"), "threshold"))
+    assert header == ["target", "value", "threshold", "met"]
+    assert cells == [["a", "1.23", ">= 1", "yes"], ["b|c", "", "< 2", "n/a"], ["d", "3", "< 2", "**no**"]]
+    from benchmarks.profile_decode import PARTS, profile_markdown
+
+    rec = {"name": "engine | lru", "decode_ms_per_token": 12.34, **{p + "_ms": 1.0 for p in PARTS},
+           **{p + "_share": 0.1 for p in PARTS}}
+    header, cells = _cells(profile_markdown([rec]))
+    assert header == ["mode", "ms/token", *(p.replace("_", " ") for p in PARTS)]
+    assert cells == [["engine | lru", "12.3", *["1.0 (10%)"] * len(PARTS)]]

@@ -1,16 +1,18 @@
-"""Every notebook runs top to bottom in a fresh kernel with small parameters; the committed files carry no outputs."""
+"""Every notebook runs top to bottom in a fresh kernel with small parameters; the committed files carry no outputs;
+each .ipynb is in step with its py:percent script (jupytext pairs them: notebooks/jupytext.toml)."""
 
 from __future__ import annotations
 
 import ast
 import os
-import subprocess
-import sys
 import time
+import tomllib
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
+from jupytext.compare import NotebookDifference, compare_notebooks
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -84,9 +86,23 @@ def test_committed_notebook_is_stripped(path):
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name} has outputs committed"
 
 
-def test_notebooks_match_their_generator():
-    r = subprocess.run([sys.executable, str(NOTEBOOKS / "_build.py"), "--check"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+def test_every_notebook_is_paired_with_a_script():
+    notebooks = {p.stem for p in notebook_paths()}
+    scripts = {p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.py")}
+    assert notebooks and notebooks == scripts, f"unpaired: {sorted(notebooks ^ scripts)}"
+    config = tomllib.loads((NOTEBOOKS / "jupytext.toml").read_text(encoding="utf-8"))
+    assert config.get("formats") == "ipynb,py:percent", "notebooks/jupytext.toml pairs each .ipynb with a .py"
+
+
+@pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.stem)
+def test_notebook_in_sync_with_its_script(path):
+    """The .ipynb holds exactly the cells (sources, kinds, tags) and metadata of its py:percent script."""
+    script = path.with_suffix(".py")
+    try:
+        compare_notebooks(nbformat.read(path, as_version=4), jupytext.read(script, fmt="py:percent"),
+                          fmt="py:percent", allow_expected_differences=False)
+    except NotebookDifference as e:
+        pytest.fail(f"{path.name} differs from {script.name} ({e}); run: jupytext --sync notebooks/{script.name}")
 
 
 @pytest.mark.slow

@@ -65,6 +65,18 @@ def test_q4_0_bit_exact_with_ggml_reference(dtype):
     assert bytes(got.numpy()) == q4_0_reference(w.float().numpy())
 
 
+def test_q4_0_bit_exact_with_gguf_quants():
+    """The same bytes as llama.cpp's own Python quantiser, and the same decoded values."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    w = tricky_matrix(rows=8, cols=256, seed=1)
+    ours = quantize_q4_0(w)
+    theirs = quants.quantize(w.numpy(), T.Q4_0)
+    assert bytes(ours.numpy()) == theirs.tobytes()
+    np.testing.assert_array_equal(dequantize_q4_0(ours, w.shape).numpy(), quants.dequantize(theirs, T.Q4_0))
+
+
 def test_q4_0_dequant_matches_reference_and_ggml_formula():
     w = tricky_matrix()
     buf = quantize_q4_0(w)

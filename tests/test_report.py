@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,46 @@ def test_threads_auto():
     assert resolve_threads("auto", "default") == 1  # hidden size 256: one thread
     assert resolve_threads(4, "default") == 4 and resolve_threads("3", "default") == 3
     assert resolve_threads(None, "default") is None
+
+
+class _Cells(HTMLParser):
+    """The text of every th/td of an HTML page, one list per <tr>, per <table>."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self._cell = [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self._cell)
+            self._cell = None
+
+
+def test_index_html_tables_show_every_cell_escaped():
+    from smallthinker_lab.analysis.report import _html
+
+    df = pd.DataFrame({"mode": ["<b>in memory</b>", "a & b"], "tok/s": [1234.5, np.nan], "n": [3, 4],
+                       "share": [np.float32(0.12345), 2.0]})
+    page = _html({"model": "m<1>", "wall time": "3 s"}, {}, {"t.csv": (df, "Throughput")}, ["t.csv"])
+    assert "<b>" not in page and "<script" not in page
+    parser = _Cells()
+    parser.feed(page)
+    summary, table = parser.tables
+    assert summary == [["model", "m<1>"], ["wall time", "3 s"]]
+    assert table == [["mode", "tok/s", "n", "share"], ["<b>in memory</b>", "1,234", "3", "0.123"],
+                     ["a & b", "", "4", "2"]]
 
 
 def test_report_says_what_locality_buys(report):

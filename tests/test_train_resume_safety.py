@@ -75,7 +75,7 @@ def test_a_planted_checkpoint_is_refused_and_runs_nothing(corpus, tmp_path, how)
     assert str(ckpt) in msg and "refusing to load" in msg and "not unpickled" in msg
     assert "--no-resume" in msg
     assert not marker.exists()
-    assert ckpt.exists() and not (out / "train_log.csv").exists()  # nothing was written over
+    assert ckpt.exists() and not (out / "train_log.jsonl").exists()  # nothing was written over
     # read_checkpoint, the public reader, refuses the same way
     with pytest.raises(CheckpointError, match="refusing to load"):
         read_checkpoint(ckpt)

@@ -23,7 +23,6 @@ to three minutes on a laptop CPU with the default model.
 from __future__ import annotations
 
 import html
-import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -506,11 +505,23 @@ def _kv_vs_context(plots, configs: dict, contexts: Sequence[int]):
 
 
 def _fmt(v: Any) -> str:
+    """A cell of the report's tables: floats to 3 significant digits (from 1000 on, whole with separators)."""
     if isinstance(v, float | np.floating):
-        if math.isnan(v):
-            return ""
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-    return html.escape(str(v))
+    return str(v)
+
+
+def _table_html(df: pd.DataFrame, index: bool = False, header: bool = True, cls: str | None = None) -> str:
+    """A DataFrame as a plain HTML table through pandas' Styler: cells and labels HTML-escaped, NaN blank, no
+    styling ids (the page's CSS lays the tables out; ``cls``: a class on a div around it)."""
+    styler = df.style.format(_fmt, na_rep="", escape="html").format_index(escape="html", axis=0).format_index(
+        escape="html", axis=1)
+    if not index:
+        styler = styler.hide(axis="index")
+    if not header:
+        styler = styler.hide(axis="columns")
+    table = styler.to_html(exclude_styles=True)
+    return f"<div class='{cls}'>{table}</div>" if cls else table
 
 
 def _html(summary: dict[str, Any], figures: dict[str, str], tables: dict[str, tuple[pd.DataFrame, str]],
@@ -523,19 +534,16 @@ def _html(summary: dict[str, Any], figures: dict[str, str], tables: dict[str, tu
            "img{max-width:100%;border:1px solid #eee}figcaption{color:#555}"
            ".summary td{text-align:left}")
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>SmallThinker report</title>",
-             f"<style>{css}</style></head><body><h1>SmallThinker report</h1><table class='summary'>"]
-    parts += [f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items()]
-    parts.append("</table><h2>Figures</h2><div class='figs'>")
+             f"<style>{css}</style></head><body><h1>SmallThinker report</h1>"]
+    rows = pd.DataFrame({"value": [str(v) for v in summary.values()]}, index=[str(k) for k in summary])
+    parts.append(_table_html(rows, index=True, header=False, cls="summary"))
+    parts.append("<h2>Figures</h2><div class='figs'>")
     for fname, caption in figures.items():
         parts.append(f"<figure><img src='{fname}' alt='{html.escape(caption)}'>"
                      f"<figcaption>{html.escape(caption)} ({fname})</figcaption></figure>")
     parts.append("</div><h2>Tables</h2>")
     for fname, (df, title) in tables.items():
-        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-        body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>"
-                       for row in df.itertuples(index=False))
-        parts.append(f"<h3>{html.escape(title)} (<a href='{fname}'>{fname}</a>)</h3>"
-                     f"<table><tr>{head}</tr>{body}</table>")
+        parts.append(f"<h3>{html.escape(title)} (<a href='{fname}'>{fname}</a>)</h3>{_table_html(df)}")
     parts.append("<h2>Files</h2><ul>")
     parts += [f"<li><a href='{f}'>{f}</a></li>" for f in files]
     parts.append("</ul></body></html>")

@@ -2,7 +2,7 @@
 
 Pure functions over the instruments' tidy frames and the benchmark rows (issue 7: mode, device, memory_limit,
 limit_share_of_expert_bytes, policy, prefetch, prefill_tok_s, decode_tok_s, hit_rate, bytes_read_per_token,
-bound_share). Notebooks style the frames; the CLI writes them with ``to_markdown`` (no ``tabulate`` needed).
+bound_share). Notebooks style the frames; the CLI writes them with ``to_markdown`` (pandas' own, through tabulate).
 """
 
 from __future__ import annotations
@@ -322,11 +322,12 @@ def format_cell(v: Any, fmt: Callable[[float], str] = "{:g}".format, na_rep: str
 
 
 def _escape(s: str) -> str:
+    """A cell of a GitHub table: tabulate leaves a ``|`` as it is, which would split the cell."""
     return s.replace("|", "\\|").replace("\n", " ")
 
 
 def to_markdown(df: pd.DataFrame, floatfmt: Any = "auto", index: bool | None = None, na_rep: str = "") -> str:
-    """A GitHub markdown table, without the optional ``tabulate`` package that ``DataFrame.to_markdown`` needs.
+    """A GitHub markdown table: the cells formatted per column here, laid out by ``DataFrame.to_markdown``.
 
     ``floatfmt``: 'auto' (fixed decimals per column, by its magnitude), a format spec ('.3f'), a function, or a
     dict column -> either.
@@ -340,15 +341,11 @@ def to_markdown(df: pd.DataFrame, floatfmt: Any = "auto", index: bool | None = N
         df = df.reset_index(names=names if len(names) > 1 or names[0] else [""])
     headers = [" ".join(str(p) for p in c if str(p)) if isinstance(c, tuple) else str(c) for c in df.columns]
     numeric = [pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df.columns]
-    rows = []
+    columns = []
     for pos, col in enumerate(df.columns):
         fmt = _formatter(floatfmt, col, df.iloc[:, pos])
-        rows.append([format_cell(v, fmt, na_rep) for v in df.iloc[:, pos]])
-    cells = [[_escape(h) for h in headers]] + [[_escape(c[i]) for c in rows] for i in range(len(df))]
-    width = [max(3, *(len(r[j]) for r in cells)) for j in range(len(headers))]
-
-    def line(r: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, width, numeric)) + " |"
-
-    sep = "| " + " | ".join(("-" * (w - 1) + ":") if num else "-" * w for w, num in zip(width, numeric)) + " |"
-    return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])]) + "\n"
+        columns.append([_escape(format_cell(v, fmt, na_rep)) for v in df.iloc[:, pos]])
+    cells = pd.DataFrame(list(zip(*columns)) if len(df) else [], columns=[_escape(h) for h in headers], dtype=object)
+    # the cells are final text: tabulate only aligns them (no number parsing, which would reformat them)
+    return cells.to_markdown(index=False, tablefmt="pipe", disable_numparse=True,
+                             colalign=["right" if num else "left" for num in numeric]) + "\n"

@@ -1,5 +1,8 @@
 """The expert cache: one cache for all layers, sized in bytes, slots preallocated once and reused.
 
+Kept here rather than a cache library (functools, cachetools): none has byte-sized preallocated slots, entries
+pinned during a step, in-flight reads that count as hits, or a trace that replays to the same counts (Belady).
+
 Hit semantics (exact, so a recorded trace replays to the same counts):
 
 * A *demand request* is the engine asking for expert (layer, e) because the router of the layer being computed

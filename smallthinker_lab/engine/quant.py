@@ -1,5 +1,9 @@
 """Weight-only quantisation formats, dequantised at use: bf16 / fp16 / fp32 raw, int8 per row, ggml Q4_0.
 
+Q4_0 is kept here as the bit-exact reference (the same bytes as ``gguf.quants``, tests/test_quant.py) because the
+engine encodes and decodes torch tensors in place in its slots and row ranges, which ``gguf.quants`` (numpy, whole
+arrays) does not; GGUF files themselves are read and written with ``gguf``.
+
 Every format encodes a weight tensor to a flat ``torch.uint8`` buffer and decodes such a buffer back, so the
 engine's expert file can hold each matrix as raw bytes (see ``FORMATS``). Decoding accepts a uint8 tensor, a numpy
 array or anything with the buffer protocol (bytes, mmap, memoryview) and does not copy the buffer where the format

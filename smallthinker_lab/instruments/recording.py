@@ -102,12 +102,8 @@ def names_table() -> pd.DataFrame:
 
 
 def _format_table() -> str:
-    widths = [max(len(r[i]) for r in NAMES) for i in range(4)]
-    rule = "  ".join("=" * w for w in widths) + "  " + "=" * 20
-    head = "  ".join(h.ljust(w) for h, w in zip(("name", "kind", "shape", "dtype"), widths)) + "  meaning"
-    lines = [rule, head, rule]
-    lines += ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in NAMES]
-    return "\n".join(lines + [rule])
+    """The names table as reST (the module's help shows it), through ``DataFrame.to_markdown``."""
+    return names_table().to_markdown(index=False, tablefmt="rst")
 
 
 __doc__ = __doc__.replace("{table}", _format_table())

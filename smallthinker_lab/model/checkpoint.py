@@ -8,6 +8,8 @@ Every reader (``load_model``, the engine, ``convert``) goes through :func:`read_
 the folder (:func:`checkpoint_file`), headers are checked before the safetensors library sees them
 (:func:`read_header`), and config.json's sizes are checked against the stored tensors before anything grows with them.
 Writing is streamed tensor by tensor into temporary files that are renamed at the end.
+Kept here rather than safetensors' ``save_file`` or transformers' ``save_pretrained``: both take whole tensors in
+memory, and a 21B-shaped checkpoint (about 40 GiB of bf16) must be written chunk by chunk on a smaller machine.
 """
 
 from __future__ import annotations

@@ -305,6 +305,15 @@ def _preset_tiny() -> dict:
     )
 
 
+def _preset_tiny_wide() -> dict:
+    # closer to SmallThinker's proportions: experts half the hidden size wide (the paper's 768 of 1536), 2 of 16
+    # active (1/8, as 4 of 32 in the 4B model), a window of 64 tokens (shorter than most prompts: 46-280 tokens)
+    d = _preset_tiny()
+    d.update(moe_num_primary_experts=16, moe_num_active_primary_experts=2, moe_ffn_hidden_size=128,
+             sliding_window_size=64)
+    return d
+
+
 def _preset_test() -> dict:
     # a few-kB model for unit tests: hybrid layers, a window shorter than the test sequences
     rope, swa = hybrid_layouts(4)
@@ -327,6 +336,7 @@ PRESETS = {
     "smallthinker-4b-a0.6b": _preset_4b,
     "smallthinker-21b-a3b": _preset_21b,
     "smallthinker-tiny": _preset_tiny,
+    "smallthinker-tiny-wide": _preset_tiny_wide,
     "smallthinker-test": _preset_test,
     "smallthinker-test-tied": _preset_test_tied,
 }

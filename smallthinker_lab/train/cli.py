@@ -12,9 +12,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a SmallThinker config from scratch on token files",
         description="Train a SmallThinker config from scratch (AdamW 0.9/0.95, wd 0.1, cosine to 10%, "
-                    "CE + load-balance loss). Writes train_log.csv, eval_log.csv, checkpoint.pt and the final "
+                    "CE + load-balance loss). Writes train_log.jsonl, eval_log.jsonl, checkpoint.pt and the final "
                     "model (Hugging Face layout) under --out; reruns resume from the checkpoint.")
-    p.add_argument("--config", default="smallthinker-tiny", help="preset name or config.json / checkpoint folder")
+    p.add_argument("--config", default="smallthinker-tiny-wide", help="preset name or config.json / checkpoint folder")
     p.add_argument("--data", default="data/corpus/tokens", help="folder of {domain}.bin / {domain}.val.bin")
     p.add_argument("--out", default="runs/tiny", help="output folder")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the schedule's length)")
@@ -25,11 +25,13 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.1,
                    help="AdamW weight decay (on matrices; not on norms and the embedding)")
-    p.add_argument("--balance", choices=["global", "microbatch"], default="global",
-                   help="global: DP-group balance over --group-size sequences; microbatch: per --microbatch-size")
+    p.add_argument("--balance-group", default="batch",
+                   help="sequences per load-balance group (the DP-group loss over groups of g sequences), 'batch' "
+                        "(one group: the whole batch) or 'micro-batch' (the conventional loss per micro-batch of "
+                        "--microbatch-size sequences)")
     p.add_argument("--balance-coef", type=float, default=0.01, help="weight of the load-balance loss")
-    p.add_argument("--group-size", type=int, default=None, help="sequences per balance group (default: the batch)")
-    p.add_argument("--microbatch-size", type=int, default=1, help="sequences per micro-batch (microbatch loss)")
+    p.add_argument("--microbatch-size", type=int, default=1,
+                   help="sequences per micro-batch of --balance-group micro-batch")
     p.add_argument("--z-loss-coef", type=float, default=0.0, help="weight of the router z-loss (0: off)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where to train")
@@ -42,7 +44,11 @@ def register(subparsers) -> None:
     p.add_argument("--log-every", type=int, default=10, help="steps between log flushes")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from OUT/checkpoint.pt if present")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model (falls back to eager, with a warning, if compiling fails)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s that MFU is measured against (default: the GPU's dense bf16 spec, e.g. "
+                        "989.4 for an H200; none on a CPU)")
     p.add_argument("--stop-at", type=int, default=None, help="stop (and checkpoint) after this many steps")
     p.add_argument("--max-time", type=float, default=None, help="stop, checkpoint and export after this many s")
     p.add_argument("--tokenizer", default=None, help="folder whose tokenizer files are copied into OUT/model")
@@ -56,6 +62,15 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _group(value: str) -> int | str:
+    if value in ("batch", "micro-batch"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--balance-group {value!r} is not a number of sequences, 'batch' or 'micro-batch'") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,11 +90,12 @@ def run(args: argparse.Namespace) -> int:
     summary = train(
         args.config, args.data, args.out, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
         lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
-        balance=args.balance, balance_coef=args.balance_coef, group_size=args.group_size,
+        balance_group=_group(args.balance_group), balance_coef=args.balance_coef,
         microbatch_size=args.microbatch_size, z_loss_coef=args.z_loss_coef, grad_clip=args.grad_clip,
         device=args.device, seed=args.seed, domain_weights=weights, eval_every=args.eval_every,
         eval_windows=args.eval_windows, ckpt_every=args.ckpt_every, log_every=args.log_every, resume=args.resume,
-        compile=args.compile, stop_at=args.stop_at, max_time_s=args.max_time, tokenizer_dir=args.tokenizer,
+        compile=args.compile, peak_tflops=args.peak_tflops, stop_at=args.stop_at, max_time_s=args.max_time,
+        tokenizer_dir=args.tokenizer,
         export=not args.no_export, export_dtype=args.export_dtype, progress=not args.no_progress,
     )
     print(json.dumps(summary, indent=2))

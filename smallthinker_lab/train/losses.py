@@ -30,6 +30,11 @@ A group of g sequences pools exactly the same statistics as a micro-batch of g s
 ``global_balance_loss(x, k, g) == microbatch_balance_loss(x, k, g)``: the comparison the issue asks for is a
 small micro-batch (1 sequence by default) against a large group (the whole batch by default).
 
+``balance_loss(..., group)``: what the trainer optimises, by its ``balance_group`` argument: an int g (groups of g
+sequences, the DP-group loss), "batch" (one group: the whole batch) or "micro-batch" (the conventional loss per
+micro-batch of ``microbatch_size`` sequences). All are computed exactly from the one forward of the whole batch,
+so arms of a sweep that differ in g differ in nothing else.
+
 ``router_z_loss``: the optional z-loss of ST-MoE, mean over tokens of logsumexp(logits)^2.
 
 Shape letters: B sequences, T tokens, E experts, K active experts, G groups.
@@ -90,6 +95,35 @@ def global_balance_loss(router_logits: list[torch.Tensor], k: int, group_size: i
     """DP-groups global balance loss: bal with f from the counts summed over each group of ``group_size``
     sequences and P the group mean; mean over groups and layers. ``None``: one group, the whole batch."""
     return _mean_over_layers(router_logits, k, group_size)
+
+
+BATCH, MICRO_BATCH = "batch", "micro-batch"
+
+
+def group_sequences(group: int | str, batch_size: int, microbatch_size: int = 1) -> int:
+    """Sequences per balance group for a ``balance_group`` value (int g, "batch" or "micro-batch"); raises
+    ValueError naming the value unless it is one of those and divides ``batch_size``."""
+    if group == BATCH:
+        g = batch_size
+    elif group == MICRO_BATCH:
+        g = microbatch_size
+    elif isinstance(group, int) and not isinstance(group, bool):
+        g = group
+    else:
+        raise ValueError(f"balance_group must be a number of sequences, {BATCH!r} or {MICRO_BATCH!r}, got {group!r}")
+    if not isinstance(g, int) or g < 1 or batch_size % g:
+        what = f"microbatch_size={g}" if group == MICRO_BATCH else f"balance_group={g}"
+        raise ValueError(f"{what} must be a positive number of sequences dividing batch_size={batch_size}")
+    return g
+
+
+def balance_loss(router_logits: list[torch.Tensor], k: int, group: int | str, microbatch_size: int = 1
+                 ) -> torch.Tensor:
+    """The balance loss over groups of sequences (:func:`group_sequences`): mean over groups and layers."""
+    if not router_logits:
+        raise ValueError("no router logits: call the model with output_router_logits=True")
+    B = router_logits[0].shape[0]
+    return _mean_over_layers(router_logits, k, group_sequences(group, B, microbatch_size))
 
 
 def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:

@@ -1,18 +1,21 @@
 """Train a SmallThinker from scratch: the paper's recipe at small scale, with checkpoint and exact resume.
 
 Recipe (technical report section 3): AdamW betas (0.9, 0.95), weight decay 0.1, linear warmup then cosine decay
-to 10% of the peak learning rate; loss = cross-entropy + coef * load-balance loss (``losses.py``: the DP-group
-global loss or the conventional micro-batch loss) [+ z-loss]. Weight decay applies to the matrices (attention,
-router, experts) and not to norms or the embedding (tied to the LM head in the tiny preset).
-bf16 autocast on CUDA (fp32 master weights), plain fp32 on CPU.
+to 10% of the peak learning rate; loss = cross-entropy + coef * load-balance loss over groups of ``balance_group``
+sequences (``losses.py``: g sequences, the whole batch, or the conventional per-micro-batch loss) [+ z-loss, off by
+default]. Weight decay applies to the matrices (attention, router, experts) and not to norms or the embedding
+(tied to the LM head in the tiny presets). bf16 autocast on CUDA (fp32 master weights, fused AdamW), plain fp32
+on CPU (foreach AdamW).
 
 Output folder::
 
-    train_log.csv    one row per step: step, tokens, lr, loss, ce, balance (the optimised one), bal_microbatch,
-                     bal_global (both statistics, whichever is optimised), z_loss, load_entropy (mean over layers
-                     of the entropy of the batch's expert-load fractions / log E), grad_norm (before clipping),
-                     tokens_per_s, elapsed_s, ce_{domain} (train CE of the step's windows of that domain)
-    eval_log.csv     step, tokens, domain, ce, ppl on the {domain}.val.bin files
+    train_log.jsonl  one JSON object per step: step, tokens, lr, loss, ce, balance (the optimised one),
+                     bal_sequence and bal_batch (the statistic per sequence and over the whole batch, whichever is
+                     optimised), z_loss, load_entropy (mean over layers of the entropy of the batch's expert-load
+                     fractions / log E), grad_norm (before clipping), tokens_per_s and mfu (over the steps since
+                     the last flush; mfu null where no peak is known, ``flops.py``), elapsed_s, ce_{domain} (train
+                     CE of the step's windows of that domain; null where the step has none)
+    eval_log.jsonl   step, tokens, domain, ce, ppl on the {domain}.val.bin files
     checkpoint.pt    model + optimizer + step + RNG states + args + config as tensors and plain containers
                      (loaded with weights_only=True: no code runs); ``resume=True`` continues from it
     args.json, summary.json
@@ -36,44 +39,50 @@ Shape letters: B sequences, T tokens, N = B*T, H hidden, E experts, F expert ffn
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
-import pickle
-import random
-import shutil
 import sys
 import time
-import zipfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model.atomic import pid_alive
-from ..model.checkpoint import CheckpointError
 from ..model.config import SmallThinkerConfig
 from ..model.layers import RMSNorm
 from ..model.model import SmallThinkerForCausalLM
+from .checkpoint import (  # noqa: F401  (re-exported: the checkpoint API lived here)
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    TOKENIZER_FILES,
+    _plain,
+    export_model,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from .data import WindowSampler, validation_sets
+from .flops import flops_per_token, peak_tflops
 from .forwards import dense_moe_forward, train_attention_forward, training_forwards  # noqa: F401
 from .losses import (
+    balance_loss,
+    balance_statistic,
     cross_entropy_per_sequence,
-    global_balance_loss,
+    group_sequences,
     load_entropy,
-    microbatch_balance_loss,
     router_z_loss,
 )
 
-TRAIN_COLUMNS = ["step", "tokens", "lr", "loss", "ce", "balance", "bal_microbatch", "bal_global", "z_loss",
-                 "load_entropy", "grad_norm", "tokens_per_s", "elapsed_s"]
+TRAIN_COLUMNS = ["step", "tokens", "lr", "loss", "ce", "balance", "bal_sequence", "bal_batch", "z_loss",
+                 "load_entropy", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"]
 EVAL_COLUMNS = ["step", "tokens", "domain", "ce", "ppl"]
 # arguments that may change between a run and its resumption; the others must match the checkpoint
 _RESUMABLE = {"stop_at", "max_time_s", "eval_every", "eval_windows", "ckpt_every", "log_every", "progress",
-              "tokenizer_dir", "export_dtype", "export", "resume", "compile", "device", "fast", "dense_moe"}
+              "tokenizer_dir", "export_dtype", "export", "resume", "compile", "device", "fast", "dense_moe",
+              "peak_tflops"}
 
 
 @dataclass
@@ -87,10 +96,9 @@ class TrainArgs:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    balance: str = "global"  # "global" | "microbatch"
+    balance_group: int | str = "batch"  # sequences per balance group, "batch" (all) or "micro-batch"
     balance_coef: float = 0.01
-    group_size: int | None = None  # sequences per balance group (global); None = the whole batch
-    microbatch_size: int = 1  # sequences per micro-batch (microbatch balance)
+    microbatch_size: int = 1  # sequences per micro-batch of the "micro-batch" loss (the conventional one)
     z_loss_coef: float = 0.0
     grad_clip: float = 1.0
     device: str = "cpu"
@@ -101,7 +109,8 @@ class TrainArgs:
     ckpt_every: int = 0  # 0: only at the end (and at stop_at / max_time_s)
     log_every: int = 10  # steps between CSV flushes / progress updates (one host sync each)
     resume: bool = True
-    compile: bool = False
+    compile: bool = False  # torch.compile the model; falls back to eager (with a warning) if compiling fails
+    peak_tflops: float | None = None  # the peak MFU is measured against; None: the GPU's dense bf16 spec
     fast: bool = True  # the training-only attention forward, and the dense MoE where ``dense_moe`` says
     dense_moe: bool | None = None  # None: dense MoE on CUDA, the model's sparse expert loop on CPU (faster there)
     stop_at: int | None = None  # stop after this many steps (checkpointed), the schedule still spans ``steps``
@@ -114,16 +123,16 @@ class TrainArgs:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
-        if self.balance not in ("global", "microbatch"):
-            raise ValueError(f"balance must be 'global' or 'microbatch', got {self.balance!r}")
         for name in ("steps", "batch_size", "seq_len", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("warmup must be >= 0 and min_lr_ratio in [0, 1]")
-        for name, g in (("group_size", self.group_size), ("microbatch_size", self.microbatch_size)):
-            if g is not None and (g < 1 or self.batch_size % g):
-                raise ValueError(f"{name}={g} must divide batch_size={self.batch_size}")
+        if isinstance(self.balance_group, str) and self.balance_group.isdigit():
+            self.balance_group = int(self.balance_group)
+        group_sequences(self.balance_group, self.batch_size, self.microbatch_size)  # raises naming a bad value
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak_tflops must be positive, got {self.peak_tflops}")
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -159,35 +168,29 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
 
-def _csv_rows(path: Path) -> list[dict]:
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines log (train_log.jsonl, eval_log.jsonl); [] if the file does not exist.
+    Values that were NaN are null."""
+    path = Path(path)
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
-def _truncate_csv(path: Path, columns: list[str], keep) -> None:
-    """Rewrite a log keeping the rows for which keep(row) is true (rows after a checkpoint are dropped)."""
-    rows = [r for r in _csv_rows(path) if keep(r)]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
+def _json_value(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def _append_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+def _write_log(path: Path, rows: list[dict], mode: str) -> None:
+    with open(path, mode, encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({k: _json_value(v) for k, v in r.items()}) + "\n")
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else repr(v)
-    return str(v)
+def _truncate_log(path: Path, keep) -> None:
+    """Rewrite a log keeping the records for which keep(record) is true (records after a checkpoint are dropped)."""
+    _write_log(path, [r for r in read_log(path) if keep(r)], "w")
 
 
 @torch.no_grad()
@@ -255,12 +258,12 @@ def train(config: SmallThinkerConfig | str | os.PathLike, data_dir: str | os.Pat
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=args.betas, eps=args.eps,
                             fused=fused or None, foreach=None if fused else True)
 
-    ckpt_path, log_path, eval_path = out / "checkpoint.pt", out / "train_log.csv", out / "eval_log.csv"
+    ckpt_path, log_path, eval_path = out / "checkpoint.pt", out / "train_log.jsonl", out / "eval_log.jsonl"
     start = 0
     if args.resume and ckpt_path.exists():
         start = _load_checkpoint(ckpt_path, model, opt, args, cfg, device)
-        _truncate_csv(log_path, _train_columns(sampler), lambda r: int(r["step"]) < start)
-        _truncate_csv(eval_path, EVAL_COLUMNS, lambda r: int(r["step"]) <= start)
+        _truncate_log(log_path, lambda r: int(r["step"]) < start)
+        _truncate_log(eval_path, lambda r: int(r["step"]) <= start)
     else:
         for p in (log_path, eval_path):
             p.unlink(missing_ok=True)
@@ -269,8 +272,36 @@ def train(config: SmallThinkerConfig | str | os.PathLike, data_dir: str | os.Pat
 
     stop = min(args.steps, args.stop_at) if args.stop_at is not None else args.steps
     k, columns = cfg.top_k, _train_columns(sampler)
+    group = group_sequences(args.balance_group, args.batch_size, args.microbatch_size)
     tokens_per_step = args.batch_size * args.seq_len
+    flops = flops_per_token(cfg, args.seq_len)
+    peak, peak_source = peak_tflops(_device_name(device), args.peak_tflops)
     dense = args.dense_moe if args.dense_moe is not None else device.type == "cuda"
+    D = len(sampler.domains)
+    compiled_ok = None if args.compile else False
+
+    def step_fn(fwd, x, dom):
+        """Forward, losses, backward: the per-step statistics (on the device) and the gradient norm."""
+        with _autocast(device):
+            output = fwd(x[:, :-1], output_router_logits=True)
+        router_logits = [r.view(x.shape[0], -1, r.shape[-1]) for r in output.router_logits]  # L x (B, T, E)
+        ce_seq = cross_entropy_per_sequence(output.logits, x[:, 1:])  # (B,)
+        ce = ce_seq.mean()
+        bal = balance_loss(router_logits, k, group)
+        loss = ce + args.balance_coef * bal
+        z = router_z_loss(router_logits) if args.z_loss_coef > 0 else torch.zeros((), device=device)
+        if args.z_loss_coef > 0:
+            loss = loss + args.z_loss_coef * z
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            bal_seq = torch.stack([balance_statistic(lg, k, 1).mean() for lg in router_logits]).mean()
+            bal_batch = torch.stack([balance_statistic(lg, k, None).mean() for lg in router_logits]).mean()
+            dom_sum = torch.zeros(D, device=device).index_add_(0, dom, ce_seq.detach())
+            dom_n = torch.zeros(D, device=device).index_add_(0, dom, torch.ones_like(ce_seq))
+            return torch.stack([loss.detach(), ce.detach(), bal.detach(), bal_seq, bal_batch, z.detach(),
+                                load_entropy(router_logits, k).mean()]).float(), dom_sum / dom_n
+
     with training_forwards(model, dense) if args.fast else contextlib.nullcontext():
         fwd = torch.compile(model) if args.compile else model
         step, t_start, last_eval = start, time.perf_counter(), None
@@ -289,40 +320,21 @@ def train(config: SmallThinkerConfig | str | os.PathLike, data_dir: str | os.Pat
                 x, dom = x.pin_memory(), dom.pin_memory()
             x = x.to(device, non_blocking=True)  # (B, T + 1)
             dom = dom.to(device, non_blocking=True)  # (B,)
-            with _autocast(device):
-                output = fwd(x[:, :-1], output_router_logits=True)
-            logits = output.logits  # (B, T, V)
-            router_logits = [r.view(x.shape[0], -1, r.shape[-1]) for r in output.router_logits]  # L x (B, T, E)
-            ce_seq = cross_entropy_per_sequence(logits, x[:, 1:])  # (B,)
-            ce = ce_seq.mean()
-            if args.balance == "global":
-                bal = global_balance_loss(router_logits, k, args.group_size)
-                with torch.no_grad():
-                    other = microbatch_balance_loss(router_logits, k, args.microbatch_size)
-                bal_mb, bal_g = other, bal.detach()
+            if compiled_ok is None:  # the first compiled step: compile errors surface here; fall back to eager
+                try:
+                    stats, dom_ce = step_fn(fwd, x, dom)
+                    compiled_ok = True
+                except Exception as e:  # noqa: BLE001 - any compiler failure; the eager model is the reference
+                    print(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          f"training eagerly", file=sys.stderr, flush=True)
+                    compiled_ok, fwd = False, model
+                    stats, dom_ce = step_fn(fwd, x, dom)
             else:
-                bal = microbatch_balance_loss(router_logits, k, args.microbatch_size)
-                with torch.no_grad():
-                    other = global_balance_loss(router_logits, k, args.group_size)
-                bal_mb, bal_g = bal.detach(), other
-            loss = ce + args.balance_coef * bal
-            z = router_z_loss(router_logits) if args.z_loss_coef > 0 else torch.zeros((), device=device)
-            if args.z_loss_coef > 0:
-                loss = loss + args.z_loss_coef * z
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+                stats, dom_ce = step_fn(fwd, x, dom)
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
-            with torch.no_grad():
-                D = len(sampler.domains)
-                dom_sum = torch.zeros(D, device=device).index_add_(0, dom, ce_seq.detach())
-                dom_n = torch.zeros(D, device=device).index_add_(0, dom, torch.ones_like(ce_seq))
-                pending.append(torch.cat([
-                    torch.stack([loss.detach(), ce.detach(), bal.detach(), bal_mb, bal_g, z.detach(),
-                                 load_entropy(router_logits, k).mean(), gnorm.float()]).float(),
-                    dom_sum / dom_n,  # nan where the step has no window of that domain
-                ]))
-                pending_lr.append(lr)
+            pending.append(torch.cat([stats, gnorm.float().reshape(1), dom_ce]))  # nan: no window of a domain
+            pending_lr.append(lr)
             steps_since += 1
             done = step + 1
             time_up = args.max_time_s is not None and time.perf_counter() - t_start > args.max_time_s
@@ -330,15 +342,18 @@ def train(config: SmallThinkerConfig | str | os.PathLike, data_dir: str | os.Pat
                 vals = torch.stack(pending).cpu().tolist()  # one host sync per flush
                 now = time.perf_counter()
                 tps = steps_since * tokens_per_step / (now - t_flush)
-                rows = [_row(done - len(vals) + i, v, lr_, tps, now - t_start, tokens_per_step, sampler.domains)
+                mfu = tps * flops["total"] / (peak * 1e12) if peak else None
+                rows = [_row(done - len(vals) + i, v, lr_, tps, mfu, now - t_start, tokens_per_step, sampler.domains)
                         for i, (v, lr_) in enumerate(zip(vals, pending_lr))]
-                _append_csv(log_path, columns, rows)
+                _write_log(log_path, rows, "a")
                 pending, pending_lr, t_flush, steps_since = [], [], now, 0
                 if pbar is not None:
                     pbar.update(len(rows))
                     r = rows[-1]
-                    pbar.set_postfix(loss=f"{r['loss']:.3f}", bal=f"{r['balance']:.3f}", tok_s=f"{tps:,.0f}",
-                                     refresh=False)
+                    post = {"loss": f"{r['loss']:.3f}", "bal": f"{r['balance']:.3f}", "tok_s": f"{tps:,.0f}"}
+                    if mfu is not None:
+                        post["mfu"] = f"{mfu:.1%}"
+                    pbar.set_postfix(post, refresh=False)
             if args.eval_every and done % args.eval_every == 0 and done != stop and val:
                 last_eval = _eval_and_log(model, val, args, device, done, tokens_per_step, eval_path)
             if args.ckpt_every and done % args.ckpt_every == 0 and done != stop:
@@ -357,12 +372,16 @@ def train(config: SmallThinkerConfig | str | os.PathLike, data_dir: str | os.Pat
     export_dir = None
     if args.export and (done >= args.steps or stopped_by_time):
         export_dir = export_model(model, out / "model", args.export_dtype, args.tokenizer_dir)
-    rows = _csv_rows(log_path)
+    rows = read_log(log_path)
+    tps_run = (done - start) * tokens_per_step / wall if done > start else None
     summary = {
         "steps_done": done, "steps_planned": args.steps, "stopped_by_time": stopped_by_time,
         "tokens_seen": done * tokens_per_step, "wall_s_this_run": round(wall, 2),
-        "tokens_per_s_this_run": round((done - start) * tokens_per_step / wall, 1) if done > start else None,
-        "last_train": {c: float(rows[-1][c]) for c in columns[3:] if c not in ("tokens_per_s", "elapsed_s")}
+        "tokens_per_s_this_run": round(tps_run, 1) if tps_run else None,
+        "flops_per_token": flops, "peak_tflops": peak, "peak_source": peak_source,
+        "mfu_this_run": tps_run * flops["total"] / (peak * 1e12) if tps_run and peak else None,
+        "compiled": bool(compiled_ok),
+        "last_train": {c: rows[-1][c] for c in columns[3:] if c not in ("tokens_per_s", "mfu", "elapsed_s")}
         if rows else None,
         "val_ce": last_eval, "device": _device_name(device), "export_dir": str(export_dir) if export_dir else None,
         "num_parameters": model.num_parameters(),
@@ -375,12 +394,12 @@ def _train_columns(sampler: WindowSampler) -> list[str]:
     return TRAIN_COLUMNS + [f"ce_{d}" for d in sampler.domains]
 
 
-def _row(step: int, v: list[float], lr: float, tps: float, elapsed: float, tokens_per_step: int,
+def _row(step: int, v: list[float], lr: float, tps: float, mfu: float | None, elapsed: float, tokens_per_step: int,
          domains: list[str]) -> dict:
-    loss, ce, bal, bal_mb, bal_g, z, ent, gnorm = v[:8]
+    loss, ce, bal, bal_seq, bal_batch, z, ent, gnorm = v[:8]
     row = {"step": step, "tokens": (step + 1) * tokens_per_step, "lr": lr, "loss": loss, "ce": ce,
-           "balance": bal, "bal_microbatch": bal_mb, "bal_global": bal_g, "z_loss": z, "load_entropy": ent,
-           "grad_norm": gnorm, "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3)}
+           "balance": bal, "bal_sequence": bal_seq, "bal_batch": bal_batch, "z_loss": z, "load_entropy": ent,
+           "grad_norm": gnorm, "tokens_per_s": round(tps, 1), "mfu": mfu, "elapsed_s": round(elapsed, 3)}
     row.update({f"ce_{d}": c for d, c in zip(domains, v[8:])})
     return row
 
@@ -396,8 +415,8 @@ def _progress(args: TrainArgs, start: int, stop: int):
 
 def _eval_and_log(model, val, args: TrainArgs, device, step: int, tokens_per_step: int, path: Path) -> dict:
     res = evaluate(model, val, args.batch_size, device)
-    _append_csv(path, EVAL_COLUMNS, [{"step": step, "tokens": step * tokens_per_step, "domain": d, "ce": c,
-                                      "ppl": math.exp(min(c, 50.0))} for d, c in res.items()])
+    _write_log(path, [{"step": step, "tokens": step * tokens_per_step, "domain": d, "ce": c,
+                       "ppl": math.exp(min(c, 50.0))} for d, c in res.items()], "a")
     if args.progress:
         print(f"step {step}: val CE " + ", ".join(f"{d} {c:.3f}" for d, c in res.items()), flush=True)
     return res
@@ -410,176 +429,9 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-# ------------------------------------------------------------------ checkpoints and export
-# checkpoint.pt is a torch zip archive of plain containers (dict, list, tuple, str, int, float, bool, None) and
-# tensors only, read back with ``torch.load(weights_only=True)``: loading it runs no code. Anything else in that
-# file (a pickle of other objects, the pickled numpy RNG state of older versions) is refused, never unpickled.
-CHECKPOINT_FORMAT = "smallthinker-lab train state"
-CHECKPOINT_VERSION = 2
-
-
-def _plain(obj):
-    """A JSON round trip: what the checkpoint stores of args and config is plain data (tuples become lists)."""
-    return json.loads(json.dumps(obj, default=str))
-
-
-def _rng_state(device) -> dict:
-    """Every RNG state the run may depend on, as tensors and plain containers."""
-    kind, key, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),  # uint8 tensor
-        "numpy": {"kind": str(kind), "key": [int(v) for v in key], "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached)},
-        "python": {"version": int(version), "internal": list(internal), "gauss_next": gauss_next},
-        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-    }
-
-
-def _set_rng_state(rng: dict, device, path: Path) -> None:
-    try:
-        torch.set_rng_state(rng["torch"].cpu())
-        n = rng["numpy"]
-        np.random.set_state((n["kind"], np.asarray(n["key"], dtype=np.uint32), int(n["pos"]), int(n["has_gauss"]),
-                             float(n["cached_gaussian"])))
-        py = rng["python"]
-        random.setstate((int(py["version"]), tuple(int(v) for v in py["internal"]), py["gauss_next"]))
-        if rng.get("cuda") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all([t.cpu() for t in rng["cuda"]])
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError) as e:
-        raise CheckpointError(f"{path}: the stored RNG state is malformed ({type(e).__name__}: {e})") from None
-
-
 def _save_checkpoint(path: Path, model, opt, step: int, args: TrainArgs, cfg: SmallThinkerConfig, device) -> None:
-    state = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-        "step": int(step), "model": model.state_dict(), "optimizer": opt.state_dict(), "args": _plain(asdict(args)),
-        "config": _plain(cfg.to_dict()), "rng": _rng_state(device),
-    }
-    _write_atomic(path, state)
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Remove the temporaries of writers of ``path`` that died (``<name>.tmp-<pid>`` of no live process, and the
-    ``<stem>.pt.tmp`` of older versions)."""
-    for p in path.parent.glob(f"{path.name}.tmp-*"):
-        pid = p.name.rsplit("-", 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            p.unlink(missing_ok=True)
-    path.with_suffix(".pt.tmp").unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, state: dict) -> None:
-    """torch.save into ``<name>.tmp-<pid>`` (created afresh, never through a symlink), fsync, then os.replace:
-    a kill at any point leaves the previous checkpoint or the new one, never a partial file under ``path``."""
-    _remove_stale_temporaries(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable where the platform allows it
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
-_START_OVER = "delete it or pass resume=False (--no-resume) to start over"
-
-
-def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """The training state in ``path`` (checkpoint.pt), loaded without running code.
-
-    Raises :class:`CheckpointError` naming the file when it is not a torch zip archive, holds anything but
-    tensors and plain containers (a planted pickle, or a checkpoint of an older version that pickled numpy
-    objects: neither is unpickled), or lacks this format's marker and fields.
-    """
-    path = Path(path)
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"refusing to load {path}: it is not a torch zip archive of training state (an old "
-                              f"or foreign file, or a plain pickle); it was not unpickled; {_START_OVER}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        why = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), str(e).splitlines()[0])
-        raise CheckpointError(
-            f"refusing to load {path}: it holds objects other than tensors and plain containers ({why}), so loading "
-            f"it could run code; it is a checkpoint of an older smallthinker-lab version (pickled numpy RNG state) "
-            f"or a planted file, and was not unpickled; {_START_OVER}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}; {_START_OVER}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a smallthinker-lab training checkpoint (no format marker "
-                              f"{CHECKPOINT_FORMAT!r}); {_START_OVER}")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has training-state version {state.get('version')!r}; this version reads "
-                              f"{CHECKPOINT_VERSION}; {_START_OVER}")
-    kinds = {"step": int, "model": dict, "optimizer": dict, "args": dict, "config": dict, "rng": dict}
-    for key, kind in kinds.items():
-        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
-            raise CheckpointError(f"{path}: field {key!r} is {type(state.get(key)).__name__}, expected "
-                                  f"{kind.__name__}; {_START_OVER}")
-    if state["step"] < 0:
-        raise CheckpointError(f"{path}: step {state['step']} is negative; {_START_OVER}")
-    return state
+    save_checkpoint(path, model, opt, step, args, cfg, device)
 
 
 def _load_checkpoint(path: Path, model, opt, args: TrainArgs, cfg: SmallThinkerConfig, device) -> int:
-    state = read_checkpoint(path, map_location=device)
-    saved = state["args"]
-    diff = {f.name: (saved.get(f.name), getattr(args, f.name)) for f in fields(TrainArgs)
-            if f.name not in _RESUMABLE and _norm(saved.get(f.name)) != _norm(getattr(args, f.name))}
-    if diff:
-        raise ValueError(f"cannot resume from {path}: arguments differ from the checkpoint's "
-                         + ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diff.items())
-                         + "; pass resume=False (--no-resume) to start over")
-    now = _plain(cfg.to_dict())
-    cdiff = {k: (state["config"].get(k), now.get(k)) for k in sorted(set(now) | set(state["config"]))
-             if state["config"].get(k) != now.get(k)}
-    if cdiff:
-        raise ValueError(f"cannot resume from {path}: the model config differs from the checkpoint's "
-                         + ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in cdiff.items())
-                         + "; pass resume=False (--no-resume) to start over")
-    try:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
-        raise CheckpointError(f"{path}: the stored model or optimizer state does not fit this model "
-                              f"({type(e).__name__}: {e}); {_START_OVER}") from None
-    _set_rng_state(state["rng"], device, path)
-    return state["step"]
-
-
-def _norm(v):
-    return list(v) if isinstance(v, tuple) else v
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "generation_config.json", "chat_template.jinja")
-
-
-def export_model(model: SmallThinkerForCausalLM, folder: str | os.PathLike, dtype: str = "bfloat16",
-                 tokenizer_dir: str | os.PathLike | None = None) -> Path:
-    """save_pretrained in the HF layout (weights in ``dtype``), plus the tokenizer files of ``tokenizer_dir``."""
-    from ..model.checkpoint import save_pretrained
-
-    folder = Path(folder)
-    save_pretrained(model, folder, dtype=dtype)
-    if tokenizer_dir is not None:
-        src = Path(tokenizer_dir)
-        files = [src / f for f in TOKENIZER_FILES if (src / f).exists()]
-        if not files:
-            raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {src}")
-        for f in files:
-            if f.resolve() != (folder / f.name).resolve():
-                shutil.copyfile(f, folder / f.name)
-    return folder
+    return load_checkpoint(path, model, opt, args, cfg, device, _RESUMABLE)

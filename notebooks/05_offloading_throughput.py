@@ -1,0 +1,91 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Offloading: throughput under a memory limit
+#
+# The same prompts, timed: the model with every weight in memory; the engine with a cache that holds every
+# expert; under the limit with LRU and LFU, prefetch on and off; at 25% and 75% of the expert bytes; and at the
+# minimum (no cache: with prefetch off that is naive on-demand offload). Each run reports its hit rate, bytes read
+# per token, I/O wait and the share of its bound (the memory-bandwidth floor, or the reads, whichever is longer).
+# The hit-rate curves come from the every-expert run's trace, so the limited LRU runs are points on the curve.
+
+# %% tags=["parameters"]
+MODEL = "default"
+PROMPT_SETS = ["gsm8k", "humaneval", "wiki-en", "zh-news"]
+BENCH_PROMPTS = 2  # per set
+MAX_NEW_TOKENS = 16
+MEMORY_LIMIT = "50%"
+THREADS = 1  # torch CPU threads: 1 suits the small default model; None: torch's default
+
+# %%
+import numpy as np
+import pandas as pd
+import torch
+
+import smallthinker_lab as sl
+from smallthinker_lab import plots, report, tables
+from smallthinker_lab.analysis.widgets import load_prompt_sets
+
+if THREADS:
+    torch.set_num_threads(THREADS)
+pd.set_option("display.precision", 3)
+
+plan, cfg, ids = report.prepare(MODEL, load_prompt_sets(PROMPT_SETS, BENCH_PROMPTS))
+limit = report.resolve_limit(MEMORY_LIMIT, plan)
+prompts = [p for ps in ids.values() for p in ps]
+bench = report.bench_runs(MODEL, prompts, MAX_NEW_TOKENS, plan, limit)
+print(f"memory bandwidth (copy): {bench.rows.attrs['memory_bandwidth'] / 1e9:.1f} GB/s; "
+      f"limit {limit / 2**20:.2f} MiB")
+
+# %% [markdown]
+# ## Throughput (as the paper's Tables 4-7)
+
+# %%
+tables.throughput_table(bench.rows)
+
+# %%
+plots.plot_throughput(bench.rows);
+
+# %% [markdown]
+# ## Ablation: prefetch, cache, naive on-demand offload
+
+# %%
+tables.ablation_table(bench.rows)
+
+# %% [markdown]
+# ## Hit rate against the memory limit
+
+# %%
+n_total = plan["total_expert_bytes"] // plan["expert_slot_bytes"]
+caps = sorted(set(np.linspace(0, n_total, min(n_total + 1, 129)).round().astype(int)))
+curves = sl.metrics.hit_rate_curves(bench.trace, capacities=caps, policies=("lru", "lfu", "belady"),
+                            expert_nbytes=plan["expert_slot_bytes"])
+runs = bench.rows[(bench.rows["mode"] == "offload") & (bench.rows["variant"] != "all experts cached")]
+measured = runs.assign(capacity_bytes=runs["capacity_experts"] * plan["expert_slot_bytes"])
+plots.plot_hit_rate_curves(curves, measured[["policy", "hit_rate", "capacity_bytes"]],
+                           limit=limit - plan["fixed_bytes"], total_bytes=plan["total_expert_bytes"]);
+
+# %% [markdown]
+# ## Bytes per token, I/O wait and the share of the bound
+
+# %%
+bench.rows[["variant", "memory_limit", "policy", "prefetch", "hit_rate", "bytes_read_per_token", "io_wait_share",
+            "decode_tok_s", "bound_share"]]
+
+# %% [markdown]
+# ## Where the main run's time goes, per layer
+
+# %%
+bench.main_layers
