@@ -1,19 +1,41 @@
-"""What locality buys: one engine at one memory limit, the same prompts, once on the model's own (trained) routing
-and once on uniform random routing forced position by position (``RoutingTrace.uniform`` replayed:
+"""Cache behaviour tables: the miss breakdown of measured runs (:func:`hit_rate_table`), and what locality buys
+(:func:`locality_table`): one engine at one memory limit, the same prompts, once on the model's own (trained)
+routing and once on uniform random routing forced position by position (``RoutingTrace.uniform`` replayed:
 ``smallthinker_lab.interventions.replay``), each from an empty cache. The difference in hit rate (and in bytes
 read per decode token) at the same limit is what the trained router's skew and reuse give the cache; the miss
 breakdown says where it comes from (fewer distinct experts: fewer compulsory misses; reuse: fewer capacity ones).
 """
-
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROUTINGS = ("trained", "uniform")
+
+
+def hit_rate_table(bench: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """Per engine run of ``bench`` (cold, each from an empty cache): the measured hit rate and misses split into
+    compulsory (first touch: a cold cache of any size misses these) and capacity (evicted earlier), as shares of
+    the run's requests (the engine's counters), beside Belady's hit rate at the same capacity on the same requests
+    (``curves``, from the every-expert run's trace), the policy's misses above Belady's (policy misses), and the
+    compulsory ceiling (the best any cache reaches on these requests from a cold start)."""
+    runs = bench[bench["mode"] == "offload"]
+    best = curves[curves["policy"].str.lower() == "belady"].set_index("capacity_experts")["hit_rate"]
+    ceiling = float(curves["ceiling"].iloc[0]) if "ceiling" in curves and len(curves) else np.nan
+    rows = []
+    for r in runs.to_dict("records"):
+        n, cap = r["requests"], int(r["capacity_experts"])
+        belady = float(best.get(cap, np.nan))
+        rows.append({"variant": r["variant"], "policy": r["policy"], "prefetch": r["prefetch"],
+                     "capacity_experts": cap, "share_of_expert_bytes": r["limit_share_of_expert_bytes"],
+                     "hit_rate": r["hit_rate"], "compulsory_share": r["compulsory_misses"] / n,
+                     "capacity_share": r["capacity_misses"] / n, "belady_hit_rate": belady,
+                     "policy_share": belady - r["hit_rate"], "ceiling": ceiling})
+    return pd.DataFrame(rows)
 
 
 def locality_table(model: str | Path, prompts: Sequence[Sequence[int]], max_new_tokens: int, memory_limit,

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ..resources import PROMPT_SETS, load_prompt_sets
+from .locality import hit_rate_table  # noqa: F401  (the report's table; lives with the cache-behaviour tables)
 
 MiB = 2**20
 KINDS = ("experts", "neurons", "kv", "cache", "timing")
@@ -246,27 +247,6 @@ def bench_runs(model: str | Path, prompts: Sequence[Sequence[int]], max_new_toke
                          for r in df.to_dict("records")]
     df.attrs["memory_bandwidth"] = bw
     return Bench(df, trace, main_layers)
-
-
-def hit_rate_table(bench: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
-    """Per engine run of ``bench`` (cold, each from an empty cache): the measured hit rate and misses split into
-    compulsory (first touch: a cold cache of any size misses these) and capacity (evicted earlier), as shares of
-    the run's requests (the engine's counters), beside Belady's hit rate at the same capacity on the same requests
-    (``curves``, from the every-expert run's trace), the policy's misses above Belady's (policy misses), and the
-    compulsory ceiling (the best any cache reaches on these requests from a cold start)."""
-    runs = bench[bench["mode"] == "offload"]
-    best = curves[curves["policy"].str.lower() == "belady"].set_index("capacity_experts")["hit_rate"]
-    ceiling = float(curves["ceiling"].iloc[0]) if "ceiling" in curves and len(curves) else np.nan
-    rows = []
-    for r in runs.to_dict("records"):
-        n, cap = r["requests"], int(r["capacity_experts"])
-        belady = float(best.get(cap, np.nan))
-        rows.append({"variant": r["variant"], "policy": r["policy"], "prefetch": r["prefetch"],
-                     "capacity_experts": cap, "share_of_expert_bytes": r["limit_share_of_expert_bytes"],
-                     "hit_rate": r["hit_rate"], "compulsory_share": r["compulsory_misses"] / n,
-                     "capacity_share": r["capacity_misses"] / n, "belady_hit_rate": belady,
-                     "policy_share": belady - r["hit_rate"], "ceiling": ceiling})
-    return pd.DataFrame(rows)
 
 
 def measure_memory_bandwidth(nbytes: int = 64 * MiB, repeats: int = 5) -> float:
