@@ -244,7 +244,7 @@ def _trained_routing(syn: be.ModelInfo, trained: be.ModelInfo | None, args, setu
     syn.traces, info = record_traces(trained.ckpt, syn.config, args.routing, len(syn.prompts), args.prompt_tokens,
                                      args.tokens, synthetic_prompts=smoke, log=log)
     setup["trained_routing"] = {"domains": info, "seconds": time.perf_counter() - t0,
-                                "source": trained.description}
+                                "source": f"the trained model at {trained.ckpt}"}
 
 
 def ensure_q4(info: be.ModelInfo, scratch: Path, log) -> float:
