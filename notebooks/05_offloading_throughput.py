@@ -93,7 +93,7 @@ report.hit_rate_table(bench.rows, curves)
 #
 # The same engine, limit and prompts, once on the model's own routing and once on uniform random routing forced
 # position by position (`sl.replay` of `sl.RoutingTrace.uniform`), each from an empty cache: the trained router
-# touches fewer distinct experts and reuses the ones it keeps.
+# reuses the experts the cache keeps (fewer capacity misses), and touches no more distinct experts.
 
 # %%
 from smallthinker_lab.analysis.locality import benchmark_routing_rows, locality_paragraph, locality_table
