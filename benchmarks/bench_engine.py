@@ -148,6 +148,7 @@ class ModeSpec:
     threads: int | None = None  # torch threads while it runs (None: the suite's default)
     required: bool = False
     options: dict = field(default_factory=dict)  # extra Engine / baseline keywords
+    routing: str | None = None  # None: the model's own routers; a domain: that domain's recorded trained routing
 
     @property
     def name(self) -> str:
@@ -165,6 +166,8 @@ class ModeSpec:
         if self.threads:
             parts.append(f"{self.threads}thr")
         parts += [f"{k}={v}" for k, v in self.options.items()]
+        if self.routing:
+            parts.append(f"routing={self.routing}")
         return " ".join(parts)
 
     @property
@@ -184,6 +187,8 @@ class ModelInfo:
     bundles: dict = field(default_factory=dict)  # quantization (None for as stored) -> bundle folder
     description: str = ""
     routing: str = ""
+    # domain -> one RoutingTrace per prompt (index as prompts), recorded on the trained model, mapped onto this shape
+    traces: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -249,7 +254,7 @@ class ModelRunner:
             self.kernels = KernelRunner(self.model)
             self.resident += ", Triton decode kernels"
 
-    def generate(self, ids: list[int], n: int) -> dict:
+    def generate(self, ids: list[int], n: int, trace=None) -> dict:
         m = self.model
         if self.kernels is not None:
             self.kernels.reset()
@@ -259,7 +264,7 @@ class ModelRunner:
             step = lambda x: m(x, cache=cache).logits  # noqa: E731
         stats = GenerationStats()
         x = torch.tensor([ids], device=self.device)
-        with _Threads(self.threads), torch.inference_mode(), _recording(m, self.instruments):
+        with _Threads(self.threads), torch.inference_mode(), _replaying(m, trace), _recording(m, self.instruments):
             _sync(self.device)
             tokens = list(stream_tokens(step, x, n, None, [], stats))
             _sync(self.device)
@@ -311,6 +316,23 @@ class _recording:
             return self.ctx.__exit__(*exc)
 
 
+class _replaying:
+    """``replay(target, trace)`` (forced routing from a recorded trace), or nothing when ``trace`` is None."""
+
+    def __init__(self, target, trace) -> None:
+        self.ctx = None
+        if trace is not None:
+            from smallthinker_lab.interventions import replay
+
+            self.ctx = replay(target, trace)
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx is not None else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx is not None else False
+
+
 class EngineRunner:
     kind = "engine"
 
@@ -341,11 +363,11 @@ class EngineRunner:
         g = self.engine.decoder  # the offloaded kernel decode with its LRU cache resolved on the device
         self.device_lru = bool(g is not None and g.kernels and plan["cached_fraction"] < 1 and g.device_lru())
 
-    def generate(self, ids: list[int], n: int) -> dict:
+    def generate(self, ids: list[int], n: int, trace=None) -> dict:
         e = self.engine
         stats = GenerationStats()
         tokens, snaps = [], []
-        with _recording(e, self.spec.instruments):
+        with _replaying(e, trace), _recording(e, self.spec.instruments):
             _sync(self.device)
             for i, t in enumerate(e.stream(ids, n, stop_tokens=[], stats=stats)):
                 if i == 0:
@@ -475,7 +497,8 @@ def measure_mode(spec: ModeSpec, ctx: Context) -> dict:
                  "variant": spec.variant, "policy": spec.policy, "prefetch": spec.prefetch,
                  "quantization": spec.quantization or "none", "instruments": spec.instruments,
                  "threads": spec.threads or (ctx.compute_threads if spec.mode == "engine" else ctx.model_threads),
-                 "prompt_tokens": len(info.prompts[0]), "decode_tokens": ctx.new_tokens - 1, "error": None}
+                 "prompt_tokens": len(info.prompts[0]), "decode_tokens": ctx.new_tokens - 1, "error": None,
+                 "routing": spec.routing}
     t_open = time.perf_counter()
     runner = None
     # the Triton decode kernels' rows have their own reference: the in-memory model decoding with the same kernels
@@ -483,7 +506,8 @@ def measure_mode(spec: ModeSpec, ctx: Context) -> dict:
     auto_kernels = backend == "auto" and torch.device(ctx.device).type == "cuda"  # what auto picks there (checked)
     kernels = (bool(spec.options.get("kernels")) or spec.options.get("cuda_graph") == "kernels"
                or backend == "kernels" or auto_kernels)
-    ref_key = (spec.model, spec.quantization) + (("kernels",) if kernels else ())
+    ref_key = (spec.model, spec.quantization) + (("kernels",) if kernels else ()) + (
+        (f"routing={spec.routing}",) if spec.routing else ())
     refs = ctx.references.setdefault(ref_key, {})
     is_reference = spec.mode == "in_memory" and not spec.instruments and not spec.threads
     try:
@@ -492,7 +516,8 @@ def measure_mode(spec: ModeSpec, ctx: Context) -> dict:
         row["open_seconds"] = time.perf_counter() - t_open
         # the check: greedy tokens of the check prompt, before any timing
         t0 = time.perf_counter()
-        out = runner.generate(info.prompts[0], ctx.new_tokens)
+        traces = _traces(spec, info, ctx.new_tokens)
+        out = _generate(runner, info.prompts[0], ctx.new_tokens, traces[0])
         check_seconds = time.perf_counter() - t0
         if is_reference and 0 not in refs:
             refs[0] = out["tokens"]
@@ -508,7 +533,7 @@ def measure_mode(spec: ModeSpec, ctx: Context) -> dict:
         n_rep = min(n_rep, len(info.prompts) - 1)
         runs = []
         for r in range(1, n_rep + 1):
-            out = runner.generate(info.prompts[r], ctx.new_tokens)
+            out = _generate(runner, info.prompts[r], ctx.new_tokens, traces[r])
             if is_reference and r not in refs:
                 refs[r] = out["tokens"]
             _check(out["tokens"], refs.get(r), f"{spec.name} (prompt {r})")
@@ -530,6 +555,28 @@ def measure_mode(spec: ModeSpec, ctx: Context) -> dict:
             torch.cuda.empty_cache()
     row["seconds"] = time.perf_counter() - t_open
     return row
+
+
+def _generate(runner, ids: list[int], n: int, trace) -> dict:
+    """One generation of the runner; under forced routing when ``trace`` (the model and the engine runners)."""
+    return runner.generate(ids, n) if trace is None else runner.generate(ids, n, trace)
+
+
+def _traces(spec: ModeSpec, info: ModelInfo, new_tokens: int) -> list:
+    """The routing trace of each prompt of a row (None each for the model's own routing), checked to cover the
+    generation (prompt + new_tokens - 1 positions)."""
+    if not spec.routing:
+        return [None] * len(info.prompts)
+    traces = info.traces.get(spec.routing)
+    if traces is None:
+        raise RuntimeError(f"no recorded {spec.routing!r} routing for {info.key} (the suite records it at setup)")
+    if len(traces) < len(info.prompts):
+        raise RuntimeError(f"{len(traces)} {spec.routing} traces for {len(info.prompts)} prompts of {info.key}")
+    for p, t in zip(info.prompts, traces):
+        if t.num_positions < len(p) + new_tokens - 1:
+            raise RuntimeError(f"the {spec.routing} trace covers {t.num_positions} positions, a generation of "
+                               f"{new_tokens} tokens from {len(p)} needs {len(p) + new_tokens - 1}")
+    return list(traces)
 
 
 def _summarise(runs: list[dict], spec: ModeSpec, info: ModelInfo, ctx: Context, runner) -> dict:

@@ -34,6 +34,11 @@ def _f(x, fmt="{:.3g}", na="") -> str:
 
 
 def label(r: dict) -> str:
+    routed = f", trained routing ({r['routing']})" if r.get("routing") else ""
+    return _label(r) + routed
+
+
+def _label(r: dict) -> str:
     q = "" if r.get("quantization") in (None, "none") else f" {r['quantization'].upper()}"
     extra = " + instruments" if r.get("instruments") else ""
     mode = r.get("mode")
@@ -104,7 +109,8 @@ def rows_table(rows: list[dict], model: str) -> str:
     if not sub:
         return ""
     mem = [r["decode_tok_s"] for r in sub if not r.get("error") and r.get("variant") == "in memory"
-           and r.get("quantization") in (None, "none") and not r.get("instruments") and r.get("decode_tok_s")]
+           and r.get("quantization") in (None, "none") and not r.get("instruments") and r.get("decode_tok_s")
+           and not r.get("routing")]
     best = max(mem) if mem else float("nan")
     out = []
     for r in sub:
@@ -153,6 +159,7 @@ def ceilings_line(c: dict) -> str:
 def render_result(res: dict, heading_level: int = 2, compact: bool = False) -> str:
     """The markdown report of one result JSON (``compact``: no profile, skipped list or settings paragraph)."""
     from .profile_decode import profile_markdown
+    from .trained_routing import routing_table
 
     h = "#" * heading_level
     m = res.get("machine", {})
@@ -176,6 +183,17 @@ def render_result(res: dict, heading_level: int = 2, compact: bool = False) -> s
     for key, info in (s.get("models") or {}).items():
         out.append(f"{h}# {key}: {info['description']}; routing {info['routing']}\n")
         out.append(rows_table(res.get("rows", []), key))
+        table = routing_table(res.get("rows", []), key)
+        if table:
+            tr = (res.get("setup") or {}).get("trained_routing") or {}
+            rule = next(iter(tr.get("domains", {}).values()), {}).get("mapping", "")
+            out.append(f"{h}# {key}: synthetic uniform routing vs trained routing\n")
+            out.append(f"Trained routing: {tr.get('source', 'the trained model')}'s routing recorded per prompt set "
+                       f"and replayed ({rule}). No peer can be fed this routing (llama.cpp has no forced-routing "
+                       f"hook): these rows are compared with the engine's own in-memory row under the same replay. Hit "
+                       f"rates and bytes per token are exact counts; decode tok/s and the shares of the bound are "
+                       f"timings of the machine named above.\n")
+            out.append(table)
     out.append(f"{h}# Targets\n")
     out.append(verdict_table(res.get("targets", []), ("target", "target"), ("value", "{:.3g}"), "threshold"))
     if compact:

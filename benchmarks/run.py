@@ -42,6 +42,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 TRAINED = ROOT / "data" / "models" / "smallthinker-tiny"
 PROMPTS = ROOT / "data" / "prompts" / "gsm8k.jsonl"
 SYNTHETIC_KEY = {"cpu": "4b-synthetic", "gpu": "4b-synthetic", "smoke": "test-synthetic"}
+SHAPES = {"4b": "smallthinker-4b-a0.6b", "21b": "smallthinker-21b-a3b"}  # --shape: the synthetic preset
+
+
+def synthetic_key(suite: str, shape: str = "4b") -> str:
+    return SYNTHETIC_KEY[suite] if suite == "smoke" or shape == "4b" else f"{shape}-synthetic"
+
 TRAINED_KEY = "tiny-trained"
 
 DEFAULTS = {  # prompt tokens, new tokens (decode steps + 1), repeats, budget seconds
@@ -55,10 +61,12 @@ def _spec(mode, model, variant, share=None, policy=None, prefetch=None, **kw) ->
     return be.ModeSpec(mode=mode, model=model, variant=variant, share=share, policy=policy, prefetch=prefetch, **kw)
 
 
-def suite_modes(suite: str, gpu: bool, with_trained: bool, q4: bool = True) -> list[be.ModeSpec]:
+def suite_modes(suite: str, gpu: bool, with_trained: bool, q4: bool = True, routing: tuple = (),
+                key: str | None = None) -> list[be.ModeSpec]:
     """Modes in the order they run: the required ones first (always run), then the optional ones while the
-    budget lasts."""
-    S, T = SYNTHETIC_KEY[suite], TRAINED_KEY
+    budget lasts. ``routing``: domains whose trained routing is replayed on the synthetic shape (rows after the
+    trained model's; benchmarks/trained_routing.py)."""
+    S, T = key or SYNTHETIC_KEY[suite], TRAINED_KEY
     naive = "accelerate_cpu_offload" if gpu else "accelerate_disk_offload"
     eager = {"backend": "eager"} if gpu else {}  # on a GPU backend="auto" is the kernels: these rows name eager
     req = [
@@ -93,6 +101,14 @@ def suite_modes(suite: str, gpu: bool, with_trained: bool, q4: bool = True) -> l
             _spec("engine", T, "full", 0.25, "lru", True),
             _spec("engine", T, "no cache", 0.0, "lru", True),
         ]
+    for d in routing:  # the synthetic shape on trained routing: its reference, the engine in memory, offloaded
+        trained += [_spec("in_memory", S, "in memory", required=True, routing=d),
+                    _spec("engine", S, "in memory", required=True, options=dict(eager), routing=d)]
+        trained += [_spec("engine", S, variant, share, policy, prefetch, options=dict(eager) | extra, routing=d)
+                    for variant, share, policy, prefetch, extra in (
+                        ("full", 0.6, "lru", True, {}), ("no prefetch", 0.6, "lru", False, {}),
+                        ("full", 0.6, "lru", True, {"lookahead": True}), ("full", 0.25, "lru", True, {}),
+                        ("full", 0.9, "lru", True, {}), ("full", 0.6, "lfu", True, {}))]
     # (cuda_graph="fused", one graph of inductor kernels, is faster but not bit-identical: on the synthetic 4B its
     # greedy tokens differ from the first decode step, so it is not a row here; benchmarks/gpu_decode_graph.py times it)
     opt = [
@@ -154,13 +170,22 @@ def text_prompts(ckpt: Path, n: int, length: int) -> list[list[int]]:
 def setup_models(suite: str, args, log) -> tuple[dict, dict]:
     scratch = Path(args.scratch)
     small = suite == "smoke" or args.dry_run
-    preset = "smallthinker-test" if small else "smallthinker-4b-a0.6b"
-    key = SYNTHETIC_KEY[suite]
+    preset = "smallthinker-test" if small else SHAPES[args.shape]
+    key = synthetic_key(suite, args.shape)
+    overrides = {}
+    if args.synthetic_layers and not small:  # the per-layer shape kept, fewer layers (a smaller run)
+        from smallthinker_lab.model.config import hybrid_layouts
+
+        full = be.SmallThinkerConfig.from_name(preset)
+        n = args.synthetic_layers
+        rope, swa = (full.rope_layout[:n], full.sliding_window_layout[:n]) if args.shape == "4b" else \
+            hybrid_layouts(n)
+        overrides = dict(num_hidden_layers=n, rope_layout=list(rope), sliding_window_layout=list(swa))
     n_prompts = args.repeats + 1
     setup: dict = {}
     t0 = time.perf_counter()
     ckpt, spec = be.make_synthetic(scratch / key, preset, dtype="bfloat16", seed=0,
-                                   attn_out_scale=args.attn_out_scale, reuse=args.reuse)
+                                   attn_out_scale=args.attn_out_scale, reuse=args.reuse, **overrides)
     setup["synthetic_checkpoint"] = spec | {"seconds": time.perf_counter() - t0, "folder": str(ckpt)}
     log(f"synthetic checkpoint {preset}: {setup['synthetic_checkpoint']['seconds']:.0f} s")
     bundle, secs = be.convert_bundle(ckpt, scratch / f"{key}-bundle")
@@ -169,7 +194,9 @@ def setup_models(suite: str, args, log) -> tuple[dict, dict]:
     cfg = be.SmallThinkerConfig.from_json(ckpt / "config.json")
     models = {key: be.ModelInfo(key, ckpt, cfg, torch.bfloat16,
                                 synthetic_prompts(cfg.vocab_size, n_prompts, args.prompt_tokens), {None: bundle},
-                                description=f"synthetic {preset}, bf16, random weights (seed 0), attention output "
+                                description=f"synthetic {preset}" + (f" cut to {cfg.num_hidden_layers} layers"
+                                                                     if overrides else "")
+                                            + f", bf16, random weights (seed 0), attention output "
                                             f"projections x{args.attn_out_scale}",
                                 routing="synthetic (varies token to token, close to uniform)")}
     if args.trained:
@@ -198,7 +225,32 @@ def setup_models(suite: str, args, log) -> tuple[dict, dict]:
             setup["trained_error"] = f"{type(e).__name__}: {e}"
             log(f"trained model skipped: {setup['trained_error']}")
             models.pop(TRAINED_KEY, None)
+    if args.routing:
+        _trained_routing(models[key], models.get(TRAINED_KEY), args, setup, suite == "smoke", log)
     return models, setup
+
+
+def _trained_routing(syn: be.ModelInfo, trained: be.ModelInfo | None, args, setup: dict, smoke: bool, log) -> None:
+    """Record the trained model's routing per domain and map it onto the synthetic shape (syn.traces); without a
+    trained model the routing rows are skipped (setup says why)."""
+    from .trained_routing import record_traces
+
+    if trained is None:
+        setup["trained_routing_error"] = "no trained model to record routing from (its rows are skipped)"
+        log(setup["trained_routing_error"])
+        args.routing = []
+        return
+    t0 = time.perf_counter()
+    try:  # e.g. a dry run's tiny shape, whose 8 experts the trained model's 32 do not map onto
+        syn.traces, info = record_traces(trained.ckpt, syn.config, args.routing, len(syn.prompts),
+                                         args.prompt_tokens, args.tokens, synthetic_prompts=smoke, log=log)
+    except Exception as e:  # noqa: BLE001  the other rows still run
+        setup["trained_routing_error"] = f"{type(e).__name__}: {e} (the trained-routing rows are skipped)"
+        log(setup["trained_routing_error"])
+        args.routing = []
+        return
+    setup["trained_routing"] = {"domains": info, "seconds": time.perf_counter() - t0,
+                                "source": f"the trained model at {trained.ckpt}"}
 
 
 def ensure_q4(info: be.ModelInfo, scratch: Path, log) -> float:
@@ -217,8 +269,10 @@ def _options(r) -> dict:
 
 
 def _find(rows, **kw):
+    """The first row without error whose fields equal ``kw`` (rows on replayed routing only when ``routing`` is
+    asked for)."""
     for r in rows:
-        if r.get("error"):
+        if r.get("error") or (r.get("routing") and "routing" not in kw):
             continue
         if all((_options(r) if k == "options" else r.get(k)) == v for k, v in kw.items()):
             return r
@@ -239,7 +293,8 @@ def add_offload_bounds(rows: list[dict]) -> None:
             continue
         kernels = (r.get("options") or {}).get("cuda_graph") == "kernels"
         mem = _find(rows, mode="engine", model=r["model"], device=r["device"], quantization=r["quantization"],
-                    variant="in memory", instruments=False, options={"cuda_graph": "kernels"} if kernels else {})
+                    variant="in memory", instruments=False, options={"cuda_graph": "kernels"} if kernels else {},
+                    routing=r.get("routing"))
         if mem is None or not r.get("decode_tok_s"):
             continue
         t_mem = 1e3 / mem["decode_tok_s"]
@@ -249,18 +304,18 @@ def add_offload_bounds(rows: list[dict]) -> None:
         fastest = max([_rate(m) for m in rows if not m.get("error") and m.get("mode") == "engine"
                        and m.get("model") == r["model"] and m.get("device") == r["device"]
                        and m.get("quantization") == r["quantization"] and m.get("variant") == "in memory"
-                       and not m.get("instruments")] or [float("nan")])
+                       and not m.get("instruments") and m.get("routing") == r.get("routing")] or [float("nan")])
         r["offload_bound_share_fastest"] = max(1e3 / fastest, r.get("t_io_ms") or 0.0) / r["measured_ms"]
 
 
-def evaluate_targets(rows: list[dict], suite: str, gpu: bool) -> list[dict]:
-    S = SYNTHETIC_KEY[suite]
+def evaluate_targets(rows: list[dict], suite: str, gpu: bool, key: str | None = None) -> list[dict]:
+    S = key or SYNTHETIC_KEY[suite]
     out = []
     in_mem_model = _find(rows, mode="in_memory", model=S, quantization="none", instruments=False,
                          options={})  # the reference
     best_mem = max([_rate(r) for r in rows if not r.get("error") and r.get("model") == S
                     and r.get("variant") == "in memory" and r.get("quantization") == "none"
-                    and not r.get("instruments")] or [float("nan")])
+                    and not r.get("instruments") and not r.get("routing")] or [float("nan")])
     eng_mem = _find(rows, mode="engine", model=S, variant="in memory", quantization="none", instruments=False,
                     spec_threads=None, options={})
     full = _find(rows, mode="engine", model=S, share_target=0.6, policy="lru", prefetch=True, quantization="none",
@@ -269,7 +324,7 @@ def evaluate_targets(rows: list[dict], suite: str, gpu: bool) -> list[dict]:
                  options={})
     variants = [r for r in rows if not r.get("error") and r.get("mode") == "engine" and r.get("model") == S
                 and r.get("share_target") == 0.6 and r.get("prefetch") and r.get("quantization") == "none"
-                and (r.get("options") or r.get("spec_threads"))]
+                and (r.get("options") or r.get("spec_threads")) and not r.get("routing")]
     naive = _find(rows, mode="accelerate_cpu_offload" if gpu else "accelerate_disk_offload", model=S)
     devmap = _find(rows, mode="accelerate_device_map", model=S)
 
@@ -412,6 +467,13 @@ def parse_args(argv=None):
     p.add_argument("--no-readme", dest="readme", action="store_false")
     p.add_argument("--attn-out-scale", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=1, help="CPU: torch threads of the engine and the model in memory")
+    p.add_argument("--routing", default=None, help="comma-separated prompt sets (gsm8k, humaneval, wiki-en, zh-news; "
+                   "'all'): rows of the synthetic shape on the trained model's routing of each, replayed "
+                   "(benchmarks/trained_routing.py); default: gsm8k,zh-news on the gpu suite, gsm8k on smoke, none on "
+                   "cpu; '' none")
+    p.add_argument("--shape", choices=tuple(SHAPES), default="4b", help="the synthetic checkpoint's preset shape")
+    p.add_argument("--synthetic-layers", type=int, default=None, help="cut the synthetic shape to this many layers "
+                   "(per-layer shape kept; trained routing: layer l takes layer l mod 8)")
     g = p.add_argument_group("peer", "--suite cpu --peer llama.cpp: llama.cpp beside the engine, round-robin "
                              "(benchmarks/peer_llamacpp.py; results bench_cpu_peer.json / .md)")
     g.add_argument("--peer", choices=("llama.cpp",), default=None)
@@ -438,6 +500,10 @@ def main(argv=None) -> int:
     args.trained_prompt_tokens = d["trained_prompt"] if not args.dry_run else d["prompt"]
     args.trained_tokens = d["trained_tokens"] if not args.dry_run else args.tokens
     args.trained_repeats = max(args.repeats, 5) if suite != "smoke" else args.repeats
+    from .trained_routing import parse_domains
+
+    args.routing = parse_domains({"gpu": "gsm8k,zh-news", "smoke": "gsm8k"}.get(suite, "")
+                                 if args.routing is None else args.routing)
     device = args.device or ("cuda" if suite == "gpu" else "cpu")
     cuda = torch.device(device).type == "cuda"
     budget = args.budget_s or d["budget"]
@@ -460,12 +526,12 @@ def main(argv=None) -> int:
     result = {"suite": suite, "dry_run": args.dry_run, "device": device,
               "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "argv": sys.argv[1:] if argv is None else list(argv), "machine": machine_info(), "versions": versions(),
-              "partial": True}
+              "partial": True, "synthetic_key": synthetic_key(suite, args.shape)}
     rows: list[dict] = []
     try:
         models, setup = setup_models(suite, args, log)
         result["setup"] = setup
-        syn = models[SYNTHETIC_KEY[suite]]
+        syn = models[synthetic_key(suite, args.shape)]
         from smallthinker_lab.engine.bundle import open_bundle
 
         b = open_bundle(syn.bundles[None], syn.config)
@@ -501,11 +567,14 @@ def main(argv=None) -> int:
             "check": "greedy tokens of the check prompt equal to the in-memory model's before timing, and of every "
                      "timed prompt after; the engine runs with exact=True (the model's kernels)",
         }
-        modes = suite_modes(suite, suite == "gpu", TRAINED_KEY in models, args.q4)  # gpu: also on --device cpu
+        modes = suite_modes(suite, suite == "gpu", TRAINED_KEY in models, args.q4, tuple(args.routing),
+                            key=syn.key)  # gpu: also on --device cpu
         if args.only:
             keys = [k.strip() for k in args.only.split(",") if k.strip()]
-            modes = [m for m in modes if any((m.name == k[1:]) if k.startswith("=") else (k in m.name) for k in keys) or
-                     (m.mode == "in_memory" and not m.instruments and not m.threads and not m.quantization)]
+            picked = [m for m in modes if any((m.name == k[1:]) if k.startswith("=") else (k in m.name) for k in keys)]
+            modes = [m for m in modes if m in picked or
+                     (m.mode == "in_memory" and not m.instruments and not m.threads and not m.quantization
+                      and (not m.routing or any(x.routing == m.routing for x in picked)))]
         skipped, durations = [], []
         for spec in modes:
             info = models.get(spec.model)
@@ -598,7 +667,7 @@ def _finish(result, rows, skipped, suite, cuda, json_path: Path, md_path: Path, 
     add_offload_bounds(rows)
     result["rows"] = rows
     result["skipped"] = skipped
-    result["targets"] = evaluate_targets(rows, suite, suite == "gpu")
+    result["targets"] = evaluate_targets(rows, suite, suite == "gpu", result.get("synthetic_key"))
     from .profile_decode import profile_rows
 
     result["profile"] = profile_rows(rows)

@@ -78,6 +78,46 @@ plots.plot_hit_rate_curves(curves, measured[["policy", "hit_rate", "capacity_byt
                            limit=limit - plan["fixed_bytes"], total_bytes=plan["total_expert_bytes"]);
 
 # %% [markdown]
+# ## Misses: compulsory, capacity, policy
+#
+# Every run starts from an empty cache, so its first touch of each expert is a miss no cache size avoids
+# (compulsory); the rest of the misses are capacity misses (an expert evicted earlier and needed again). Against
+# Belady's optimal policy at the same capacity, on the same requests, the gap is the policy's own share (policy
+# misses); the ceiling is the best any cache reaches on these requests from a cold start.
+
+# %%
+report.hit_rate_table(bench.rows, curves)
+
+# %% [markdown]
+# ## What locality buys
+#
+# The same engine, limit and prompts, once on the model's own routing and once on uniform random routing forced
+# position by position (`sl.replay` of `sl.RoutingTrace.uniform`), each from an empty cache: the trained router
+# reuses the experts the cache keeps (fewer capacity misses), and touches no more distinct experts.
+
+# %%
+from smallthinker_lab.analysis.locality import benchmark_routing_rows, locality_paragraph, locality_table
+
+locality = locality_table(MODEL, prompts, MAX_NEW_TOKENS, limit)
+print(locality_paragraph(locality))
+locality
+
+# %% [markdown]
+# ## The 4B shape on trained routing
+#
+# Benchmarks on a synthetic 4B checkpoint route with random weights: close to uniform, no locality. The suite can
+# replay this model's recorded routing on the big shape instead (`python -m benchmarks.run --suite cpu --routing
+# gsm8k,zh-news ...`: layer l takes layer l mod 8, the 32 experts one to one; on the 21B shape expert e at position t
+# becomes e + 32 (t mod 2) and top-6 is padded by the router's next-ranked), so prefetch, look-ahead and the cache
+# policies meet real locality. No peer can be fed this routing, so the share of the bound is against the engine's
+# own in-memory row under the same replay. Rows of the committed result (hit rates and bytes are exact counts; its
+# timings come from the machine that ran it):
+
+# %%
+routed = benchmark_routing_rows()
+routed if len(routed) else print("no benchmarks/results/bench_cpu_routing.json in this checkout")
+
+# %% [markdown]
 # ## Bytes per token, I/O wait and the share of the bound
 
 # %%

@@ -9,7 +9,16 @@ import importlib
 
 from .engine import Engine, EngineBusy, EngineOptions, MemoryLimitError, convert
 from .instruments import Recording, profile, record
-from .interventions import causal_specialisation, hook_points_table, hooks, intervene, logit_lens
+from .interventions import (
+    RoutingTrace,
+    causal_specialisation,
+    hook_points_table,
+    hooks,
+    intervene,
+    logit_lens,
+    record_routing,
+    replay,
+)
 from .model import (
     CheckpointError,
     ConfigError,
@@ -35,7 +44,8 @@ __all__ = [
     "SmallThinkerForCausalLM", "convert", "generate", "kv_cache_bytes", "load_model", "load_tokenizer", "profile",
     "record", "save_pretrained", "stream_generate",
 ]
-__all__ += ["causal_specialisation", "hook_points_table", "hooks", "intervene", "logit_lens"]
+__all__ += ["RoutingTrace", "causal_specialisation", "hook_points_table", "hooks", "intervene", "logit_lens",
+            "record_routing", "replay"]
 
 # analysis modules: imported when first named (they pull in matplotlib, ipywidgets and the report's dependencies)
 _SUBMODULES = {"plots": ".analysis.plots", "tables": ".analysis.tables", "widgets": ".analysis.widgets",

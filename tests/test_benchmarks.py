@@ -66,6 +66,26 @@ def test_smoke_suite_runs_end_to_end_and_writes_valid_json(smoke):
     assert re.search(r"^\| mode +\| memory limit +\|", md, re.M) and "Targets" in md
 
 
+@pytest.mark.slow
+def test_smoke_suite_has_trained_routing_rows_beside_the_uniform_ones(smoke):
+    """The smoke suite replays its stand-in trained model's recorded routing (gsm8k) on the synthetic shape: the
+    rows pass the token check against the model in memory under the same replay, count hits and bytes, and the
+    report puts them beside the uniform-routing rows of the same configuration."""
+    _, res, base = smoke
+    routed = [r for r in res["rows"] if r.get("routing") == "gsm8k"]
+    assert {(r["mode"], r["variant"]) for r in routed} >= {("in_memory", "in memory"), ("engine", "in memory"),
+                                                            ("engine", "full"), ("engine", "no prefetch")}
+    assert all(not r.get("error") for r in routed)
+    for r in routed:
+        if r["mode"] == "engine" and r["variant"] != "in memory":
+            assert 0 <= r["hit_rate"] <= 1 and r["offload_bound_share"] > 0
+    info = res["setup"]["trained_routing"]["domains"]["gsm8k"]
+    assert "layer l <- l mod" in info["mapping"]
+    md = (base / "out" / "bench_smoke.md").read_text()
+    assert "synthetic uniform routing vs trained routing" in md and "| trained routing (gsm8k) |" in md
+    assert "| synthetic uniform routing |" in md
+
+
 def bench_engine_parts():
     from benchmarks.profile_decode import PARTS
 

@@ -165,3 +165,15 @@ def test_index_html_tables_show_every_cell_escaped():
     assert summary == [["model", "m<1>"], ["wall time", "3 s"]]
     assert table == [["mode", "tok/s", "n", "share"], ["<b>in memory</b>", "1,234", "3", "0.123"],
                      ["a & b", "", "4", "2"]]
+
+
+def test_report_says_what_locality_buys(report):
+    """The locality table (trained vs uniform routing at the report's limit, cold) and its paragraph, with the
+    table's measured hit rates."""
+    out, _ = report
+    df = pd.read_csv(out / "locality_table.csv").set_index("routing")
+    assert list(df.index) == ["trained", "uniform"]
+    assert ((df["hit_rate"] + df["compulsory_share"] + df["capacity_share"]).round(9) == 1.0).all()
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "What locality buys" in html
+    assert f"{df.loc['trained', 'hit_rate']:.1%}" in html and f"{df.loc['uniform', 'hit_rate']:.1%}" in html

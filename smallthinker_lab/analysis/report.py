@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ..resources import PROMPT_SETS, load_prompt_sets
+from .locality import hit_rate_table  # noqa: F401  (the report's table; lives with the cache-behaviour tables)
 
 MiB = 2**20
 KINDS = ("experts", "neurons", "kv", "cache", "timing")
@@ -248,27 +249,6 @@ def bench_runs(model: str | Path, prompts: Sequence[Sequence[int]], max_new_toke
     return Bench(df, trace, main_layers)
 
 
-def hit_rate_table(bench: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
-    """Per engine run of ``bench`` (cold, each from an empty cache): the measured hit rate and misses split into
-    compulsory (first touch: a cold cache of any size misses these) and capacity (evicted earlier), as shares of
-    the run's requests (the engine's counters), beside Belady's hit rate at the same capacity on the same requests
-    (``curves``, from the every-expert run's trace), the policy's misses above Belady's (policy misses), and the
-    compulsory ceiling (the best any cache reaches on these requests from a cold start)."""
-    runs = bench[bench["mode"] == "offload"]
-    best = curves[curves["policy"].str.lower() == "belady"].set_index("capacity_experts")["hit_rate"]
-    ceiling = float(curves["ceiling"].iloc[0]) if "ceiling" in curves and len(curves) else np.nan
-    rows = []
-    for r in runs.to_dict("records"):
-        n, cap = r["requests"], int(r["capacity_experts"])
-        belady = float(best.get(cap, np.nan))
-        rows.append({"variant": r["variant"], "policy": r["policy"], "prefetch": r["prefetch"],
-                     "capacity_experts": cap, "share_of_expert_bytes": r["limit_share_of_expert_bytes"],
-                     "hit_rate": r["hit_rate"], "compulsory_share": r["compulsory_misses"] / n,
-                     "capacity_share": r["capacity_misses"] / n, "belady_hit_rate": belady,
-                     "policy_share": belady - r["hit_rate"], "ceiling": ceiling})
-    return pd.DataFrame(rows)
-
-
 def measure_memory_bandwidth(nbytes: int = 64 * MiB, repeats: int = 5) -> float:
     """Bytes/s of a large in-memory copy (read + written bytes counted; the best of ``repeats``)."""
     import torch
@@ -356,6 +336,7 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
     from ..instruments.sparsity import chance_recording
     from ..model.config import SmallThinkerConfig
     from . import plots, tables
+    from .locality import benchmark_routing_rows, locality_paragraph, locality_table
 
     t_start = time.perf_counter()
     check_limit(memory_limit)
@@ -389,6 +370,7 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
     bench_result = bench_runs(model, bench_ids, max_new_tokens, plan, limit, device=device, progress=progress,
                               backend=backend)
     bench, trace, main_layers = bench_result.rows, bench_result.trace, bench_result.main_layers
+    locality = locality_table(model, bench_ids, max_new_tokens, limit, device=device)  # trained vs uniform routing
 
     # 3. frames and tables
     experts = rec.to_dataframe("experts")
@@ -426,12 +408,17 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
                                "Hit rate and misses per run, from a cold cache: compulsory (first touch), capacity "
                                "(evicted earlier), the policy's gap to Belady, the cold-start ceiling"),
         "hit_rate_curves.csv": (curves, None),
+        "locality_table.csv": (locality, "What locality buys: the same limit and prompts on the model's routing and "
+                                         "on uniform random routing (replayed), cold"),
         "instrumented_throughput.csv": (throughput(timing), None),
         "io_wait_share.csv": (io_wait_share(timing), None),
         "memory_plan.csv": (main_plan.reset_index(), "Memory plan under the limit"),
     }
     if main_layers is not None:
         csvs["engine_stats_per_layer.csv"] = (main_layers.reset_index(), None)
+    if len(routed := benchmark_routing_rows()):  # the repository's benchmark result, when there is one
+        csvs["benchmark_routing.csv"] = (routed, f"Big synthetic shape, uniform vs trained routing "
+                                                 f"({routed.attrs['source']})")
     for fname, (df, _) in csvs.items():
         if not isinstance(df.index, pd.RangeIndex):  # e.g. per layer, indexed by layer
             df = df.reset_index()
@@ -482,6 +469,7 @@ def _write_report(model, out: Path, memory_limit, max_prompts: int, max_new_toke
         "prompt sets": ", ".join(f"{n} ({len(ids[n])})" for n in names),
         "new tokens per prompt": max_new_tokens, "bench prompts per set": bench_prompts,
         "profile hit rate": f"{profile_stats['hit_rate']:.1%}",
+        "what locality buys": locality_paragraph(locality),
         "non-finite logits": (f"WARNING: {watch.non_finite} of {watch.steps} forward steps (first at step "
                               f"{watch.first_step}: {watch.first_detail}); results are not meaningful"
                               if watch.non_finite else f"none ({watch.steps} forward steps checked)"),
