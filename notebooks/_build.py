@@ -464,8 +464,8 @@ import pandas as pd
 import torch
 
 import smallthinker_lab as sl
-from smallthinker_lab.interventions.plots import plot_logit_lens, plot_specialisation
-from smallthinker_lab.resources import load_prompt_sets""", """\
+from smallthinker_lab.analysis.prompts import load_prompt_sets
+from smallthinker_lab.interventions.plots import plot_logit_lens, plot_specialisation""", """\
 model = sl.load_model(MODEL)
 cfg = model.config
 print(f"{cfg.num_hidden_layers} layers, {cfg.num_experts} experts per layer, top-{cfg.top_k}")
@@ -575,10 +575,10 @@ import pandas as pd
 import torch
 
 import smallthinker_lab as sl
+from smallthinker_lab.analysis.prompts import load_prompt_sets
 from smallthinker_lab.instruments.dense_moe import ffn_activation_sparsity, size_table
 from smallthinker_lab.instruments.speculative import acceptance_by_position, measure_speculative, speculative_summary
-from smallthinker_lab.model.speculative import layer_draft
-from smallthinker_lab.resources import load_prompt_sets""", """\
+from smallthinker_lab.model.speculative import layer_draft""", """\
 shapes = {"SmallThinker-3B-Preview (dense)": sl.DenseConfig.from_name("smallthinker-3b-preview"),
           "SmallThinker-4B-A0.6B (MoE)": sl.SmallThinkerConfig.from_name("smallthinker-4b-a0.6b"),
           "SmallThinker-21B-A3B (MoE)": sl.SmallThinkerConfig.from_name("smallthinker-21b-a3b")}

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..resources import PROMPT_SETS, load_prompt_sets
+from .prompts import PROMPT_SETS, load_prompt_sets
 
 MiB = 2**20
 KINDS = ("experts", "neurons", "kv", "cache", "timing")

@@ -26,6 +26,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..prompt_sets import PROMPT_SETS
 from . import loaders
 from .clean import (
     assert_disjoint,
@@ -51,7 +52,6 @@ __all__ = [
 ]
 
 DOMAINS = ("math", "code", "en", "zh")
-PROMPT_SETS = ("gsm8k", "humaneval", "wiki-en", "zh-news")
 # Character budgets chosen so each domain is roughly a quarter of the tokens of the 8k tokenizer
 # (Chinese costs ~3x more tokens per character than English, code or math).
 DEFAULT_MAX_CHARS = {"math": 9_500_000, "code": 10_500_000, "en": 12_000_000, "zh": 4_600_000}

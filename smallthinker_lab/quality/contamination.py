@@ -12,11 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .common import PROMPT_SETS
-from .phenomena import read_prompts
-
-SET_DOMAIN = {"gsm8k": "math", "humaneval": "code", "wiki-en": "en", "zh-news": "zh"}
-
+from ..prompt_sets import PROMPT_SETS, SET_DOMAIN, read_prompts
 
 OVERLAP_N = {"words": 8, "chars": 12}
 
