@@ -5,10 +5,9 @@ import pytest
 import torch
 from conftest import random_model
 
-from smallthinker_lab.engine import Engine, convert
+from smallthinker_lab.engine import Engine, EngineState, convert
 from smallthinker_lab.engine.cache import SlotArena
 from smallthinker_lab.engine.decode import GraphDecoder, make_decoder
-from smallthinker_lab.engine.state import EngineState
 from smallthinker_lab.model.checkpoint import load_model, save_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
