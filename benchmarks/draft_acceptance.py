@@ -28,7 +28,8 @@ import torch
 
 import smallthinker_lab as sl
 from smallthinker_lab.instruments.speculative import measure_speculative, speculative_summary
-from smallthinker_lab.resources import DEFAULT_DRAFT_NAME, load_prompt_sets
+from smallthinker_lab.prompt_sets import load_prompt_sets
+from smallthinker_lab.resources import DEFAULT_DRAFT_NAME
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -26,7 +26,7 @@ import torch
 import smallthinker_lab as sl
 from smallthinker_lab.instruments.speculative import acceptance_by_position, measure_speculative, speculative_summary
 from smallthinker_lab.model.speculative import layer_draft
-from smallthinker_lab.resources import load_prompt_sets
+from smallthinker_lab.prompt_sets import load_prompt_sets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

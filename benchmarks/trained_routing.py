@@ -42,7 +42,7 @@ def parse_domains(text: str | None) -> list[str]:
 def domain_prompts(ckpt: Path, domain: str, n: int, length: int) -> list[list[int]]:
     """``n`` prompts of ``domain`` as token ids of exactly ``length`` tokens (prompts shorter than that skipped)."""
     from smallthinker_lab.model.tokenizer import load_tokenizer
-    from smallthinker_lab.resources import load_prompt_set
+    from smallthinker_lab.prompt_sets import load_prompt_set
 
     tok = load_tokenizer(ckpt)
     out = []

@@ -41,8 +41,8 @@ import pandas as pd
 import torch
 
 import smallthinker_lab as sl
+from smallthinker_lab.analysis.prompts import load_prompt_sets
 from smallthinker_lab.interventions.plots import plot_logit_lens, plot_specialisation
-from smallthinker_lab.resources import load_prompt_sets
 
 if THREADS:
     torch.set_num_threads(THREADS)

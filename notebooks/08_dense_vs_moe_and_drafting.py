@@ -36,9 +36,9 @@ import pandas as pd
 import torch
 
 import smallthinker_lab as sl
+from smallthinker_lab.analysis.prompts import load_prompt_sets
 from smallthinker_lab.instruments.dense_moe import ffn_activation_sparsity, size_table
 from smallthinker_lab.instruments.speculative import acceptance_by_position, measure_speculative, speculative_summary
-from smallthinker_lab.resources import load_prompt_sets
 
 if THREADS:
     torch.set_num_threads(THREADS)

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import smallthinker_lab as sl  # noqa: E402
 from smallthinker_lab.cli import HelpFormatter, build_parser, main  # noqa: E402
-from smallthinker_lab.resources import PromptSet, load_prompt_set  # noqa: E402
+from smallthinker_lab.prompt_sets import PromptSet, load_prompt_set  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ def ckpt(tmp_path_factory):
 
 
 def _decoder(e, fused):
-    g = GraphDecoder(e, fused=fused, compile=False)
+    g = GraphDecoder(e.state, fused=fused, compile=False)
     g.usable = lambda: True  # on a CPU (usable() needs CUDA)
     e.decoder = g
     return g

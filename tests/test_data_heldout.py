@@ -13,7 +13,7 @@ import pytest
 from smallthinker_lab.data import overlap
 from smallthinker_lab.data.gsm import PROMPT_GENERATORS, TRAIN_GENERATORS, VAL_GENERATORS
 from smallthinker_lab.data.prepare import assign_split, read_jsonl
-from smallthinker_lab.resources import PROMPT_SETS
+from smallthinker_lab.prompt_sets import PROMPT_SETS
 
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts"
 MAX_OVERLAP = 0.05

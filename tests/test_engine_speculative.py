@@ -6,7 +6,8 @@ import torch
 
 import smallthinker_lab as sl
 from smallthinker_lab import DenseConfig, DenseForCausalLM, Engine
-from smallthinker_lab.resources import default_draft_dir, load_prompt_set
+from smallthinker_lab.prompt_sets import load_prompt_set
+from smallthinker_lab.resources import default_draft_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

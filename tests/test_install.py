@@ -26,6 +26,7 @@ SCRIPT = r"""
 import json, sys
 from pathlib import Path
 import smallthinker_lab as sl
+import smallthinker_lab.prompt_sets
 from smallthinker_lab.analysis.widgets import load_prompt_set
 model = sl.load_model("default")
 prompts = load_prompt_set("gsm8k", 2)
@@ -35,7 +36,7 @@ with sl.Engine.from_pretrained("default", memory_limit="40MiB", progress=False) 
     spec = engine.generate(prompts[0][:200], 4, stop_tokens=[], draft=draft, draft_tokens=2)
 print(json.dumps({"package": sl.__file__, "model": model.name_or_path, "layers": model.config.num_hidden_layers,
                   "draft": draft.name_or_path, "draft_tokens": len(spec.tokens),
-                  "prompts": len(prompts), "first": prompts[0][:9], "sets": sorted(sl.resources.PROMPT_SETS),
+                  "prompts": len(prompts), "first": prompts[0][:9], "sets": sorted(sl.prompt_sets.PROMPT_SETS),
                   "tokens": len(out.tokens), "text": out.text, "path": sys.path}))
 """
 

@@ -310,8 +310,9 @@ def test_engine_prefetch_and_lookahead_follow_the_intervened_routing(engine):
     assert {e for _, layer, e in trace if layer == 2} == {5, 6}
     assert {e for _, layer, e in trace if layer == 3} == {0, 7}
     # the look-ahead predicts the forced layers exactly (layer 2's and 3's routers are not consulted)
-    assert engine._la_predicted[2] > 0 and engine._la_correct[2] == engine._la_predicted[2]
-    assert engine._la_correct[3] == engine._la_predicted[3]
+    counted = engine.state.counters
+    assert counted.lookahead_predicted[2] > 0 and counted.lookahead_correct[2] == counted.lookahead_predicted[2]
+    assert counted.lookahead_correct[3] == counted.lookahead_predicted[3]
 
 
 def test_engine_act_hook_and_final_norm_hook(model, engine):

@@ -82,7 +82,7 @@ def test_engine_kernel_decode_equals_the_kernel_model_bit_for_bit(ckpt):
     ref = runner.generate(PROMPT, NEW, stop_tokens=[])
     with Engine.from_pretrained(ckpt, memory_limit=None, progress=False, exact=True, device=DEV,
                                 max_context=64) as e:
-        g = KernelDecoder(e)
+        g = KernelDecoder(e.state)
         g.usable = lambda: True  # on a CPU (usable() needs CUDA)
         e.decoder = g
         e.forward(torch.tensor([PROMPT]))
@@ -113,7 +113,7 @@ def test_offloaded_kernel_decode_equals_the_kernel_model(ckpt, extra, lookahead,
                                 max_context=64, lookahead=lookahead, host_cache=DEV == "cuda") as e:
         L, E = e.config.num_hidden_layers, e.config.num_experts
         assert e.cache.capacity_experts < L * E
-        g = KernelDecoder(e)
+        g = KernelDecoder(e.state)
         g.usable = lambda: True  # on a CPU (usable() needs CUDA)
         e.decoder = g
         # LRU without look-ahead: the cache resolved on the device; otherwise the host resolves each layer
@@ -125,7 +125,9 @@ def test_offloaded_kernel_decode_equals_the_kernel_model(ckpt, extra, lookahead,
         assert g.replays == NEW - 1 and st["misses"] > 0
         assert st["hits"] + st["misses"] == st["requests"] == len(e.trace)
         if lookahead:  # predictions counted per layer; speculative reads
-            assert st["speculative_reads"] > 0 and 0 < sum(e._la_correct) <= sum(e._la_predicted)
+            counted = e.state.counters
+            assert st["speculative_reads"] > 0
+            assert 0 < sum(counted.lookahead_correct) <= sum(counted.lookahead_predicted)
         else:  # the cache's own counts (with a device LRU: the device's decisions, checked at every request)
             assert simulate(e.trace, e.cache.capacity_experts, policy).hits == st["hits"]
         assert all(entry.pins == 0 for entry in e.cache.entries.values())
@@ -151,7 +153,7 @@ def test_greedy_kernel_decode_one_step_ahead_stops_and_gives_positions_back(ckpt
         limit = None if extra is None else probe.plan.minimum_bytes + extra * probe.bundle.stride
     with Engine.from_pretrained(ckpt, memory_limit=limit, progress=False, exact=True, device=DEV, max_context=64,
                                 host_cache=DEV == "cuda") as e:
-        g = KernelDecoder(e)
+        g = KernelDecoder(e.state)
         g.usable = lambda: True
         e.decoder = g
         assert g.pipelines()
@@ -179,7 +181,7 @@ def test_device_lru_that_disagrees_with_the_engine_cache_is_an_error(ckpt):
         limit = probe.plan.minimum_bytes + (c.num_hidden_layers * c.num_experts - c.top_k - 1) * probe.bundle.stride
     with Engine.from_pretrained(ckpt, memory_limit=limit, progress=False, exact=True, device=DEV, max_context=64,
                                 host_cache=DEV == "cuda") as e:  # all experts but one: most requests hit
-        g = KernelDecoder(e)
+        g = KernelDecoder(e.state)
         g.usable = lambda: True
         e.decoder = g
         it = e.stream(PROMPT, NEW, stop_tokens=[])

@@ -18,7 +18,7 @@ from smallthinker_lab.engine.memory import limit_for_share
 from smallthinker_lab.interventions import InterventionError, RoutingTrace, record_routing, replay
 from smallthinker_lab.model.checkpoint import save_pretrained
 from smallthinker_lab.model.config import hybrid_layouts
-from smallthinker_lab.resources import load_prompt_set
+from smallthinker_lab.prompt_sets import load_prompt_set
 
 MODEL = os.environ.get("SMALLTHINKER_TEST_MODEL", "default")
 NEW = 6

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..resources import PROMPT_SETS, load_prompt_sets
 from .locality import hit_rate_table  # noqa: F401  (the report's table; lives with the cache-behaviour tables)
+from .prompts import PROMPT_SETS, load_prompt_sets
 
 MiB = 2**20
 KINDS = ("experts", "neurons", "kv", "cache", "timing")

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..resources import PROMPT_SETS, load_prompt_set, load_prompt_sets, prompts_dir
+from ..resources import prompts_dir
+from .prompts import PROMPT_SETS, load_prompt_set, load_prompt_sets
 
 MiB = 2**20
 SAME_SET = "same prompts"  # the warm-up dropdown's entry for the selected prompt set itself

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..prompt_sets import PROMPT_SETS, SET_DOMAIN  # the registry's names and domains
+
 __all__ = [
     "INDEX_FILE",
     "OVERLAP_N",
@@ -39,8 +41,6 @@ __all__ = [
     "training_texts",
 ]
 
-PROMPT_SETS = ("gsm8k", "humaneval", "wiki-en", "zh-news")
-SET_DOMAIN = {"gsm8k": "math", "humaneval": "code", "wiki-en": "en", "zh-news": "zh"}
 OVERLAP_N = {"words": 8, "chars": 12}
 INDEX_FILE = "overlap_index.json"
 COLUMNS = ["set", "domain", "prompts", "ngram", "mean_overlap", "over_half"]

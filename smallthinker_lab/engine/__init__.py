@@ -12,7 +12,7 @@ _EXPORTS = {
     "MemoryLimitError": ".memory", "MemoryPlan": ".memory", "parse_memory_limit": ".memory",
     "convert": ".bundle", "open_bundle": ".bundle", "Bundle": ".bundle", "BundleError": ".bundle",
     "ExpertReadError": ".bundle",
-    "EngineOptions": ".options", "BackendUnavailable": ".options", "BACKENDS": ".options",
+    "EngineOptions": ".options", "BackendUnavailable": ".options", "BACKENDS": ".options", "EngineState": ".state",
     "warm_start": ".warm", "domain_hit_rates": ".warm", "switch_domains": ".warm", "materialise": ".gguf",
     "ExpertCache": ".cache", "SimResult": ".policies", "simulate": ".policies",
 }

@@ -71,7 +71,8 @@ class SlotArena:
     """``n_slots`` buffers of ``slot_nbytes`` (a multiple of 4096) in one page-aligned allocation, made once.
 
     CPU: an anonymous mmap (page aligned, pages committed on first write, so an unused slot costs nothing);
-    CUDA: one device tensor. ``tensor(i)`` is a uint8 view of slot i; ``buffer(i)`` a writable memoryview (CPU).
+    CUDA: one device tensor. ``tensor(i)`` is a uint8 view of slot i; ``buffer(i)`` a writable memoryview (CPU);
+    ``flat_view(dtype)`` every slot as one flat tensor.
     """
 
     def __init__(self, n_slots: int, slot_nbytes: int, device: torch.device | str = "cpu") -> None:
@@ -94,6 +95,16 @@ class SlotArena:
     def buffer(self, slot: int) -> memoryview:
         n = self.slot_nbytes
         return self._view[slot * n:(slot + 1) * n]
+
+    def flat_view(self, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        """Every slot, one after the other, as one flat tensor of ``dtype`` (a view: no copy). Slot i's record
+        starts at element ``i * slot_nbytes // dtype.itemsize``."""
+        if self._tensor is None:
+            raise RuntimeError("the slot arena is closed")
+        n = self.n_slots * self.slot_nbytes
+        if n % dtype.itemsize:
+            raise ValueError(f"{n} bytes of slots do not divide into elements of {dtype}")
+        return self._tensor[:n].view(dtype)
 
     def close(self) -> None:
         # views handed out keep the mapping alive until they die; then the memory is returned

@@ -36,7 +36,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from concurrent.futures import wait as wait_futures
 from dataclasses import replace
 
 import torch
@@ -63,16 +62,18 @@ from .loading import _load_predictor, _load_tokenizer, _probe_dtype, _resolve_dt
 from .memory import MemoryPlan, itemsize, limit_for_share, parse_memory_limit, plan_memory, share_of, workspace_bytes
 from .options import BACKENDS, EngineOptions, choose, static_reasons
 from .quant import KERNEL_FORMATS, get_format
+from .state import EngineState, StateFields
 from .stats import EngineStats
 
 CUDA_LIBRARY_WORKSPACE = 64 * 2**20  # cuBLAS / cuBLASLt workspaces the caching allocator hands out on first use
 
 
-class Engine(EagerSteps, EngineGeneration, EngineStats):
+class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
     """Use :meth:`from_pretrained`. Thread model: one caller thread computes; I/O threads only read. A generation
     belongs to the thread that started it until it ends (exhausted, closed or garbage-collected); ``generate``,
     ``stream`` or ``forward`` from another thread meanwhile raises :class:`EngineBusy` (never a wrong token). In one
-    thread, a newer generation supersedes an older, unfinished stream."""
+    thread, a newer generation supersedes an older, unfinished stream. Its parts and counters are ``state``
+    (:class:`EngineState`), which the decoders work on."""
 
     _watch_one = False  # set per forward: someone listens to "expert" (one event per expert)
     _moe_seen: tuple[list, list, list] | None = None  # set per forward when someone listens to "moe"
@@ -123,6 +124,7 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
                  fill_value: float = float("-inf"), host_cache: bool = False, belady_trace: Sequence | None = None,
                  fault: Callable | None = None, progress: bool = True, compute_threads: int | None = None,
                  exact: bool = False, cuda_graph: bool | str = False, check_finite: bool = False) -> None:
+        self.state = EngineState()  # the home of the parts, settings and counters set below (engine/state.py)
         self.checkpoint_dir = resolve_path(checkpoint_dir)
         # checked as load_model checks it (file paths, config.json sizes, dtypes, shapes) before anything is built
         config, stored = checkpoint_tensors(self.checkpoint_dir)
@@ -160,7 +162,7 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
         if lookahead not in (False, True, "early"):
             raise ValueError(f"lookahead must be False, True or 'early', got {lookahead!r}")
         self.policy, self.prefetch, self.lookahead = policy, bool(prefetch), bool(lookahead)
-        self._la_early = lookahead == "early"  # route the next layer from this layer's input, not after attention
+        self.state.lookahead_early = lookahead == "early"  # the next layer routed from this layer's input
         self.sparse_reglu, self.prefill_chunk = sparse_reglu, int(prefill_chunk)
         self.bypass_page_cache, self.io_threads, self.verify_checksums = bypass_page_cache, io_threads, \
             verify_checksums
@@ -257,14 +259,13 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread of the generation in progress
         self._forward_thread: int | None = None  # thread inside forward()
-        self._unverified: list[Future] = []  # read futures of experts computed before their checksum completed
         self._generation = 0
         self._rollback: tuple[int, list] | None = None  # (start, saved ring entries) of the last all_logits forward
         self.reader = self.transfer = self.arena = self.cache = None
         self._open_io()
         self.reset_stats()
         # the decode backend (engine/decode/): None for eager, else a decoder built on first use
-        self.decoder = make_decoder(self, {False: "eager", True: "graph", "fused": "fused",
+        self.decoder = make_decoder(self.state, {False: "eager", True: "graph", "fused": "fused",
                                            "kernels": "kernels"}[cuda_graph])
 
     # ------------------------------------------------------------------ construction
@@ -338,12 +339,6 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
         for f0 in range(0, Fh, 64):  # in blocks of 64 rows: about 4x faster than one strided copy here
             dst[:, f0:f0 + 64] = src[f0:f0 + 64].T
         view[:] = scratch
-
-    def _down_to_model_layout_device(self, slot: int) -> None:
-        """exact (CUDA, compute stream, first use after the copy): the slot's down matrix [F, H] -> [H, F]."""
-        Fh, H = self.bundle.matrices["gate"].shape
-        flat = self._slot_bytes(slot)["down"].view(self.dtype)
-        flat.copy_(flat.view(Fh, H).t().contiguous().view(-1))
 
     def _on_evict(self, entry: Entry) -> None:
         self.transfer.fence(entry.slot)
@@ -502,22 +497,22 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
                     # exact: the LM head over every position of the (last) chunk, as the model's forward does, so
                     # that the last row comes from the same kernel (a GEMM over T rows may round differently)
                     logits = self._lm_head(x if self.exact and x.shape[1] > 1 else x[:, -1:], decode=T == 1)[:, -1:]
-            self._check_unverified()
+            self.state.check_unverified()
         except BaseException:
-            self._unverified.clear()
+            self.state.unverified.clear()
             self.cache.drain()  # an error or interruption: settle reads in flight, release pins
             raise
         finally:
             self.cache.log = None  # events of a failed forward are not delivered
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
-        self._count(phase, T, 0.0, self.cache.stats.bytes_read - bytes0)
+        self.state.count(phase, T, 0.0, self.cache.stats.bytes_read - bytes0)
         if phase == "verify":
-            self._stats["verify_forwards"] += 1
+            self.state.counters.phases["verify_forwards"] += 1
         if graph_step:
             self.decoder.wait()  # the bookkeeping above ran while the device computed the step
         dt = time.perf_counter() - t0
-        self._stats[phase + "_seconds"] += dt
+        self.state.counters.phases[phase + "_seconds"] += dt
         if log:
             self.hooks.fire("cache_events", events=log, nbytes=self.cache.expert_nbytes)
         if observed:
@@ -528,20 +523,7 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
 
 
     def _cache_event(self, event: str, key: tuple[int, int], nbytes: int) -> None:
-        self.hooks.fire("cache", step=self._step, layer=key[0], expert=key[1], event=event, nbytes=nbytes)
-
-    def _check_unverified(self) -> None:
-        """Wait for the checksums of the experts this forward computed before they were verified; the first failure
-        is raised (an ExpertReadError naming layer and expert)."""
-        pending, self._unverified = self._unverified, []
-        if not pending:
-            return
-        t0 = time.perf_counter()
-        wait_futures(pending)
-        self.cache.stats.io_wait_seconds += time.perf_counter() - t0
-        for fut in pending:
-            if fut.exception() is not None:
-                raise fut.exception()
+        self.hooks.fire("cache", step=self.state.step, layer=key[0], expert=key[1], event=event, nbytes=nbytes)
 
     def _check_open(self) -> None:
         if self._closed:

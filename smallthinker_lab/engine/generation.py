@@ -85,7 +85,7 @@ class EngineGeneration:
                                  f"and {since}; truncate at most back to the start of the last "
                                  f"forward(all_logits=True)")
         self.kv.truncate(length, saved)
-        self._stats["rolled_back_tokens"] += n - length
+        self.state.counters.phases["rolled_back_tokens"] += n - length
 
     def encode(self, prompt) -> torch.Tensor:
         """Token ids (1, T) of a str (needs a tokenizer), a list of ids or a tensor."""

@@ -1,5 +1,7 @@
-"""The engine's counters: requests, hits, misses and bytes of its expert cache, tokens and seconds per phase, time per
-layer part, look-ahead accuracy, neuron sparsity, and the peak of resident bytes against the memory plan."""
+"""The engine's counters as ``stats()``, ``stats_frame()`` and ``clocks()`` report them: requests, hits, misses and
+bytes of its expert cache, tokens and seconds per phase, time per layer part, look-ahead accuracy, neuron sparsity,
+and the peak of resident bytes against the memory plan. The counters live in ``engine.state.counters``
+(engine/state.py), where the decoders update them."""
 
 from __future__ import annotations
 
@@ -10,27 +12,19 @@ class EngineStats:
     def clocks(self) -> tuple[int, tuple[list[float], list[float], list[float], float]]:
         """(forward steps so far, copies of the cumulative seconds per layer of router, attention and MoE, and of the
         LM head): what the instruments read at each forward's end to time its parts."""
-        return self._step, (list(self._t_router), list(self._t_attn), list(self._t_moe), self._t_lm_head)
+        c = self.state.counters
+        return self.state.step, (list(c.router_seconds), list(c.attention_seconds), list(c.moe_seconds),
+                                 c.lm_head_seconds)
 
     def reset_stats(self, clear_cache: bool = False) -> None:
         """Zero the counters and the trace; ``clear_cache=True`` also empties the expert cache (a replay of the
         trace through simulate() then starts from the same empty cache as the engine did)."""
-        L = self.config.num_hidden_layers
         if getattr(self, "decoder", None) is not None:
             self.decoder.flush()
         if clear_cache:
             self.cache.clear()
         self.cache.reset_stats()
-        self._step = 0
-        self._stats = {k: 0 for k in ("prefill_tokens", "prefill_seconds", "prefill_bytes", "decode_tokens",
-                                      "decode_seconds", "decode_bytes", "verify_tokens", "verify_seconds",
-                                      "verify_bytes", "verify_forwards", "rolled_back_tokens")}
-        self._t_router, self._t_attn, self._t_moe = [0.0] * L, [0.0] * L, [0.0] * L
-        self._t_lm_head = 0.0
-        self._lm_rows = self._lm_calls = 0
-        self._la_predicted, self._la_correct = [0] * L, [0] * L
-        self._neurons_active = self._neurons_total = 0
-        self._peak_accounted = self.resident_bytes()
+        self.state.reset_counters()
 
     def stats(self) -> dict:
         """The counters since the last reset. Tokens are positions computed: ``prefill_*`` the forwards that start
@@ -42,8 +36,9 @@ class EngineStats:
         experts once per layer), whatever happens to its positions later."""
         if self.decoder is not None:
             self.decoder.flush()
-        c, s = self.cache.stats, self._stats
-        predicted, correct = sum(self._la_predicted), sum(self._la_correct)
+        c, counted = self.cache.stats, self.state.counters
+        s = counted.phases
+        predicted, correct = sum(counted.lookahead_predicted), sum(counted.lookahead_correct)
         tokens = s["prefill_tokens"] + s["decode_tokens"] + s["verify_tokens"]
         return {
             "requests": c.requests, "hits": c.hits, "misses": c.misses, "hit_rate": c.hit_rate,
@@ -55,10 +50,11 @@ class EngineStats:
             "prefetch_wasted": c.prefetch_wasted, "wasted_bytes": c.wasted_bytes,
             "speculative_reads": c.speculative_reads, "lookahead_predicted": predicted,
             "lookahead_correct": correct, "lookahead_accuracy": correct / predicted if predicted else float("nan"),
-            "io_wait_seconds": c.io_wait_seconds, "router_seconds": sum(self._t_router),
-            "attention_seconds": sum(self._t_attn), "moe_seconds": sum(self._t_moe),
-            "lm_head_seconds": self._t_lm_head,
-            "lm_head_rows_per_token": self._lm_rows / self._lm_calls if self._lm_calls else float("nan"),
+            "io_wait_seconds": c.io_wait_seconds, "router_seconds": sum(counted.router_seconds),
+            "attention_seconds": sum(counted.attention_seconds), "moe_seconds": sum(counted.moe_seconds),
+            "lm_head_seconds": counted.lm_head_seconds,
+            "lm_head_rows_per_token": (counted.lm_head_rows / counted.lm_head_calls if counted.lm_head_calls
+                                       else float("nan")),
             "prefill_tokens": s["prefill_tokens"], "prefill_seconds": s["prefill_seconds"],
             "prefill_tok_s": s["prefill_tokens"] / s["prefill_seconds"] if s["prefill_seconds"] else float("nan"),
             "decode_tokens": s["decode_tokens"], "decode_seconds": s["decode_seconds"],
@@ -66,10 +62,10 @@ class EngineStats:
             "verify_forwards": s["verify_forwards"], "verify_tokens": s["verify_tokens"],
             "verify_seconds": s["verify_seconds"], "verify_bytes": s["verify_bytes"],
             "rolled_back_tokens": s["rolled_back_tokens"],
-            "neuron_sparsity": (1 - self._neurons_active / self._neurons_total if self._neurons_total
+            "neuron_sparsity": (1 - counted.neurons_active / counted.neurons_total if counted.neurons_total
                                 else float("nan")),
             "capacity_experts": self.cache.capacity_experts, "expert_nbytes": self.cache.expert_nbytes,
-            "resident_bytes": self.resident_bytes(), "peak_accounted_bytes": self._peak_accounted,
+            "resident_bytes": self.resident_bytes(), "peak_accounted_bytes": counted.peak_accounted,
             "memory_limit": self.plan.limit, "policy": self.policy, "prefetch": self.prefetch,
             "lookahead": self.lookahead, "format": self.bundle.format, "device": self.device.type,
         }
@@ -79,15 +75,16 @@ class EngineStats:
         accuracy), then an "all" row (a pandas DataFrame indexed by layer)."""
         import pandas as pd
 
-        per = self.cache.stats.per_layer
+        per, counted = self.cache.stats.per_layer, self.state.counters
         rows = []
         for i in range(self.config.num_hidden_layers):
             h, m, w = per[i] if i in per else (0, 0, 0.0)
             rows.append({"layer": i, "hits": h, "misses": m, "hit_rate": h / (h + m) if h + m else float("nan"),
                          "bytes_read": m * self.cache.expert_nbytes, "io_wait_seconds": w,
-                         "router_seconds": self._t_router[i], "attention_seconds": self._t_attn[i],
-                         "moe_seconds": self._t_moe[i], "lookahead_predicted": self._la_predicted[i],
-                         "lookahead_correct": self._la_correct[i]})
+                         "router_seconds": counted.router_seconds[i],
+                         "attention_seconds": counted.attention_seconds[i], "moe_seconds": counted.moe_seconds[i],
+                         "lookahead_predicted": counted.lookahead_predicted[i],
+                         "lookahead_correct": counted.lookahead_correct[i]})
         total = {k: sum(r[k] for r in rows) for k in rows[0] if k != "layer"}
         n = total["hits"] + total["misses"]
         rows.append({"layer": "all", **total, "hit_rate": total["hits"] / n if n else float("nan")})
@@ -96,20 +93,10 @@ class EngineStats:
             df["lookahead_predicted"] > 0)
         return df.set_index("layer")
 
-    def _count(self, phase: str, tokens: int, seconds: float, nbytes: int) -> None:
-        """A forward's tokens, seconds and bytes read in the engine's counters, and the peak of resident bytes."""
-        st = self._stats
-        st[phase + "_tokens"] += tokens
-        st[phase + "_seconds"] += seconds
-        st[phase + "_bytes"] += nbytes
-        self._peak_accounted = max(self._peak_accounted, self.resident_bytes())
-
     def resident_bytes(self) -> int:
         """What the engine holds now, by its own accounting: weights, KV cache as allocated, occupied cache slots,
         plus the planned workspace and staging (temporaries are not tracked one by one)."""
-        kv = sum(layer.allocated_bytes for layer in self.kv.layers)
-        return (self._non_expert_bytes + kv + self.cache.resident_bytes + self.plan.workspace_bytes
-                + self.plan.staging_bytes)
+        return self.state.resident_bytes()
 
     @property
     def trace(self) -> list[tuple[int, int, int]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from ..resources import load_prompt_set
+from ..prompt_sets import load_prompt_set
 from .record import KINDS, record
 from .recording import Recording
 

@@ -88,7 +88,7 @@ def causal_specialisation(model, texts: Mapping[str, Sequence[str]] | None = Non
     """The causal specialisation table of ``model`` (a SmallThinkerForCausalLM); see the module docstring.
 
     ``texts``: {domain: [text, ...]} (default: the four shipped prompt sets gsm8k, humaneval, wiki-en, zh-news:
-    math, code, English and Chinese, :func:`~smallthinker_lab.resources.load_prompt_sets`); per domain the first
+    math, code, English and Chinese, :func:`~smallthinker_lab.prompt_sets.load_prompt_sets`); per domain the first
     ``n_profile`` texts choose the hottest experts and the next ``n_eval`` are the held-out texts scored (each
     truncated to ``max_tokens`` tokens, every next-token target scored). ``m``: experts ablated per layer;
     ``seeds``: one random control set per seed. Perplexity = exp(summed NLL / targets) over a domain's held-out
@@ -105,7 +105,7 @@ def causal_specialisation(model, texts: Mapping[str, Sequence[str]] | None = Non
     for name, v in (("n_profile", n_profile), ("n_eval", n_eval), ("max_tokens", max_tokens)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "max_tokens" else 1):
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    from ..resources import load_prompt_sets
+    from ..prompt_sets import load_prompt_sets
 
     texts = dict(texts) if texts is not None else load_prompt_sets()
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)

@@ -93,6 +93,17 @@ class DecodeKernels:
         self._graph = None
         self.replays = 0
 
+    @property
+    def max_positions(self) -> int:
+        """The positions a step may write: the capacity of the smallest global layer's KV cache (a step at a
+        position >= this raises)."""
+        return self._max_pos
+
+    def launch_config(self, pdl: bool | None = None) -> dict:
+        """The launch options of the step's kernels (``launch_embed``, ``launch_pre``, ...): with programmatic
+        dependent launch or not (``pdl`` None: as the tile sizes say, where the device supports it)."""
+        return self._cfg(pdl)
+
     # ------------------------------------------------------------------ the step's kernels
     def _cfg(self, pdl: bool | None = None) -> dict:
         b = self.blocks

@@ -1,4 +1,5 @@
-"""Names shared by the quality measurements: the domains and prompt sets, the paper's reference figures, formats."""
+"""Names shared by the quality measurements: the domains, the prompt sets (from the registry, prompt_sets.py), the
+paper's reference figures, formats."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..prompt_sets import PROMPT_SETS, SET_DOMAIN  # noqa: F401  (the registry's; re-exported for quality/)
+
 DOMAINS = ("math", "code", "en", "zh")
-
-
-PROMPT_SETS = ("gsm8k", "humaneval", "wiki-en", "zh-news")
 
 
 CONTINUATION_PROMPTS = (("humaneval", 0), ("humaneval", 1), ("gsm8k", 0), ("gsm8k", 1), ("zh-news", 0),

@@ -3,7 +3,6 @@ greedy continuations of fixed prompts."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -12,22 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .common import COLD, CONTINUATION_PROMPTS, HOT, PAPER_HOT_BAND, PROMPT_SETS
+from ..prompt_sets import PROMPT_SETS, domain_of, read_prompts  # noqa: F401  (read_prompts: re-exported)
+from .common import COLD, CONTINUATION_PROMPTS, HOT, PAPER_HOT_BAND
 
 
 # ============================================================================================ prompt sets
-def read_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Records of a prompt-set JSONL file (each with ``id`` and ``text``), the first ``limit``."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                out.append(json.loads(line))
-                if limit is not None and len(out) >= limit:
-                    break
-    return out
-
-
 def profile_prompt_sets(model, tokenizer, prompts_dir: str | Path, sets: Sequence[str] = PROMPT_SETS,
                         new_tokens: int = 8, limit: int | None = None, progress: bool = False):
     """One Recording (kinds experts + neurons) of every prompt of each set: prefill + ``new_tokens`` greedy tokens."""
@@ -121,9 +109,10 @@ def phenomena(rec, sets: Sequence[str] | None = None) -> dict[str, pd.DataFrame]
 def prompt_prefix(text: str, prompt_set: str) -> str:
     """The prompt given for a continuation: code and math problems whole; a prose paragraph up to the end of its
     first sentence (at least 20 characters for Chinese, 60 for English, at most 160 / 320)."""
-    if prompt_set in ("humaneval", "gsm8k"):
+    domain = domain_of(prompt_set)
+    if domain in ("code", "math"):
         return text
-    zh = prompt_set.startswith("zh")
+    zh = domain == "zh" or (domain is None and prompt_set.startswith("zh"))
     lo, hi = (20, 160) if zh else (60, 320)
     pattern = r"[。！？]" if zh else r"[.!?](?=\s)"
     for m in re.finditer(pattern, text):

@@ -4,8 +4,9 @@ A decoder runs the engine's decode steps (T == 1) its own way; the engine asks i
 (``usable()``) and otherwise runs the step eagerly. The protocol (``Decoder``): ``usable``, ``decode(ids, start)``,
 ``pipelines``/``decode_ahead`` (greedy steps launched one ahead of the host), ``flush`` (count a deferred step),
 ``wait`` (the device's end of the last step), ``reset`` (drop graphs and buffers after the engine's state changed).
-Decoders read the engine they serve (its cache, KV cache, slots, model parts and counters) and update its counters
-exactly as the eager path does.
+A decoder is built over the engine's ``EngineState`` (engine/state.py), never the Engine: it reads the model parts,
+KV cache, expert cache, slots and bundle there, and updates the counters exactly as the eager path does, through
+the state's methods (``next_step``, ``settle``, ``count``, ``check_unverified``, ``record_lookahead``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+
+from ..state import EngineState
 
 
 class Decoder:
@@ -61,8 +64,8 @@ class GraphBase(Decoder):
     """State and helpers of the graph decoders. Built on first use, rebuilt when the engine's cache, KV cache or
     slots change (reopen, clear)."""
 
-    def __init__(self, engine) -> None:
-        self.e = engine
+    def __init__(self, state: EngineState) -> None:
+        self.state = state
         self.kernel_blocks: dict | None = None  # the Triton kernels' tile sizes (None: the defaults)
         self.compiled = False  # whether inductor kernels run (set when built)
         self.compile_error: str | None = None
@@ -104,32 +107,31 @@ class GraphBase(Decoder):
 
     def _holds_all(self) -> bool:
         """Whether the cache has a slot for every expert of the model."""
-        c = self.e.config
-        return self.e.cache.capacity_experts >= c.num_hidden_layers * c.num_experts
+        return self.state.holds_all_experts()
 
     def _state_key(self):
-        e = self.e
-        return (e.cache, e.cache.policy, e.kv, e.arena)
+        state = self.state
+        return (state.cache, state.cache.policy, state.kv, state.arena)
 
     def _valid(self) -> bool:
         key = self._key
         if key is None:
             return False
         now = self._state_key()
-        c = self.e.config
-        full = len(self.e.cache.entries) == c.num_hidden_layers * c.num_experts
+        c = self.state.config
+        full = len(self.state.cache.entries) == c.num_hidden_layers * c.num_experts
         return full and all(a is b for a, b in zip(key, now))
 
     def _account(self, ids_host: torch.Tensor, step: int | None = None) -> None:
         """Every expert of the step is a hit: the cache counts them as its request's hit branch does."""
-        e = self.e
-        e.cache.record_hits(ids_host.tolist(), e._step if step is None else step)
+        state = self.state
+        state.cache.record_hits(ids_host.tolist(), state.step if step is None else step)
 
     def _resident(self) -> torch.Tensor:
         """Read the experts not yet cached (demand requests: misses, counted), settle every copy and layout, and
         return the device slot table [L, E]."""
-        e = self.e
-        cache, cfg = e.cache, e.config
+        state = self.state
+        cache, cfg = state.cache, state.config
         L, E = cfg.num_hidden_layers, cfg.num_experts
         missing = [(layer, x) for layer in range(L) for x in range(E) if (layer, x) not in cache]
         for j in range(0, len(missing), 64):
@@ -137,27 +139,27 @@ class GraphBase(Decoder):
             for entry in entries:
                 cache.release(cache.wait(entry))
         for entry in list(cache.entries.values()):
-            e._settle(cache.wait(entry))  # copies and the exact layout settled, as the eager path on first use
+            state.settle(cache.wait(entry))  # copies and the exact layout settled, as the eager path on first use
         table = [[cache.entries[(layer, x)].slot for x in range(E)] for layer in range(L)]
-        return torch.tensor(table, dtype=torch.long, device=e.device)
+        return torch.tensor(table, dtype=torch.long, device=state.device)
 
     def _slot_views(self, base: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate, up, down) of ``n`` records laid out every ``stride`` bytes from ``base`` (uint8): [n, F, H] x 2 and
         down [n, H, F] (exact: the model's layout) or [n, F, H] (stored)."""
-        e = self.e
-        m, isz = e.bundle.matrices, e.dtype.itemsize
+        state = self.state
+        m, isz = state.bundle.matrices, state.dtype.itemsize
         Fh, H = m["gate"].shape
-        flat = base.view(e.dtype)
-        st = e.bundle.stride // isz
+        flat = base.view(state.dtype)
+        st = state.bundle.stride // isz
 
         def view(name, shape):
             return flat.as_strided((n, *shape), (st, shape[1], 1), m[name].offset // isz)
 
-        down = (H, Fh) if e.exact else (Fh, H)
+        down = (H, Fh) if state.exact else (Fh, H)
         return view("gate", (Fh, H)), view("up", (Fh, H)), view("down", down)
 
     def _capture(self, fn):
-        if self.e.device.type != "cuda":  # tests on a CPU: the pieces run eagerly at each "replay"
+        if self.state.device.type != "cuda":  # tests on a CPU: the pieces run eagerly at each "replay"
             return _EagerGraph(fn)
         g = torch.cuda.CUDAGraph()
         if self._pool is None:
@@ -169,7 +171,7 @@ class GraphBase(Decoder):
     def _arena_elements(self) -> tuple[torch.Tensor, int, list[int]]:
         """Every slot as one flat tensor of the engine's dtype, the record stride in elements, and the element
         offsets of gate, up and down inside a record."""
-        e = self.e
-        isz, m = e.dtype.itemsize, e.bundle.matrices
-        flat = e.arena._tensor[:e.arena.n_slots * e.bundle.stride].view(e.dtype)
-        return flat, e.bundle.stride // isz, [m[k].offset // isz for k in ("gate", "up", "down")]
+        state = self.state
+        isz, m = state.dtype.itemsize, state.bundle.matrices
+        flat = state.arena.flat_view(state.dtype)
+        return flat, state.bundle.stride // isz, [m[k].offset // isz for k in ("gate", "up", "down")]

@@ -3,8 +3,8 @@
 Per layer: router on the raw residual and top-k (one host sync), the layer's experts requested at once (pre-attention
 prefetch), attention (the model's modules and KV cache) while they load, optional look-ahead (the next layer's router
 names experts to read early), then the experts computed as they become ready and combined in ascending expert order
-(the model's order), so results do not depend on I/O timing. ``EagerSteps`` is a part of Engine (engine.py): it reads
-the engine's cache, slots, model parts and counters.
+(the model's order), so results do not depend on I/O timing. ``EagerSteps`` is a part of Engine (engine.py); it
+steps, settles experts and counts through the engine's ``EngineState`` (engine/state.py), as the graph decoders do.
 """
 
 from __future__ import annotations
@@ -36,13 +36,12 @@ class EagerSteps:
 
     def _run(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         T = ids.shape[1]
-        self._step += 1
-        self.cache.step = self._step
+        self.state.next_step()
         positions = torch.arange(start, start + T, device=self.device)
         x = self.model.model.embed_tokens(ids)  # (1, T, H)
         rope = self.model.model.rotary(positions, x.dtype) if any(self.config.rope_layout) else None
         predicted: list[int] | None = None
-        for i, layer in enumerate(self._layers):
+        for i, layer in enumerate(self.state.layers):
             x, predicted = self._layer(i, layer, x, positions, rope, predicted)
         return x
 
@@ -61,14 +60,12 @@ class EagerSteps:
             hooks.fire("router", layer=i, logits=logits, topk_ids=ids, topk_weights=weights)
         work = self._plan(i, ids)  # reads the ids: one host sync
         if predicted is not None:
-            correct = len(set(predicted) & set(work.rows))
-            self._la_predicted[i] += len(predicted)
-            self._la_correct[i] += correct
+            self.state.record_lookahead(i, predicted, work.rows)
         if self.prefetch:
             self._request_next(work)
         nxt = None
-        ahead = self.lookahead and x.shape[1] == 1 and i + 1 < len(self._layers)
-        if ahead and self._la_early:  # from this layer's input: a whole layer of lead
+        ahead = self.lookahead and x.shape[1] == 1 and i + 1 < len(self.state.layers)
+        if ahead and self.state.lookahead_early:  # from this layer's input: a whole layer of lead
             nxt = self._speculate_next(i, x)
         t1 = clock()
         attn = layer.self_attn(layer.input_layernorm(x), positions, rope, self.kv[i])
@@ -77,7 +74,7 @@ class EagerSteps:
         else:
             x = x + attn
         t2 = clock()
-        if ahead and not self._la_early:  # from the residual after attention: the MoE's time of lead
+        if ahead and not self.state.lookahead_early:  # from the residual after attention: the MoE's time of lead
             nxt = self._speculate_next(i, x)
         t3 = clock()
         u = layer.post_attention_layernorm(x)
@@ -87,12 +84,13 @@ class EagerSteps:
         else:
             x = x + y
         t4 = clock()
-        self._t_router[i] += (t1 - t0) + (t3 - t2)
-        self._t_attn[i] += t2 - t1
-        self._t_moe[i] += t4 - t3
+        counted = self.state.counters
+        counted.router_seconds[i] += (t1 - t0) + (t3 - t2)
+        counted.attention_seconds[i] += t2 - t1
+        counted.moe_seconds[i] += t4 - t3
         if self._timing:
             for part, s in (("router", (t1 - t0) + (t3 - t2)), ("attention", t2 - t1), ("moe", t4 - t3)):
-                hooks.fire("timing", step=self._step, layer=i, part=part, seconds=s)
+                hooks.fire("timing", step=self.state.step, layer=i, part=part, seconds=s)
         return x, nxt
 
     def _speculate_next(self, i: int, x: torch.Tensor) -> list[int]:
@@ -100,7 +98,7 @@ class EagerSteps:
         ``intervene()`` rules of layer i+1 apply (ablated experts are not predicted, forced ones are); other edit
         hooks see only the real routing."""
         cfg = self.config
-        moe = self._layers[i + 1].block_sparse_moe
+        moe = self.state.layers[i + 1].block_sparse_moe
         nxt_logits = moe.route(x).reshape(-1, cfg.num_experts)
         if self.hooks.edits:
             nxt = moe.select(moe.edit_logits(nxt_logits, rules_only=True), rules_only=True)[0][0].tolist()
@@ -150,7 +148,7 @@ class EagerSteps:
             if double and len(work.requested) == c + 1:
                 self._request_next(work)  # the next chunk loads while this one computes
             for entry in cache.as_completed(work.requested[c]):
-                self._settle(entry)
+                self.state.settle(entry)
                 e = entry.key[1]
                 token, slot = work.rows[e]
                 x_e = u if token is None else u[token]  # (n, H)
@@ -171,23 +169,8 @@ class EagerSteps:
                 y.index_add_(0, token, outs[e])
         return y
 
-    def _settle(self, entry: Entry) -> None:
-        """Before computing with an entry the cache handed out: a checksum still running is checked at the
-        forward's end; on CUDA the compute stream waits for the copy into the slot (once), and an exact engine's
-        down matrix goes back to the model's [H, F] layout in the slot (once, the first time it is used)."""
-        if entry.future is not None:  # computed before its checksum completed
-            self._unverified.append(entry.future)
-        if self.transfer is not None and entry.result is not None:  # the copy's event
-            torch.cuda.current_stream(self.device).wait_event(entry.result)
-            entry.result = None
-        if self._layout_pending:
-            fut = self._layout_pending.pop(entry.slot, None)
-            if fut is not None:  # done: the cache waited for it before handing the entry out
-                torch.cuda.current_stream(self.device).wait_event(fut.result())
-                self._down_to_model_layout_device(entry.slot)
-
     def _expert(self, entry: Entry, x: torch.Tensor, token: torch.Tensor | None) -> torch.Tensor:
-        """One expert's ReGLU from its slot (settled by ``_settle``): views of the slot's bytes for the stored
+        """One expert's ReGLU from its slot (settled by ``state.settle``): views of the slot's bytes for the stored
         dtype, decoded otherwise."""
         layer, expert = entry.key
         codec, dtype = self._codec, self.dtype
@@ -210,37 +193,37 @@ class EagerSteps:
         if self._cpu_kernel:  # torch's int4/int8 CPU kernels on the slot's bytes, as they are
             ops = self._views[entry.slot]
             if ops is None:  # views of the slot's bytes: valid whatever the slot holds
-                ops = self._views[entry.slot] = cpu_kernels.expert_operands(self._slot_bytes(entry.slot),
+                ops = self._views[entry.slot] = cpu_kernels.expert_operands(self.state.slot_bytes(entry.slot),
                                                                             self.bundle.format, shape)
             y, g = cpu_kernels.reglu(x, ops)
             if watch:
                 self._fire_expert(layer, expert, token, g[:n])
-            self._neurons_active += int(sparse.active_neurons(g[:n]).numel())
-            self._neurons_total += shape[0]
+            self.state.counters.neurons_active += int(sparse.active_neurons(g[:n]).numel())
+            self.state.counters.neurons_total += shape[0]
             return y
-        if self._zero_copy:
+        if self.state.zero_copy:
             wg, wu, wd = self._slot_views(entry.slot)  # views of the slot's bytes, no copy
         else:
-            mat = self._slot_bytes(entry.slot)
+            mat = self.state.slot_bytes(entry.slot)
         if self.exact:  # the model's ops on the model's layouts (wd: [H, F]), bit-identical results
-            if not self._zero_copy:
+            if not self.state.zero_copy:
                 wg, wu, wd = (codec.decode(mat[m], shape, dtype) for m in ("gate", "up", "down"))
                 wd = wd.t().contiguous()
             g = F.linear(x, wg)  # (n, F)
             if watch:
                 self._fire_expert(layer, expert, token, g[:n])
             if self.device.type == "cpu":
-                self._neurons_active += int(sparse.active_neurons(g).numel())
-                self._neurons_total += shape[0]
+                self.state.counters.neurons_active += int(sparse.active_neurons(g).numel())
+                self.state.counters.neurons_total += shape[0]
             return F.linear(F.linear(x, wu) * F.relu(g), wd)
         if self.device.type == "cuda":  # dense, no host sync
-            if not self._zero_copy:
+            if not self.state.zero_copy:
                 wg, wu, wd = (codec.decode(mat[m], shape, dtype) for m in ("gate", "up", "down"))
             g = F.linear(x, wg)  # (n, F)
             if watch:
                 self._fire_expert(layer, expert, token, g)
             return (F.linear(x, wu) * F.relu(g)) @ wd
-        if self._zero_copy:
+        if self.state.zero_copy:
             g = None
             if watch:  # the gate the hook sees is the one the kernel uses: computed once
                 g = F.linear(x, wg)
@@ -268,8 +251,8 @@ class EagerSteps:
             else:
                 y, _ = sparse.reglu_dense(x, wg, codec.decode(mat["up"], shape, dtype),
                                           codec.decode(mat["down"], shape, dtype))
-        self._neurons_active += n_active
-        self._neurons_total += shape[0]
+        self.state.counters.neurons_active += n_active
+        self.state.counters.neurons_total += shape[0]
         return y
 
     def _expert_hooked(self, entry: Entry, x: torch.Tensor, token: torch.Tensor | None, name: str,
@@ -278,11 +261,11 @@ class EagerSteps:
         edit hooks of ``name`` before down."""
         layer, expert = entry.key
         shape = self.bundle.matrices["gate"].shape  # (F, H)
-        if self._zero_copy:
+        if self.state.zero_copy:
             wg, wu, wd = self._slot_views(entry.slot)  # exact: down in the model's [H, F]; else stored [F, H]
             wd = wd if self.exact else wd.t()
         else:
-            mat = self._slot_bytes(entry.slot)
+            mat = self.state.slot_bytes(entry.slot)
             wg, wu, wd = (self._codec.decode(mat[m], shape, self.dtype) for m in ("gate", "up", "down"))
             wd = wd.t()
         g = F.linear(x, wg)  # (n, F)
@@ -291,15 +274,11 @@ class EagerSteps:
         act = self.hooks.edit(name, F.linear(x, wu) * F.relu(g))  # (n, F)
         return F.linear(act, wd)  # (n, H)
 
-    def _slot_bytes(self, slot: int) -> dict[str, torch.Tensor]:
-        buf = self.arena.tensor(slot)
-        return {m: buf[sp.offset:sp.offset + sp.nbytes] for m, sp in self.bundle.matrices.items()}
-
     def _slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate, up, down^T) as [F, H] views of a slot, made once per slot: they stay valid whatever it holds."""
         views = self._views[slot]
         if views is None:
-            mat, shape = self._slot_bytes(slot), self.bundle.matrices["gate"].shape
+            mat, shape = self.state.slot_bytes(slot), self.bundle.matrices["gate"].shape
             views = tuple(self._codec.decode(mat[m], shape, self.dtype) for m in ("gate", "up", "down"))
             if self.exact:  # the down matrix is kept in the model's [H, F] layout
                 views = (views[0], views[1], mat["down"].view(self.dtype).view(shape[1], shape[0]))
@@ -334,12 +313,12 @@ class EagerSteps:
             logits, rows = sparse_lm_head(h.reshape(1, -1), self.model.lm_head.weight, pred,
                                           fill_value=self.fill_value)
             logits = logits.view(1, 1, -1)
-            self._lm_rows += rows
-            self._lm_calls += 1
+            self.state.counters.lm_head_rows += rows
+            self.state.counters.lm_head_calls += 1
         else:
             logits = self.model.lm_head(h)  # (1, 1, V)
         dt = time.perf_counter() - t0
-        self._t_lm_head += dt
+        self.state.counters.lm_head_seconds += dt
         if self._timing:
-            self.hooks.fire("timing", step=self._step, layer=-1, part="lm_head", seconds=dt)
+            self.hooks.fire("timing", step=self.state.step, layer=-1, part="lm_head", seconds=dt)
         return logits

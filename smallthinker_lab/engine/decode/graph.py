@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ...model.attention import attention_mask
+from ..state import EngineState
 from .base import GraphBase, _sync
 from .fused_ops import POINTWISE, emulates_casts, fused_post, fused_pre, sorted_route
 
@@ -25,22 +26,22 @@ from .fused_ops import POINTWISE, emulates_casts, fused_post, fused_pre, sorted_
 class GraphDecoder(GraphBase):
     """Exact (the model's kernels) or fused graphs; ``fused`` None follows the engine's ``exact``."""
 
-    def __init__(self, engine, fused: bool | None = None, compile: bool = True, fuse_pointwise: bool = True) -> None:
+    def __init__(self, state: EngineState, fused: bool | None = None, compile: bool = True,
+                 fuse_pointwise: bool = True) -> None:
         self.fuse_pointwise = fuse_pointwise  # exact: the elementwise chains compiled (bit-exact), else eager
-        self.fused = (not engine.exact) if fused is None else bool(fused)
+        self.fused = (not state.exact) if fused is None else bool(fused)
         self.compile = compile
-        super().__init__(engine)
+        super().__init__(state)
 
     def usable(self) -> bool:
-        e = self.e
-        return (e.device.type == "cuda" and e._zero_copy and len(e.hooks) == 0 and e.lm_head_predictor is None
-                and self._holds_all() and not e.lookahead)
+        state = self.state
+        return (state.device.type == "cuda" and state.zero_copy and len(state.hooks) == 0
+                and state.lm_head_predictor is None and self._holds_all() and not state.lookahead)
 
     def decode(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Logits (1, 1, V) of one token ids (1, 1) at position ``start``; counters updated as the eager path."""
-        e = self.e
-        e._step += 1
-        e.cache.step = e._step
+        state = self.state
+        state.next_step()
         if not self._valid():
             self._build(ids, start)
         s = self._static
@@ -54,7 +55,7 @@ class GraphDecoder(GraphBase):
             if graph is None:
                 graph = self._graphs[bucket] = self._capture_fused(bucket)
             graph.replay()
-            for layer in e.kv.layers:
+            for layer in state.kv.layers:
                 layer.length += 1
         self.replays += 1
         done = s["done"]
@@ -76,8 +77,8 @@ class GraphDecoder(GraphBase):
 
     def _static_buffers(self, ids: torch.Tensor, start: int) -> None:
         """The exact and fused variants' step inputs and outputs (token, position, expert ids, logits)."""
-        e, s = self.e, self._static
-        cfg, dev = e.config, e.device
+        state, s = self.state, self._static
+        cfg, dev = state.config, state.device
         L, K = cfg.num_hidden_layers, cfg.top_k
         s["tok"] = torch.zeros(1, 1, dtype=torch.long, device=dev)
         s["pos"] = torch.full((1,), start, dtype=torch.long, device=dev)  # the fused warm-up runs this step
@@ -86,15 +87,15 @@ class GraphDecoder(GraphBase):
         cuda = dev.type == "cuda"
         s["ids_host"] = torch.zeros(L, K, dtype=torch.long, pin_memory=cuda)
         s["done"] = torch.cuda.Event() if cuda else None
-        s["logits"] = torch.zeros(1, 1, cfg.vocab_size, dtype=e.dtype, device=dev)  # exact: replaced by the graph's
+        s["logits"] = torch.zeros(1, 1, cfg.vocab_size, dtype=state.dtype, device=dev)  # exact: replaced by the graph's
         _sync(dev)
 
     def _replay_exact(self, start: int) -> None:
-        e, s = self.e, self._static
+        state, s = self.state, self._static
         graphs, positions, attn_in = self._graphs, s["pos"], s["attn"]
-        for i, layer in enumerate(e._layers):
+        for i, layer in enumerate(state.layers):
             graphs[i].replay()
-            attn, kvl = layer.self_attn, e.kv[i]
+            attn, kvl = layer.self_attn, state.kv[i]
             q, gqa = s["q"][i], attn.n_heads != attn.n_kv
             if attn.window is None:  # the graph wrote K/V at the position; attend over exactly the cached keys
                 n = kvl.length + 1
@@ -108,20 +109,20 @@ class GraphDecoder(GraphBase):
         graphs[-1].replay()
 
     def _build_exact(self) -> None:
-        e, s = self.e, self._static
-        cfg, dev, dtype = e.config, e.device, e.dtype
+        state, s = self.state, self._static
+        cfg, dev, dtype = state.config, state.device, state.dtype
         H, K, L, eps = cfg.hidden_size, cfg.top_k, cfg.num_hidden_layers, cfg.rms_norm_eps
-        attn0 = e._layers[0].self_attn
-        s["xbuf"] = torch.empty(K * e.bundle.stride, dtype=torch.uint8, device=dev)
-        words = e.bundle.stride // 8  # the gather moves 8-byte words (records are 4 KiB multiples)
-        arena_rows = e.arena._tensor[:e.arena.n_slots * e.bundle.stride].view(torch.int64).view(e.arena.n_slots, words)
+        attn0 = state.layers[0].self_attn
+        s["xbuf"] = torch.empty(K * state.bundle.stride, dtype=torch.uint8, device=dev)
+        words = state.bundle.stride // 8  # the gather moves 8-byte words (records are 4 KiB multiples)
+        arena_rows = state.arena.flat_view(torch.int64).view(state.arena.n_slots, words)
         xrows = s["xbuf"].view(torch.int64).view(K, words)
         wg, wu, wd = self._slot_views(s["xbuf"], K)
         experts = [(wg[j], wu[j], wd[j]) for j in range(K)]
         s["attn"] = torch.zeros(1, 1, attn0.n_heads * attn0.head_dim, dtype=dtype, device=dev)
         for name in ("q", "k", "v", "w", "sid", "x", "sq"):  # per layer: graph outputs, static between replays
             s[name] = [None] * L
-        model = e.model.model
+        model = state.model.model
 
         def embed():
             x = model.embed_tokens(s["tok"])
@@ -130,8 +131,8 @@ class GraphDecoder(GraphBase):
                 s["cos"], s["sin"] = model.rotary(s["pos"], x.dtype)
 
         def pre(i):
-            layer = e._layers[i]
-            attn, kvl = layer.self_attn, e.kv[i]
+            layer = state.layers[i]
+            attn, kvl = layer.self_attn, state.kv[i]
             x = s["x"][i]
             s["sid"][i], s["w"][i] = sorted_route(layer.block_sparse_moe.route(x).reshape(-1, cfg.num_experts), K,
                                             layer.block_sparse_moe.apply_softmax)
@@ -150,7 +151,7 @@ class GraphDecoder(GraphBase):
             s["q"][i], s["k"][i], s["v"][i] = q, k, v
 
         def post(i):
-            layer = e._layers[i]
+            layer = state.layers[i]
             x, sq = pw["add_sq"](s["x"][i], layer.self_attn.o_proj(s["attn"]))
             u = pw["norm"](x, sq.mean(-1, keepdim=True), layer.post_attention_layernorm.weight, eps).reshape(-1, H)
             y = torch.zeros_like(u)
@@ -162,7 +163,7 @@ class GraphDecoder(GraphBase):
             if i + 1 < L:
                 s["x"][i + 1], s["sq"][i + 1] = x, sq
             else:
-                s["logits"] = e.model.lm_head(pw["norm"](x, sq.mean(-1, keepdim=True), model.norm.weight, eps))
+                s["logits"] = state.model.lm_head(pw["norm"](x, sq.mean(-1, keepdim=True), model.norm.weight, eps))
                 torch.stack(s["sid"], out=s["ids"])
                 s["ids_host"].copy_(s["ids"], non_blocking=True)
 
@@ -190,14 +191,14 @@ class GraphDecoder(GraphBase):
         self._graphs = [self._capture(fn) for fn in pieces]
 
     def _build_fused(self) -> None:
-        e, s = self.e, self._static
-        cfg, dtype = e.config, e.dtype
+        state, s = self.state, self._static
+        cfg, dtype = state.config, state.dtype
         K = cfg.top_k
-        model = e.model.model
+        model = state.model.model
         flat, stride, (og, ou, od) = self._arena_elements()
-        arena = flat.view(e.arena.n_slots, stride)
-        Fh, H = e.bundle.matrices["gate"].shape
-        down = (H, Fh) if e.exact else (Fh, H)  # exact: the model's [H, F] layout, transposed in the slots
+        arena = flat.view(state.arena.n_slots, stride)
+        Fh, H = state.bundle.matrices["gate"].shape
+        down = (H, Fh) if state.exact else (Fh, H)  # exact: the model's [H, F] layout, transposed in the slots
         mats = ((og, Fh, H), (ou, Fh, H), (od, *down))
         pre, post = fused_pre, fused_post
         compiled = False
@@ -212,12 +213,12 @@ class GraphDecoder(GraphBase):
             except Exception as exc:  # noqa: BLE001  the same code, eager kernels in the graph
                 self.compile_error = f"{type(exc).__name__}: {exc}"
         layers = []
-        for i, layer in enumerate(e._layers):
+        for i, layer in enumerate(state.layers):
             a = layer.self_attn
             layers.append(dict(
                 wr=layer.block_sparse_moe.primary_router.weight, ln1=layer.input_layernorm.weight,
                 wq=a.q_proj.weight, wk=a.k_proj.weight, wv=a.v_proj.weight, wo=a.o_proj.weight,
-                ln2=layer.post_attention_layernorm.weight, kv=e.kv[i], window=a.window, use_rope=a.use_rope,
+                ln2=layer.post_attention_layernorm.weight, kv=state.kv[i], window=a.window, use_rope=a.use_rope,
                 softmax=bool(layer.block_sparse_moe.apply_softmax), n_heads=a.n_heads, n_kv=a.n_kv,
                 head_dim=a.head_dim))
         eps = cfg.rms_norm_eps
@@ -240,14 +241,14 @@ class GraphDecoder(GraphBase):
                 kv.pos.index_copy_(0, slot, pos)
                 c = min(keys, kv.capacity)  # the slots that can hold a key: positions < keys, or the whole ring
                 x = post(x, q, kv.k[:, :, :c], kv.v[:, :, :c], kv.pos[:c], pos, p["wo"], p["ln2"], w, slots, arena,
-                         mats=mats, eps=eps, window=p["window"], down_hf=e.exact, compiled=compiled)
-            s["logits"].copy_(e.model.lm_head(model.norm(x.view(1, 1, -1))))
+                         mats=mats, eps=eps, window=p["window"], down_hf=state.exact, compiled=compiled)
+            s["logits"].copy_(state.model.lm_head(model.norm(x.view(1, 1, -1))))
             torch.stack(ids, out=s["ids"])
             s["ids_host"].copy_(s["ids"], non_blocking=True)
 
         self._graphs = {}
         self._fused = {"step": step, "pre": pre, "post": post, "compiled": compiled,
-                       "max_keys": max(kv.capacity for kv in e.kv.layers)}
+                       "max_keys": max(kv.capacity for kv in state.kv.layers)}
         self.compiled = compiled
 
     def _bucket(self, start: int) -> int:
@@ -262,7 +263,7 @@ class GraphDecoder(GraphBase):
         """The fused step's graph for ``keys`` attended slots: warm-up (compiles; it writes the current position's
         K/V, which the replay writes again with the same values), then capture. Inductor failures fall back to the
         same code with eager kernels."""
-        f, dev = self._fused, self.e.device
+        f, dev = self._fused, self.state.device
         step = f["step"]
         try:
             for _ in range(2):

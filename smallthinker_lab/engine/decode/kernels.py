@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..state import EngineState
 from .base import GraphBase
 from .kernels_offload import OffloadedKernelSteps
 
@@ -22,21 +23,21 @@ class KernelDecoder(OffloadedKernelSteps, GraphBase):
 
     kernels = True
 
-    def __init__(self, engine, blocks: dict | None = None) -> None:
-        super().__init__(engine)
+    def __init__(self, state: EngineState, blocks: dict | None = None) -> None:
+        super().__init__(state)
         self.kernel_blocks = blocks
 
     def usable(self) -> bool:
-        e = self.e
-        return (e.device.type == "cuda" and e._zero_copy and len(e.hooks) == 0 and e.lm_head_predictor is None
-                and e.dtype == torch.bfloat16 and not e.bundle.down_transposed and (self._holds_all() or e.prefetch))
+        state = self.state
+        return (state.device.type == "cuda" and state.zero_copy and len(state.hooks) == 0
+                and state.lm_head_predictor is None and state.dtype == torch.bfloat16
+                and not state.bundle.down_transposed and (self._holds_all() or state.prefetch))
 
     def decode(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Logits (1, 1, V) of one token ids (1, 1) at position ``start``; counters updated as the eager path
         (deferred: counted when the next step runs, or at ``flush``)."""
-        e = self.e
-        e._step += 1
-        e.cache.step = e._step
+        state = self.state
+        state.next_step()
         if not self._holds_all() and not self.device_lru():
             return self._decode_offload(ids, start)
         return self._deferred(ids, start, *self._kernel_step(ids, start))
@@ -85,30 +86,30 @@ class KernelDecoder(OffloadedKernelSteps, GraphBase):
         host between steps. Step i is counted (as ``flush`` counts a deferred step) while the device runs step
         i + 1. Yields (token, seconds from resuming to the token on the host); ``check()`` runs before each yield.
         A step launched past a stop token or an interruption is counted as run, and its position is given back."""
-        e = self.e
+        state = self.state
         self.flush()
-        c, cache = e.config, e.cache
-        cuda = e.device.type == "cuda"
+        c, cache = state.config, state.cache
+        cuda = state.device.type == "cuda"
         L, K = c.num_hidden_layers, c.top_k
         with torch.inference_mode():  # the kernels' buffers are inference tensors
-            kern, account, _, _ = self._kernel_step(token.view(1, 1), e.kv.seq_len)
+            kern, account, _, _ = self._kernel_step(token.view(1, 1), state.kv.seq_len)
             sets = [((torch.zeros(L, K, dtype=torch.long, pin_memory=cuda), torch.zeros(L, K, dtype=torch.long,
                       pin_memory=cuda), torch.zeros(1, dtype=torch.long, pin_memory=cuda)),
                      torch.cuda.Event() if cuda else None) for _ in range(3)]
             kern.tok.copy_(token.reshape(1))
-            kern.pos.fill_(e.kv.seq_len)
+            kern.pos.fill_(state.kv.seq_len)
         inflight: deque = deque()
         launched = 0
 
         @torch.inference_mode()
         def launch():
             nonlocal launched
-            e._step += 1
+            step = state.next_step()
             kern.advance()
             buf, ev = sets[launched % 3]
             launched += 1
             self._copy_out(kern, buf, ev)  # with the step's greedy token
-            inflight.append((buf, ev, e._step))
+            inflight.append((buf, ev, step))
             self.replays += 1
 
         @torch.inference_mode()
@@ -128,9 +129,9 @@ class KernelDecoder(OffloadedKernelSteps, GraphBase):
                     launch()  # the device runs it while the host counts step i
                 tok, nbytes = settle()
                 dt = time.perf_counter() - t0
-                e._count("decode", 1, dt, nbytes)
+                state.count("decode", 1, dt, nbytes)
                 check()
-                e._check_unverified()
+                state.check_unverified()
                 yield tok, dt
                 t0 = time.perf_counter()
                 if tok in stop:
@@ -139,7 +140,7 @@ class KernelDecoder(OffloadedKernelSteps, GraphBase):
             try:
                 while inflight:  # launched past the end: run, counted; its position is not kept
                     settle()
-                    for kvl in e.kv.layers:
+                    for kvl in state.kv.layers:
                         kvl.length -= 1
             except BaseException:
                 inflight.clear()
@@ -149,12 +150,12 @@ class KernelDecoder(OffloadedKernelSteps, GraphBase):
     def _deferred(self, ids: torch.Tensor, start: int, kern, account, bufs: list, events: list) -> torch.Tensor:
         """One kernel step, counted later: its outputs go to one of two sets of pinned buffers (``_copy_out``); the
         previous step is counted on the host (``account(buffers, step)``) while the device runs this one."""
-        e, j = self.e, self._flip
+        state, j = self.state, self._flip
         logits = kern.step(ids, start).clone()
         buf, ev = bufs[j], events[j]
         self._copy_out(kern, buf, ev)
         self.flush()  # the previous step's counters, on the host while the device runs this step
-        self._pending, self._flip = (buf, ev, e._step, account), 1 - j
+        self._pending, self._flip = (buf, ev, state.step, account), 1 - j
         self._wait_event = ev  # Engine.forward waits on it after its own bookkeeping (wait())
         self.replays += 1
         return logits
@@ -166,13 +167,13 @@ class KernelDecoder(OffloadedKernelSteps, GraphBase):
     def _build_kernels(self) -> None:
         from ...kernels import DecodeKernels, ExpertTable
 
-        e, s = self.e, self._static
-        L = e.config.num_hidden_layers
+        state, s = self.state, self._static
+        L = state.config.num_hidden_layers
         base, stride, mats = self._arena_elements()
-        offsets = s["slot_table"][:, :, None] * stride + torch.tensor(mats, device=e.device)  # [L, E, 3] elements
-        cuda = e.device.type == "cuda"
-        K = e.config.top_k
+        offsets = s["slot_table"][:, :, None] * stride + torch.tensor(mats, device=state.device)  # [L, E, 3] elements
+        cuda = state.device.type == "cuda"
+        K = state.config.top_k
         self._ids_bufs = [(torch.zeros(L, K, dtype=torch.long, pin_memory=cuda),) for _ in range(2)]  # no slots
         self._ids_events = [torch.cuda.Event() if cuda else None for _ in range(2)]
-        self._kern = DecodeKernels(e.model, e.kv, ExpertTable([base] * L, offsets), graph=e.device.type == "cuda",
+        self._kern = DecodeKernels(state.model, state.kv, ExpertTable([base] * L, offsets), graph=cuda,
                                    blocks=self.kernel_blocks)

@@ -23,18 +23,18 @@ class OffloadedKernelSteps:
         change."""
         from ...kernels import DecodeKernels, ExpertTable
 
-        e = self.e
-        key = (e.cache, e.kv, e.arena)
+        state = self.state
+        key = (state.cache, state.kv, state.arena)
         o = getattr(self, "_off", None)
         if o is not None and all(a is b for a, b in zip(o["key"], key)):
             return o
-        cfg, dev = e.config, e.device
+        cfg, dev = state.config, state.device
         L, E, K = cfg.num_hidden_layers, cfg.num_experts, cfg.top_k
         cuda = dev.type == "cuda"
         base, stride, mats = self._arena_elements()
         table = ExpertTable([base] * L, torch.zeros(L, E, 3, dtype=torch.long, device=dev))  # offsets: the host's
         self._off = o = {
-            "key": key, "kern": DecodeKernels(e.model, e.kv, table, graph=False, blocks=self.kernel_blocks),
+            "key": key, "kern": DecodeKernels(state.model, state.kv, table, graph=False, blocks=self.kernel_blocks),
             "ids": [torch.zeros(2 * K, dtype=torch.long, pin_memory=cuda) for _ in range(L)],  # ids, predicted
             "sel": [torch.zeros(3 * K, dtype=torch.long, pin_memory=cuda) for _ in range(L)],
             "events": [torch.cuda.Event() if cuda else None for _ in range(L)],
@@ -48,7 +48,7 @@ class OffloadedKernelSteps:
         if g is not None:
             g.replay()
             return
-        if name in o["warm"] and self.e.device.type == "cuda":
+        if name in o["warm"] and self.state.device.type == "cuda":
             g = o["graphs"][name] = self._capture(fn)
             g.replay()
             return
@@ -64,16 +64,16 @@ class OffloadedKernelSteps:
         With the engine's ``lookahead``, the first piece also applies the next layer's router to this layer's
         residual, and the predicted experts start reading (``cache.speculate``) right after this layer's misses,
         so the copies of the next layer overlap this layer's compute; accuracy is counted as on the eager path."""
-        e = self.e
+        state = self.state
         o = self._offload_kernels()
-        kern, cache = o["kern"], e.cache
-        if start >= kern._max_pos:
-            raise ValueError(f"position {start} is past the KV cache's capacity {kern._max_pos}")
+        kern, cache = o["kern"], state.cache
+        if start >= kern.max_positions:
+            raise ValueError(f"position {start} is past the KV cache's capacity {kern.max_positions}")
         kern.tok.copy_(ids.reshape(1), non_blocking=True)
         kern.pos.fill_(start)
-        c = kern._cfg(pdl=False)  # copies and host waits sit between the kernels
+        c = kern.launch_config(pdl=False)  # copies and host waits sit between the kernels
         stride, (mg, mu, md) = o["stride"], o["mats"]
-        L, K, la = e.config.num_hidden_layers, e.config.top_k, e.lookahead
+        L, K, la = state.config.num_hidden_layers, state.config.top_k, state.lookahead
         self._piece(o, ("embed",), lambda: kern.launch_embed(c))
         predicted = None
         for i in range(L):
@@ -91,8 +91,7 @@ class OffloadedKernelSteps:
             experts = both[:K]  # ascending ids
             entries = [cache.request((i, x), ahead=True) for x in experts]
             if predicted is not None:
-                e._la_predicted[i] += len(predicted)
-                e._la_correct[i] += len(set(predicted) & set(experts))
+                state.record_lookahead(i, predicted, experts)
                 predicted = None
             if la and i + 1 < L:  # look-ahead: the next layer's predicted experts start reading now
                 predicted = both[K:]
@@ -100,7 +99,7 @@ class OffloadedKernelSteps:
                     cache.speculate((i + 1, x))
             slots = {}
             for entry in cache.as_completed(entries):  # time blocked here is I/O wait
-                e._settle(entry)
+                state.settle(entry)
                 slots[entry.key[1]] = entry.slot
             offs = []
             for x in experts:
@@ -113,7 +112,7 @@ class OffloadedKernelSteps:
             for entry in entries:
                 cache.release(entry)
         self._piece(o, ("final",), lambda: kern.launch_final(c))
-        for kvl in e.kv.layers:
+        for kvl in state.kv.layers:
             kvl.length += 1
         self.replays += 1
         return kern.logits.view(1, 1, -1).clone()
@@ -123,21 +122,21 @@ class OffloadedKernelSteps:
         no look-ahead, and every expert record in page-locked host memory (``host_cache=True``; on a CPU, under
         the Triton interpreter, a host copy the decoder reads itself). Otherwise the host resolves each layer's
         requests (``_decode_offload``)."""
-        e = self.e
-        if e.cache.policy_name != "lru" or e.lookahead or (e._relayout_down or e.bundle.down_transposed):
+        state = self.state
+        if state.cache.policy_name != "lru" or state.lookahead or (state.relayout_down or state.bundle.down_transposed):
             return False
-        if e.transfer is not None:
-            return e.transfer.host is not None
-        return e.device.type == "cpu"
+        if state.transfer is not None:
+            return state.transfer.host is not None
+        return state.device.type == "cpu"
 
     def _host_records(self) -> torch.Tensor:
-        e = self.e
-        if e.transfer is not None:
-            return e.transfer.host
-        if self._host_copy is None or self._host_copy[0] is not e.reader:
+        state = self.state
+        if state.transfer is not None:
+            return state.transfer.host
+        if self._host_copy is None or self._host_copy[0] is not state.reader:
             from ..io import read_all_records
 
-            self._host_copy = (e.reader, *read_all_records(e.reader))
+            self._host_copy = (state.reader, *read_all_records(state.reader))
         return self._host_copy[2]
 
     def _lru_kernels(self) -> dict:
@@ -145,16 +144,16 @@ class OffloadedKernelSteps:
         cache or slots change."""
         from ...kernels import DecodeKernels, ExpertLRU, ExpertTable
 
-        e = self.e
-        key = (e.cache, e.kv, e.arena)
+        state = self.state
+        key = (state.cache, state.kv, state.arena)
         o = self._lru
         if o is not None and all(a is b for a, b in zip(o["key"], key)):
             return o
         self.flush()
-        cfg, dev, b = e.config, e.device, e.bundle
-        L, E, K, S = cfg.num_hidden_layers, cfg.num_experts, cfg.top_k, e.cache.capacity_experts
+        cfg, dev, b = state.config, state.device, state.bundle
+        L, E, K, S = cfg.num_hidden_layers, cfg.num_experts, cfg.top_k, state.cache.capacity_experts
         base, stride, mats = self._arena_elements()
-        host, isz = self._host_records(), e.dtype.itemsize
+        host, isz = self._host_records(), state.dtype.itemsize
         delta = host.data_ptr() - base.data_ptr()
         if delta % isz:
             raise RuntimeError("the host copy of the experts is not aligned to the weights' dtype")
@@ -166,7 +165,7 @@ class OffloadedKernelSteps:
         cuda = dev.type == "cuda"
         self._lru = o = {
             "key": key, "lru": lru, "host": host,  # held: the kernels address its records by raw offsets
-            "kern": DecodeKernels(e.model, e.kv, table, graph=cuda, blocks=self.kernel_blocks, lru=lru),
+            "kern": DecodeKernels(state.model, state.kv, table, graph=cuda, blocks=self.kernel_blocks, lru=lru),
             "bufs": [tuple(torch.zeros(L, K, dtype=torch.long, pin_memory=cuda) for _ in range(2)) for _ in range(2)],
             "events": [torch.cuda.Event() if cuda else None for _ in range(2)]}
         return o
@@ -174,11 +173,11 @@ class OffloadedKernelSteps:
     def _upload_lru(self, lru) -> None:
         """The host cache's state into the device LRU: reads in flight settled (the compute stream waits for their
         copies), then per slot its key and stamp (LRU order; free slots in the order the host takes them)."""
-        e = self.e
-        cache, E = e.cache, e.config.num_experts
+        state = self.state
+        cache, E = state.cache, state.config.num_experts
         cache.drain()
         for entry in cache.entries.values():
-            e._settle(entry)
+            state.settle(entry)
         S = cache.capacity_experts
         owner, stamp = [-1] * S, [0] * S
         order = cache.lru_order()
@@ -198,8 +197,8 @@ class OffloadedKernelSteps:
         evictions, trace, policy; no reads: the kernels wrote the missed experts into their slots), checking that
         both chose the same slots. If they did not, the cache is emptied (the next step starts from nothing
         resident) and a RuntimeError says where."""
-        e = self.e
-        cache = e.cache
+        state = self.state
+        cache = state.cache
         with cache.replaying(step):  # the kernels already wrote the missed experts into their slots
             for layer, (ids, slots) in enumerate(zip(buf[0].tolist(), buf[1].tolist())):
                 entries = []
