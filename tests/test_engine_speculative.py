@@ -11,7 +11,7 @@ from smallthinker_lab.resources import default_draft_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-NEW = 24  # new tokens after a prompt of PROMPT_LEN: the sequence passes the sliding window (128) of the default model
+NEW = 24  # new tokens after a prompt of PROMPT_LEN: the sequence passes the sliding window (64) of the default model
 PROMPT_LEN = 118
 
 
@@ -71,7 +71,7 @@ def test_truncate_acts_as_if_the_positions_were_never_run(prompt):
     """A verify forward of 6 tokens past the full sliding window, truncated to 2 of them: the next logits equal
     those of an engine that ran only the 2 (to float rounding); truncating further back than the forward's start
     is refused, because the rings no longer hold what the shorter sequence needs."""
-    ids = torch.tensor([prompt + prompt[:20]])  # 138 positions > the window of 128
+    ids = torch.tensor([prompt + prompt[:20]])  # 138 positions > the default model's window (64)
     drafted, kept, nxt = torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.tensor([[5, 6]]), torch.tensor([[11]])
     with Engine("default", memory_limit=None, dtype=torch.float32, progress=False) as a, \
             Engine("default", memory_limit=None, dtype=torch.float32, progress=False) as b:
@@ -85,7 +85,8 @@ def test_truncate_acts_as_if_the_positions_were_never_run(prompt):
         assert (got - want).abs().max() < 1e-4
         assert a.kv.bytes_per_layer() == b.kv.bytes_per_layer()
         assert a.stats()["rolled_back_tokens"] == 4 and a.stats()["verify_tokens"] == 6
-        with pytest.raises(ValueError, match="sliding-window layers .*window 128.* no longer hold"):
+        window = a.config.sliding_window_size
+        with pytest.raises(ValueError, match=f"sliding-window layers .*window {window}.* no longer hold"):
             a.truncate(ids.shape[1] - 1)
         with pytest.raises(ValueError, match="must be in"):
             a.truncate(a.kv.seq_len + 1)

@@ -110,34 +110,39 @@ def test_replay_on_a_synthetic_shape_reproduces_the_mapped_trace(tiny, tmp_path,
 
 def test_the_mapping_rule(tiny):
     _, _, traces = tiny
-    src = traces[0]  # 8 layers x 32 experts, top-4, 6 ranks
+    src = traces[0]  # the default model's routing: L layers x E experts, top-k, 6 ranks
+    L, E = src.num_layers, src.num_experts
     rope, swa = hybrid_layouts(20)
     big = SmallThinkerConfig.from_name("smallthinker-test", num_hidden_layers=20, rope_layout=rope,
-                                       sliding_window_layout=swa, moe_num_primary_experts=64,
+                                       sliding_window_layout=swa, moe_num_primary_experts=4 * E,
                                        moe_num_active_primary_experts=6)
     m = src.for_shape(big)
-    for layer in range(20):  # layer l takes layer l mod 8; expert e -> e + 32 * (t mod 2); ranks 5-6 the next-ranked
-        np.testing.assert_array_equal(m.ids[:, layer] % 32, src.ids[:, layer % 8, :6])
+    for layer in range(20):  # layer l takes layer l mod L; expert e -> e + E * (t mod 4); the ranks past k next-ranked
+        np.testing.assert_array_equal(m.ids[:, layer] % E, src.ids[:, layer % L, :6])
     t = np.arange(src.num_positions)
-    assert ((m.ids // 32) == (t % 2)[:, None, None]).all()
-    same = src.for_shape(SmallThinkerConfig.from_name("smallthinker-4b-a0.6b"))
-    np.testing.assert_array_equal(same.ids, src.ids[:, np.arange(32) % 8, :4])
-    assert "l mod 8" in same.description
+    assert ((m.ids // E) == (t % 4)[:, None, None]).all()
+    same = src.for_shape(SmallThinkerConfig.from_name("smallthinker-tiny", num_hidden_layers=3 * L,
+                                                      rope_layout=hybrid_layouts(3 * L)[0],
+                                                      sliding_window_layout=hybrid_layouts(3 * L)[1],
+                                                      moe_num_primary_experts=E, moe_num_active_primary_experts=2))
+    np.testing.assert_array_equal(same.ids, src.ids[:, np.arange(3 * L) % L, :2])
+    assert f"l mod {L}" in same.description
 
 
 def test_bad_traces_are_refused(tiny, tmp_path):
     model, prompts, traces = tiny
     src = traces[0]
-    with pytest.raises(InterventionError, match="cannot map a trace of 32 experts onto 48"):
-        src.for_shape(SmallThinkerConfig.from_name("smallthinker-tiny", moe_num_primary_experts=48))
-    four = RoutingTrace(src.ids[:, :, :4], 4, 32)
+    E = src.num_experts
+    with pytest.raises(InterventionError, match=f"cannot map a trace of {E} experts onto {E + E // 2}"):
+        src.for_shape(SmallThinkerConfig.from_name("smallthinker-tiny", moe_num_primary_experts=E + E // 2))
+    four = RoutingTrace(src.ids[:, :, :4], 4, E)
     with pytest.raises(InterventionError, match="top_k=6 but the trace has 4 ranks"):
-        four.for_shape(SmallThinkerConfig.from_name("smallthinker-tiny", moe_num_primary_experts=64,
+        four.for_shape(SmallThinkerConfig.from_name("smallthinker-tiny", moe_num_primary_experts=2 * E,
                                                     moe_num_active_primary_experts=6))
     with pytest.raises(InterventionError, match="map it with trace.for_shape"):
-        replay(model, RoutingTrace(src.ids[:, :4, :4], 4, 32))
-    with pytest.raises(InterventionError, match=r"ids must be in \[0, 16\)"):
-        RoutingTrace(src.ids, 4, 16)
+        replay(model, RoutingTrace(src.ids[:, :4, :4], 4, E))
+    with pytest.raises(InterventionError, match=rf"ids must be in \[0, {E // 2}\)"):
+        RoutingTrace(src.ids, 4, E // 2)
     own = src.for_shape(model.config)
     with pytest.raises(InterventionError, match="the trace covers 0..20"):  # 16 + 6 - 1 positions
         with replay(model, own):
