@@ -197,34 +197,37 @@ def _down_int8_kernel(a_ptr, base_ptr, sel_off_ptr, sel_w_ptr, x_ptr, out_ptr, H
 def _down_q4_0_kernel(a_ptr, base_ptr, sel_off_ptr, sel_w_ptr, x_ptr, out_ptr, H: tl.constexpr, F: tl.constexpr,
                       K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
                       PDL: tl.constexpr, dst_off_ptr=None, WRITE: tl.constexpr = False):
-    """Program (m, row block): down rows of row m's K experts (Q4_0, blocks along F), the combine, the residual."""
+    """Program (m, row block): down rows of row m's K experts (Q4_0, blocks along F), the combine, the residual.
+    The K experts' rows are one axis of BLOCK_K * BLOCK_R (expert-major), so tiles stay 3-D."""
     NB: tl.constexpr = F // QK
+    KR: tl.constexpr = BLOCK_K * BLOCK_R
     m = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < H
-    jj = tl.arange(0, BLOCK_K)
-    jmask = jj < K
+    t = tl.arange(0, KR)
+    j = t // BLOCK_R  # [KR] the expert of each lane's row
+    rows = tl.program_id(1) * BLOCK_R + t % BLOCK_R
+    tmask = (j < K) & (rows < H)
     b = tl.arange(0, BLOCK_B)
     k = tl.arange(0, 16)
     bmask = b < NB
-    od = tl.multiple_of(tl.load(sel_off_ptr + (m * K + jj) * 3 + 2, mask=jmask, other=0), 16)
-    # [K, rows, B]: byte offset of each block from base; [K, rows, B, 16]: its nibble bytes
-    boff = od[:, None, None] + (rows[None, :, None] * NB + b[None, None, :]) * QB
-    m3 = jmask[:, None, None] & rmask[None, :, None] & bmask[None, None, :]
-    m4 = m3[:, :, :, None]
-    qidx = boff[:, :, :, None] + 2 + k[None, None, None, :]
-    qs = tl.load(base_ptr + qidx, mask=m4, other=0)
-    dsc = tl.load((base_ptr + boff).to(tl.pointer_type(tl.float16)), mask=m3, other=0.0)
+    od = tl.multiple_of(tl.load(sel_off_ptr + (m * K + j) * 3 + 2, mask=j < K, other=0), 16)
+    boff = od[:, None] + (rows[:, None] * NB + b[None, :]) * QB  # [KR, B]: byte offset of each block from base
+    m2 = tmask[:, None] & bmask[None, :]
+    m3 = m2[:, :, None]
+    qidx = boff[:, :, None] + 2 + k[None, None, :]  # [KR, B, 16] nibble bytes
+    qs = tl.load(base_ptr + qidx, mask=m3, other=0)
+    dsc = tl.load((base_ptr + boff).to(tl.pointer_type(tl.float16)), mask=m2, other=0.0)
     _after_previous(PDL)
     if WRITE:
-        dd = tl.load(dst_off_ptr + (m * K + jj) * 3 + 2, mask=jmask, other=-1)
+        dd = tl.load(dst_off_ptr + (m * K + j) * 3 + 2, mask=j < K, other=-1)
         dv = dd >= 0
-        shift = (tl.maximum(dd, 0) - od)[:, None, None]  # from the source's offsets to the slot's
-        tl.store(base_ptr + qidx + shift[:, :, :, None], qs, mask=m4 & dv[:, None, None, None])
-        tl.store((base_ptr + boff + shift).to(tl.pointer_type(tl.float16)), dsc, mask=m3 & dv[:, None, None])
-    el = (m * K + jj)[:, None, None] * F + b[None, :, None] * QK + k[None, None, :]  # [K, B, 16] of a
-    am = jmask[:, None, None] & bmask[None, :, None] & (k < 16)[None, None, :]
-    alo = tl.load(a_ptr + el, mask=am, other=0.0).to(tl.float32)[:, None, :, :]
-    ahi = tl.load(a_ptr + el + 16, mask=am, other=0.0).to(tl.float32)[:, None, :, :]
-    d = _q4_dot(qs, dsc.to(tl.float32), alo, ahi, 3)  # [K, rows]
-    _combine(d.to(tl.bfloat16).to(tl.float32), sel_w_ptr, x_ptr, out_ptr, m, rows, rmask, jj, jmask, H, K, BLOCK_R)
+        shift = (tl.maximum(dd, 0) - od)[:, None]  # from the source's offsets to the slot's
+        tl.store(base_ptr + qidx + shift[:, :, None], qs, mask=m3 & dv[:, None, None])
+        tl.store((base_ptr + boff + shift).to(tl.pointer_type(tl.float16)), dsc, mask=m2 & dv[:, None])
+    el = (m * K + j)[:, None, None] * F + b[None, :, None] * QK + k[None, None, :]  # [KR, B, 16] of a
+    am = ((j < K)[:, None] & bmask[None, :])[:, :, None]
+    alo = tl.load(a_ptr + el, mask=am, other=0.0).to(tl.float32)
+    ahi = tl.load(a_ptr + el + 16, mask=am, other=0.0).to(tl.float32)
+    d = tl.reshape(_q4_dot(qs, dsc.to(tl.float32), alo, ahi, 2), (BLOCK_K, BLOCK_R))  # [K, rows]
+    jj = tl.arange(0, BLOCK_K)
+    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    _combine(d.to(tl.bfloat16).to(tl.float32), sel_w_ptr, x_ptr, out_ptr, m, rr, rr < H, jj, jj < K, H, K, BLOCK_R)
