@@ -47,6 +47,7 @@ from ..model.kv_cache import KVCache, kv_cache_bytes
 from .bundle import (
     _ST_FORMAT,
     FORMAT_DTYPE,
+    GPU_KERNEL_FORMATS,
     RAW_FORMATS,
     BundleError,
     checkpoint_tensors,
@@ -151,7 +152,9 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
             reason = unavailable_reason(self.device)
             if reason:
                 raise RuntimeError(f"cuda_graph='kernels': {reason}")
-            exact = True  # the model's prefill and the model's [H, F] down layout, which the kernels read
+            # the model's prefill and the model's [H, F] down layout, which the kernels read; int8 / q4_0 experts are
+            # decoded for the prefill (not exact), their down in that layout too
+            exact = quantization not in GPU_KERNEL_FORMATS
         self.exact = bool(exact)
         if self.exact:
             sparse_reglu = False
@@ -185,6 +188,8 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
         expert_fmt = quantization or next((_ST_FORMAT.get(stored[n][1]) for n in expected_tensors(config)
                                            if is_expert_tensor(n) and n in stored), None)
         model_layout = self.exact and expert_fmt in RAW_FORMATS and FORMAT_DTYPE[expert_fmt] == self.dtype
+        # the GPU decode kernels read int8 / q4_0 records as they are, down in the model's layout (quantized along F)
+        model_layout = model_layout or (cuda_graph == "kernels" and quantization in GPU_KERNEL_FORMATS)
         self.bundle_dir = ensure_bundle(self.checkpoint_dir, bundle_dir, quantization, progress,
                                         down_transposed=not model_layout)
         self.bundle = open_bundle(self.bundle_dir, config)
@@ -201,10 +206,13 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
         if self._cpu_kernel and (self.exact or self.device.type != "cpu"):
             raise ValueError(f"{self.bundle_dir}: format {self.bundle.format} runs torch's CPU kernels: it needs "
                              f"device='cpu' and exact=False")
-        if not self.bundle.down_transposed and not (self.exact and self._zero_copy) and not self._cpu_kernel:
-            raise BundleError(f"{self.bundle_dir} stores down in the model's [H, F] layout, which only exact=True "
-                              f"with dtype {FORMAT_DTYPE[self.bundle.format]} reads; this engine needs a bundle "
-                              f"converted with down_transposed=True (the default)")
+        quant_hf = self.bundle.format in GPU_KERNEL_FORMATS and not self.exact  # decoded whole: down [H, F]
+        if not self.bundle.down_transposed and not (self.exact and self._zero_copy) and not self._cpu_kernel \
+                and not quant_hf:
+            what = ("exact=False (the GPU decode kernels' layout)" if self.bundle.format in GPU_KERNEL_FORMATS
+                    else f"exact=True with dtype {FORMAT_DTYPE.get(self.bundle.format)}")
+            raise BundleError(f"{self.bundle_dir} stores down in the model's [H, F] layout, which only {what} "
+                              f"reads; this engine needs a bundle converted with down_transposed=True (the default)")
         # exact over a bundle with down transposed: each read's down goes back to [H, F] in its slot
         self._relayout_down = self.exact and self._zero_copy and self.bundle.down_transposed
         isz = itemsize(self.dtype)
@@ -433,7 +441,8 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
         if len(self.hooks):
             return "decode steps run eager while hooks are registered (an instrument records)"
         if self.backend == "kernels":
-            return "decode steps run eager: the offloaded kernel decode needs prefetch=True and the model's down layout"
+            return ("decode steps run eager: the kernel decode needs the experts in its layout (bf16, or int8 / q4_0, "
+                    "down in the model's [H, F]) and, offloaded, prefetch=True")
         return "decode steps run eager: the graphs need every expert resident and no look-ahead"
 
     def memory_plan(self, as_frame: bool = False):

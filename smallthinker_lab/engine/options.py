@@ -128,8 +128,9 @@ def static_reasons(device: torch.device, dtype: torch.dtype, quantization: str |
         why = unavailable_reason(device)
         if why is None and dtype != torch.bfloat16:
             why = f"the decode kernels compute in bfloat16; this engine's dtype is {str(dtype).removeprefix('torch.')}"
-        if why is None and quantization is not None:
-            why = f"the decode kernels read raw bfloat16 experts, not quantization={quantization!r}"
+        if why is None and quantization not in (None, "int8", "q4_0"):
+            why = (f"the decode kernels read bfloat16, int8 or q4_0 experts, not quantization={quantization!r} "
+                   "(int8 / q4_0: a bundle with down in the model's [H, F] layout, made on first use)")
         if why is None and options.lm_head_predictor is not None:
             why = "the decode kernels have no sparse LM head (lm_head_predictor)"
         if why is None and options.sparse_reglu is True:

@@ -28,7 +28,8 @@ class KernelDecoder(OffloadedKernelSteps, GraphBase):
 
     def usable(self) -> bool:
         e = self.e
-        return (e.device.type == "cuda" and e._zero_copy and len(e.hooks) == 0 and e.lm_head_predictor is None
+        zero_copy = e._zero_copy or self._expert_format() != "bf16"  # int8 / q4_0: the kernels read the bytes
+        return (e.device.type == "cuda" and zero_copy and len(e.hooks) == 0 and e.lm_head_predictor is None
                 and e.dtype == torch.bfloat16 and not e.bundle.down_transposed and (self._holds_all() or e.prefetch))
 
     def decode(self, ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -174,5 +175,5 @@ class KernelDecoder(OffloadedKernelSteps, GraphBase):
         K = e.config.top_k
         self._ids_bufs = [(torch.zeros(L, K, dtype=torch.long, pin_memory=cuda),) for _ in range(2)]  # no slots
         self._ids_events = [torch.cuda.Event() if cuda else None for _ in range(2)]
-        self._kern = DecodeKernels(e.model, e.kv, ExpertTable([base] * L, offsets), graph=e.device.type == "cuda",
-                                   blocks=self.kernel_blocks)
+        self._kern = DecodeKernels(e.model, e.kv, ExpertTable([base] * L, offsets, self._expert_format()),
+                                   graph=e.device.type == "cuda", blocks=self.kernel_blocks)
