@@ -174,6 +174,14 @@ def test_layouts_and_bytes():
         qe.record_layout("q4_0", 100, 64)
     with pytest.raises(ValueError, match="expert format"):
         qe.matrix_nbytes("q8_0", 4, 32)
+    x = torch.zeros(1, 64, dtype=BF)
+    with pytest.raises(ValueError, match="flat uint8 tensor"):
+        qe.launch_gate_up("int8", x, x[0], x[0], torch.zeros(3, dtype=torch.long), x, EPS, 64, 32, 1)
+    with pytest.raises(ValueError, match="compute"):
+        qe.launch_down("bf16", x, x[0], torch.zeros(3, dtype=torch.long), x, x, x, 64, 32, 1)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        qe.launch_down("q4_0", x, torch.zeros(8, dtype=torch.uint8), torch.zeros(3, dtype=torch.long), x, x, x, 64,
+                       40, 1)
     with pytest.raises(ValueError, match="uint8 bases"):
         ExpertTable([torch.zeros(10, dtype=BF)], torch.zeros(1, 1, 3, dtype=torch.long), "int8").check(1, 1, 64, 64)
 

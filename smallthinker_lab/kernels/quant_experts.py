@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from .tables import EXPERT_FORMATS, QK4_0, ExpertTable, _p2, matrix_nbytes
+from .tables import EXPERT_FORMATS, QK4_0, ExpertTable, _p2, check_shape, matrix_nbytes
 
 QUANT_FORMATS = EXPERT_FORMATS[1:]
 ALIGN = 64  # bytes: each matrix of a packed record starts at a multiple of this
@@ -90,11 +90,20 @@ def blocks_for(fmt: str, blocks: dict | None) -> dict:
     return {**DEFAULT_QUANT_BLOCKS[fmt], **(blocks or {})}
 
 
+def _check_launch(fmt: str, base: torch.Tensor, H: int, F: int) -> None:
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"quantized expert kernels compute {QUANT_FORMATS}, not {fmt!r}")
+    if base.dtype != torch.uint8:
+        raise ValueError(f"{fmt} experts are read from a flat uint8 tensor of records, not {base.dtype}")
+    check_shape(fmt, H, F)
+
+
 def launch_gate_up(fmt: str, x, ln, base, sel_off, a, eps: float, H: int, F: int, K: int, M: int = 1,
                    blocks: dict | None = None, pdl: bool = False, launch: dict | None = None,
                    dst_off=None) -> None:
     """RMSNorm, gate and up of the K chosen experts of each of M rows, ReGLU, into ``a`` [M, K, F] (bf16): x [M, H]
     bf16, ln [H], base uint8, sel_off [M, K, 3] int64 byte offsets; ``dst_off``: write-through (see triton_quant)."""
+    _check_launch(fmt, base, H, F)
     tq = _triton()
     rows, warps = blocks_for(fmt, blocks)["gate_up"]
     wt = {"dst_off_ptr": dst_off, "WRITE": True} if dst_off is not None else {}
@@ -105,13 +114,14 @@ def launch_gate_up(fmt: str, x, ln, base, sel_off, a, eps: float, H: int, F: int
     elif fmt == "q4_0":
         tq._gate_up_q4_0_kernel[grid](x, ln, base, sel_off, a, float(eps), BLOCK_B=_p2(H // QK4_0), **common)
     else:
-        raise ValueError(f"quantized expert kernels compute {QUANT_FORMATS}, not {fmt!r}")
+        raise AssertionError(fmt)  # _check_launch
 
 
 def launch_down(fmt: str, a, base, sel_off, sel_w, x, out, H: int, F: int, K: int, M: int = 1,
                 blocks: dict | None = None, pdl: bool = False, launch: dict | None = None, dst_off=None) -> None:
     """down of each row's K experts, the combine weighted by ``sel_w`` [M, K] in ascending expert id, plus the
     residual ``x`` [M, H], into ``out`` [M, H] (bf16)."""
+    _check_launch(fmt, base, H, F)
     tq = _triton()
     rows, warps = blocks_for(fmt, blocks)["down"]
     wt = {"dst_off_ptr": dst_off, "WRITE": True} if dst_off is not None else {}
@@ -122,4 +132,4 @@ def launch_down(fmt: str, a, base, sel_off, sel_w, x, out, H: int, F: int, K: in
     elif fmt == "q4_0":
         tq._down_q4_0_kernel[grid](a, base, sel_off, sel_w, x, out, BLOCK_B=_p2(F // QK4_0), **common)
     else:
-        raise ValueError(f"quantized expert kernels compute {QUANT_FORMATS}, not {fmt!r}")
+        raise AssertionError(fmt)  # _check_launch
