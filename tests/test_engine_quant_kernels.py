@@ -96,3 +96,12 @@ def test_engine_from_pretrained_decodes_quantized_experts_with_the_kernels_on_cu
         assert e.explain().set_index("backend").loc["kernels", "reason"] is None
         assert isinstance(e.decoder, KernelDecoder) and e.decoder.usable()
         assert e.generate(prompt, new, stop_tokens=[]).tokens == ref
+
+
+def test_auto_keeps_eager_for_quantized_experts_and_says_why():
+    from smallthinker_lab.engine.options import AUTO_QUANTIZED_NOTE, EngineOptions, choose, static_reasons
+
+    reasons = static_reasons(torch.device("cuda"), BF, "q4_0", EngineOptions())
+    assert choose("auto", reasons, "q4_0") == "eager" and choose("kernels", reasons, "q4_0") == "kernels"
+    assert choose("auto", static_reasons(torch.device("cuda"), BF, None, EngineOptions())) == "kernels"
+    assert "backend='kernels'" in AUTO_QUANTIZED_NOTE

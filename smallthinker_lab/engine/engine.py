@@ -62,7 +62,7 @@ from .generation import EngineBusy, EngineGeneration, GenerationResult  # noqa: 
 from .io import CudaTransfer, ExpertReader
 from .loading import _load_predictor, _load_tokenizer, _probe_dtype, _resolve_dtype, load_non_experts
 from .memory import MemoryPlan, itemsize, limit_for_share, parse_memory_limit, plan_memory, share_of, workspace_bytes
-from .options import BACKENDS, EngineOptions, choose, static_reasons
+from .options import AUTO_QUANTIZED_NOTE, BACKENDS, EngineOptions, choose, static_reasons
 from .quant import KERNEL_FORMATS, get_format
 from .stats import EngineStats
 
@@ -97,7 +97,7 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
         dtype = _probe_dtype(checkpoint_dir, opts.dtype) if dev.type == "cuda" else None
         self._backend_reasons = static_reasons(dev, dtype, quantization, opts)
         self.requested_backend = backend
-        self.backend = choose(backend, self._backend_reasons)
+        self.backend = choose(backend, self._backend_reasons, quantization)
         if self.backend == "graph":
             opts = replace(opts, exact=True)  # the graphs of the model's own kernels
         o = opts
@@ -424,6 +424,8 @@ class Engine(EagerSteps, EngineGeneration, EngineStats):
             if why is None and name != self.backend:
                 why = ("not chosen: graph and fused are used when asked for by name" if name in ("graph", "fused")
                        and self.requested_backend == "auto" else f"not chosen: backend={self.requested_backend!r}")
+                if name == "kernels" and self.requested_backend == "auto" and self.bundle.format in GPU_KERNEL_FORMATS:
+                    why = AUTO_QUANTIZED_NOTE
             if name == self.backend and name != "eager":
                 why = self._step_fallback()
             rows.append({"backend": name, "can_run": self._backend_reasons.get(name) is None,
