@@ -87,9 +87,11 @@ def test_convert_keeps_down_in_the_model_layout_when_asked(ckpt, tmp_path):
     for name, w in {"gate": ex.gate.weight, "up": ex.up.weight, "down": ex.down.weight}.items():  # down [H, F]
         assert torch.equal(fmt.decode(_read_matrix(b, 1, 4, name), w.shape, torch.float32), w.detach())
     assert open_bundle(convert(folder, tmp_path / "fh", progress=False), model.config).down_transposed is True
-    for quantization in ("int8", "q4_0"):
-        with pytest.raises(BundleError, match="model's \\[H, F\\] layout needs a raw float format"):
-            convert(folder, tmp_path / quantization, quantization, progress=False, down_transposed=False)
+    for quantization in ("int8", "q4_0"):  # the GPU decode kernels' layout: down [H, F], quantized along F
+        q = open_bundle(convert(folder, tmp_path / quantization, quantization, progress=False, down_transposed=False),
+                        model.config)
+        assert q.down_transposed is False and q.matrices["down"].shape == (H, F)
+        assert _read_matrix(q, 1, 4, "down") == get_format(quantization).encode(ex.down.weight).numpy().tobytes()
 
 
 @pytest.mark.parametrize("quantization", ["int8", "q4_0"])

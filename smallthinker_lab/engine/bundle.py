@@ -106,6 +106,9 @@ class MatrixSpec:
 
 
 RAW_FORMATS = ("bf16", "fp16", "fp32")  # formats whose down matrix may be stored in the model's [H, F] layout
+# quantized formats the GPU decode kernels read as they are (smallthinker_lab.kernels.quant_experts): with down in the
+# model's [H, F] layout, quantized along F (as a GGUF's down blocks run)
+GPU_KERNEL_FORMATS = ("int8", "q4_0")
 
 
 def packing(fmt: str) -> str | None:
@@ -123,11 +126,13 @@ def record_layout(hidden: int, ffn: int, fmt: str, down_transposed: bool = True
     """The matrices of one record, the payload size (end of the last matrix) and the stride (4 KiB aligned).
 
     ``down_transposed`` (the default) stores down as [F, H], rows per neuron for the sparse ReGLU; False keeps the
-    model's [H, F] (raw float formats only): what ``exact=True`` computes with, so no read needs a transpose.
+    model's [H, F] (raw float formats, and int8 / q4_0 for the GPU decode kernels, quantized along F): what
+    ``exact=True`` and the decode kernels compute with, so no read needs a transpose.
     The kernel formats need False (their down is the kernel's (out, in) operand)."""
     f = get_format(fmt)
-    if not down_transposed and fmt not in RAW_FORMATS + KERNEL_FORMATS:
-        raise BundleError(f"down in the model's [H, F] layout needs a raw float format {RAW_FORMATS}, not {fmt}")
+    if not down_transposed and fmt not in RAW_FORMATS + KERNEL_FORMATS + GPU_KERNEL_FORMATS:
+        raise BundleError(f"down in the model's [H, F] layout needs a raw float format {RAW_FORMATS} or one the GPU "
+                          f"decode kernels read {GPU_KERNEL_FORMATS}, not {fmt}")
     if down_transposed and fmt in KERNEL_FORMATS:
         raise BundleError(f"format {fmt} stores down in the model's [H, F] layout: down_transposed must be False")
     specs, off = {}, 0

@@ -46,6 +46,7 @@ from ..model.kv_cache import KVCache, kv_cache_bytes
 from .bundle import (
     _ST_FORMAT,
     FORMAT_DTYPE,
+    GPU_KERNEL_FORMATS,
     RAW_FORMATS,
     BundleError,
     checkpoint_tensors,
@@ -60,7 +61,7 @@ from .generation import EngineBusy, EngineGeneration, GenerationResult  # noqa: 
 from .io import CudaTransfer, ExpertReader
 from .loading import _load_predictor, _load_tokenizer, _probe_dtype, _resolve_dtype, load_non_experts
 from .memory import MemoryPlan, itemsize, limit_for_share, parse_memory_limit, plan_memory, share_of, workspace_bytes
-from .options import BACKENDS, EngineOptions, choose, static_reasons
+from .options import AUTO_QUANTIZED_NOTE, BACKENDS, EngineOptions, choose, static_reasons
 from .quant import KERNEL_FORMATS, get_format
 from .state import EngineState, StateFields
 from .stats import EngineStats
@@ -97,7 +98,7 @@ class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
         dtype = _probe_dtype(checkpoint_dir, opts.dtype) if dev.type == "cuda" else None
         self._backend_reasons = static_reasons(dev, dtype, quantization, opts)
         self.requested_backend = backend
-        self.backend = choose(backend, self._backend_reasons)
+        self.backend = choose(backend, self._backend_reasons, quantization)
         if self.backend == "graph":
             opts = replace(opts, exact=True)  # the graphs of the model's own kernels
         o = opts
@@ -153,7 +154,9 @@ class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
             reason = unavailable_reason(self.device)
             if reason:
                 raise RuntimeError(f"cuda_graph='kernels': {reason}")
-            exact = True  # the model's prefill and the model's [H, F] down layout, which the kernels read
+            # the model's prefill and the model's [H, F] down layout, which the kernels read; int8 / q4_0 experts are
+            # decoded for the prefill (not exact), their down in that layout too
+            exact = quantization not in GPU_KERNEL_FORMATS
         self.exact = bool(exact)
         if self.exact:
             sparse_reglu = False
@@ -187,6 +190,8 @@ class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
         expert_fmt = quantization or next((_ST_FORMAT.get(stored[n][1]) for n in expected_tensors(config)
                                            if is_expert_tensor(n) and n in stored), None)
         model_layout = self.exact and expert_fmt in RAW_FORMATS and FORMAT_DTYPE[expert_fmt] == self.dtype
+        # the GPU decode kernels read int8 / q4_0 records as they are, down in the model's layout (quantized along F)
+        model_layout = model_layout or (cuda_graph == "kernels" and quantization in GPU_KERNEL_FORMATS)
         self.bundle_dir = ensure_bundle(self.checkpoint_dir, bundle_dir, quantization, progress,
                                         down_transposed=not model_layout)
         self.bundle = open_bundle(self.bundle_dir, config)
@@ -203,10 +208,13 @@ class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
         if self._cpu_kernel and (self.exact or self.device.type != "cpu"):
             raise ValueError(f"{self.bundle_dir}: format {self.bundle.format} runs torch's CPU kernels: it needs "
                              f"device='cpu' and exact=False")
-        if not self.bundle.down_transposed and not (self.exact and self._zero_copy) and not self._cpu_kernel:
-            raise BundleError(f"{self.bundle_dir} stores down in the model's [H, F] layout, which only exact=True "
-                              f"with dtype {FORMAT_DTYPE[self.bundle.format]} reads; this engine needs a bundle "
-                              f"converted with down_transposed=True (the default)")
+        quant_hf = self.bundle.format in GPU_KERNEL_FORMATS and not self.exact  # decoded whole: down [H, F]
+        if not self.bundle.down_transposed and not (self.exact and self._zero_copy) and not self._cpu_kernel \
+                and not quant_hf:
+            what = ("exact=False (the GPU decode kernels' layout)" if self.bundle.format in GPU_KERNEL_FORMATS
+                    else f"exact=True with dtype {FORMAT_DTYPE.get(self.bundle.format)}")
+            raise BundleError(f"{self.bundle_dir} stores down in the model's [H, F] layout, which only {what} "
+                              f"reads; this engine needs a bundle converted with down_transposed=True (the default)")
         # exact over a bundle with down transposed: each read's down goes back to [H, F] in its slot
         self._relayout_down = self.exact and self._zero_copy and self.bundle.down_transposed
         isz = itemsize(self.dtype)
@@ -412,6 +420,8 @@ class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
             if why is None and name != self.backend:
                 why = ("not chosen: graph and fused are used when asked for by name" if name in ("graph", "fused")
                        and self.requested_backend == "auto" else f"not chosen: backend={self.requested_backend!r}")
+                if name == "kernels" and self.requested_backend == "auto" and self.bundle.format in GPU_KERNEL_FORMATS:
+                    why = AUTO_QUANTIZED_NOTE
             if name == self.backend and name != "eager":
                 why = self._step_fallback()
             rows.append({"backend": name, "can_run": self._backend_reasons.get(name) is None,
@@ -429,7 +439,8 @@ class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
         if len(self.hooks):
             return "decode steps run eager while hooks are registered (an instrument records)"
         if self.backend == "kernels":
-            return "decode steps run eager: the offloaded kernel decode needs prefetch=True and the model's down layout"
+            return ("decode steps run eager: the kernel decode needs the experts in its layout (bf16, or int8 / q4_0, "
+                    "down in the model's [H, F]) and, offloaded, prefetch=True")
         return "decode steps run eager: the graphs need every expert resident and no look-ahead"
 
     def memory_plan(self, as_frame: bool = False):

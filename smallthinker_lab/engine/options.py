@@ -113,6 +113,11 @@ EngineOptions.__doc__ += "\n\n" + "\n".join(f"* ``{f.name}`` (default {f.default
                                           for f in fields(EngineOptions))
 
 
+# why backend="auto" keeps eager for int8 / q4_0 experts (explain() says it)
+AUTO_QUANTIZED_NOTE = ("not chosen: int8 / q4_0 experts decode with the kernels when asked for by name "
+                       "(backend='kernels'); auto keeps eager until their kernels are measured on the GPU")
+
+
 def static_reasons(device: torch.device, dtype: torch.dtype, quantization: str | None,
                    options: EngineOptions) -> dict[str, str | None]:
     """For each backend, why it cannot run at all for this device, dtype and options (None: it can)."""
@@ -128,8 +133,9 @@ def static_reasons(device: torch.device, dtype: torch.dtype, quantization: str |
         why = unavailable_reason(device)
         if why is None and dtype != torch.bfloat16:
             why = f"the decode kernels compute in bfloat16; this engine's dtype is {str(dtype).removeprefix('torch.')}"
-        if why is None and quantization is not None:
-            why = f"the decode kernels read raw bfloat16 experts, not quantization={quantization!r}"
+        if why is None and quantization not in (None, "int8", "q4_0"):
+            why = (f"the decode kernels read bfloat16, int8 or q4_0 experts, not quantization={quantization!r} "
+                   "(int8 / q4_0: a bundle with down in the model's [H, F] layout, made on first use)")
         if why is None and options.lm_head_predictor is not None:
             why = "the decode kernels have no sparse LM head (lm_head_predictor)"
         if why is None and options.sparse_reglu is True:
@@ -138,12 +144,12 @@ def static_reasons(device: torch.device, dtype: torch.dtype, quantization: str |
     return reasons
 
 
-def choose(requested: str, reasons: dict[str, str | None]) -> str:
+def choose(requested: str, reasons: dict[str, str | None], quantization: str | None = None) -> str:
     """The backend to build: ``requested`` if it can run (else BackendUnavailable), or for "auto" the kernels when
     they can run, else eager (graph and fused are chosen by name: graph is slower than the kernels, fused is not
-    bit-identical to the model)."""
+    bit-identical to the model; int8 / q4_0 experts run the kernels only by name, ``AUTO_QUANTIZED_NOTE``)."""
     if requested == "auto":
-        return "kernels" if reasons["kernels"] is None else "eager"
+        return "kernels" if reasons["kernels"] is None and quantization is None else "eager"
     if requested not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}, got {requested!r}")
     if reasons[requested] is not None:

@@ -487,3 +487,26 @@ def get_format(name: str) -> QuantFormat:
         return FORMATS[name]
     except KeyError:
         raise ValueError(f"unknown weight format {name!r}; known: {sorted(FORMATS)}") from None
+
+
+# ------------------------------------------------------------------ the GPU decode kernels' quantized experts
+def kernel_experts(model, fmt: str, dequantise_model: bool = True):
+    """The model's experts quantized for the Triton decode kernels (``smallthinker_lab.kernels.quant_experts``):
+    an ExpertTable of ``fmt`` ("int8" per-row, "q4_0" ggml) records, gate/up [F, H] and down [H, F] quantized
+    along their last dimension, the bytes this module's ``int8`` / ``q4_0`` formats write. ``dequantise_model``:
+    also set the model's expert weights to the dequantised values (rounded to the model's dtype), so that its own
+    forward (the kernel runner's prefill, an eager reference) computes the same weights up to that rounding."""
+    from ..kernels.quant_experts import QUANT_FORMATS, pack_quantized
+
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"the decode kernels read quantized experts as {QUANT_FORMATS}, not {fmt!r}")
+    f = get_format(fmt)
+    table = pack_quantized(model, fmt, f.encode)
+    if dequantise_model:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for ex in layer.block_sparse_moe.experts:
+                    for lin in (ex.gate, ex.up, ex.down):
+                        w = lin.weight
+                        w.copy_(f.decode(f.encode(w.detach().float().cpu()), w.shape, torch.float32).to(w.dtype))
+    return table

@@ -22,15 +22,23 @@ Requirements: bf16 weights on a CUDA device (on a CPU only under ``TRITON_INTERP
 first imported: the tests run the kernels so); q/k/v/o, router and expert matrices contiguous; down in the model's
 [H, F] layout.
 
+Quantized experts: an ``ExpertTable`` of format "int8" (per-row scales) or "q4_0" (ggml blocks) holds uint8 records
+read by the int8 / Q4_0 expert products of triton_quant.py, dequantised in registers (about 2x / 3.6x fewer bytes
+per token than bf16); the rest of the step is unchanged. ``smallthinker_lab.engine.quant.kernel_experts(model,
+fmt)`` quantizes a model's experts so (``KernelRunner(model, experts=...)``).
+
 Files: availability.py (where they run), tables.py (how experts are addressed), decode_kernels.py (the step),
-runner.py (the in-memory model through them), triton_decode.py (the kernels).
+runner.py (the in-memory model through them), triton_decode.py (the kernels), quant_experts.py and
+triton_quant.py (quantized experts: layouts and launches, kernels).
 """
 
 from .availability import interpreted, unavailable_reason
 from .decode_kernels import DEFAULT_BLOCKS, DecodeKernels
+from .quant_experts import DEFAULT_QUANT_BLOCKS, QUANT_FORMATS, pack_quantized
 from .runner import KernelRunner
-from .tables import ExpertLRU, ExpertTable, _p2, pack_experts, workspace_bytes
+from .tables import EXPERT_FORMATS, ExpertLRU, ExpertTable, _p2, pack_experts, workspace_bytes
 
-__all__ = ["DEFAULT_BLOCKS", "DecodeKernels", "ExpertLRU", "ExpertTable", "KernelRunner", "interpreted", "pack_experts",
-           "unavailable_reason", "workspace_bytes"]
+__all__ = ["DEFAULT_BLOCKS", "DEFAULT_QUANT_BLOCKS", "EXPERT_FORMATS", "QUANT_FORMATS", "DecodeKernels", "ExpertLRU",
+           "ExpertTable", "KernelRunner", "interpreted", "pack_experts", "pack_quantized", "unavailable_reason",
+           "workspace_bytes"]
 _ = _p2  # benchmarks/zero_copy.py sizes its tiles with it

@@ -19,7 +19,8 @@ def _kernels():
 # tiles of the kernels: (rows of a weight matrix per program, warps) for the products, (keys per step, warps) for
 # attention; "pdl": launch with programmatic dependent launch (CUDA, compute capability 9.0 and up), so that each
 # kernel's weight reads overlap the previous kernel. Tuned on an H100 for the 4B shape by
-# benchmarks/gpu_decode_graph.py --tune
+# benchmarks/gpu_decode_graph.py --tune. Quantized experts (an ExpertTable of format "int8" / "q4_0"): their tiles
+# are quant_experts.DEFAULT_QUANT_BLOCKS, overridden by blocks["int8"] / blocks["q4_0"] ({"gate_up": ..., "down": ...})
 DEFAULT_BLOCKS = {"pre": (2, 4), "oproj": (8, 4), "gate_up": (4, 2), "down": (2, 2), "attn": (64, 2), "pdl": True}
 
 
@@ -28,7 +29,8 @@ class DecodeKernels:
     ``experts``, as five Triton kernels per layer; ``graph=True`` captures the step as one CUDA graph on first use.
 
     ``step(token, pos)`` returns the logits (1, 1, V), writes the position's K/V and advances ``kv``; the step's
-    chosen expert ids (ascending, per layer) are in ``ids`` (device)."""
+    chosen expert ids (ascending, per layer) are in ``ids`` (device). With ``experts.format`` "int8" or "q4_0" the
+    expert products read the quantized records (quant_experts.py); the rest of the step is unchanged."""
 
     def __init__(self, model, kv: KVCache, experts: ExpertTable, graph: bool = True,
                  blocks: dict | None = None, lru: ExpertLRU | None = None) -> None:
@@ -187,6 +189,17 @@ class DecodeKernels:
         wt = {"dst_off_ptr": self.dst_off, "WRITE": True} if self.lru is not None else {}  # write-through
         tk._oproj_kernel[(-(-H // orr),)](self.o, p["wo"], x, xm, H=H, HD=self.nq, BLOCK_R=orr,
                                            BLOCK_D=_p2(self.nq), PDL=pdl, num_warps=ow, **launch)
+        fmt = self.experts.format
+        if fmt != "bf16":  # int8 / Q4_0 records, dequantised in registers (quant_experts.py)
+            from . import quant_experts as qe
+
+            dst = self.dst_off if self.lru is not None else None
+            qb = b.get(fmt)
+            qe.launch_gate_up(fmt, xm, p["ln2"], p["base"], self.sel_off, self.a, float(cfg.rms_norm_eps), H, Fh, K,
+                              blocks=qb, pdl=pdl, launch=launch, dst_off=dst)
+            qe.launch_down(fmt, self.a, p["base"], self.sel_off, self.sel_w, xm, x, H, Fh, K, blocks=qb, pdl=pdl,
+                           launch=launch, dst_off=dst)
+            return
         tk._gate_up_kernel[(K, -(-Fh // gr))](xm, p["ln2"], p["base"], self.sel_off, self.a,
                                               float(cfg.rms_norm_eps), H=H, F=Fh, BLOCK_R=gr, BLOCK_H=_p2(H),
                                               PDL=pdl, num_warps=gw, **wt, **launch)

@@ -10,14 +10,17 @@ from ..model.generate import GenerationResult, GenerationStats, SamplingConfig, 
 from ..model.kv_cache import KVCache
 from .availability import unavailable_reason
 from .decode_kernels import DecodeKernels
-from .tables import pack_experts
+from .tables import ExpertTable, pack_experts
 
 
 class KernelRunner:
     """The in-memory model with kernel decode: ``step(ids)`` prefills eagerly (the model's forward, into a KV cache
-    of ``max_context`` positions) and decodes one token through ``DecodeKernels``. Packs the model's experts."""
+    of ``max_context`` positions) and decodes one token through ``DecodeKernels``. Packs the model's experts, or
+    decodes with ``experts`` (an ExpertTable, e.g. quantized: ``smallthinker_lab.engine.quant.kernel_experts``;
+    prefill then stays the model's own, over its bf16 experts)."""
 
-    def __init__(self, model, max_context: int | None = None, graph: bool = True, blocks: dict | None = None):
+    def __init__(self, model, max_context: int | None = None, graph: bool = True, blocks: dict | None = None,
+                 experts: ExpertTable | None = None):
         cfg = model.config
         reason = unavailable_reason(model.device)
         if reason:
@@ -25,7 +28,8 @@ class KernelRunner:
         self.model = model
         self.max_context = int(max_context or min(2048, cfg.max_position_embeddings))
         self.kv = KVCache(cfg, 1, model.dtype, model.device, capacity=self.max_context)
-        self.kernels = DecodeKernels(model, self.kv, pack_experts(model), graph=graph, blocks=blocks)
+        table = experts if experts is not None else pack_experts(model)
+        self.kernels = DecodeKernels(model, self.kv, table, graph=graph, blocks=blocks)
 
     def reset(self) -> None:
         self.kv.reset()

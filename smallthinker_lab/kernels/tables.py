@@ -14,24 +14,65 @@ def _p2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+EXPERT_FORMATS = ("bf16", "int8", "q4_0")  # how the kernels read experts (quant_experts.py: the quantized ones)
+QK4_0, Q4_0_BLOCK = 32, 18  # ggml Q4_0: weights and bytes per block
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in EXPERT_FORMATS:
+        raise ValueError(f"expert format must be one of {EXPERT_FORMATS}, got {fmt!r}")
+    return fmt
+
+
+def matrix_nbytes(fmt: str, rows: int, cols: int) -> int:
+    """Bytes of one [rows, cols] weight matrix in ``fmt`` (quantized along cols)."""
+    check_format(fmt)
+    if fmt == "bf16":
+        return rows * cols * 2
+    if fmt == "int8":
+        return rows * 4 + rows * cols
+    if cols % QK4_0:
+        raise ValueError(f"Q4_0 needs the dot-product dimension divisible by {QK4_0}, got a [{rows}, {cols}] matrix")
+    return rows * (cols // QK4_0) * Q4_0_BLOCK
+
+
+def check_shape(fmt: str, hidden: int, ffn: int) -> None:
+    """That the kernels of ``fmt`` compute experts of this shape (Q4_0: H and F multiples of 32)."""
+    matrix_nbytes(fmt, ffn, hidden)
+    matrix_nbytes(fmt, hidden, ffn)
+
+
 @dataclass
 class ExpertTable:
     """Where each expert's matrices are: ``bases[l]`` a flat tensor of the weights' dtype, ``offsets[l, e]`` the
-    element offsets in it of gate [F, H], up [F, H] and down [H, F] (row-major, multiples of 16 elements)."""
+    element offsets in it of gate [F, H], up [F, H] and down [H, F] (row-major, multiples of 16 elements).
+
+    ``format`` "int8" or "q4_0" (quant_experts.py): the bases are flat uint8 tensors of quantized records and the
+    offsets are byte offsets (multiples of 16 bytes)."""
 
     bases: list[torch.Tensor]
     offsets: torch.Tensor  # [L, E, 3] int64, on the device
+    format: str = "bf16"
 
     def check(self, num_layers: int, num_experts: int, ffn: int, hidden: int) -> None:
+        fmt = check_format(self.format)
         if len(self.bases) != num_layers or tuple(self.offsets.shape) != (num_layers, num_experts, 3):
             raise ValueError(f"expert table: {len(self.bases)} bases and offsets {tuple(self.offsets.shape)}, "
                              f"expected {num_layers} and ({num_layers}, {num_experts}, 3)")
+        unit = "elements" if fmt == "bf16" else "bytes"
         if bool((self.offsets % 16 != 0).any()):
-            raise ValueError("expert table: every matrix offset must be a multiple of 16 elements")
+            raise ValueError(f"expert table: every matrix offset must be a multiple of 16 {unit}")
+        if fmt != "bf16":
+            check_shape(fmt, hidden, ffn)
+            bad = [i for i, b in enumerate(self.bases) if b.dtype != torch.uint8]
+            if bad:
+                raise ValueError(f"expert table: {fmt} experts need uint8 bases; layer {bad[0]}'s is "
+                                 f"{self.bases[bad[0]].dtype}")
+        size = ffn * hidden if fmt == "bf16" else max(matrix_nbytes(fmt, ffn, hidden), matrix_nbytes(fmt, hidden, ffn))
         for i, base in enumerate(self.bases):
-            end = int(self.offsets[i].max()) + ffn * hidden
+            end = int(self.offsets[i].max()) + size
             if base.numel() < end:
-                raise ValueError(f"expert table: layer {i}'s base holds {base.numel()} elements, fewer than its "
+                raise ValueError(f"expert table: layer {i}'s base holds {base.numel()} {unit}, fewer than its "
                                  f"offsets address ({end})")
 
 

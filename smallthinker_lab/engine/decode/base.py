@@ -143,6 +143,11 @@ class GraphBase(Decoder):
         table = [[cache.entries[(layer, x)].slot for x in range(E)] for layer in range(L)]
         return torch.tensor(table, dtype=torch.long, device=state.device)
 
+    def _expert_format(self) -> str:
+        """How the decode kernels read the slots: "bf16" (the engine's weights), or the bundle's int8 / q4_0 bytes."""
+        fmt = self.state.bundle.format
+        return fmt if fmt in ("int8", "q4_0") else "bf16"
+
     def _slot_views(self, base: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate, up, down) of ``n`` records laid out every ``stride`` bytes from ``base`` (uint8): [n, F, H] x 2 and
         down [n, H, F] (exact: the model's layout) or [n, F, H] (stored)."""
@@ -170,8 +175,10 @@ class GraphBase(Decoder):
 
     def _arena_elements(self) -> tuple[torch.Tensor, int, list[int]]:
         """Every slot as one flat tensor of the engine's dtype, the record stride in elements, and the element
-        offsets of gate, up and down inside a record."""
+        offsets of gate, up and down inside a record; with int8 / q4_0 records (``_expert_format``) a flat uint8
+        tensor, the stride and offsets in bytes."""
         state = self.state
-        isz, m = state.dtype.itemsize, state.bundle.matrices
-        flat = state.arena.flat_view(state.dtype)
+        dtype = state.dtype if self._expert_format() == "bf16" else torch.uint8
+        isz, m = dtype.itemsize, state.bundle.matrices
+        flat = state.arena.flat_view(dtype)
         return flat, state.bundle.stride // isz, [m[k].offset // isz for k in ("gate", "up", "down")]

@@ -216,9 +216,10 @@ class EagerSteps:
                 self.state.counters.neurons_active += int(sparse.active_neurons(g).numel())
                 self.state.counters.neurons_total += shape[0]
             return F.linear(F.linear(x, wu) * F.relu(g), wd)
-        if self.device.type == "cuda":  # dense, no host sync
+        if self.device.type == "cuda" or not self.bundle.down_transposed:  # dense, no host sync
             if not self.state.zero_copy:
-                wg, wu, wd = (codec.decode(mat[m], shape, dtype) for m in ("gate", "up", "down"))
+                wg, wu = (codec.decode(mat[m], shape, dtype) for m in ("gate", "up"))
+                wd = self._down_fh(mat["down"], dtype)
             g = F.linear(x, wg)  # (n, F)
             if watch:
                 self._fire_expert(layer, expert, token, g)
@@ -266,13 +267,20 @@ class EagerSteps:
             wd = wd if self.exact else wd.t()
         else:
             mat = self.state.slot_bytes(entry.slot)
-            wg, wu, wd = (self._codec.decode(mat[m], shape, self.dtype) for m in ("gate", "up", "down"))
-            wd = wd.t()
+            wg, wu = (self._codec.decode(mat[m], shape, self.dtype) for m in ("gate", "up"))
+            wd = self._down_fh(mat["down"], self.dtype).t()
         g = F.linear(x, wg)  # (n, F)
         if watch:
             self._fire_expert(layer, expert, token, g)
         act = self.hooks.edit(name, F.linear(x, wu) * F.relu(g))  # (n, F)
         return F.linear(act, wd)  # (n, H)
+
+    def _down_fh(self, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A record's down matrix decoded as [F, H]: stored so, or in the model's [H, F] (int8 / q4_0 quantized along
+        F, the GPU decode kernels' layout: decoded, then transposed)."""
+        spec = self.bundle.matrices["down"]
+        w = self._codec.decode(buf, spec.shape, dtype)
+        return w if self.bundle.down_transposed else w.t()
 
     def _slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate, up, down^T) as [F, H] views of a slot, made once per slot: they stay valid whatever it holds."""

@@ -29,7 +29,8 @@ class KernelDecoder(OffloadedKernelSteps, GraphBase):
 
     def usable(self) -> bool:
         state = self.state
-        return (state.device.type == "cuda" and state.zero_copy and len(state.hooks) == 0
+        zero_copy = state.zero_copy or self._expert_format() != "bf16"  # int8 / q4_0: the kernels read the bytes
+        return (state.device.type == "cuda" and zero_copy and len(state.hooks) == 0
                 and state.lm_head_predictor is None and state.dtype == torch.bfloat16
                 and not state.bundle.down_transposed and (self._holds_all() or state.prefetch))
 
@@ -175,5 +176,5 @@ class KernelDecoder(OffloadedKernelSteps, GraphBase):
         K = state.config.top_k
         self._ids_bufs = [(torch.zeros(L, K, dtype=torch.long, pin_memory=cuda),) for _ in range(2)]  # no slots
         self._ids_events = [torch.cuda.Event() if cuda else None for _ in range(2)]
-        self._kern = DecodeKernels(state.model, state.kv, ExpertTable([base] * L, offsets), graph=cuda,
-                                   blocks=self.kernel_blocks)
+        self._kern = DecodeKernels(state.model, state.kv, ExpertTable([base] * L, offsets, self._expert_format()),
+                                   graph=cuda, blocks=self.kernel_blocks)

@@ -32,7 +32,8 @@ class OffloadedKernelSteps:
         L, E, K = cfg.num_hidden_layers, cfg.num_experts, cfg.top_k
         cuda = dev.type == "cuda"
         base, stride, mats = self._arena_elements()
-        table = ExpertTable([base] * L, torch.zeros(L, E, 3, dtype=torch.long, device=dev))  # offsets: the host's
+        table = ExpertTable([base] * L, torch.zeros(L, E, 3, dtype=torch.long, device=dev),  # offsets: the host's
+                            self._expert_format())
         self._off = o = {
             "key": key, "kern": DecodeKernels(state.model, state.kv, table, graph=False, blocks=self.kernel_blocks),
             "ids": [torch.zeros(2 * K, dtype=torch.long, pin_memory=cuda) for _ in range(L)],  # ids, predicted
@@ -153,7 +154,7 @@ class OffloadedKernelSteps:
         cfg, dev, b = state.config, state.device, state.bundle
         L, E, K, S = cfg.num_hidden_layers, cfg.num_experts, cfg.top_k, state.cache.capacity_experts
         base, stride, mats = self._arena_elements()
-        host, isz = self._host_records(), state.dtype.itemsize
+        host, isz = self._host_records(), base.element_size()  # offsets in the base's elements (uint8: bytes)
         delta = host.data_ptr() - base.data_ptr()
         if delta % isz:
             raise RuntimeError("the host copy of the experts is not aligned to the weights' dtype")
@@ -161,7 +162,7 @@ class OffloadedKernelSteps:
         z = dict(dtype=torch.long, device=dev)
         lru = ExpertLRU(torch.full((S,), -1, **z), torch.zeros(S, **z), torch.zeros(1, **z),
                         torch.tensor(src, **z), stride, tuple(mats))
-        table = ExpertTable([base] * L, torch.zeros(L, E, 3, **z))  # unused: the LRU gives the offsets
+        table = ExpertTable([base] * L, torch.zeros(L, E, 3, **z), self._expert_format())  # unused: the LRU's
         cuda = dev.type == "cuda"
         self._lru = o = {
             "key": key, "lru": lru, "host": host,  # held: the kernels address its records by raw offsets
