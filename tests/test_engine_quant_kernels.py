@@ -55,7 +55,7 @@ def test_engine_kernel_decode_of_quantized_experts_equals_the_kernel_model(ckpt,
             limit = probe.plan.minimum_bytes + extra * probe.bundle.stride
     with Engine.from_pretrained(ckpt, memory_limit=limit, host_cache=DEV == "cuda", **opts) as e:
         assert e.bundle.format == fmt and not e.bundle.down_transposed and not e.exact
-        g = KernelDecoder(e)
+        g = KernelDecoder(e.state)
         g.usable = lambda: True  # on a CPU (usable() needs CUDA)
         e.decoder = g
         assert g._expert_format() == fmt
