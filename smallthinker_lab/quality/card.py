@@ -188,8 +188,12 @@ def write_card(result: QualityResult, out_dir: str | Path, model_name: str | Non
           f"the workbench (`load_model(\"default\")`). It keeps SmallThinker's shape at small scale: the pre-attention "
           f"router, sigmoid top-{cfg.top_k} routing over {cfg.num_experts} fine-grained ReGLU experts per layer, "
           f"GQA, and the 1 NoPE-global : 3 RoPE-sliding-window layer pattern. It was trained with the paper's "
-          f"DP-group global load-balance loss; `{Path(result.models[1].path).name if len(result.models) > 1 else '-'}`"
-          f" is the same recipe with the conventional micro-batch balance loss, measured here for comparison.", "",
+          f"DP-group global load-balance loss" + (
+              f"; `{Path(result.models[1].path).name}` is the same recipe with the conventional micro-batch balance "
+              f"loss, measured here for comparison." if len(result.models) > 1 else
+              ". How the balance loss's group size changes specialisation, over seeds, is measured by the sweep "
+              "(`python -m smallthinker_lab.train.sweep`; `benchmarks/results/balance_sweep/sweep_table.md`: "
+              "groups of 1, 4, 16 and 64 sequences and the micro-batch loss, 3 seeds each)."), "",
           "Every figure in this card is measured by `python -m smallthinker_lab.quality` "
           "(`smallthinker_lab/quality/`), which also rewrites this file; the tables are in the `quality_*.csv` "
           "files next to it.", ""]
