@@ -470,9 +470,10 @@ def test_kernel_backend_steps_run_eager_under_an_intervention_and_explain_says_s
 
     if unavailable_reason("cuda"):
         pytest.skip(unavailable_reason("cuda"))
-    prompt, force = "def add(a, b):", {i: [0, 1, 2, 3] for i in range(8)}
+    prompt = "def add(a, b):"
     with Engine.from_pretrained("default", memory_limit=None, device="cuda", dtype=torch.bfloat16,
                                 progress=False) as e:
+        force = {i: list(range(e.config.top_k)) for i in range(e.config.num_hidden_layers)}  # the first k experts
         assert e.backend == "kernels"
         plain = e.generate(prompt, 12, stop_tokens=[]).tokens
         assert e.explain().set_index("backend").loc["kernels", "reason"] is None

@@ -34,8 +34,8 @@ import triton.language as tl
 
 from .triton_decode import _after_previous
 
-QK: tl.constexpr = 32  # weights per Q4_0 block
-QB: tl.constexpr = 18  # bytes per Q4_0 block
+QK = tl.constexpr(32)  # weights per Q4_0 block (a constexpr global: compiled kernels may read it)
+QB = tl.constexpr(18)  # bytes per Q4_0 block
 
 
 @triton.jit
