@@ -107,11 +107,12 @@ locality
 #
 # Benchmarks on a synthetic 4B checkpoint route with random weights: close to uniform, no locality. The suite can
 # replay this model's recorded routing on the big shape instead (`python -m benchmarks.run --suite cpu --routing
-# gsm8k,zh-news ...`: layer l takes layer l mod 8, the 32 experts one to one; on the 21B shape expert e at position t
-# becomes e + 32 (t mod 2) and top-6 is padded by the router's next-ranked), so prefetch, look-ahead and the cache
-# policies meet real locality. No peer can be fed this routing, so the share of the bound is against the engine's
-# own in-memory row under the same replay. Rows of the committed result (hit rates and bytes are exact counts; its
-# timings come from the machine that ran it):
+# gsm8k,zh-news ...`: layer l takes layer l mod L of this model; its E experts map one to one onto a shape with as
+# many, else expert e at position t becomes e + E (t mod m) on a shape with m E experts, and a larger top-k is padded
+# by the router's next-ranked: `RoutingTrace.for_shape` states the rule it applied), so prefetch, look-ahead and the
+# cache policies meet real locality. No peer can be fed this routing, so the share of the bound is against the
+# engine's own in-memory row under the same replay. Rows of the committed result (hit rates and bytes are exact
+# counts; its timings come from the machine that ran it; its header names the model whose routing it replays):
 
 # %%
 routed = benchmark_routing_rows()
