@@ -222,15 +222,16 @@ def test_engine_over_a_q4_0_gguf_uses_its_bytes_and_generates_what_load_model_do
 
 
 def test_default_model_exports_with_its_tokenizer_and_a_warning_about_llama_cpps_window(tmp_path):
+    window = load_model("default").config.sliding_window_size  # the default model's window (64), not llama.cpp's
     with pytest.warns(GGUFExportWarning, match="window of 4096 tokens: its logits equal the workbench's only while "
-                                               "the context is at most 128 tokens"):
+                                               f"the context is at most {window} tokens"):
         path = export_gguf("default", tmp_path / "tiny.gguf", "bf16", progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = load_model(path)
         as_llama_cpp = read_gguf(path, layout="llama.cpp").config
     assert torch.equal(logits(model, IDS * 50), logits(load_model("default"), IDS * 50))
-    assert as_llama_cpp.sliding_window_size == 4096 and model.config.sliding_window_size == 128
+    assert as_llama_cpp.sliding_window_size == 4096 and model.config.sliding_window_size == window
     tok = load_gguf_tokenizer(path)
     assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False) == \
         load_tokenizer("default").apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)

@@ -35,7 +35,7 @@ def prompt(default):
 
 @pytest.mark.parametrize("k", range(1, 9))
 def test_greedy_equals_target_on_the_default_model(default, prompt, k):
-    """Past the sliding window (128) of the default model, so the ring buffers' rollback is exercised."""
+    """Past the sliding window (64) of the default model, so the ring buffers' rollback is exercised."""
     n = 150 - len(prompt)
     want = sl.generate(default, prompt, max_new_tokens=n, stop_tokens=[])
     got = sl.generate(default, prompt, max_new_tokens=n, stop_tokens=[], draft=layer_draft(default, 2),
