@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 # one implementation of the held-out measurement, shared with the corpus builder and its committed index
-from ..data.overlap import OVERLAP_N, SET_DOMAIN, prompt_overlap  # noqa: F401
+from ..data.overlap import OVERLAP_N, prompt_overlap  # noqa: F401
+from ..prompt_sets import PROMPT_SETS, SET_DOMAIN, read_prompts  # noqa: F401  (the registry's, re-exported)
 
 
 # ============================================================================================ training facts
