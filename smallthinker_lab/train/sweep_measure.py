@@ -71,7 +71,7 @@ def routing_measures(model, tokenizer, prompts_dir: str | Path, sets: Sequence[s
     out["sparsity_median"] = float(med.mean())
     from ..instruments import neuron_sparsity_by_expert
 
-    per_expert = neuron_sparsity_by_expert(ph["_neurons"].assign(dataset="all"))
+    per_expert = neuron_sparsity_by_expert(rec.to_dataframe("neurons").assign(dataset="all"))
     med_e = per_expert.groupby("layer")["sparsity"].median()
     out.update({f"sparsity_expert_median_layer_{int(layer)}": float(v) for layer, v in med_e.items()})
     out["sparsity_expert_median"] = float(med_e.mean())
