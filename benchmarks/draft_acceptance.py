@@ -27,23 +27,12 @@ from pathlib import Path
 import torch
 
 import smallthinker_lab as sl
+from benchmarks.speculative import markdown  # the same table writer as the speculative benchmark
 from smallthinker_lab.instruments.speculative import measure_speculative, speculative_summary
 from smallthinker_lab.prompt_sets import load_prompt_sets
 from smallthinker_lab.resources import DEFAULT_DRAFT_NAME
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def markdown(df) -> str:
-    """A GitHub markdown table: floats to 3 significant digits, NaN blank."""
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return "" if v != v else f"{v:.3g}"
-        return str(v)
-
-    head = "| " + " | ".join(map(str, df.columns)) + " |"
-    rows = ["| " + " | ".join(cell(v) for v in r) + " |" for r in df.itertuples(index=False)]
-    return "\n".join([head, "|" + "---|" * len(df.columns), *rows])
 
 
 def acceptance(target, draft, sets: dict, new_tokens: int, k: int):
