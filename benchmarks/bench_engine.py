@@ -367,6 +367,7 @@ class EngineRunner:
         e = self.engine
         stats = GenerationStats()
         tokens, snaps = [], []
+        replays0 = getattr(e.decoder, "replays", 0)
         with _replaying(e, trace), _recording(e, self.spec.instruments):
             _sync(self.device)
             for i, t in enumerate(e.stream(ids, n, stop_tokens=[], stats=stats)):
@@ -381,6 +382,7 @@ class EngineRunner:
                                         "router_seconds", "attention_seconds", "moe_seconds", "lm_head_seconds",
                                         "decode_seconds", "prefetch_wasted", "wasted_bytes", "speculative_reads")}
         d["prefill_requests"], d["prefill_hits"] = a["requests"], a["hits"]
+        d["backend_steps"] = getattr(e.decoder, "replays", 0) - replays0  # decode steps the chosen decoder ran
         return {"tokens": tokens, "stats": stats, "engine": d, "neuron_sparsity": b["neuron_sparsity"]}
 
     def close(self) -> None:
@@ -597,6 +599,9 @@ def _summarise(runs: list[dict], spec: ModeSpec, info: ModelInfo, ctx: Context, 
         out["hit_rate"] = hits / req if req else float("nan")
         pre_req, pre_hits = sum(x["prefill_requests"] for x in e), sum(x["prefill_hits"] for x in e)
         out["prefill_hit_rate"] = pre_hits / pre_req if pre_req else float("nan")
+        # the share of decode steps the chosen backend's decoder ran (1.0; below: steps fell back to eager)
+        out["decode_steps_on_backend"] = (sum(x["backend_steps"] for x in e) / steps
+                                          if steps and runner.engine.decoder is not None else float("nan"))
         out["bytes_read_per_token"] = sum(x["bytes_read"] for x in e) / steps
         out["wasted_bytes_per_token"] = sum(x["wasted_bytes"] for x in e) / steps
         out["neuron_sparsity"] = runs[-1]["neuron_sparsity"]

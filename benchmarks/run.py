@@ -109,6 +109,14 @@ def suite_modes(suite: str, gpu: bool, with_trained: bool, q4: bool = True, rout
                         ("full", 0.6, "lru", True, {}), ("no prefetch", 0.6, "lru", False, {}),
                         ("full", 0.6, "lru", True, {"lookahead": True}), ("full", 0.25, "lru", True, {}),
                         ("full", 0.9, "lru", True, {}), ("full", 0.6, "lfu", True, {}))]
+        if gpu:  # the Triton kernels route to the trace's experts themselves: their reference, resident, device LRU
+            kern = {"backend": "kernels"}
+            trained += [_spec("in_memory", S, "in memory", required=True, options={"kernels": True}, routing=d),
+                        _spec("engine", S, "in memory", required=True, options=dict(kern), routing=d),
+                        _spec("engine", S, "full", 0.6, "lru", True, required=True, options=dict(kern), routing=d),
+                        _spec("engine", S, "full", 0.6, "lru", True, options=kern | {"lookahead": True}, routing=d),
+                        _spec("engine", S, "full", 0.25, "lru", True, options=dict(kern), routing=d),
+                        _spec("engine", S, "full", 0.9, "lru", True, options=dict(kern), routing=d)]
     # (cuda_graph="fused", one graph of inductor kernels, is faster but not bit-identical: on the synthetic 4B its
     # greedy tokens differ from the first decode step, so it is not a row here; benchmarks/gpu_decode_graph.py times it)
     opt = [

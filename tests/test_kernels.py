@@ -217,3 +217,92 @@ def test_kernels_refuse_what_they_cannot_compute(monkeypatch):
         Engine.from_pretrained("default", memory_limit=None, progress=False, cuda_graph="kernels")
     with pytest.raises(ValueError, match="backend 'kernels' cannot run: the decode kernels run on a CUDA device"):
         Engine.from_pretrained("default", memory_limit=None, progress=False, backend="kernels")
+
+
+@pytest.mark.parametrize("extra,lookahead", [(None, False), (5, True)])  # resident; offloaded, resolved by the host
+def test_kernel_decode_carries_out_a_routing_replay(ckpt, extra, lookahead):
+    """Under ``replay`` the kernel decode routes each step to the trace's experts itself (no eager fallback): the
+    engine's own requests of every decode step are the trace's, the logits agree with the eager engine replaying
+    the same trace up to bf16 rounding, and a second hook sends steps back to the eager path."""
+    from smallthinker_lab.instruments import record
+    from smallthinker_lab.interventions import RoutingTrace, replay
+
+    feed = [5, 77, 2]  # teacher-forced decode tokens
+    with Engine.from_pretrained(ckpt, memory_limit=None, progress=False, exact=True, device=DEV,
+                                max_context=64) as probe:
+        limit = None if extra is None else probe.plan.minimum_bytes + extra * probe.bundle.stride
+        cfg = probe.config
+    trace = RoutingTrace.uniform(len(PROMPT) + len(feed), cfg, seed=7)
+    K = cfg.top_k
+
+    def run(kernels: bool):
+        with Engine.from_pretrained(ckpt, memory_limit=limit, progress=False, exact=True, device=DEV, max_context=64,
+                                    lookahead=lookahead, host_cache=DEV == "cuda") as e:
+            g = KernelDecoder(e.state)
+            if kernels:
+                e.decoder = g
+                g.usable = g.hooks_allowed  # on a CPU (usable() also needs CUDA): the hook rule alone
+            e.reset_stats(clear_cache=True)
+            if limit is None:  # every expert resident first: the kernel graph's build reads none (not requests)
+                e.cache.preload((layer, x) for layer in range(cfg.num_hidden_layers) for x in range(cfg.num_experts))
+            out = []
+            with torch.inference_mode(), replay(e, trace):
+                assert g.hooks_allowed() and e.hooks.routing is not None
+                out.append(e.forward(torch.tensor([PROMPT])))
+                for t in feed:
+                    out.append(e.forward(torch.tensor([[t]])))
+                if kernels:
+                    with record(e, kinds=("experts",)):
+                        assert not g.hooks_allowed()  # a recording's hooks: the eager path
+            assert e.hooks.routing is None
+            decode = [(step, layer, x) for step, layer, x in e.trace if step > 1]
+            return out, decode, g.replays
+
+    eager, eager_trace, _ = run(False)
+    kern, kern_trace, replays = run(True)
+    assert replays == len(feed)  # every decode step ran on the kernels
+    for step in range(2, 2 + len(feed)):
+        pos = len(PROMPT) + step - 2
+        for layer in range(cfg.num_hidden_layers):
+            want = sorted(trace.ids[pos, layer, :K].tolist())
+            got = sorted(x for s, ly, x in kern_trace if s == step and ly == layer)
+            assert got == want, (step, layer)
+    assert sorted(kern_trace) == sorted(eager_trace)  # the same requests as the eager path's replay
+    assert torch.equal(kern[0], eager[0])  # the prefill is the eager path's in both
+    for ref, got in zip(eager[1:], kern[1:]):
+        diff = (ref.float() - got.float()).abs().max().item()
+        assert diff < 0.1 * ref.float().std().item()  # bf16 rounding, not another routing
+
+
+def test_kernel_decode_ahead_under_a_replay_gives_back_what_it_overshot(ckpt):
+    """Greedy generation one step ahead on the kernels (offloaded, the cache resolved on the device) under a
+    replay: tokens equal the eager path's replay, the hits are the LRU's on the replayed requests; a step launched
+    past a stop token gives its position back to the replay as to the KV cache."""
+    from smallthinker_lab.interventions import RoutingTrace, replay
+
+    with Engine.from_pretrained(ckpt, memory_limit=None, progress=False, exact=True, device=DEV,
+                                max_context=64) as probe:
+        limit = probe.plan.minimum_bytes + 5 * probe.bundle.stride
+
+    def gen(kernels: bool, stop=()):
+        with Engine.from_pretrained(ckpt, memory_limit=limit, progress=False, exact=True, device=DEV,
+                                    max_context=64, host_cache=DEV == "cuda") as e:
+            trace = RoutingTrace.uniform(len(PROMPT) + NEW, e.config, seed=11)
+            g = KernelDecoder(e.state)
+            if kernels:
+                e.decoder = g
+                g.usable = g.hooks_allowed
+            with replay(e, trace) as r:
+                if kernels:
+                    assert g.pipelines() and g.device_lru()
+                tokens = e.generate(PROMPT, NEW, stop_tokens=list(stop)).tokens
+                assert r.position == e.kv.seq_len  # replay and KV cache agree on the positions kept
+            assert simulate(e.trace, e.cache.capacity_experts, "lru").hits == e.stats()["hits"]
+            return tokens, g.replays
+
+    ref, _ = gen(False)
+    got, replays = gen(True)
+    assert replays == NEW - 1
+    assert got == ref
+    short, _ = gen(True, stop=[ref[2]])
+    assert short == ref[:ref.index(ref[2]) + 1]

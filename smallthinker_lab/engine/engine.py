@@ -434,8 +434,9 @@ class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
         if self.decoder is None or self.decoder.usable():
             return None
         if self.hooks.edits:
+            replayed = " (a routing replay alone stays on the kernels)" if self.backend == "kernels" else ""
             return ("decode steps run eager while edit hooks are registered (hooks() / intervene()): the graph and "
-                    "kernel decoders cannot run them")
+                    f"kernel decoders cannot run them{replayed}")
         if len(self.hooks):
             return "decode steps run eager while hooks are registered (an instrument records)"
         if self.backend == "kernels":

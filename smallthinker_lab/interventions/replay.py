@@ -19,7 +19,10 @@ Mapping a trace onto another shape (:meth:`RoutingTrace.for_shape`), the rule, s
 
 On an engine, the look-ahead predicts the replayed experts (``oracle_lookahead=True``, the convention of
 ``intervene``: its predictions are then always right, its best case) or, with False, from the target's own router.
-Decode steps run eager while the replay is active (edit hooks; ``Engine.explain()`` says so).
+On an engine whose backend is the Triton kernels, decode steps stay on the kernels: the replay registers itself as
+the engine's routing source and each step's kernels route to the trace's experts (forced routing inside the routing
+kernel, weights by the model's rule), so the device-resolved LRU and the one-step-ahead decode run on the replayed
+routing; any other hook in the block sends steps to the eager path (``Engine.explain()`` says so).
 """
 
 from __future__ import annotations
@@ -188,8 +191,12 @@ class replay:  # noqa: N801  (a function-like context manager, as intervene())
         self._chunk = (0, 0)
         self._ids = torch.from_numpy(np.ascontiguousarray(trace.ids[:, :, :K]))
         self._on_device: dict = {}
+        self.oracle_lookahead = oracle_lookahead
+        rules = [_Rule(self._layer_rule(i), oracle_lookahead) for i in range(L)]
+        for rule in rules:
+            rule.owner = self  # the engine's kernels may carry these out themselves (HookRegistry.unowned)
         spec = [("blocks.0.hook_resid_pre", self._clock)]
-        spec += [(f"blocks.{i}.moe.hook_topk_ids", _Rule(self._layer_rule(i), oracle_lookahead)) for i in range(L)]
+        spec += [(f"blocks.{i}.moe.hook_topk_ids", rule) for i, rule in enumerate(rules)]
         self._hooks = hooks(target, spec)
         self._forward_handle = None
 
@@ -224,6 +231,30 @@ class replay:  # noqa: N801  (a function-like context manager, as intervene())
 
         return fn
 
+    def take(self, start: int, n: int = 1) -> torch.Tensor:
+        """The experts (n, L, K) of positions ``start``.. on the target's device, for a decode kernel that routes
+        them itself; advances the replay's position as a forward through the hooks would, with the same checks."""
+        if start != self.position:
+            raise InterventionError(f"replay(): a decode step at position {start} after the trace routed up to "
+                                    f"position {self.position - 1}: one replay block covers one generation from "
+                                    f"position 0")
+        if start + n > self.trace.num_positions:
+            raise InterventionError(f"replay(): this forward routes positions {start}..{start + n - 1} but the trace "
+                                    f"covers 0..{self.trace.num_positions - 1}: record a longer trace or generate "
+                                    f"fewer tokens (one replay block per generation)")
+        device = self.target.device
+        table = self._on_device.get(device)
+        if table is None:
+            table = self._on_device[device] = self._ids.to(device)
+        self._chunk, self.position = (start, start + n), start + n
+        return table[start:start + n]
+
+    def rewind(self, n: int) -> None:
+        """Give back the last ``n`` positions (a decode step launched past a stop token is not kept)."""
+        if not 0 <= n <= self.position:
+            raise InterventionError(f"replay(): cannot rewind {n} positions from position {self.position}")
+        self.position -= n
+
     def __repr__(self) -> str:
         return f"replay({self.trace!r}, at position {self.position})"
 
@@ -235,9 +266,16 @@ class replay:  # noqa: N801  (a function-like context manager, as intervene())
         except BaseException:
             self._hooks.__exit__(None, None, None)
             raise
+        registry = self.target.hooks
+        self._owns_routing = registry.routing is None  # the kernels of an Engine or a KernelRunner read it
+        if self._owns_routing:
+            registry.routing = self
         return self
 
     def __exit__(self, *exc) -> bool:
+        if getattr(self, "_owns_routing", False):
+            self.target.hooks.routing = None
+            self._owns_routing = False
         if self._forward_handle is not None:
             self._forward_handle.remove()
             self._forward_handle = None

@@ -33,7 +33,7 @@ class DecodeKernels:
     expert products read the quantized records (quant_experts.py); the rest of the step is unchanged."""
 
     def __init__(self, model, kv: KVCache, experts: ExpertTable, graph: bool = True,
-                 blocks: dict | None = None, lru: ExpertLRU | None = None) -> None:
+                 blocks: dict | None = None, lru: ExpertLRU | None = None, forced: bool = False) -> None:
         cfg = model.config
         dev = model.lm_head.weight.device
         reason = unavailable_reason(dev)
@@ -65,6 +65,8 @@ class DecodeKernels:
         self.a = torch.zeros(K * Fh, dtype=bf, **z)
         self.hn = torch.zeros(1, H, dtype=bf, **z)
         self.ids = torch.zeros(L, K, dtype=torch.long, **z)
+        # forced routing (a replayed trace): each layer routes to the K experts the host writes here before a step
+        self.forced = torch.zeros(L, K, dtype=torch.long, **z) if forced else None
         self.logits = torch.zeros(1, cfg.vocab_size, dtype=bf, **z)
         self.lru = lru  # experts resolved by a device LRU over host records (the table is then unused)
         if lru is not None:
@@ -87,7 +89,8 @@ class DecodeKernels:
             if kvl.k.dtype != bf or not kvl.k.is_contiguous():
                 raise ValueError(f"layer {i}: the KV cache must be contiguous bf16")
             w.update(kv=kvl, window=a.window or 0, rope=bool(a.use_rope), softmax=bool(moe.apply_softmax),
-                     base=experts.bases[i], table=experts.offsets[i].contiguous(), ids=self.ids[i])
+                     base=experts.bases[i], table=experts.offsets[i].contiguous(), ids=self.ids[i],
+                     force={} if self.forced is None else {"force_ptr": self.forced[i], "FORCED": True})
             self.layers.append(w)
         # global layers hold position p at slot p: the positions a step may write
         self._max_pos = min([kvl.k.shape[2] for kvl in kv.layers if kvl.window is None] or [1 << 62])
@@ -158,7 +161,7 @@ class DecodeKernels:
         _kernels()._route_kernel[(1,)](
             self.proj[cfg.num_attention_heads * D + 2 * cfg.num_key_value_heads * D:], p["table"], self.sel_off,
             self.sel_w, p["ids"], NE=cfg.num_experts, BLOCK_E=_p2(cfg.num_experts), K=cfg.top_k,
-            SOFTMAX=p["softmax"], PDL=c["pdl"], **extra, **c["launch"])
+            SOFTMAX=p["softmax"], PDL=c["pdl"], **extra, **p["force"], **c["launch"])
 
     def launch_attention(self, i: int, c: dict, route: bool) -> None:
         cfg, p = self.config, self.layers[i]
@@ -175,7 +178,8 @@ class DecodeKernels:
             self.proj, self.pos, self.inv_freq, kvl.k, kvl.v, kvl.pos, self.o, p["table"], self.sel_off,
             self.sel_w, p["ids"], kvl.k.shape[2], p["window"], 1.0 / D ** 0.5, NQH=cfg.num_attention_heads,
             NKV=cfg.num_key_value_heads, D=D, NE=E, BLOCK_E=_p2(E), K=cfg.top_k, BLOCK_N=an,
-            USE_ROPE=p["rope"], SOFTMAX=p["softmax"], PDL=c["pdl"], num_warps=aw, **extra, **c["launch"])
+            USE_ROPE=p["rope"], SOFTMAX=p["softmax"], PDL=c["pdl"], num_warps=aw, **extra,
+            **(p["force"] if route else {}), **c["launch"])
 
     def launch_post(self, i: int, c: dict) -> None:
         """o_proj and the residual, then the K experts (offsets in ``sel_off``) and the residual."""

@@ -17,7 +17,8 @@ class KernelRunner:
     """The in-memory model with kernel decode: ``step(ids)`` prefills eagerly (the model's forward, into a KV cache
     of ``max_context`` positions) and decodes one token through ``DecodeKernels``. Packs the model's experts, or
     decodes with ``experts`` (an ExpertTable, e.g. quantized: ``smallthinker_lab.engine.quant.kernel_experts``;
-    prefill then stays the model's own, over its bf16 experts)."""
+    prefill then stays the model's own, over its bf16 experts). Under ``interventions.replay`` of the model, decode
+    steps route to the trace's experts inside the kernels (the prefill through the model's hooks)."""
 
     def __init__(self, model, max_context: int | None = None, graph: bool = True, blocks: dict | None = None,
                  experts: ExpertTable | None = None):
@@ -30,6 +31,8 @@ class KernelRunner:
         self.kv = KVCache(cfg, 1, model.dtype, model.device, capacity=self.max_context)
         table = experts if experts is not None else pack_experts(model)
         self.kernels = DecodeKernels(model, self.kv, table, graph=graph, blocks=blocks)
+        self._forced_args = (table, graph, blocks)
+        self.forced_kernels: DecodeKernels | None = None  # built on the first step under a routing replay
 
     def reset(self) -> None:
         self.kv.reset()
@@ -41,7 +44,17 @@ class KernelRunner:
         if start + T > self.max_context:
             raise ValueError(f"sequence too long: {start + T} tokens exceeds max_context={self.max_context}")
         if T == 1 and start > 0:
-            return self.kernels.step(ids, start).clone()  # the step's buffer is overwritten by the next
+            hooks = self.model.hooks
+            source = hooks.routing if hooks.routing is not None and hooks.unowned() == 0 else None
+            if source is None:
+                return self.kernels.step(ids, start).clone()  # the step's buffer is overwritten by the next
+            # a routing replay (interventions.replay): the kernels route to the trace's experts
+            if self.forced_kernels is None:
+                table, graph, blocks = self._forced_args
+                self.forced_kernels = DecodeKernels(self.model, self.kv, table, graph=graph, blocks=blocks,
+                                                    forced=True)
+            self.forced_kernels.forced.copy_(source.take(start)[0])
+            return self.forced_kernels.step(ids, start).clone()
         return self.model(ids, cache=self.kv).logits[:, -1:]
 
     __call__ = step

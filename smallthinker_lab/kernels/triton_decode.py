@@ -123,7 +123,7 @@ def _rope_attn_route_kernel(proj_ptr, pos_ptr, inv_freq_ptr, kc_ptr, vc_ptr, kpo
                             owner_ptr=None, stamp_ptr=None, clock_ptr=None, src_ptr=None, slot_ptr=None,
                             dst_off_ptr=None, layer=0, stride=0, S: tl.constexpr = 1, BLOCK_S: tl.constexpr = 1,
                             OG: tl.constexpr = 0, OU: tl.constexpr = 0, OD: tl.constexpr = 0,
-                            LRU: tl.constexpr = False):
+                            LRU: tl.constexpr = False, force_ptr=None, FORCED: tl.constexpr = False):
     """One program per query head: rotary on its query and on its kv head's new key; the first program of each kv
     head writes the new K/V into the cache slot of the position; attention over the cached keys (positions below
     the current one, masked: causal and the sliding window) plus the new key, online softmax. One more program
@@ -134,9 +134,10 @@ def _rope_attn_route_kernel(proj_ptr, pos_ptr, inv_freq_ptr, kc_ptr, vc_ptr, kpo
         lg_ptr = proj_ptr + NQH * D + 2 * NKV * D
         if LRU:
             _route_lru(lg_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, owner_ptr, stamp_ptr, clock_ptr, src_ptr, slot_ptr,
-                       dst_off_ptr, layer, stride, NE, BLOCK_E, K, SOFTMAX, S, BLOCK_S, OG, OU, OD)
+                       dst_off_ptr, layer, stride, NE, BLOCK_E, K, SOFTMAX, S, BLOCK_S, OG, OU, OD, force_ptr,
+                       FORCED)
         else:
-            _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE, BLOCK_E, K, SOFTMAX)
+            _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE, BLOCK_E, K, SOFTMAX, force_ptr, FORCED)
         return
     G: tl.constexpr = NQH // NKV
     kvh = h // G
@@ -209,13 +210,30 @@ def _top_k(lg_ptr, NE: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
-def _choose(lg_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr,
-            SOFTMAX: tl.constexpr):
-    """Top-k of the router logits (ties to the lower id) and their weights (softmax, or sigmoid renormalised as the
-    model: bf16 sigmoid, bf16 sum, bf16 quotient), stored in ascending expert id. Returns the ids' lane index, the
-    mask of the chosen and each lane's rank among them."""
+def _forced(lg_ptr, force_ptr, NE: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr):
+    """The NE logits (fp32) and the mask of the K experts named at ``force_ptr`` (forced routing: a replayed
+    trace), whatever the logits say."""
     e = tl.arange(0, BLOCK_E)
-    lg, sel = _top_k(lg_ptr, NE, BLOCK_E, K)
+    emask = e < NE
+    lg = tl.load(lg_ptr + e, mask=emask, other=float("-inf")).to(tl.float32)
+    sel = e < 0
+    for j in tl.static_range(K):
+        sel = sel | (e == tl.load(force_ptr + j))
+    return lg, sel
+
+
+@triton.jit
+def _choose(lg_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr,
+            SOFTMAX: tl.constexpr, force_ptr=None, FORCED: tl.constexpr = False):
+    """Top-k of the router logits (ties to the lower id), or with FORCED the K experts at ``force_ptr``, and their
+    weights from their logits (softmax, or sigmoid renormalised as the model: bf16 sigmoid, bf16 sum, bf16
+    quotient), stored in ascending expert id. Returns the ids' lane index, the mask of the chosen and each lane's
+    rank among them."""
+    e = tl.arange(0, BLOCK_E)
+    if FORCED:
+        lg, sel = _forced(lg_ptr, force_ptr, NE, BLOCK_E, K)
+    else:
+        lg, sel = _top_k(lg_ptr, NE, BLOCK_E, K)
     if SOFTMAX:
         mx = tl.max(tl.where(sel, lg, float("-inf")), axis=0)
         pe = tl.where(sel, tl.exp(lg - mx), 0.0)
@@ -232,9 +250,9 @@ def _choose(lg_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr, BLOCK_E: tl.constexpr,
 
 @triton.jit
 def _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr, BLOCK_E: tl.constexpr,
-           K: tl.constexpr, SOFTMAX: tl.constexpr):
+           K: tl.constexpr, SOFTMAX: tl.constexpr, force_ptr=None, FORCED: tl.constexpr = False):
     """Routing (``_choose``), then the chosen experts' matrix offsets from the layer's [E, 3] table."""
-    e, sel, rank = _choose(lg_ptr, sel_w_ptr, ids_ptr, NE, BLOCK_E, K, SOFTMAX)
+    e, sel, rank = _choose(lg_ptr, sel_w_ptr, ids_ptr, NE, BLOCK_E, K, SOFTMAX, force_ptr, FORCED)
     for m3 in tl.static_range(3):
         off = tl.load(table_ptr + e * 3 + m3, mask=sel, other=0)
         tl.store(sel_off_ptr + rank * 3 + m3, off, mask=sel)
@@ -244,7 +262,7 @@ def _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr,
 def _route_lru(lg_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, owner_ptr, stamp_ptr, clock_ptr, src_ptr, slot_ptr,
                dst_off_ptr, layer, stride, NE: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr,
                SOFTMAX: tl.constexpr, S: tl.constexpr, BLOCK_S: tl.constexpr, OG: tl.constexpr,
-               OU: tl.constexpr, OD: tl.constexpr):
+               OU: tl.constexpr, OD: tl.constexpr, force_ptr=None, FORCED: tl.constexpr = False):
     """Routing (``_choose``), then an LRU expert cache of S slots resolved here, on the device, as the engine's
     ExpertCache would (see smallthinker_lab.kernels.ExpertLRU): the K chosen experts in ascending id; a resident
     one (``owner[slot]`` is its key, layer * NE + id) is a hit, read from its slot; a missed one takes the least
@@ -253,7 +271,7 @@ def _route_lru(lg_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, owner_ptr, stamp_ptr, cl
     bus) and written through into that slot by the expert kernels (``dst_off``; -1: a hit, nothing to write).
     Each use stamps the slot with the next clock value. ``slot`` gets the slot of each (a miss as -1 - slot)
     for the host's accounting."""
-    e, sel, rank = _choose(lg_ptr, sel_w_ptr, ids_ptr, NE, BLOCK_E, K, SOFTMAX)
+    e, sel, rank = _choose(lg_ptr, sel_w_ptr, ids_ptr, NE, BLOCK_E, K, SOFTMAX, force_ptr, FORCED)
     s = tl.arange(0, BLOCK_S)
     smask = s < S
     owner = tl.load(owner_ptr + s, mask=smask, other=-1)
@@ -286,11 +304,11 @@ def _route_lru(lg_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, owner_ptr, stamp_ptr, cl
 @triton.jit
 def _route_kernel(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE: tl.constexpr, BLOCK_E: tl.constexpr,
                   K: tl.constexpr, SOFTMAX: tl.constexpr, PDL: tl.constexpr, pred_ptr=None,
-                  LOOKAHEAD: tl.constexpr = False):
+                  LOOKAHEAD: tl.constexpr = False, force_ptr=None, FORCED: tl.constexpr = False):
     """Routing alone; with LOOKAHEAD also the top-k ids of the next layer's router logits (after this layer's in
     ``lg``), ascending, into ``pred_ptr``."""
     _after_previous(PDL)
-    _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE, BLOCK_E, K, SOFTMAX)
+    _route(lg_ptr, table_ptr, sel_off_ptr, sel_w_ptr, ids_ptr, NE, BLOCK_E, K, SOFTMAX, force_ptr, FORCED)
     if LOOKAHEAD:
         e = tl.arange(0, BLOCK_E)
         _, sel = _top_k(lg_ptr + NE, NE, BLOCK_E, K)

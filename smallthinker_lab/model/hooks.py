@@ -121,6 +121,9 @@ class HookRegistry:
     def __init__(self) -> None:
         self._hooks: dict[str, list[Callable]] = defaultdict(list)
         self.edits = 0  # edit hooks registered: the model and the engine skip every edit point while 0
+        # a routing replay (interventions.replay) whose hooks the engine's decode kernels can carry out themselves
+        # (forced routing in the kernels): its hooks are ``owned`` by it (``unowned`` counts the others)
+        self.routing = None
 
     def add(self, point: str, fn: Callable) -> HookHandle:
         self._hooks[point].append(fn)
@@ -165,3 +168,11 @@ class HookRegistry:
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._hooks.values())
+
+    def unowned(self) -> int:
+        """Hooks that do not belong to ``routing`` (every hook while none is set): a hook belongs to it when it is
+        one of its bound methods or carries ``owner = routing``."""
+        owner = self.routing
+        return sum(1 for fns in self._hooks.values() for fn in fns
+                   if owner is None or (getattr(fn, "__self__", None) is not owner
+                                        and getattr(fn, "owner", None) is not owner))

@@ -30,9 +30,30 @@ class KernelDecoder(OffloadedKernelSteps, GraphBase):
     def usable(self) -> bool:
         state = self.state
         zero_copy = state.zero_copy or self._expert_format() != "bf16"  # int8 / q4_0: the kernels read the bytes
-        return (state.device.type == "cuda" and zero_copy and len(state.hooks) == 0
+        return (state.device.type == "cuda" and zero_copy and self.hooks_allowed()
                 and state.lm_head_predictor is None and state.dtype == torch.bfloat16
                 and not state.bundle.down_transposed and (self._holds_all() or state.prefetch))
+
+    def hooks_allowed(self) -> bool:
+        """No hook registered, or only those of a routing replay (``interventions.replay``), which the kernels
+        carry out themselves: each step routes to the trace's experts (``DecodeKernels(forced=True)``)."""
+        hooks = self.state.hooks
+        return len(hooks) == 0 or (hooks.routing is not None and hooks.unowned() == 0)
+
+    def forced_source(self):
+        """The routing replay the kernels apply, or None."""
+        hooks = self.state.hooks
+        return hooks.routing if len(hooks) and hooks.routing is not None and hooks.unowned() == 0 else None
+
+    def _force(self, kern, start: int) -> None:
+        """Under a routing replay: the trace's experts of position ``start`` into the kernels' forced-routing
+        buffer, before the step is launched (the copy is ordered on the stream before the step)."""
+        source = self.forced_source()
+        if source is not None:
+            kern.forced.copy_(source.take(start)[0])
+
+    def _state_key(self):
+        return (*super()._state_key(), self.forced_source() is not None)
 
     def decode(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Logits (1, 1, V) of one token ids (1, 1) at position ``start``; counters updated as the eager path
@@ -41,7 +62,9 @@ class KernelDecoder(OffloadedKernelSteps, GraphBase):
         state.next_step()
         if not self._holds_all() and not self.device_lru():
             return self._decode_offload(ids, start)
-        return self._deferred(ids, start, *self._kernel_step(ids, start))
+        kern, account, bufs, events = self._kernel_step(ids, start)
+        self._force(kern, start)
+        return self._deferred(ids, start, kern, account, bufs, events)
 
     def _build(self, ids: torch.Tensor, start: int) -> None:
         self.reset()
@@ -101,11 +124,15 @@ class KernelDecoder(OffloadedKernelSteps, GraphBase):
             kern.pos.fill_(state.kv.seq_len)
         inflight: deque = deque()
         launched = 0
+        first = state.kv.seq_len
+        source = self.forced_source()
 
         @torch.inference_mode()
         def launch():
             nonlocal launched
             step = state.next_step()
+            if source is not None:  # the replayed experts of this step's position, before its launch
+                kern.forced.copy_(source.take(first + launched)[0])
             kern.advance()
             buf, ev = sets[launched % 3]
             launched += 1
@@ -143,6 +170,8 @@ class KernelDecoder(OffloadedKernelSteps, GraphBase):
                     settle()
                     for kvl in state.kv.layers:
                         kvl.length -= 1
+                    if source is not None:
+                        source.rewind(1)
             except BaseException:
                 inflight.clear()
                 cache.clear()  # the device's cache may be ahead of the host's: neither is trusted
@@ -177,4 +206,4 @@ class KernelDecoder(OffloadedKernelSteps, GraphBase):
         self._ids_bufs = [(torch.zeros(L, K, dtype=torch.long, pin_memory=cuda),) for _ in range(2)]  # no slots
         self._ids_events = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self._kern = DecodeKernels(state.model, state.kv, ExpertTable([base] * L, offsets, self._expert_format()),
-                                   graph=cuda, blocks=self.kernel_blocks)
+                                   graph=cuda, blocks=self.kernel_blocks, forced=self.forced_source() is not None)

@@ -24,7 +24,8 @@ class OffloadedKernelSteps:
         from ...kernels import DecodeKernels, ExpertTable
 
         state = self.state
-        key = (state.cache, state.kv, state.arena)
+        forced = self.forced_source() is not None
+        key = (state.cache, state.kv, state.arena, forced)
         o = getattr(self, "_off", None)
         if o is not None and all(a is b for a, b in zip(o["key"], key)):
             return o
@@ -35,7 +36,8 @@ class OffloadedKernelSteps:
         table = ExpertTable([base] * L, torch.zeros(L, E, 3, dtype=torch.long, device=dev),  # offsets: the host's
                             self._expert_format())
         self._off = o = {
-            "key": key, "kern": DecodeKernels(state.model, state.kv, table, graph=False, blocks=self.kernel_blocks),
+            "key": key, "kern": DecodeKernels(state.model, state.kv, table, graph=False, blocks=self.kernel_blocks,
+                                              forced=forced),
             "ids": [torch.zeros(2 * K, dtype=torch.long, pin_memory=cuda) for _ in range(L)],  # ids, predicted
             "sel": [torch.zeros(3 * K, dtype=torch.long, pin_memory=cuda) for _ in range(L)],
             "events": [torch.cuda.Event() if cuda else None for _ in range(L)],
@@ -72,6 +74,10 @@ class OffloadedKernelSteps:
             raise ValueError(f"position {start} is past the KV cache's capacity {kern.max_positions}")
         kern.tok.copy_(ids.reshape(1), non_blocking=True)
         kern.pos.fill_(start)
+        source = self.forced_source()
+        forced = source.take(start)[0].tolist() if source is not None else None  # (L, K) replayed experts
+        if forced is not None:
+            kern.forced.copy_(torch.tensor(forced, dtype=torch.long))
         c = kern.launch_config(pdl=False)  # copies and host waits sit between the kernels
         stride, (mg, mu, md) = o["stride"], o["mats"]
         L, K, la = state.config.num_hidden_layers, state.config.top_k, state.lookahead
@@ -95,7 +101,9 @@ class OffloadedKernelSteps:
                 state.record_lookahead(i, predicted, experts)
                 predicted = None
             if la and i + 1 < L:  # look-ahead: the next layer's predicted experts start reading now
-                predicted = both[K:]
+                # under a replay with oracle look-ahead the prediction is the trace's next layer (as on the eager
+                # path, where the replay's rules also apply to the predicted routing)
+                predicted = sorted(forced[i + 1]) if forced is not None and source.oracle_lookahead else both[K:]
                 for x in predicted:
                     cache.speculate((i + 1, x))
             slots = {}
@@ -146,7 +154,8 @@ class OffloadedKernelSteps:
         from ...kernels import DecodeKernels, ExpertLRU, ExpertTable
 
         state = self.state
-        key = (state.cache, state.kv, state.arena)
+        forced = self.forced_source() is not None
+        key = (state.cache, state.kv, state.arena, forced)
         o = self._lru
         if o is not None and all(a is b for a, b in zip(o["key"], key)):
             return o
@@ -166,7 +175,8 @@ class OffloadedKernelSteps:
         cuda = dev.type == "cuda"
         self._lru = o = {
             "key": key, "lru": lru, "host": host,  # held: the kernels address its records by raw offsets
-            "kern": DecodeKernels(state.model, state.kv, table, graph=cuda, blocks=self.kernel_blocks, lru=lru),
+            "kern": DecodeKernels(state.model, state.kv, table, graph=cuda, blocks=self.kernel_blocks, lru=lru,
+                                  forced=forced),
             "bufs": [tuple(torch.zeros(L, K, dtype=torch.long, pin_memory=cuda) for _ in range(2)) for _ in range(2)],
             "events": [torch.cuda.Event() if cuda else None for _ in range(2)]}
         return o
