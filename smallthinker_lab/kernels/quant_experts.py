@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from .availability import interpreted
 from .tables import EXPERT_FORMATS, QK4_0, ExpertTable, _p2, check_shape, matrix_nbytes
 
 QUANT_FORMATS = EXPERT_FORMATS[1:]
@@ -87,7 +88,8 @@ def pack_quantized(model, fmt: str, encode: Callable[[torch.Tensor], torch.Tenso
 def blocks_for(fmt: str, blocks: dict | None) -> dict:
     """The tiles of ``fmt``'s products: DEFAULT_QUANT_BLOCKS updated by ``blocks`` ({"gate_up": (rows, warps),
     "down": (rows, warps)})."""
-    return {**DEFAULT_QUANT_BLOCKS[fmt], **(blocks or {})}
+    interp = {"gate_up": (64, 2), "down": (64, 2)} if interpreted() else {}  # as decode_kernels.INTERPRETER_BLOCKS
+    return {**DEFAULT_QUANT_BLOCKS[fmt], **interp, **(blocks or {})}
 
 
 def _check_launch(fmt: str, base: torch.Tensor, H: int, F: int) -> None:
