@@ -504,10 +504,14 @@ def measure_mode(spec: ModeSpec, ctx: Context) -> dict:
     t_open = time.perf_counter()
     runner = None
     # the Triton decode kernels' rows have their own reference: the in-memory model decoding with the same kernels
-    backend = spec.options.get("backend")
-    auto_kernels = backend == "auto" and torch.device(ctx.device).type == "cuda"  # what auto picks there (checked)
+    # an engine row that names no backend gets the engine's default, "auto" (the kernels on a GPU, bf16)
+    backend = spec.options.get("backend", "auto" if spec.mode == "engine" and "cuda_graph" not in spec.options
+                               else None)
+    auto_kernels = (backend == "auto" and torch.device(ctx.device).type == "cuda"  # what auto picks there (checked)
+                    and not spec.quantization)
+    # (with the instruments' hooks the decode steps run eager: the eager reference)
     kernels = (bool(spec.options.get("kernels")) or spec.options.get("cuda_graph") == "kernels"
-               or backend == "kernels" or auto_kernels)
+               or backend == "kernels" or auto_kernels) and not spec.instruments
     ref_key = (spec.model, spec.quantization) + (("kernels",) if kernels else ()) + (
         (f"routing={spec.routing}",) if spec.routing else ())
     refs = ctx.references.setdefault(ref_key, {})
@@ -516,6 +520,9 @@ def measure_mode(spec: ModeSpec, ctx: Context) -> dict:
         runner, fields = open_runner(spec, ctx)
         row.update(fields)
         row["open_seconds"] = time.perf_counter() - t_open
+        if spec.mode == "engine" and (runner.engine.backend == "kernels" and not spec.instruments) != kernels:
+            raise RuntimeError(f"{spec.name}: the engine runs backend={runner.engine.backend!r}, but the row was "
+                               f"to be checked against the {'kernel' if kernels else 'eager'} reference")
         # the check: greedy tokens of the check prompt, before any timing
         t0 = time.perf_counter()
         traces = _traces(spec, info, ctx.new_tokens)

@@ -92,6 +92,8 @@ def suite_modes(suite: str, gpu: bool, with_trained: bool, q4: bool = True, rout
     if with_trained:
         trained = [
             _spec("in_memory", T, "in memory", required=True),
+            # on a GPU the engine rows below run the kernels (backend="auto"): their reference decodes with them
+            *([_spec("in_memory", T, "in memory", required=True, options={"kernels": True})] if gpu else []),
             _spec("in_memory", T, "in memory", instruments=True, required=True),
             _spec("engine", T, "in memory", required=True),
             _spec("engine", T, "in memory", instruments=True, required=True),
