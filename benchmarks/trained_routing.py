@@ -12,8 +12,9 @@ e + 32 * (t mod 2) and ranks 5-6 are the trained router's next-ranked experts) a
 forced routing (``smallthinker_lab.interventions.replay``), one trace per generation, the same trace for the model
 in memory (the row's token reference) and for the engine. Prefetch, look-ahead, LRU/LFU then run on routing with
 the trained model's locality; the look-ahead predicts the replayed experts (its best case: the synthetic routers
-say nothing about the trained routing), and the GPU's kernel decoders step aside for the replay's edit hooks (these
-rows decode eager: the GPU-resolved LRU does not run on them).
+say nothing about the trained routing). On a GPU the Triton kernel decoders route to the replayed experts
+themselves (forced routing inside the routing kernel), so the kernel rows, the GPU-resolved LRU included, run on
+the trained routing; the eager rows beside them run the engine's own layer loop.
 
 No peer can be fed this routing (llama.cpp has no forced-routing hook), so these rows are compared with the
 engine's own in-memory row under the same replay (``offload_bound_share``), not with llama.cpp.

@@ -22,7 +22,8 @@ Edit points (:data:`HOOK_POINTS`, TransformerLens-like names): ``fn(tensor, name
 same shape (cast to the tensor's dtype and device) or None to leave it. They are registered with the same ``add``
 (``smallthinker_lab.hooks()`` does it in a ``with`` block) and fired by :meth:`HookRegistry.edit`. A forward with no
 edit hook registered pays one integer test per layer. Registered hooks of either kind make the engine's graph and
-kernel decoders step aside: such decode steps run eager (``Engine.explain()`` says so).
+kernel decoders step aside: such decode steps run eager (``Engine.explain()`` says so), except the hooks of a routing
+replay (``routing``), which the kernel decoders carry out themselves.
 """
 
 from __future__ import annotations
