@@ -63,7 +63,8 @@ def build_id(bench: Path, root: Path) -> dict:
     out = {"binary": str(bench)}
     try:
         r = subprocess.run([str(bench), "--version"], capture_output=True, text=True, timeout=30)
-        out["version"] = (r.stdout + r.stderr).strip().splitlines()[0] if (r.stdout + r.stderr).strip() else None
+        lines = (r.stdout + r.stderr).strip().splitlines()  # a CUDA build logs its devices first
+        out["version"] = next((x for x in lines if x.startswith("version")), lines[0] if lines else None)
     except (OSError, subprocess.SubprocessError) as e:
         out["version"] = f"unavailable: {e}"
     info = root / "build_info.json"

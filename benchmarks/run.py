@@ -485,7 +485,9 @@ def parse_args(argv=None):
     p.add_argument("--synthetic-layers", type=int, default=None, help="cut the synthetic shape to this many layers "
                    "(per-layer shape kept; trained routing: layer l takes layer l mod 8)")
     g = p.add_argument_group("peer", "--suite cpu --peer llama.cpp: llama.cpp beside the engine, round-robin "
-                             "(benchmarks/peer_llamacpp.py; results bench_cpu_peer.json / .md)")
+                             "(benchmarks/peer_llamacpp.py; results bench_cpu_peer.json / .md); --suite gpu --peer "
+                             "llama.cpp: its CUDA build's rows interleaved with the suite's (benchmarks/"
+                             "peer_llamacpp_gpu.py; in bench_gpu.json / .md); the options below are the CPU peer's")
     g.add_argument("--peer", choices=("llama.cpp",), default=None)
     g.add_argument("--layers", type=int, default=8, help="layers of the 4B shape (of 32; per-layer shape kept)")
     g.add_argument("--rounds", type=int, default=5, help="round-robin rounds in memory")
@@ -500,7 +502,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars of checkpoint writing in the logs
     args = parse_args(argv)
-    if args.peer:
+    if args.peer and args.suite != "gpu":  # the CPU peer is its own run; the GPU peer's rows join the suite's
         return _peer(args)
     suite = args.suite
     d = DEFAULTS[suite]
@@ -538,7 +540,12 @@ def main(argv=None) -> int:
               "argv": sys.argv[1:] if argv is None else list(argv), "machine": machine_info(), "versions": versions(),
               "partial": True, "synthetic_key": synthetic_key(suite, args.shape)}
     rows: list[dict] = []
+    peer = None  # --suite gpu --peer llama.cpp (benchmarks/peer_llamacpp_gpu.py): its build starts now
     try:
+        if args.peer:
+            from .peer_llamacpp_gpu import GpuPeer
+
+            peer = GpuPeer(args, scratch, log)
         models, setup = setup_models(suite, args, log)
         result["setup"] = setup
         syn = models[synthetic_key(suite, args.shape)]
@@ -547,6 +554,8 @@ def main(argv=None) -> int:
         b = open_bundle(syn.bundles[None], syn.config)
         offsets = [b.offset(layer, e) for layer in range(b.num_layers) for e in range(b.num_experts)]
         step = max(1, len(offsets) // 64)
+        if peer is not None:  # GGUFs, and the build waited for: nothing is timed while it compiles
+            peer.prepare(syn)
         log("ceilings ...")
         ceilings = measure_ceilings(device="cuda" if cuda else "cpu", quick=suite == "smoke" or args.dry_run,
                                     scratch=str(scratch), expert_file=b.data_path, expert_offsets=offsets[::step],
@@ -585,8 +594,10 @@ def main(argv=None) -> int:
             modes = [m for m in modes if m in picked or
                      (m.mode == "in_memory" and not m.instruments and not m.threads and not m.quantization
                       and (not m.routing or any(x.routing == m.routing for x in picked)))]
+        if peer is not None:  # its rows: in memory, one -ncmoe per engine limit of these modes, all on the CPU
+            peer.plan(modes, syn.key)
         skipped, durations = [], []
-        for spec in modes:
+        for i_mode, spec in enumerate(modes):
             info = models.get(spec.model)
             if info is None:
                 continue
@@ -627,7 +638,11 @@ def main(argv=None) -> int:
                     f"{row['decode_tok_s_max']:.3g}], prefill {row['prefill_tok_s']:.3g} tok/s, hit "
                     f"{row.get('hit_rate', float('nan')):.2f}, {row['bytes_read_per_token'] / 2**20:.0f} MiB/token "
                     f"read, bound share {row['bound_share']:.2f} ({row['seconds']:.0f} s)")
-            _finish(result, rows, skipped, suite, cuda, json_path, md_path, start, partial=True)
+            _finish(result, rows, skipped, suite, cuda, json_path, md_path, start, partial=True, peer=peer)
+            if peer is not None:  # its share of the llama-bench runs, between the engine's rows
+                peer.step(len(modes) - i_mode - 1, deadline)
+        if peer is not None:
+            peer.finish(deadline)
         result["skipped"] = skipped
     except Exception as e:  # noqa: BLE001  the setup failed: still write what there is
         import traceback
@@ -636,7 +651,8 @@ def main(argv=None) -> int:
         result["traceback"] = traceback.format_exc()
         log(f"FATAL {result['fatal']}")
     finally:
-        _finish(result, rows, result.get("skipped", []), suite, cuda, json_path, md_path, start, partial=False)
+        _finish(result, rows, result.get("skipped", []), suite, cuda, json_path, md_path, start, partial=False,
+                peer=peer)
         if not args.keep and own_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
         elif not args.keep:  # a folder given or left over: remove what this run made in it
@@ -659,7 +675,7 @@ def _peer(args) -> int:
     from . import peer_llamacpp
 
     if args.suite != "cpu":
-        raise SystemExit(f"--peer llama.cpp runs with --suite cpu (got --suite {args.suite})")
+        raise SystemExit(f"--peer llama.cpp runs with --suite cpu or gpu (got --suite {args.suite})")
     args.prompt_tokens = args.prompt_tokens or 32  # llama-bench pp32
     args.tokens = args.tokens or 17  # tg16: 16 decode steps
     args.peer_threads = [int(x) for x in str(args.peer_threads).split(",") if x.strip()]
@@ -673,7 +689,8 @@ def _peer(args) -> int:
     return code
 
 
-def _finish(result, rows, skipped, suite, cuda, json_path: Path, md_path: Path, start, partial: bool) -> None:
+def _finish(result, rows, skipped, suite, cuda, json_path: Path, md_path: Path, start, partial: bool,
+            peer=None) -> None:
     add_offload_bounds(rows)
     result["rows"] = rows
     result["skipped"] = skipped
@@ -684,12 +701,19 @@ def _finish(result, rows, skipped, suite, cuda, json_path: Path, md_path: Path, 
     result["errors"] = sum(1 for r in rows if r.get("error"))
     result["wall_seconds"] = time.perf_counter() - start
     result["partial"] = partial
+    if peer is not None:  # llama.cpp's rows and engine / llama.cpp (benchmarks/peer_llamacpp_gpu.py)
+        result |= peer.results(rows, result.get("ceilings"), result.get("synthetic_key"))
     tmp = json_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(be.as_jsonable(result), indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, json_path)
     from .report_table import render_result
 
-    md_path.write_text(render_result(be.as_jsonable(result)), encoding="utf-8")
+    md = render_result(be.as_jsonable(result))
+    if peer is not None:
+        from .peer_llamacpp_gpu import render
+
+        md += render(be.as_jsonable(result))
+    md_path.write_text(md, encoding="utf-8")
 
 
 if __name__ == "__main__":
