@@ -6,7 +6,8 @@
 # checkpoint, bundle and GGUF; then the ceilings and the rows, llama.cpp's interleaved with the engine's.
 # Results in $OUT: bench_gpu.json / .md, the build log. Settings (environment):
 #   ONLY    the engine rows (benchmarks.run --only; default: the Triton-kernel rows in memory and at 60%)
-#   BUDGET  seconds for the suite (default 540), EXTRA more benchmarks.run arguments
+#   BUDGET  seconds for the suite (default 570; the build is stopped when less than 150 s of it are left)
+#   EXTRA   more benchmarks.run arguments
 set -u
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -25,7 +26,7 @@ ONLY=${ONLY:-"=4b-synthetic in_memory kernels=True,=4b-synthetic engine cuda_gra
 export TQDM_DISABLE=1
 # shellcheck disable=SC2086
 python3 -m benchmarks.run --suite gpu --peer llama.cpp --no-trained --routing '' --no-readme --keep --reuse \
-    --scratch /tmp/st_peer --out "$OUT" --budget-s "${BUDGET:-540}" --only "$ONLY" ${EXTRA:-} > "$OUT/suite.log" 2>&1
+    --scratch /tmp/st_peer --out "$OUT" --budget-s "${BUDGET:-570}" --only "$ONLY" ${EXTRA:-} > "$OUT/suite.log" 2>&1
 rc=$?
 grep -v "^|" "$OUT/suite.log" | tail -40
 cp .peer/build-cuda-*.log "$OUT/" 2>/dev/null

@@ -16,6 +16,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -161,6 +162,7 @@ class CudaBuild:
         self.source_ready = threading.Event()
         self.peer: Peer | None = None
         self.info: dict = {}
+        self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llama.cpp-cuda-build", daemon=True)
 
     def start(self) -> CudaBuild:
@@ -168,9 +170,14 @@ class CudaBuild:
         return self
 
     def wait(self, timeout: float | None = None) -> Peer:
+        """The Peer once the build ends; after ``timeout`` seconds the build is stopped (its compiler processes
+        ended; what it compiled stays in the build folder, which the next build resumes) and the Peer says so."""
         self._thread.join(timeout)
         if self._thread.is_alive():
-            return Peer(False, reason=f"the llama.cpp build did not finish within {timeout:.0f} s")
+            self._cancel.set()
+            self._thread.join(30)
+            return Peer(False, reason=f"the llama.cpp build did not finish within the {timeout:.0f} s left for it "
+                                      f"(stopped; a later build in {self.work} resumes from what it compiled)")
         return self.peer
 
     def _run(self) -> None:
@@ -202,11 +209,11 @@ class CudaBuild:
         log_file = Path(f"{bdir}.log")
         with open(log_file, "w") as f:
             for cmd in cmds:
-                r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-                if r.returncode:
+                code = self._call(cmd, f)
+                if code:
                     f.flush()
                     tail = [x for x in log_file.read_text(errors="replace").splitlines() if x.strip()][-4:]
-                    raise RuntimeError(f"`{shlex.join(cmd[:4])} ...` exited with {r.returncode}: {' / '.join(tail)}")
+                    raise RuntimeError(f"`{shlex.join(cmd[:4])} ...` exited with {code}: {' / '.join(tail)}")
         secs = time.perf_counter() - t0
         nv = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
         info = _read_json(self.src / "SOURCE.json") | {
@@ -219,6 +226,19 @@ class CudaBuild:
         if not peer.available:
             raise RuntimeError(f"built in {bdir}, but {peer.reason}")
         return peer
+
+
+    def _call(self, cmd: list[str], out) -> int:
+        """Run one build command in its own process group; stopped (the group ended) when the wait times out."""
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        while True:
+            try:
+                return proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                if self._cancel.is_set():
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait()
+                    raise RuntimeError("stopped: out of time") from None
 
 
 def _read_json(path: Path) -> dict:

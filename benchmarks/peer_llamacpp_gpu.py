@@ -40,6 +40,7 @@ from .llamacpp_source import ARCHIVE, RECORD
 TARGET_IN_MEMORY = 3.0  # issue 19: in memory, engine >= 3x llama.cpp at each precision
 TARGET_OFFLOADED = 2.0  # at 60% of expert bytes, >= 2x llama.cpp's best hybrid at the same GPU memory and precision
 TARGET_SHARE = 0.6
+RESERVE_S = 150.0  # of the suite's budget, kept for the rows once the build is done (GGUF Q4_0, ceilings, rows)
 
 
 def _copy_tokenizer(ckpt: Path) -> None:
@@ -98,8 +99,10 @@ class GpuPeer:
 
     # ------------------------------------------------------------------------------------------ setup
     @_guarded
-    def prepare(self, info) -> None:
-        """The bf16 GGUF (exported while the build compiles), the build waited for, then the Q4_0 GGUF."""
+    def prepare(self, info, deadline: float = math.inf) -> None:
+        """The bf16 GGUF (exported while the build compiles), the build waited for, then the Q4_0 GGUF. The build
+        is given until ``deadline`` less RESERVE_S (the time the rows need); past that it is stopped, so that the
+        engine's rows are timed on a quiet machine."""
         if self.build is None:
             return
         self.config = info.config
@@ -117,7 +120,8 @@ class GpuPeer:
         except Exception as e:  # noqa: BLE001
             self.reason = f"GGUF export failed: {type(e).__name__}: {e}"
         t1 = time.perf_counter()
-        self.peer = self.build.wait()
+        left = deadline - time.perf_counter() - RESERVE_S
+        self.peer = self.build.wait(max(0.0, left) if math.isfinite(left) else None)
         self.setup["build"] = self.build.info | {"waited_seconds": time.perf_counter() - t1,
                                                  "prepare_seconds": time.perf_counter() - t0}
         if not self.peer.available:

@@ -555,7 +555,7 @@ def main(argv=None) -> int:
         offsets = [b.offset(layer, e) for layer in range(b.num_layers) for e in range(b.num_experts)]
         step = max(1, len(offsets) // 64)
         if peer is not None:  # GGUFs, and the build waited for: nothing is timed while it compiles
-            peer.prepare(syn)
+            peer.prepare(syn, deadline)
         log("ceilings ...")
         ceilings = measure_ceilings(device="cuda" if cuda else "cpu", quick=suite == "smoke" or args.dry_run,
                                     scratch=str(scratch), expert_file=b.data_path, expert_offsets=offsets[::step],

@@ -262,3 +262,41 @@ def test_ratios_at_the_same_precision_and_gpu_memory():
     md = gp.render({"llama_cpp": {"available": True, "build": {"version": "v"}}, "peer_rows": peer,
                     "peer_ratios": list(by.values())})
     assert md.count("\n| llama.cpp") == 6 and "| 3.25 | 3 | yes |" in md
+
+
+def test_runs_are_interleaved_between_the_engine_rows(tmp_path):
+    from benchmarks.llamacpp_bin import Peer
+    from benchmarks.run import _spec
+
+    logs = []
+    gpu = gp.GpuPeer(_args(device="cpu"), tmp_path, logs.append, sampler=None)
+    gpu.reason, gpu.config = None, C4B  # as prepare() leaves it, with a stand-in llama-bench
+    gpu.peer = Peer(True, bench=_stand_in(tmp_path))
+    gpu.ggufs = {"bf16": tmp_path / "b.gguf", "q4_0": tmp_path / "q.gguf"}
+    modes = [_spec("engine", "S", "in memory"), _spec("engine", "S", "full", 0.6, "lru", True),
+             _spec("engine", "T", "full", 0.25, "lru", True)]  # another model's limit: not a row here
+    gpu.plan(modes, "S")
+    assert [r.ncmoe for r in gpu.rows] == [0, 13, 32, 0, 13, 32] and len(gpu.queue) == 18
+    assert gpu.queue[:6] == [0, 1, 2, 3, 4, 5] and gpu.queue[6:12] == [1, 2, 3, 4, 5, 0]  # rotated per round
+    sizes = []
+    for left in (2, 1, 0):  # after each of three engine rows: its share of what is queued
+        before = len(gpu.queue)
+        gpu.step(left)
+        sizes.append(before - len(gpu.queue))
+    assert sizes == [6, 6, 6] and not gpu.queue
+    assert all(len(r.decode) == 3 and len(r.commands) == 3 for r in gpu.rows)
+    res = gpu.results([], {"hbm_copy": {"median": 4e12}}, "S")
+    assert res["llama_cpp"]["available"] and len(res["peer_rows"]) == 6
+    assert all(r["decode_tok_s"] > 0 and r["bound_share"] > 0 for r in res["peer_rows"])
+
+
+def test_a_build_out_of_time_is_stopped(tmp_path):
+    import subprocess
+    import time
+
+    b = cu.CudaBuild(tmp_path / "none.tar.xz", tmp_path / "r.json", tmp_path, log=lambda m: None)
+    b._cancel.set()  # what wait(timeout) does when the time is up
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="stopped: out of time"):
+        b._call(["sleep", "30"], subprocess.DEVNULL)
+    assert time.perf_counter() - t0 < 10
