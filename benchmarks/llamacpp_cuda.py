@@ -290,11 +290,15 @@ def quantize_q4(peer: Peer, src: Path, dst: Path, threads: int, timeout: float =
     cmd = quantize_command(peer.quantize, src, dst, threads)
     if Path(dst).is_file() and Path(dst).stat().st_mtime >= Path(src).stat().st_mtime:
         return {"command": shlex.join(cmd), "reused": True, "seconds": 0.0}
+    tmp = Path(dst).with_name(f".{Path(dst).name}.tmp")  # a file left by a run stopped midway is never reused
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(quantize_command(peer.quantize, src, tmp, threads), capture_output=True, text=True,
+                       timeout=timeout)
     if r.returncode:
+        tmp.unlink(missing_ok=True)
         raise RuntimeError(f"llama-quantize exited with {r.returncode}: "
                            f"{' / '.join((r.stderr or r.stdout).strip().splitlines()[-3:])}")
+    tmp.replace(dst)
     return {"command": shlex.join(cmd), "reused": False, "seconds": time.perf_counter() - t0}
 
 

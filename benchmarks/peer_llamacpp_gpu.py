@@ -279,7 +279,10 @@ def ratios(engine_rows: list[dict], peer_rows: list[dict], key: str) -> list[dic
     def add(what, e, p, metric, threshold):
         v = e[metric] / p[metric] if e.get(metric) and p.get(metric) else math.nan
         out.append({"what": what, "engine": e["name"], "llama_cpp": p["name"], "metric": metric, "value": v,
-                    "engine_value": e.get(metric), "llama_cpp_value": p.get(metric), "threshold": threshold,
+                    "engine_value": e.get(metric), "llama_cpp_value": p.get(metric),
+                    "engine_memory_limit": e.get("memory_limit"),
+                    "llama_cpp_gpu_memory_bytes": p.get("gpu_memory_bytes"),
+                    "threshold": threshold,
                     "met": None if threshold is None or v != v else v >= threshold})
 
     for e in engine_rows:
