@@ -30,6 +30,6 @@ python3 -m benchmarks.run --suite gpu --peer llama.cpp --no-trained --routing ''
 rc=$?
 grep -v "^|" "$OUT/suite.log" | tail -40
 cp .peer/build-cuda-*.log "$OUT/" 2>/dev/null
-[ -f "$OUT/bench_gpu.md" ] && sed -n '/## llama.cpp (CUDA)/,$p' "$OUT/bench_gpu.md"
+[ -f "$OUT/bench_gpu.md" ] && sed -n '/# llama.cpp (CUDA)/,/^### Decode/p' "$OUT/bench_gpu.md"
 echo "suite exit $rc, job wall $(( $(date +%s) - T0 )) s"
 exit $rc

@@ -319,12 +319,12 @@ def _f(x, fmt="{:.3g}") -> str:
     return "–" if x is None or (isinstance(x, float) and x != x) else fmt.format(x)
 
 
-def render(res: dict) -> str:
-    """The llama.cpp section of bench_gpu.md (empty where the run had no --peer)."""
+def render(res: dict, heading: str = "##") -> str:
+    """The llama.cpp section of bench_gpu.md (benchmarks/report_table.render_result; empty without --peer)."""
     lc = res.get("llama_cpp")
     if not lc:
         return ""
-    out = ["", "## llama.cpp (CUDA) beside the engine, same run", ""]
+    out = [f"{heading} llama.cpp (CUDA) beside the engine, same run", ""]
     if not lc.get("available"):
         out.append(f"Not run: {lc.get('reason')}")
         return "\n".join(out) + "\n"

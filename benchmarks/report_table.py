@@ -196,6 +196,10 @@ def render_result(res: dict, heading_level: int = 2, compact: bool = False) -> s
             out.append(table)
     out.append(f"{h}# Targets\n")
     out.append(verdict_table(res.get("targets", []), ("target", "target"), ("value", "{:.3g}"), "threshold"))
+    if res.get("llama_cpp"):  # --suite gpu --peer llama.cpp: its rows and ratios (benchmarks/peer_llamacpp_gpu.py)
+        from .peer_llamacpp_gpu import render as render_llama_cpp
+
+        out.append(render_llama_cpp(res, heading=f"{h}#"))
     if compact:
         return "\n".join(out) + "\n"
     out.append(f"{h}# Decode time per token (engine clocks; ms and share)\n")

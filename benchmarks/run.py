@@ -708,12 +708,7 @@ def _finish(result, rows, skipped, suite, cuda, json_path: Path, md_path: Path, 
     os.replace(tmp, json_path)
     from .report_table import render_result
 
-    md = render_result(be.as_jsonable(result))
-    if peer is not None:
-        from .peer_llamacpp_gpu import render
-
-        md += render(be.as_jsonable(result))
-    md_path.write_text(md, encoding="utf-8")
+    md_path.write_text(render_result(be.as_jsonable(result)), encoding="utf-8")
 
 
 if __name__ == "__main__":
