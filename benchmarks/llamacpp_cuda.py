@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -138,7 +139,11 @@ def build_commands(src: Path, bdir: Path, jobs: int, nvcc: str | None) -> list[l
 
 
 def find_nvcc() -> str | None:
-    for c in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+    """nvcc for cmake: $CUDACXX, the toolkit's own (/usr/local/cuda, then the newest /usr/local/cuda-*), then the
+    one on PATH (which may be a wrapper script outside the toolkit, from which cmake cannot find its libraries)."""
+    toolkits = sorted(Path("/usr/local").glob("cuda-*/bin/nvcc"), reverse=True,
+                      key=lambda p: tuple(int(x) for x in re.findall(r"\d+", p.parent.parent.name)))
+    for c in (os.environ.get("CUDACXX"), "/usr/local/cuda/bin/nvcc", *map(str, toolkits), shutil.which("nvcc")):
         if c and Path(c).is_file():
             return c
     return None
