@@ -10,6 +10,7 @@ with the GPU memory it took.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -179,8 +180,7 @@ class CudaBuild:
         ended; what it compiled stays in the build folder, which the next build resumes) and the Peer says so."""
         self._thread.join(timeout)
         if self._thread.is_alive():
-            self._cancel.set()
-            self._thread.join(30)
+            self.stop()
             return Peer(False, reason=f"the llama.cpp build did not finish within the {timeout:.0f} s left for it "
                                       f"(stopped; a later build in {self.work} resumes from what it compiled)")
         return self.peer
@@ -233,17 +233,39 @@ class CudaBuild:
         return peer
 
 
+    def stop(self) -> None:
+        """End a build still running (its processes; what it compiled stays) and wait for the thread."""
+        if self._thread.is_alive():
+            self._cancel.set()
+            self._thread.join(30)
+
     def _call(self, cmd: list[str], out) -> int:
-        """Run one build command in its own process group; stopped (the group ended) when the wait times out."""
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        """Run one build command (in the caller's process group, so a job killed for time takes it along); when
+        the build is stopped, it and the processes it started (make / ninja, the compilers) are ended."""
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         while True:
             try:
                 return proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 if self._cancel.is_set():
-                    os.killpg(proc.pid, signal.SIGTERM)
+                    for pid in _descendants(proc.pid)[::-1] + [proc.pid]:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGTERM)
                     proc.wait()
                     raise RuntimeError("stopped: out of time") from None
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started and theirs, parents first (Linux /proc; empty elsewhere)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        for t in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                kids = [int(x) for x in t.read_text().split()]
+                out += kids
+                todo += kids
+    return out
 
 
 def _read_json(path: Path) -> dict:

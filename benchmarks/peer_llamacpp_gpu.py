@@ -192,6 +192,11 @@ class GpuPeer:
     def finish(self, deadline: float = math.inf) -> None:
         self.step(0, deadline)
 
+    def close(self) -> None:
+        """A build still running when the suite ends (a fatal error before ``prepare``) is stopped."""
+        if self.build is not None:
+            self.build.stop()
+
     # ------------------------------------------------------------------------------------------ results
     def status(self) -> dict:
         out = {"available": self.available, "reason": self.reason, "threads": self.threads,

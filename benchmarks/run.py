@@ -651,6 +651,8 @@ def main(argv=None) -> int:
         result["traceback"] = traceback.format_exc()
         log(f"FATAL {result['fatal']}")
     finally:
+        if peer is not None:
+            peer.close()
         _finish(result, rows, result.get("skipped", []), suite, cuda, json_path, md_path, start, partial=False,
                 peer=peer)
         if not args.keep and own_scratch:
