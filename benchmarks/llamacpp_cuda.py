@@ -131,9 +131,11 @@ def quantize_command(quantize, src, dst, threads: int) -> list[str]:
     return [str(quantize), "--pure", str(src), str(dst), "Q4_0", str(threads)]
 
 
-def build_commands(src: Path, bdir: Path, jobs: int, nvcc: str | None) -> list[list[str]]:
-    """cmake configure (Ninja where installed) and build of llama-bench and llama-quantize with CUDA."""
-    flags = list(CUDA_FLAGS) + ([f"-DCMAKE_CUDA_COMPILER={nvcc}"] if nvcc else [])
+def build_commands(src: Path, bdir: Path, jobs: int, nvcc: str | None, commit: str | None = None) -> list[list[str]]:
+    """cmake configure (Ninja where installed) and build of llama-bench and llama-quantize with CUDA. ``commit``:
+    the vendored llama.cpp commit, which the binaries then report as their build commit (the tree has no .git)."""
+    flags = list(CUDA_FLAGS) + ([f"-DCMAKE_CUDA_COMPILER={nvcc}"] if nvcc else []) + (
+        [f"-DLLAMA_BUILD_COMMIT={commit}"] if commit else [])
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     return [["cmake", "-S", str(src), "-B", str(bdir), *flags, *gen],
             ["cmake", "--build", str(bdir), f"-j{jobs}", "--target", *TARGETS]]
@@ -208,7 +210,8 @@ class CudaBuild:
         nvcc = find_nvcc()
         if nvcc is None:
             raise RuntimeError("no nvcc on PATH or at /usr/local/cuda/bin/nvcc: cannot build llama.cpp with CUDA")
-        cmds = build_commands(self.src, bdir, self.jobs, nvcc)
+        src_info = _read_json(self.src / "SOURCE.json")
+        cmds = build_commands(self.src, bdir, self.jobs, nvcc, src_info.get("vendored_llama_cpp_commit"))
         self.log(f"llama.cpp CUDA build: {' '.join(cmds[1])} (log {bdir}.log) ...")
         t0 = time.perf_counter()
         log_file = Path(f"{bdir}.log")
@@ -221,7 +224,7 @@ class CudaBuild:
                     raise RuntimeError(f"`{shlex.join(cmd[:4])} ...` exited with {code}: {' / '.join(tail)}")
         secs = time.perf_counter() - t0
         nv = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-        info = _read_json(self.src / "SOURCE.json") | {
+        info = src_info | {
             "archive_sha256": sha, "cmake_flags": list(CUDA_FLAGS), "jobs": self.jobs, "build_seconds": secs,
             "nvcc": next((x for x in nv if "release" in x), nv[-1] if nv else None),
             "commands": [shlex.join(c) for c in cmds]}
@@ -354,10 +357,12 @@ def run_invocation(row: PeerRow, bench: Path, threads: int, n_prompt: int, n_gen
     done = threading.Event()
 
     def poll():
-        while not done.wait(0.05):
+        while True:  # every 50 ms from the start until the run ends
             u = sampler()
             if u is not None and (peak[0] is None or u > peak[0]):
                 peak[0] = u
+            if done.wait(0.05):
+                return
 
     poller = threading.Thread(target=poll, daemon=True) if before is not None else None
     if poller:

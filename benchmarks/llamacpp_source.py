@@ -124,13 +124,12 @@ def prepare(sdist: Path, out: Path = ARCHIVE, record: Path | None = RECORD, log=
             data, mode = files[rel]
             tar.addfile(_member(rel, len(data), mode), io.BytesIO(data))
     tmp.replace(out)
-    info |= {"archive": out.name, "archive_bytes": out.stat().st_size, "archive_sha256": _sha256(out),
-             "compress_seconds": round(time.perf_counter() - t0, 1)}
+    info |= {"archive": out.name, "archive_bytes": out.stat().st_size, "archive_sha256": _sha256(out)}
     out.with_name(out.name + ".sha256").write_text(f"{info['archive_sha256']}  {out.name}\n", encoding="utf-8")
     if record is not None:
         Path(record).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     log(f"{out}: {info['files']} files, {info['bytes_uncompressed'] / 2**20:.1f} MiB -> "
-        f"{info['archive_bytes'] / 2**20:.2f} MiB, sha256 {info['archive_sha256']}")
+        f"{info['archive_bytes'] / 2**20:.2f} MiB in {time.perf_counter() - t0:.0f} s, sha256 {info['archive_sha256']}")
     return info
 
 

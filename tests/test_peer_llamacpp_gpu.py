@@ -249,18 +249,20 @@ def test_ratios_at_the_same_precision_and_gpu_memory():
             "memory_limit": None, "error": "x"},
            {"name": "other model", "mode": "engine", "model": "T", "quantization": "none", "decode_tok_s": 9.0,
             "memory_limit": None}]
-    by = {(x["engine"], x["llama_cpp"], x["metric"]): x for x in gp.ratios(eng, peer, "S")}
-    assert len(by) == 6  # in memory: decode + prefill; each limit: the matching row and the best at no more
-    mem = by[("S engine", "llama.cpp bf16 in memory (-ngl 99 -fa on)", "decode_tok_s")]
-    assert mem["value"] == 1300.0 / 400.0 and mem["threshold"] == 3.0 and mem["met"] is True
-    off = [x for x in by.values() if x["engine"] == "S engine 60%"]
-    assert {x["value"] for x in off} == {123.0 / 110.0} and [x["threshold"] for x in off].count(2.0) == 1
-    q4 = {x["llama_cpp"]: x for x in by.values() if x["engine"] == "S engine q4_0 60%"}
+    got = gp.ratios(eng, peer, "S")
+    assert len(got) == 6  # in memory: decode + prefill; each limit: the matching row and the best at no more
+    mem = [x for x in got if x["engine"] == "S engine" and x["metric"] == "decode_tok_s"]
+    assert len(mem) == 1 and mem[0]["llama_cpp"] == "llama.cpp bf16 in memory (-ngl 99 -fa on)"
+    assert mem[0]["value"] == 1300.0 / 400.0 and mem[0]["threshold"] == 3.0 and mem[0]["met"] is True
+    off = [x for x in got if x["engine"] == "S engine 60%"]  # its -ncmoe 13 row is also the best here
+    assert {x["value"] for x in off} == {123.0 / 110.0} and [x["threshold"] for x in off] == [None, 2.0]
+    assert off[1]["met"] is False and off[1]["engine_memory_limit"] == 5.4e9
+    q4 = {x["llama_cpp"]: x for x in got if x["engine"] == "S engine q4_0 60%"}
     best = q4["llama.cpp Q4_0 all experts on the CPU (-ncmoe 32)"]  # faster than its -ncmoe 13 here: the best
     assert best["value"] == 300.0 / 200.0 and best["threshold"] == 2.0 and best["met"] is False
     assert q4["llama.cpp Q4_0 -ncmoe 13 (the engine's 60% limit's expert bytes)"]["threshold"] is None
     md = gp.render({"llama_cpp": {"available": True, "build": {"version": "v"}}, "peer_rows": peer,
-                    "peer_ratios": list(by.values())})
+                    "peer_ratios": got})
     assert md.count("\n| llama.cpp") == 6 and "| 3.25 | 3 | yes |" in md
 
 
@@ -284,7 +286,8 @@ def test_runs_are_interleaved_between_the_engine_rows(tmp_path):
         gpu.step(left)
         sizes.append(before - len(gpu.queue))
     assert sizes == [6, 6, 6] and not gpu.queue
-    assert all(len(r.decode) == 3 and len(r.commands) == 3 for r in gpu.rows)
+    per_run = len(json.loads(RECORDED.read_text())[1]["samples_ts"])  # the stand-in prints a recorded -r 3 run
+    assert all(len(r.commands) == 3 and len(r.decode) == 3 * per_run for r in gpu.rows)
     res = gpu.results([], {"hbm_copy": {"median": 4e12}}, "S")
     assert res["llama_cpp"]["available"] and len(res["peer_rows"]) == 6
     assert all(r["decode_tok_s"] > 0 and r["bound_share"] > 0 for r in res["peer_rows"])
@@ -300,3 +303,4 @@ def test_a_build_out_of_time_is_stopped(tmp_path):
     with pytest.raises(RuntimeError, match="stopped: out of time"):
         b._call(["sleep", "30"], subprocess.DEVNULL)
     assert time.perf_counter() - t0 < 10
+
