@@ -507,31 +507,48 @@ def _tensor_seed(seed: int, name: str) -> int:
 
 
 def synthetic_tensor_chunks(name: str, shape: tuple[int, ...], seed: int, std: float,
-                            dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """The data of one synthetic tensor in row-major chunks: ones for norms (1-D), else N(0, std) (biases too)."""
+                            dtype: torch.dtype, device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
+    """The data of one synthetic tensor in row-major chunks: ones for norms (1-D), else N(0, std) (biases too).
+
+    One generator per tensor, seeded by ``seed`` and the name (so per layer, expert and matrix for the experts),
+    drawn on ``device``: the CPU's stream is the same on every machine; a CUDA generator (Philox) draws other values,
+    which may depend on the GPU and torch version. The chunks are on ``device``."""
     n = math.prod(shape)
+    dev = torch.device(device)
     if len(shape) == 1 and not name.endswith(".bias"):
-        yield torch.ones(n, dtype=dtype)
+        yield torch.ones(n, dtype=dtype, device=dev)
         return
-    gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
+    gen = torch.Generator(device=dev).manual_seed(_tensor_seed(seed, name))
     for start in range(0, n, _CHUNK):
         m = min(_CHUNK, n - start)
-        yield torch.randn(m, generator=gen).mul_(std).to(dtype)
+        yield torch.randn(m, generator=gen, device=dev).mul_(std).to(dtype)
+
+
+def synthetic_tensor(name: str, shape: tuple[int, ...], seed: int, std: float, dtype: torch.dtype,
+                     device: str | torch.device = "cpu") -> torch.Tensor:
+    """One whole synthetic tensor of ``shape`` on ``device``: the chunks of :func:`synthetic_tensor_chunks`."""
+    chunks = list(synthetic_tensor_chunks(name, shape, seed, std, dtype, device))
+    return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).view(shape)
 
 
 def write_synthetic_checkpoint(path: str | os.PathLike, config: SmallThinkerConfig, seed: int = 0,
                                dtype: torch.dtype | str = torch.bfloat16, max_shard_size: int | str | None = None,
-                               tokenizer=None, store_tied_lm_head: bool = False) -> Path:
+                               tokenizer=None, store_tied_lm_head: bool = False, experts: bool = True,
+                               device: str | torch.device = "cpu") -> Path:
     """Random weights in the exact released layout, streamed tensor by tensor (the 21B fits in no RAM).
 
     Matrices are N(0, initializer_range), norms 1; each tensor comes from its own generator seeded by
     ``seed`` and its name, so the content does not depend on sharding or order. ``store_tied_lm_head``
     also writes ``lm_head.weight`` (equal to the embedding) in a tied checkpoint, as the released 4B does.
     ``tokenizer``: an object with ``save_pretrained`` or a folder whose tokenizer files are copied.
+    ``experts=False`` writes the non-expert tensors only (a folder whose experts go straight into an expert
+    bundle: engine/synthetic.py); ``device``: where the values are drawn (:func:`synthetic_tensor_chunks`).
     Returns the folder.
     """
     target = _torch_dtype(dtype, "write_synthetic_checkpoint(dtype=...)")
     shapes = expected_tensors(config)
+    if not experts:
+        shapes = {n: s for n, s in shapes.items() if not _EXPERT_RE.search(n)}
     if config.tie_word_embeddings and store_tied_lm_head:
         shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
     items = [(n, _ST_NAME[target], s) for n, s in shapes.items()]
@@ -539,7 +556,7 @@ def write_synthetic_checkpoint(path: str | os.PathLike, config: SmallThinkerConf
 
     def produce(name: str) -> Iterator[torch.Tensor]:
         source = "model.embed_tokens.weight" if config.tie_word_embeddings and name == "lm_head.weight" else name
-        return synthetic_tensor_chunks(source, shapes[name], seed, std, target)
+        return (c.cpu() for c in synthetic_tensor_chunks(source, shapes[name], seed, std, target, device))
 
     folder = _write_checkpoint(Path(path), config.replace(torch_dtype=_dtype_name(target)), items, produce,
                                max_shard_size)
