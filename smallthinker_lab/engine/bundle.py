@@ -17,7 +17,9 @@ Layout of ``experts.bin`` (all offsets absolute, in bytes):
 the absolute offsets of gate/up/down, the record's payload size and its checksum: XXH3-64 (``xxhash``, about
 16 GB/s on one core here, so verifying a read costs a small fraction of reading it) or, where xxhash is not
 installed, crc32 (zlib, about 3.4 GB/s); the index names the algorithm.
-Non-expert weights stay in the checkpoint folder.
+Non-expert weights stay in the checkpoint folder. A folder may keep its experts only in bundles of its own (a
+GGUF's, engine/gguf.py; a synthetic model written straight into bundles, engine/synthetic.py, whose
+``experts_in_bundles.json`` names them): the engine opens those, and nothing is converted.
 
 Conversion streams tensor by tensor (``safe_open``), writes ``.experts.bin.tmp-PID-TOKEN`` and
 ``.experts.json.tmp-PID-TOKEN`` (created exclusively, never through a symbolic link), removes any previous index, then
@@ -198,7 +200,16 @@ def checkpoint_tensors(folder: str | os.PathLike) -> tuple[SmallThinkerConfig, d
     :func:`load_model` checks them (:func:`read_checkpoint`, strict): file paths inside the folder, config.json sizes
     against the stored tensors, every tensor expected with its shape and a floating-point dtype. A tied
     checkpoint's stored ``lm_head.weight`` is left out. Raises CheckpointError (FileNotFoundError: no weights)."""
-    checked = read_checkpoint(folder, strict=True, experts_elsewhere=_bundle_only_experts(folder))
+    elsewhere = _bundle_only_experts(folder)
+    try:
+        checked = read_checkpoint(folder, strict=True, experts_elsewhere=elsewhere)
+    except CheckpointError:
+        if elsewhere is None and _stores_no_experts(folder):
+            raise BundleError(f"{resolve_path(folder)} stores no expert tensors and has no expert bundle of its own "
+                              f"(no {BUNDLE_ONLY_FILE} naming one): the engine needs the experts either in the "
+                              f"checkpoint or in a bundle written with them (smallthinker_lab.engine.synthetic for a "
+                              f"synthetic model); pass the folder that holds them") from None
+        raise
     if isinstance(checked.config, DenseConfig):
         raise DenseModelError(
             f"{checked.config_file} describes a dense Qwen2 model (model_type 'qwen2'): it has no experts to offload, "
@@ -208,12 +219,77 @@ def checkpoint_tensors(folder: str | os.PathLike) -> tuple[SmallThinkerConfig, d
 
 
 GGUF_SOURCE_FILE = "gguf_source.json"  # engine/gguf.py: the folder's experts are only in its bundle
+# engine/synthetic.py: the folder's experts are only in the bundles this file names ({"bundles": {name: {...}}})
+BUNDLE_ONLY_FILE = "experts_in_bundles.json"
+
+
+def _stores_no_experts(folder) -> bool:
+    from ..model.checkpoint_files import _stored_tensors
+
+    try:
+        stored, _ = _stored_tensors(resolve_path(folder))
+    except (CheckpointError, OSError, ValueError):
+        return False
+    return bool(stored) and not any(is_expert_tensor(n) for n in stored)
+
+
+def bundle_only_names(folder) -> dict[str, dict] | None:
+    """The bundles (folder name -> {"format", "down_transposed"}) of a folder whose experts are only in bundles of
+    its own (:data:`BUNDLE_ONLY_FILE`, written by engine/synthetic.py), or None for any other folder."""
+    folder = resolve_path(folder)
+    marker = folder / BUNDLE_ONLY_FILE
+    if not marker.is_file():
+        return None
+    try:
+        names = json.loads(marker.read_text(encoding="utf-8"))["bundles"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BundleError(f"{marker} is not a list of bundles ({type(e).__name__}: {e})") from None
+    if not isinstance(names, dict) or not names or any(
+            not isinstance(n, str) or Path(n).name != n or not n.startswith("expert_bundle") or
+            not isinstance(v, dict) for n, v in names.items()):
+        raise BundleError(f"{marker}: 'bundles' must map folder names expert_bundle* to their format, got "
+                          f"{names!r:.200}")
+    return names
+
+
+def bundle_only_dir(folder, quantization: str | None, down_transposed: bool) -> Path:
+    """The bundle an engine over a bundle-only folder (:func:`bundle_only_names`) reads: the one of
+    ``quantization`` (None: the checkpoint's precision) in the layout asked for, else in the other layout. A
+    missing one, or one written for other non-expert files, is a BundleError (such a folder cannot be converted)."""
+    folder = resolve_path(folder)
+    names = bundle_only_names(folder)
+    base = "expert_bundle" + (f"-{quantization}" if quantization else "")
+    for name in (base + ("" if down_transposed else "-down_hf"), base + ("-down_hf" if down_transposed else "")):
+        if name in names:
+            idx = _index_summary(folder / name)
+            if idx is None:
+                raise BundleError(f"{folder / name}: the expert bundle {BUNDLE_ONLY_FILE} names has no readable "
+                                  f"{INDEX_NAME} (an interrupted write): write the folder again")
+            if idx.get("source") != source_fingerprint(folder):
+                raise BundleError(f"{folder / name} was written for other non-expert files than {folder} holds now "
+                                  f"(sizes or mtimes changed): write the folder again")
+            return folder / name
+    have = ", ".join(f"{n} ({v.get('format')})" for n, v in names.items())
+    raise BundleError(f"{folder} stores its experts only in its bundles ({have}); none is "
+                      f"{quantization or 'in the checkpoint precision'}: write the folder with that format too (a "
+                      f"folder without expert tensors cannot be converted)")
 
 
 def _bundle_only_experts(folder) -> tuple[int, int] | None:
     """(layers, experts) of the default expert bundle of a folder that stores its experts only there (one made
-    from a GGUF, engine/gguf.py), or None: a folder with expert tensors of its own is checked against them."""
+    from a GGUF, engine/gguf.py, or by engine/synthetic.py), or None: a folder with expert tensors of its own is
+    checked against them."""
     folder = resolve_path(folder)
+    names = bundle_only_names(folder)
+    if names is not None:
+        for name in names:
+            summary = _index_summary(folder / name)
+            if summary is not None:
+                where = f"{folder / name / INDEX_NAME}"
+                return (_index_int(summary, "num_layers", where, low=1),
+                        _index_int(summary, "num_experts", where, low=1))
+        raise BundleError(f"{folder}: {BUNDLE_ONLY_FILE} names expert bundles ({', '.join(names)}), none has a "
+                          f"readable {INDEX_NAME}: write the folder again")
     if not (folder / GGUF_SOURCE_FILE).is_file():
         return None
     summary = _index_summary(default_bundle_dir(folder))
@@ -291,88 +367,34 @@ def convert(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         fmt = _ST_FORMAT[kinds.pop()]
     else:
         fmt = quantization
-    codec = get_format(fmt)
     down_transposed = down_transposed_for(fmt, down_transposed)
-    specs, payload, stride = record_layout(H, F, fmt, down_transposed)
     out = Path(out_dir) if out_dir is not None else _checked_default_dir(ckpt, quantization, down_transposed)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)  # a killed conversion's (as large as the bundle)
-    bundle_id = uuid.uuid4().hex
-    header = {"format": fmt, "num_layers": L, "num_experts": E, "hidden_size": H, "ffn_size": F,
-              "stride": stride, "payload_nbytes": payload, "down_transposed": bool(down_transposed),
-              "packing": packing(fmt)}
-    tag = f".tmp-{os.getpid()}-{bundle_id[:8]}"
-    tmp_data, tmp_index = out / f".{DATA_NAME}{tag}", out / f".{INDEX_NAME}{tag}"
-    created: list[Path] = []  # the temporaries this call created: only those are removed when it fails
-    with _LIVE_LOCK:
-        _LIVE_TEMPS.update((str(tmp_data), str(tmp_index)))
-    offsets = np.zeros((L, E), dtype=np.int64)
-    algo = default_checksum()
-    digest = CHECKSUMS[algo]()
-    sums = np.zeros((L, E), dtype=np.uint64)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=L * E, desc=f"converting experts ({fmt})", unit="expert", leave=False)
     from safetensors import SafetensorError, safe_open
 
-    try:
-        record = bytearray(stride)
-        with _create_exclusive(tmp_data, created) as f:
-            f.write(_header_bytes(bundle_id, header))
-            pos = PAGE
-            for layer in range(L):
-                handles: dict[Path, object] = {}  # reopened per layer: mapped pages of earlier layers are dropped
-                try:
-                    for e in range(E):
-                        view = memoryview(record)  # gaps between matrices stay zero: never written
-                        for m in MATRICES:
-                            name = _expert_name(layer, e, m)
-                            file = tensors[name][0]
-                            try:
-                                if file not in handles:
-                                    handles[file] = safe_open(str(file), framework="pt", device="cpu")
-                                w = handles[file].get_tensor(name)
-                            except (SafetensorError, OSError) as err:
-                                raise CheckpointError(f"{file}: cannot read tensor {name}: {type(err).__name__}: "
-                                                      f"{err}") from None
-                            if m == "down" and down_transposed:
-                                w = w.t()  # [H, F] -> [F, H]
-                            if tuple(w.shape) != specs[m].shape:
-                                raise BundleError(f"{file}: {name} has shape {list(w.shape)}, expected "
-                                                  f"{[F, H] if m != 'down' else [H, F]}")
-                            enc = codec.encode(w.contiguous()).numpy()
-                            s = specs[m]
-                            if enc.nbytes != s.nbytes:
-                                raise BundleError(f"{name}: encoded to {enc.nbytes} bytes, expected {s.nbytes}")
-                            view[s.offset:s.offset + s.nbytes] = enc.tobytes()
-                        sums[layer, e] = digest(view[:payload])
-                        offsets[layer, e] = pos
-                        f.write(view)
-                        pos += stride
-                        if bar is not None:
-                            bar.update(1)
-                finally:
-                    handles.clear()
-            f.flush()
-            os.fsync(f.fileno())
-        index = _index_dict(bundle_id, header, specs, offsets, sums, algo, pos, source_fingerprint(ckpt))
-        with _create_exclusive(tmp_index, created, "w") as f:
-            f.write(json.dumps(index, separators=(",", ":")) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        (out / INDEX_NAME).unlink(missing_ok=True)  # from here until the last rename there is no valid bundle
-        os.replace(tmp_data, out / DATA_NAME)  # rename replaces a link of that name, never writes through it
-        os.replace(tmp_index, out / INDEX_NAME)
-        _fsync_dir(out)
-    finally:
-        if bar is not None:
-            bar.close()
-        for tmp in created:
-            tmp.unlink(missing_ok=True)  # after the renames: nothing there
-        with _LIVE_LOCK:
-            _LIVE_TEMPS.difference_update((str(tmp_data), str(tmp_index)))
+    from .bundle_writer import BundleWriter
+
+    with BundleWriter(out, L, E, H, F, fmt, down_transposed, progress, f"converting experts ({fmt})",
+                      codec=get_format(fmt)) as w:
+        for layer in range(L):
+            handles: dict[Path, object] = {}  # reopened per layer: mapped pages of earlier layers are dropped
+            try:
+                for e in range(E):
+                    mats = {}
+                    for m in MATRICES:
+                        name = _expert_name(layer, e, m)
+                        file = tensors[name][0]
+                        try:
+                            if file not in handles:
+                                handles[file] = safe_open(str(file), framework="pt", device="cpu")
+                            mats[m] = handles[file].get_tensor(name)
+                        except (SafetensorError, OSError) as err:
+                            raise CheckpointError(f"{file}: cannot read tensor {name}: {type(err).__name__}: "
+                                                  f"{err}") from None
+                    w.add(layer, e, mats, where=f"{tensors[_expert_name(layer, e, 'gate')][0]}: layer {layer} "
+                                                f"expert {e}")
+            finally:
+                handles.clear()
+        w.finish(source_fingerprint(ckpt))
     return out
 
 
@@ -544,6 +566,9 @@ def ensure_bundle(checkpoint_dir: Path, bundle_dir: Path | None, quantization: s
     layout of a new conversion; the default folder is per layout, and an explicit ``bundle_dir`` of the other
     layout is used as it is (the engine reads both)."""
     down_transposed = down_transposed_for(quantization, down_transposed)
+    if bundle_only_names(checkpoint_dir) is not None:  # nothing to convert from: the folder's own bundles
+        return Path(bundle_dir) if bundle_dir is not None else bundle_only_dir(checkpoint_dir, quantization,
+                                                                               down_transposed)
     out = Path(bundle_dir) if bundle_dir is not None else _checked_default_dir(checkpoint_dir, quantization,
                                                                                down_transposed)
 

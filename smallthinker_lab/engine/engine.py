@@ -49,6 +49,7 @@ from .bundle import (
     GPU_KERNEL_FORMATS,
     RAW_FORMATS,
     BundleError,
+    bundle_only_names,
     checkpoint_tensors,
     ensure_bundle,
     is_expert_tensor,
@@ -189,6 +190,8 @@ class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
         # bytes are used as they are (a raw format of the engine's dtype)
         expert_fmt = quantization or next((_ST_FORMAT.get(stored[n][1]) for n in expected_tensors(config)
                                            if is_expert_tensor(n) and n in stored), None)
+        if expert_fmt is None and bundle_only_names(self.checkpoint_dir) is not None:  # experts only in bundles,
+            expert_fmt = _ST_FORMAT.get(stored[names[0]][1])  # written in the non-expert tensors' precision
         model_layout = self.exact and expert_fmt in RAW_FORMATS and FORMAT_DTYPE[expert_fmt] == self.dtype
         # the GPU decode kernels read int8 / q4_0 records as they are, down in the model's layout (quantized along F)
         model_layout = model_layout or (cuda_graph == "kernels" and quantization in GPU_KERNEL_FORMATS)
