@@ -149,12 +149,17 @@ class ModeSpec:
     required: bool = False
     options: dict = field(default_factory=dict)  # extra Engine / baseline keywords
     routing: str | None = None  # None: the model's own routers; a domain: that domain's recorded trained routing
+    limit: str | None = None  # a memory limit as given ("8GiB"), instead of a share of the expert bytes
+    reference: bool = False  # its tokens are the reference of its (model, quantization, kernels): an engine row where
+    # the model in memory cannot be loaded (a folder without a full checkpoint, benchmarks/big_shape.py)
 
     @property
     def name(self) -> str:
         parts = [self.model, self.mode]
         if self.quantization:
             parts.append(self.quantization)
+        if self.limit is not None:
+            parts.append(self.limit)
         if self.share is not None:
             parts.append("min" if self.share == 0 else f"{self.share:.0%}")
         if self.policy:
@@ -408,14 +413,15 @@ def _preload(engine) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- limits
-def engine_limits(info: ModelInfo, device: str, quantization: str | None, exact: bool = True) -> dict:
+def engine_limits(info: ModelInfo, device: str, quantization: str | None, exact: bool = True,
+                  options: dict | None = None) -> dict:
     """The engine's fixed bytes (everything but the expert cache), the slot size and the number of experts, from
-    the MemoryLimitError of a 1-byte limit (nothing is loaded). ``exact``: as the row is timed (the CPU kernel
-    formats run with exact=False)."""
+    the MemoryLimitError of a 1-byte limit (nothing is loaded). ``exact`` and ``options`` (the row's Engine
+    keywords): as the row is timed (the CPU kernel formats run with exact=False; the decode kernels' workspace)."""
     from smallthinker_lab.engine import Engine, MemoryLimitError
 
     cuda = torch.device(device).type == "cuda"
-    kw = {"host_cache": True} if cuda else {}
+    kw = ({"host_cache": True} if cuda else {}) | dict(options or {})
     try:
         Engine.from_pretrained(info.ckpt, memory_limit=1, device=device, quantization=quantization,
                                bundle_dir=info.bundles[quantization], progress=False, exact=exact, **kw)  # as timed
@@ -466,13 +472,20 @@ def open_runner(spec: ModeSpec, ctx: Context) -> tuple[object, dict]:
         fields["limit_share_of_expert_bytes"] = 1.0
     elif spec.mode == "engine":
         limit = None
-        if spec.share is not None:
-            lim = engine_limits(info, ctx.device, spec.quantization)
+        if spec.limit is not None:
+            from smallthinker_lab.engine.memory import parse_memory_limit
+
+            limit = parse_memory_limit(spec.limit)
+            fields["memory_limit"] = limit
+        elif spec.share is not None:
+            lim = engine_limits(info, ctx.device, spec.quantization, options=spec.options)
             limit, share = limit_for_share(lim, spec.share, info.config.top_k)
             fields.update(memory_limit=limit, limit_share_of_expert_bytes=share)
         else:
             fields["limit_share_of_expert_bytes"] = 1.0
         runner = EngineRunner(info, ctx, spec, limit)
+        if spec.limit is not None:  # the share of the expert bytes this limit's cache holds
+            fields["limit_share_of_expert_bytes"] = runner.engine.memory_plan()["cached_fraction"]
         fields["engine_options"] = runner.options
         fields["backend"] = runner.engine.backend  # what the engine runs (backend="auto" chooses it)
         fields["preload_seconds"] = runner.preload_seconds
@@ -515,7 +528,7 @@ def measure_mode(spec: ModeSpec, ctx: Context) -> dict:
     ref_key = (spec.model, spec.quantization) + (("kernels",) if kernels else ()) + (
         (f"routing={spec.routing}",) if spec.routing else ())
     refs = ctx.references.setdefault(ref_key, {})
-    is_reference = spec.mode == "in_memory" and not spec.instruments and not spec.threads
+    is_reference = (spec.mode == "in_memory" or spec.reference) and not spec.instruments and not spec.threads
     try:
         runner, fields = open_runner(spec, ctx)
         row.update(fields)
@@ -530,10 +543,11 @@ def measure_mode(spec: ModeSpec, ctx: Context) -> dict:
         check_seconds = time.perf_counter() - t0
         if is_reference and 0 not in refs:
             refs[0] = out["tokens"]
+            refs["by"] = "the resident engine's" if spec.mode == "engine" else "the in-memory model's"
         if 0 not in refs:
             raise RuntimeError(f"no in-memory reference for {ref_key}: the in-memory mode must run first")
         _check(out["tokens"], refs[0], spec.name)
-        row["checked"] = "the reference itself" if is_reference else "tokens equal to the in-memory model's" + (
+        row["checked"] = "the reference itself" if is_reference else f"tokens equal to {refs['by']}" + (
             " (decoding with the same kernels)" if kernels else "")
         row["check_seconds"] = check_seconds
         # timed repeats, as many as the budget allows (at least one)

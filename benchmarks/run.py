@@ -14,7 +14,8 @@ min/median/max, the bounds, the targets, the decode-time profile) and ``bench_<s
 also regenerate the README table (``benchmarks/report_table.py``).
 
 Suites: ``cpu`` (4B on this machine's CPU; few tokens: a 4B decode token takes ~0.5 s here), ``gpu`` (4B on CUDA;
-``--device cpu --dry-run`` runs its code path on tiny shapes), ``smoke`` (the "smallthinker-test" preset, seconds;
+``--device cpu --dry-run`` runs its code path on tiny shapes; ``--shape 21b``: the 21B written straight into its
+bundles, no full checkpoint, benchmarks/big_shape.py), ``smoke`` (the "smallthinker-test" preset, seconds;
 run by tests/test_benchmarks.py). ``--budget-s``: optional modes are skipped, and repeats reduced, to end in time.
 """
 
@@ -182,6 +183,15 @@ def setup_models(suite: str, args, log) -> tuple[dict, dict]:
     small = suite == "smoke" or args.dry_run
     preset = "smallthinker-test" if small else SHAPES[args.shape]
     key = synthetic_key(suite, args.shape)
+    if suite == "gpu" and args.shape != "4b":  # no full checkpoint: written straight into its bundles
+        from .big_shape import setup_big
+
+        info, setup = setup_big(args, preset, key, small, log)
+        if args.routing:  # only the trained model's checkpoint is needed, to record its routing
+            trained = be.ModelInfo(TRAINED_KEY, TRAINED, None, torch.bfloat16, []) \
+                if (TRAINED / "model.safetensors").exists() else None
+            _trained_routing(info, trained, args, setup, False, log)
+        return {key: info}, setup
     overrides = {}
     if args.synthetic_layers and not small:  # the per-layer shape kept, fewer layers (a smaller run)
         from smallthinker_lab.model.config import hybrid_layouts
@@ -343,6 +353,11 @@ def evaluate_targets(rows: list[dict], suite: str, gpu: bool, key: str | None = 
             value >= target if higher else value <= target)
         out.append({"target": name, "value": value, "threshold": target, "met": ok, "note": note})
 
+    if gpu and S == synthetic_key("gpu", "21b"):  # benchmarks/big_shape.py's rows
+        from .big_shape import targets_big
+
+        targets_big(rows, S, add)
+        return out
     if not gpu:
         add("CPU 4B: offloaded decode (60% of expert bytes, LRU, prefetch) / best in-memory decode",
             _rate(full) / best_mem, 0.67,
@@ -482,8 +497,9 @@ def parse_args(argv=None):
                    "(benchmarks/trained_routing.py); default: gsm8k,zh-news on the gpu suite, gsm8k on smoke, none on "
                    "cpu; '' none")
     p.add_argument("--shape", choices=tuple(SHAPES), default="4b", help="the synthetic checkpoint's preset shape")
-    p.add_argument("--synthetic-layers", type=int, default=None, help="cut the synthetic shape to this many layers "
-                   "(per-layer shape kept; trained routing: layer l takes layer l mod 8)")
+    p.add_argument("--synthetic-layers", type=lambda x: x if x == "auto" else int(x), default=None,
+                   help="cut the synthetic shape to this many layers (per-layer shape kept; trained routing: layer l "
+                   "takes layer l mod 8); 'auto' (the gpu 21b default): as many as the measured disk lets the budget")
     g = p.add_argument_group("peer", "--suite cpu --peer llama.cpp: llama.cpp beside the engine, round-robin "
                              "(benchmarks/peer_llamacpp.py; results bench_cpu_peer.json / .md); --suite gpu --peer "
                              "llama.cpp: its CUDA build's rows interleaved with the suite's (benchmarks/"
@@ -506,6 +522,11 @@ def main(argv=None) -> int:
         return _peer(args)
     suite = args.suite
     d = DEFAULTS[suite]
+    big = suite == "gpu" and args.shape != "4b"  # benchmarks/big_shape.py: fewer tokens and repeats (the budget)
+    if args.synthetic_layers == "auto" and not big:
+        raise SystemExit("--synthetic-layers auto is for --suite gpu --shape 21b (give a number of layers)")
+    if big:
+        args.tokens, args.repeats = args.tokens or 17, args.repeats or 2
     args.prompt_tokens = args.prompt_tokens or d["prompt"]
     args.tokens = args.tokens or d["tokens"]
     args.repeats = args.repeats or d["repeats"]
@@ -519,6 +540,8 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if suite == "gpu" else "cpu")
     cuda = torch.device(device).type == "cuda"
     budget = args.budget_s or d["budget"]
+    args.budget_s_effective = budget - 30  # what the big shape's layer choice may plan for
+    args.kernels = cuda  # the big shape's rows decode with the Triton kernels on a GPU (eager on a CPU dry run)
     start = time.perf_counter()
     deadline = start + budget - 20
     scratch = Path(args.scratch or "/tmp/smallthinker_bench")
@@ -527,7 +550,8 @@ def main(argv=None) -> int:
     args.scratch = str(scratch)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"bench_{suite}" + ("_dryrun" if args.dry_run and suite != "smoke" else "")
+    name = (f"bench_{suite}" + (f"_{args.shape}" if big else "")  # bench_gpu_21b: beside the 4B's bench_gpu
+            + ("_dryrun" if args.dry_run and suite != "smoke" else ""))
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
 
     def log(msg: str) -> None:
@@ -586,14 +610,22 @@ def main(argv=None) -> int:
             "check": "greedy tokens of the check prompt equal to the in-memory model's before timing, and of every "
                      "timed prompt after; the engine runs with exact=True (the model's kernels)",
         }
+        if big:
+            result["settings"]["check"] = ("greedy tokens of the check prompt equal to the resident engine's (each "
+                                           "precision's first row: no model in memory without a full checkpoint) "
+                                           "before timing, and of every timed prompt after")
         modes = suite_modes(suite, suite == "gpu", TRAINED_KEY in models, args.q4, tuple(args.routing),
                             key=syn.key)  # gpu: also on --device cpu
+        if big:
+            from .big_shape import big_modes
+
+            modes = big_modes(syn.key, args.q4, tuple(args.routing), kernels=cuda)
         if args.only:
             keys = [k.strip() for k in args.only.split(",") if k.strip()]
             picked = [m for m in modes if any((m.name == k[1:]) if k.startswith("=") else (k in m.name) for k in keys)]
             modes = [m for m in modes if m in picked or
-                     (m.mode == "in_memory" and not m.instruments and not m.threads and not m.quantization
-                      and (not m.routing or any(x.routing == m.routing for x in picked)))]
+                     ((m.mode == "in_memory" and not m.quantization or m.reference) and not m.instruments
+                      and not m.threads and (not m.routing or any(x.routing == m.routing for x in picked)))]
         if peer is not None:  # its rows: in memory, one -ncmoe per engine limit of these modes, all on the CPU
             peer.plan(modes, syn.key)
         skipped, durations = [], []
