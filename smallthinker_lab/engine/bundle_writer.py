@@ -60,7 +60,6 @@ class BundleWriter:
         self.sums = np.zeros((num_layers, num_experts), dtype=np.uint64)
         self._next = 0  # records written
         self._pos = PAGE
-        self._record = bytearray(self.stride)
         self._progress, self._desc = progress, desc or f"writing experts ({fmt})"
         self._bar = self._file = None
         self._created: list[Path] = []
@@ -103,10 +102,12 @@ class BundleWriter:
         with _LIVE_LOCK:
             _LIVE_TEMPS.difference_update((str(self.tmp_data), str(self.tmp_index)))
 
-    def encode(self, layer: int, expert: int, matrices: dict[str, torch.Tensor], where: str = "") -> list[np.ndarray]:
-        """The three encoded matrices of a record (down transposed here when the bundle stores it [F, H]); each
-        tensor's shape is checked. On the tensors' device, then copied to host memory."""
-        out = []
+    def encode(self, layer: int, expert: int, matrices: dict[str, torch.Tensor], where: str = "") -> np.ndarray:
+        """One whole record (``stride`` bytes, zero padded) of the three matrices (down transposed here when the
+        bundle stores it [F, H]); each tensor's shape is checked. Assembled on the tensors' device, then copied to
+        host memory in one piece."""
+        dev = matrices[MATRICES[0]].device
+        record = torch.zeros(self.stride, dtype=torch.uint8, device=dev)  # gaps between matrices stay zero
         for m in MATRICES:
             w = matrices[m]
             if m == "down" and self.down_transposed:
@@ -116,28 +117,29 @@ class BundleWriter:
                 want = [self.F, self.H] if m != "down" else [self.H, self.F]
                 raise BundleError(f"{where or f'layer {layer} expert {expert}'}: {m} has shape "
                                   f"{list(matrices[m].shape)}, expected {want}")
-            enc = self.codec.encode(w.contiguous()).cpu().numpy()
-            if enc.nbytes != s.nbytes:
-                raise BundleError(f"layer {layer} expert {expert} {m}: encoded to {enc.nbytes} bytes, expected "
+            enc = self.codec.encode(w.contiguous()).reshape(-1).view(torch.uint8)  # flat uint8 (every format's)
+            if enc.numel() != s.nbytes:
+                raise BundleError(f"layer {layer} expert {expert} {m}: encoded to {enc.numel()} bytes, expected "
                                   f"{s.nbytes}")
-            out.append(enc.reshape(-1))
-        return out
+            record[s.offset:s.offset + s.nbytes] = enc.to(dev)
+        return record.cpu().numpy()
 
     def add(self, layer: int, expert: int, matrices: dict[str, torch.Tensor], where: str = "") -> None:
         """Append record (layer, expert): the next one in file order."""
         self.add_encoded(layer, expert, self.encode(layer, expert, matrices, where))
 
-    def add_encoded(self, layer: int, expert: int, encoded: list[np.ndarray]) -> None:
-        """Append a record from its encoded matrices (:meth:`encode`), checksummed here."""
+    def add_encoded(self, layer: int, expert: int, record: np.ndarray) -> None:
+        """Append a record made by :meth:`encode` (checksummed here; the checksum and the write release the GIL,
+        so writer threads run beside the thread that encodes)."""
         if self._file is None:
             raise RuntimeError("BundleWriter.add outside its with block")
         if (layer, expert) != divmod(self._next, self.E) or self._next >= self.L * self.E:
             raise BundleError(f"record ({layer}, {expert}) out of order: the next is "
                               f"{divmod(self._next, self.E)} of {self.L} x {self.E}")
-        view = memoryview(self._record)  # gaps between matrices stay zero: never written
-        for m, buf in zip(MATRICES, encoded):
-            s = self.specs[m]
-            view[s.offset:s.offset + s.nbytes] = memoryview(np.ascontiguousarray(buf, dtype=np.uint8)).cast("B")
+        if record.dtype != np.uint8 or record.nbytes != self.stride or not record.flags.c_contiguous:
+            raise BundleError(f"record ({layer}, {expert}): {record.nbytes} bytes of {record.dtype}, expected "
+                              f"{self.stride} contiguous uint8")
+        view = memoryview(record).cast("B")
         self.sums[layer, expert] = self._digest(view[:self.payload])
         self.offsets[layer, expert] = self._pos
         self._file.write(view)

@@ -143,7 +143,7 @@ def write_synthetic_bundles(folder: str | os.PathLike, config: SmallThinkerConfi
                for i, (q, dt) in enumerate(bundles)]
     workers = 1 if dev.type == "cuda" else max(1, min(8, os.cpu_count() or 1))
 
-    def record(layer: int, e: int) -> list[list]:  # per writer, the encoded matrices
+    def record(layer: int, e: int) -> list:  # per writer, the encoded record (stride bytes)
         mats = {m: synthetic_tensor(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{m}.weight",
                                     _EXPERT_SHAPE[m](config), seed, std, t, dev) for m in MATRICES}
         return [w.encode(layer, e, mats) for w in writers]
