@@ -40,8 +40,7 @@ def big_modes(key: str, q4: bool = True, routing: tuple = (), kernels: bool = Tr
     """The rows, most wanted first (the budget skips from the end): per precision the resident engine (the
     reference) and "8GiB", bf16 then Q4_0, then 60% of the expert bytes of each; the Triton decode kernels (what
     backend="auto" runs on a GPU; ``kernels=False``: eager, a CPU dry run). Then, per ``routing`` domain, the
-    trained model's routing replayed (decoded eager: the kernels step aside for the replay's hooks), bf16: its
-    resident reference, "8GiB" and 60%."""
+    trained model's routing replayed (inside the same kernels), bf16: its resident reference, "8GiB" and 60%."""
     k = {"cuda_graph": "kernels"} if kernels else {}
     quants = (None, "q4_0") if q4 else (None,)
     out = []
@@ -52,12 +51,12 @@ def big_modes(key: str, q4: bool = True, routing: tuple = (), kernels: bool = Tr
                 be.ModeSpec("engine", key, "full", policy="lru", prefetch=True, quantization=quant, required=req,
                             limit=LIMIT_8G, options=dict(k))]
     out += [be.ModeSpec("engine", key, "full", 0.6, "lru", True, quantization=q, options=dict(k)) for q in quants]
-    eager = {"backend": "eager"}
+    r = {"backend": "kernels"} if kernels else {"backend": "eager"}
     for d in routing:
-        out += [be.ModeSpec("engine", key, "in memory", reference=True, options=dict(eager), routing=d),
-                be.ModeSpec("engine", key, "full", policy="lru", prefetch=True, limit=LIMIT_8G, options=dict(eager),
+        out += [be.ModeSpec("engine", key, "in memory", reference=True, options=dict(r), routing=d),
+                be.ModeSpec("engine", key, "full", policy="lru", prefetch=True, limit=LIMIT_8G, options=dict(r),
                             routing=d),
-                be.ModeSpec("engine", key, "full", 0.6, "lru", True, options=dict(eager), routing=d)]
+                be.ModeSpec("engine", key, "full", 0.6, "lru", True, options=dict(r), routing=d)]
     return out
 
 

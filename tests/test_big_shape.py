@@ -50,7 +50,7 @@ def test_rows_reference_first_then_8gib_then_60_percent():
     assert all(m.options == {"cuda_graph": "kernels"} for m in modes[:6])
     assert [m.required for m in modes[:6]] == [True, True, False, False, False, False]
     replay = modes[6:]
-    assert replay[0].reference and all(m.routing == "gsm8k" and m.options == {"backend": "eager"} for m in replay)
+    assert replay[0].reference and all(m.routing == "gsm8k" and m.options == {"backend": "kernels"} for m in replay)
     assert all(m.options == {} for m in big_modes("k", kernels=False))
 
 
