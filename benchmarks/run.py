@@ -523,6 +523,9 @@ def main(argv=None) -> int:
     suite = args.suite
     d = DEFAULTS[suite]
     big = suite == "gpu" and args.shape != "4b"  # benchmarks/big_shape.py: fewer tokens and repeats (the budget)
+    if big and args.peer:  # the peer's GGUF is exported from a full checkpoint, which this shape has not
+        raise SystemExit(f"--peer llama.cpp needs a full checkpoint to export its GGUF; --shape {args.shape} is "
+                         f"written straight into expert bundles (and a 42 GB bf16 GGUF would not fit beside them)")
     if args.synthetic_layers == "auto" and not big:
         raise SystemExit("--synthetic-layers auto is for --suite gpu --shape 21b (give a number of layers)")
     if big:
