@@ -117,7 +117,11 @@ def quantize_q4_0(w: torch.Tensor) -> torch.Tensor:
     rows, cols = _rows_cols(w.shape)
     _check_q4_0_cols(cols)
     x = w.detach().to(torch.float32).reshape(rows, cols // QK4_0, QK4_0)  # (R, B, 32)
-    pos = x.abs().argmax(dim=-1, keepdim=True)  # first index of the largest |x|, as ggml's strict '<' scan
+    # the first index of the largest |x|, as ggml's strict '<' scan. Not argmax: on CUDA it may return any of tied
+    # indices (+v and -v tie in |x|, and then the scale's sign differs), so the lowest tied index is taken explicitly
+    a = x.abs()
+    lanes = torch.arange(QK4_0, device=x.device).expand_as(a)
+    pos = torch.where(a == a.amax(dim=-1, keepdim=True), lanes, QK4_0).amin(dim=-1, keepdim=True)
     m = x.gather(-1, pos)  # (R, B, 1) signed value of largest magnitude
     d = m / -8
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
