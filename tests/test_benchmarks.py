@@ -109,15 +109,15 @@ def test_rows_feed_the_tables_module(smoke):
 def test_token_check_refuses_a_mode_whose_tokens_differ(tmp_path, monkeypatch):
     """A wrong engine (its LM head shifted so greedy picks other tokens) is refused: an error row, no timings,
     exit status 1; the in-memory model's row is reported."""
-    from smallthinker_lab.engine.engine import Engine as E
+    from smallthinker_lab.engine.decode import EagerDecoder
 
-    real = E._lm_head
+    real = EagerDecoder.lm_head
 
     def wrong(self, x, decode):
         logits = real(self, x, decode)
         return logits.roll(1, dims=-1)  # every argmax moves to the next token id
 
-    monkeypatch.setattr(E, "_lm_head", wrong)
+    monkeypatch.setattr(EagerDecoder, "lm_head", wrong)
     rc = run.main(["--suite", "smoke", "--out", str(tmp_path / "out"), "--scratch", str(tmp_path / "s"),
                    "--no-readme", "--no-trained", "--no-q4", "--only", "60% lru prefetch"])
     res = json.loads((tmp_path / "out" / "bench_smoke.json").read_text())
@@ -170,12 +170,12 @@ def test_exact_engine_reads_a_model_layout_bundle_without_transposes(tmp_path):
     want = load_model(folder).generate(prompt, 8, stop_tokens=[])
     with Engine.from_pretrained(folder, memory_limit=None, exact=True, progress=False) as e:
         assert e.bundle_dir.name == "expert_bundle-down_hf" and e.bundle.down_transposed is False
-        assert not e._relayout_down and e.plan.staging_bytes == 0
+        assert not e.state.relayout_down and e.plan.staging_bytes == 0
         assert e.generate(prompt, 8, stop_tokens=[]).tokens == want
         hf_dir = e.bundle_dir
     fh_dir = convert(folder, tmp_path / "fh", progress=False)
     with Engine.from_pretrained(folder, memory_limit=None, exact=True, bundle_dir=fh_dir, progress=False) as e:
-        assert e.bundle.down_transposed is True and e._relayout_down and e.plan.staging_bytes > 0
+        assert e.bundle.down_transposed is True and e.state.relayout_down and e.plan.staging_bytes > 0
         assert e.generate(prompt, 8, stop_tokens=[]).tokens == want
     with pytest.raises(BundleError, match=r"model's \[H, F\] layout, which only exact=True"):
         Engine.from_pretrained(folder, memory_limit=None, bundle_dir=hf_dir, progress=False)

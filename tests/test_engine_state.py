@@ -1,13 +1,17 @@
 """The engine's state (engine/state.py): the one home of the parts and counters that the decoders work on, its
 methods, and the accessors the decoders read slots and kernels through."""
 
+import dataclasses
+import gc
+import types
+
 import pytest
 import torch
 from conftest import random_model
 
 from smallthinker_lab.engine import Engine, EngineState, convert
 from smallthinker_lab.engine.cache import SlotArena
-from smallthinker_lab.engine.decode import GraphDecoder, make_decoder
+from smallthinker_lab.engine.decode import EagerDecoder, GraphDecoder, make_decoder
 from smallthinker_lab.model.checkpoint import load_model, save_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,9 +61,63 @@ def test_a_decoder_over_the_state_follows_a_reopen(ckpt):
         e.close()
         e.reopen()  # a new cache, KV cache and slots: the decoder rebuilds its graphs over them
         assert e.generate(PROMPT, NEW, stop_tokens=[]).tokens == ref and g.replays == 2 * (NEW - 1)
-    assert make_decoder(e.state, "eager") is None
+    assert isinstance(make_decoder(e.state, "eager"), EagerDecoder)
     with pytest.raises(ValueError, match="unknown backend 'warp'"):
         make_decoder(e.state, "warp")
+
+
+def _reaches(root, target, boundary) -> bool:
+    """Whether ``target`` is reachable from ``root`` through gc referents, not walking past ``boundary`` (nor into
+    classes and modules, which reach everything)."""
+    seen, todo = set(), [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if obj is target:
+            return True
+        if obj is boundary or isinstance(obj, (type, types.ModuleType)):
+            continue
+        todo.extend(gc.get_referents(obj))
+    return False
+
+
+def test_the_eager_decoder_holds_the_state_not_the_engine(ckpt):
+    """The eager backend is a decoder like the others: nothing it holds leads back to the Engine except through the
+    state, and no field of the state is the Engine or one of its bound methods."""
+    with Engine.from_pretrained(ckpt, memory_limit="50%", progress=False) as e:
+        assert e.backend == "eager" and e.decoder is None and isinstance(e.eager, EagerDecoder)
+        e.generate(PROMPT, NEW, stop_tokens=[])  # views of slots made, hooks observed
+        assert e.eager.state is e.state and e.eager.experts.state is e.state
+        assert not _reaches(e.eager, e, boundary=e.state)
+        for f in dataclasses.fields(e.state):
+            value = getattr(e.state, f.name)
+            assert value is not e and getattr(value, "__self__", None) is not e, f.name
+        probe = make_decoder(e.state, "eager")
+        probe.owner = e  # the walk finds a reference when there is one
+        assert _reaches(probe, e, boundary=e.state)
+
+
+def test_make_decoder_eager_generates_the_engines_tokens(ckpt):
+    """A decoder built by make_decoder over an engine's state, driven alone (prefill, then one decode step per
+    token), gives the engine's greedy tokens, with experts streamed through a cache of half of them."""
+    with Engine.from_pretrained(ckpt, memory_limit="50%", progress=False) as e:
+        assert e.plan.capacity_experts < e.config.num_hidden_layers * e.config.num_experts
+        want = e.generate(PROMPT, NEW, stop_tokens=[]).tokens
+        e.reset_stats(clear_cache=True)
+        e.kv.reset()
+        dec = make_decoder(e.state, "eager")
+        assert dec.usable()
+        with torch.inference_mode():
+            logits = dec.forward(torch.tensor([PROMPT]), 0)
+            tokens = [int(logits[0, -1].argmax())]
+            while len(tokens) < NEW:
+                logits = dec.decode(torch.tensor([[tokens[-1]]]), e.kv.seq_len)
+                assert logits.shape == (1, 1, e.config.vocab_size)
+                tokens.append(int(logits[0, -1].argmax()))
+        e.state.check_unverified()
+        assert tokens == want and e.state.step == NEW and e.cache.stats.misses > 0
 
 
 def test_state_counts_and_refuses_an_unknown_phase(ckpt):

@@ -57,28 +57,25 @@ from .bundle import (
 )
 from .cache import Entry, ExpertCache, SlotArena
 from .decode import make_decoder
-from .decode.eager import EagerSteps
 from .generation import EngineBusy, EngineGeneration, GenerationResult  # noqa: F401  (re-exported)
 from .io import CudaTransfer, ExpertReader
 from .loading import _load_predictor, _load_tokenizer, _probe_dtype, _resolve_dtype, load_non_experts
 from .memory import MemoryPlan, itemsize, limit_for_share, parse_memory_limit, plan_memory, share_of, workspace_bytes
 from .options import AUTO_QUANTIZED_NOTE, BACKENDS, EngineOptions, choose, static_reasons
-from .quant import KERNEL_FORMATS, get_format
+from .quant import KERNEL_FORMATS
 from .state import EngineState, StateFields
 from .stats import EngineStats
 
 CUDA_LIBRARY_WORKSPACE = 64 * 2**20  # cuBLAS / cuBLASLt workspaces the caching allocator hands out on first use
 
 
-class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
+class Engine(StateFields, EngineGeneration, EngineStats):
     """Use :meth:`from_pretrained`. Thread model: one caller thread computes; I/O threads only read. A generation
     belongs to the thread that started it until it ends (exhausted, closed or garbage-collected); ``generate``,
     ``stream`` or ``forward`` from another thread meanwhile raises :class:`EngineBusy` (never a wrong token). In one
     thread, a newer generation supersedes an older, unfinished stream. Its parts and counters are ``state``
-    (:class:`EngineState`), which the decoders work on."""
-
-    _watch_one = False  # set per forward: someone listens to "expert" (one event per expert)
-    _moe_seen: tuple[list, list, list] | None = None  # set per forward when someone listens to "moe"
+    (:class:`EngineState`), which the decoders work on: ``eager`` (the layer loop, every step it runs itself) and
+    ``decoder`` (the graph or kernel backend's, None for eager)."""
 
     def __init__(self, checkpoint_dir: str | os.PathLike = "default", memory_limit: int | str | None = "512MiB",
                  device: str | torch.device = "cpu", *, policy: str = "lru", prefetch: bool = True,
@@ -204,27 +201,26 @@ class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
         shapes = expected_tensors(config)
         non_expert = sum(math.prod(shapes[n]) for n in names) * itemsize(self.dtype)
         H, Fh = config.hidden_size, config.moe_ffn_hidden_size
-        self._codec = get_format(self.bundle.format)
-        self._zero_copy = FORMAT_DTYPE.get(self.bundle.format) == self.dtype
+        zero_copy = self.state.zero_copy = FORMAT_DTYPE.get(self.bundle.format) == self.dtype
         # torch's int4/int8 CPU kernels read the slot's bytes as they are (engine/cpu_kernels.py)
-        self._cpu_kernel = self.bundle.format in KERNEL_FORMATS
-        if self._cpu_kernel and (self.exact or self.device.type != "cpu"):
+        cpu_kernel = self.bundle.format in KERNEL_FORMATS
+        if cpu_kernel and (self.exact or self.device.type != "cpu"):
             raise ValueError(f"{self.bundle_dir}: format {self.bundle.format} runs torch's CPU kernels: it needs "
                              f"device='cpu' and exact=False")
         quant_hf = self.bundle.format in GPU_KERNEL_FORMATS and not self.exact  # decoded whole: down [H, F]
-        if not self.bundle.down_transposed and not (self.exact and self._zero_copy) and not self._cpu_kernel \
+        if not self.bundle.down_transposed and not (self.exact and zero_copy) and not cpu_kernel \
                 and not quant_hf:
             what = ("exact=False (the GPU decode kernels' layout)" if self.bundle.format in GPU_KERNEL_FORMATS
                     else f"exact=True with dtype {FORMAT_DTYPE.get(self.bundle.format)}")
             raise BundleError(f"{self.bundle_dir} stores down in the model's [H, F] layout, which only {what} "
                               f"reads; this engine needs a bundle converted with down_transposed=True (the default)")
         # exact over a bundle with down transposed: each read's down goes back to [H, F] in its slot
-        self._relayout_down = self.exact and self._zero_copy and self.bundle.down_transposed
+        self.state.relayout_down = self.exact and zero_copy and self.bundle.down_transposed
         isz = itemsize(self.dtype)
         # per expert computed: gathered up/down rows (sparse) or their products; decoded matrices plus the
         # decoder's temporaries (about 10 bytes per weight) when the slot's bytes are not usable as they are
-        expert_ws = 2 * Fh * H * isz + (0 if self._zero_copy else Fh * H * (3 * isz + 10))
-        if self._cpu_kernel:  # no gathered rows, no decoded matrices: the kernels' outputs are the activations
+        expert_ws = 2 * Fh * H * isz + (0 if zero_copy else Fh * H * (3 * isz + 10))
+        if cpu_kernel:  # no gathered rows, no decoded matrices: the kernels' outputs are the activations
             expert_ws = 0
         cuda = self.device.type == "cuda"
         if cuda:
@@ -246,7 +242,7 @@ class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
         kv = kv_cache_bytes(config, self.max_context, self.dtype)
         host = (self.bundle.file_size if host_cache else io_threads * self.bundle.stride) if cuda else 0
         # exact on CPU: each I/O thread transposes a read's down matrix through a scratch buffer of its own
-        staging = io_threads * self.bundle.matrices["down"].nbytes if self._relayout_down and not cuda else 0
+        staging = io_threads * self.bundle.matrices["down"].nbytes if self.state.relayout_down and not cuda else 0
         self._io_local = threading.local()
         def plan(limit):
             return plan_memory(limit, device=self.device.type, non_expert=non_expert, kv_cache=kv, workspace=ws,
@@ -262,7 +258,7 @@ class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
         self.hooks = HookRegistry()
         self.model.hooks = self.hooks
         self.tokenizer = _load_tokenizer(self.checkpoint_dir)
-        self._layers = list(self.model.model.layers)
+        self.state.layers = list(self.model.model.layers)
         params = {id(p): p for p in self.model.parameters()}
         if pred is not None:
             params.update({id(p): p for p in pred.parameters()})
@@ -273,11 +269,12 @@ class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
         self._generation = 0
         self._rollback: tuple[int, list] | None = None  # (start, saved ring entries) of the last all_logits forward
         self.reader = self.transfer = self.arena = self.cache = None
+        self.eager = make_decoder(self.state, "eager")  # the layer loop: prefill, and decode steps of eager
         self._open_io()
         self.reset_stats()
-        # the decode backend (engine/decode/): None for eager, else a decoder built on first use
-        self.decoder = make_decoder(self.state, {False: "eager", True: "graph", "fused": "fused",
-                                           "kernels": "kernels"}[cuda_graph])
+        # the decode backend's decoder (engine/decode/): None for eager (self.eager runs every step)
+        self.decoder = None if cuda_graph is False else make_decoder(self.state, {True: "graph", "fused": "fused",
+                                                                                  "kernels": "kernels"}[cuda_graph])
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -314,7 +311,7 @@ class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
             self.reader.close()
             raise
         self.kv = KVCache(self.config, 1, self.dtype, self.device, capacity=self.max_context)
-        self._views: list[tuple | None] = [None] * plan.capacity_experts
+        self.eager.reset()  # its views of the slots: of these
         self._layout_pending: dict[int, object] = {}  # exact on CUDA: slot -> load future, not yet transposed
         self._closed = False
 
@@ -322,10 +319,10 @@ class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
         layer, expert = key
         if self.transfer is not None:
             fut = self.transfer.load(layer, expert, self.arena.tensor(slot), slot)
-            if self._relayout_down:  # transposed on first use, after the copy's event (kept per slot:
+            if self.state.relayout_down:  # transposed on first use, after the copy's event (kept per slot:
                 self._layout_pending[slot] = fut  # cache.drain() may settle the future before any use)
             return fut
-        if self._relayout_down:  # the transpose needs verified bytes: the read's future covers both
+        if self.state.relayout_down:  # the transpose needs verified bytes: the read's future covers both
             return self.reader.submit(layer, expert, self.arena.buffer(slot),
                                       then=lambda: self._down_to_model_layout_host(slot))
         # the expert may be computed as soon as its bytes land; its checksum runs meanwhile and is checked before
@@ -371,7 +368,7 @@ class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
             if self.transfer is not None:
                 self.transfer.close()  # waits for copies in flight, then unpins the host buffers
                 self.transfer = None
-            self._views = []
+            self.eager.reset()  # its views of the slots are dropped
             if self.arena is not None:
                 self.arena.close()
 
@@ -487,9 +484,6 @@ class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
         observed = self.hooks.active("forward")
         self.cache.hook = self._cache_event if self.hooks.active("cache") else None
         log = self.cache.log = [] if self.hooks.active("cache_events") else None  # the forward's events, one call
-        self._timing = self.hooks.active("timing")
-        self._watch_one = self.hooks.active("expert")  # "expert": one event per expert; "moe": one per layer
-        self._moe_seen = ([], [], []) if self.hooks.active("moe") else None
         phase = "verify" if all_logits and start > 0 else "prefill" if T > 1 or start == 0 else "decode"
         bytes0 = self.cache.stats.bytes_read
         threads = torch.get_num_threads()
@@ -503,15 +497,7 @@ class Engine(StateFields, EagerSteps, EngineGeneration, EngineStats):
             else:
                 if self.decoder is not None:
                     self.decoder.flush()  # the last kernel step's counters before this step's
-                xs = [self._run(ids[:, c0:c0 + self.prefill_chunk], start + c0)
-                      for c0 in range(0, T, self.prefill_chunk)]  # (1, chunk, H) each
-                x = xs[-1]
-                if all_logits:
-                    logits = self._all_logits(torch.cat(xs, dim=1), decode=phase == "verify")  # (1, T, V)
-                else:
-                    # exact: the LM head over every position of the (last) chunk, as the model's forward does, so
-                    # that the last row comes from the same kernel (a GEMM over T rows may round differently)
-                    logits = self._lm_head(x if self.exact and x.shape[1] > 1 else x[:, -1:], decode=T == 1)[:, -1:]
+                logits = self.eager.forward(ids, start, all_logits, verify=phase == "verify")
             self.state.check_unverified()
         except BaseException:
             self.state.unverified.clear()

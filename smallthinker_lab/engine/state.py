@@ -1,10 +1,11 @@
 """The engine's state as its decoders see it: model parts, KV cache, expert cache, slots, bundle, settings, the step
 counter and the counters, with the few operations a decoder performs on them.
 
-An ``Engine`` owns one :class:`EngineState` (``engine.state``) and hands it to its decoder (engine/decode/); a
-decoder reads and updates the state only through the fields and methods below, never the Engine. The Engine's own
-attributes of the same names (``engine.cache``, ``engine.kv``, ...) are this state's fields (``StateFields``): one
-home, so a ``reopen()`` that opens a new cache, slots and KV cache is what every decoder sees next.
+An ``Engine`` owns one :class:`EngineState` (``engine.state``) and hands it to its decoders (engine/decode/: the
+eager one and the backend's); a decoder reads and updates the state only through the fields and methods below,
+never the Engine. The Engine's own attributes of the same names (``engine.cache``, ``engine.kv``, ...) are this
+state's fields (``StateFields``): one home, so a ``reopen()`` that opens a new cache, slots and KV cache is what
+every decoder sees next.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ class EngineState:
     lookahead_early: bool = False  # route the next layer from this layer's input, not after attention
     zero_copy: bool = False  # the slots' bytes are the weights in the engine's dtype (views, no decoding)
     relayout_down: bool = False  # exact over a bundle whose down is [F, H]: each slot's down goes back to [H, F]
+    sparse_reglu: bool | str = "auto"  # CPU experts: active neurons' rows only (True), dense (False), or by sparsity
+    fill_value: float = float("-inf")  # the sparse LM head's logit for the rows its predictor skips
+    prefill_chunk: int = 256  # tokens per eager forward chunk (a longer input runs in chunks of this many)
     # the run
     step: int = 0  # forward steps so far (the trace's step numbers)
     counters: Counters = field(default_factory=lambda: Counters.zero(0))
@@ -212,9 +216,9 @@ class StateFields:
     exact = _OnState("exact")
     prefetch = _OnState("prefetch")
     lookahead = _OnState("lookahead")
-    _layers = _OnState("layers")
+    sparse_reglu = _OnState("sparse_reglu")
+    fill_value = _OnState("fill_value")
+    prefill_chunk = _OnState("prefill_chunk")
     _non_expert_bytes = _OnState("non_expert_bytes")
-    _zero_copy = _OnState("zero_copy")
-    _relayout_down = _OnState("relayout_down")
     _unverified = _OnState("unverified")
     _layout_pending = _OnState("layout_pending")
