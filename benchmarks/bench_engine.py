@@ -102,7 +102,7 @@ def make_synthetic(folder: str | os.PathLike, preset: str, dtype: str = "bfloat1
 
 def convert_bundle(ckpt: Path, bundle_dir: Path, quantization: str | None = None) -> tuple[Path, float]:
     """The expert bundle of ``ckpt`` in ``bundle_dir`` (converted unless current); (folder, seconds)."""
-    from smallthinker_lab.engine.bundle import ensure_bundle
+    from smallthinker_lab.engine.conversion import ensure_bundle
 
     t0 = time.perf_counter()
     # every engine row runs exact=True: raw formats keep down in the model's layout (no transpose per read)

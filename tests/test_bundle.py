@@ -12,16 +12,16 @@ from conftest import random_model
 
 from smallthinker_lab.cli import main as cli_main
 from smallthinker_lab.engine import bundle as bundle_mod
+from smallthinker_lab.engine import conversion as conversion_mod
 from smallthinker_lab.engine.bundle import (
     DATA_NAME,
     INDEX_NAME,
     PAGE,
     BundleError,
     ExpertReadError,
-    convert,
-    ensure_bundle,
     open_bundle,
 )
+from smallthinker_lab.engine.conversion import convert, ensure_bundle
 from smallthinker_lab.engine.quant import get_format
 from smallthinker_lab.model.checkpoint import save_pretrained
 from smallthinker_lab.model.config import SmallThinkerConfig
@@ -123,7 +123,7 @@ def test_interrupted_conversion_leaves_nothing_valid(ckpt, tmp_path, monkeypatch
                 raise KeyboardInterrupt  # as if the user pressed Ctrl-C half way
             return real.encode(w)
 
-    monkeypatch.setattr(bundle_mod, "get_format", lambda name: Failing() if name == "fp32" else real)
+    monkeypatch.setattr(conversion_mod, "get_format", lambda name: Failing() if name == "fp32" else real)
     with pytest.raises(KeyboardInterrupt):
         convert(folder, out, progress=False)
     assert list(out.iterdir()) == []  # no index, no data, no temporary file
@@ -133,7 +133,7 @@ def test_interrupted_conversion_leaves_nothing_valid(ckpt, tmp_path, monkeypatch
     # over an existing bundle: the old one stays whole and valid
     monkeypatch.undo()
     old = open_bundle(convert(folder, out, progress=False))
-    monkeypatch.setattr(bundle_mod, "get_format", lambda name: Failing() if name == "fp32" else real)
+    monkeypatch.setattr(conversion_mod, "get_format", lambda name: Failing() if name == "fp32" else real)
     calls["n"] = 0
     with pytest.raises(KeyboardInterrupt):
         convert(folder, out, progress=False)

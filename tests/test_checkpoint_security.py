@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from smallthinker_lab import CheckpointError, SmallThinkerConfig, load_model
 from smallthinker_lab.engine import BundleError, Engine, convert
 from smallthinker_lab.engine import bundle as bundle_mod
-from smallthinker_lab.engine.bundle import DATA_NAME, INDEX_NAME, ensure_bundle, open_bundle
+from smallthinker_lab.engine.bundle import DATA_NAME, INDEX_NAME, open_bundle
+from smallthinker_lab.engine.conversion import ensure_bundle
 from smallthinker_lab.model import checkpoint as ckpt
 from smallthinker_lab.model import write_synthetic_checkpoint
 
@@ -366,8 +367,8 @@ def test_this_process_keeps_its_own_live_temporaries_only(tmp_path):
 
 KILLED = textwrap.dedent("""
     import os, signal, sys
-    from smallthinker_lab.engine import bundle
-    real, calls = bundle.get_format, [0]
+    from smallthinker_lab.engine import conversion
+    real, calls = conversion.get_format, [0]
     class Killed:
         def __init__(self, fmt):
             self.fmt = real(fmt)
@@ -378,8 +379,8 @@ KILLED = textwrap.dedent("""
             if calls[0] == 30:  # half way through the experts: the process is killed, nothing is cleaned up
                 os.kill(os.getpid(), signal.SIGKILL)
             return self.fmt.encode(w)
-    bundle.get_format = Killed
-    bundle.ensure_bundle(sys.argv[1], None, None, progress=False)
+    conversion.get_format = Killed
+    conversion.ensure_bundle(sys.argv[1], None, None, progress=False)
 """)
 
 

@@ -23,11 +23,10 @@ from smallthinker_lab.engine.bundle import (
     CHECKSUMS,
     INDEX_NAME,
     BundleError,
-    convert,
-    ensure_bundle,
     open_bundle,
     record_layout,
 )
+from smallthinker_lab.engine.conversion import convert, ensure_bundle
 from smallthinker_lab.engine.cpu_kernels import expert_forward, expert_operands, linear, reglu
 from smallthinker_lab.engine.quant import (
     KERNEL_FORMATS,
@@ -249,7 +248,7 @@ def test_bundle_packed_under_another_cpu_capability_is_refused(ckpt, tmp_path):
     """A bundle converted by a torch that dispatches to other kernels (here ATEN_CPU_CAPABILITY=default: the
     scalar kernels, whose nibble order differs) would compute garbage here: it is refused, naming both layouts."""
     folder, _ = ckpt
-    code = ("from smallthinker_lab.engine.bundle import convert; import sys; "
+    code = ("from smallthinker_lab.engine.conversion import convert; import sys; "
             "convert(sys.argv[1], sys.argv[2], quantization='q4_0_cpu', progress=False)")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "d")], env=env, check=True,

@@ -9,7 +9,8 @@ import torch
 from safetensors import safe_open
 
 from smallthinker_lab.engine import Engine
-from smallthinker_lab.engine.bundle import BUNDLE_ONLY_FILE, DATA_NAME, INDEX_NAME, BundleError, convert
+from smallthinker_lab.engine.bundle import BUNDLE_ONLY_FILE, DATA_NAME, INDEX_NAME, BundleError
+from smallthinker_lab.engine.conversion import convert
 from smallthinker_lab.engine.synthetic import (
     DiskSpaceError,
     bundle_name,

@@ -10,7 +10,7 @@ import importlib
 _EXPORTS = {
     "Engine": ".engine", "EngineBusy": ".generation", "GenerationResult": ".generation",
     "MemoryLimitError": ".memory", "MemoryPlan": ".memory", "parse_memory_limit": ".memory",
-    "convert": ".bundle", "open_bundle": ".bundle", "Bundle": ".bundle", "BundleError": ".bundle",
+    "convert": ".conversion", "open_bundle": ".bundle", "Bundle": ".bundle", "BundleError": ".bundle",
     "ExpertReadError": ".bundle",
     "EngineOptions": ".options", "BackendUnavailable": ".options", "BACKENDS": ".options", "EngineState": ".state",
     "warm_start": ".warm", "domain_hit_rates": ".warm", "switch_domains": ".warm", "materialise": ".gguf",

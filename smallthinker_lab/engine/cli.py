@@ -73,7 +73,8 @@ def register(subparsers) -> None:
 
 
 def run_convert(args) -> int:
-    from .bundle import convert, open_bundle
+    from .bundle import open_bundle
+    from .conversion import convert
 
     out = convert(args.checkpoint, args.out, args.quantization, progress=not args.no_progress,
                   down_transposed=args.down_layout == "transposed")

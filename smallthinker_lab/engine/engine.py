@@ -51,11 +51,11 @@ from .bundle import (
     BundleError,
     bundle_only_names,
     checkpoint_tensors,
-    ensure_bundle,
     is_expert_tensor,
     open_bundle,
 )
 from .cache import Entry, ExpertCache, SlotArena
+from .conversion import ensure_bundle
 from .decode import make_decoder
 from .generation import EngineBusy, EngineGeneration, GenerationResult  # noqa: F401  (re-exported)
 from .io import CudaTransfer, ExpertReader
