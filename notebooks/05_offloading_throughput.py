@@ -106,17 +106,31 @@ locality
 # ## The 4B shape on trained routing
 #
 # Benchmarks on a synthetic 4B checkpoint route with random weights: close to uniform, no locality. The suite can
-# replay this model's recorded routing on the big shape instead (`python -m benchmarks.run --suite cpu --routing
+# replay this model's recorded routing on the big shape instead (`python -m benchmarks.run --suite gpu --routing
 # gsm8k,zh-news ...`: layer l takes layer l mod L of this model; its E experts map one to one onto a shape with as
 # many, else expert e at position t becomes e + E (t mod m) on a shape with m E experts, and a larger top-k is padded
 # by the router's next-ranked: `RoutingTrace.for_shape` states the rule it applied), so prefetch, look-ahead and the
-# cache policies meet real locality. No peer can be fed this routing, so the share of the bound is against the
-# engine's own in-memory row under the same replay. Rows of the committed result (hit rates and bytes are exact
-# counts; its timings come from the machine that ran it; its header names the model whose routing it replays):
+# cache policies meet real locality. On a GPU the Triton kernels route to the replayed experts themselves, so the
+# kernel rows (the LRU resolved on the GPU included) run on it. No peer can be fed this routing, so `vs_in_memory`
+# compares with the engine's own in-memory row under the same replay. Rows of the committed result (hit rates and
+# bytes are exact counts; its timings come from the machine that ran it, its header names the model whose routing
+# it replays; rows with different `repeats` saw different prompts):
 
 # %%
 routed = benchmark_routing_rows()
-routed if len(routed) else print("no benchmarks/results/bench_cpu_routing.json in this checkout")
+routed if len(routed) else print("no benchmarks/results/bench_gpu_routing.json in this checkout")
+
+# %%
+# what the trained routing's locality buys at the same limit and backend, as ratios to the uniform row
+for cfg_name, group in routed.groupby("configuration"):
+    uniform = group[group.routing == "synthetic uniform"]
+    if uniform.empty or uniform.hit_rate.iloc[0] >= 1:
+        continue
+    u = uniform.iloc[0]
+    for _, r in group[group.routing != "synthetic uniform"].iterrows():
+        print(f"{cfg_name}, {r.routing}: hit rate {r.hit_rate:.2f} vs {u.hit_rate:.2f} uniform, "
+              f"{r.mib_read_per_token:.0f} vs {u.mib_read_per_token:.0f} MiB read per token, decode "
+              f"{r.decode_tok_s / u.decode_tok_s:.2f}x the uniform row's ({r.repeats} vs {u.repeats} repeats)")
 
 # %% [markdown]
 # ## Bytes per token, I/O wait and the share of the bound

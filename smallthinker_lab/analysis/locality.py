@@ -97,27 +97,45 @@ def locality_paragraph(df: pd.DataFrame) -> str:
 
 def benchmark_routing_rows(path: str | Path | None = None) -> pd.DataFrame:
     """The engine rows of a benchmark result (``python -m benchmarks.run ... --routing DOMAINS``; default: the
-    repository's ``benchmarks/results/bench_cpu_routing.json`` when it is there) on the synthetic shape, the
-    synthetic uniform routing and each trained routing side by side: model, configuration, routing, hit_rate,
-    mib_read_per_token, offload_bound_share (against the engine's own in-memory row of the same routing) and
-    bound_share. Empty when there is no such file."""
+    repository's ``benchmarks/results/bench_gpu_routing.json``, else ``bench_cpu_routing.json``, when there) on the
+    synthetic shape, the synthetic uniform routing and each trained routing side by side, per configuration (the
+    row's name without its routing and backend, and the backend that ran it): model, configuration, routing,
+    hit_rate, mib_read_per_token, decode_tok_s, vs_in_memory (decode tok/s over the same backend's in-memory engine
+    row on the same routing), bound_share and repeats (timed generations, one prompt each: rows with different
+    repeats saw different prompts, so their hit rates differ by prompt too). Empty when there is no such file."""
     import json
+    import re
 
     if path is None:
-        path = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "bench_cpu_routing.json"
+        results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+        path = next((results / n for n in ("bench_gpu_routing.json", "bench_cpu_routing.json")
+                     if (results / n).is_file()), results / "bench_gpu_routing.json")
     path = Path(path)
-    cols = ["model", "configuration", "routing", "hit_rate", "mib_read_per_token", "offload_bound_share",
-            "bound_share"]
+    cols = ["model", "configuration", "routing", "hit_rate", "mib_read_per_token", "decode_tok_s", "vs_in_memory",
+            "bound_share", "repeats"]
     if not path.is_file():
         return pd.DataFrame(columns=cols)
     res = json.loads(path.read_text(encoding="utf-8"))
     rows = [r for r in res.get("rows", []) if r.get("mode") == "engine" and not r.get("error")]
-    configs = {r["name"].split(" routing=")[0] for r in rows if r.get("routing")}
-    out = [{"model": r["model"], "configuration": r["name"].split(" routing=")[0].split(" ", 1)[1],
-            "routing": f"trained ({r['routing']})" if r.get("routing") else "synthetic uniform",
-            "hit_rate": r.get("hit_rate"), "mib_read_per_token": (r.get("bytes_read_per_token") or 0) / 2**20,
-            "offload_bound_share": r.get("offload_bound_share"), "bound_share": r.get("bound_share")}
-           for r in rows if r["name"].split(" routing=")[0] in configs]
+
+    def config(r) -> str:  # "60% lru prefetch (kernels)": cuda_graph=kernels and backend=kernels are one backend
+        name = re.sub(r" (routing|backend|cuda_graph)=\S+", "", r["name"].split(" ", 1)[1]).strip()
+        return f"{name} ({r.get('backend') or 'eager'})"
+
+    memory = {(r.get("routing"), r.get("backend")): r.get("decode_tok_s") for r in rows
+              if r.get("limit_share_of_expert_bytes") == 1.0 and r.get("variant") == "in memory"}
+    configs = {config(r) for r in rows if r.get("routing")}
+    out = []
+    for r in rows:
+        if config(r) not in configs:
+            continue
+        base = memory.get((r.get("routing"), r.get("backend")))
+        rate = r.get("decode_tok_s")
+        out.append({"model": r["model"], "configuration": config(r),
+                    "routing": f"trained ({r['routing']})" if r.get("routing") else "synthetic uniform",
+                    "hit_rate": r.get("hit_rate"), "mib_read_per_token": (r.get("bytes_read_per_token") or 0) / 2**20,
+                    "decode_tok_s": rate, "vs_in_memory": rate / base if rate and base else float("nan"),
+                    "bound_share": r.get("bound_share"), "repeats": r.get("repeats")})
     df = pd.DataFrame(out, columns=cols).sort_values(["configuration", "routing"], kind="stable")
     df.attrs["source"] = str(path)
     return df.reset_index(drop=True)
