@@ -17,8 +17,8 @@ from pathlib import Path
 
 from .resources import prompts_dir
 
-__all__ = ["PROMPT_SETS", "REGISTRY", "SET_DOMAIN", "PromptSet", "PromptSource", "domain_of", "load_prompt_set",
-           "load_prompt_sets", "prompt_source", "read_prompts"]
+__all__ = ["DOMAINS", "PROMPT_SETS", "REGISTRY", "SET_DOMAIN", "PromptSet", "PromptSource", "domain_of",
+           "load_prompt_set", "load_prompt_sets", "prompt_source", "read_prompts"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ REGISTRY: dict[str, PromptSource] = {s.name: s for s in (
 )}
 PROMPT_SETS: tuple[str, ...] = tuple(REGISTRY)  # the shipped sets, in their usual order
 SET_DOMAIN: dict[str, str] = {name: s.domain for name, s in REGISTRY.items()}  # set -> training-text domain
+DOMAINS = ("math", "code", "en", "zh")  # the training text's domains, in the corpus's order (data/, quality/)
+assert set(SET_DOMAIN.values()) <= set(DOMAINS), SET_DOMAIN
 
 
 def prompt_source(name: str) -> PromptSource:

@@ -7,6 +7,7 @@ instruments load a set by name too (``profile(prompts="wiki-en")``); this module
 from __future__ import annotations
 
 from ..prompt_sets import (
+    DOMAINS,
     PROMPT_SETS,
     REGISTRY,
     SET_DOMAIN,
@@ -19,5 +20,5 @@ from ..prompt_sets import (
     read_prompts,
 )
 
-__all__ = ["PROMPT_SETS", "REGISTRY", "SET_DOMAIN", "PromptSet", "PromptSource", "domain_of", "load_prompt_set",
-           "load_prompt_sets", "prompt_source", "read_prompts"]
+__all__ = ["DOMAINS", "PROMPT_SETS", "REGISTRY", "SET_DOMAIN", "PromptSet", "PromptSource", "domain_of",
+           "load_prompt_set", "load_prompt_sets", "prompt_source", "read_prompts"]

@@ -27,7 +27,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..prompt_sets import PROMPT_SETS
+from ..prompt_sets import DOMAINS, PROMPT_SETS
 from . import loaders
 from .clean import (
     assert_disjoint,
@@ -54,7 +54,6 @@ __all__ = [
     "write_jsonl",
 ]
 
-DOMAINS = ("math", "code", "en", "zh")
 # Character caps (None: every document of the domain's sources). Code and English use all they have; math is
 # generated and Chinese ends with a large classical-poetry source, so both are capped to keep every domain at
 # 15-30% of the tokens (Chinese costs 2-4x more tokens per character than English, code or math).

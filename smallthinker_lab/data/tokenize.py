@@ -22,11 +22,11 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from ..model.tokenizer import load_tokenizer_file, resolve_tokenizer_dir
+from ..prompt_sets import DOMAINS
 
 __all__ = ["EOT_ID", "load_tokens", "tokenize_corpus", "tokenize_documents", "validation_split"]
 
 EOT_ID = 0
-DOMAINS = ("math", "code", "en", "zh")
 
 
 def tokenize_documents(tok: Tokenizer, texts: list[str], batch_size: int = 512, desc: str | None = None) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from ..model.tokenizer import CHATML_TEMPLATE, DEFAULT_TOKENIZER_DIR
+from ..prompt_sets import DOMAINS
 
 __all__ = [
     "QWEN2_PRETOKENIZE_REGEX",
@@ -31,7 +32,6 @@ QWEN2_PRETOKENIZE_REGEX = (  # as in Qwen2's tokenizer.json and transformers' to
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
     r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-DOMAINS = ("math", "code", "en", "zh")
 
 
 def build_untrained_tokenizer() -> Tokenizer:

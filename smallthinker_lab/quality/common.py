@@ -9,10 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..prompt_sets import PROMPT_SETS, SET_DOMAIN  # noqa: F401  (the registry's; re-exported for quality/)
-
-DOMAINS = ("math", "code", "en", "zh")
-
+from ..prompt_sets import DOMAINS, PROMPT_SETS, SET_DOMAIN  # noqa: F401  (the registry's; re-exported for quality/)
 
 CONTINUATION_PROMPTS = (("humaneval", 0), ("humaneval", 1), ("gsm8k", 0), ("gsm8k", 1), ("zh-news", 0),
                         ("wiki-en", 0))
