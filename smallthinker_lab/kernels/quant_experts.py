@@ -29,9 +29,10 @@ from .tables import EXPERT_FORMATS, QK4_0, ExpertTable, _p2, check_shape, matrix
 QUANT_FORMATS = EXPERT_FORMATS[1:]
 ALIGN = 64  # bytes: each matrix of a packed record starts at a multiple of this
 
-# (rows of a weight matrix per program, warps) of the quantized products; not tuned yet (see
-# benchmarks/bench_quant_kernels.py --tune)
-DEFAULT_QUANT_BLOCKS = {"int8": {"gate_up": (4, 4), "down": (2, 4)}, "q4_0": {"gate_up": (4, 4), "down": (2, 4)}}
+# (rows of a weight matrix per program, warps) of the quantized products: the tiles benchmarks/bench_quant_kernels.py
+# --tune chose on an H200 for the 4B shape (benchmarks/results/bench_quant_kernels.md: int8 374 -> 308 us per step,
+# Q4_0 395 -> 329; bf16's products take 302 us there)
+DEFAULT_QUANT_BLOCKS = {"int8": {"gate_up": (2, 4), "down": (4, 4)}, "q4_0": {"gate_up": (8, 4), "down": (2, 2)}}
 
 
 def _triton():
