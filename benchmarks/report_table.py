@@ -23,6 +23,9 @@ README = ROOT / "README.md"
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 # bench_<name>.json in benchmarks/results, in README order
 SUITES = ("cpu", "cpu_variants", "cpu_lookahead", "gpu", "gpu_more")
+# further GPU results in the README: llama.cpp's CUDA build beside the engine, the 4B on replayed trained routing,
+# the 21B shape (each written by benchmarks.run into its own file; the commands are in their reports)
+GPU_EXTRA = ("gpu_peer", "gpu_routing", "gpu_21b")
 
 
 def _nan(x) -> bool:
@@ -340,6 +343,12 @@ def readme_section() -> str:
             parts.append(render_result(json.loads(f.read_text(encoding="utf-8")), heading_level=3, compact=True))
             parts.append(f"Full report (settings, decode-time profile, skipped modes): `benchmarks/results/"
                          f"bench_{suite}.md`.\n")
+    for name in GPU_EXTRA:
+        f = RESULTS / f"bench_{name}.json"
+        if f.exists():
+            found = True
+            parts.append(render_result(json.loads(f.read_text(encoding="utf-8")), heading_level=3, compact=True))
+            parts.append(f"Full report: `benchmarks/results/bench_{name}.md`.\n")
     peer = RESULTS / "bench_cpu_peer.json"
     if peer.exists():
         found = True
