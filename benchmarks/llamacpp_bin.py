@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -15,6 +14,8 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from smallthinker_lab.model.atomic import sha256_file
 
 SDIST = "llama-cpp-python==0.3.36"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smallthinker-lab" / "llama.cpp"
@@ -113,7 +114,7 @@ def build(cache: Path = CACHE, log=print, jobs: int = 2) -> Peer:
                    stdout=subprocess.DEVNULL)
     subprocess.run(nice + ["cmake", "--build", str(bdir), f"-j{jobs}", "--target", *TARGETS], check=True,
                    stdout=subprocess.DEVNULL)
-    digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
+    digest = sha256_file(tarball)
     (cache / "build_info.json").write_text(json.dumps({
         "sdist": tarball.name, "sdist_sha256": digest,
         "vendored_llama_cpp_commit": _vendored_commit(changelog, version),

@@ -15,7 +15,6 @@ build checks before it compiles. ``--configure-check``: unpack into DIR and run 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import shutil
@@ -24,6 +23,8 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+
+from smallthinker_lab.model.atomic import sha256_file
 
 from .llamacpp_bin import CACHE, CMAKE_FLAGS, SDIST, _vendored_commit
 
@@ -54,14 +55,6 @@ def keep(rel: str) -> bool:
     if parts[0] == "tools" and len(parts) > 2 and parts[1] not in TOOLS:
         return False
     return True
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download_sdist(dest: Path = CACHE / "sdist", log=print) -> Path:
@@ -110,7 +103,7 @@ def prepare(sdist: Path, out: Path = ARCHIVE, record: Path | None = RECORD, log=
                            "gguf-py/gguf/gguf_writer.py") if p not in files]
     if missing:
         raise ValueError(f"{sdist}: no vendor/llama.cpp/{missing[0]} (not the llama-cpp-python sdist this expects)")
-    info = {"sdist": sdist.name, "sdist_sha256": _sha256(sdist),
+    info = {"sdist": sdist.name, "sdist_sha256": sha256_file(sdist),
             "vendored_llama_cpp_commit": _vendored_commit(changelog, VERSION),
             "trimmed": {"dropped": list(DROP), "backends_kept": list(BACKENDS), "tools_kept": list(TOOLS),
                         "also_dropped": "convert_*.py; tools/CMakeLists.txt replaced", "files_dropped": dropped},
@@ -124,7 +117,7 @@ def prepare(sdist: Path, out: Path = ARCHIVE, record: Path | None = RECORD, log=
             data, mode = files[rel]
             tar.addfile(_member(rel, len(data), mode), io.BytesIO(data))
     tmp.replace(out)
-    info |= {"archive": out.name, "archive_bytes": out.stat().st_size, "archive_sha256": _sha256(out)}
+    info |= {"archive": out.name, "archive_bytes": out.stat().st_size, "archive_sha256": sha256_file(out)}
     out.with_name(out.name + ".sha256").write_text(f"{info['archive_sha256']}  {out.name}\n", encoding="utf-8")
     if record is not None:
         Path(record).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n", encoding="utf-8")
@@ -141,7 +134,7 @@ def verify(archive: Path = ARCHIVE, record: Path = RECORD) -> str:
         raise FileNotFoundError(f"no llama.cpp source archive at {archive} (make it with `python -m "
                                 f"benchmarks.llamacpp_source`, and carry it to the GPU machine)")
     want = json.loads(record.read_text(encoding="utf-8"))["archive_sha256"] if record.is_file() else None
-    got = _sha256(archive)
+    got = sha256_file(archive)
     if want is None:
         raise FileNotFoundError(f"no sha256 record {record} to check {archive} against")
     if got != want:

@@ -18,6 +18,7 @@ import pytest
 from benchmarks import llamacpp_cuda as cu
 from benchmarks import llamacpp_source as src
 from benchmarks import peer_llamacpp_gpu as gp
+from smallthinker_lab.model.atomic import sha256_file
 from smallthinker_lab.model.config import SmallThinkerConfig
 
 RECORDED = Path(__file__).parent / "data" / "llama_bench_q4_0_pp32_tg16.json"
@@ -153,7 +154,7 @@ def test_a_failed_build_is_recorded_not_raised(tmp_path):
             ti.size = len(body)
             tf.addfile(ti, io.BytesIO(body))
     record = tmp_path / "record.json"
-    record.write_text(json.dumps({"archive_sha256": src._sha256(tree)}))
+    record.write_text(json.dumps({"archive_sha256": sha256_file(tree)}))
     peer = cu.CudaBuild(tree, record, tmp_path / "work", jobs=1, log=lambda m: None).start().wait(60)
     assert not peer.available and peer.reason.startswith("build failed: ")
     if cu.find_nvcc() and __import__("shutil").which("cmake"):

@@ -36,7 +36,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from ..model.atomic import pid_alive
+from ..model.atomic import pid_alive, sha256_file
 from .pins import _GENSIM_ENWIKI, SOURCES, Source  # noqa: F401  (re-exported: the pins live in pins.py)
 
 __all__ = [
@@ -100,14 +100,6 @@ DEFAULT_NPM_REGISTRY = "https://registry.npmjs.org"
 def npm_registry() -> str:
     """The npm registry tarballs are fetched from: ``$SMALLTHINKER_LAB_NPM_REGISTRY`` or npm's."""
     return os.environ.get("SMALLTHINKER_LAB_NPM_REGISTRY", "").strip() or DEFAULT_NPM_REGISTRY
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _resolve(cache_dir: str | Path | None) -> Path:

@@ -12,7 +12,6 @@ Read with ``np.memmap(path, dtype=np.uint16, mode="r")``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from ..model.atomic import sha256_file
 from ..model.tokenizer import load_tokenizer_file, resolve_tokenizer_dir
 from ..prompt_sets import DOMAINS
 
@@ -55,10 +55,6 @@ def validation_split(texts: list[str], val_fraction: float = 0.01) -> int:
     return split
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def tokenize_corpus(
     corpus_dir: str | Path = "data/corpus",
     tokenizer: str | Path = "default",
@@ -78,7 +74,7 @@ def tokenize_corpus(
     if tok.token_to_id("<|endoftext|>") != EOT_ID:
         raise ValueError(f"{tok_file}: <|endoftext|> must have id {EOT_ID}")
     manifest: dict[str, Any] = {
-        "tokenizer": str(tok_dir), "tokenizer_sha256": _sha256(tok_file), "vocab_size": tok.get_vocab_size(),
+        "tokenizer": str(tok_dir), "tokenizer_sha256": sha256_file(tok_file), "vocab_size": tok.get_vocab_size(),
         "dtype": "uint16", "eot_id": EOT_ID, "val_fraction": val_fraction, "domains": {},
     }
     for domain in DOMAINS:
@@ -100,7 +96,7 @@ def tokenize_corpus(
             fname = f"{domain}.bin" if name == "train" else f"{domain}.val.bin"
             ids.tofile(out / fname)
             info.update({f"{name}_file": fname, f"{name}_docs": len(part), f"{name}_tokens": int(ids.size),
-                         f"{name}_sha256": _sha256(out / fname)})
+                         f"{name}_sha256": sha256_file(out / fname)})
         info["tokens_per_char"] = (info["train_tokens"] + info["val_tokens"] - len(texts)) / max(1, info["chars"])
         manifest["domains"][domain] = info
     total = sum(v["train_tokens"] + v["val_tokens"] for v in manifest["domains"].values())

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import math
 import sys
 import textwrap
 from pathlib import Path
 
+from ..model.atomic import sha256_file
 from .flops import MEASURED_H200_TFLOPS
 
 
@@ -34,14 +34,6 @@ def _log(folder: Path, stem: str) -> list[dict]:
 def _mean(xs) -> float:
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _model_lines(model_dir: Path) -> tuple[list[str], object]:
@@ -64,7 +56,7 @@ def _model_lines(model_dir: Path) -> tuple[list[str], object]:
              f"and {cfg.num_experts} ReGLU experts of ffn size {cfg.moe_ffn_hidden_size}, top-{cfg.top_k}; "
              f"vocabulary {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} embedding / LM head. "
              f"{n:,} parameters; `model.safetensors` is {weights.stat().st_size:,} bytes "
-             f"(sha256 `{_sha256(weights)}`)."]
+             f"(sha256 `{sha256_file(weights)}`)."]
     return lines, cfg
 
 
