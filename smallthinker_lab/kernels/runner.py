@@ -44,8 +44,7 @@ class KernelRunner:
         if start + T > self.max_context:
             raise ValueError(f"sequence too long: {start + T} tokens exceeds max_context={self.max_context}")
         if T == 1 and start > 0:
-            hooks = self.model.hooks
-            source = hooks.routing if hooks.routing is not None and hooks.unowned() == 0 else None
+            source = self.model.hooks.forced_routing()
             if source is None:
                 return self.kernels.step(ids, start).clone()  # the step's buffer is overwritten by the next
             # a routing replay (interventions.replay): the kernels route to the trace's experts

@@ -177,3 +177,8 @@ class HookRegistry:
         return sum(1 for fns in self._hooks.values() for fn in fns
                    if owner is None or (getattr(fn, "__self__", None) is not owner
                                         and getattr(fn, "owner", None) is not owner))
+
+    def forced_routing(self):
+        """The routing replay whose hooks are the only ones registered (the decode kernels then route to its
+        trace themselves), or None."""
+        return self.routing if self.routing is not None and self.unowned() == 0 else None

@@ -38,12 +38,11 @@ class KernelDecoder(OffloadedKernelSteps, GraphBase):
         """No hook registered, or only those of a routing replay (``interventions.replay``), which the kernels
         carry out themselves: each step routes to the trace's experts (``DecodeKernels(forced=True)``)."""
         hooks = self.state.hooks
-        return len(hooks) == 0 or (hooks.routing is not None and hooks.unowned() == 0)
+        return len(hooks) == 0 or hooks.forced_routing() is not None
 
     def forced_source(self):
         """The routing replay the kernels apply, or None."""
-        hooks = self.state.hooks
-        return hooks.routing if len(hooks) and hooks.routing is not None and hooks.unowned() == 0 else None
+        return self.state.hooks.forced_routing()
 
     def _force(self, kern, start: int) -> None:
         """Under a routing replay: the trace's experts of position ``start`` into the kernels' forced-routing

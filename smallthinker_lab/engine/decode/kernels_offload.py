@@ -74,13 +74,16 @@ class OffloadedKernelSteps:
             raise ValueError(f"position {start} is past the KV cache's capacity {kern.max_positions}")
         kern.tok.copy_(ids.reshape(1), non_blocking=True)
         kern.pos.fill_(start)
-        source = self.forced_source()
-        forced = source.take(start)[0].tolist() if source is not None else None  # (L, K) replayed experts
-        if forced is not None:
-            kern.forced.copy_(torch.tensor(forced, dtype=torch.long))
         c = kern.launch_config(pdl=False)  # copies and host waits sit between the kernels
         stride, (mg, mu, md) = o["stride"], o["mats"]
         L, K, la = state.config.num_hidden_layers, state.config.top_k, state.lookahead
+        source = self.forced_source()
+        oracle = None  # under a replay with oracle look-ahead: its experts (L, K) on the host, the predictions
+        if source is not None:
+            replayed = source.take(start)[0]  # on the device: copied there, read by the routing kernels
+            kern.forced.copy_(replayed)
+            if la and source.oracle_lookahead:
+                oracle = replayed.tolist()
         self._piece(o, ("embed",), lambda: kern.launch_embed(c))
         predicted = None
         for i in range(L):
@@ -103,7 +106,7 @@ class OffloadedKernelSteps:
             if la and i + 1 < L:  # look-ahead: the next layer's predicted experts start reading now
                 # under a replay with oracle look-ahead the prediction is the trace's next layer (as on the eager
                 # path, where the replay's rules also apply to the predicted routing)
-                predicted = sorted(forced[i + 1]) if forced is not None and source.oracle_lookahead else both[K:]
+                predicted = sorted(oracle[i + 1]) if oracle is not None else both[K:]
                 for x in predicted:
                     cache.speculate((i + 1, x))
             slots = {}
