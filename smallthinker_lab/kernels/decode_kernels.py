@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..model.kv_cache import KVCache
-from .availability import _pdl_supported, interpreted, unavailable_reason
+from .availability import INTERPRETER_BLOCKS, _pdl_supported, interpreted, unavailable_reason
 from .tables import ExpertLRU, ExpertTable, _p2
 
 
@@ -22,10 +22,6 @@ def _kernels():
 # benchmarks/gpu_decode_graph.py --tune. Quantized experts (an ExpertTable of format "int8" / "q4_0"): their tiles
 # are quant_experts.DEFAULT_QUANT_BLOCKS, overridden by blocks["int8"] / blocks["q4_0"] ({"gate_up": ..., "down": ...})
 DEFAULT_BLOCKS = {"pre": (2, 4), "oproj": (8, 4), "gate_up": (4, 2), "down": (2, 2), "attn": (64, 2), "pdl": True}
-# under Triton's interpreter (TRITON_INTERPRET=1, the tests on a CPU) each program runs in Python, so the product
-# kernels take up to 64 rows per program: 10x fewer programs on the test shapes. A row's dot product does not depend
-# on how many rows share its program, so the logits are the same bits (tests/test_kernels.py compares both).
-INTERPRETER_BLOCKS = {"pre": (64, 4), "oproj": (64, 4), "gate_up": (64, 2), "down": (64, 2)}
 
 
 class DecodeKernels:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from .availability import interpreted
+from .availability import INTERPRETER_BLOCKS, interpreted
 from .tables import EXPERT_FORMATS, QK4_0, ExpertTable, _p2, check_shape, matrix_nbytes
 
 QUANT_FORMATS = EXPERT_FORMATS[1:]
@@ -89,7 +89,7 @@ def pack_quantized(model, fmt: str, encode: Callable[[torch.Tensor], torch.Tenso
 def blocks_for(fmt: str, blocks: dict | None) -> dict:
     """The tiles of ``fmt``'s products: DEFAULT_QUANT_BLOCKS updated by ``blocks`` ({"gate_up": (rows, warps),
     "down": (rows, warps)})."""
-    interp = {"gate_up": (64, 2), "down": (64, 2)} if interpreted() else {}  # as decode_kernels.INTERPRETER_BLOCKS
+    interp = {k: INTERPRETER_BLOCKS[k] for k in ("gate_up", "down")} if interpreted() else {}
     return {**DEFAULT_QUANT_BLOCKS[fmt], **interp, **(blocks or {})}
 
 
