@@ -335,26 +335,19 @@ def measure_mode(spec: ModeSpec, ctx: Context) -> dict:
                  "routing": spec.routing}
     t_open = time.perf_counter()
     runner = None
-    # the Triton decode kernels' rows have their own reference: the in-memory model decoding with the same kernels
-    # an engine row that names no backend gets the engine's default, "auto" (the kernels on a GPU, bf16)
-    backend = spec.options.get("backend", "auto" if spec.mode == "engine" and "cuda_graph" not in spec.options
-                               else None)
-    auto_kernels = (backend == "auto" and torch.device(ctx.device).type == "cuda"  # what auto picks there (checked)
-                    and not spec.quantization)
-    # (with the instruments' hooks the decode steps run eager: the eager reference)
-    kernels = (bool(spec.options.get("kernels")) or spec.options.get("cuda_graph") == "kernels"
-               or backend == "kernels" or auto_kernels) and not spec.instruments
-    ref_key = (spec.model, spec.quantization) + (("kernels",) if kernels else ()) + (
-        (f"routing={spec.routing}",) if spec.routing else ())
-    refs = ctx.references.setdefault(ref_key, {})
     is_reference = (spec.mode == "in_memory" or spec.reference) and not spec.instruments and not spec.threads
     try:
         runner, fields = open_runner(spec, ctx)
         row.update(fields)
         row["open_seconds"] = time.perf_counter() - t_open
-        if spec.mode == "engine" and (runner.engine.backend == "kernels" and not spec.instruments) != kernels:
-            raise RuntimeError(f"{spec.name}: the engine runs backend={runner.engine.backend!r}, but the row was "
-                               f"to be checked against the {'kernel' if kernels else 'eager'} reference")
+        # the Triton decode kernels' rows have their own reference: the in-memory model decoding with the same
+        # kernels. An engine row is checked against the reference of the backend it runs (backend="auto" chooses
+        # it; with the instruments' hooks its decode steps run eager)
+        kernels = (runner.engine.backend == "kernels" if spec.mode == "engine"
+                   else bool(spec.options.get("kernels"))) and not spec.instruments
+        ref_key = (spec.model, spec.quantization) + (("kernels",) if kernels else ()) + (
+            (f"routing={spec.routing}",) if spec.routing else ())
+        refs = ctx.references.setdefault(ref_key, {})
         # the check: greedy tokens of the check prompt, before any timing
         t0 = time.perf_counter()
         traces = _traces(spec, info, ctx.new_tokens)
