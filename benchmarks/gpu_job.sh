@@ -8,7 +8,9 @@
 #            there) and every test marked gpu (notebooks and GGUF need packages the GPU image lacks: skipped);
 #   routing  the 4B shape on the trained model's routing (gsm8k, zh-news) replayed: eager and Triton-kernel rows,
 #            with the uniform-routing rows of the same run (benchmarks/results/bench_gpu_routing.*);
-#   quant    bench_quant_kernels.py --tune: bf16 / int8 / Q4_0 expert products, tiles swept first.
+#   quant    bench_quant_kernels.py --tune: bf16 / int8 / Q4_0 expert products, tiles swept first;
+#   peer     llama.cpp's CUDA build beside the engine (benchmarks/gpu_peer_job.sh; carry its source archive,
+#            .peer/llama.cpp-0.3.36-cuda-src.tar.xz; about 8 minutes: give it a call of its own).
 # Everything lands in $OUT/results.tgz (+ its sha256); unpack with tar xzf.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
@@ -42,6 +44,11 @@ if has quant; then
   stamp "quant kernels --tune"
   "$PY" benchmarks/bench_quant_kernels.py --out "$RES/quant" --tune --steps 30 --repeats 5 > "$RES/quant_log.txt" 2>&1
   stamp "quant rc=$?"
+fi
+if has peer; then
+  stamp "llama.cpp peer"
+  OUT="$RES/peer" bash benchmarks/gpu_peer_job.sh > "$RES/peer_log.txt" 2>&1
+  stamp "peer rc=$?"
 fi
 stamp "done"
 tar czf "$OUT/results.tgz" -C "$RES" . && (cd "$OUT" && sha256sum results.tgz > results.sha256)
