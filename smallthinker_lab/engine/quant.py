@@ -168,6 +168,13 @@ def dequantize_q4_0_rows(buf, shape: Sequence[int], rows: torch.Tensor,
 
 
 # ------------------------------------------------------------------ int8
+def _div_exact(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """x / divisor, correctly rounded on every device: CUDA divides a tensor by a Python scalar as a product with
+    its reciprocal (1 ulp off at times), which changed an int8 scale, and so a byte of a bundle quantised on a GPU
+    against the same weights quantised on the CPU; a tensor divisor takes the IEEE division on both."""
+    return x / torch.full((), divisor, dtype=x.dtype, device=x.device)
+
+
 def int8_nbytes(shape: Sequence[int]) -> int:
     rows, cols = _rows_cols(shape)
     return rows * 4 + rows * cols
@@ -177,7 +184,7 @@ def quantize_int8(w: torch.Tensor) -> torch.Tensor:
     """Per-row symmetric int8 of ``w`` (..., C) -> flat uint8: R fp32 scales, then R x C int8."""
     rows, cols = _rows_cols(w.shape)
     x = w.detach().to(torch.float32).reshape(rows, cols)  # (R, C)
-    scale = x.abs().amax(dim=1) / 127.0  # (R,)
+    scale = _div_exact(x.abs().amax(dim=1), 127.0)  # (R,)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return torch.cat([scale.view(torch.uint8), q.view(torch.uint8).reshape(-1)])
@@ -220,7 +227,7 @@ def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
     if cols % QK8_0:
         raise ValueError(f"Q8_0 needs the last dimension (columns) divisible by {QK8_0}, got {cols}")
     x = w.detach().to(torch.float32).reshape(rows, cols // QK8_0, QK8_0)  # (R, B, 32)
-    d = x.abs().amax(dim=-1, keepdim=True) / 127  # (R, B, 1)
+    d = _div_exact(x.abs().amax(dim=-1, keepdim=True), 127.0)  # (R, B, 1)
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
     y = x * inv
     q = (y.sign() * (y.abs() + 0.5).floor()).to(torch.int8)  # C's roundf
@@ -402,7 +409,7 @@ def quantize_int8_cpu(w: torch.Tensor) -> torch.Tensor:
     rows, cols = _rows_cols(w.shape)
     _check_int8_cpu(cols)
     x = w.detach().to(torch.float32).reshape(rows, cols)  # (R, C)
-    amax = x.abs().amax(dim=1) / 127.0  # (R,)
+    amax = _div_exact(x.abs().amax(dim=1), 127.0)  # (R,)
     scale = _bf16_round_up(torch.where(amax > 0, amax, torch.ones_like(amax)))  # (R,) bf16
     q = torch.round(x / scale.to(torch.float32)[:, None]).clamp_(-127, 127).to(torch.int8)
     return torch.cat([scale.view(torch.uint8), q.view(torch.uint8).reshape(-1)])
