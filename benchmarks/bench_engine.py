@@ -123,6 +123,31 @@ def convert_bundle(ckpt: Path, bundle_dir: Path, quantization: str | None = None
     return out, time.perf_counter() - t0
 
 
+def kernel_layout(quantization: str | None, options: dict | None) -> bool:
+    """Whether a row's engine runs the GPU decode kernels over quantized experts, which read down in the model's
+    [H, F] layout: such a row needs its own bundle (``bundle_for``), the suite's quantized bundles store down
+    transposed for the eager path."""
+    from smallthinker_lab.engine.bundle import GPU_KERNEL_FORMATS
+
+    o = options or {}
+    return quantization in GPU_KERNEL_FORMATS and (o.get("cuda_graph") == "kernels" or o.get("backend") == "kernels")
+
+
+def bundle_for(info: ModelInfo, quantization: str | None, options: dict | None = None) -> Path:
+    """The bundle folder a row's engine opens: the suite's bundle of its format, or for the quantized decode kernels
+    one with down in the model's layout beside it (converted on first use, then reused)."""
+    if not kernel_layout(quantization, options):
+        return info.bundles[quantization]
+    key = f"{quantization}-kernels"
+    if key not in info.bundles:
+        from smallthinker_lab.engine.conversion import ensure_bundle
+
+        base = Path(info.bundles[quantization])
+        info.bundles[key] = ensure_bundle(Path(info.ckpt), base.parent / f"{base.name}-kernels", quantization,
+                                          progress=False, down_transposed=False)
+    return info.bundles[key]
+
+
 # ---------------------------------------------------------------------------------------------- bytes per token
 def decode_memory_bytes(config: SmallThinkerConfig, itemsize: int, expert_nbytes: int, context: float,
                         lm_head_rows: int | None = None) -> dict:
@@ -243,14 +268,15 @@ def engine_limits(info: ModelInfo, device: str, quantization: str | None, exact:
     kw = ({"host_cache": True} if cuda else {}) | dict(options or {})
     try:
         Engine.from_pretrained(info.ckpt, memory_limit=1, device=device, quantization=quantization,
-                               bundle_dir=info.bundles[quantization], progress=False, exact=exact, **kw)  # as timed
+                               bundle_dir=bundle_for(info, quantization, options), progress=False, exact=exact,
+                               **kw)  # as timed
     except MemoryLimitError as e:
         minimum = e.minimum_bytes
     else:  # pragma: no cover
         raise RuntimeError("a 1-byte memory limit was accepted")
     from smallthinker_lab.engine.bundle import open_bundle
 
-    b = open_bundle(info.bundles[quantization], info.config)
+    b = open_bundle(bundle_for(info, quantization, options), info.config)
     k = info.config.top_k
     n = info.config.num_hidden_layers * info.config.num_experts
     return {"minimum": minimum, "fixed": minimum - k * b.stride, "stride": b.stride, "experts": n,

@@ -5,7 +5,7 @@
 # sha256, so a second call on a warm machine skips it) compiles in the background while the suite writes its
 # checkpoint, bundle and GGUF; then the ceilings and the rows, llama.cpp's interleaved with the engine's.
 # Results in $OUT: bench_gpu.json / .md, the build log. Settings (environment):
-#   ONLY    the engine rows (benchmarks.run --only; default: the Triton-kernel rows in memory and at 60%)
+#   ONLY    the engine rows (benchmarks.run --only; default: the Triton-kernel rows in memory and at 60%, bf16 and Q4_0)
 #   BUDGET  seconds for the suite (default 570; the build is stopped when less than 150 s of it are left)
 #   EXTRA   more benchmarks.run arguments
 set -u
@@ -23,7 +23,7 @@ print("modules:", ", ".join(f"{m} {'ok' if u.find_spec(m) else 'MISSING'}" for m
       "(gguf MISSING is fine: the archive's gguf-py is used)")
 PY
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-ONLY=${ONLY:-"=4b-synthetic in_memory kernels=True,=4b-synthetic engine cuda_graph=kernels,=4b-synthetic engine 60% lru prefetch cuda_graph=kernels"}
+ONLY=${ONLY:-"=4b-synthetic in_memory kernels=True,=4b-synthetic engine cuda_graph=kernels,=4b-synthetic engine 60% lru prefetch cuda_graph=kernels,=4b-synthetic in_memory q4_0 kernels=True,=4b-synthetic engine q4_0 cuda_graph=kernels,=4b-synthetic engine q4_0 60% lru prefetch cuda_graph=kernels"}
 export TQDM_DISABLE=1
 # shellcheck disable=SC2086
 python3 -m benchmarks.run --suite gpu --peer llama.cpp --no-trained --routing '' --no-readme --keep --reuse \

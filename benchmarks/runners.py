@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from smallthinker_lab.engine.bundle import GPU_KERNEL_FORMATS
+from smallthinker_lab.engine.quant import kernel_experts
 from smallthinker_lab.model.checkpoint import load_model
 from smallthinker_lab.model.generate import GenerationStats, stream_tokens
 from smallthinker_lab.model.kv_cache import KVCache
@@ -50,15 +52,22 @@ class ModelRunner:
                  instruments: bool = False, kernels: bool = False) -> None:
         self.info, self.device, self.threads, self.instruments = info, device, threads, instruments
         self.model = load_model(info.ckpt, device=device)
-        if expert_bundle is not None:
+        fmt = _bundle_format(expert_bundle, self.model.config) if expert_bundle is not None else None
+        table = None
+        if kernels and fmt in GPU_KERNEL_FORMATS:
+            # the quantized Triton kernels on the bytes the engine's bundle holds: the checkpoint's experts
+            # quantized with the same codec (kernel_experts), the model's own set to their dequantised values
+            # for the prefill
+            table = kernel_experts(self.model, fmt)
+        elif expert_bundle is not None:
             _load_dequantised_experts(self.model, expert_bundle)
         self.resident = "every weight (load_model)"
         self.kernels = None
         if kernels:  # decode through the Triton kernels (smallthinker_lab.kernels), one CUDA graph per step
             from smallthinker_lab.kernels import KernelRunner
 
-            self.kernels = KernelRunner(self.model)
-            self.resident += ", Triton decode kernels"
+            self.kernels = KernelRunner(self.model, experts=table)
+            self.resident += ", Triton decode kernels" + (f" ({fmt} experts)" if table is not None else "")
 
     def generate(self, ids: list[int], n: int, trace=None) -> dict:
         m = self.model
@@ -79,6 +88,12 @@ class ModelRunner:
     def close(self) -> None:
         self.model = None
         gc.collect()
+
+
+def _bundle_format(bundle_dir: Path, config) -> str:
+    from smallthinker_lab.engine.bundle import open_bundle
+
+    return open_bundle(bundle_dir, config).format
 
 
 def _load_dequantised_experts(model, bundle_dir: Path) -> None:
@@ -145,11 +160,13 @@ class EngineRunner:
     def __init__(self, info: ModelInfo, ctx: Context, spec: ModeSpec, memory_limit: int | None) -> None:
         from smallthinker_lab.engine import Engine
 
+        from .bench_engine import bundle_for
+
         self.info, self.device, self.spec = info, ctx.device, spec
         cuda = torch.device(ctx.device).type == "cuda"
         kw = dict(memory_limit=memory_limit, device=ctx.device, policy=spec.policy or "lru",
                   prefetch=True if spec.prefetch is None else spec.prefetch, quantization=spec.quantization,
-                  bundle_dir=info.bundles[spec.quantization], bypass_page_cache=ctx.bypass_page_cache,
+                  bundle_dir=bundle_for(info, spec.quantization, spec.options), bypass_page_cache=ctx.bypass_page_cache,
                   compute_threads=None if cuda else (spec.threads or ctx.compute_threads), exact=True, progress=False)
         if cuda:
             kw["host_cache"] = ctx.host_cache and memory_limit is not None

@@ -118,10 +118,11 @@ def suite_modes(suite: str, gpu: bool, with_trained: bool, q4: bool = True, rout
         _spec("engine", S, "no prefetch", 0.9, "lru", False),
         _spec("engine", S, "no prefetch", 0.6, "lfu", False),
     ]
-    if q4:
+    if q4:  # on a GPU the Q4_0 experts run inside the Triton decode kernels (their reference: the model with them)
+        ref, kern = ({"kernels": True}, {"cuda_graph": "kernels"}) if gpu else ({}, {})
         opt += [
-            _spec("in_memory", S, "in memory", quantization="q4_0"),
-            _spec("engine", S, "in memory", quantization="q4_0"),
-            _spec("engine", S, "full", 0.6, "lru", True, quantization="q4_0"),
+            _spec("in_memory", S, "in memory", quantization="q4_0", options=ref),
+            _spec("engine", S, "in memory", quantization="q4_0", options=kern),
+            _spec("engine", S, "full", 0.6, "lru", True, quantization="q4_0", options=kern),
         ]
     return req + trained + opt

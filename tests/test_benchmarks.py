@@ -255,3 +255,21 @@ def test_report_tables_read_back_cell_by_cell():
     header, cells = _cells(profile_markdown([rec]))
     assert header == ["mode", "ms/token", *(p.replace("_", " ") for p in PARTS)]
     assert cells == [["engine | lru", "12.3", *["1.0 (10%)"] * len(PARTS)]]
+
+
+def test_quantized_kernel_rows_get_a_bundle_in_the_kernels_layout(tmp_path):
+    """A row running the GPU decode kernels over Q4_0 experts opens a bundle with down in the model's layout (made
+    once beside the suite's bundle, then reused); every other row opens the suite's bundle of its format."""
+    from smallthinker_lab.engine.bundle import open_bundle
+
+    folder = tmp_path / "m"
+    model = random_model(std=0.05).to(torch.bfloat16)
+    save_pretrained(model, folder)
+    q4, _ = bench_engine.convert_bundle(folder, tmp_path / "b-q4_0", "q4_0")
+    info = bench_engine.ModelInfo("m", folder, model.config, torch.bfloat16, [[1, 2]], {"q4_0": q4})
+    assert bench_engine.bundle_for(info, "q4_0", {}) == q4 and open_bundle(q4, model.config).down_transposed
+    k = bench_engine.bundle_for(info, "q4_0", {"cuda_graph": "kernels"})
+    assert k != q4 and not open_bundle(k, model.config).down_transposed
+    assert bench_engine.bundle_for(info, "q4_0", {"backend": "kernels"}) == k  # reused
+    assert bench_engine.kernel_layout("q4_0", {"backend": "kernels"}) and not bench_engine.kernel_layout(None, {
+        "backend": "kernels"})

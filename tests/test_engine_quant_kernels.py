@@ -105,3 +105,19 @@ def test_auto_keeps_eager_for_quantized_experts_and_says_why():
     assert choose("auto", reasons, "q4_0") == "eager" and choose("kernels", reasons, "q4_0") == "kernels"
     assert choose("auto", static_reasons(torch.device("cuda"), BF, None, EngineOptions())) == "kernels"
     assert "backend='kernels'" in AUTO_QUANTIZED_NOTE
+
+
+@pytest.mark.gpu
+def test_kernels_refuse_a_quantized_bundle_with_down_transposed(ckpt, tmp_path):
+    """The decode kernels read a quantized record's down in the model's [H, F] layout: an explicit bundle_dir that
+    stores it transposed (the eager path's layout, convert's default) is refused with an error naming the layout,
+    instead of decoding garbage; the same bundle still opens on the eager backend."""
+    from smallthinker_lab.engine.bundle import BundleError
+
+    fh = convert(ckpt, tmp_path / "fh", "q4_0", progress=False)
+    with pytest.raises(BundleError, match=r"down transposed.*down_transposed=False"):
+        Engine.from_pretrained(ckpt, memory_limit=None, device="cuda", quantization="q4_0", backend="kernels",
+                               bundle_dir=fh, progress=False)
+    with Engine.from_pretrained(ckpt, memory_limit=None, device="cuda", quantization="q4_0", backend="eager",
+                                bundle_dir=fh, progress=False) as e:
+        assert e.bundle.down_transposed

@@ -195,6 +195,11 @@ class Engine(StateFields, EngineGeneration, EngineStats):
         self.bundle_dir = ensure_bundle(self.checkpoint_dir, bundle_dir, quantization, progress,
                                         down_transposed=not model_layout)
         self.bundle = open_bundle(self.bundle_dir, config)
+        if cuda_graph == "kernels" and self.bundle.format in GPU_KERNEL_FORMATS and self.bundle.down_transposed:
+            # the decode kernels read a quantized record's down as stored, quantized along F in the model's layout
+            raise BundleError(f"{self.bundle_dir} stores the {self.bundle.format} experts' down transposed ([F, H]); "
+                              f"the decode kernels read it in the model's [H, F] layout: give a bundle converted "
+                              f"with down_transposed=False, or no bundle_dir (the engine converts its own)")
         self.max_context = int(max_context or min(2048, config.max_position_embeddings))  # checked at the top
 
         # the memory plan, before anything large is allocated
