@@ -69,6 +69,8 @@ class EngineState:
     dtype: torch.dtype | None = None
     hooks: HookRegistry | None = None
     lm_head_predictor: Any = None  # a sparse LM head's predictor, or None
+    lm_head_format: str | None = None  # the LM head's CPU kernel format (None: the model's own head)
+    lm_head_quant: Any = None  # its QuantizedHead (engine/lm_head_quant.py), or None
     non_expert_bytes: int = 0
     # the experts: on storage (bundle, reader), in slots (arena), by key (cache); CUDA: copies (transfer)
     bundle: Bundle | None = None
