@@ -183,3 +183,59 @@ def test_engine_tokens_equal_the_model_on_the_same_dequantised_weights():
     gaps = torch.tensor(gaps)
     assert gaps.max() <= 0.5, gaps.max()
     assert (gaps > 0).float().mean() <= 0.05, (gaps > 0).sum()
+
+
+# ------------------------------------------------------------------ the screened head
+@pytest.mark.parametrize("dtype", [BF, torch.float32])
+def test_screened_bound_holds_and_argmax_is_the_full_heads(dtype):
+    """Random heads and 200 random hidden states (scales 0.1 to 30, some with a dominant direction so that many rows
+    are close): the full head's logits and the exact products lie in the certified interval; in bf16 the screened
+    head's argmax and its logit are the full head's (the lowest id among ties, as argmax); in fp32 its argmax is a
+    row whose full-head logit is the maximum up to fp32 rounding (a GEMV over other rows may round differently)."""
+    gen = torch.Generator().manual_seed(2)
+    w = (torch.randn(2048, 128, generator=gen) * 0.05).to(dtype)
+    w[7] = w[9]  # two identical rows: a tie the argmax must break as the full head does (lowest id)
+    head = lq.ScreenedHead(w, lq.load_or_quantize(w, "int8_cpu", None))
+    for i in range(200):
+        h = torch.randn(1 + i % 3, 128, generator=gen) * [0.1, 1.0, 30.0][i % 3]
+        if i % 5 == 0:
+            h += w[7].float() * 20  # rows 7 and 9 lead
+        h = h.to(dtype)
+        full = torch.nn.functional.linear(h, w)
+        _, lo, hi = head.bounds(h)
+        exact = h.double() @ w.double().T
+        assert (full.double() >= lo.double()).all() and (full.double() <= hi.double()).all()
+        assert (exact >= lo.double()).all() and (exact <= hi.double()).all()
+        logits, rows = head(h)
+        assert 1 <= rows <= 2048
+        if dtype == BF:  # the survivors' F.linear is bitwise the full head's rows: the same argmax, ties too
+            assert torch.equal(logits.argmax(-1), full.argmax(-1))
+            best = full.argmax(-1, keepdim=True)
+            assert torch.equal(logits.gather(-1, best), full.gather(-1, best))
+        else:  # fp32: a GEMV over fewer rows may round a row differently (rows 7 and 9 tie only in exact arithmetic)
+            pick = full.gather(-1, logits.argmax(-1, keepdim=True))
+            assert (pick >= full.max(-1, keepdim=True).values * (1 - 1e-5) - 1e-6).all()
+
+
+def test_screened_engine_keeps_the_greedy_tokens_of_the_default_model():
+    """The default model's bf16 engine with the screened head: the greedy tokens of the model's own head on 20
+    prompts; few rows computed exactly; the int8 screen's bytes in the plan; sampling, the predictor and exact
+    refused with a reason."""
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 8000, (12,), generator=gen).tolist() for _ in range(20)]
+    with Engine.from_pretrained("default", memory_limit=None, progress=False, lm_head_format=None) as plain, \
+            Engine.from_pretrained("default", memory_limit=None, progress=False, lm_head_format="screened") as e:
+        cfg = e.config
+        assert e.plan.non_expert_bytes - plain.plan.non_expert_bytes == get_format("int8_cpu").nbytes(
+            (cfg.vocab_size, cfg.hidden_size))
+        for p in prompts:
+            assert e.generate(p, 16, stop_tokens=[]).tokens == plain.generate(p, 16, stop_tokens=[]).tokens
+        s = e.stats()
+        assert s["lm_head"] == "screened" and 1 <= s["lm_head_rows_per_token"] < 0.01 * cfg.vocab_size
+        with pytest.raises(ValueError, match="greedy decoding"):
+            e.generate(prompts[0], 2, temperature=0.7)
+    with pytest.raises(ValueError, match="give one or the other"):
+        Engine.from_pretrained("default", memory_limit=None, progress=False, lm_head_format="screened",
+                               lm_head_predictor=LMHeadPredictor(256, 8192, 2, mode="top_m", top_m=4))
+    with pytest.raises(ValueError, match="exact=True excludes"):
+        Engine.from_pretrained("default", memory_limit=None, progress=False, lm_head_format="screened", exact=True)

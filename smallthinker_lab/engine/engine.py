@@ -62,7 +62,7 @@ from .io import CudaTransfer, ExpertReader
 from .loading import _load_predictor, _load_tokenizer, _probe_dtype, _resolve_dtype, load_non_experts
 from .memory import MemoryPlan, itemsize, limit_for_share, parse_memory_limit, plan_memory, share_of, workspace_bytes
 from .options import AUTO_QUANTIZED_NOTE, BACKENDS, EngineOptions, choose, static_reasons
-from .lm_head_quant import int4_row_block, load_or_quantize, resolve_format
+from .lm_head_quant import ScreenedHead, int4_row_block, load_or_quantize, resolve_format
 from .quant import KERNEL_FORMATS, get_format
 from .state import EngineState, StateFields
 from .stats import EngineStats
@@ -242,8 +242,12 @@ class Engine(StateFields, EngineGeneration, EngineStats):
         # (a tied head stays the embedding; an untied bf16 head is kept too, for the model's own modules)
         self.state.lm_head_format = resolve_format(lm_head_format, self.bundle.format, self.device, self.exact)
         head_bytes = 0
-        if self.state.lm_head_format is not None:
-            head_bytes = get_format(self.state.lm_head_format).nbytes((config.vocab_size, H))
+        if self.state.lm_head_format == "screened" and pred is not None:
+            raise ValueError("lm_head_format='screened' keeps the full head's argmax; lm_head_predictor computes only "
+                             "the rows it predicts (no such guarantee): give one or the other")
+        if self.state.lm_head_format is not None:  # screened: the int8 screen beside the model's head
+            stored_as = "int8_cpu" if self.state.lm_head_format == "screened" else self.state.lm_head_format
+            head_bytes = get_format(stored_as).nbytes((config.vocab_size, H))
             non_expert += head_bytes
             if pred is not None and self.state.lm_head_format == "q4_0_cpu":  # whole blocks of packed rows
                 rows = pred.top_m if pred.mode == "top_m" else config.vocab_size  # gathered (0.625 bytes a weight)
@@ -275,7 +279,10 @@ class Engine(StateFields, EngineGeneration, EngineStats):
             params.update({id(p): p for p in pred.parameters()})
         self._non_expert_bytes = sum(t.numel() * t.element_size() for t in params.values()) + head_bytes
         self.state.lm_head_quant = None
-        if self.state.lm_head_format is not None:  # quantized once, cached beside the bundle
+        if self.state.lm_head_format == "screened":  # the model's head, screened by its int8 copy
+            w = self.model.lm_head.weight
+            self.state.lm_head_quant = ScreenedHead(w, load_or_quantize(w, "int8_cpu", self.bundle_dir))
+        elif self.state.lm_head_format is not None:  # quantized once, cached beside the bundle
             self.state.lm_head_quant = load_or_quantize(self.model.lm_head.weight, self.state.lm_head_format,
                                                         self.bundle_dir)
         self._lock = threading.Lock()

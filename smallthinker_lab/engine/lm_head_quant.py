@@ -38,7 +38,7 @@ from . import quant
 from .cpu_kernels import linear
 from .quant import KERNEL_FORMATS
 
-LM_HEAD_FORMATS = (None, "auto", *KERNEL_FORMATS)  # None: the model's own head
+LM_HEAD_FORMATS = (None, "auto", *KERNEL_FORMATS, "screened")  # None: the model's own head
 CACHE_VERSION = 1
 _MAGIC = b"STLXHEAD"
 _HEADER = 4096  # the payload starts page aligned
@@ -49,14 +49,16 @@ def check_format_name(value) -> None:
     """ValueError naming the valid values for anything ``lm_head_format`` does not accept."""
     if value not in LM_HEAD_FORMATS:
         raise ValueError(f"lm_head_format must be one of {', '.join(repr(v) for v in LM_HEAD_FORMATS)} (None: the "
-                         f"model's own head; 'auto': the bundle's CPU kernel format when it is one), got {value!r}")
+                         f"model's own head; 'auto': the bundle's CPU kernel format when it is one; 'screened': the "
+                         f"model's head with an int8 screen, greedy decoding only), got {value!r}")
 
 
 def resolve_format(value, bundle_format: str, device: torch.device, exact: bool) -> str | None:
     """The head format an engine runs: None (the model's own head) or a kernel format.
 
     "auto": the bundle's format when it is a CPU kernel format (which needs device cpu and exact=False), else None;
-    an explicit kernel format needs device cpu and exact=False (a quantized head is not the model's kernels)."""
+    an explicit kernel format needs device cpu and exact=False (a quantized head is not the model's kernels);
+    "screened" (:class:`ScreenedHead`, greedy decoding only) needs device cpu and exact=False."""
     check_format_name(value)
     if value is None:
         return None
@@ -64,6 +66,11 @@ def resolve_format(value, bundle_format: str, device: torch.device, exact: bool)
         return bundle_format if bundle_format in KERNEL_FORMATS and device.type == "cpu" and not exact else None
     if device.type != "cpu":
         raise ValueError(f"lm_head_format={value!r} runs torch's CPU kernels: it needs device='cpu', not {device}")
+    if value == "screened":
+        if exact:
+            raise ValueError("lm_head_format='screened' keeps the argmax, not the model's logits: exact=True excludes "
+                             "it (use lm_head_format=None)")
+        return value
     if exact:
         raise ValueError(f"lm_head_format={value!r} quantizes the LM head: exact=True (the model's own kernels and "
                          f"weights) excludes it (use lm_head_format=None)")
@@ -303,3 +310,80 @@ def dequantized_head(weight: torch.Tensor, fmt: str, dtype: torch.dtype | None =
     """The weights a ``fmt`` head of ``weight`` computes with, as a (V, H) tensor in ``dtype`` (default weight's):
     the in-memory reference of an engine whose head runs in ``fmt``."""
     return load_or_quantize(weight, fmt, folder).dequantize(torch.float32).to(dtype or weight.dtype)
+
+
+# ------------------------------------------------------------------ the screened exact-argmax head
+_ULP_BF16 = 2.0 ** -8  # bf16 keeps 8 significant bits: |bf16(v) - v| <= 2^-9 |v|, so <= 2^-8 of either side
+
+
+class ScreenedHead:
+    """The model's head (V, H) with an exact argmax, reading an int8 copy of it and only the rows that can win.
+
+    **For greedy decoding only** (``lm_head_format="screened"``): the row that the full head ``F.linear(h, W)``
+    ranks first (the lowest id among ties) is the row this head ranks first, and its logit is the full head's, but
+    the rows it prunes keep an approximate logit (within the bound below), so sampling, top-k or probabilities from
+    these logits are not the model's; the engine refuses temperature sampling with this head.
+
+    The screen: the int8 copy (``int8_cpu``: per row r the scale s_r >= max_k |w_rk| / 127 rounded up to bf16, so
+    no weight is clamped, q_rk = round(w_rk / s_r)) has |w_rk - s_r q_rk| <= s_r / 2, so its product
+    Q_r = sum_k h_k q_rk s_r is within (s_r / 2) ||h||_1 of the true product T_r = sum_k h_k w_rk. The int8 kernel
+    returns A_r, Q_r rounded to bf16 after an fp32 sum: |A_r - Q_r| <= 2^-8 |A_r| + c s_r ||h||_1, with
+    c = 1.01 * 127 * H * 2^-24 (fp32 accumulation of H terms each at most 127 s_r |h_k|; 0.012 at H = 1536);
+    where h is not bf16, the kernel sees bf16(h): another 2^-9 * 127 s_r ||h||_1. So
+    |T_r - A_r| <= m_r = s_r ||h||_1 (1/2 + c [+ 0.25]) + 2^-8 |A_r|. The full head's own output E_r (fp32 sum of H
+    products rounded to the model's dtype, at worst bf16) is within e_r = 2^-7 (|A_r| + m_r) + c s_r ||h||_1 of
+    T_r. Hence E_r is in [A_r - m_r - e_r, A_r + m_r + e_r] = [lo_r, hi_r]; a row with hi_r < max_j lo_j has
+    E_r < E_j for that j and is not the argmax, even tied. The survivors are computed exactly (``index_select`` of
+    their rows, then ``F.linear`` as the full head), the others keep A_r (< every survivor's max), so the argmax of
+    the result is the full head's. In bf16 (the model's dtype here) ``F.linear`` over the survivors' rows gives
+    bitwise the full head's values for them (tested: the 4B's 151936 x 1536 head, random subsets, 1 and 3 tokens),
+    so the argmax is the same row, ties included. In fp32 a GEMV over fewer rows may round a row differently (seen
+    on two rows equal in exact arithmetic): the argmax is then a row whose full-head logit is the maximum up to
+    fp32 rounding.
+    """
+
+    fmt = "screened"
+
+    def __init__(self, weight: torch.Tensor, int8: QuantizedHead) -> None:
+        if int8.fmt != "int8_cpu" or tuple(weight.shape) != int8.shape:
+            raise ValueError("a screened head needs the int8_cpu copy of its own weight")
+        self.weight, self.int8 = weight, int8
+        v, h = int8.shape
+        self.shape = (v, h)
+        self.scales = int8.operand[1].to(torch.float32)  # (V,) s_r
+        self.c = 1.01 * 127 * h * 2.0 ** -24
+        self.source, self.open_seconds = int8.source, int8.open_seconds
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes beyond the model's head: the int8 copy (the bf16 rows stay the model's)."""
+        return self.int8.nbytes
+
+    def __repr__(self) -> str:
+        return f"ScreenedHead({self.shape[0]}x{self.shape[1]}, int8 screen {self.nbytes / 2**20:.1f} MiB)"
+
+    @torch.no_grad()
+    def bounds(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A, lo, hi), each (N, V) fp32, for hidden (N, H): the screen's logits and the certified interval of the
+        full head's logits (see the class docstring)."""
+        h = hidden.reshape(-1, hidden.shape[-1])
+        a = self.int8(h.to(torch.bfloat16)).float()  # (N, V)
+        l1 = h.float().abs().sum(dim=1, keepdim=True) * (1 + 1e-5)  # (N, 1) ||h||_1, its own rounding covered
+        k = 0.5 + self.c + (0.0 if h.dtype == torch.bfloat16 else 0.25)
+        sl = self.scales[None, :] * l1  # (N, V) s_r ||h||_1
+        m = sl * k + _ULP_BF16 * a.abs()
+        e = 2 * _ULP_BF16 * (a.abs() + m) + self.c * sl
+        return a, a - m - e, a + m + e
+
+    @torch.no_grad()
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Logits (..., V) in hidden's dtype (survivors exact, the rest the screen's value) and the number of
+        rows computed exactly (the union over the N tokens)."""
+        h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+        a, lo, hi = self.bounds(h)
+        keep = hi >= lo.max(dim=1, keepdim=True).values  # (N, V)
+        rows = torch.nonzero(keep.any(dim=0)).flatten()  # (K,)
+        exact = torch.nn.functional.linear(h.to(self.weight.dtype), self.weight.index_select(0, rows))  # (N, K)
+        logits = a.to(hidden.dtype)
+        logits[:, rows] = torch.where(keep[:, rows], exact.to(hidden.dtype), logits[:, rows])
+        return logits.reshape(*hidden.shape[:-1], -1), int(rows.numel())

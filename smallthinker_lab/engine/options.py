@@ -55,7 +55,9 @@ class EngineOptions:
     fill_value: float = _option(float("-inf"), "logit of the vocabulary rows the sparse LM head skips")
     lm_head_format: str | None = _option("auto", "CPU: the LM head quantized to a CPU kernel format ('q4_0_cpu', "
                                                  "'int8_cpu'; 'auto': the bundle's when it is one; None: the "
-                                                 "model's own head), engine/lm_head_quant.py")
+                                                 "model's own head; 'screened': the model's head with an exact "
+                                                 "argmax from an int8 screen, greedy decoding only), "
+                                                 "engine/lm_head_quant.py")
     io_threads: int = _option(4, "threads that read experts from storage")
     bypass_page_cache: bool = _option(False, "O_DIRECT reads (or pages dropped after each): misses come from storage")
     verify_checksums: bool = _option(True, "check each expert record's checksum after its read")

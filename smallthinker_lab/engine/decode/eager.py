@@ -245,6 +245,10 @@ class EagerDecoder(Decoder):
             logits = logits.view(1, 1, -1)
             counters.lm_head_rows += rows
             counters.lm_head_calls += 1
+        elif qhead is not None and qhead.fmt == "screened":  # greedy only: the argmax exact, the rest screened
+            logits, rows = qhead(h)
+            counters.lm_head_rows += rows
+            counters.lm_head_calls += h.shape[1]
         elif qhead is not None:
             logits = qhead(h)  # (1, T, V), through the kernel
         else:
