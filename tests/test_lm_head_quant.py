@@ -74,6 +74,14 @@ def test_cache_beside_the_bundle(tmp_path):
     assert other.source == "quantized, cached" and not torch.equal(other.buf, first.buf)
     assert lq.load_or_quantize(w, "int8_cpu", tmp_path).source == "quantized, cached"
     assert lq.load_or_quantize(w, "int8_cpu", None).source == "quantized"  # no folder: not cached
+    stale = tmp_path / ".lm_head-int8_cpu.bin.tmp-999999999-1"  # a dead process's temporary
+    stale.write_bytes(b"x")
+    path.unlink()
+    assert lq.load_or_quantize(w, "q4_0_cpu", tmp_path).source == "quantized, cached"
+    assert stale.exists()  # another file's temporaries are its own to clean
+    lq.cache_path(tmp_path, "int8_cpu").unlink()
+    lq.load_or_quantize(w, "int8_cpu", tmp_path)
+    assert not stale.exists() and not list(tmp_path.glob(".*.tmp-*"))
 
 
 def test_format_names_are_checked():

@@ -254,6 +254,22 @@ def _read_cache(path: Path, want: dict) -> torch.Tensor | None:
     return torch.from_numpy(data)
 
 
+def _remove_stale(path: Path) -> None:
+    """Temporaries of this cache file left by dead processes (a killed write leaves one as large as the head)."""
+    from ..model.atomic import pid_alive
+
+    for p in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            pid = int(p.name.rsplit(".tmp-", 1)[1].split("-")[0])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not pid_alive(pid) and not p.is_symlink():
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
 def _write_cache(path: Path, buf: torch.Tensor, header: dict) -> bool:
     """Write atomically (an exclusive temporary renamed into place); False where the folder is not writable."""
     from .files import _create_exclusive, _fsync_dir
@@ -264,6 +280,7 @@ def _write_cache(path: Path, buf: torch.Tensor, header: dict) -> bool:
     raw = _MAGIC + struct.pack("<I", len(blob)) + blob
     if len(raw) > _HEADER:  # pragma: no cover  (a few hundred bytes)
         raise ValueError("LM head cache header too long")
+    _remove_stale(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
     created: list[Path] = []
     try:
