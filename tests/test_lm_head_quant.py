@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import random_model
 
-from smallthinker_lab.engine import Engine, lm_head_quant as lq
+from smallthinker_lab.engine import Engine
+from smallthinker_lab.engine import lm_head_quant as lq
 from smallthinker_lab.engine.lm_head import LMHeadPredictor
 from smallthinker_lab.engine.quant import KERNEL_FORMATS, get_format
 from smallthinker_lab.model.checkpoint import save_pretrained
@@ -93,6 +94,8 @@ def test_format_names_are_checked():
     assert lq.resolve_format("auto", "q4_0_cpu", cpu, False) == "q4_0_cpu"
     assert lq.resolve_format("auto", "bf16", cpu, False) is None
     assert lq.resolve_format("auto", "q4_0_cpu", torch.device("cuda"), False) is None
+    assert lq.resolve_format("auto", "q4_0_cpu", cpu, False, (1000, 64)) is None  # 1000 rows: no int4 packing
+    assert lq.resolve_format("auto", "q4_0_cpu", cpu, False, (1024, 64)) == "q4_0_cpu"
     assert lq.resolve_format("int8_cpu", "bf16", cpu, False) == "int8_cpu"
     with pytest.raises(ValueError, match="needs device='cpu'"):
         lq.resolve_format("q4_0_cpu", "bf16", torch.device("cuda"), False)

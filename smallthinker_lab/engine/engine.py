@@ -59,10 +59,10 @@ from .conversion import ensure_bundle
 from .decode import make_decoder
 from .generation import EngineBusy, EngineGeneration, GenerationResult  # noqa: F401  (re-exported)
 from .io import CudaTransfer, ExpertReader
+from .lm_head_quant import ScreenedHead, int4_row_block, load_or_quantize, resolve_format
 from .loading import _load_predictor, _load_tokenizer, _probe_dtype, _resolve_dtype, load_non_experts
 from .memory import MemoryPlan, itemsize, limit_for_share, parse_memory_limit, plan_memory, share_of, workspace_bytes
 from .options import AUTO_QUANTIZED_NOTE, BACKENDS, EngineOptions, choose, static_reasons
-from .lm_head_quant import ScreenedHead, int4_row_block, load_or_quantize, resolve_format
 from .quant import KERNEL_FORMATS, get_format
 from .state import EngineState, StateFields
 from .stats import EngineStats
@@ -107,8 +107,9 @@ class Engine(StateFields, EngineGeneration, EngineStats):
                     bypass_page_cache=o.bypass_page_cache, io_threads=o.io_threads,
                     verify_checksums=o.verify_checksums, bundle_dir=o.bundle_dir, dtype=o.dtype,
                     max_context=o.max_context, prefill_chunk=o.prefill_chunk, lm_head_predictor=o.lm_head_predictor,
-                    fill_value=o.fill_value, lm_head_format=o.lm_head_format, host_cache=o.host_cache, belady_trace=o.belady_trace, fault=o.fault,
-                    progress=o.progress, compute_threads=o.compute_threads, exact=o.exact, check_finite=o.check_finite,
+                    fill_value=o.fill_value, lm_head_format=o.lm_head_format, host_cache=o.host_cache,
+                    belady_trace=o.belady_trace, fault=o.fault, progress=o.progress,
+                    compute_threads=o.compute_threads, exact=o.exact, check_finite=o.check_finite,
                     cuda_graph={"eager": False, "graph": True, "fused": "fused", "kernels": "kernels"}[self.backend])
         if opts.warm_start is not None:  # the cache filled by a warm-up, the counters zeroed
             from .warm import warm_start
@@ -121,7 +122,8 @@ class Engine(StateFields, EngineGeneration, EngineStats):
                  bypass_page_cache: bool = False, io_threads: int = 4, verify_checksums: bool = True,
                  bundle_dir: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
                  max_context: int | None = None, prefill_chunk: int = 256, lm_head_predictor=None,
-                 fill_value: float = float("-inf"), lm_head_format: str | None = None, host_cache: bool = False, belady_trace: Sequence | None = None,
+                 fill_value: float = float("-inf"), lm_head_format: str | None = None, host_cache: bool = False,
+                 belady_trace: Sequence | None = None,
                  fault: Callable | None = None, progress: bool = True, compute_threads: int | None = None,
                  exact: bool = False, cuda_graph: bool | str = False, check_finite: bool = False) -> None:
         self.state = EngineState()  # the home of the parts, settings and counters set below (engine/state.py)
@@ -240,7 +242,8 @@ class Engine(StateFields, EngineGeneration, EngineStats):
             expert_ws += rows * H * isz
         # the LM head in a CPU kernel format (engine/lm_head_quant.py): its bytes are resident beside the model's
         # (a tied head stays the embedding; an untied bf16 head is kept too, for the model's own modules)
-        self.state.lm_head_format = resolve_format(lm_head_format, self.bundle.format, self.device, self.exact)
+        self.state.lm_head_format = resolve_format(lm_head_format, self.bundle.format, self.device, self.exact,
+                                                   (config.vocab_size, H))
         head_bytes = 0
         if self.state.lm_head_format == "screened" and pred is not None:
             raise ValueError("lm_head_format='screened' keeps the full head's argmax; lm_head_predictor computes only "

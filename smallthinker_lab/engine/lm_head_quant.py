@@ -53,17 +53,26 @@ def check_format_name(value) -> None:
                          f"model's head with an int8 screen, greedy decoding only), got {value!r}")
 
 
-def resolve_format(value, bundle_format: str, device: torch.device, exact: bool) -> str | None:
+def resolve_format(value, bundle_format: str, device: torch.device, exact: bool,
+                   shape: tuple[int, int] | None = None) -> str | None:
     """The head format an engine runs: None (the model's own head) or a kernel format.
 
     "auto": the bundle's format when it is a CPU kernel format (which needs device cpu and exact=False), else None;
     an explicit kernel format needs device cpu and exact=False (a quantized head is not the model's kernels);
-    "screened" (:class:`ScreenedHead`, greedy decoding only) needs device cpu and exact=False."""
+    "screened" (:class:`ScreenedHead`, greedy decoding only) needs device cpu and exact=False. ``shape``: the head's
+    (V, H); "auto" keeps the model's head where the kernel format cannot hold it (an explicit format raises)."""
     check_format_name(value)
     if value is None:
         return None
     if value == "auto":
-        return bundle_format if bundle_format in KERNEL_FORMATS and device.type == "cpu" and not exact else None
+        if bundle_format not in KERNEL_FORMATS or device.type != "cpu" or exact:
+            return None
+        try:
+            if shape is not None:
+                quant.get_format(bundle_format).nbytes(tuple(shape))
+        except ValueError:  # e.g. a vocabulary not divisible by 16 for the int4 packing
+            return None
+        return bundle_format
     if device.type != "cpu":
         raise ValueError(f"lm_head_format={value!r} runs torch's CPU kernels: it needs device='cpu', not {device}")
     if value == "screened":
