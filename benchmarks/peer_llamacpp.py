@@ -253,7 +253,11 @@ def export_ggufs(info: be.ModelInfo, scratch: Path, log) -> dict:
 
 
 def _reference_tokens(info: be.ModelInfo, quant: str | None, threads: int, n: int) -> list[int]:
-    runner = be.ModelRunner(info, "cpu", threads, info.bundles[quant] if quant else None)
+    """The in-memory model's greedy tokens on the weights the engine row computes with: its experts dequantised
+    from the row's bundle and, for the CPU kernel formats (whose engines quantize the LM head too,
+    ``lm_head_format="auto"``), its LM head dequantised from the same copy."""
+    runner = be.ModelRunner(info, "cpu", threads, info.bundles[quant] if quant else None,
+                            lm_head_format=_head_format(quant))
     try:
         return runner.generate(info.prompts[0], n)["tokens"]
     finally:
@@ -264,6 +268,13 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
     if a == b:
         return None
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _head_format(quantization: str | None) -> str | None:
+    """The LM head format of an engine row (the default lm_head_format="auto": the kernel formats' own)."""
+    from smallthinker_lab.engine.quant import KERNEL_FORMATS
+
+    return quantization if quantization in KERNEL_FORMATS else None
 
 
 def _engine_options(quantization: str | None) -> dict:
@@ -284,11 +295,16 @@ def _open_engine(row: Row, info, ctx, refs: dict, log) -> None:
     if diff is None:
         row.extra["checked"] = "greedy tokens equal to the in-memory model's (same dequantised weights)"
     elif row.quantization == "q4_0_cpu":  # the int4 kernel: bf16 scales and activations (engine/quant.py)
-        row.extra["checked"] = (f"greedy tokens differ from the model on the same dequantised weights from position "
-                                f"{diff} of {len(tokens)} (int4 kernel: bf16 activations, fp32 accumulation in "
-                                f"another order)")
+        row.extra["checked"] = (f"greedy tokens differ from the model on the same dequantised weights (experts and "
+                                f"LM head) from position {diff} of {len(tokens)} (int4 kernel: bf16 activations, "
+                                f"fp32 accumulation in another order)")
     else:
         raise be.TokensDiffer(f"{row.name}: tokens differ from the in-memory model's at position {diff}")
+    if _head_format(row.quantization) is not None:
+        head = row.runner.engine.state.lm_head_quant
+        row.extra["lm_head"] = (f"{head.fmt} ({head.nbytes / 2**20:.0f} MiB, {head.source} in "
+                                f"{head.open_seconds:.1f} s), through the same kernel as the experts; the reference "
+                                f"model's head holds its dequantised weights")
     log(f"  opened {row.name}: {row.extra['checked']}")
 
 
@@ -484,7 +500,8 @@ def main(args, log=print) -> int:
             "llama_bench": f"llama-bench -m GGUF -t T -p {args.prompt_tokens} -n {new_tokens - 1} -r 1 -o json "
                            f"--repack 1 (bf16) / 0 (Q4_0), one invocation per row per round (its own warm-up)",
             "engine": f"Engine.from_pretrained(ckpt, quantization=Q, compute_threads=T, exact=True; exact=False for "
-                      f"q4_0_cpu, whose kernels the exact path does not run), every expert "
+                      f"q4_0_cpu, whose kernels the exact path does not run; its LM head quantized to q4_0_cpu too, "
+                      f"lm_head_format='auto', as llama.cpp's Q4_0 file quantizes its head), every expert "
                       f"read once before timing; one generation of {args.prompt_tokens} prompt + {new_tokens} new "
                       f"tokens per round, each round a new prompt",
             "interleaving": "round-robin: every round times each row of the block once, the order rotated by one "

@@ -49,7 +49,7 @@ class ModelRunner:
     kind = "model"
 
     def __init__(self, info: ModelInfo, device: str, threads: int | None = None, expert_bundle: Path | None = None,
-                 instruments: bool = False, kernels: bool = False) -> None:
+                 instruments: bool = False, kernels: bool = False, lm_head_format: str | None = None) -> None:
         self.info, self.device, self.threads, self.instruments = info, device, threads, instruments
         self.model = load_model(info.ckpt, device=device)
         fmt = _bundle_format(expert_bundle, self.model.config) if expert_bundle is not None else None
@@ -62,6 +62,9 @@ class ModelRunner:
         elif expert_bundle is not None:
             _load_dequantised_experts(self.model, expert_bundle)
         self.resident = "every weight (load_model)"
+        if lm_head_format is not None:  # the head an engine with this lm_head_format computes with, dequantised
+            _load_dequantised_head(self.model, lm_head_format, expert_bundle)
+            self.resident += f", LM head dequantised from {lm_head_format}"
         self.kernels = None
         if kernels:  # decode through the Triton kernels (smallthinker_lab.kernels), one CUDA graph per step
             from smallthinker_lab.kernels import KernelRunner
@@ -117,6 +120,16 @@ def _load_dequantised_experts(model, bundle_dir: Path) -> None:
                     w = w.t() if m == "down" and b.down_transposed else w
                     getattr(expert, m).weight = torch.nn.Parameter(
                         w.contiguous().to(model.device), requires_grad=False)
+
+
+def _load_dequantised_head(model, fmt: str, folder: Path | None) -> None:
+    """The model's LM head replaced by the weights of its ``fmt`` copy (engine/lm_head_quant.py, the engine's
+    cache file in ``folder`` when there), in the model's dtype; a tied head is untied (the embedding stays)."""
+    from smallthinker_lab.engine.lm_head_quant import dequantized_head
+
+    w = model.lm_head.weight
+    head = dequantized_head(w.detach().cpu(), fmt, w.dtype, folder)
+    model.lm_head.weight = torch.nn.Parameter(head.to(w.device), requires_grad=False)
 
 
 class _recording:

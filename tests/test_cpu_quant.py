@@ -278,8 +278,10 @@ def test_engine_with_q4_0_cpu_experts_tracks_the_model_on_the_same_weights():
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 8000, (12,), generator=gen).tolist() for _ in range(20)]
     gaps = []
-    with Engine.from_pretrained("default", memory_limit=None, quantization="q4_0_cpu", progress=False) as e:
-        assert e.bundle.format == "q4_0_cpu"
+    # the model's own (bf16) head: the quantized head's test is tests/test_lm_head_quant.py
+    with Engine.from_pretrained("default", memory_limit=None, quantization="q4_0_cpu", progress=False,
+                                lm_head_format=None) as e:
+        assert e.bundle.format == "q4_0_cpu" and e.state.lm_head_quant is None
         for p in prompts:
             tokens = e.generate(p, 16, stop_tokens=[]).tokens
             with torch.no_grad():

@@ -81,6 +81,15 @@ def test_peer_suite_without_llama_cpp_reports_it_unavailable(tmp_path, monkeypat
         assert r["decode_tok_s_min"] <= r["decode_tok_s"] <= r["decode_tok_s_max"]
         assert 0 < r["bound_share"] and r["bw_mem"] > 0 and r["memory_bytes_per_token"] > 0
         assert r["checked"].startswith("greedy tokens")
+    # the q4_0_cpu engine's LM head runs in the int4 kernel: its bytes per token count the quantized head
+    from smallthinker_lab.engine.quant import get_format
+
+    q4 = next(r for r in engine if r["quantization"] == "q4_0_cpu")
+    vocab, hidden = res["settings"]["model"]["shape"]["vocab"], res["settings"]["model"]["shape"]["hidden"]
+    assert q4["lm_head_format"] == "q4_0_cpu" and q4["lm_head"].startswith("q4_0_cpu")
+    assert q4["memory_bytes_split"]["lm_head"] == get_format("q4_0_cpu").nbytes((vocab, hidden))
+    bf = next(r for r in engine if r["quantization"] == "none")
+    assert "lm_head_format" not in bf and bf["memory_bytes_split"]["lm_head"] == vocab * hidden * 2
     assert res["ratios"] == []  # nothing to compare with
     md = (out / "bench_cpu_peer_dryrun.md").read_text(encoding="utf-8")
     assert "llama.cpp: **unavailable**" in md

@@ -59,10 +59,11 @@ from .conversion import ensure_bundle
 from .decode import make_decoder
 from .generation import EngineBusy, EngineGeneration, GenerationResult  # noqa: F401  (re-exported)
 from .io import CudaTransfer, ExpertReader
+from .lm_head_quant import ScreenedHead, int4_row_block, load_or_quantize, resolve_format
 from .loading import _load_predictor, _load_tokenizer, _probe_dtype, _resolve_dtype, load_non_experts
 from .memory import MemoryPlan, itemsize, limit_for_share, parse_memory_limit, plan_memory, share_of, workspace_bytes
 from .options import AUTO_QUANTIZED_NOTE, BACKENDS, EngineOptions, choose, static_reasons
-from .quant import KERNEL_FORMATS
+from .quant import KERNEL_FORMATS, get_format
 from .state import EngineState, StateFields
 from .stats import EngineStats
 
@@ -106,8 +107,9 @@ class Engine(StateFields, EngineGeneration, EngineStats):
                     bypass_page_cache=o.bypass_page_cache, io_threads=o.io_threads,
                     verify_checksums=o.verify_checksums, bundle_dir=o.bundle_dir, dtype=o.dtype,
                     max_context=o.max_context, prefill_chunk=o.prefill_chunk, lm_head_predictor=o.lm_head_predictor,
-                    fill_value=o.fill_value, host_cache=o.host_cache, belady_trace=o.belady_trace, fault=o.fault,
-                    progress=o.progress, compute_threads=o.compute_threads, exact=o.exact, check_finite=o.check_finite,
+                    fill_value=o.fill_value, lm_head_format=o.lm_head_format, host_cache=o.host_cache,
+                    belady_trace=o.belady_trace, fault=o.fault, progress=o.progress,
+                    compute_threads=o.compute_threads, exact=o.exact, check_finite=o.check_finite,
                     cuda_graph={"eager": False, "graph": True, "fused": "fused", "kernels": "kernels"}[self.backend])
         if opts.warm_start is not None:  # the cache filled by a warm-up, the counters zeroed
             from .warm import warm_start
@@ -120,7 +122,8 @@ class Engine(StateFields, EngineGeneration, EngineStats):
                  bypass_page_cache: bool = False, io_threads: int = 4, verify_checksums: bool = True,
                  bundle_dir: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
                  max_context: int | None = None, prefill_chunk: int = 256, lm_head_predictor=None,
-                 fill_value: float = float("-inf"), host_cache: bool = False, belady_trace: Sequence | None = None,
+                 fill_value: float = float("-inf"), lm_head_format: str | None = None, host_cache: bool = False,
+                 belady_trace: Sequence | None = None,
                  fault: Callable | None = None, progress: bool = True, compute_threads: int | None = None,
                  exact: bool = False, cuda_graph: bool | str = False, check_finite: bool = False) -> None:
         self.state = EngineState()  # the home of the parts, settings and counters set below (engine/state.py)
@@ -242,6 +245,21 @@ class Engine(StateFields, EngineGeneration, EngineStats):
             non_expert += sum(p.numel() * p.element_size() for p in pred.parameters())
             rows = pred.top_m if pred.mode == "top_m" else config.vocab_size
             expert_ws += rows * H * isz
+        # the LM head in a CPU kernel format (engine/lm_head_quant.py): its bytes are resident beside the model's
+        # (a tied head stays the embedding; an untied bf16 head is kept too, for the model's own modules)
+        self.state.lm_head_format = resolve_format(lm_head_format, self.bundle.format, self.device, self.exact,
+                                                   (config.vocab_size, H))
+        head_bytes = 0
+        if self.state.lm_head_format == "screened" and pred is not None:
+            raise ValueError("lm_head_format='screened' keeps the full head's argmax; lm_head_predictor computes only "
+                             "the rows it predicts (no such guarantee): give one or the other")
+        if self.state.lm_head_format is not None:  # screened: the int8 screen beside the model's head
+            stored_as = "int8_cpu" if self.state.lm_head_format == "screened" else self.state.lm_head_format
+            head_bytes = get_format(stored_as).nbytes((config.vocab_size, H))
+            non_expert += head_bytes
+            if pred is not None and self.state.lm_head_format == "q4_0_cpu":  # whole blocks of packed rows
+                rows = pred.top_m if pred.mode == "top_m" else config.vocab_size  # gathered (0.625 bytes a weight)
+                expert_ws += min(config.vocab_size, rows * (int4_row_block() or 1)) * H * 5 // 8
         ws = workspace_bytes(config, self.dtype, min(self.prefill_chunk, self.max_context), self.max_context,
                              expert_ws)
         kv = kv_cache_bytes(config, self.max_context, self.dtype)
@@ -267,7 +285,14 @@ class Engine(StateFields, EngineGeneration, EngineStats):
         params = {id(p): p for p in self.model.parameters()}
         if pred is not None:
             params.update({id(p): p for p in pred.parameters()})
-        self._non_expert_bytes = sum(t.numel() * t.element_size() for t in params.values())
+        self._non_expert_bytes = sum(t.numel() * t.element_size() for t in params.values()) + head_bytes
+        self.state.lm_head_quant = None
+        if self.state.lm_head_format == "screened":  # the model's head, screened by its int8 copy
+            w = self.model.lm_head.weight
+            self.state.lm_head_quant = ScreenedHead(w, load_or_quantize(w, "int8_cpu", self.bundle_dir))
+        elif self.state.lm_head_format is not None:  # quantized once, cached beside the bundle
+            self.state.lm_head_quant = load_or_quantize(self.model.lm_head.weight, self.state.lm_head_format,
+                                                        self.bundle_dir)
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread of the generation in progress
         self._forward_thread: int | None = None  # thread inside forward()

@@ -120,6 +120,10 @@ class EngineGeneration:
                              f"{n + max_new_tokens - 1} positions, more than max_context={self.max_context} "
                              f"(open the engine with a larger max_context, or shorten the prompt)")
         sampling = SamplingConfig(temperature, top_k, top_p, seed)
+        if sampling.temperature != 0 and self.state.lm_head_format == "screened":
+            raise ValueError("lm_head_format='screened' computes only the rows that can be the argmax exactly: it "
+                             "serves greedy decoding (temperature=0); open the engine with another lm_head_format "
+                             "to sample")
         stop = self.config.eos_ids() if stop_tokens is None else stop_tokens
         return self._stream(ids, max_new_tokens, sampling, stop, stats, draft, draft_tokens)
 

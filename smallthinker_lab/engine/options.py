@@ -53,6 +53,11 @@ class EngineOptions:
     exact: bool = _option(False, "experts through the model's own kernels and layouts: tokens bit-identical to it")
     lm_head_predictor: object = _option(None, "path or LMHeadPredictor: a sparse LM head at decode")
     fill_value: float = _option(float("-inf"), "logit of the vocabulary rows the sparse LM head skips")
+    lm_head_format: str | None = _option("auto", "CPU: the LM head quantized to a CPU kernel format ('q4_0_cpu', "
+                                                 "'int8_cpu'; 'auto': the bundle's when it is one; None: the "
+                                                 "model's own head; 'screened': the model's head with an exact "
+                                                 "argmax from an int8 screen, greedy decoding only), "
+                                                 "engine/lm_head_quant.py")
     io_threads: int = _option(4, "threads that read experts from storage")
     bypass_page_cache: bool = _option(False, "O_DIRECT reads (or pages dropped after each): misses come from storage")
     verify_checksums: bool = _option(True, "check each expert record's checksum after its read")
@@ -83,6 +88,9 @@ class EngineOptions:
         if self.exact and self.sparse_reglu is True:
             raise ValueError("exact=True computes experts densely with the model's kernels: it excludes "
                              "sparse_reglu=True")
+        from .lm_head_quant import check_format_name
+
+        check_format_name(self.lm_head_format)
         if not isinstance(self.fill_value, (int, float)) or math.isnan(self.fill_value):
             raise ValueError(f"fill_value must be a number, got {self.fill_value!r}")
 

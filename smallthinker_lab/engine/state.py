@@ -41,7 +41,8 @@ class Counters:
     lookahead_predicted: list[int]  # experts the look-ahead named for each layer
     lookahead_correct: list[int]  # ... that the layer's own router then chose
     lm_head_seconds: float = 0.0
-    lm_head_rows: int = 0  # vocabulary rows the sparse LM head computed (lm_head_predictor)
+    lm_head_rows: int = 0  # vocabulary rows the sparse LM head computed (lm_head_predictor; screened head: the
+    # rows computed exactly, per token row)
     lm_head_calls: int = 0
     neurons_active: int = 0  # expert neurons with a positive gate, summed over the experts computed
     neurons_total: int = 0
@@ -69,6 +70,8 @@ class EngineState:
     dtype: torch.dtype | None = None
     hooks: HookRegistry | None = None
     lm_head_predictor: Any = None  # a sparse LM head's predictor, or None
+    lm_head_format: str | None = None  # the LM head's CPU kernel format (None: the model's own head)
+    lm_head_quant: Any = None  # its QuantizedHead (engine/lm_head_quant.py), or None
     non_expert_bytes: int = 0
     # the experts: on storage (bundle, reader), in slots (arena), by key (cache); CUDA: copies (transfer)
     bundle: Bundle | None = None

@@ -52,7 +52,7 @@ class EngineStats:
             "lookahead_correct": correct, "lookahead_accuracy": correct / predicted if predicted else float("nan"),
             "io_wait_seconds": c.io_wait_seconds, "router_seconds": sum(counted.router_seconds),
             "attention_seconds": sum(counted.attention_seconds), "moe_seconds": sum(counted.moe_seconds),
-            "lm_head_seconds": counted.lm_head_seconds,
+            "lm_head_seconds": counted.lm_head_seconds, "lm_head": self.lm_head_description(),
             "lm_head_rows_per_token": (counted.lm_head_rows / counted.lm_head_calls if counted.lm_head_calls
                                        else float("nan")),
             "prefill_tokens": s["prefill_tokens"], "prefill_seconds": s["prefill_seconds"],
@@ -69,6 +69,13 @@ class EngineStats:
             "memory_limit": self.plan.limit, "policy": self.policy, "prefetch": self.prefetch,
             "lookahead": self.lookahead, "format": self.bundle.format, "device": self.device.type,
         }
+
+    def lm_head_description(self) -> str:
+        """Which LM head runs: "model" (the model's own, in its dtype) or the CPU kernel format of its quantized
+        copy (engine/lm_head_quant.py), "+ sparse" with a predictor (at decode)."""
+        st = self.state
+        name = st.lm_head_format or "model"
+        return name + (" + sparse" if st.lm_head_predictor is not None else "")
 
     def stats_frame(self):
         """One row per layer (hits, misses, hit rate, I/O wait, router/attention/MoE seconds, look-ahead

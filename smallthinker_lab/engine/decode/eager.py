@@ -223,21 +223,34 @@ class EagerDecoder(Decoder):
 
     def lm_head(self, x: torch.Tensor, decode: bool) -> torch.Tensor:
         """Logits (1, T, V) of x (1, T, H): the final norm, then the LM head (``decode`` with a predictor: the
-        sparse LM head, rows it skips at ``state.fill_value``)."""
+        sparse LM head, rows it skips at ``state.fill_value``). With ``state.lm_head_quant`` (a CPU kernel format,
+        engine/lm_head_quant.py) the head, sparse or not, decode and prefill, is computed from its quantized rows."""
         state = self.state
         model, hooks, counters = state.model, state.hooks, state.counters
         t0 = time.perf_counter()
         h = model.model.norm(x)  # (1, 1, H)
         if hooks.edits:
             h = hooks.edit("hook_final_norm", h)
-        pred = state.lm_head_predictor
+        pred, qhead = state.lm_head_predictor, state.lm_head_quant
         if decode and pred is not None:  # rows the predictor skips get fill_value (default -inf: never sampled)
-            from ..lm_head import sparse_lm_head
+            if qhead is not None:
+                from ..lm_head_quant import sparse_quantized_head
 
-            logits, rows = sparse_lm_head(h.reshape(1, -1), model.lm_head.weight, pred, fill_value=state.fill_value)
+                logits, rows = sparse_quantized_head(h.reshape(1, -1), qhead, pred, fill_value=state.fill_value)
+            else:
+                from ..lm_head import sparse_lm_head
+
+                logits, rows = sparse_lm_head(h.reshape(1, -1), model.lm_head.weight, pred,
+                                              fill_value=state.fill_value)
             logits = logits.view(1, 1, -1)
             counters.lm_head_rows += rows
             counters.lm_head_calls += 1
+        elif qhead is not None and qhead.fmt == "screened":  # greedy only: the argmax exact, the rest screened
+            logits, rows = qhead(h)
+            counters.lm_head_rows += rows
+            counters.lm_head_calls += h.shape[1]
+        elif qhead is not None:
+            logits = qhead(h)  # (1, T, V), through the kernel
         else:
             logits = model.lm_head(h)  # (1, 1, V)
         dt = time.perf_counter() - t0
