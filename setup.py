@@ -1,5 +1,6 @@
 """Build hook: the default model, its small speculative-decoding draft and the prompt sets go into the wheel as
-package data.
+package data; the CPU engine's Q4_0 dot-product kernel (smallthinker_lab/engine/csrc/q4_0_dot.c) is compiled here,
+at install time, never when the package is imported.
 
 They live in the repository's ``data/`` folder (where ``smallthinker-lab data prepare`` and training write them)
 and are copied into ``smallthinker_lab/_data`` of the built package, where ``smallthinker_lab.resources`` finds
@@ -8,7 +9,7 @@ them through importlib.resources. An editable install reads ``data/`` in place a
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -38,4 +39,10 @@ class build_py_with_data(build_py):  # noqa: N801 (setuptools names commands in 
                     self.copy_file(str(src), str(dst))
 
 
-setup(cmdclass={"build_py": build_py_with_data})
+# Plain C loaded with ctypes (smallthinker_lab/engine/native.py), no Python API; AVX2 is chosen at run time, so
+# the build needs no -march flag. optional: without a C compiler the install goes on and the engine says the kernel
+# is missing (native.unavailable_reason) and uses its torch paths.
+Q4_0_KERNEL = Extension("smallthinker_lab.engine._q4_0_dot", ["smallthinker_lab/engine/csrc/q4_0_dot.c"],
+                        extra_compile_args=["-O3", "-std=c11"], optional=True)
+
+setup(cmdclass={"build_py": build_py_with_data}, ext_modules=[Q4_0_KERNEL])

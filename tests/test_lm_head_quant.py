@@ -87,12 +87,17 @@ def test_cache_beside_the_bundle(tmp_path):
 
 def test_format_names_are_checked():
     with pytest.raises(ValueError, match="lm_head_format must be one of"):
-        lq.check_format_name("q4_0")
+        lq.check_format_name("q4_1")
     with pytest.raises(ValueError, match="lm_head_format must be one of"):
         Engine.from_pretrained("default", lm_head_format="int4", progress=False)
     cpu = torch.device("cpu")
     assert lq.resolve_format("auto", "q4_0_cpu", cpu, False) == "q4_0_cpu"
     assert lq.resolve_format("auto", "bf16", cpu, False) is None
+    # ggml Q4_0 experts: the native kernel's head where it is built (engine/native.py), else the model's
+    from smallthinker_lab.engine import native
+
+    assert lq.resolve_format("auto", "q4_0", cpu, False) == ("q4_0" if native.available() else None)
+    assert lq.resolve_format("auto", "q4_0", cpu, True) is None  # exact: the model's kernels
     assert lq.resolve_format("auto", "q4_0_cpu", torch.device("cuda"), False) is None
     assert lq.resolve_format("auto", "q4_0_cpu", cpu, False, (1000, 64)) is None  # 1000 rows: no int4 packing
     assert lq.resolve_format("auto", "q4_0_cpu", cpu, False, (1024, 64)) == "q4_0_cpu"

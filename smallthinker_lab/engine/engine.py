@@ -63,6 +63,7 @@ from .lm_head_quant import ScreenedHead, int4_row_block, load_or_quantize, resol
 from .loading import _load_predictor, _load_tokenizer, _probe_dtype, _resolve_dtype, load_non_experts
 from .memory import MemoryPlan, itemsize, limit_for_share, parse_memory_limit, plan_memory, share_of, workspace_bytes
 from .options import AUTO_QUANTIZED_NOTE, BACKENDS, EngineOptions, choose, static_reasons
+from . import native
 from .quant import KERNEL_FORMATS, get_format
 from .state import EngineState, StateFields
 from .stats import EngineStats
@@ -195,6 +196,9 @@ class Engine(StateFields, EngineGeneration, EngineStats):
         model_layout = self.exact and expert_fmt in RAW_FORMATS and FORMAT_DTYPE[expert_fmt] == self.dtype
         # the GPU decode kernels read int8 / q4_0 records as they are, down in the model's layout (quantized along F)
         model_layout = model_layout or (cuda_graph == "kernels" and quantization in GPU_KERNEL_FORMATS)
+        # the native Q4_0 kernel on the CPU reads down in the model's layout too (engine/native.py)
+        model_layout = model_layout or (quantization == "q4_0" and self.device.type == "cpu" and not self.exact
+                                        and native.available())
         self.bundle_dir = ensure_bundle(self.checkpoint_dir, bundle_dir, quantization, progress,
                                         down_transposed=not model_layout)
         self.bundle = open_bundle(self.bundle_dir, config)

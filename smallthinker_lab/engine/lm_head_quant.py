@@ -10,6 +10,10 @@ most of its bytes when few layers' experts are read; llama.cpp's Q4_0 file quant
 * ``int8_cpu``: per-row symmetric int8 with a bf16 scale (``quant.quantize_int8_cpu``) for
   ``torch._weight_int8pack_mm``: 1 byte per weight plus 2 per row;
 
+* ``q4_0``: ggml Q4_0 blocks as they are (0.5625 bytes per weight), through the project's native Q4_0 x Q8_0
+  kernel (:mod:`.native`: the hidden state quantized per block of 32 to int8, as llama.cpp does), the head of an
+  engine whose experts are ``q4_0`` with that kernel;
+
 and computes decode and prefill logits from it (bf16 activations in, as the expert kernels take; logits cast to the
 hidden state's dtype). Quantizing the 4B's head takes ~16 s (q4_0_cpu) / ~4 s (int8_cpu) on one core, so the bytes
 are cached beside the bundle (:func:`load_or_quantize`): one file per format, a header naming the format, shape,
@@ -38,7 +42,8 @@ from . import quant
 from .cpu_kernels import linear
 from .quant import KERNEL_FORMATS
 
-LM_HEAD_FORMATS = (None, "auto", *KERNEL_FORMATS, "screened")  # None: the model's own head
+HEAD_FORMATS = (*KERNEL_FORMATS, "q4_0")  # quantized heads (q4_0: the native kernel, engine/native.py)
+LM_HEAD_FORMATS = (None, "auto", *HEAD_FORMATS, "screened")  # None: the model's own head
 CACHE_VERSION = 1
 _MAGIC = b"STLXHEAD"
 _HEADER = 4096  # the payload starts page aligned
@@ -65,7 +70,8 @@ def resolve_format(value, bundle_format: str, device: torch.device, exact: bool,
     if value is None:
         return None
     if value == "auto":
-        if bundle_format not in KERNEL_FORMATS or device.type != "cpu" or exact:
+        native_q4 = bundle_format == "q4_0" and _native_reason() is None
+        if (bundle_format not in KERNEL_FORMATS and not native_q4) or device.type != "cpu" or exact:
             return None
         try:
             if shape is not None:
@@ -80,10 +86,18 @@ def resolve_format(value, bundle_format: str, device: torch.device, exact: bool,
             raise ValueError("lm_head_format='screened' keeps the argmax, not the model's logits: exact=True excludes "
                              "it (use lm_head_format=None)")
         return value
+    if value == "q4_0" and _native_reason() is not None:
+        raise ValueError(f"lm_head_format='q4_0' runs the native Q4_0 kernel: {_native_reason()}")
     if exact:
         raise ValueError(f"lm_head_format={value!r} quantizes the LM head: exact=True (the model's own kernels and "
                          f"weights) excludes it (use lm_head_format=None)")
     return value
+
+
+def _native_reason() -> str | None:
+    from . import native
+
+    return native.unavailable_reason()
 
 
 # ------------------------------------------------------------------ the packing's row blocks
@@ -103,10 +117,12 @@ def int4_row_block() -> int | None:
 def quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     """``weight`` (V, H) in ``fmt`` -> flat uint8, the bytes ``quant.get_format(fmt).encode`` writes, computed
     in chunks of rows (whole when the packing's blocks do not tile the chunks)."""
-    if fmt not in KERNEL_FORMATS:
-        raise ValueError(f"an LM head is quantized to a CPU kernel format {KERNEL_FORMATS}, not {fmt!r}")
+    if fmt not in HEAD_FORMATS:
+        raise ValueError(f"an LM head is quantized to a CPU kernel format {HEAD_FORMATS}, not {fmt!r}")
     rows, cols = weight.shape
     codec = quant.get_format(fmt)
+    if fmt == "q4_0":  # row-major blocks: the chunks' bytes concatenate
+        return torch.cat([codec.encode(weight[r0:r0 + _CHUNK_ROWS]) for r0 in range(0, rows, _CHUNK_ROWS)])
     if fmt == "int8_cpu":
         scales, qs = [], []
         for r0 in range(0, rows, _CHUNK_ROWS):
@@ -133,12 +149,18 @@ class QuantizedHead:
     """A (V, H) LM head in a CPU kernel format, over its bytes ``buf`` (flat uint8; ``quantize`` writes them)."""
 
     def __init__(self, buf: torch.Tensor, fmt: str, shape: tuple[int, int]) -> None:
-        if fmt not in KERNEL_FORMATS:
-            raise ValueError(f"QuantizedHead formats: {KERNEL_FORMATS}, not {fmt!r}")
+        if fmt not in HEAD_FORMATS:
+            raise ValueError(f"QuantizedHead formats: {HEAD_FORMATS}, not {fmt!r}")
         self.fmt, self.shape = fmt, (int(shape[0]), int(shape[1]))
         self.buf = quant.as_uint8(buf)
-        parts = quant.q4_0_cpu_parts if fmt == "q4_0_cpu" else quant.int8_cpu_parts
-        self.operand = parts(self.buf, self.shape)  # (weight, scales) views of buf
+        if fmt == "q4_0":  # the native kernel reads the blocks in place
+            if self.buf.numel() != quant.q4_0_nbytes(self.shape):
+                raise ValueError(f"a q4_0 head of shape {self.shape} is {quant.q4_0_nbytes(self.shape)} bytes, "
+                                 f"got {self.buf.numel()}")
+            self.operand = None
+        else:
+            parts = quant.q4_0_cpu_parts if fmt == "q4_0_cpu" else quant.int8_cpu_parts
+            self.operand = parts(self.buf, self.shape)  # (weight, scales) views of buf
         self.source: str = "quantized"  # "cache" when read from the cache file
         self.open_seconds = 0.0
 
@@ -153,6 +175,11 @@ class QuantizedHead:
         """The (V, H) weights the kernel computes with, in ``dtype`` (a reference; in chunks of rows)."""
         codec = quant.get_format(self.fmt)
         v, c = self.shape
+        if self.fmt == "q4_0":
+            rb = quant.q4_0_nbytes((1, c))
+            return torch.cat([codec.decode(self.buf[r0 * rb:min(v, r0 + _CHUNK_ROWS) * rb],
+                                           (min(v, r0 + _CHUNK_ROWS) - r0, c), dtype)
+                              for r0 in range(0, v, _CHUNK_ROWS)])
         block = int4_row_block() if self.fmt == "q4_0_cpu" else 1
         if block is None or v % block or v <= _CHUNK_ROWS:
             return codec.decode(self.buf, self.shape, dtype)
@@ -173,6 +200,11 @@ class QuantizedHead:
         h = hidden.reshape(-1, hidden.shape[-1])
         if h.shape[1] != self.shape[1]:
             raise ValueError(f"the LM head takes {self.shape[1]} features, got {h.shape[1]}")
+        if self.fmt == "q4_0":  # fp32 out of the native kernel
+            from . import native
+
+            out = native.matmul(self.buf, self.shape[0], self.shape[1], h)
+            return out.to(hidden.dtype).reshape(*hidden.shape[:-1], self.shape[0])
         out = linear(h.to(torch.bfloat16).contiguous(), self.operand, self.fmt)  # (N, V) bf16
         return out.to(hidden.dtype).reshape(*hidden.shape[:-1], self.shape[0])
 
@@ -199,6 +231,13 @@ class QuantizedHead:
     def rows(self, hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Logits (N, K) of the vocabulary rows ``rows`` (K sorted unique ids) for ``hidden`` (N, H), and the number
         of rows the kernel computed to get them (>= K for q4_0_cpu, whose rows come in the packing's blocks)."""
+        if self.fmt == "q4_0":  # a row's blocks are contiguous: gather the rows' bytes
+            from . import native
+
+            rb = quant.q4_0_nbytes((1, self.shape[1]))
+            w = self.buf.view(self.shape[0], rb).index_select(0, rows).reshape(-1)
+            out = native.matmul(w, int(rows.numel()), self.shape[1], hidden.reshape(-1, self.shape[1]))
+            return out.to(hidden.dtype), int(rows.numel())
         op, pos = self._row_operand(rows)
         out = linear(hidden.to(torch.bfloat16).contiguous(), op, self.fmt)  # (N, K')
         return out.index_select(1, pos).to(hidden.dtype), int(op[0].shape[0])

@@ -9,11 +9,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import cpu_kernels, sparse
+from .. import cpu_kernels, native, sparse
 from ..cache import Entry
-from ..quant import KERNEL_FORMATS, get_format
+from ..quant import KERNEL_FORMATS, as_uint8, get_format
 from ..shapes import neuron_bucket, pad_index, row_bucket
 from ..state import EngineState
+
+
+def native_q4_0(state: EngineState) -> bool:
+    """Whether ``state``'s experts run through the native Q4_0 kernel: ggml Q4_0 records with down in the model's
+    [H, F] layout (quantized along F, as the kernel's rows need), on the CPU, not exact (exact is the model's
+    kernels on dequantised weights), with the kernel built (``native.unavailable_reason()``)."""
+    b = state.bundle
+    return (b is not None and b.format == "q4_0" and not b.down_transposed and state.device.type == "cpu"
+            and not state.exact and native.available())
+
+
+def quant_bytes(buf) -> torch.Tensor:
+    t = as_uint8(buf)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 class SlotExperts:
@@ -32,6 +46,7 @@ class SlotExperts:
         fmt = state.bundle.format
         self.codec = get_format(fmt)
         self.cpu_kernel = fmt in KERNEL_FORMATS  # torch's int4/int8 CPU kernels read the slot's bytes as they are
+        self.native = native_q4_0(state)  # the native Q4_0 x Q8_0 kernel on the slot's ggml blocks (engine/native.py)
         self.views: list[tuple | None] = [None] * (state.arena.n_slots if state.arena is not None else 0)
 
     def observe(self) -> None:
@@ -78,6 +93,14 @@ class SlotExperts:
                 ops = self.views[entry.slot] = cpu_kernels.expert_operands(state.slot_bytes(entry.slot),
                                                                            state.bundle.format, shape)
             y, g = cpu_kernels.reglu(x, ops)
+            if watch:
+                self._fire(layer, expert, token, g[:n])
+            counters.neurons_active += int(sparse.active_neurons(g[:n]).numel())
+            counters.neurons_total += shape[0]
+            return y
+        if self.native:  # ggml Q4_0 blocks in place, activations in Q8_0 (as llama.cpp computes a Q4_0 matrix)
+            mat = state.slot_bytes(entry.slot)
+            y, g = native.reglu(x, *(quant_bytes(mat[m]) for m in ("gate", "up", "down")), shape[0], shape[1])
             if watch:
                 self._fire(layer, expert, token, g[:n])
             counters.neurons_active += int(sparse.active_neurons(g[:n]).numel())

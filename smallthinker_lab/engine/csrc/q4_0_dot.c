@@ -1,0 +1,169 @@
+/* Q4_0 x Q8_0 dot products for the CPU engine: ggml's Q4_0 weight blocks (fp16 scale d, 16 bytes of nibbles:
+ * element i in the low nibble of byte i, element 16 + i in its high nibble, weight = d * (q - 8)) times
+ * activations quantized per block of 32 to int8 with one fp32 scale (round to nearest, half away from zero),
+ * what llama.cpp computes for a Q4_0 matrix. Each block's 32 products are summed exactly in integers, then scaled
+ * by d_w * d_x in fp32.
+ *
+ * Plain C, no Python or torch API: loaded with ctypes (smallthinker_lab/engine/native.py), which releases the GIL
+ * during a call, so callers may run row ranges of one product on several threads. An AVX2 path is chosen at run
+ * time when the CPU has AVX2, FMA and F16C; otherwise a scalar path computes the same integer sums.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define ST_X86 1
+#endif
+
+#define QK 32
+#define Q4_BLOCK 18 /* bytes: fp16 d, 16 bytes of nibbles */
+
+static float fp16_to_fp32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            man &= 0x3ff;
+            bits = sign | (exp << 23) | (man << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* x (n floats, n a multiple of 32) -> q (n int8), d (n / 32 floats): per block d = max|x| / 127, q = round(x / d). */
+void st_quantize_q8_0(const float *x, int64_t n, int8_t *q, float *d) {
+    for (int64_t b = 0; b < n / QK; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+        for (int i = 0; i < QK; i++) {
+            float a = fabsf(xb[i]);
+            amax = a > amax ? a : amax;
+        }
+        float db = amax / 127.0f, inv = db != 0.0f ? 1.0f / db : 0.0f;
+        d[b] = db;
+        for (int i = 0; i < QK; i++) q[b * QK + i] = (int8_t)roundf(xb[i] * inv);
+    }
+}
+
+static void gemm_scalar(const uint8_t *w, int64_t row_bytes, int64_t r0, int64_t r1, int64_t nblocks,
+                        int64_t ntok, const int8_t *qx_all, const float *dx_all, float *y_all, int64_t ldy) {
+    for (int64_t t = 0; t < ntok; t++)
+    for (int64_t r = r0; r < r1; r++) {
+        const int8_t *qx = qx_all + t * nblocks * QK;
+        const float *dx = dx_all + t * nblocks;
+        float *y = y_all + t * ldy;
+        const uint8_t *row = w + r * row_bytes;
+        float acc = 0.0f;
+        for (int64_t b = 0; b < nblocks; b++) {
+            const uint8_t *blk = row + b * Q4_BLOCK;
+            uint16_t h;
+            memcpy(&h, blk, 2);
+            const int8_t *xb = qx + b * QK;
+            int32_t s = 0;
+            for (int i = 0; i < 16; i++) {
+                s += ((int)(blk[2 + i] & 0x0f) - 8) * xb[i];
+                s += ((int)(blk[2 + i] >> 4) - 8) * xb[16 + i];
+            }
+            acc += fp16_to_fp32(h) * dx[b] * (float)s;
+        }
+        y[r] = acc;
+    }
+}
+
+#ifdef ST_X86
+/* One row-block's 8 partial sums (int32 lanes, as floats): the nibbles taken unsigned (0..15) times the activation
+ * bytes, minus 8 x the activations' sums (corr, precomputed per block): sum (q - 8) y, exact in integers. */
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 block_dot(const uint8_t *blk, __m256i qy, __m256i corr) {
+    __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 2));
+    __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
+    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, qy), _mm256_set1_epi16(1));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(p, corr));
+}
+
+__attribute__((target("avx2,fma,f16c"))) static inline float row_dot(const uint8_t *row, int64_t nblocks,
+                                                                      const int8_t *qx, const float *dx,
+                                                                      const int32_t *corr) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(); /* two chains: the FMA latency halves */
+    int64_t b = 0;
+    for (; b + 1 < nblocks; b += 2) {
+        const uint8_t *b0 = row + b * Q4_BLOCK, *b1 = b0 + Q4_BLOCK;
+        uint16_t h0, h1;
+        memcpy(&h0, b0, 2);
+        memcpy(&h1, b1, 2);
+        __m256 p0 = block_dot(b0, _mm256_loadu_si256((const __m256i *)(qx + b * QK)),
+                              _mm256_loadu_si256((const __m256i *)(corr + b * 8)));
+        __m256 p1 = block_dot(b1, _mm256_loadu_si256((const __m256i *)(qx + (b + 1) * QK)),
+                              _mm256_loadu_si256((const __m256i *)(corr + (b + 1) * 8)));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(h0) * dx[b]), p0, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(h1) * dx[b + 1]), p1, acc1);
+    }
+    if (b < nblocks) {
+        const uint8_t *b0 = row + b * Q4_BLOCK;
+        uint16_t h0;
+        memcpy(&h0, b0, 2);
+        __m256 p0 = block_dot(b0, _mm256_loadu_si256((const __m256i *)(qx + b * QK)),
+                              _mm256_loadu_si256((const __m256i *)(corr + b * 8)));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(h0) * dx[b]), p0, acc0);
+    }
+    __m256 acc = _mm256_add_ps(acc0, acc1);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void gemm_avx2(const uint8_t *w, int64_t row_bytes, int64_t r0,
+                                                               int64_t r1, int64_t nblocks, int64_t ntok,
+                                                               const int8_t *qx, const float *dx, float *y,
+                                                               int64_t ldy) {
+    /* per token and block: 8 lanes of 8 x (the sum of the 4 activations that lane's madd adds) */
+    int32_t corr[ntok * nblocks * 8];
+    for (int64_t i = 0; i < ntok * nblocks; i++)
+        for (int l = 0; l < 8; l++) {
+            const int8_t *xb = qx + i * QK + 4 * l;
+            corr[i * 8 + l] = 8 * (xb[0] + xb[1] + xb[2] + xb[3]);
+        }
+    /* one row at a time (measured faster than 2 or 4 rows interleaved), every token on it while it is in L1 */
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = w + r * row_bytes;
+        for (int64_t t = 0; t < ntok; t++)
+            y[t * ldy + r] = row_dot(row, nblocks, qx + t * nblocks * QK, dx + t * nblocks, corr + t * nblocks * 8);
+    }
+}
+#endif
+
+/* 1 when the AVX2 path runs, 0 for the scalar one. */
+int st_q4_0_simd(void) {
+#ifdef ST_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+/* y[t, r] = sum_c W[r, c] x[t, c] for rows r0 <= r < r1 of a Q4_0 matrix W (rows of row_bytes = nblocks * 18
+ * bytes) and ntok tokens x given as Q8_0 blocks (qx: ntok x nblocks x 32 int8, dx: ntok x nblocks floats); y's
+ * rows are ldy floats apart. simd: the value of st_q4_0_simd() (the caller reads it once). */
+void st_q4_0_gemm(const uint8_t *w, int64_t row_bytes, int64_t r0, int64_t r1, int64_t nblocks, int64_t ntok,
+                  const int8_t *qx, const float *dx, float *y, int64_t ldy, int simd) {
+#ifdef ST_X86
+    if (simd) {
+        gemm_avx2(w, row_bytes, r0, r1, nblocks, ntok, qx, dx, y, ldy);
+        return;
+    }
+#endif
+    (void)simd;
+    gemm_scalar(w, row_bytes, r0, r1, nblocks, ntok, qx, dx, y, ldy);
+}

@@ -1,0 +1,166 @@
+"""The CPU engine's Q4_0 kernel (``csrc/q4_0_dot.c``, compiled when the package is installed; loaded with ctypes).
+
+A Q4_0 matrix (ggml's blocks along its rows: ``quant.quantize_q4_0``, the bundle's ``q4_0`` records) times
+activations quantized per block of 32 to int8 with an fp32 scale (Q8_0), what llama.cpp computes for a Q4_0
+weight: each block's 32 products are summed exactly in integers, then scaled by d_w * d_x. So the result is *not*
+the dequantise-then-multiply product: it is the exact product of the dequantised weights with the Q8_0-rounded
+activations (checked to float rounding by the tests), whose relative difference from the fp32-activation product
+is about 0.5% (one rounding of each activation to 8 bits; measured in tests/test_native_q4_0.py and
+benchmarks/cpu_q4_0_native.py).
+
+The kernel reads the weight bytes in place (a cache slot, a memory map): nothing is decoded or repacked per token.
+ctypes releases the GIL during a call, so with ``torch.get_num_threads()`` > 1 the rows of a product are split over
+a small pool of threads, the caller taking the first share.
+
+Shape letters: N tokens, R rows (output features), C columns (input features, a multiple of 32), F expert ffn
+size, H hidden.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .quant import Q4_0_BLOCK_BYTES, QK4_0, q4_0_nbytes
+
+_LIB_NAME = "_q4_0_dot"
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _library_path() -> Path | None:
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        p = here / (_LIB_NAME + suffix)
+        if p.is_file():
+            return p
+    return None
+
+
+def _load() -> dict:
+    with _lock:
+        if _state:
+            return _state
+        path = _library_path()
+        if path is None:
+            _state["reason"] = (f"the native Q4_0 kernel ({_LIB_NAME}*.so beside {Path(__file__).name}) was not built: "
+                                f"install the package from source with a C compiler (pip install -e .)")
+            return _state
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            _state["reason"] = f"the native Q4_0 kernel {path} could not be loaded: {e}"
+            return _state
+        P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.st_q4_0_gemm.argtypes = [P, I64, I64, I64, I64, I64, P, P, P, I64, INT]
+        lib.st_q4_0_gemm.restype = None
+        lib.st_quantize_q8_0.argtypes = [P, I64, P, P]
+        lib.st_quantize_q8_0.restype = None
+        lib.st_q4_0_simd.argtypes = []
+        _state.update(lib=lib, simd=int(lib.st_q4_0_simd()), path=str(path), reason=None, pool=None, workers=0)
+        return _state
+
+
+def unavailable_reason() -> str | None:
+    """Why the native kernel cannot run here, or None."""
+    return _load()["reason"]
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def info() -> dict:
+    """Where the kernel was loaded from and which path runs (``simd``: AVX2 + FMA + F16C, else scalar)."""
+    s = _load()
+    return {"available": s["reason"] is None, "reason": s["reason"], "path": s.get("path"),
+            "path_taken": ("avx2" if s.get("simd") else "scalar") if s["reason"] is None else None}
+
+
+def _lib():
+    s = _load()
+    if s["reason"] is not None:
+        raise RuntimeError(s["reason"])
+    return s
+
+
+def quantize_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (N, C) -> (int8 (N, C), fp32 scales (N, C/32)): per block of 32, d = max|x| / 127, q = round(x / d)."""
+    s = _lib()
+    xf = x.detach().to(torch.float32).contiguous()
+    n, c = xf.shape
+    if c % QK4_0:
+        raise ValueError(f"Q8_0 activations need a multiple of {QK4_0} features, got {c}")
+    q = torch.empty(n, c, dtype=torch.int8)
+    d = torch.empty(n, c // QK4_0, dtype=torch.float32)
+    s["lib"].st_quantize_q8_0(xf.data_ptr(), n * c, q.data_ptr(), d.data_ptr())
+    return q, d
+
+
+def _pool(s: dict, threads: int) -> ThreadPoolExecutor | None:
+    if threads <= 1:
+        return None
+    with _lock:
+        if s["pool"] is None or s["workers"] != threads - 1:
+            if s["pool"] is not None:
+                s["pool"].shutdown(wait=True)
+            s["pool"], s["workers"] = ThreadPoolExecutor(threads - 1, thread_name_prefix="q4_0"), threads - 1
+        return s["pool"]
+
+
+def _check_weight(w: torch.Tensor, rows: int, cols: int) -> None:
+    if w.dtype != torch.uint8 or not w.is_contiguous() or w.device.type != "cpu":
+        raise ValueError("a Q4_0 weight must be a contiguous uint8 CPU tensor of its bytes")
+    if w.numel() != q4_0_nbytes((rows, cols)):
+        raise ValueError(f"a Q4_0 matrix of shape ({rows}, {cols}) is {q4_0_nbytes((rows, cols))} bytes, "
+                         f"got {w.numel()}")
+
+
+def matmul_q8(w: torch.Tensor, rows: int, cols: int, q: torch.Tensor, d: torch.Tensor,
+              threads: int | None = None) -> torch.Tensor:
+    """y (N, R) fp32 = the Q4_0 matrix ``w`` (its bytes, shape (R, C)) times N activations already in Q8_0
+    (``quantize_q8_0``); the rows are split over ``threads`` (default ``torch.get_num_threads()``)."""
+    s = _lib()
+    _check_weight(w, rows, cols)
+    n = q.shape[0]
+    if q.shape != (n, cols) or q.dtype != torch.int8 or d.shape != (n, cols // QK4_0):
+        raise ValueError(f"activations of shape {tuple(q.shape)} do not match a ({rows}, {cols}) Q4_0 matrix")
+    y = torch.empty(n, rows, dtype=torch.float32)
+    nb = cols // QK4_0
+    args = (w.data_ptr(), nb * Q4_0_BLOCK_BYTES)
+    tail = (nb, n, q.data_ptr(), d.data_ptr(), y.data_ptr(), rows, s["simd"])
+    t = max(1, min(int(threads or torch.get_num_threads()), rows // 64 or 1))
+    pool = _pool(s, t)
+    if pool is None:
+        s["lib"].st_q4_0_gemm(*args, 0, rows, *tail)
+        return y
+    cuts = [rows * i // t for i in range(t + 1)]
+    futs = [pool.submit(s["lib"].st_q4_0_gemm, *args, cuts[i], cuts[i + 1], *tail) for i in range(1, t)]
+    s["lib"].st_q4_0_gemm(*args, cuts[0], cuts[1], *tail)
+    for f in futs:
+        f.result()
+    return y
+
+
+def matmul(w: torch.Tensor, rows: int, cols: int, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """y (N, R) fp32 = the Q4_0 matrix ``w`` (R, C) times x (N, C) (any float dtype; quantized to Q8_0 first)."""
+    q, d = quantize_q8_0(x.reshape(-1, cols))
+    return matmul_q8(w, rows, cols, q, d, threads)
+
+
+def reglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, f: int, h: int,
+          threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ReGLU expert from its Q4_0 records' bytes: gate and up (F, H), down (H, F) (the model's layout,
+    quantized along F). x (N, H) -> (y (N, H) in x's dtype, the gate product (N, F) fp32)."""
+    flat = x.reshape(-1, h)
+    q, d = quantize_q8_0(flat)  # once for gate and up
+    g = matmul_q8(gate, f, h, q, d, threads)  # (N, F)
+    a = F.relu(g).mul_(matmul_q8(up, f, h, q, d, threads))  # (N, F)
+    y = matmul(down, h, f, a, threads)  # (N, H)
+    return y.to(x.dtype).reshape(x.shape), g
