@@ -221,7 +221,14 @@ def setup_model(args, log) -> be.ModelInfo:
     cfg = be.SmallThinkerConfig.from_json(ckpt / "config.json")
     bundles = {}
     for q in ENGINE_FORMATS:
-        out, secs = be.convert_bundle(ckpt, scratch / f"bundle-{q or 'bf16'}", q)
+        if q == "q4_0" and _native():  # the native kernel reads down in the model's layout (engine/native.py)
+            from smallthinker_lab.engine.conversion import ensure_bundle
+
+            t1 = time.perf_counter()
+            out = ensure_bundle(ckpt, scratch / "bundle-q4_0-native", q, progress=False, down_transposed=False)
+            secs = time.perf_counter() - t1
+        else:
+            out, secs = be.convert_bundle(ckpt, scratch / f"bundle-{q or 'bf16'}", q)
         bundles[q] = out
         log(f"bundle {q or 'bf16'}: {secs:.0f} s")
     prompts = synthetic_prompts(cfg.vocab_size, args.rounds + 1, args.prompt_tokens)
@@ -270,18 +277,35 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def _native() -> bool:
+    """Whether the engine's native Q4_0 kernel is built here: then the q4_0 rows run it (exact=False, a bundle with
+    down in the model's layout, the LM head in q4_0 too); else they dequantise per product (exact=True)."""
+    from smallthinker_lab.engine import native
+
+    return native.available()
+
+
+def _q4_0_what() -> str:
+    return ("Q4_0 (ggml blocks, native Q4_0 x Q8_0 kernel)" if _native()
+            else "Q4_0 (ggml blocks, dequantised per product)")
+
+
 def _head_format(quantization: str | None) -> str | None:
-    """The LM head format of an engine row (the default lm_head_format="auto": the kernel formats' own)."""
+    """The LM head format of an engine row (the default lm_head_format="auto": the kernel formats' own, q4_0 with
+    the native kernel)."""
     from smallthinker_lab.engine.quant import KERNEL_FORMATS
 
+    if quantization == "q4_0" and _native():
+        return "q4_0"
     return quantization if quantization in KERNEL_FORMATS else None
 
 
 def _engine_options(quantization: str | None) -> dict:
-    """The CPU kernel formats run torch's int4 / int8 kernels, which the engine allows only with exact=False."""
+    """The CPU kernel formats run torch's int4 / int8 kernels and q4_0 the native kernel, which the engine allows
+    only with exact=False."""
     from smallthinker_lab.engine.quant import KERNEL_FORMATS
 
-    return {"exact": False} if quantization in KERNEL_FORMATS else {}
+    return {"exact": False} if quantization in KERNEL_FORMATS or (quantization == "q4_0" and _native()) else {}
 
 
 def _open_engine(row: Row, info, ctx, refs: dict, log) -> None:
@@ -298,6 +322,10 @@ def _open_engine(row: Row, info, ctx, refs: dict, log) -> None:
         row.extra["checked"] = (f"greedy tokens differ from the model on the same dequantised weights (experts and "
                                 f"LM head) from position {diff} of {len(tokens)} (int4 kernel: bf16 activations, "
                                 f"fp32 accumulation in another order)")
+    elif row.quantization == "q4_0" and _native():  # activations rounded to Q8_0 per block, as llama.cpp does
+        row.extra["checked"] = (f"greedy tokens differ from the model on the same dequantised weights (experts and "
+                                f"LM head) from position {diff} of {len(tokens)} (native Q4_0 kernel: activations "
+                                f"rounded to 8 bits per block of 32, as llama.cpp's Q4_0 x Q8_0)")
     else:
         raise be.TokensDiffer(f"{row.name}: tokens differ from the in-memory model's at position {diff}")
     if _head_format(row.quantization) is not None:
@@ -414,7 +442,7 @@ def ratios(rows: list[dict]) -> list[dict]:
                 return r
         return None
 
-    pairs = [("none", "none", 1.2, "bf16"), ("q4_0", "q4_0", 1.5, "Q4_0 (ggml blocks, dequantised per product)"),
+    pairs = [("none", "none", 1.2, "bf16"), ("q4_0", "q4_0", 1.5, _q4_0_what()),
              ("q4_0_cpu", "q4_0", 1.5, "Q4_0 in torch's int4 kernel (q4_0_cpu)")]
     out = []
     for t in sorted({r["threads"] for r in rows}):
@@ -500,8 +528,11 @@ def main(args, log=print) -> int:
             "llama_bench": f"llama-bench -m GGUF -t T -p {args.prompt_tokens} -n {new_tokens - 1} -r 1 -o json "
                            f"--repack 1 (bf16) / 0 (Q4_0), one invocation per row per round (its own warm-up)",
             "engine": f"Engine.from_pretrained(ckpt, quantization=Q, compute_threads=T, exact=True; exact=False for "
-                      f"q4_0_cpu, whose kernels the exact path does not run; its LM head quantized to q4_0_cpu too, "
-                      f"lm_head_format='auto', as llama.cpp's Q4_0 file quantizes its head), every expert "
+                      f"q4_0_cpu, whose kernels the exact path does not run"
+                      + (", and for q4_0, which runs the native Q4_0 x Q8_0 kernel on a bundle with down in the "
+                         "model's layout" if _native() else "")
+                      + f"; the LM head of those quantized too, lm_head_format='auto', as llama.cpp's Q4_0 file "
+                      f"quantizes its head), every expert "
                       f"read once before timing; one generation of {args.prompt_tokens} prompt + {new_tokens} new "
                       f"tokens per round, each round a new prompt",
             "interleaving": "round-robin: every round times each row of the block once, the order rotated by one "
@@ -528,7 +559,7 @@ def main(args, log=print) -> int:
         if args.limited_rounds > 0:
             t = max(args.peer_threads)
             block = []
-            for q, k in ((None, "bf16"), ("q4_0_cpu", "q4_0")):
+            for q, k in ((None, "bf16"), ("q4_0" if _native() else "q4_0_cpu", "q4_0")):
                 lim = be.engine_limits(info, "cpu", q, exact=not _engine_options(q))
                 limit, share = be.limit_for_share(lim, 0.6, info.config.top_k)
                 e = Row(f"engine {q or 'bf16'} at 60% of expert bytes, {t} thr", "engine", q, t, limit=limit)

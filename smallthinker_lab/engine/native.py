@@ -30,6 +30,10 @@ import torch.nn.functional as F
 from .quant import Q4_0_BLOCK_BYTES, QK4_0, q4_0_nbytes
 
 _LIB_NAME = "_q4_0_dot"
+# products (weights x tokens) below this run on the calling thread whatever torch's thread count: on the 2-core
+# development machine splitting a 4B expert's 768 x 1536 product over 2 threads through the pool made the 8-layer
+# decode slower (13.6 tok/s at 2 threads against 13.1-14.3 at 1), while the LM head (151936 x 1536) gains
+SPLIT_MIN_WEIGHTS = 1 << 24
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -136,6 +140,8 @@ def matmul_q8(w: torch.Tensor, rows: int, cols: int, q: torch.Tensor, d: torch.T
     args = (w.data_ptr(), nb * Q4_0_BLOCK_BYTES)
     tail = (nb, n, q.data_ptr(), d.data_ptr(), y.data_ptr(), rows, s["simd"])
     t = max(1, min(int(threads or torch.get_num_threads()), rows // 64 or 1))
+    if threads is None and rows * cols * n < SPLIT_MIN_WEIGHTS:  # a hand-off costs more than the rows it shares
+        t = 1
     pool = _pool(s, t)
     if pool is None:
         s["lib"].st_q4_0_gemm(*args, 0, rows, *tail)
