@@ -77,7 +77,9 @@ def test_intervention_equals_a_direct_recomputation_in_prefill(model, case):
     plain = model(ids).logits
     with torch.no_grad(), _intervene(model, case):
         got = model(ids).logits
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # 1e-5 absolute or relative: the hooked forward and the direct recomputation sum in fp32 in different orders
+    # (seen 1.06e-5 apart on a logit of the tied-embedding model, AMD EPYC)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert (got - plain).abs().max() > 1e-3  # the intervention changed something
     assert len(model.hooks) == 0
 
