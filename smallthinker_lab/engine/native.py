@@ -9,8 +9,9 @@ is about 0.5% (one rounding of each activation to 8 bits; measured in tests/test
 benchmarks/cpu_q4_0_native.py).
 
 The kernel reads the weight bytes in place (a cache slot, a memory map): nothing is decoded or repacked per token.
-ctypes releases the GIL during a call, so with ``torch.get_num_threads()`` > 1 the rows of a product are split over
-a small pool of threads, the caller taking the first share.
+With ``torch.get_num_threads()`` > 1 the kernel splits a product's rows over that many threads (started per call
+in C; the caller takes the first share), for products of at least ``SPLIT_MIN_WEIGHTS`` weights x tokens. ctypes
+releases the GIL during a call.
 
 Shape letters: N tokens, R rows (output features), C columns (input features, a multiple of 32), F expert ffn
 size, H hidden.
@@ -21,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from .quant import Q4_0_BLOCK_BYTES, QK4_0, q4_0_nbytes
 
 _LIB_NAME = "_q4_0_dot"
-# products (weights x tokens) below this run on the calling thread whatever torch's thread count: on the 2-core
-# development machine splitting a 4B expert's 768 x 1536 product over 2 threads through the pool made the 8-layer
-# decode slower (13.6 tok/s at 2 threads against 13.1-14.3 at 1), while the LM head (151936 x 1536) gains
+# products (weights x tokens) below this run on the calling thread whatever torch's thread count. Measured on the
+# 2-core development machine (AMD EPYC, distinct matrices so that they come from DRAM): a 4B expert's 768 x 1536
+# product 0.198 ms on 1 thread, 0.248 ms split over 2 (a thread's start costs more than its half), 1536 x 768
+# 0.152 / 0.530 ms; the 151936 x 1536 LM head 17.5 / 9.6 ms
 SPLIT_MIN_WEIGHTS = 1 << 24
 _lock = threading.Lock()
 _state: dict = {}
@@ -64,10 +65,12 @@ def _load() -> dict:
         P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.st_q4_0_gemm.argtypes = [P, I64, I64, I64, I64, I64, P, P, P, I64, INT]
         lib.st_q4_0_gemm.restype = None
+        lib.st_q4_0_gemm_mt.argtypes = [P, I64, I64, I64, I64, P, P, P, I64, INT, INT]
+        lib.st_q4_0_gemm_mt.restype = INT
         lib.st_quantize_q8_0.argtypes = [P, I64, P, P]
         lib.st_quantize_q8_0.restype = None
         lib.st_q4_0_simd.argtypes = []
-        _state.update(lib=lib, simd=int(lib.st_q4_0_simd()), path=str(path), reason=None, pool=None, workers=0)
+        _state.update(lib=lib, simd=int(lib.st_q4_0_simd()), path=str(path), reason=None)
         return _state
 
 
@@ -107,17 +110,6 @@ def quantize_q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, d
 
 
-def _pool(s: dict, threads: int) -> ThreadPoolExecutor | None:
-    if threads <= 1:
-        return None
-    with _lock:
-        if s["pool"] is None or s["workers"] != threads - 1:
-            if s["pool"] is not None:
-                s["pool"].shutdown(wait=True)
-            s["pool"], s["workers"] = ThreadPoolExecutor(threads - 1, thread_name_prefix="q4_0"), threads - 1
-        return s["pool"]
-
-
 def _check_weight(w: torch.Tensor, rows: int, cols: int) -> None:
     if w.dtype != torch.uint8 or not w.is_contiguous() or w.device.type != "cpu":
         raise ValueError("a Q4_0 weight must be a contiguous uint8 CPU tensor of its bytes")
@@ -137,20 +129,11 @@ def matmul_q8(w: torch.Tensor, rows: int, cols: int, q: torch.Tensor, d: torch.T
         raise ValueError(f"activations of shape {tuple(q.shape)} do not match a ({rows}, {cols}) Q4_0 matrix")
     y = torch.empty(n, rows, dtype=torch.float32)
     nb = cols // QK4_0
-    args = (w.data_ptr(), nb * Q4_0_BLOCK_BYTES)
-    tail = (nb, n, q.data_ptr(), d.data_ptr(), y.data_ptr(), rows, s["simd"])
     t = max(1, min(int(threads or torch.get_num_threads()), rows // 64 or 1))
-    if threads is None and rows * cols * n < SPLIT_MIN_WEIGHTS:  # a hand-off costs more than the rows it shares
+    if threads is None and rows * cols * n < SPLIT_MIN_WEIGHTS:  # a thread's start costs more than its share
         t = 1
-    pool = _pool(s, t)
-    if pool is None:
-        s["lib"].st_q4_0_gemm(*args, 0, rows, *tail)
-        return y
-    cuts = [rows * i // t for i in range(t + 1)]
-    futs = [pool.submit(s["lib"].st_q4_0_gemm, *args, cuts[i], cuts[i + 1], *tail) for i in range(1, t)]
-    s["lib"].st_q4_0_gemm(*args, cuts[0], cuts[1], *tail)
-    for f in futs:
-        f.result()
+    s["lib"].st_q4_0_gemm_mt(w.data_ptr(), nb * Q4_0_BLOCK_BYTES, rows, nb, n, q.data_ptr(), d.data_ptr(),
+                             y.data_ptr(), rows, s["simd"], t)
     return y
 
 

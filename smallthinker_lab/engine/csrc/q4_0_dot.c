@@ -167,3 +167,50 @@ void st_q4_0_gemm(const uint8_t *w, int64_t row_bytes, int64_t r0, int64_t r1, i
     (void)simd;
     gemm_scalar(w, row_bytes, r0, r1, nblocks, ntok, qx, dx, y, ldy);
 }
+
+/* ------------------------------------------------------------------ rows split over threads */
+#include <pthread.h>
+
+typedef struct {
+    const uint8_t *w;
+    int64_t row_bytes, r0, r1, nblocks, ntok, ldy;
+    const int8_t *qx;
+    const float *dx;
+    float *y;
+    int simd;
+} gemm_job;
+
+static void *gemm_thread(void *arg) {
+    gemm_job *j = (gemm_job *)arg;
+    st_q4_0_gemm(j->w, j->row_bytes, j->r0, j->r1, j->nblocks, j->ntok, j->qx, j->dx, j->y, j->ldy, j->simd);
+    return NULL;
+}
+
+#define MAX_THREADS 64
+/* st_q4_0_gemm over rows 0..rows-1 with the rows split in nthreads contiguous shares: nthreads - 1 threads started
+ * for this call (no pool to keep or leak), the caller computing the first share. Returns the threads that ran
+ * (fewer when one could not start: its share then runs on the caller). */
+int st_q4_0_gemm_mt(const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t nblocks, int64_t ntok,
+                    const int8_t *qx, const float *dx, float *y, int64_t ldy, int simd, int nthreads) {
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (nthreads < 1) nthreads = 1;
+    pthread_t tid[MAX_THREADS];
+    gemm_job jobs[MAX_THREADS];
+    int started[MAX_THREADS] = {0}, ran = 1;
+    for (int i = 0; i < nthreads; i++) {
+        jobs[i] = (gemm_job){w, row_bytes, rows * i / nthreads, rows * (i + 1) / nthreads, nblocks, ntok, ldy,
+                             qx, dx, y, simd};
+        if (i > 0) {
+            started[i] = pthread_create(&tid[i], NULL, gemm_thread, &jobs[i]) == 0;
+            ran += started[i];
+        }
+    }
+    gemm_thread(&jobs[0]);
+    for (int i = 1; i < nthreads; i++) {
+        if (started[i])
+            pthread_join(tid[i], NULL);
+        else
+            gemm_thread(&jobs[i]);
+    }
+    return ran;
+}
