@@ -37,3 +37,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def greedy_gaps(engine, model, prompts, new: int = 16):
+    """For each greedy token the engine generates after each prompt: how far below the model's best logit (on the
+    same context) its logit is, 0 where both pick the same token; a tensor over every generated position."""
+    gaps = []
+    for p in prompts:
+        tokens = engine.generate(p, new, stop_tokens=[]).tokens
+        with torch.no_grad():
+            out = model(torch.tensor([p + tokens]))
+        logits = getattr(out, "logits", out[0] if isinstance(out, tuple) else out)[0].float()
+        for i, t in enumerate(tokens):
+            row = logits[len(p) - 1 + i]
+            gaps.append(float(row.max() - row[t]))
+    return torch.tensor(gaps)

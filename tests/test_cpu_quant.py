@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import random_model
+from conftest import greedy_gaps, random_model
 
 from smallthinker_lab import load_model
 from smallthinker_lab.engine.bundle import (
@@ -277,19 +277,10 @@ def test_engine_with_q4_0_cpu_experts_tracks_the_model_on_the_same_weights():
                     lin.weight.copy_(fmt.decode(fmt.encode(lin.weight.float()), lin.weight.shape, lin.weight.dtype))
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 8000, (12,), generator=gen).tolist() for _ in range(20)]
-    gaps = []
     # the model's own (bf16) head: the quantized head's test is tests/test_lm_head_quant.py
     with Engine.from_pretrained("default", memory_limit=None, quantization="q4_0_cpu", progress=False,
                                 lm_head_format=None) as e:
         assert e.bundle.format == "q4_0_cpu" and e.state.lm_head_quant is None
-        for p in prompts:
-            tokens = e.generate(p, 16, stop_tokens=[]).tokens
-            with torch.no_grad():
-                out = model(torch.tensor([p + tokens]))
-            logits = getattr(out, "logits", out[0] if isinstance(out, tuple) else out)[0].float()
-            for i, t in enumerate(tokens):
-                row = logits[len(p) - 1 + i]
-                gaps.append(float(row.max() - row[t]))
-    gaps = torch.tensor(gaps)
+        gaps = greedy_gaps(e, model, prompts)
     assert gaps.max() <= 0.5, gaps.max()
     assert (gaps > 0).float().mean() <= 0.05, (gaps > 0).sum()

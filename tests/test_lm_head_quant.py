@@ -4,7 +4,7 @@ dequantised experts and head, the memory plan, stats, hooks, the sparse LM head,
 
 import pytest
 import torch
-from conftest import random_model
+from conftest import greedy_gaps, random_model
 
 from smallthinker_lab.engine import Engine
 from smallthinker_lab.engine import lm_head_quant as lq
@@ -186,18 +186,9 @@ def test_engine_tokens_equal_the_model_on_the_same_dequantised_weights():
         model.lm_head.weight = torch.nn.Parameter(head, requires_grad=False)  # untied: the embedding stays bf16
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 8000, (12,), generator=gen).tolist() for _ in range(20)]
-    gaps = []
     with Engine.from_pretrained("default", memory_limit=None, quantization="q4_0_cpu", progress=False) as e:
         assert e.state.lm_head_format == "q4_0_cpu"
-        for p in prompts:
-            tokens = e.generate(p, 16, stop_tokens=[]).tokens
-            with torch.no_grad():
-                out = model(torch.tensor([p + tokens]))
-            logits = getattr(out, "logits", out[0] if isinstance(out, tuple) else out)[0].float()
-            for i, t in enumerate(tokens):
-                row = logits[len(p) - 1 + i]
-                gaps.append(float(row.max() - row[t]))
-    gaps = torch.tensor(gaps)
+        gaps = greedy_gaps(e, model, prompts)
     assert gaps.max() <= 0.5, gaps.max()
     assert (gaps > 0).float().mean() <= 0.05, (gaps > 0).sum()
 
