@@ -52,3 +52,17 @@ def greedy_gaps(engine, model, prompts, new: int = 16):
             row = logits[len(p) - 1 + i]
             gaps.append(float(row.max() - row[t]))
     return torch.tensor(gaps)
+
+
+def dequantise_experts(model, fmt: str) -> None:
+    """Every expert weight of ``model`` set, in place, to its ``fmt`` encoding decoded again (in the weight's dtype,
+    quantised along its last dimension): the in-memory model an engine with ``fmt`` experts computes with."""
+    from smallthinker_lab.engine.quant import get_format
+
+    codec = get_format(fmt)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for ex in layer.block_sparse_moe.experts:
+                for lin in (ex.gate, ex.up, ex.down):
+                    w = lin.weight
+                    w.copy_(codec.decode(codec.encode(w.float()), w.shape, w.dtype))

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import greedy_gaps, random_model
+from conftest import dequantise_experts, greedy_gaps, random_model
 
 from smallthinker_lab import load_model
 from smallthinker_lab.engine.bundle import (
@@ -265,16 +265,10 @@ def test_engine_with_q4_0_cpu_experts_tracks_the_model_on_the_same_weights():
     each product to bf16: measured 5 of 320 steps off the argmax, by at most 0.375), and at most 5% of steps are."""
     from smallthinker_lab import load_model
     from smallthinker_lab.engine import Engine
-    from smallthinker_lab.engine.quant import get_format
 
     torch.set_num_threads(1)
     model = load_model("default")
-    fmt = get_format("q4_0_cpu")
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for ex in layer.block_sparse_moe.experts:
-                for lin in (ex.gate, ex.up, ex.down):
-                    lin.weight.copy_(fmt.decode(fmt.encode(lin.weight.float()), lin.weight.shape, lin.weight.dtype))
+    dequantise_experts(model, "q4_0_cpu")
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 8000, (12,), generator=gen).tolist() for _ in range(20)]
     # the model's own (bf16) head: the quantized head's test is tests/test_lm_head_quant.py

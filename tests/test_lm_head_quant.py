@@ -4,7 +4,7 @@ dequantised experts and head, the memory plan, stats, hooks, the sparse LM head,
 
 import pytest
 import torch
-from conftest import greedy_gaps, random_model
+from conftest import dequantise_experts, greedy_gaps, random_model
 
 from smallthinker_lab.engine import Engine
 from smallthinker_lab.engine import lm_head_quant as lq
@@ -176,12 +176,8 @@ def test_engine_tokens_equal_the_model_on_the_same_dequantised_weights():
     from smallthinker_lab import load_model
 
     model = load_model("default")
-    fmt = get_format("q4_0_cpu")
+    dequantise_experts(model, "q4_0_cpu")
     with torch.no_grad():
-        for layer in model.model.layers:
-            for ex in layer.block_sparse_moe.experts:
-                for lin in (ex.gate, ex.up, ex.down):
-                    lin.weight.copy_(fmt.decode(fmt.encode(lin.weight.float()), lin.weight.shape, lin.weight.dtype))
         head = lq.dequantized_head(model.lm_head.weight, "q4_0_cpu")
         model.lm_head.weight = torch.nn.Parameter(head, requires_grad=False)  # untied: the embedding stays bf16
     gen = torch.Generator().manual_seed(0)

@@ -13,6 +13,7 @@ activations, what llama.cpp computes for a Q4_0 matrix.
 
 import pytest
 import torch
+from conftest import dequantise_experts
 
 from smallthinker_lab.engine import native, quant
 
@@ -110,12 +111,8 @@ def test_engine_runs_q4_0_experts_and_head_natively_close_to_the_dequantised_mod
 
     ckpt = default_model_dir()
     model = load_model(ckpt)
+    dequantise_experts(model, "q4_0")
     with torch.no_grad():
-        for layer in model.model.layers:
-            for ex in layer.block_sparse_moe.experts:
-                for lin in (ex.gate, ex.up, ex.down):
-                    w = lin.weight
-                    w.copy_(quant.dequantize_q4_0(quant.quantize_q4_0(w.float()), w.shape).to(w.dtype))
         head = model.lm_head.weight  # tied to the embedding: replaced, not written into
         model.lm_head.weight = torch.nn.Parameter(dequantized_head(head, "q4_0").to(head.dtype), requires_grad=False)
     with Engine.from_pretrained(ckpt, memory_limit=None, quantization="q4_0", exact=False, progress=False,
