@@ -527,8 +527,8 @@ def main(args, log=print) -> int:
             "gguf": {k: {"path": str(v), "bytes": v.stat().st_size} for k, v in ggufs.items()},
             "llama_bench": f"llama-bench -m GGUF -t T -p {args.prompt_tokens} -n {new_tokens - 1} -r 1 -o json "
                            f"--repack 1 (bf16) / 0 (Q4_0), one invocation per row per round (its own warm-up)",
-            "engine": f"Engine.from_pretrained(ckpt, quantization=Q, compute_threads=T, exact=True; exact=False for "
-                      f"q4_0_cpu, whose kernels the exact path does not run"
+            "engine": "Engine.from_pretrained(ckpt, quantization=Q, compute_threads=T, exact=True; exact=False for "
+                      "q4_0_cpu, whose kernels the exact path does not run"
                       + (", and for q4_0, which runs the native Q4_0 x Q8_0 kernel on a bundle with down in the "
                          "model's layout" if _native() else "")
                       + f"; the LM head of those quantized too, lm_head_format='auto', as llama.cpp's Q4_0 file "

@@ -43,6 +43,7 @@ import torch
 from ..model.checkpoint import CONFIG_FILE, check_finite_tensors, expected_tensors, resolve_path
 from ..model.hooks import HookRegistry
 from ..model.kv_cache import KVCache, kv_cache_bytes
+from . import native
 from .bundle import (
     _ST_FORMAT,
     FORMAT_DTYPE,
@@ -63,7 +64,6 @@ from .lm_head_quant import ScreenedHead, int4_row_block, load_or_quantize, resol
 from .loading import _load_predictor, _load_tokenizer, _probe_dtype, _resolve_dtype, load_non_experts
 from .memory import MemoryPlan, itemsize, limit_for_share, parse_memory_limit, plan_memory, share_of, workspace_bytes
 from .options import AUTO_QUANTIZED_NOTE, BACKENDS, EngineOptions, choose, static_reasons
-from . import native
 from .quant import KERNEL_FORMATS, get_format
 from .state import EngineState, StateFields
 from .stats import EngineStats
