@@ -112,14 +112,17 @@ def make_synthetic(folder: str | os.PathLike, preset: str, dtype: str = "bfloat1
     return folder, spec | {"reused": False, "write_seconds": time.perf_counter() - t0}
 
 
-def convert_bundle(ckpt: Path, bundle_dir: Path, quantization: str | None = None) -> tuple[Path, float]:
-    """The expert bundle of ``ckpt`` in ``bundle_dir`` (converted unless current); (folder, seconds)."""
+def convert_bundle(ckpt: Path, bundle_dir: Path, quantization: str | None = None,
+                   down_transposed: bool | None = None) -> tuple[Path, float]:
+    """The expert bundle of ``ckpt`` in ``bundle_dir`` (converted unless current); (folder, seconds).
+    ``down_transposed`` None: the rows' default, the model's layout for raw formats (every engine row runs
+    exact=True: no transpose per read), transposed for the quantized ones (the eager path's)."""
     from smallthinker_lab.engine.conversion import ensure_bundle
 
     t0 = time.perf_counter()
-    # every engine row runs exact=True: raw formats keep down in the model's layout (no transpose per read)
-    out = ensure_bundle(Path(ckpt), Path(bundle_dir), quantization, progress=False,
-                        down_transposed=quantization not in (None, "bf16", "fp16", "fp32"))
+    if down_transposed is None:
+        down_transposed = quantization not in (None, "bf16", "fp16", "fp32")
+    out = ensure_bundle(Path(ckpt), Path(bundle_dir), quantization, progress=False, down_transposed=down_transposed)
     return out, time.perf_counter() - t0
 
 
@@ -140,11 +143,9 @@ def bundle_for(info: ModelInfo, quantization: str | None, options: dict | None =
         return info.bundles[quantization]
     key = f"{quantization}-kernels"
     if key not in info.bundles:
-        from smallthinker_lab.engine.conversion import ensure_bundle
-
         base = Path(info.bundles[quantization])
-        info.bundles[key] = ensure_bundle(Path(info.ckpt), base.parent / f"{base.name}-kernels", quantization,
-                                          progress=False, down_transposed=False)
+        info.bundles[key] = convert_bundle(info.ckpt, base.parent / f"{base.name}-kernels", quantization,
+                                           down_transposed=False)[0]
     return info.bundles[key]
 
 

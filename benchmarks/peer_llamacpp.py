@@ -222,11 +222,7 @@ def setup_model(args, log) -> be.ModelInfo:
     bundles = {}
     for q in ENGINE_FORMATS:
         if q == "q4_0" and _native():  # the native kernel reads down in the model's layout (engine/native.py)
-            from smallthinker_lab.engine.conversion import ensure_bundle
-
-            t1 = time.perf_counter()
-            out = ensure_bundle(ckpt, scratch / "bundle-q4_0-native", q, progress=False, down_transposed=False)
-            secs = time.perf_counter() - t1
+            out, secs = be.convert_bundle(ckpt, scratch / "bundle-q4_0-native", q, down_transposed=False)
         else:
             out, secs = be.convert_bundle(ckpt, scratch / f"bundle-{q or 'bf16'}", q)
         bundles[q] = out
