@@ -24,8 +24,9 @@ START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 # bench_<name>.json in benchmarks/results, in README order
 SUITES = ("cpu", "cpu_variants", "cpu_lookahead", "gpu", "gpu_more")
 # further GPU results in the README: llama.cpp's CUDA build beside the engine, the 4B on replayed trained routing,
-# the 21B shape (each written by benchmarks.run into its own file; the commands are in their reports)
-GPU_EXTRA = ("gpu_peer", "gpu_routing", "gpu_21b")
+# the same peer run on an H100 host (2026-12-07), the 21B shape (each written by benchmarks.run into its own file; the
+# commands are in their reports)
+GPU_EXTRA = ("gpu_peer", "gpu_peer_h100", "gpu_routing", "gpu_21b")
 
 
 def _nan(x) -> bool:
