@@ -521,26 +521,32 @@ class Engine(StateFields, EngineGeneration, EngineStats):
         phase = "verify" if all_logits and start > 0 else "prefill" if T > 1 or start == 0 else "decode"
         bytes0 = self.cache.stats.bytes_read
         threads = torch.get_num_threads()
-        if self.compute_threads is not None and self.compute_threads != threads:
-            torch.set_num_threads(self.compute_threads)
+        want = self.compute_threads or threads
+        # a decode step through the native Q4_0 kernel: the kernel takes the threads, torch's own ops run on one
+        native_step = T == 1 and self.eager.experts.native
+        if native_step and want > 1:
+            torch.set_num_threads(1)
+        elif want != threads:
+            torch.set_num_threads(want)
         t0 = time.perf_counter()
-        try:
-            graph_step = T == 1 and self.decoder is not None and self.decoder.usable()
-            if graph_step:
-                logits = self.decoder.decode(ids, start)  # every expert resident, no hook: one graph step
-            else:
-                if self.decoder is not None:
-                    self.decoder.flush()  # the last kernel step's counters before this step's
-                logits = self.eager.forward(ids, start, all_logits, verify=phase == "verify")
-            self.state.check_unverified()
-        except BaseException:
-            self.state.unverified.clear()
-            self.cache.drain()  # an error or interruption: settle reads in flight, release pins
-            raise
-        finally:
-            self.cache.log = None  # events of a failed forward are not delivered
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
+        with native.calls_use_threads(want if native_step else None):
+            try:
+                graph_step = T == 1 and self.decoder is not None and self.decoder.usable()
+                if graph_step:
+                    logits = self.decoder.decode(ids, start)  # every expert resident, no hook: one graph step
+                else:
+                    if self.decoder is not None:
+                        self.decoder.flush()  # the last kernel step's counters before this step's
+                    logits = self.eager.forward(ids, start, all_logits, verify=phase == "verify")
+                self.state.check_unverified()
+            except BaseException:
+                self.state.unverified.clear()
+                self.cache.drain()  # an error or interruption: settle reads in flight, release pins
+                raise
+            finally:
+                self.cache.log = None  # events of a failed forward are not delivered
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
         self.state.count(phase, T, 0.0, self.cache.stats.bytes_read - bytes0)
         if phase == "verify":
             self.state.counters.phases["verify_forwards"] += 1

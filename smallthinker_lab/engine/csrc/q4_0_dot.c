@@ -10,6 +10,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -212,5 +213,121 @@ int st_q4_0_gemm_mt(const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t n
         else
             gemm_thread(&jobs[i]);
     }
+    return ran;
+}
+
+/* ------------------------------------------------------------------ one token through a layer's experts */
+/* The correction terms block_dot subtracts: per block of 32 activations, 8 lanes of 8 x the sum of 4. */
+static void q8_corr(const int8_t *q, int64_t nblocks, int32_t *corr) {
+    for (int64_t i = 0; i < nblocks; i++)
+        for (int l = 0; l < 8; l++) {
+            const int8_t *xb = q + i * QK + 4 * l;
+            corr[i * 8 + l] = 8 * (xb[0] + xb[1] + xb[2] + xb[3]);
+        }
+}
+
+/* One row of a Q4_0 matrix times one Q8_0 activation vector. */
+static float dot_one(const uint8_t *row, int64_t nblocks, const int8_t *qx, const float *dx, const int32_t *corr,
+                     int simd) {
+#ifdef ST_X86
+    if (simd) return row_dot(row, nblocks, qx, dx, corr);
+#endif
+    (void)corr;
+    (void)simd;
+    float y;
+    gemm_scalar(row, nblocks * Q4_BLOCK, 0, 1, nblocks, 1, qx, dx, &y, 1);
+    return y;
+}
+
+typedef struct {
+    const uint8_t *const *gate, *const *up, *const *down;
+    const float *w;
+    int64_t f, h, j0, j1;
+    const int8_t *qx;
+    const float *dx;
+    const int32_t *corr;
+    float *y;       /* h floats: this share's sum, zeroed by the caller */
+    int64_t *active; /* per expert: neurons with gate > 0 */
+    float *g_out;   /* NULL, or k x f: the gate products */
+    int simd;
+} moe_job;
+
+/* Experts j0 <= j < j1 of one token: g = gate x, a = relu(g) * (up x) with up's rows read only where g > 0 (a is 0
+ * elsewhere: the same a), a in Q8_0, y += w_j * (down a). */
+static void moe_share(const moe_job *m) {
+    const int64_t f = m->f, h = m->h, nbh = h / QK, nbf = f / QK;
+    const int64_t rowh = nbh * Q4_BLOCK, rowf = nbf * Q4_BLOCK;
+    float g[f], a[f], da[nbf];
+    int8_t qa[f];
+    int32_t corra[nbf * 8];
+    for (int64_t j = m->j0; j < m->j1; j++) {
+        const uint8_t *gw = m->gate[j], *uw = m->up[j], *dw = m->down[j];
+        for (int64_t r = 0; r < f; r++) g[r] = dot_one(gw + r * rowh, nbh, m->qx, m->dx, m->corr, m->simd);
+        int64_t n = 0;
+        for (int64_t r = 0; r < f; r++) {
+            if (g[r] > 0.0f) {
+                a[r] = g[r] * dot_one(uw + r * rowh, nbh, m->qx, m->dx, m->corr, m->simd);
+                n++;
+            } else {
+                a[r] = 0.0f;
+            }
+        }
+        if (m->g_out) memcpy(m->g_out + j * f, g, (size_t)f * sizeof(float));
+        m->active[j] = n;
+        if (n == 0) continue;
+        st_quantize_q8_0(a, f, qa, da);
+        q8_corr(qa, nbf, corra);
+        const float wj = m->w[j];
+        for (int64_t r = 0; r < h; r++) m->y[r] += wj * dot_one(dw + r * rowf, nbf, qa, da, corra, m->simd);
+    }
+}
+
+static void *moe_thread(void *arg) {
+    moe_share((const moe_job *)arg);
+    return NULL;
+}
+
+/* y (h floats) += sum_j w[j] * down_j(relu(gate_j x) * up_j x) over k ReGLU experts of Q4_0 records (gate_j, up_j:
+ * (f, h) quantized along h; down_j: (h, f), the model's layout, quantized along f) for one token x (h floats,
+ * quantized once to Q8_0). active[j]: the neurons of expert j with gate > 0; g_out (NULL or k x f floats): the gate
+ * products. The experts are split in contiguous shares over nthreads (threads started for this call, the caller
+ * computing the first share); the shares' sums are added to y in share order, so the result does not depend on
+ * which thread finishes first. f and h are multiples of 32 and at most 16384 (checked by the caller). Returns the
+ * threads that ran. */
+int st_moe_q4_0(int64_t k, const uint8_t *const *gate, const uint8_t *const *up, const uint8_t *const *down,
+                const float *w, int64_t f, int64_t h, const float *x, float *y, int64_t *active, float *g_out,
+                int simd, int nthreads) {
+    const int64_t nbh = h / QK;
+    int8_t qx[h];
+    float dx[nbh];
+    int32_t corr[nbh * 8];
+    st_quantize_q8_0(x, h, qx, dx);
+    q8_corr(qx, nbh, corr);
+    if (nthreads > k) nthreads = (int)k;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (nthreads < 1) nthreads = 1;
+    moe_job jobs[MAX_THREADS];
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS] = {0}, ran = 1;
+    float *parts = nthreads > 1 ? (float *)calloc((size_t)(nthreads - 1) * h, sizeof(float)) : NULL;
+    if (nthreads > 1 && parts == NULL) nthreads = 1;
+    for (int i = 0; i < nthreads; i++) {
+        jobs[i] = (moe_job){gate, up, down, w, f, h, k * i / nthreads, k * (i + 1) / nthreads, qx, dx, corr,
+                            i == 0 ? y : parts + (size_t)(i - 1) * h, active, g_out, simd};
+        if (i > 0) {
+            started[i] = pthread_create(&tid[i], NULL, moe_thread, &jobs[i]) == 0;
+            ran += started[i];
+        }
+    }
+    moe_share(&jobs[0]);
+    for (int i = 1; i < nthreads; i++) {
+        if (started[i])
+            pthread_join(tid[i], NULL);
+        else
+            moe_share(&jobs[i]);
+        const float *p = parts + (size_t)(i - 1) * h;
+        for (int64_t r = 0; r < h; r++) y[r] += p[r];
+    }
+    free(parts);
     return ran;
 }

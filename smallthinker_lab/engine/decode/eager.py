@@ -185,6 +185,8 @@ class EagerDecoder(Decoder):
     def _moe(self, work: _Work, u: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         state, experts = self.state, self.experts
         u = u.reshape(-1, state.config.hidden_size)  # (N, H)
+        if u.shape[0] == 1 and experts.fusable(work.layer, work.rows):
+            return self._moe_native(work, u, weights)
         double = work.double
         outs: dict[int, torch.Tensor] = {}
         cache = state.cache
@@ -213,6 +215,37 @@ class EagerDecoder(Decoder):
             else:
                 y.index_add_(0, token, outs[e])
         return y
+
+    def _moe_native(self, work: _Work, u: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``_moe`` for one token through the native Q4_0 kernel: per chunk, the experts already resident in one
+        native call (``SlotExperts.layer_native``), then those still loading in another once they are in; the
+        weighted sum accumulated in fp32."""
+        state, experts, cache = self.state, self.experts, self.state.cache
+        y = torch.zeros(1, u.shape[1], dtype=torch.float32)
+        for c in range(len(work.chunks)):
+            if len(work.requested) <= c:
+                self._request_next(work)
+            if work.double and len(work.requested) == c + 1:
+                self._request_next(work)  # the next chunk loads while this one computes
+            requested = work.requested[c]
+            ready = [e for e in requested if e.ready]
+            pending = [e for e in requested if not e.ready]
+            for group in (ready, pending):
+                if not group:
+                    continue
+                entries = list(cache.as_completed(group))
+                try:
+                    for entry in entries:
+                        state.settle(entry)
+                    w = weights[0, [work.rows[e.key[1]][1] for e in entries]]
+                    y.add_(experts.layer_native(entries, u, w))
+                finally:
+                    for entry in entries:
+                        cache.release(entry)
+        seen = experts.take_seen()
+        if seen is not None:
+            state.hooks.fire("moe", layer=work.layer, experts=seen[0], token_index=seen[1], gates=seen[2])
+        return y.to(u.dtype)
 
     def all_logits(self, x: torch.Tensor, decode: bool) -> torch.Tensor:
         """Logits (1, T, V) of every position of x (1, T, H). ``decode`` (verifying draft tokens): each row as a

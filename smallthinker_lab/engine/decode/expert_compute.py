@@ -162,6 +162,35 @@ class SlotExperts:
         counters.neurons_total += shape[0]
         return y
 
+    def fusable(self, layer: int, experts) -> bool:
+        """Whether one token's experts of ``layer`` (ids) can run in one native call (``native.moe``): the native
+        Q4_0 kernel runs and no edit hook acts on their neurons (``hook_act`` needs the dense path)."""
+        if not self.native:
+            return False
+        hooks = self.state.hooks
+        return not (hooks.edits and any(hooks.active(f"blocks.{layer}.moe.experts.{e}.hook_act") for e in experts))
+
+    def layer_native(self, entries: list[Entry], x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token x (1, H) through the experts of ``entries`` (settled, one layer) in one native call, each
+        weighted by its ``weights`` entry: the weighted sum (1, H) fp32. Hooks listening to "expert" / "moe" see
+        each expert's gate, in ascending expert order; the counters as ``compute`` keeps them."""
+        state = self.state
+        f, h = state.bundle.matrices["gate"].shape
+        watch = self.watch_one or self.moe_seen is not None
+        records = []
+        for entry in entries:
+            mat = state.slot_bytes(entry.slot)
+            records.append(tuple(quant_bytes(mat[m]) for m in ("gate", "up", "down")))
+        y, active, g = native.moe(x, records, weights, f, h, gates=watch)
+        if watch:
+            layer = entries[0].key[0]
+            for j in sorted(range(len(entries)), key=lambda j: entries[j].key[1]):
+                self._fire(layer, entries[j].key[1], None, g[j:j + 1])
+        counters = state.counters
+        counters.neurons_active += int(active.sum())
+        counters.neurons_total += f * len(entries)
+        return y
+
     def _hooked(self, entry: Entry, x: torch.Tensor, token: torch.Tensor | None, name: str,
                 watch: bool) -> torch.Tensor:
         """An expert whose neurons are hooked (``hook_act``): dense, the model's ops, relu(gate) * up through the
