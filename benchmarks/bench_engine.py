@@ -151,25 +151,30 @@ def bundle_for(info: ModelInfo, quantization: str | None, options: dict | None =
 
 # ---------------------------------------------------------------------------------------------- bytes per token
 def decode_memory_bytes(config: SmallThinkerConfig, itemsize: int, expert_nbytes: int, context: float,
-                        lm_head_rows: int | None = None, lm_head_nbytes: int | None = None) -> dict:
+                        lm_head_rows: int | None = None, lm_head_nbytes: int | None = None,
+                        attention_nbytes: int | None = None) -> dict:
     """Bytes one decode token reads from memory (performance.md): resident weights B_res (attention, router,
     norms, one embedding row, the LM head), the KV cache B_kv at ``context`` cached positions and the selected
     experts B_exp (top-k x layers x ``expert_nbytes``, the stored record size: bf16 or Q4_0). ``lm_head_nbytes``:
     the LM head's bytes when it is not ``lm_head_rows`` rows in ``itemsize`` (a quantized copy, engine
-    ``lm_head_format``); the split's ``lm_head`` says what was counted."""
+    ``lm_head_format``); ``attention_nbytes``: every layer's q/k/v/o weight bytes when they are not in
+    ``itemsize`` (a quantized copy, engine ``attention_format``); the split's ``lm_head`` and ``attention`` say what
+    was counted."""
     c = config
     H, D, L = c.hidden_size, c.head_dim, c.num_hidden_layers
     q, kv = c.num_attention_heads * D, c.num_key_value_heads * D
-    per_layer = (q * H + 2 * kv * H + H * q + c.num_experts * H + 2 * H) * itemsize
+    per_layer = (c.num_experts * H + 2 * H) * itemsize  # router, two norms
+    attn = L * (q * H + 2 * kv * H + H * q) * itemsize if attention_nbytes is None else attention_nbytes
     rows = c.vocab_size if lm_head_rows is None else lm_head_rows
     head = rows * H * itemsize if lm_head_nbytes is None else lm_head_nbytes
-    res = L * per_layer + (H + H) * itemsize + head  # + embedding row + final norm + LM head
+    res = L * per_layer + attn + (H + H) * itemsize + head  # + embedding row + final norm + LM head
     kv_bytes = 0.0
     for i in range(L):
         keys = min(context, c.sliding_window_size) if c.is_sliding(i) else context
         kv_bytes += 2 * c.num_key_value_heads * D * keys * itemsize
     exp = L * c.top_k * expert_nbytes
-    return {"resident": res, "kv": kv_bytes, "experts": exp, "total": res + kv_bytes + exp, "lm_head": head}
+    return {"resident": res, "kv": kv_bytes, "experts": exp, "total": res + kv_bytes + exp, "lm_head": head,
+            "attention": attn}
 
 
 # ---------------------------------------------------------------------------------------------- modes
@@ -496,8 +501,13 @@ def _summarise(runs: list[dict], spec: ModeSpec, info: ModelInfo, ctx: Context, 
     qhead = getattr(runner.engine.state, "lm_head_quant", None) if runner.kind == "engine" else None
     if qhead is not None:  # the engine's LM head in a CPU kernel format (lm_head_format): its bytes, not bf16's
         out["lm_head_format"] = qhead.fmt
+    # the engine's attention projections in Q4_0 (attention_format): their bytes, not bf16's
+    aquant = getattr(runner.engine.state, "attention_quant", None) if runner.kind == "engine" else None
+    if aquant is not None:
+        out["attention_format"] = aquant["format"]
     mem = decode_memory_bytes(cfg, info.dtype.itemsize, fmt_bytes, context,
-                              lm_head_nbytes=None if qhead is None else qhead.nbytes)
+                              lm_head_nbytes=None if qhead is None else qhead.nbytes,
+                              attention_nbytes=None if aquant is None else aquant["nbytes"])
     out["memory_bytes_per_token"] = mem["total"]
     out["memory_bytes_split"] = mem
     bw_mem, bw_link = bandwidths(ctx.ceilings, ctx.device, link)

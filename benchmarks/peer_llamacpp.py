@@ -258,9 +258,11 @@ def export_ggufs(info: be.ModelInfo, scratch: Path, log) -> dict:
 def _reference_tokens(info: be.ModelInfo, quant: str | None, threads: int, n: int) -> list[int]:
     """The in-memory model's greedy tokens on the weights the engine row computes with: its experts dequantised
     from the row's bundle and, for the CPU kernel formats (whose engines quantize the LM head too,
-    ``lm_head_format="auto"``), its LM head dequantised from the same copy."""
+    ``lm_head_format="auto"``), its LM head dequantised from the same copy; where the engine runs its attention in
+    Q4_0 (``attention_format="auto"`` with the native q4_0 head) the q/k/v/o weights dequantised from the same
+    Q4_0 bytes."""
     runner = be.ModelRunner(info, "cpu", threads, info.bundles[quant] if quant else None,
-                            lm_head_format=_head_format(quant))
+                            lm_head_format=_head_format(quant), attention_format=_attention_format(quant, info.config))
     try:
         return runner.generate(info.prompts[0], n)["tokens"]
     finally:
@@ -296,6 +298,16 @@ def _head_format(quantization: str | None) -> str | None:
     return quantization if quantization in KERNEL_FORMATS else None
 
 
+def _attention_format(quantization: str | None, config) -> str | None:
+    """The attention format of an engine row (the default attention_format="auto": "q4_0" with the native q4_0
+    LM head, engine/attention_quant.py)."""
+    import torch
+
+    from smallthinker_lab.engine.attention_quant import resolve_format
+
+    return resolve_format("auto", _head_format(quantization), torch.device("cpu"), False, config)
+
+
 def _engine_options(quantization: str | None) -> dict:
     """The CPU kernel formats run torch's int4 / int8 kernels and q4_0 the native kernel, which the engine allows
     only with exact=False."""
@@ -312,15 +324,23 @@ def _open_engine(row: Row, info, ctx, refs: dict, log) -> None:
     row.runner = be.EngineRunner(info, ctx, spec, row.limit)
     tokens = row.runner.generate(info.prompts[0], ctx.new_tokens)["tokens"]
     diff = _first_difference(tokens, refs[row.quantization])
+    attention = row.runner.engine.state.attention_format
+    if attention != _attention_format(row.quantization, info.config):  # the reference holds what the row runs
+        raise RuntimeError(f"{row.name}: the engine runs attention_format={attention!r}, its reference model "
+                           f"{_attention_format(row.quantization, info.config)!r}")
+    parts = [w for w, on in (("experts", row.quantization is not None), ("LM head", _head_format(row.quantization)),
+                             ("attention", attention is not None)) if on]
+    weights = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else "".join(parts)
     if diff is None:
-        row.extra["checked"] = "greedy tokens equal to the in-memory model's (same dequantised weights)"
+        row.extra["checked"] = ("greedy tokens equal to the in-memory model's (same weights" +
+                                (f"; dequantised: {weights})" if weights else ")"))
     elif row.quantization == "q4_0_cpu":  # the int4 kernel: bf16 scales and activations (engine/quant.py)
         row.extra["checked"] = (f"greedy tokens differ from the model on the same dequantised weights (experts and "
                                 f"LM head) from position {diff} of {len(tokens)} (int4 kernel: bf16 activations, "
                                 f"fp32 accumulation in another order)")
     elif row.quantization == "q4_0" and _native():  # activations rounded to Q8_0 per block, as llama.cpp does
-        row.extra["checked"] = (f"greedy tokens differ from the model on the same dequantised weights (experts and "
-                                f"LM head) from position {diff} of {len(tokens)} (native Q4_0 kernel: activations "
+        row.extra["checked"] = (f"greedy tokens differ from the model on the same dequantised weights ({weights}) "
+                                f"from position {diff} of {len(tokens)} (native Q4_0 kernel: activations "
                                 f"rounded to 8 bits per block of 32, as llama.cpp's Q4_0 x Q8_0)")
     else:
         raise be.TokensDiffer(f"{row.name}: tokens differ from the in-memory model's at position {diff}")
@@ -329,6 +349,11 @@ def _open_engine(row: Row, info, ctx, refs: dict, log) -> None:
         row.extra["lm_head"] = (f"{head.fmt} ({head.nbytes / 2**20:.0f} MiB, {head.source} in "
                                 f"{head.open_seconds:.1f} s), through the same kernel as the experts; the reference "
                                 f"model's head holds its dequantised weights")
+    if attention is not None:
+        a = row.runner.engine.state.attention_quant
+        row.extra["attention"] = (f"{a['format']} ({a['nbytes'] / 2**20:.1f} MiB, {a['source']} in "
+                                  f"{a['open_seconds']:.1f} s), q/k/v fused in one call and o through the same "
+                                  f"kernel; the reference model holds the dequantised projections")
     log(f"  opened {row.name}: {row.extra['checked']}")
 
 
@@ -527,8 +552,11 @@ def main(args, log=print) -> int:
                       "q4_0_cpu, whose kernels the exact path does not run"
                       + (", and for q4_0, which runs the native Q4_0 x Q8_0 kernel on a bundle with down in the "
                          "model's layout" if _native() else "")
-                      + f"; the LM head of those quantized too, lm_head_format='auto', as llama.cpp's Q4_0 file "
-                      f"quantizes its head), every expert "
+                      + "; the LM head of those quantized too, lm_head_format='auto', as llama.cpp's Q4_0 file "
+                      "quantizes its head"
+                      + (", and the q4_0 rows' attention projections, attention_format='auto' (q/k/v in one Q4_0 "
+                         "matrix, o), as that file quantizes them" if _native() else "")
+                      + "), every expert "
                       f"read once before timing; one generation of {args.prompt_tokens} prompt + {new_tokens} new "
                       f"tokens per round, each round a new prompt",
             "interleaving": "round-robin: every round times each row of the block once, the order rotated by one "

@@ -49,7 +49,8 @@ class ModelRunner:
     kind = "model"
 
     def __init__(self, info: ModelInfo, device: str, threads: int | None = None, expert_bundle: Path | None = None,
-                 instruments: bool = False, kernels: bool = False, lm_head_format: str | None = None) -> None:
+                 instruments: bool = False, kernels: bool = False, lm_head_format: str | None = None,
+                 attention_format: str | None = None) -> None:
         self.info, self.device, self.threads, self.instruments = info, device, threads, instruments
         self.model = load_model(info.ckpt, device=device)
         fmt = _bundle_format(expert_bundle, self.model.config) if expert_bundle is not None else None
@@ -65,6 +66,14 @@ class ModelRunner:
         if lm_head_format is not None:  # the head an engine with this lm_head_format computes with, dequantised
             _load_dequantised_head(self.model, lm_head_format, expert_bundle)
             self.resident += f", LM head dequantised from {lm_head_format}"
+        if attention_format is not None:  # the projections an engine with this attention_format computes with
+            from smallthinker_lab.engine.attention_quant import dequantize_model
+
+            if attention_format != "q4_0":
+                raise ValueError(f"attention formats of a reference model: 'q4_0', not {attention_format!r}")
+            with torch.no_grad():
+                dequantize_model(self.model)
+            self.resident += f", attention q/k/v/o dequantised from {attention_format}"
         self.kernels = None
         if kernels:  # decode through the Triton kernels (smallthinker_lab.kernels), one CUDA graph per step
             from smallthinker_lab.kernels import KernelRunner

@@ -186,6 +186,10 @@ def test_limits_and_bytes_per_token():
     b = bench_engine.decode_memory_bytes(cfg, 2, 3 * 768 * 1536 * 2, context=0)
     assert b["experts"] == 4 * 32 * 3 * 768 * 1536 * 2  # 906 MB
     assert 1.6e9 < b["total"] < 1.8e9  # + attention 352 MB (with routers, norms) + LM head 467 MB
+    attn = 32 * (1536 * 1536 * 2 + 2 * 256 * 1536) * 2  # q/k/v/o of 32 layers in bf16: 352 MB
+    assert b["attention"] == attn
+    q4 = bench_engine.decode_memory_bytes(cfg, 2, 3 * 768 * 1536 * 2, context=0, attention_nbytes=attn // 2 * 18 // 32)
+    assert q4["attention"] == attn * 9 // 32 and b["total"] - q4["total"] == attn - attn * 9 // 32  # Q4_0: 99 MB
     lim = {"fixed": 1000, "stride": 10, "experts": 100}
     assert bench_engine.limit_for_share(lim, 0.6, 4) == (1000 + 600, 0.6)
     assert bench_engine.limit_for_share(lim, 0.0, 4) == (1000 + 40, 0.04)

@@ -8,6 +8,8 @@ activations, what llama.cpp computes for a Q4_0 matrix.
 - The engine with q4_0 experts runs them (and its LM head) through it on the CPU, and its greedy tokens equal the
   model on the same dequantised weights on the default model's prompts, or differ only where the two best logits
   of the reference are within the measured rounding of the kernel.
+  (The attention projections stay the model's here, attention_format=None: tests/test_attention_quant.py runs them
+  through the kernel too.)
 - Bad input (wrong byte counts, activations of another width) is an error naming the problem.
 """
 
@@ -116,7 +118,7 @@ def test_engine_runs_q4_0_experts_and_head_natively_close_to_the_dequantised_mod
         head = model.lm_head.weight  # tied to the embedding: replaced, not written into
         model.lm_head.weight = torch.nn.Parameter(dequantized_head(head, "q4_0").to(head.dtype), requires_grad=False)
     with Engine.from_pretrained(ckpt, memory_limit=None, quantization="q4_0", exact=False, progress=False,
-                                bundle_dir=tmp_path / "q4") as e, torch.no_grad():
+                                bundle_dir=tmp_path / "q4", attention_format=None) as e, torch.no_grad():
         assert not e.bundle.down_transposed and native_q4_0(e.state) and e.stats()["lm_head"].startswith("q4_0")
         agree = total = 0
         rel = []

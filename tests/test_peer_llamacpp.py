@@ -90,6 +90,19 @@ def test_peer_suite_without_llama_cpp_reports_it_unavailable(tmp_path, monkeypat
     assert q4["memory_bytes_split"]["lm_head"] == get_format("q4_0_cpu").nbytes((vocab, hidden))
     bf = next(r for r in engine if r["quantization"] == "none")
     assert "lm_head_format" not in bf and bf["memory_bytes_split"]["lm_head"] == vocab * hidden * 2
+    # with the native kernel the q4_0 engine's attention runs in Q4_0 too: its reference holds the dequantised
+    # projections, and its bytes per token count them at 18 bytes per 32 weights
+    from smallthinker_lab.engine import native
+
+    q40 = next(r for r in engine if r["quantization"] == "q4_0")
+    attn_bf16 = bf["memory_bytes_split"]["attention"]
+    assert "attention_format" not in bf and attn_bf16 > 0
+    if native.available():
+        assert q40["attention_format"] == "q4_0" and q40["attention"].startswith("q4_0")
+        assert "attention" in q40["checked"]
+        assert q40["memory_bytes_split"]["attention"] == attn_bf16 // 2 * 18 // 32
+    else:
+        assert "attention_format" not in q40 and q40["memory_bytes_split"]["attention"] == attn_bf16
     assert res["ratios"] == []  # nothing to compare with
     md = (out / "bench_cpu_peer_dryrun.md").read_text(encoding="utf-8")
     assert "llama.cpp: **unavailable**" in md

@@ -44,6 +44,9 @@ from ..model.checkpoint import CONFIG_FILE, check_finite_tensors, expected_tenso
 from ..model.hooks import HookRegistry
 from ..model.kv_cache import KVCache, kv_cache_bytes
 from . import native
+from .attention_quant import attention_nbytes
+from .attention_quant import load_or_quantize as quantize_attention
+from .attention_quant import resolve_format as resolve_attention_format
 from .bundle import (
     _ST_FORMAT,
     FORMAT_DTYPE,
@@ -108,7 +111,8 @@ class Engine(StateFields, EngineGeneration, EngineStats):
                     bypass_page_cache=o.bypass_page_cache, io_threads=o.io_threads,
                     verify_checksums=o.verify_checksums, bundle_dir=o.bundle_dir, dtype=o.dtype,
                     max_context=o.max_context, prefill_chunk=o.prefill_chunk, lm_head_predictor=o.lm_head_predictor,
-                    fill_value=o.fill_value, lm_head_format=o.lm_head_format, host_cache=o.host_cache,
+                    fill_value=o.fill_value, lm_head_format=o.lm_head_format,
+                    attention_format=o.attention_format, host_cache=o.host_cache,
                     belady_trace=o.belady_trace, fault=o.fault, progress=o.progress,
                     compute_threads=o.compute_threads, exact=o.exact, check_finite=o.check_finite,
                     cuda_graph={"eager": False, "graph": True, "fused": "fused", "kernels": "kernels"}[self.backend])
@@ -123,7 +127,8 @@ class Engine(StateFields, EngineGeneration, EngineStats):
                  bypass_page_cache: bool = False, io_threads: int = 4, verify_checksums: bool = True,
                  bundle_dir: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
                  max_context: int | None = None, prefill_chunk: int = 256, lm_head_predictor=None,
-                 fill_value: float = float("-inf"), lm_head_format: str | None = None, host_cache: bool = False,
+                 fill_value: float = float("-inf"), lm_head_format: str | None = None,
+                 attention_format: str | None = None, host_cache: bool = False,
                  belady_trace: Sequence | None = None,
                  fault: Callable | None = None, progress: bool = True, compute_threads: int | None = None,
                  exact: bool = False, cuda_graph: bool | str = False, check_finite: bool = False) -> None:
@@ -264,6 +269,12 @@ class Engine(StateFields, EngineGeneration, EngineStats):
             if pred is not None and self.state.lm_head_format == "q4_0_cpu":  # whole blocks of packed rows
                 rows = pred.top_m if pred.mode == "top_m" else config.vocab_size  # gathered (0.625 bytes a weight)
                 expert_ws += min(config.vocab_size, rows * (int4_row_block() or 1)) * H * 5 // 8
+        # the attention projections in Q4_0 (engine/attention_quant.py): their Q4_0 bytes instead of the dtype's
+        self.state.attention_format = resolve_attention_format(attention_format, self.state.lm_head_format,
+                                                               self.device, self.exact, config)
+        if self.state.attention_format is not None:
+            non_expert += (attention_nbytes(config, self.state.attention_format)
+                           - attention_nbytes(config, None, isz))
         ws = workspace_bytes(config, self.dtype, min(self.prefill_chunk, self.max_context), self.max_context,
                              expert_ws)
         kv = kv_cache_bytes(config, self.max_context, self.dtype)
@@ -286,10 +297,14 @@ class Engine(StateFields, EngineGeneration, EngineStats):
         self.model.hooks = self.hooks
         self.tokenizer = _load_tokenizer(self.checkpoint_dir)
         self.state.layers = list(self.model.model.layers)
+        self.state.attention_quant = None
+        if self.state.attention_format is not None:  # quantized once (cached beside the bundle), bf16 dropped
+            self.state.attention_quant = quantize_attention(self.model, self.state.attention_format, self.bundle_dir)
         params = {id(p): p for p in self.model.parameters()}
         if pred is not None:
             params.update({id(p): p for p in pred.parameters()})
-        self._non_expert_bytes = sum(t.numel() * t.element_size() for t in params.values()) + head_bytes
+        attn_bytes = self.state.attention_quant["nbytes"] if self.state.attention_quant is not None else 0
+        self._non_expert_bytes = sum(t.numel() * t.element_size() for t in params.values()) + head_bytes + attn_bytes
         self.state.lm_head_quant = None
         if self.state.lm_head_format == "screened":  # the model's head, screened by its int8 copy
             w = self.model.lm_head.weight
@@ -445,7 +460,9 @@ class Engine(StateFields, EngineGeneration, EngineStats):
     def explain(self):
         """Each backend (fastest first): whether it can run for this engine, whether it is the one in use, and why
         not (a pandas DataFrame). For the backend in use, ``reason`` says when decode steps run eager right now
-        (an instrument's hooks are registered, the cache does not hold what the graph needs)."""
+        (an instrument's hooks are registered, the cache does not hold what the graph needs). ``table.attrs`` names
+        the formats the weights compute in: ``experts`` (the bundle's), ``lm_head`` and ``attention`` ("model": the
+        model's own modules; "q4_0": the native Q4_0 kernel, engine/attention_quant.py)."""
         import pandas as pd
 
         rows = []
@@ -460,8 +477,11 @@ class Engine(StateFields, EngineGeneration, EngineStats):
                 why = self._step_fallback()
             rows.append({"backend": name, "can_run": self._backend_reasons.get(name) is None,
                          "chosen": name == self.backend, "reason": why})
-        table = pd.DataFrame(rows, dtype=object)  # object: a reason of None stays None (no NaN)
-        return table.astype({"can_run": bool, "chosen": bool})
+        table = pd.DataFrame(rows, dtype=object).astype({"can_run": bool, "chosen": bool})  # object: None stays
+        # the weights' formats beside the backends: the experts', the LM head's and the attention projections'
+        table.attrs.update(experts=self.bundle.format, lm_head=self.lm_head_description(),
+                           attention=self.attention_description())
+        return table
 
     def _step_fallback(self) -> str | None:
         """Why a decode step of the chosen graph backend would run eager now, or None."""

@@ -58,6 +58,9 @@ class EngineOptions:
                                                  "model's own head; 'screened': the model's head with an exact "
                                                  "argmax from an int8 screen, greedy decoding only), "
                                                  "engine/lm_head_quant.py")
+    attention_format: str | None = _option("auto", "CPU: the attention projections (q/k/v/o) in 'q4_0' through the "
+                                                   "native Q4_0 kernel ('auto': when the LM head runs in the native "
+                                                   "'q4_0'; None: the model's own), engine/attention_quant.py")
     io_threads: int = _option(4, "threads that read experts from storage")
     bypass_page_cache: bool = _option(False, "O_DIRECT reads (or pages dropped after each): misses come from storage")
     verify_checksums: bool = _option(True, "check each expert record's checksum after its read")
@@ -91,6 +94,12 @@ class EngineOptions:
         from .lm_head_quant import check_format_name
 
         check_format_name(self.lm_head_format)
+        from .attention_quant import check_format_name as check_attention_format
+
+        check_attention_format(self.attention_format)
+        if self.exact and self.attention_format == "q4_0":
+            raise ValueError("attention_format='q4_0' quantizes the attention projections: exact=True (the model's "
+                             "own kernels and weights) excludes it (use attention_format=None)")
         if not isinstance(self.fill_value, (int, float)) or math.isnan(self.fill_value):
             raise ValueError(f"fill_value must be a number, got {self.fill_value!r}")
 

@@ -72,6 +72,8 @@ class EngineState:
     lm_head_predictor: Any = None  # a sparse LM head's predictor, or None
     lm_head_format: str | None = None  # the LM head's CPU kernel format (None: the model's own head)
     lm_head_quant: Any = None  # its QuantizedHead (engine/lm_head_quant.py), or None
+    attention_format: str | None = None  # "q4_0": the attention projections in Q4_0 (None: the model's own)
+    attention_quant: dict | None = None  # what engine/attention_quant.load_or_quantize reported, or None
     non_expert_bytes: int = 0
     # the experts: on storage (bundle, reader), in slots (arena), by key (cache); CUDA: copies (transfer)
     bundle: Bundle | None = None

@@ -53,6 +53,7 @@ class EngineStats:
             "io_wait_seconds": c.io_wait_seconds, "router_seconds": sum(counted.router_seconds),
             "attention_seconds": sum(counted.attention_seconds), "moe_seconds": sum(counted.moe_seconds),
             "lm_head_seconds": counted.lm_head_seconds, "lm_head": self.lm_head_description(),
+            "attention": self.attention_description(),
             "lm_head_rows_per_token": (counted.lm_head_rows / counted.lm_head_calls if counted.lm_head_calls
                                        else float("nan")),
             "prefill_tokens": s["prefill_tokens"], "prefill_seconds": s["prefill_seconds"],
@@ -76,6 +77,11 @@ class EngineStats:
         st = self.state
         name = st.lm_head_format or "model"
         return name + (" + sparse" if st.lm_head_predictor is not None else "")
+
+    def attention_description(self) -> str:
+        """Which attention projections run: "model" (the model's own Linear modules, in its dtype) or "q4_0" (q/k/v
+        fused, o, in ggml Q4_0 through the native kernel: engine/attention_quant.py)."""
+        return self.state.attention_format or "model"
 
     def stats_frame(self):
         """One row per layer (hits, misses, hit rate, I/O wait, router/attention/MoE seconds, look-ahead

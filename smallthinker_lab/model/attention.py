@@ -33,6 +33,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(H, k * D, bias=qkv_bias)
         self.v_proj = nn.Linear(H, k * D, bias=qkv_bias)
         self.o_proj = nn.Linear(h * D, H, bias=False)
+        # q, k and v as one module returning the three (the engine's Q4_0 attention, engine/attention_quant.py), or
+        # None: the three Linear modules above
+        self.qkv: nn.Module | None = None
         self.layer_idx = layer_idx
         self.use_rope = config.uses_rope(layer_idx)
         self.window = config.sliding_window_size if config.is_sliding(layer_idx) else None
@@ -46,9 +49,10 @@ class Attention(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values of x (B, T, H), rotated on RoPE layers: (B, h, T, D), (B, k, T, D) x 2."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, h, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, k, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, k, T, D)
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, h, T, D)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, k, T, D)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, k, T, D)
         if self.use_rope:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
