@@ -20,6 +20,9 @@
 
 #define QK 32
 #define Q4_BLOCK 18 /* bytes: fp16 d, 16 bytes of nibbles */
+#ifndef ST_PREFETCH
+#define ST_PREFETCH 4608
+#endif
 
 static float fp16_to_fp32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
@@ -99,6 +102,7 @@ __attribute__((target("avx2,fma,f16c"))) static inline float row_dot(const uint8
     int64_t b = 0;
     for (; b + 1 < nblocks; b += 2) {
         const uint8_t *b0 = row + b * Q4_BLOCK, *b1 = b0 + Q4_BLOCK;
+        _mm_prefetch((const char *)(b0 + ST_PREFETCH), _MM_HINT_T0);
         uint16_t h0, h1;
         memcpy(&h0, b0, 2);
         memcpy(&h1, b1, 2);
