@@ -191,6 +191,8 @@ def test_engine_runs_attention_in_q4_0_and_says_so(engine):
     attn = engine.model.model.layers[0].self_attn
     assert isinstance(attn.qkv, aq.Q4_0QKV) and isinstance(attn.o_proj, aq.Q4_0Linear)
     assert all(isinstance(getattr(attn, p), aq.Q4_0Linear) for p in ("q_proj", "k_proj", "v_proj"))
+    # in memory in the kernel's x8 layout (rows interleaved by 8), the views too; the cache file keeps ggml's rows
+    assert {attn.qkv.layout, attn.o_proj.layout, attn.q_proj.layout, attn.v_proj.layout} == {"x8"}
     assert not any(p.dtype == BF and p.dim() == 2 and p.shape[1] == attn.o_proj.in_features
                    for n, p in engine.model.named_parameters() if "self_attn" in n)  # bf16 weights dropped
     engine.generate([5, 6, 7, 8], 3, stop_tokens=[])
@@ -304,3 +306,20 @@ def test_explicit_q4_0_over_bf16_experts(ckpt, tmp_path):
             total += a.shape[0]
     print(f"bf16 experts, q4_0 attention: argmax agreement {agree}/{total}")
     assert agree >= 0.85 * total, (agree, total)
+
+
+def test_x8_projection_equals_the_row_layout():
+    """A Q4_0Linear / Q4_0QKV over the x8 layout (native.to_x8_ of the same bytes) computes what the row layout
+    does, to fp32 rounding, and dequantises to the same weights; q/k/v sizes off the groups of 8 are refused."""
+    lin = _linear(64, 128, True, seed=8)
+    rows = aq.Q4_0Linear.from_linear(lin)
+    x8 = aq.Q4_0Linear(native.to_x8_(rows.qweight.clone(), 64, 128), 64, 128, lin.bias, layout="x8")
+    x = torch.randn(3, 128).to(BF)
+    torch.testing.assert_close(x8(x).float(), rows(x).float(), rtol=1e-2, atol=1e-2)  # bf16 outputs
+    assert torch.equal(x8.dequantize(), rows.dequantize())
+    qkv = aq.Q4_0QKV.from_linears(_linear(32, 128, False), _linear(16, 128, False, 1), _linear(16, 128, False, 2))
+    qkv8 = aq.Q4_0QKV(native.to_x8_(qkv.qweight.clone(), 64, 128), (32, 16, 16), 128, layout="x8")
+    for a, b in zip(qkv8(x), qkv(x)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="groups of 8"):
+        aq.Q4_0QKV(qkv.qweight, (36, 12, 16), 128, layout="x8")

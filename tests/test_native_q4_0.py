@@ -220,3 +220,52 @@ def test_engine_decode_steps_run_one_native_call_per_layer(tmp_path, monkeypatch
     rel = [((a - b).norm() / b.norm()).item() for a, b in zip(fused, one_by_one)]
     assert max(rel) < 0.02, rel
     assert sum(int(a.argmax() == b.argmax()) for a, b in zip(fused, one_by_one)) >= 3
+
+
+@pytest.mark.parametrize("rows,cols,n", [(64, 256, 1), (2056, 1536, 3), (16, 96, 2)])
+def test_x8_layout_computes_the_same_product(rows, cols, n):
+    """Rows interleaved by 8 (native.to_x8_, in place; from_x8 its inverse) give the row layout's product to fp32
+    rounding (the same integer sums, accumulated per row in another order), on any split over threads, and on the
+    scalar path; x8_rows gathers rows back in ggml's layout (the sparse LM head's)."""
+    buf, x = _case(rows, cols, n, seed=6)
+    ref = _q8_reference(buf, rows, cols, x)
+    wx = native.to_x8_(buf.clone(), rows, cols)
+    assert not torch.equal(wx, buf) and torch.equal(native.from_x8(wx, rows, cols), buf)
+    for threads in (1, 2):
+        y = native.matmul(wx, rows, cols, x, threads=threads, layout="x8")
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    s = native._load()
+    q, d = native.quantize_q8_0(x)
+    y0 = torch.empty(n, rows)
+    s["lib"].st_q4_0x8_gemm_mt(wx.data_ptr(), rows, cols // 32, n, q.data_ptr(), d.data_ptr(), y0.data_ptr(), rows,
+                               0, 1)
+    torch.testing.assert_close(y0.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    idx = torch.tensor([0, 7, 8, rows - 1])
+    assert torch.equal(native.x8_rows(wx, rows, cols, idx),
+                       buf.view(rows, -1).index_select(0, idx).reshape(-1))
+
+
+def test_x8_layout_refuses_rows_not_in_groups_of_8():
+    buf, x = _case(70, 256)
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        native.to_x8_(buf, 70, 256)
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        native.matmul(buf, 70, 256, x, layout="x8")
+    with pytest.raises(ValueError, match="layout"):
+        native.matmul(buf, 70, 256, x, layout="columns")
+
+
+def test_lm_head_in_x8_equals_the_row_layout():
+    """The q4_0 head the engine opens is held in x8 (load_or_quantize; its cache file keeps ggml's rows): the same
+    logits as the row layout, whole and for a sparse set of rows, and the same dequantised weights."""
+    from smallthinker_lab.engine import lm_head_quant as lq
+
+    w = torch.randn(200, 128, generator=torch.Generator().manual_seed(7)) * 0.05
+    rows_head = lq.QuantizedHead(lq.quantize(w, "q4_0"), "q4_0", (200, 128))
+    x8_head = lq.load_or_quantize(w, "q4_0", None)
+    assert rows_head.layout == "rows" and x8_head.layout == "x8"
+    h = torch.randn(2, 128)
+    torch.testing.assert_close(x8_head(h), rows_head(h), rtol=1e-5, atol=1e-5)
+    idx = torch.tensor([3, 8, 9, 150])
+    torch.testing.assert_close(x8_head.rows(h, idx)[0], rows_head.rows(h, idx)[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(x8_head.dequantize(), rows_head.dequantize())

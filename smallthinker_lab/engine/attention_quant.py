@@ -120,7 +120,24 @@ def _check_bytes(qweight: torch.Tensor, rows: int, cols: int) -> None:
                          f"got {qweight.numel()}")
 
 
-def _product(qweight: torch.Tensor, rows: int, cols: int, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+def _check_layout(layout: str, rows: int) -> None:
+    if layout not in ("rows", "x8"):
+        raise ValueError(f"a Q4_0 projection's layout is 'rows' or 'x8', not {layout!r}")
+    if layout == "x8" and rows % 8:
+        raise ValueError(f"the x8 layout interleaves rows by 8: {rows} rows are not a multiple of 8")
+
+
+def _row_bytes(qweight: torch.Tensor, rows: int, cols: int, layout: str) -> torch.Tensor:
+    """ggml's row layout of ``qweight`` (itself, or converted from x8)."""
+    if layout == "rows":
+        return qweight
+    from . import native
+
+    return native.from_x8(qweight, rows, cols)
+
+
+def _product(qweight: torch.Tensor, rows: int, cols: int, bias: torch.Tensor | None, x: torch.Tensor,
+             layout: str = "rows") -> torch.Tensor:
     """fp32 (..., rows) = x (..., cols) times the Q4_0 matrix (Q8_0 activations), plus the bias."""
     from . import native
 
@@ -128,7 +145,7 @@ def _product(qweight: torch.Tensor, rows: int, cols: int, bias: torch.Tensor | N
         raise ValueError(f"this Q4_0 projection takes {cols} input features, got a tensor of shape {tuple(x.shape)}")
     if x.device.type != "cpu":
         raise ValueError(f"the native Q4_0 kernel runs on the CPU, not on {x.device}")
-    y = native.matmul(qweight, rows, cols, x.reshape(-1, cols))  # (N, R) fp32
+    y = native.matmul(qweight, rows, cols, x.reshape(-1, cols), layout=layout)  # (N, R) fp32
     if bias is not None:
         y += bias.to(torch.float32)
     return y.reshape(*x.shape[:-1], rows)
@@ -139,10 +156,13 @@ class Q4_0Linear(nn.Module):
     the native kernel: x (..., in) -> (..., out) in x's dtype. ``bias``: (out,) or None."""
 
     def __init__(self, qweight: torch.Tensor, out_features: int, in_features: int,
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, layout: str = "rows") -> None:
+        """``layout``: how ``qweight`` holds the blocks: "rows" (ggml's) or "x8" (``native.to_x8_``)."""
         super().__init__()
         self.out_features, self.in_features = int(out_features), int(in_features)
         _check_bytes(qweight, self.out_features, self.in_features)
+        _check_layout(layout, self.out_features)
+        self.layout = layout
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"the bias of a ({out_features}, {in_features}) projection is ({out_features},), got "
                              f"{tuple(bias.shape)}")
@@ -161,13 +181,15 @@ class Q4_0Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weights the kernel computes with."""
-        return quant.dequantize_q4_0(self.qweight, (self.out_features, self.in_features), dtype)
+        return quant.dequantize_q4_0(_row_bytes(self.qweight, self.out_features, self.in_features, self.layout),
+                                     (self.out_features, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _product(self.qweight, self.out_features, self.in_features, self.bias, x).to(x.dtype)
+        return _product(self.qweight, self.out_features, self.in_features, self.bias, x, self.layout).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, q4_0"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"q4_0 ({self.layout})")
 
 
 class Q4_0QKV(nn.Module):
@@ -176,13 +198,19 @@ class Q4_0QKV(nn.Module):
     :class:`Q4_0Linear` views of its rows (the same bytes, no copy)."""
 
     def __init__(self, qweight: torch.Tensor, sizes: tuple[int, int, int], in_features: int,
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, layout: str = "rows") -> None:
+        """``layout``: "rows" or "x8" (``native.to_x8_``; each of q, k, v a multiple of 8 rows, so that its rows
+        stay a range of the bytes)."""
         super().__init__()
         self.sizes, self.in_features = tuple(int(s) for s in sizes), int(in_features)
         if len(self.sizes) != 3:
             raise ValueError(f"Q4_0QKV holds three projections (q, k, v), got sizes {sizes}")
         self.rows = sum(self.sizes)
         _check_bytes(qweight, self.rows, self.in_features)
+        if layout == "x8" and any(n % 8 for n in self.sizes):
+            raise ValueError(f"the x8 layout keeps q, k and v apart only in whole groups of 8 rows: sizes {sizes}")
+        _check_layout(layout, self.rows)
+        self.layout = layout
         if bias is not None and tuple(bias.shape) != (self.rows,):
             raise ValueError(f"the fused q/k/v bias is ({self.rows},), got {tuple(bias.shape)}")
         self.register_buffer("qweight", qweight, persistent=False)
@@ -208,16 +236,17 @@ class Q4_0QKV(nn.Module):
         out, r0 = [], 0
         for n in self.sizes:
             b = None if self.bias is None else self.bias[r0:r0 + n]
-            out.append(Q4_0Linear(self.qweight[r0 * row_bytes:(r0 + n) * row_bytes], n, self.in_features, b))
+            out.append(Q4_0Linear(self.qweight[r0 * row_bytes:(r0 + n) * row_bytes], n, self.in_features, b,
+                                  self.layout))
             r0 += n
         return out
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        y = _product(self.qweight, self.rows, self.in_features, self.bias, x).to(x.dtype)  # (..., R)
+        y = _product(self.qweight, self.rows, self.in_features, self.bias, x, self.layout).to(x.dtype)  # (..., R)
         return tuple(y.split(self.sizes, dim=-1))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, sizes={self.sizes}, bias={self.bias is not None}, q4_0"
+        return f"in_features={self.in_features}, sizes={self.sizes}, bias={self.bias is not None}, q4_0 ({self.layout})"
 
 
 # ------------------------------------------------------------------ the engine's model
@@ -266,16 +295,26 @@ def load_or_quantize(model, fmt: str = "q4_0", folder: str | os.PathLike | None 
         source = "quantized"
         if path is not None and _write_cache(path, buf, want):
             source = "quantized, cached"
+    from . import native
+
     off = 0
     for i, a in enumerate(attns):
         (q, H), (kv, _), _, (_, qc) = shapes[4 * i:4 * i + 4]
+        # in memory in the kernel's x8 layout where the rows allow it (the cache file keeps ggml's rows)
+        x8 = native.x8_ok(q) and native.x8_ok(kv)
         n_qkv = quant.q4_0_nbytes((q + 2 * kv, H))
         biases = [getattr(a, p).bias for p in _PROJ[:3]]
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        qkv = Q4_0QKV(buf[off:off + n_qkv], (q, kv, kv), H, bias)
+        part = buf[off:off + n_qkv]
+        if x8:
+            native.to_x8_(part, q + 2 * kv, H)
+        qkv = Q4_0QKV(part, (q, kv, kv), H, bias, layout="x8" if x8 else "rows")
         off += n_qkv
         n_o = quant.q4_0_nbytes((H, qc))
-        o = Q4_0Linear(buf[off:off + n_o], H, qc, a.o_proj.bias)
+        part = buf[off:off + n_o]
+        if native.x8_ok(H):
+            native.to_x8_(part, H, qc)
+        o = Q4_0Linear(part, H, qc, a.o_proj.bias, layout="x8" if native.x8_ok(H) else "rows")
         off += n_o
         a.qkv = qkv
         a.q_proj, a.k_proj, a.v_proj = qkv.parts()

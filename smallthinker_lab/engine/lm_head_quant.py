@@ -148,15 +148,25 @@ def quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
 class QuantizedHead:
     """A (V, H) LM head in a CPU kernel format, over its bytes ``buf`` (flat uint8; ``quantize`` writes them)."""
 
-    def __init__(self, buf: torch.Tensor, fmt: str, shape: tuple[int, int]) -> None:
+    def __init__(self, buf: torch.Tensor, fmt: str, shape: tuple[int, int], layout: str = "rows") -> None:
+        """``layout`` (q4_0): "rows", ggml's blocks as ``buf`` holds them, or "x8": ``buf`` converted in place to
+        the native kernel's rows interleaved by 8 (``native.to_x8_``), which it computes 8 rows a pass."""
         if fmt not in HEAD_FORMATS:
             raise ValueError(f"QuantizedHead formats: {HEAD_FORMATS}, not {fmt!r}")
         self.fmt, self.shape = fmt, (int(shape[0]), int(shape[1]))
         self.buf = quant.as_uint8(buf)
+        self.layout = "rows"
+        if layout not in ("rows", "x8") or (layout == "x8" and fmt != "q4_0"):
+            raise ValueError(f"an LM head's layout is 'rows' (or 'x8' for q4_0), not {layout!r}")
         if fmt == "q4_0":  # the native kernel reads the blocks in place
             if self.buf.numel() != quant.q4_0_nbytes(self.shape):
                 raise ValueError(f"a q4_0 head of shape {self.shape} is {quant.q4_0_nbytes(self.shape)} bytes, "
                                  f"got {self.buf.numel()}")
+            if layout == "x8":
+                from . import native
+
+                native.to_x8_(self.buf, *self.shape)
+                self.layout = "x8"
             self.operand = None
         else:
             parts = quant.q4_0_cpu_parts if fmt == "q4_0_cpu" else quant.int8_cpu_parts
@@ -177,6 +187,10 @@ class QuantizedHead:
         v, c = self.shape
         if self.fmt == "q4_0":
             rb = quant.q4_0_nbytes((1, c))
+            if self.layout == "x8":
+                from . import native
+
+                return codec.decode(native.from_x8(self.buf, v, c), self.shape, dtype)
             return torch.cat([codec.decode(self.buf[r0 * rb:min(v, r0 + _CHUNK_ROWS) * rb],
                                            (min(v, r0 + _CHUNK_ROWS) - r0, c), dtype)
                               for r0 in range(0, v, _CHUNK_ROWS)])
@@ -203,7 +217,7 @@ class QuantizedHead:
         if self.fmt == "q4_0":  # fp32 out of the native kernel
             from . import native
 
-            out = native.matmul(self.buf, self.shape[0], self.shape[1], h)
+            out = native.matmul(self.buf, self.shape[0], self.shape[1], h, layout=self.layout)
             return out.to(hidden.dtype).reshape(*hidden.shape[:-1], self.shape[0])
         out = linear(h.to(torch.bfloat16).contiguous(), self.operand, self.fmt)  # (N, V) bf16
         return out.to(hidden.dtype).reshape(*hidden.shape[:-1], self.shape[0])
@@ -235,7 +249,10 @@ class QuantizedHead:
             from . import native
 
             rb = quant.q4_0_nbytes((1, self.shape[1]))
-            w = self.buf.view(self.shape[0], rb).index_select(0, rows).reshape(-1)
+            if self.layout == "x8":
+                w = native.x8_rows(self.buf, *self.shape, rows)
+            else:
+                w = self.buf.view(self.shape[0], rb).index_select(0, rows).reshape(-1)
             out = native.matmul(w, int(rows.numel()), self.shape[1], hidden.reshape(-1, self.shape[1]))
             return out.to(hidden.dtype), int(rows.numel())
         op, pos = self._row_operand(rows)
@@ -365,7 +382,11 @@ def load_or_quantize(weight: torch.Tensor, fmt: str, folder: str | os.PathLike |
         source = "quantized"
         if path is not None and _write_cache(path, buf, want):
             source = "quantized, cached"
-    head = QuantizedHead(buf, fmt, tuple(weight.shape))
+    # q4_0: in memory in the native kernel's x8 layout (the cache file keeps ggml's rows)
+    from . import native
+
+    x8 = fmt == "q4_0" and native.available() and native.x8_ok(weight.shape[0])
+    head = QuantizedHead(buf, fmt, tuple(weight.shape), layout="x8" if x8 else "rows")
     head.source, head.open_seconds = source, time.perf_counter() - t0
     return head
 

@@ -93,6 +93,12 @@ def _load() -> dict:
         lib.st_q4_0_simd.argtypes = []
         lib.st_moe_q4_0.argtypes = [I64, P, P, P, P, I64, I64, P, P, P, P, INT, INT]
         lib.st_moe_q4_0.restype = INT
+        lib.st_q4_0x8_gemm_mt.argtypes = [P, I64, I64, I64, P, P, P, I64, INT, INT]
+        lib.st_q4_0x8_gemm_mt.restype = INT
+        lib.st_q4_0_to_x8.argtypes = [P, I64, I64, P]
+        lib.st_q4_0_to_x8.restype = None
+        lib.st_q4_0_from_x8.argtypes = [P, I64, I64, P]
+        lib.st_q4_0_from_x8.restype = None
         _state.update(lib=lib, simd=int(lib.st_q4_0_simd()), path=str(path), reason=None)
         return _state
 
@@ -141,29 +147,91 @@ def _check_weight(w: torch.Tensor, rows: int, cols: int) -> None:
                          f"got {w.numel()}")
 
 
+LAYOUTS = ("rows", "x8")  # ggml's blocks row after row, or rows interleaved by 8 (``to_x8_``)
+
+
 def matmul_q8(w: torch.Tensor, rows: int, cols: int, q: torch.Tensor, d: torch.Tensor,
-              threads: int | None = None) -> torch.Tensor:
+              threads: int | None = None, layout: str = "rows") -> torch.Tensor:
     """y (N, R) fp32 = the Q4_0 matrix ``w`` (its bytes, shape (R, C)) times N activations already in Q8_0
-    (``quantize_q8_0``); the rows are split over ``threads`` (default ``default_threads()``)."""
+    (``quantize_q8_0``); the rows are split over ``threads`` (default ``default_threads()``). ``layout``: "rows"
+    (ggml's blocks, row after row) or "x8" (rows interleaved by 8, ``to_x8_``: the same sums, 8 rows a pass)."""
     s = _lib()
     _check_weight(w, rows, cols)
     n = q.shape[0]
     if q.shape != (n, cols) or q.dtype != torch.int8 or d.shape != (n, cols // QK4_0):
         raise ValueError(f"activations of shape {tuple(q.shape)} do not match a ({rows}, {cols}) Q4_0 matrix")
+    if layout not in LAYOUTS:
+        raise ValueError(f"a Q4_0 matrix's layout is one of {LAYOUTS}, not {layout!r}")
+    if layout == "x8" and rows % 8:
+        raise ValueError(f"the x8 layout interleaves rows by 8: {rows} rows are not a multiple of 8")
     y = torch.empty(n, rows, dtype=torch.float32)
     nb = cols // QK4_0
     t = max(1, min(int(threads or default_threads()), rows // 64 or 1))
     if threads is None and rows * cols * n < SPLIT_MIN_WEIGHTS:  # a thread's start costs more than its share
         t = 1
-    s["lib"].st_q4_0_gemm_mt(w.data_ptr(), nb * Q4_0_BLOCK_BYTES, rows, nb, n, q.data_ptr(), d.data_ptr(),
-                             y.data_ptr(), rows, s["simd"], t)
+    if layout == "x8":
+        s["lib"].st_q4_0x8_gemm_mt(w.data_ptr(), rows, nb, n, q.data_ptr(), d.data_ptr(), y.data_ptr(), rows,
+                                   s["simd"], t)
+    else:
+        s["lib"].st_q4_0_gemm_mt(w.data_ptr(), nb * Q4_0_BLOCK_BYTES, rows, nb, n, q.data_ptr(), d.data_ptr(),
+                                 y.data_ptr(), rows, s["simd"], t)
     return y
 
 
-def matmul(w: torch.Tensor, rows: int, cols: int, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+def matmul(w: torch.Tensor, rows: int, cols: int, x: torch.Tensor, threads: int | None = None,
+           layout: str = "rows") -> torch.Tensor:
     """y (N, R) fp32 = the Q4_0 matrix ``w`` (R, C) times x (N, C) (any float dtype; quantized to Q8_0 first)."""
     q, d = quantize_q8_0(x.reshape(-1, cols))
-    return matmul_q8(w, rows, cols, q, d, threads)
+    return matmul_q8(w, rows, cols, q, d, threads, layout)
+
+
+_X8_CHUNK_ROWS = 1024  # rows converted at a time through a scratch copy (in place, ~1.7 MB extra at H = 1536)
+
+
+def x8_ok(rows: int) -> bool:
+    """Whether a matrix of ``rows`` rows can take the x8 layout."""
+    return rows % 8 == 0
+
+
+def to_x8_(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """ggml Q4_0 rows -> the x8 layout, in place (``w`` returned): rows in groups of 8, and per group and block
+    column, the 8 rows' fp16 scales then their 8 x 16 bytes of nibbles. The bytes of rows r0..r1 (multiples of 8)
+    stay where they were, so row ranges of such bounds remain views; the kernel computes 8 rows a pass (measured
+    1.5x the row layout's rate on weights in cache, benchmarks/cpu_q4_0_native.py)."""
+    s = _lib()
+    _check_weight(w, rows, cols)
+    if not x8_ok(rows):
+        raise ValueError(f"the x8 layout interleaves rows by 8: {rows} rows are not a multiple of 8")
+    nb = cols // QK4_0
+    rb = nb * Q4_0_BLOCK_BYTES
+    for r0 in range(0, rows, _X8_CHUNK_ROWS):
+        n = min(_X8_CHUNK_ROWS, rows - r0)
+        part = w[r0 * rb:(r0 + n) * rb]
+        src = part.clone()
+        s["lib"].st_q4_0_to_x8(src.data_ptr(), n, nb, part.data_ptr())
+    return w
+
+
+def from_x8(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The ggml row layout of an x8 matrix (a new tensor)."""
+    s = _lib()
+    _check_weight(w, rows, cols)
+    if not x8_ok(rows):
+        raise ValueError(f"an x8 matrix has a multiple of 8 rows, not {rows}")
+    out = torch.empty_like(w)
+    s["lib"].st_q4_0_from_x8(w.data_ptr(), rows, cols // QK4_0, out.data_ptr())
+    return out
+
+
+def x8_rows(w: torch.Tensor, rows: int, cols: int, idx: torch.Tensor) -> torch.Tensor:
+    """The ggml row-layout bytes of rows ``idx`` of an x8 matrix (``len(idx)`` rows, flat uint8)."""
+    nb = cols // QK4_0
+    groups = w.view(rows // 8, nb, 8 * Q4_0_BLOCK_BYTES)[idx // 8]  # (K, nb, 144)
+    j = (idx % 8).view(-1, 1, 1)
+    scale_at = 2 * j + torch.arange(2).view(1, 1, 2)  # (K, 1, 2)
+    nib_at = 16 + 16 * j + torch.arange(16).view(1, 1, 16)  # (K, 1, 16)
+    at = torch.cat([scale_at, nib_at], dim=2).expand(-1, nb, -1)  # (K, nb, 18)
+    return torch.gather(groups, 2, at).reshape(-1)
 
 
 def reglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, f: int, h: int,

@@ -148,6 +148,123 @@ __attribute__((target("avx2,fma,f16c"))) static void gemm_avx2(const uint8_t *w,
 }
 #endif
 
+/* ------------------------------------------------------------------ rows interleaved by 8 ("q4_0x8")
+ * The same Q4_0 blocks, reordered: rows in groups of 8, and per group and block column b, the 8 rows' fp16 scales
+ * (16 bytes) then their 8 x 16 bytes of nibbles (144 bytes, the size of 8 blocks). One pass computes 8 rows: the
+ * activation block is loaded once for them, their 8 integer sums are reduced into one vector and scaled by the 8
+ * scales at once (no per-row horizontal sum), and the weights are read as one sequential stream. */
+#define X8_GROUP 144
+
+static void gemm_x8_scalar(const uint8_t *w, int64_t g0, int64_t g1, int64_t nblocks, int64_t ntok,
+                           const int8_t *qx_all, const float *dx_all, float *y_all, int64_t ldy) {
+    for (int64_t g = g0; g < g1; g++)
+        for (int64_t t = 0; t < ntok; t++) {
+            const int8_t *qx = qx_all + t * nblocks * QK;
+            const float *dx = dx_all + t * nblocks;
+            for (int r = 0; r < 8; r++) {
+                float acc = 0.0f;
+                for (int64_t b = 0; b < nblocks; b++) {
+                    const uint8_t *blk = w + (g * nblocks + b) * X8_GROUP, *qs = blk + 16 + 16 * r;
+                    uint16_t h;
+                    memcpy(&h, blk + 2 * r, 2);
+                    const int8_t *xb = qx + b * QK;
+                    int32_t s = 0;
+                    for (int i = 0; i < 16; i++) {
+                        s += ((int)(qs[i] & 0x0f) - 8) * xb[i];
+                        s += ((int)(qs[i] >> 4) - 8) * xb[16 + i];
+                    }
+                    acc += fp16_to_fp32(h) * dx[b] * (float)s;
+                }
+                y_all[t * ldy + g * 8 + r] = acc;
+            }
+        }
+}
+
+#ifdef ST_X86
+__attribute__((target("avx2,fma,f16c"))) static void gemm_x8_avx2(const uint8_t *w, int64_t g0, int64_t g1,
+                                                                  int64_t nblocks, int64_t ntok, const int8_t *qx,
+                                                                  const float *dx, float *y, int64_t ldy) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    int32_t bsum[ntok * nblocks]; /* 8 x each activation block's sum: what the unsigned nibbles add beyond q - 8 */
+    for (int64_t i = 0; i < ntok * nblocks; i++) {
+        int32_t s = 0;
+        for (int j = 0; j < QK; j++) s += qx[i * QK + j];
+        bsum[i] = 8 * s;
+    }
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *base = w + g * nblocks * X8_GROUP;
+        for (int64_t t = 0; t < ntok; t++) {
+            const int8_t *qxt = qx + t * nblocks * QK;
+            const float *dxt = dx + t * nblocks;
+            const int32_t *bs = bsum + t * nblocks;
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t b = 0; b < nblocks; b++) {
+                const uint8_t *blk = base + b * X8_GROUP;
+                _mm_prefetch((const char *)(blk + ST_PREFETCH), _MM_HINT_T0);
+                _mm_prefetch((const char *)(blk + ST_PREFETCH + 64), _MM_HINT_T0);
+                _mm_prefetch((const char *)(blk + ST_PREFETCH + 128), _MM_HINT_T0);
+                __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+                __m256i qy = _mm256_loadu_si256((const __m256i *)(qxt + b * QK));
+                __m256i p[8];
+                for (int r = 0; r < 8; r++) {
+                    __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 16 + 16 * r));
+                    __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m4);
+                    p[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(q, qy), ones);
+                }
+                __m256i s01 = _mm256_hadd_epi32(p[0], p[1]), s23 = _mm256_hadd_epi32(p[2], p[3]);
+                __m256i s45 = _mm256_hadd_epi32(p[4], p[5]), s67 = _mm256_hadd_epi32(p[6], p[7]);
+                __m256i s03 = _mm256_hadd_epi32(s01, s23), s47 = _mm256_hadd_epi32(s45, s67);
+                __m256i s = _mm256_add_epi32(_mm256_permute2x128_si256(s03, s47, 0x20),
+                                             _mm256_permute2x128_si256(s03, s47, 0x31)); /* rows 0..7 */
+                s = _mm256_sub_epi32(s, _mm256_set1_epi32(bs[b]));
+                acc = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_set1_ps(dxt[b])), _mm256_cvtepi32_ps(s), acc);
+            }
+            _mm256_storeu_ps(y + t * ldy + g * 8, acc);
+        }
+    }
+}
+#endif
+
+/* y[t, r] for the rows of groups g0 <= g < g1 (rows 8 g0 .. 8 g1 - 1) of a q4_0x8 matrix of nblocks block columns
+ * and ntok Q8_0 tokens; the arguments otherwise as st_q4_0_gemm's. */
+void st_q4_0x8_gemm(const uint8_t *w, int64_t g0, int64_t g1, int64_t nblocks, int64_t ntok, const int8_t *qx,
+                    const float *dx, float *y, int64_t ldy, int simd) {
+#ifdef ST_X86
+    if (simd) {
+        gemm_x8_avx2(w, g0, g1, nblocks, ntok, qx, dx, y, ldy);
+        return;
+    }
+#endif
+    (void)simd;
+    gemm_x8_scalar(w, g0, g1, nblocks, ntok, qx, dx, y, ldy);
+}
+
+/* ggml Q4_0 rows (rows a multiple of 8, nblocks blocks each) -> the q4_0x8 order; dst as large as src. */
+void st_q4_0_to_x8(const uint8_t *src, int64_t rows, int64_t nblocks, uint8_t *dst) {
+    for (int64_t g = 0; g < rows / 8; g++)
+        for (int64_t b = 0; b < nblocks; b++) {
+            uint8_t *o = dst + (g * nblocks + b) * X8_GROUP;
+            for (int r = 0; r < 8; r++) {
+                const uint8_t *blk = src + ((g * 8 + r) * nblocks + b) * Q4_BLOCK;
+                memcpy(o + 2 * r, blk, 2);
+                memcpy(o + 16 + 16 * r, blk + 2, 16);
+            }
+        }
+}
+
+/* The inverse of st_q4_0_to_x8. */
+void st_q4_0_from_x8(const uint8_t *src, int64_t rows, int64_t nblocks, uint8_t *dst) {
+    for (int64_t g = 0; g < rows / 8; g++)
+        for (int64_t b = 0; b < nblocks; b++) {
+            const uint8_t *o = src + (g * nblocks + b) * X8_GROUP;
+            for (int r = 0; r < 8; r++) {
+                uint8_t *blk = dst + ((g * 8 + r) * nblocks + b) * Q4_BLOCK;
+                memcpy(blk, o + 2 * r, 2);
+                memcpy(blk + 2, o + 16 + 16 * r, 16);
+            }
+        }
+}
+
 /* 1 when the AVX2 path runs, 0 for the scalar one. */
 int st_q4_0_simd(void) {
 #ifdef ST_X86
@@ -182,29 +299,29 @@ typedef struct {
     const int8_t *qx;
     const float *dx;
     float *y;
-    int simd;
+    int simd, x8; /* x8: w is q4_0x8 and r0, r1 count groups of 8 rows */
 } gemm_job;
 
 static void *gemm_thread(void *arg) {
     gemm_job *j = (gemm_job *)arg;
-    st_q4_0_gemm(j->w, j->row_bytes, j->r0, j->r1, j->nblocks, j->ntok, j->qx, j->dx, j->y, j->ldy, j->simd);
+    if (j->x8)
+        st_q4_0x8_gemm(j->w, j->r0, j->r1, j->nblocks, j->ntok, j->qx, j->dx, j->y, j->ldy, j->simd);
+    else
+        st_q4_0_gemm(j->w, j->row_bytes, j->r0, j->r1, j->nblocks, j->ntok, j->qx, j->dx, j->y, j->ldy, j->simd);
     return NULL;
 }
 
 #define MAX_THREADS 64
-/* st_q4_0_gemm over rows 0..rows-1 with the rows split in nthreads contiguous shares: nthreads - 1 threads started
- * for this call (no pool to keep or leak), the caller computing the first share. Returns the threads that ran
- * (fewer when one could not start: its share then runs on the caller). */
-int st_q4_0_gemm_mt(const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t nblocks, int64_t ntok,
-                    const int8_t *qx, const float *dx, float *y, int64_t ldy, int simd, int nthreads) {
+static int gemm_split(const gemm_job *proto, int64_t units, int nthreads) {
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if (nthreads < 1) nthreads = 1;
     pthread_t tid[MAX_THREADS];
     gemm_job jobs[MAX_THREADS];
     int started[MAX_THREADS] = {0}, ran = 1;
     for (int i = 0; i < nthreads; i++) {
-        jobs[i] = (gemm_job){w, row_bytes, rows * i / nthreads, rows * (i + 1) / nthreads, nblocks, ntok, ldy,
-                             qx, dx, y, simd};
+        jobs[i] = *proto;
+        jobs[i].r0 = units * i / nthreads;
+        jobs[i].r1 = units * (i + 1) / nthreads;
         if (i > 0) {
             started[i] = pthread_create(&tid[i], NULL, gemm_thread, &jobs[i]) == 0;
             ran += started[i];
@@ -218,6 +335,22 @@ int st_q4_0_gemm_mt(const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t n
             gemm_thread(&jobs[i]);
     }
     return ran;
+}
+
+/* st_q4_0_gemm over rows 0..rows-1 with the rows split in nthreads contiguous shares: nthreads - 1 threads started
+ * for this call (no pool to keep or leak), the caller computing the first share. Returns the threads that ran
+ * (fewer when one could not start: its share then runs on the caller). */
+int st_q4_0_gemm_mt(const uint8_t *w, int64_t row_bytes, int64_t rows, int64_t nblocks, int64_t ntok,
+                    const int8_t *qx, const float *dx, float *y, int64_t ldy, int simd, int nthreads) {
+    gemm_job proto = {w, row_bytes, 0, 0, nblocks, ntok, ldy, qx, dx, y, simd, 0};
+    return gemm_split(&proto, rows, nthreads);
+}
+
+/* st_q4_0_gemm_mt for a q4_0x8 matrix of rows (a multiple of 8) rows: the groups of 8 split over the threads. */
+int st_q4_0x8_gemm_mt(const uint8_t *w, int64_t rows, int64_t nblocks, int64_t ntok, const int8_t *qx,
+                      const float *dx, float *y, int64_t ldy, int simd, int nthreads) {
+    gemm_job proto = {w, nblocks * Q4_BLOCK, 0, 0, nblocks, ntok, ldy, qx, dx, y, simd, 1};
+    return gemm_split(&proto, rows / 8, nthreads);
 }
 
 /* ------------------------------------------------------------------ one token through a layer's experts */
