@@ -221,8 +221,8 @@ def setup_model(args, log) -> be.ModelInfo:
     cfg = be.SmallThinkerConfig.from_json(ckpt / "config.json")
     bundles = {}
     for q in ENGINE_FORMATS:
-        if q == "q4_0" and _native():  # the native kernel reads down in the model's layout (engine/native.py)
-            out, secs = be.convert_bundle(ckpt, scratch / "bundle-q4_0-native", q, down_transposed=False)
+        if q == "q4_0" and _native():  # the native kernel's q4_0x8 records, down in the model's layout
+            out, secs = be.convert_bundle(ckpt, scratch / "bundle-q4_0x8-native", "q4_0x8", down_transposed=False)
         else:
             out, secs = be.convert_bundle(ckpt, scratch / f"bundle-{q or 'bf16'}", q)
         bundles[q] = out
@@ -284,7 +284,7 @@ def _native() -> bool:
 
 
 def _q4_0_what() -> str:
-    return ("Q4_0 (ggml blocks, native Q4_0 x Q8_0 kernel)" if _native()
+    return ("Q4_0 (ggml blocks, 8 rows interleaved: native Q4_0 x Q8_0 kernel)" if _native()
             else "Q4_0 (ggml blocks, dequantised per product)")
 
 

@@ -140,7 +140,7 @@ def test_registry_encode_decode_on_flat_buffers(name, tmp_path):
     buf = fmt.encode(w)
     assert buf.dtype == torch.uint8 and buf.dim() == 1 and buf.numel() == fmt.nbytes(w.shape)
     tol = {"fp32": 0, "fp16": 1e-3, "bf16": 1e-2, "int8": 2e-2, "q4_0": 0.3, "ggml_q4_0": 0.3, "ggml_q8_0": 2e-2,
-           "int8_cpu": 2e-2, "q4_0_cpu": 0.3}[name]
+           "int8_cpu": 2e-2, "q4_0_cpu": 0.3, "q4_0x8": 0.3}[name]
     back = fmt.decode(buf, w.shape, torch.float32)
     assert back.shape == w.shape and (back - w).abs().max() <= tol * w.abs().max()
     # a page-aligned numpy buffer holding several matrices, as the engine's expert file does
@@ -179,5 +179,21 @@ def test_bits_per_weight():
     assert {n: f.bits_per_weight((768, 1536)) for n, f in FORMATS.items()} == {
         "fp32": 32, "fp16": 16, "bf16": 16, "int8": 8 + 32 / 1536, "q4_0": 4.5,
         "ggml_q4_0": 4.5 + 8 * 64 / (768 * 1536), "ggml_q8_0": 8.5 + 8 * 64 / (768 * 1536),  # + the 64-byte prefix
-        "int8_cpu": 8 + 16 / 1536, "q4_0_cpu": 5}  # the int4 kernel's scales and zeros: 2 bf16 per 32 weights
+        "int8_cpu": 8 + 16 / 1536, "q4_0_cpu": 5, "q4_0x8": 4.5}  # the int4 kernel's scales and zeros: 2 bf16 per 32 weights
     assert math.isclose(FORMATS["q4_0"].nbytes((768, 1536)), 663_552)  # the reference's B for the 4B expert
+
+
+def test_q4_0x8_holds_the_q4_0_blocks_with_rows_interleaved_by_8():
+    """q4_0x8 (the native CPU kernel's layout) is q4_0 reordered: its bytes map back to q4_0's exactly, it decodes to
+    the same weights (whole and by rows), and rows not in groups of 8 are refused, naming the need."""
+    from smallthinker_lab.engine import quant
+
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(9))
+    rows_bytes, x8 = quant.quantize_q4_0(w), quant.quantize_q4_0x8(w)
+    assert x8.numel() == rows_bytes.numel() and not torch.equal(x8, rows_bytes)
+    assert torch.equal(quant.q4_0_from_x8(x8, w.shape), rows_bytes)
+    assert torch.equal(quant.dequantize_q4_0x8(x8, w.shape), quant.dequantize_q4_0(rows_bytes, w.shape))
+    idx = torch.tensor([0, 7, 8, 23])
+    assert torch.equal(quant.dequantize_q4_0x8_rows(x8, w.shape, idx), quant.dequantize_q4_0(rows_bytes, w.shape)[idx])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        quant.quantize_q4_0x8(torch.randn(12, 64))

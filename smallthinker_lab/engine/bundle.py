@@ -57,7 +57,7 @@ from .files import (  # noqa: F401
     _open_lock,
     remove_stale_temporaries,
 )
-from .quant import KERNEL_FORMATS, get_format, int4pack_layout
+from .quant import KERNEL_FORMATS, NATIVE_FORMATS, get_format, int4pack_layout
 
 # 3: the kernel formats and "packing" (2: per-expert "checksum" with the algorithm named in the index; 1: crc32 only)
 BUNDLE_VERSION = 3
@@ -67,7 +67,7 @@ MATRIX_ALIGN = 64  # alignment of each matrix inside a record
 DATA_NAME = "experts.bin"
 INDEX_NAME = "experts.json"
 MATRICES = ("gate", "up", "down")  # order inside a record; down is stored transposed [F, H]
-QUANTIZATIONS = (None, "bf16", "fp16", "fp32", "int8", "q4_0", *KERNEL_FORMATS)
+QUANTIZATIONS = (None, "bf16", "fp16", "fp32", "int8", "q4_0", *KERNEL_FORMATS, *NATIVE_FORMATS)
 _DTYPE_FORMAT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _ST_FORMAT = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 FORMAT_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -118,8 +118,9 @@ def packing(fmt: str) -> str | None:
 
 
 def down_transposed_for(fmt: str | None, down_transposed: bool = True) -> bool:
-    """The down layout a conversion to ``fmt`` uses: the kernel formats always store the model's [H, F]."""
-    return False if fmt in KERNEL_FORMATS else down_transposed
+    """The down layout a conversion to ``fmt`` uses: the kernel formats (torch's and the native one) always store the
+    model's [H, F]."""
+    return False if fmt in KERNEL_FORMATS + NATIVE_FORMATS else down_transposed
 
 
 def record_layout(hidden: int, ffn: int, fmt: str, down_transposed: bool = True
@@ -131,10 +132,10 @@ def record_layout(hidden: int, ffn: int, fmt: str, down_transposed: bool = True
     ``exact=True`` and the decode kernels compute with, so no read needs a transpose.
     The kernel formats need False (their down is the kernel's (out, in) operand)."""
     f = get_format(fmt)
-    if not down_transposed and fmt not in RAW_FORMATS + KERNEL_FORMATS + GPU_KERNEL_FORMATS:
+    if not down_transposed and fmt not in RAW_FORMATS + KERNEL_FORMATS + GPU_KERNEL_FORMATS + NATIVE_FORMATS:
         raise BundleError(f"down in the model's [H, F] layout needs a raw float format {RAW_FORMATS} or one the GPU "
                           f"decode kernels read {GPU_KERNEL_FORMATS}, not {fmt}")
-    if down_transposed and fmt in KERNEL_FORMATS:
+    if down_transposed and fmt in KERNEL_FORMATS + NATIVE_FORMATS:
         raise BundleError(f"format {fmt} stores down in the model's [H, F] layout: down_transposed must be False")
     specs, off = {}, 0
     for name in MATRICES:
@@ -489,6 +490,13 @@ def open_bundle(directory: str | os.PathLike, config: SmallThinkerConfig | None 
                               f"needs {want[0]} x {want[1]} of [{want[3]}, {want[2]}]")
     return Bundle(directory, data_path, bundle_id, fmt, L, E, H, F, stride, payload, specs, offsets, sums,
                   size, source, algo, down_t)
+
+
+def bundle_format(directory: str | os.PathLike) -> str | None:
+    """The expert format a bundle folder's index names (None: no readable index there)."""
+    idx = _index_summary(Path(directory))
+    fmt = idx.get("format") if idx is not None else None
+    return fmt if isinstance(fmt, str) else None
 
 
 def _index_summary(directory: Path) -> dict | None:

@@ -53,6 +53,7 @@ from .bundle import (
     GPU_KERNEL_FORMATS,
     RAW_FORMATS,
     BundleError,
+    bundle_format,
     bundle_only_names,
     checkpoint_tensors,
     is_expert_tensor,
@@ -67,7 +68,7 @@ from .lm_head_quant import ScreenedHead, int4_row_block, load_or_quantize, resol
 from .loading import _load_predictor, _load_tokenizer, _probe_dtype, _resolve_dtype, load_non_experts
 from .memory import MemoryPlan, itemsize, limit_for_share, parse_memory_limit, plan_memory, share_of, workspace_bytes
 from .options import AUTO_QUANTIZED_NOTE, BACKENDS, EngineOptions, choose, static_reasons
-from .quant import KERNEL_FORMATS, get_format
+from .quant import KERNEL_FORMATS, NATIVE_FORMATS, get_format
 from .state import EngineState, StateFields
 from .stats import EngineStats
 
@@ -201,10 +202,15 @@ class Engine(StateFields, EngineGeneration, EngineStats):
         model_layout = self.exact and expert_fmt in RAW_FORMATS and FORMAT_DTYPE[expert_fmt] == self.dtype
         # the GPU decode kernels read int8 / q4_0 records as they are, down in the model's layout (quantized along F)
         model_layout = model_layout or (cuda_graph == "kernels" and quantization in GPU_KERNEL_FORMATS)
-        # the native Q4_0 kernel on the CPU reads down in the model's layout too (engine/native.py)
-        model_layout = model_layout or (quantization == "q4_0" and self.device.type == "cpu" and not self.exact
-                                        and native.available())
-        self.bundle_dir = ensure_bundle(self.checkpoint_dir, bundle_dir, quantization, progress,
+        # the native Q4_0 kernel on the CPU reads down in the model's layout too (engine/native.py), from records
+        # in its q4_0x8 layout (the same blocks, 8 rows interleaved); an explicit bundle already in ggml's q4_0
+        # rows is read as it is (the kernel's row layout)
+        native_q4 = quantization == "q4_0" and self.device.type == "cpu" and not self.exact and native.available()
+        model_layout = model_layout or native_q4
+        bundle_quant = quantization
+        if native_q4 and not (bundle_dir is not None and bundle_format(bundle_dir) == "q4_0"):
+            bundle_quant = "q4_0x8"
+        self.bundle_dir = ensure_bundle(self.checkpoint_dir, bundle_dir, bundle_quant, progress,
                                         down_transposed=not model_layout)
         self.bundle = open_bundle(self.bundle_dir, config)
         if cuda_graph == "kernels" and self.bundle.format in GPU_KERNEL_FORMATS and self.bundle.down_transposed:
@@ -224,7 +230,8 @@ class Engine(StateFields, EngineGeneration, EngineStats):
         if cpu_kernel and (self.exact or self.device.type != "cpu"):
             raise ValueError(f"{self.bundle_dir}: format {self.bundle.format} runs torch's CPU kernels: it needs "
                              f"device='cpu' and exact=False")
-        quant_hf = self.bundle.format in GPU_KERNEL_FORMATS and not self.exact  # decoded whole: down [H, F]
+        # decoded whole (or the native kernel's records): down [H, F]
+        quant_hf = self.bundle.format in GPU_KERNEL_FORMATS + NATIVE_FORMATS and not self.exact
         if not self.bundle.down_transposed and not (self.exact and zero_copy) and not cpu_kernel \
                 and not quant_hf:
             what = ("exact=False (the GPU decode kernels' layout)" if self.bundle.format in GPU_KERNEL_FORMATS

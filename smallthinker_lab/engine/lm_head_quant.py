@@ -70,15 +70,16 @@ def resolve_format(value, bundle_format: str, device: torch.device, exact: bool,
     if value is None:
         return None
     if value == "auto":
-        native_q4 = bundle_format == "q4_0" and _native_reason() is None
+        native_q4 = bundle_format in ("q4_0", "q4_0x8") and _native_reason() is None
         if (bundle_format not in KERNEL_FORMATS and not native_q4) or device.type != "cpu" or exact:
             return None
+        fmt = "q4_0" if native_q4 else bundle_format  # a q4_0x8 bundle's head: q4_0 (held in x8 where it can)
         try:
             if shape is not None:
-                quant.get_format(bundle_format).nbytes(tuple(shape))
+                quant.get_format(fmt).nbytes(tuple(shape))
         except ValueError:  # e.g. a vocabulary not divisible by 16 for the int4 packing
             return None
-        return bundle_format
+        return fmt
     if device.type != "cpu":
         raise ValueError(f"lm_head_format={value!r} runs torch's CPU kernels: it needs device='cpu', not {device}")
     if value == "screened":

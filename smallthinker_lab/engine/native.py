@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .quant import Q4_0_BLOCK_BYTES, QK4_0, q4_0_nbytes
+from .quant import Q4_0_BLOCK_BYTES, QK4_0, q4_0_from_x8, q4_0_nbytes, q4_0_to_x8, q4_0x8_rows
 
 _LIB_NAME = "_q4_0_dot"
 # products (weights x tokens) below this run on the calling thread whatever torch's thread count. Measured on the
@@ -91,14 +91,10 @@ def _load() -> dict:
         lib.st_quantize_q8_0.argtypes = [P, I64, P, P]
         lib.st_quantize_q8_0.restype = None
         lib.st_q4_0_simd.argtypes = []
-        lib.st_moe_q4_0.argtypes = [I64, P, P, P, P, I64, I64, P, P, P, P, INT, INT]
+        lib.st_moe_q4_0.argtypes = [I64, P, P, P, P, I64, I64, P, P, P, P, INT, INT, INT]
         lib.st_moe_q4_0.restype = INT
         lib.st_q4_0x8_gemm_mt.argtypes = [P, I64, I64, I64, P, P, P, I64, INT, INT]
         lib.st_q4_0x8_gemm_mt.restype = INT
-        lib.st_q4_0_to_x8.argtypes = [P, I64, I64, P]
-        lib.st_q4_0_to_x8.restype = None
-        lib.st_q4_0_from_x8.argtypes = [P, I64, I64, P]
-        lib.st_q4_0_from_x8.restype = None
         _state.update(lib=lib, simd=int(lib.st_q4_0_simd()), path=str(path), reason=None)
         return _state
 
@@ -194,55 +190,41 @@ def x8_ok(rows: int) -> bool:
 
 
 def to_x8_(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """ggml Q4_0 rows -> the x8 layout, in place (``w`` returned): rows in groups of 8, and per group and block
-    column, the 8 rows' fp16 scales then their 8 x 16 bytes of nibbles. The bytes of rows r0..r1 (multiples of 8)
-    stay where they were, so row ranges of such bounds remain views; the kernel computes 8 rows a pass (measured
-    1.5x the row layout's rate on weights in cache, benchmarks/cpu_q4_0_native.py)."""
-    s = _lib()
+    """ggml Q4_0 rows -> the x8 layout (``quant.q4_0_to_x8``: rows in groups of 8, per group and block column the
+    8 rows' fp16 scales then their 8 x 16 bytes of nibbles), in place (``w`` returned), a chunk of rows at a time.
+    The bytes of rows r0..r1 (multiples of 8) stay where they were, so such row ranges remain views; the kernel
+    computes 8 rows a pass (1.5x the row layout's rate on weights in cache, measured on the development machine)."""
     _check_weight(w, rows, cols)
     if not x8_ok(rows):
         raise ValueError(f"the x8 layout interleaves rows by 8: {rows} rows are not a multiple of 8")
-    nb = cols // QK4_0
-    rb = nb * Q4_0_BLOCK_BYTES
+    rb = q4_0_nbytes((1, cols))
     for r0 in range(0, rows, _X8_CHUNK_ROWS):
         n = min(_X8_CHUNK_ROWS, rows - r0)
         part = w[r0 * rb:(r0 + n) * rb]
-        src = part.clone()
-        s["lib"].st_q4_0_to_x8(src.data_ptr(), n, nb, part.data_ptr())
+        part.copy_(q4_0_to_x8(part, (n, cols)))
     return w
 
 
 def from_x8(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """The ggml row layout of an x8 matrix (a new tensor)."""
-    s = _lib()
-    _check_weight(w, rows, cols)
-    if not x8_ok(rows):
-        raise ValueError(f"an x8 matrix has a multiple of 8 rows, not {rows}")
-    out = torch.empty_like(w)
-    s["lib"].st_q4_0_from_x8(w.data_ptr(), rows, cols // QK4_0, out.data_ptr())
-    return out
+    return q4_0_from_x8(w, (rows, cols))
 
 
 def x8_rows(w: torch.Tensor, rows: int, cols: int, idx: torch.Tensor) -> torch.Tensor:
     """The ggml row-layout bytes of rows ``idx`` of an x8 matrix (``len(idx)`` rows, flat uint8)."""
-    nb = cols // QK4_0
-    groups = w.view(rows // 8, nb, 8 * Q4_0_BLOCK_BYTES)[idx // 8]  # (K, nb, 144)
-    j = (idx % 8).view(-1, 1, 1)
-    scale_at = 2 * j + torch.arange(2).view(1, 1, 2)  # (K, 1, 2)
-    nib_at = 16 + 16 * j + torch.arange(16).view(1, 1, 16)  # (K, 1, 16)
-    at = torch.cat([scale_at, nib_at], dim=2).expand(-1, nb, -1)  # (K, nb, 18)
-    return torch.gather(groups, 2, at).reshape(-1)
+    return q4_0x8_rows(w, (rows, cols), idx)
 
 
 def reglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, f: int, h: int,
-          threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          threads: int | None = None, layout: str = "rows") -> tuple[torch.Tensor, torch.Tensor]:
     """One ReGLU expert from its Q4_0 records' bytes: gate and up (F, H), down (H, F) (the model's layout,
-    quantized along F). x (N, H) -> (y (N, H) in x's dtype, the gate product (N, F) fp32)."""
+    quantized along F), in ``layout`` ("rows" or "x8"). x (N, H) -> (y (N, H) in x's dtype, the gate product (N, F)
+    fp32)."""
     flat = x.reshape(-1, h)
     q, d = quantize_q8_0(flat)  # once for gate and up
-    g = matmul_q8(gate, f, h, q, d, threads)  # (N, F)
-    a = F.relu(g).mul_(matmul_q8(up, f, h, q, d, threads))  # (N, F)
-    y = matmul(down, h, f, a, threads)  # (N, H)
+    g = matmul_q8(gate, f, h, q, d, threads, layout)  # (N, F)
+    a = F.relu(g).mul_(matmul_q8(up, f, h, q, d, threads, layout))  # (N, F)
+    y = matmul(down, h, f, a, threads, layout)  # (N, H)
     return y.to(x.dtype).reshape(x.shape), g
 
 
@@ -254,7 +236,7 @@ MOE_SPLIT_MIN_WEIGHTS = 1 << 22
 
 
 def moe(x: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], weights: torch.Tensor,
-        f: int, h: int, threads: int | None = None, gates: bool = False
+        f: int, h: int, threads: int | None = None, gates: bool = False, layout: str = "rows"
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One token through a layer's ReGLU experts in one native call: y (1, H) fp32 = sum_j weights[j] x
     down_j(relu(gate_j x) * up_j x), each expert's (gate, up, down) Q4_0 record bytes as in :func:`reglu`; x is
@@ -262,7 +244,9 @@ def moe(x: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor, torch.T
     are 0 whatever up holds), and each expert's activations are quantized to Q8_0 before down, as :func:`reglu` does.
     Returns (y, active neurons per expert (K,) int64, the gate products (K, F) fp32 when ``gates`` else None).
     The experts are split over ``threads`` (default ``default_threads()``; one share of experts per thread)
-    when the layer reads at least ``MOE_SPLIT_MIN_WEIGHTS`` weights; the shares are added in a fixed order."""
+    when the layer reads at least ``MOE_SPLIT_MIN_WEIGHTS`` weights; the shares are added in a fixed order.
+    ``layout`` "x8": the records are q4_0x8 (``quant.quantize_q4_0x8``), 8 rows a pass; up's rows are then read
+    in groups of 8, each where one of its 8 gates is > 0."""
     s = _lib()
     k = len(experts)
     if x.numel() != h:
@@ -271,6 +255,9 @@ def moe(x: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor, torch.T
         raise ValueError(f"native.moe needs F and H multiples of {QK4_0} up to {MOE_MAX_FEATURES}, got F={f}, H={h}")
     if weights.numel() != k:
         raise ValueError(f"{k} experts need {k} weights, got {weights.numel()}")
+    if layout not in LAYOUTS or (layout == "x8" and (f % 8 or h % 8)):
+        raise ValueError(f"a layer's records are in layout 'rows' or 'x8' (F and H multiples of 8), not {layout!r} "
+                         f"with F={f}, H={h}")
     for g, u, d in experts:
         _check_weight(g, f, h), _check_weight(u, f, h), _check_weight(d, h, f)
     xf = x.detach().to(torch.float32).contiguous()
@@ -283,5 +270,6 @@ def moe(x: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor, torch.T
     if threads is None and 3 * f * h * k < MOE_SPLIT_MIN_WEIGHTS:
         t = 1
     s["lib"].st_moe_q4_0(k, ptrs[0], ptrs[1], ptrs[2], wf.data_ptr(), f, h, xf.data_ptr(), y.data_ptr(),
-                         active.data_ptr(), g_out.data_ptr() if gates else None, s["simd"], max(1, min(t, k)))
+                         active.data_ptr(), g_out.data_ptr() if gates else None, s["simd"], max(1, min(t, k)),
+                         int(layout == "x8"))
     return y, active, g_out

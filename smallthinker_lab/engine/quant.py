@@ -477,12 +477,77 @@ class QuantFormat:
         return 8 * self.nbytes(shape) / math.prod(int(s) for s in shape)
 
 
+# ------------------------------------------------------------------ q4_0x8: the native CPU kernel's layout
+# The same Q4_0 blocks as "q4_0", reordered: rows in groups of 8, and per group and block column the 8 rows' fp16
+# scales (16 bytes), then their 8 x 16 bytes of nibbles (144 bytes). The native kernel (engine/native.py, layout
+# "x8") computes 8 rows a pass from it; rows r0..r1 with r0, r1 multiples of 8 keep their byte range.
+X8_ROWS = 8
+
+
+def _check_x8_rows(rows: int) -> None:
+    if rows % X8_ROWS:
+        raise ValueError(f"q4_0x8 interleaves rows by {X8_ROWS}: {rows} rows are not a multiple of {X8_ROWS}")
+
+
+def q4_0x8_nbytes(shape: Sequence[int]) -> int:
+    _check_x8_rows(_rows_cols(shape)[0])
+    return q4_0_nbytes(shape)
+
+
+def q4_0_to_x8(buf, shape: Sequence[int]) -> torch.Tensor:
+    """ggml Q4_0 rows (flat uint8 of a (R, C) matrix, R a multiple of 8) -> the q4_0x8 order (a new tensor)."""
+    rows, cols = _rows_cols(shape)
+    _check_x8_rows(rows)
+    flat = as_uint8(buf)
+    _check_len(flat, q4_0_nbytes(shape), "q4_0", shape)
+    g, nb = rows // X8_ROWS, cols // QK4_0
+    b = flat.view(g, X8_ROWS, nb, Q4_0_BLOCK_BYTES).permute(0, 2, 1, 3)  # (G, B, 8, 18)
+    return torch.cat([b[..., :2].reshape(g, nb, 16), b[..., 2:].reshape(g, nb, 128)], dim=-1).reshape(-1)
+
+
+def q4_0_from_x8(buf, shape: Sequence[int]) -> torch.Tensor:
+    """The inverse of :func:`q4_0_to_x8`."""
+    rows, cols = _rows_cols(shape)
+    flat = as_uint8(buf)
+    _check_len(flat, q4_0x8_nbytes(shape), "q4_0x8", shape)
+    g, nb = rows // X8_ROWS, cols // QK4_0
+    x = flat.view(g, nb, X8_ROWS * Q4_0_BLOCK_BYTES)
+    b = torch.cat([x[..., :16].reshape(g, nb, 8, 2), x[..., 16:].reshape(g, nb, 8, 16)], dim=-1)  # (G, B, 8, 18)
+    return b.permute(0, 2, 1, 3).reshape(-1)
+
+
+def q4_0x8_rows(buf, shape: Sequence[int], rows: torch.Tensor) -> torch.Tensor:
+    """The ggml Q4_0 bytes of rows ``rows`` of a q4_0x8 matrix (flat, ``len(rows)`` rows)."""
+    r, cols = _rows_cols(shape)
+    flat = as_uint8(buf)
+    _check_len(flat, q4_0x8_nbytes(shape), "q4_0x8", shape)
+    nb = cols // QK4_0
+    groups = flat.view(r // X8_ROWS, nb, X8_ROWS * Q4_0_BLOCK_BYTES)[rows // X8_ROWS]  # (K, B, 144)
+    j = (rows % X8_ROWS).view(-1, 1, 1)
+    at = torch.cat([2 * j + torch.arange(2).view(1, 1, 2), 16 + 16 * j + torch.arange(16).view(1, 1, 16)], dim=2)
+    return torch.gather(groups, 2, at.expand(-1, nb, -1)).reshape(-1)
+
+
+def quantize_q4_0x8(w: torch.Tensor) -> torch.Tensor:
+    return q4_0_to_x8(quantize_q4_0(w), w.shape)
+
+
+def dequantize_q4_0x8(buf, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return dequantize_q4_0(q4_0_from_x8(buf, shape), shape, dtype)
+
+
+def dequantize_q4_0x8_rows(buf, shape: Sequence[int], rows: torch.Tensor,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return dequantize_q4_0(q4_0x8_rows(buf, shape, rows), (int(rows.numel()), _rows_cols(shape)[1]), dtype)
+
+
 FORMATS: dict[str, QuantFormat] = {
     "fp32": _raw_format("fp32", torch.float32),
     "fp16": _raw_format("fp16", torch.float16),
     "bf16": _raw_format("bf16", torch.bfloat16),
     "int8": QuantFormat("int8", int8_nbytes, quantize_int8, dequantize_int8, dequantize_int8_rows),
     "q4_0": QuantFormat("q4_0", q4_0_nbytes, quantize_q4_0, dequantize_q4_0, dequantize_q4_0_rows),
+    "q4_0x8": QuantFormat("q4_0x8", q4_0x8_nbytes, quantize_q4_0x8, dequantize_q4_0x8, dequantize_q4_0x8_rows),
     "ggml_q4_0": _ggml_format("ggml_q4_0", QK4_0, Q4_0_BLOCK_BYTES, quantize_q4_0, _q4_0_blocks, _q4_0_values),
     "ggml_q8_0": _ggml_format("ggml_q8_0", QK8_0, Q8_0_BLOCK_BYTES, quantize_q8_0, _q8_0_blocks, _q8_0_values),
     "q4_0_cpu": QuantFormat("q4_0_cpu", q4_0_cpu_nbytes, quantize_q4_0_cpu, dequantize_q4_0_cpu,
@@ -491,6 +556,7 @@ FORMATS: dict[str, QuantFormat] = {
                             dequantize_int8_cpu_rows),
 }
 KERNEL_FORMATS = ("q4_0_cpu", "int8_cpu")  # stored in the operand layout of torch's CPU kernels (cpu_kernels.py)
+NATIVE_FORMATS = ("q4_0x8",)  # the native Q4_0 kernel's layout (engine/native.py), down in the model's [H, F]
 
 
 def get_format(name: str) -> QuantFormat:

@@ -180,50 +180,73 @@ static void gemm_x8_scalar(const uint8_t *w, int64_t g0, int64_t g1, int64_t nbl
         }
 }
 
+/* 8 x each activation block's sum (what the unsigned nibbles add beyond q - 8), per block of n blocks. */
+static void x8_bsum(const int8_t *q, int64_t n, int32_t *bsum) {
+    for (int64_t i = 0; i < n; i++) {
+        int32_t s = 0;
+        for (int j = 0; j < QK; j++) s += q[i * QK + j];
+        bsum[i] = 8 * s;
+    }
+}
+
 #ifdef ST_X86
+/* The 8 rows of one group (its nblocks x 144 bytes at grp) times one Q8_0 token: out[0..7]. */
+__attribute__((target("avx2,fma,f16c"))) static inline void x8_group_avx2(const uint8_t *grp, int64_t nblocks,
+                                                                          const int8_t *qx, const float *dx,
+                                                                          const int32_t *bs, float *out) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nblocks; b++) {
+        const uint8_t *blk = grp + b * X8_GROUP;
+        _mm_prefetch((const char *)(blk + ST_PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(blk + ST_PREFETCH + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(blk + ST_PREFETCH + 128), _MM_HINT_T0);
+        __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        __m256i qy = _mm256_loadu_si256((const __m256i *)(qx + b * QK));
+        __m256i p[8];
+        for (int r = 0; r < 8; r++) {
+            __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 16 + 16 * r));
+            __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m4);
+            p[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(q, qy), ones);
+        }
+        __m256i s01 = _mm256_hadd_epi32(p[0], p[1]), s23 = _mm256_hadd_epi32(p[2], p[3]);
+        __m256i s45 = _mm256_hadd_epi32(p[4], p[5]), s67 = _mm256_hadd_epi32(p[6], p[7]);
+        __m256i s03 = _mm256_hadd_epi32(s01, s23), s47 = _mm256_hadd_epi32(s45, s67);
+        __m256i s = _mm256_add_epi32(_mm256_permute2x128_si256(s03, s47, 0x20),
+                                     _mm256_permute2x128_si256(s03, s47, 0x31)); /* rows 0..7 */
+        s = _mm256_sub_epi32(s, _mm256_set1_epi32(bs[b]));
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_set1_ps(dx[b])), _mm256_cvtepi32_ps(s), acc);
+    }
+    _mm256_storeu_ps(out, acc);
+}
+
 __attribute__((target("avx2,fma,f16c"))) static void gemm_x8_avx2(const uint8_t *w, int64_t g0, int64_t g1,
                                                                   int64_t nblocks, int64_t ntok, const int8_t *qx,
                                                                   const float *dx, float *y, int64_t ldy) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-    int32_t bsum[ntok * nblocks]; /* 8 x each activation block's sum: what the unsigned nibbles add beyond q - 8 */
-    for (int64_t i = 0; i < ntok * nblocks; i++) {
-        int32_t s = 0;
-        for (int j = 0; j < QK; j++) s += qx[i * QK + j];
-        bsum[i] = 8 * s;
-    }
-    for (int64_t g = g0; g < g1; g++) {
-        const uint8_t *base = w + g * nblocks * X8_GROUP;
-        for (int64_t t = 0; t < ntok; t++) {
-            const int8_t *qxt = qx + t * nblocks * QK;
-            const float *dxt = dx + t * nblocks;
-            const int32_t *bs = bsum + t * nblocks;
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t b = 0; b < nblocks; b++) {
-                const uint8_t *blk = base + b * X8_GROUP;
-                _mm_prefetch((const char *)(blk + ST_PREFETCH), _MM_HINT_T0);
-                _mm_prefetch((const char *)(blk + ST_PREFETCH + 64), _MM_HINT_T0);
-                _mm_prefetch((const char *)(blk + ST_PREFETCH + 128), _MM_HINT_T0);
-                __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
-                __m256i qy = _mm256_loadu_si256((const __m256i *)(qxt + b * QK));
-                __m256i p[8];
-                for (int r = 0; r < 8; r++) {
-                    __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 16 + 16 * r));
-                    __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m4);
-                    p[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(q, qy), ones);
-                }
-                __m256i s01 = _mm256_hadd_epi32(p[0], p[1]), s23 = _mm256_hadd_epi32(p[2], p[3]);
-                __m256i s45 = _mm256_hadd_epi32(p[4], p[5]), s67 = _mm256_hadd_epi32(p[6], p[7]);
-                __m256i s03 = _mm256_hadd_epi32(s01, s23), s47 = _mm256_hadd_epi32(s45, s67);
-                __m256i s = _mm256_add_epi32(_mm256_permute2x128_si256(s03, s47, 0x20),
-                                             _mm256_permute2x128_si256(s03, s47, 0x31)); /* rows 0..7 */
-                s = _mm256_sub_epi32(s, _mm256_set1_epi32(bs[b]));
-                acc = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_set1_ps(dxt[b])), _mm256_cvtepi32_ps(s), acc);
-            }
-            _mm256_storeu_ps(y + t * ldy + g * 8, acc);
-        }
-    }
+    int32_t bsum[ntok * nblocks];
+    x8_bsum(qx, ntok * nblocks, bsum);
+    for (int64_t g = g0; g < g1; g++)
+        for (int64_t t = 0; t < ntok; t++)
+            x8_group_avx2(w + g * nblocks * X8_GROUP, nblocks, qx + t * nblocks * QK, dx + t * nblocks,
+                          bsum + t * nblocks, y + t * ldy + g * 8);
 }
 #endif
+
+/* One group of 8 rows times one token, on the path simd names (bs: x8_bsum of qx, read by the AVX2 path). */
+static void x8_group(const uint8_t *grp, int64_t nblocks, const int8_t *qx, const float *dx, const int32_t *bs,
+                     float *out, int simd) {
+#ifdef ST_X86
+    if (simd) {
+        x8_group_avx2(grp, nblocks, qx, dx, bs, out);
+        return;
+    }
+#endif
+    (void)bs;
+    (void)simd;
+    float y[8];
+    gemm_x8_scalar(grp, 0, 1, nblocks, 1, qx, dx, y, 8);
+    memcpy(out, y, sizeof(y));
+}
 
 /* y[t, r] for the rows of groups g0 <= g < g1 (rows 8 g0 .. 8 g1 - 1) of a q4_0x8 matrix of nblocks block columns
  * and ntok Q8_0 tokens; the arguments otherwise as st_q4_0_gemm's. */
@@ -237,32 +260,6 @@ void st_q4_0x8_gemm(const uint8_t *w, int64_t g0, int64_t g1, int64_t nblocks, i
 #endif
     (void)simd;
     gemm_x8_scalar(w, g0, g1, nblocks, ntok, qx, dx, y, ldy);
-}
-
-/* ggml Q4_0 rows (rows a multiple of 8, nblocks blocks each) -> the q4_0x8 order; dst as large as src. */
-void st_q4_0_to_x8(const uint8_t *src, int64_t rows, int64_t nblocks, uint8_t *dst) {
-    for (int64_t g = 0; g < rows / 8; g++)
-        for (int64_t b = 0; b < nblocks; b++) {
-            uint8_t *o = dst + (g * nblocks + b) * X8_GROUP;
-            for (int r = 0; r < 8; r++) {
-                const uint8_t *blk = src + ((g * 8 + r) * nblocks + b) * Q4_BLOCK;
-                memcpy(o + 2 * r, blk, 2);
-                memcpy(o + 16 + 16 * r, blk + 2, 16);
-            }
-        }
-}
-
-/* The inverse of st_q4_0_to_x8. */
-void st_q4_0_from_x8(const uint8_t *src, int64_t rows, int64_t nblocks, uint8_t *dst) {
-    for (int64_t g = 0; g < rows / 8; g++)
-        for (int64_t b = 0; b < nblocks; b++) {
-            const uint8_t *o = src + (g * nblocks + b) * X8_GROUP;
-            for (int r = 0; r < 8; r++) {
-                uint8_t *blk = dst + ((g * 8 + r) * nblocks + b) * Q4_BLOCK;
-                memcpy(blk, o + 2 * r, 2);
-                memcpy(blk + 2, o + 16 + 16 * r, 16);
-            }
-        }
 }
 
 /* 1 when the AVX2 path runs, 0 for the scalar one. */
@@ -386,12 +383,19 @@ typedef struct {
     float *y;       /* h floats: this share's sum, zeroed by the caller */
     int64_t *active; /* per expert: neurons with gate > 0 */
     float *g_out;   /* NULL, or k x f: the gate products */
-    int simd;
+    int simd, x8;   /* x8: the three matrices in the q4_0x8 layout */
+    const int32_t *bsum; /* x8: x8_bsum of qx */
 } moe_job;
 
 /* Experts j0 <= j < j1 of one token: g = gate x, a = relu(g) * (up x) with up's rows read only where g > 0 (a is 0
  * elsewhere: the same a), a in Q8_0, y += w_j * (down a). */
+static void moe_share_x8(const moe_job *m);
+
 static void moe_share(const moe_job *m) {
+    if (m->x8) {
+        moe_share_x8(m);
+        return;
+    }
     const int64_t f = m->f, h = m->h, nbh = h / QK, nbf = f / QK;
     const int64_t rowh = nbh * Q4_BLOCK, rowf = nbf * Q4_BLOCK;
     float g[f], a[f], da[nbf];
@@ -419,6 +423,45 @@ static void moe_share(const moe_job *m) {
     }
 }
 
+/* moe_share on q4_0x8 records: gate and down 8 rows a pass; up's groups of 8 read only where one of their gates
+ * is > 0 (a is 0 for the others' neurons, as in the row layout). */
+static void moe_share_x8(const moe_job *m) {
+    const int64_t f = m->f, h = m->h, nbh = h / QK, nbf = f / QK;
+    const int64_t gh = nbh * X8_GROUP, gf = nbf * X8_GROUP;
+    float g[f], a[f], da[nbf], u[8], yd[8];
+    int8_t qa[f];
+    int32_t bsa[nbf];
+    for (int64_t j = m->j0; j < m->j1; j++) {
+        const uint8_t *gw = m->gate[j], *uw = m->up[j], *dw = m->down[j];
+        for (int64_t gi = 0; gi < f / 8; gi++) x8_group(gw + gi * gh, nbh, m->qx, m->dx, m->bsum, g + 8 * gi, m->simd);
+        int64_t n = 0;
+        for (int64_t gi = 0; gi < f / 8; gi++) {
+            const float *gg = g + 8 * gi;
+            int any = 0;
+            for (int r = 0; r < 8; r++) any |= gg[r] > 0.0f;
+            if (any) x8_group(uw + gi * gh, nbh, m->qx, m->dx, m->bsum, u, m->simd);
+            for (int r = 0; r < 8; r++) {
+                if (gg[r] > 0.0f) {
+                    a[8 * gi + r] = gg[r] * u[r];
+                    n++;
+                } else {
+                    a[8 * gi + r] = 0.0f;
+                }
+            }
+        }
+        if (m->g_out) memcpy(m->g_out + j * f, g, (size_t)f * sizeof(float));
+        m->active[j] = n;
+        if (n == 0) continue;
+        st_quantize_q8_0(a, f, qa, da);
+        x8_bsum(qa, nbf, bsa);
+        const float wj = m->w[j];
+        for (int64_t gi = 0; gi < h / 8; gi++) {
+            x8_group(dw + gi * gf, nbf, qa, da, bsa, yd, m->simd);
+            for (int r = 0; r < 8; r++) m->y[8 * gi + r] += wj * yd[r];
+        }
+    }
+}
+
 static void *moe_thread(void *arg) {
     moe_share((const moe_job *)arg);
     return NULL;
@@ -429,17 +472,18 @@ static void *moe_thread(void *arg) {
  * quantized once to Q8_0). active[j]: the neurons of expert j with gate > 0; g_out (NULL or k x f floats): the gate
  * products. The experts are split in contiguous shares over nthreads (threads started for this call, the caller
  * computing the first share); the shares' sums are added to y in share order, so the result does not depend on
- * which thread finishes first. f and h are multiples of 32 and at most 16384 (checked by the caller). Returns the
- * threads that ran. */
+ * which thread finishes first. f and h are multiples of 32 and at most 16384 (checked by the caller). x8: the
+ * records are q4_0x8 (gate, up, down each rows interleaved by 8). Returns the threads that ran. */
 int st_moe_q4_0(int64_t k, const uint8_t *const *gate, const uint8_t *const *up, const uint8_t *const *down,
                 const float *w, int64_t f, int64_t h, const float *x, float *y, int64_t *active, float *g_out,
-                int simd, int nthreads) {
+                int simd, int nthreads, int x8) {
     const int64_t nbh = h / QK;
     int8_t qx[h];
     float dx[nbh];
-    int32_t corr[nbh * 8];
+    int32_t corr[nbh * 8], bsum[nbh];
     st_quantize_q8_0(x, h, qx, dx);
     q8_corr(qx, nbh, corr);
+    x8_bsum(qx, nbh, bsum);
     if (nthreads > k) nthreads = (int)k;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if (nthreads < 1) nthreads = 1;
@@ -450,7 +494,7 @@ int st_moe_q4_0(int64_t k, const uint8_t *const *gate, const uint8_t *const *up,
     if (nthreads > 1 && parts == NULL) nthreads = 1;
     for (int i = 0; i < nthreads; i++) {
         jobs[i] = (moe_job){gate, up, down, w, f, h, k * i / nthreads, k * (i + 1) / nthreads, qx, dx, corr,
-                            i == 0 ? y : parts + (size_t)(i - 1) * h, active, g_out, simd};
+                            i == 0 ? y : parts + (size_t)(i - 1) * h, active, g_out, simd, x8, bsum};
         if (i > 0) {
             started[i] = pthread_create(&tid[i], NULL, moe_thread, &jobs[i]) == 0;
             ran += started[i];

@@ -21,8 +21,8 @@ def native_q4_0(state: EngineState) -> bool:
     [H, F] layout (quantized along F, as the kernel's rows need), on the CPU, not exact (exact is the model's
     kernels on dequantised weights), with the kernel built (``native.unavailable_reason()``)."""
     b = state.bundle
-    return (b is not None and b.format == "q4_0" and not b.down_transposed and state.device.type == "cpu"
-            and not state.exact and native.available())
+    return (b is not None and b.format in ("q4_0", "q4_0x8") and not b.down_transposed
+            and state.device.type == "cpu" and not state.exact and native.available())
 
 
 def quant_bytes(buf) -> torch.Tensor:
@@ -47,6 +47,7 @@ class SlotExperts:
         self.codec = get_format(fmt)
         self.cpu_kernel = fmt in KERNEL_FORMATS  # torch's int4/int8 CPU kernels read the slot's bytes as they are
         self.native = native_q4_0(state)  # the native Q4_0 x Q8_0 kernel on the slot's ggml blocks (engine/native.py)
+        self.layout = "x8" if fmt == "q4_0x8" else "rows"  # q4_0x8: the blocks of 8 rows interleaved
         self.views: list[tuple | None] = [None] * (state.arena.n_slots if state.arena is not None else 0)
 
     def observe(self) -> None:
@@ -100,7 +101,8 @@ class SlotExperts:
             return y
         if self.native:  # ggml Q4_0 blocks in place, activations in Q8_0 (as llama.cpp computes a Q4_0 matrix)
             mat = state.slot_bytes(entry.slot)
-            y, g = native.reglu(x, *(quant_bytes(mat[m]) for m in ("gate", "up", "down")), shape[0], shape[1])
+            y, g = native.reglu(x, *(quant_bytes(mat[m]) for m in ("gate", "up", "down")), shape[0], shape[1],
+                                layout=self.layout)
             if watch:
                 self._fire(layer, expert, token, g[:n])
             counters.neurons_active += int(sparse.active_neurons(g[:n]).numel())
@@ -181,7 +183,7 @@ class SlotExperts:
         for entry in entries:
             mat = state.slot_bytes(entry.slot)
             records.append(tuple(quant_bytes(mat[m]) for m in ("gate", "up", "down")))
-        y, active, g = native.moe(x, records, weights, f, h, gates=watch)
+        y, active, g = native.moe(x, records, weights, f, h, gates=watch, layout=self.layout)
         if watch:
             layer = entries[0].key[0]
             for j in sorted(range(len(entries)), key=lambda j: entries[j].key[1]):
