@@ -179,7 +179,8 @@ def test_bits_per_weight():
     assert {n: f.bits_per_weight((768, 1536)) for n, f in FORMATS.items()} == {
         "fp32": 32, "fp16": 16, "bf16": 16, "int8": 8 + 32 / 1536, "q4_0": 4.5,
         "ggml_q4_0": 4.5 + 8 * 64 / (768 * 1536), "ggml_q8_0": 8.5 + 8 * 64 / (768 * 1536),  # + the 64-byte prefix
-        "int8_cpu": 8 + 16 / 1536, "q4_0_cpu": 5, "q4_0x8": 4.5}  # the int4 kernel's scales and zeros: 2 bf16 per 32 weights
+        "int8_cpu": 8 + 16 / 1536, "q4_0x8": 4.5,
+        "q4_0_cpu": 5}  # the int4 kernel's scales and zeros: 2 bf16 per 32 weights
     assert math.isclose(FORMATS["q4_0"].nbytes((768, 1536)), 663_552)  # the reference's B for the 4B expert
 
 
