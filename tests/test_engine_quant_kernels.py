@@ -48,7 +48,9 @@ def test_engine_kernel_decode_of_quantized_experts_equals_the_kernel_model(ckpt,
     model = load_model(ckpt, device=DEV)
     table = quant.kernel_experts(model, fmt)
     ref = KernelRunner(model, max_context=64, graph=DEV == "cuda", experts=table).generate(prompt, new, stop_tokens=[])
-    opts = dict(progress=False, device=DEV, max_context=64, quantization=fmt, bundle_dir=bundle)
+    # attention in the model's modules: the decode kernels read its weights (on a CUDA device attention_format's
+    # "auto" keeps them; on the CPU it would choose the native Q4_0 projections)
+    opts = dict(progress=False, device=DEV, max_context=64, quantization=fmt, bundle_dir=bundle, attention_format=None)
     limit = None
     if extra is not None:
         with Engine.from_pretrained(ckpt, memory_limit=None, **opts) as probe:

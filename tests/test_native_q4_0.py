@@ -269,3 +269,23 @@ def test_lm_head_in_x8_equals_the_row_layout():
     idx = torch.tensor([3, 8, 9, 150])
     torch.testing.assert_close(x8_head.rows(h, idx)[0], rows_head.rows(h, idx)[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(x8_head.dequantize(), rows_head.dequantize())
+
+
+def test_an_explicit_q4_0_bundle_is_read_in_the_row_layout(tmp_path):
+    """quantization="q4_0" converts a new bundle to q4_0x8, but an explicit bundle already in ggml's q4_0 rows (down
+    in [H, F]) is read as it is, through the kernel's row layout, with the same greedy tokens as from q4_0x8 (the
+    same blocks, the same integer sums)."""
+    from smallthinker_lab.engine import Engine
+    from smallthinker_lab.engine.conversion import convert
+    from smallthinker_lab.resources import default_model_dir
+
+    ckpt = default_model_dir()
+    rows = convert(ckpt, tmp_path / "rows", "q4_0", progress=False, down_transposed=False)
+    out = {}
+    for name, bd in (("rows", rows), ("x8", tmp_path / "x8")):
+        with Engine.from_pretrained(ckpt, memory_limit=None, quantization="q4_0", exact=False, progress=False,
+                                    bundle_dir=bd) as e:
+            assert e.bundle.format == ("q4_0" if name == "rows" else "q4_0x8")
+            assert e.eager.experts.layout == name
+            out[name] = e.generate([5, 6, 7, 8, 9], 6, stop_tokens=[]).tokens
+    assert out["rows"] == out["x8"]

@@ -19,6 +19,7 @@ from .bundle import (
     _checked_default_dir,
     _expert_name,
     _index_summary,
+    bundle_format,
     bundle_only_dir,
     bundle_only_names,
     checkpoint_tensors,
@@ -84,6 +85,19 @@ def convert(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         w.finish(source_fingerprint(ckpt))
     return out
 
+
+
+def native_quantization(checkpoint_dir: Path, bundle_dir: Path | None) -> str:
+    """The bundle format of a CPU engine with quantization="q4_0" and the native kernel (engine/native.py):
+    "q4_0x8", the same blocks with rows interleaved by 8 (8 rows a pass), except where a bundle already in ggml's
+    "q4_0" rows is there to read as it is (the kernel's row layout): an explicit ``bundle_dir`` of that format, or
+    a folder storing its experts only in bundles with no q4_0x8 one."""
+    if bundle_dir is not None:
+        return "q4_0" if bundle_format(bundle_dir) == "q4_0" else "q4_0x8"
+    names = bundle_only_names(checkpoint_dir)
+    if names is not None and not any(v.get("format") == "q4_0x8" for v in names.values()):
+        return "q4_0"
+    return "q4_0x8"
 
 
 def ensure_bundle(checkpoint_dir: Path, bundle_dir: Path | None, quantization: str | None,

@@ -53,14 +53,13 @@ from .bundle import (
     GPU_KERNEL_FORMATS,
     RAW_FORMATS,
     BundleError,
-    bundle_format,
     bundle_only_names,
     checkpoint_tensors,
     is_expert_tensor,
     open_bundle,
 )
 from .cache import Entry, ExpertCache, SlotArena
-from .conversion import ensure_bundle
+from .conversion import ensure_bundle, native_quantization
 from .decode import make_decoder
 from .generation import EngineBusy, EngineGeneration, GenerationResult  # noqa: F401  (re-exported)
 from .io import CudaTransfer, ExpertReader
@@ -202,16 +201,12 @@ class Engine(StateFields, EngineGeneration, EngineStats):
         model_layout = self.exact and expert_fmt in RAW_FORMATS and FORMAT_DTYPE[expert_fmt] == self.dtype
         # the GPU decode kernels read int8 / q4_0 records as they are, down in the model's layout (quantized along F)
         model_layout = model_layout or (cuda_graph == "kernels" and quantization in GPU_KERNEL_FORMATS)
-        # the native Q4_0 kernel on the CPU reads down in the model's layout too (engine/native.py), from records
-        # in its q4_0x8 layout (the same blocks, 8 rows interleaved); an explicit bundle already in ggml's q4_0
-        # rows is read as it is (the kernel's row layout)
+        # the native Q4_0 kernel on the CPU reads down in the model's layout too, from q4_0x8 records where it can
         native_q4 = quantization == "q4_0" and self.device.type == "cpu" and not self.exact and native.available()
         model_layout = model_layout or native_q4
-        bundle_quant = quantization
-        if native_q4 and not (bundle_dir is not None and bundle_format(bundle_dir) == "q4_0"):
-            bundle_quant = "q4_0x8"
-        self.bundle_dir = ensure_bundle(self.checkpoint_dir, bundle_dir, bundle_quant, progress,
-                                        down_transposed=not model_layout)
+        self.bundle_dir = ensure_bundle(self.checkpoint_dir, bundle_dir,
+                                        native_quantization(self.checkpoint_dir, bundle_dir) if native_q4
+                                        else quantization, progress, down_transposed=not model_layout)
         self.bundle = open_bundle(self.bundle_dir, config)
         if cuda_graph == "kernels" and self.bundle.format in GPU_KERNEL_FORMATS and self.bundle.down_transposed:
             # the decode kernels read a quantized record's down as stored, quantized along F in the model's layout
@@ -350,7 +345,6 @@ class Engine(StateFields, EngineGeneration, EngineStats):
         """
         return cls(path, memory_limit, device, policy=policy, prefetch=prefetch, quantization=quantization,
                    backend=backend, options=options, **option_fields)
-
 
     def _open_io(self) -> None:
         """Slots, reader threads, cache and KV cache; what close() releases and reopen() makes again."""
@@ -549,12 +543,9 @@ class Engine(StateFields, EngineGeneration, EngineStats):
         bytes0 = self.cache.stats.bytes_read
         threads = torch.get_num_threads()
         want = self.compute_threads or threads
-        # a decode step through the native Q4_0 kernel: the kernel takes the threads, torch's own ops run on one
-        native_step = T == 1 and self.eager.experts.native
-        if native_step and want > 1:
-            torch.set_num_threads(1)
-        elif want != threads:
-            torch.set_num_threads(want)
+        native_step = T == 1 and self.eager.experts.native  # the native kernel takes the threads, torch one
+        if (1 if native_step else want) != threads:
+            torch.set_num_threads(1 if native_step else want)
         t0 = time.perf_counter()
         with native.calls_use_threads(want if native_step else None):
             try:
@@ -596,13 +587,3 @@ class Engine(StateFields, EngineGeneration, EngineStats):
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the engine is closed: call engine.reopen() or open a new one")
-
-    # ------------------------------------------------------------------ generation
-
-
-    # ------------------------------------------------------------------ stats
-
-
-# ------------------------------------------------------------------ helpers
-
-
