@@ -85,6 +85,15 @@ static void gemm_scalar(const uint8_t *w, int64_t row_bytes, int64_t r0, int64_t
     }
 }
 
+/* The correction terms block_dot subtracts: per block of 32 activations, 8 lanes of 8 x the sum of 4. */
+static void q8_corr(const int8_t *q, int64_t nblocks, int32_t *corr) {
+    for (int64_t i = 0; i < nblocks; i++)
+        for (int l = 0; l < 8; l++) {
+            const int8_t *xb = q + i * QK + 4 * l;
+            corr[i * 8 + l] = 8 * (xb[0] + xb[1] + xb[2] + xb[3]);
+        }
+}
+
 #ifdef ST_X86
 /* One row-block's 8 partial sums (int32 lanes, as floats): the nibbles taken unsigned (0..15) times the activation
  * bytes, minus 8 x the activations' sums (corr, precomputed per block): sum (q - 8) y, exact in integers. */
@@ -134,11 +143,7 @@ __attribute__((target("avx2,fma,f16c"))) static void gemm_avx2(const uint8_t *w,
                                                                int64_t ldy) {
     /* per token and block: 8 lanes of 8 x (the sum of the 4 activations that lane's madd adds) */
     int32_t corr[ntok * nblocks * 8];
-    for (int64_t i = 0; i < ntok * nblocks; i++)
-        for (int l = 0; l < 8; l++) {
-            const int8_t *xb = qx + i * QK + 4 * l;
-            corr[i * 8 + l] = 8 * (xb[0] + xb[1] + xb[2] + xb[3]);
-        }
+    q8_corr(qx, ntok * nblocks, corr);
     /* one row at a time (measured faster than 2 or 4 rows interleaved), every token on it while it is in L1 */
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = w + r * row_bytes;
@@ -309,29 +314,35 @@ static void *gemm_thread(void *arg) {
 }
 
 #define MAX_THREADS 64
+/* fn(jobs + i * size) for 0 <= i < n: threads started for shares 1..n-1 (no pool to keep or leak), the caller
+ * computing share 0; a share whose thread could not start runs on the caller. Returns the threads that ran. */
+static int run_shares(void *(*fn)(void *), void *jobs, size_t size, int n) {
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS] = {0}, ran = 1;
+    for (int i = 1; i < n; i++) {
+        started[i] = pthread_create(&tid[i], NULL, fn, (char *)jobs + i * size) == 0;
+        ran += started[i];
+    }
+    fn(jobs);
+    for (int i = 1; i < n; i++) {
+        if (started[i])
+            pthread_join(tid[i], NULL);
+        else
+            fn((char *)jobs + i * size);
+    }
+    return ran;
+}
+
 static int gemm_split(const gemm_job *proto, int64_t units, int nthreads) {
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if (nthreads < 1) nthreads = 1;
-    pthread_t tid[MAX_THREADS];
     gemm_job jobs[MAX_THREADS];
-    int started[MAX_THREADS] = {0}, ran = 1;
     for (int i = 0; i < nthreads; i++) {
         jobs[i] = *proto;
         jobs[i].r0 = units * i / nthreads;
         jobs[i].r1 = units * (i + 1) / nthreads;
-        if (i > 0) {
-            started[i] = pthread_create(&tid[i], NULL, gemm_thread, &jobs[i]) == 0;
-            ran += started[i];
-        }
     }
-    gemm_thread(&jobs[0]);
-    for (int i = 1; i < nthreads; i++) {
-        if (started[i])
-            pthread_join(tid[i], NULL);
-        else
-            gemm_thread(&jobs[i]);
-    }
-    return ran;
+    return run_shares(gemm_thread, jobs, sizeof(gemm_job), nthreads);
 }
 
 /* st_q4_0_gemm over rows 0..rows-1 with the rows split in nthreads contiguous shares: nthreads - 1 threads started
@@ -351,15 +362,6 @@ int st_q4_0x8_gemm_mt(const uint8_t *w, int64_t rows, int64_t nblocks, int64_t n
 }
 
 /* ------------------------------------------------------------------ one token through a layer's experts */
-/* The correction terms block_dot subtracts: per block of 32 activations, 8 lanes of 8 x the sum of 4. */
-static void q8_corr(const int8_t *q, int64_t nblocks, int32_t *corr) {
-    for (int64_t i = 0; i < nblocks; i++)
-        for (int l = 0; l < 8; l++) {
-            const int8_t *xb = q + i * QK + 4 * l;
-            corr[i * 8 + l] = 8 * (xb[0] + xb[1] + xb[2] + xb[3]);
-        }
-}
-
 /* One row of a Q4_0 matrix times one Q8_0 activation vector. */
 static float dot_one(const uint8_t *row, int64_t nblocks, const int8_t *qx, const float *dx, const int32_t *corr,
                      int simd) {
@@ -488,24 +490,13 @@ int st_moe_q4_0(int64_t k, const uint8_t *const *gate, const uint8_t *const *up,
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if (nthreads < 1) nthreads = 1;
     moe_job jobs[MAX_THREADS];
-    pthread_t tid[MAX_THREADS];
-    int started[MAX_THREADS] = {0}, ran = 1;
     float *parts = nthreads > 1 ? (float *)calloc((size_t)(nthreads - 1) * h, sizeof(float)) : NULL;
     if (nthreads > 1 && parts == NULL) nthreads = 1;
-    for (int i = 0; i < nthreads; i++) {
+    for (int i = 0; i < nthreads; i++)
         jobs[i] = (moe_job){gate, up, down, w, f, h, k * i / nthreads, k * (i + 1) / nthreads, qx, dx, corr,
                             i == 0 ? y : parts + (size_t)(i - 1) * h, active, g_out, simd, x8, bsum};
-        if (i > 0) {
-            started[i] = pthread_create(&tid[i], NULL, moe_thread, &jobs[i]) == 0;
-            ran += started[i];
-        }
-    }
-    moe_share(&jobs[0]);
-    for (int i = 1; i < nthreads; i++) {
-        if (started[i])
-            pthread_join(tid[i], NULL);
-        else
-            moe_share(&jobs[i]);
+    int ran = run_shares(moe_thread, jobs, sizeof(moe_job), nthreads);
+    for (int i = 1; i < nthreads; i++) { /* in share order: the sum does not depend on which thread ended first */
         const float *p = parts + (size_t)(i - 1) * h;
         for (int64_t r = 0; r < h; r++) y[r] += p[r];
     }

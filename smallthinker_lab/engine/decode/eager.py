@@ -182,20 +182,24 @@ class EagerDecoder(Decoder):
             cache, ahead = self.state.cache, self.state.prefetch
             work.requested.append([cache.request((work.layer, e), ahead=ahead) for e in work.chunks[c]])
 
+    def _chunk(self, work: _Work, c: int) -> list[Entry]:
+        """Chunk c's entries, requested now if they were not yet; with ``work.double`` chunk c + 1 is requested
+        too, so that it loads while c computes."""
+        if len(work.requested) <= c:
+            self._request_next(work)
+        if work.double and len(work.requested) == c + 1:
+            self._request_next(work)
+        return work.requested[c]
+
     def _moe(self, work: _Work, u: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         state, experts = self.state, self.experts
         u = u.reshape(-1, state.config.hidden_size)  # (N, H)
         if u.shape[0] == 1 and experts.fusable(work.layer, work.rows):
             return self._moe_native(work, u, weights)
-        double = work.double
         outs: dict[int, torch.Tensor] = {}
         cache = state.cache
         for c in range(len(work.chunks)):
-            if len(work.requested) <= c:
-                self._request_next(work)
-            if double and len(work.requested) == c + 1:
-                self._request_next(work)  # the next chunk loads while this one computes
-            for entry in cache.as_completed(work.requested[c]):
+            for entry in cache.as_completed(self._chunk(work, c)):
                 state.settle(entry)
                 e = entry.key[1]
                 token, slot = work.rows[e]
@@ -223,11 +227,7 @@ class EagerDecoder(Decoder):
         state, experts, cache = self.state, self.experts, self.state.cache
         y = torch.zeros(1, u.shape[1], dtype=torch.float32)
         for c in range(len(work.chunks)):
-            if len(work.requested) <= c:
-                self._request_next(work)
-            if work.double and len(work.requested) == c + 1:
-                self._request_next(work)  # the next chunk loads while this one computes
-            requested = work.requested[c]
+            requested = self._chunk(work, c)
             ready = [e for e in requested if e.ready]
             pending = [e for e in requested if not e.ready]
             for group in (ready, pending):
